@@ -1,0 +1,3 @@
+from rlprox.cli import main
+
+raise SystemExit(main())
