@@ -1,0 +1,149 @@
+"""Build the four digits-world models and report their quality.
+
+    python benchmarks/zoo.py            # build all four for real (≈8–15 min on 2 CPU cores)
+    python benchmarks/zoo.py --reuse    # reuse cached builds, only evaluate
+
+Prints a markdown table and writes it to benchmarks/results/zoo.md; copies the sample
+grids to docs/zoo/. FID/KID proxies use digits-classifier features against all 1,800
+held-out images, with the real-vs-real floor at the same N (see rlprox.zoo.metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rlprox.zoo.build import MODELS, build, build_info, model_dir  # noqa: E402
+from rlprox.zoo.classifier import DigitsClassifier  # noqa: E402
+from rlprox.zoo.data import load_digits_world  # noqa: E402
+from rlprox.zoo.gpt import Transformer, generate  # noqa: E402
+from rlprox.zoo.metrics import (  # noqa: E402
+    conditional_accuracy, fid_floor, fid_proxy, is_proxy, kid_proxy,
+)
+from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
+from rlprox.zoo.vq import VQModel  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="reuse cached builds")
+    parser.add_argument("--micro", action="store_true", help="micro builds (smoke test only)")
+    parser.add_argument("--n", type=int, default=500, help="samples per evaluation")
+    parser.add_argument("--sd-cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--gpt-cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/zoo.md")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs/zoo")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    # ------------------------------------------------------------------ BUILD
+    paths, seconds = {}, {}
+    total_start = time.perf_counter()
+    for name in MODELS:
+        cached = model_dir(name, args.seed, args.micro).is_dir()
+        paths[name] = build(name, seed=args.seed, micro=args.micro, force=not args.reuse)
+        seconds[name] = build_info(paths[name])["build_seconds"]
+        print(f"{name}: {'reused' if args.reuse and cached else 'built'} "
+              f"({seconds[name]} s)", flush=True)
+    wall = time.perf_counter() - total_start
+
+    # ------------------------------------------------------------------ EVALUATE
+    clf = DigitsClassifier.from_pretrained(paths["digits-classifier"])
+    train, held = load_digits_world("train"), load_digits_world("heldout")
+    gen = torch.Generator().manual_seed(1234)
+    pick = torch.randperm(len(held), generator=gen)[: args.n]  # held-out (digit, colour) mix
+    prompts = [held.prompts[i] for i in pick]
+    digits, colours = held.digits[pick], held.colours[pick]
+    floor = fid_floor(clf, args.n, held, train, seed=args.seed)
+    kid_floor = kid_proxy(held.images, train.images[torch.randperm(len(train), generator=gen)[: args.n]], clf)
+
+    rows = []
+
+    def evaluate(model: str, setting: str, images: torch.Tensor, ms_per_image: float):
+        acc = conditional_accuracy(images, digits, colours, clf)
+        rows.append((
+            model, setting, f"{acc['alignment']:.3f}", f"{acc['digit_acc']:.3f}",
+            f"{acc['colour_acc']:.3f}", f"{fid_proxy(held.images, images, clf):.1f}",
+            f"{kid_proxy(held.images, images, clf):.3f}", f"{is_proxy(images, clf):.2f}",
+            f"{ms_per_image:.1f}",
+        ))
+        print(" | ".join(rows[-1]), flush=True)
+
+    pipe = load_sd_pipeline(paths["digits-sd"])
+    for cfg in args.sd_cfg:
+        t = time.perf_counter()
+        images = sample_sd(pipe, prompts, seed=args.seed, guidance_scale=cfg)
+        evaluate("digits-sd", f"cfg {cfg:g}, 20 DDIM steps", images,
+                 1000 * (time.perf_counter() - t) / args.n)
+
+    vq = VQModel.from_pretrained(paths["digits-vq"])
+    gpt = Transformer.from_pretrained(paths["digits-gpt"])
+    classes = digits * 5 + colours
+    for cfg in args.gpt_cfg:
+        t = time.perf_counter()
+        g = torch.Generator().manual_seed(args.seed)
+        images = vq.decode_code(generate(gpt, classes, cfg_scale=cfg, generator=g))
+        evaluate("digits-gpt", f"cfg {cfg:g}, temperature 1", images,
+                 1000 * (time.perf_counter() - t) / args.n)
+    evaluate("real held-out", "(upper bound)", held.images[pick], 0.0)
+
+    # ------------------------------------------------------------------ REPORT
+    clf_info = build_info(paths["digits-classifier"])["heldout"]
+    vq_info = build_info(paths["digits-vq"])
+    sd_info = build_info(paths["digits-sd"])
+    lines = [
+        "# digits world (rlprox.zoo)",
+        "",
+        f"`python benchmarks/zoo.py{' --reuse' if args.reuse else ''}` — seed {args.seed}, "
+        f"torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores (shared with other jobs; wall times are approximate).",
+        "",
+        "## Builds",
+        "",
+        "| model | build s | held-out quality |",
+        "|---|---|---|",
+        f"| digits-classifier | {seconds['digits-classifier']} | digit acc {clf_info['digit_acc']:.4f}, "
+        f"colour acc {clf_info['colour_acc']:.4f} |",
+        f"| digits-sd | {seconds['digits-sd']} | VAE recon MSE {sd_info['vae_heldout_mse']:.5f} |",
+        f"| digits-vq | {seconds['digits-vq']} | recon MSE {vq_info['heldout_recon_mse']:.5f}, "
+        f"{vq_info['codes_used_heldout']}/128 codes used |",
+        f"| digits-gpt | {seconds['digits-gpt']} | (below) |",
+        f"| **all** | **{sum(seconds.values()):.0f}** | this run's wall incl. reuse: {wall:.0f} s |",
+        "",
+        f"## Generators (N = {args.n} held-out prompts/classes)",
+        "",
+        "FID/KID/IS are offline proxies on digits-classifier features (not comparable with "
+        f"published numbers). Real-vs-real floor at N = {args.n}: **FID proxy {floor:.1f}**, "
+        f"KID proxy {kid_floor:.3f}.",
+        "",
+        "| model | sampling | alignment | digit acc | colour acc | FID proxy | KID proxy | IS proxy | ms/image |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "alignment = mean P(prompted digit)·P(prompted colour) (the `digits_alignment` reward).",
+        "",
+    ]
+    text = "\n".join(lines)
+    print("\n" + text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    for name in ("digits-sd", "digits-vq", "digits-gpt"):
+        shutil.copy(paths[name] / "samples.png", args.docs / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

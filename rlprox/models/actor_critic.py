@@ -1,0 +1,116 @@
+"""MLP actor-critic for vector observations, discrete or continuous actions.
+
+Separate actor and critic MLPs with orthogonal initialisation (hidden gain √2, policy
+head 0.01, value head 1; the PPO implementation details of Huang et al. 2022).
+Continuous actions: diagonal Gaussian with a state-independent learned log-std.
+
+The rollout does not call torch per env step: ``snapshot()`` copies the weights into
+numpy once per iteration and ``NumpyPolicy.act`` runs the small forward pass and the
+sampling there, which removes most of the per-step overhead on CPU
+(notes/ppo-cpu-throughput.md). The update uses the torch modules and autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": (nn.Tanh, np.tanh), "relu": (nn.ReLU, lambda x: np.maximum(x, 0.0))}
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def mlp(sizes: list[int], activation: str, out_gain: float) -> nn.Sequential:
+    act = ACTIVATIONS[activation][0]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        linear = nn.Linear(sizes[i], sizes[i + 1])
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(linear.weight, out_gain if last else math.sqrt(2.0))
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if not last:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int, discrete: bool, hidden_sizes=(64, 64), activation: str = "tanh", init_log_std: float = 0.0):
+        super().__init__()
+        self.obs_dim, self.action_dim, self.discrete = obs_dim, action_dim, discrete
+        self.activation = activation
+        self.actor = mlp([obs_dim, *hidden_sizes, action_dim], activation, 0.01)
+        self.critic = mlp([obs_dim, *hidden_sizes, 1], activation, 1.0)
+        if not discrete:
+            self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor):
+        """log π(a|s), entropy and V(s) for the update; obs (B, obs_dim)."""
+        out = self.actor(obs)
+        if self.discrete:
+            logits = out - out.logsumexp(-1, keepdim=True)  # log-probs, (B, A)
+            logp = logits.gather(-1, actions.long().view(-1, 1)).squeeze(-1)
+            entropy = -(logits.exp() * logits).sum(-1)
+        else:
+            log_std = self.log_std.expand_as(out)
+            z = (actions - out) * torch.exp(-log_std)
+            logp = (-0.5 * z.pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+            entropy = (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
+        return logp, entropy, self.value(obs)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        out = self.actor(obs)
+        if self.discrete:
+            return out.argmax(-1) if deterministic else torch.distributions.Categorical(logits=out).sample()
+        return out if deterministic else out + torch.exp(self.log_std) * torch.randn_like(out)
+
+    def snapshot(self) -> "NumpyPolicy":
+        def layers(seq):
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
+
+        log_std = self.log_std.detach().cpu().numpy().copy() if not self.discrete else None
+        return NumpyPolicy(layers(self.actor), layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
+
+
+class NumpyPolicy:
+    """Frozen numpy copy of an ActorCritic for the rollout (same distribution)."""
+
+    def __init__(self, actor, critic, act_fn, discrete: bool, log_std):
+        self.actor, self.critic, self.act_fn = actor, critic, act_fn
+        self.discrete, self.log_std = discrete, log_std
+
+    def _mlp(self, layers, x):
+        for i, (w, b) in enumerate(layers):
+            x = x @ w + b
+            if i < len(layers) - 1:
+                x = self.act_fn(x)
+        return x
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self._mlp(self.critic, obs)[:, 0]
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
+        """(action, log π(a|s), V(s)) for a batch of observations."""
+        out = self._mlp(self.actor, obs)
+        if self.discrete:
+            logits = out - out.max(-1, keepdims=True)
+            logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            if deterministic:
+                action = logp_all.argmax(-1)
+            else:  # inverse-CDF sampling of the categorical
+                cdf = np.cumsum(np.exp(logp_all), -1)
+                u = rng.random(len(obs))[:, None] * cdf[:, -1:]
+                action = np.minimum((cdf < u).sum(-1), out.shape[-1] - 1)
+            logp = np.take_along_axis(logp_all, action[:, None], -1)[:, 0]
+        else:
+            std = np.exp(self.log_std)
+            action = out if deterministic else out + std * rng.standard_normal(out.shape).astype(np.float32)
+            z = (action - out) / std
+            logp = (-0.5 * z**2 - self.log_std - 0.5 * LOG_2PI).sum(-1)
+        return action, logp.astype(np.float32), self.value(obs)

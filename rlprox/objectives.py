@@ -1,0 +1,112 @@
+"""Shared loss pieces as pure tensor functions.
+
+Every trainer builds its loss from these; none re-implements them. Each function
+states the formula it computes, with the symbols of the paper it comes from, and is
+tested against hand-computed values and slow reference loops (tests/test_objectives.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    next_values: np.ndarray,
+    terminated: np.ndarray,
+    done: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16), all arrays (T, N).
+
+        δ_t = r_t + γ · V(s_{t+1}) · (1 − terminated_t) − V(s_t)
+        A_t = δ_t + γλ · (1 − done_t) · A_{t+1}
+
+    ``next_values[t]`` is V of the observation that followed step t, *before* any
+    autoreset: for a truncated episode it is the value of the final observation, so
+    truncation bootstraps and termination does not. ``done = terminated | truncated``
+    cuts the λ-recursion at every episode boundary. Returns ``(advantages, returns)``
+    with ``returns = advantages + values`` (the λ-return, the value target).
+
+    Vectorised over envs (N); the loop over time is unavoidable. Works on numpy
+    arrays (the rollout lives in numpy); see ``gae_torch`` for tensors.
+    """
+    steps = rewards.shape[0]
+    advantages = np.zeros_like(rewards)
+    delta = rewards + gamma * next_values * (1.0 - terminated) - values
+    carry = gamma * lam * (1.0 - done)
+    last = np.zeros_like(rewards[0])
+    for t in range(steps - 1, -1, -1):
+        last = delta[t] + carry[t] * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def gae_torch(rewards, values, next_values, terminated, done, gamma: float, lam: float):
+    """``gae`` on tensors (same formula, same shapes (T, N))."""
+    out = gae(*(x.detach().cpu().double().numpy() for x in (rewards, values, next_values, terminated, done)), gamma, lam)
+    return tuple(torch.from_numpy(a).to(rewards) for a in out)
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-8, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+    """(x − mean) / (std + eps); statistics of x itself unless given (e.g. global ones
+    all-reduced across ranks so every rank normalises a minibatch identically)."""
+    if mean is None:
+        mean = x.mean()
+    if std is None:
+        std = x.std()
+    return (x - mean) / (std + eps)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float):
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), returned as a loss to minimise:
+
+        r = exp(log π_θ(a|s) − log π_old(a|s))
+        L = −E[min(r·A, clip(r, 1−ε, 1+ε)·A)]
+
+    Returns ``(loss, ratio)``.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    return -torch.min(unclipped, clipped).mean(), ratio
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None, clip: float | None = None):
+    """½·E[(V − R)²]; with ``clip`` the PPO2 clipped variant
+    ½·E[max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)]."""
+    err = (values - returns) ** 2
+    if clip is not None and old_values is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        err = torch.max(err, (clipped - returns) ** 2)
+    return 0.5 * err.mean()
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π_old ‖ π_θ): E[(r − 1) − log r], r = π_θ/π_old."""
+    log_ratio = logp - old_logp
+    return ((torch.exp(log_ratio) - 1.0) - log_ratio).mean()
+
+
+def clip_fraction(ratio: torch.Tensor, clip: float) -> torch.Tensor:
+    """Fraction of samples whose ratio lies outside [1−ε, 1+ε]."""
+    return ((ratio - 1.0).abs() > clip).float().mean()
+
+
+def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantage over groups of K samples (RLOO / LOOP), rewards (G, K):
+
+        A_i = r_i − 1/(K−1) · Σ_{j≠i} r_j
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"leave_one_out needs K >= 2 samples per group (got {k})")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+def group_normalize(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Group-normalised advantage (GRPO-style), rewards (G, K): (r − mean_g) / (std_g + eps)."""
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)

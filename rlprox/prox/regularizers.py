@@ -1,0 +1,313 @@
+"""Regularizers: parameter-side (penalty + prox) and loss-side (KL, entropy).
+
+A parameter regularizer R with coefficient λ (``lam``, settable so schedules can update
+it) exposes
+
+    penalty(param) -> λ·R(param)                       (a differentiable scalar tensor)
+    prox(param, step)  param ← prox_{step·λ·R}(param)  (in place, also returned)
+    sparsity(param) -> fraction of zero groups (group types) or entries (elementwise)
+
+``step`` is the gradient step size η (the learning rate of the param's group); the
+operator applied is the prox of η·λ·R, exactly the proximal-gradient step
+x ← prox_{ηλR}(x − η∇f(x)). Group types view a parameter as
+``param.view(param.shape[0], -1)``: one group per row (output neuron / channel).
+
+Types are registered by name in ``REGULARIZERS``; ``build_regularizer`` builds one from a
+recipe entry such as ``{"type": "wgsef", "k": 16, "lam": 1e-3}``; a custom type is given
+as ``"module:Class"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+
+import torch
+
+from rlprox.prox import operators as ops
+
+__all__ = [
+    "Regularizer",
+    "L1",
+    "GroupL2",
+    "L0",
+    "TopK",
+    "ElasticNet",
+    "Nuclear",
+    "WGSEF",
+    "REGULARIZERS",
+    "register_regularizer",
+    "build_regularizer",
+    "kl_k1",
+    "kl_k3",
+    "entropy_bonus",
+]
+
+REGULARIZERS: dict[str, type] = {}
+
+
+def register_regularizer(name: str):
+    """Class decorator: make a Regularizer buildable as ``{"type": name, ...}``."""
+
+    def deco(cls):
+        REGULARIZERS[name] = cls
+        return cls
+
+    return deco
+
+
+def _rows(param: torch.Tensor) -> torch.Tensor:
+    return param.view(param.shape[0], -1) if param.dim() > 0 else param.view(1, 1)
+
+
+class Regularizer:
+    """Base class. Subclasses implement ``value(x)`` (R without λ) and
+    ``_prox(x, t)`` (prox of t·R on the raw tensor); ``grouped`` selects the row view."""
+
+    grouped = False
+
+    def __init__(self, lam: float = 0.0):
+        if lam < 0:
+            raise ValueError(f"regularizer field 'lam' must be >= 0 (got {lam})")
+        self.lam = float(lam)
+
+    def _view(self, param: torch.Tensor) -> torch.Tensor:
+        return _rows(param) if self.grouped else param
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _prox(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def penalty(self, param: torch.Tensor) -> torch.Tensor:
+        """λ·R(param)."""
+        return self.lam * self.value(self._view(param))
+
+    @torch.no_grad()
+    def prox(self, param: torch.Tensor, step: float) -> torch.Tensor:
+        """param ← prox_{step·λ·R}(param), in place on ``param.data``; returns param."""
+        data = param.data
+        out = self._prox(self._view(data), float(step) * self.lam)
+        data.copy_(out.view_as(data))
+        return param
+
+    @torch.no_grad()
+    def sparsity(self, param: torch.Tensor) -> float:
+        """Fraction of all-zero groups (rows) for group types, of zero entries otherwise."""
+        x = self._view(param.detach())
+        if self.grouped:
+            return float((x != 0).sum(1).eq(0).float().mean())
+        return float(x.eq(0).float().mean())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+@register_regularizer("l1")
+class L1(Regularizer):
+    """R(x) = ‖x‖₁; prox is the soft threshold at ηλ."""
+
+    def value(self, x):
+        return x.abs().sum()
+
+    def _prox(self, x, t):
+        return ops.prox_l1(x, t)
+
+
+@register_regularizer("group_l2")
+class GroupL2(Regularizer):
+    """R(x) = Σ_j w_j‖x_{G_j}‖₂ over rows (group lasso); w_j = √|G_j| by default."""
+
+    grouped = True
+
+    def __init__(self, lam: float = 0.0, weights=None):
+        super().__init__(lam)
+        self.weights = weights
+
+    def _w(self, x):
+        return x.shape[1] ** 0.5 if self.weights is None else self.weights
+
+    def value(self, x):
+        w = self._w(x)
+        if isinstance(w, torch.Tensor):
+            w = w.to(x)
+        return (torch.linalg.vector_norm(x, dim=1) * w).sum()
+
+    def _prox(self, x, t):
+        return ops.prox_group_l2(x, t, self._w(x))
+
+
+@register_regularizer("l0")
+class L0(Regularizer):
+    """R(x) = ‖x‖₀; prox is the hard threshold at √(2ηλ). Penalty is not differentiable."""
+
+    def value(self, x):
+        return (x != 0).sum().to(x.dtype)
+
+    def _prox(self, x, t):
+        return ops.prox_l0(x, t)
+
+
+@register_regularizer("topk")
+class TopK(Regularizer):
+    """Constraint ‖x‖₀ ≤ k on the whole (flattened) parameter: prox = projection
+    (keep the k largest |x_i|; ``absolute=False`` keeps the k largest values then ReLU).
+    λ is unused; the penalty is 0."""
+
+    def __init__(self, lam: float = 0.0, k: int = 1, absolute: bool = True):
+        super().__init__(lam)
+        if int(k) < 1:
+            raise ValueError(f"regularizer field 'k' must be >= 1 (got {k})")
+        self.k = int(k)
+        self.absolute = bool(absolute)
+
+    def value(self, x):
+        return x.new_zeros(())
+
+    def penalty(self, param):
+        return param.new_zeros(())
+
+    def _prox(self, x, t):
+        flat = x.reshape(-1)
+        proj = ops.project_abs_topk if self.absolute else ops.project_topk
+        return proj(flat, self.k).view_as(x)
+
+
+@register_regularizer("elastic_net")
+class ElasticNet(Regularizer):
+    """R(x) = ρ‖x‖₁ + ((1−ρ)/2)‖x‖², ρ = ``l1_ratio`` (scikit-learn's convention)."""
+
+    def __init__(self, lam: float = 0.0, l1_ratio: float = 0.5):
+        super().__init__(lam)
+        if not 0.0 <= l1_ratio <= 1.0:
+            raise ValueError(f"regularizer field 'l1_ratio' must be in [0, 1] (got {l1_ratio})")
+        self.l1_ratio = float(l1_ratio)
+
+    def value(self, x):
+        return self.l1_ratio * x.abs().sum() + 0.5 * (1 - self.l1_ratio) * (x * x).sum()
+
+    def _prox(self, x, t):
+        return ops.prox_elastic_net(x, t * self.l1_ratio, t * (1 - self.l1_ratio))
+
+
+@register_regularizer("nuclear")
+class Nuclear(Regularizer):
+    """R(X) = ‖X‖_* (sum of singular values) of the row view; prox = singular value
+    thresholding. ``sparsity`` is the fraction of zero singular values (1 − rank/min(m,n))."""
+
+    grouped = True
+
+    def value(self, x):
+        return torch.linalg.svdvals(x).sum()
+
+    def _prox(self, x, t):
+        return ops.prox_nuclear(x, t)
+
+    @torch.no_grad()
+    def sparsity(self, param):
+        s = torch.linalg.svdvals(_rows(param.detach()))
+        tol = s.max() * max(s.shape) * torch.finfo(s.dtype).eps if s.numel() else 0
+        return float((s <= tol).float().mean())
+
+
+@register_regularizer("wgsef")
+class WGSEF(Regularizer):
+    """R(x) = WGSEF_k(x) = SEF_k(u), u_j = √d_j·‖x_{G_j}‖ over rows; ``exact_k`` finishes
+    each prox with a hard top-k on the groups."""
+
+    grouped = True
+
+    def __init__(self, lam: float = 0.0, k: int = 1, d=None, exact_k: bool = False):
+        super().__init__(lam)
+        if int(k) < 1:
+            raise ValueError(f"regularizer field 'k' must be >= 1 (got {k})")
+        self.k = int(k)
+        self.d = d
+        self.exact_k = bool(exact_k)
+
+    def value(self, x):
+        # differentiable form: SEF of the weighted norms (the sort is piecewise smooth)
+        d = ops._group_weights(self.d, x.shape[0], x).to(x.dtype)
+        u = torch.linalg.vector_norm(x, dim=1) * d.sqrt()
+        return ops._sef_of_magnitudes(u, self.k)
+
+    def _prox(self, x, t):
+        return ops.prox_wgsef(x, self.k, t, d=self.d, exact_k=self.exact_k)
+
+
+def _resolve_type(name: str) -> type:
+    if name in REGULARIZERS:
+        return REGULARIZERS[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"regularizer field 'type': cannot import {name!r} ({e})") from None
+        if not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
+            raise ValueError(
+                f"regularizer field 'type': {name!r} has no penalty()/prox() methods"
+            )
+        return cls
+    hint = difflib.get_close_matches(name, REGULARIZERS, n=1)
+    hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise ValueError(
+        f"regularizer field 'type': unknown type {name!r}{hint}; "
+        f"known: {', '.join(sorted(REGULARIZERS))} or 'module:Class'"
+    )
+
+
+def build_regularizer(spec: dict):
+    """Build a regularizer from ``{"type": name_or_module:Class, "lam": ..., **kwargs}``.
+
+    A ``params`` key (the engine's parameter selector) is ignored here. Raises
+    ``ValueError`` with a one-line message naming the bad field.
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError("regularizer field 'type' is missing")
+    kwargs = {k: v for k, v in spec.items() if k not in ("type", "params")}
+    name = spec["type"]
+    if not isinstance(name, str):
+        raise ValueError(f"regularizer field 'type' must be a string (got {name!r})")
+    cls = _resolve_type(name)
+    sig = inspect.signature(cls)
+    params = sig.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        for key in kwargs:
+            if key not in params:
+                hint = difflib.get_close_matches(key, list(params), n=1)
+                hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(f"regularizer {name!r}: unknown field {key!r}{hint}")
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"regularizer {name!r}: {e}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"regularizer {name!r}: {e}") from None
+
+
+# ------------------------------------------------------------------ loss-side regularizers
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k1 estimator of KL(π ‖ π_ref) for samples drawn from π:
+    k1 = log π(a) − log π_ref(a) (unbiased, high variance, can be negative); mean."""
+    return (logp - ref_logp).mean()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π ‖ π_ref): with r = π_ref(a)/π(a),
+    k3 = (r − 1) − log r (unbiased, always ≥ 0); mean over samples."""
+    log_r = ref_logp - logp
+    return (torch.expm1(log_r) - log_r).mean()
+
+
+def entropy_bonus(entropy: torch.Tensor) -> torch.Tensor:
+    """Loss term −mean(H): adding c·entropy_bonus(H) to a minimised loss rewards entropy."""
+    return -entropy.mean()

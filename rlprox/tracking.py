@@ -1,0 +1,137 @@
+"""Metrics, accelerate trackers, progress bar, learning-curve PNG.
+
+Every logged step goes to the accelerate trackers named by ``run.log_with``
+(TensorBoard by default) and, on the main process, to ``<run_dir>/metrics.jsonl``
+(one JSON object per iteration). At the end, ``learning_curve.png`` plots the
+algorithm's ``curve = (x_key, y_key)`` from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+# progress-bar label -> stat key, shown when the algorithm logs it
+PROGRESS_FIELDS = {
+    "steps": "progress/env_steps",
+    "sps": "perf/sps",
+    "return": "reward/episodic_return",
+    "reward": "reward/mean",
+}
+
+
+class Tracker:
+    def __init__(self, accelerator, run_dir: Path, recipe, curve=None):
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.recipe = recipe
+        self.curve = curve or ("progress/iteration", "loss/total")
+        self.main = accelerator.is_main_process
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.bar = None
+        self.last_checkpoint = None
+        self._trackers_started = False
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, total: int, initial: int = 0) -> None:
+        if self.recipe.run.log_with and not self._trackers_started:
+            config = _flat(self.recipe.to_dict())
+            self.accelerator.init_trackers(self.recipe.run.name, config=config)
+            self._trackers_started = True
+        if self.main and self.recipe.run.progress:
+            self.bar = tqdm(total=total, initial=initial, desc=self.recipe.run.name, unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def truncate(self, iteration: int) -> None:
+        """After a resume: drop lines a killed run logged past its last checkpoint,
+        so metrics.jsonl reads as if the run had never stopped."""
+        if not self.main or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("progress/iteration", 0) <= iteration]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, stats: dict, step: int) -> None:
+        clean = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if self.recipe.run.log_with:
+            self.accelerator.log(clean, step=step)
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.bar is not None:
+            shown = {label: _short(clean[key]) for label, key in PROGRESS_FIELDS.items() if key in clean}
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def message(self, text: str) -> None:
+        if self.main:
+            (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.main and self.recipe.run.plot and self.metrics_path.exists():
+            out = self.run_dir / "learning_curve.png"
+            if plot_curve(self.metrics_path, out, *self.curve, title=self.recipe.run.name):
+                self.curve_path = out
+
+
+def _short(v: float) -> str:
+    if abs(v) >= 1000:
+        return f"{v / 1000:.1f}k"
+    return f"{v:.3g}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str = "") -> bool:
+    """Plot ``y_key`` against ``x_key`` from metrics.jsonl; False when there is no data."""
+    rows = [r for r in read_metrics(metrics_path) if x_key in r and y_key in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], lw=1.5)
+    eval_key = y_key.replace("reward/episodic_", "eval/") if y_key.startswith("reward/episodic_") else None
+    eval_rows = [r for r in read_metrics(metrics_path) if eval_key and eval_key in r and x_key in r]
+    if eval_rows:
+        ax.plot([r[x_key] for r in eval_rows], [r[eval_key] for r in eval_rows], "o", label="eval")
+        ax.legend()
+    ax.set_xlabel(x_key.split("/")[-1].replace("_", " "))
+    ax.set_ylabel(y_key.split("/")[-1].replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return True

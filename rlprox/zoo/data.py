@@ -1,0 +1,144 @@
+"""The digits world's data: scikit-learn's bundled 8×8 digits, upsampled and coloured.
+
+Each base image (1,797 in ``load_digits``) is upsampled bilinearly to 16×16 and drawn
+in every one of five named colours on a dark background::
+
+    image = 0.05 + 0.95 · gray · rgb(colour)        # (3, 16, 16) in [0, 1]
+
+and paired with the prompt ``"a {colour} {digit word}"`` ("a red seven"). The split is
+by base image, so a held-out digit is never seen in any colour during training:
+base index ``i % 5 == 0`` is held out (360 base images, 1,800 coloured ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.1, 0.1),
+    "green": (0.1, 1.0, 0.1),
+    "blue": (0.2, 0.4, 1.0),
+    "yellow": (1.0, 1.0, 0.1),
+    "white": (1.0, 1.0, 1.0),
+}
+COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+DIGIT_WORDS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+)
+NUM_CLASSES = len(DIGIT_WORDS) * len(COLOUR_NAMES)  # 50 (digit, colour) classes
+IMAGE_SIZE = 16
+BACKGROUND = 0.05
+
+
+def prompt_for(digit: int, colour: int) -> str:
+    """``prompt_for(7, 0) == "a red seven"``."""
+    return f"a {COLOUR_NAMES[colour]} {DIGIT_WORDS[digit]}"
+
+
+def parse_prompt(prompt: str) -> tuple[int, int]:
+    """(digit, colour) named in a prompt such as "a red seven"; ValueError if absent.
+
+    Word order and filler words do not matter; exactly one digit word and one colour
+    word must appear.
+    """
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    digits = [DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS]
+    colours = [COLOUR_NAMES.index(w) for w in words if w in COLOUR_NAMES]
+    if len(digits) != 1 or len(colours) != 1:
+        raise ValueError(
+            f"prompt {prompt!r} must name one digit word ({', '.join(DIGIT_WORDS)}) "
+            f"and one colour ({', '.join(COLOUR_NAMES)})"
+        )
+    return digits[0], colours[0]
+
+
+def class_index(digit: int, colour: int) -> int:
+    """Joint class id used by the class-conditional GPT: digit·5 + colour (0..49)."""
+    return digit * len(COLOUR_NAMES) + colour
+
+
+def split_class(cls: int) -> tuple[int, int]:
+    """Inverse of :func:`class_index`."""
+    return divmod(int(cls), len(COLOUR_NAMES))
+
+
+def colourize(gray: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """gray (N,16,16) in [0,1], colour ids (N,) -> images (N,3,16,16) in [0,1]."""
+    rgb = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=gray.dtype)[colours]
+    return BACKGROUND + (1 - BACKGROUND) * gray[:, None] * rgb[:, :, None, None]
+
+
+@dataclass
+class DigitsData:
+    """Coloured digits with their labels; all tensors share the first dimension N."""
+
+    images: torch.Tensor  # (N, 3, 16, 16) float32 in [0, 1]
+    digits: torch.Tensor  # (N,) int64, 0..9
+    colours: torch.Tensor  # (N,) int64, index into COLOUR_NAMES
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """(N,) joint class ids digit·5 + colour."""
+        return self.digits * len(COLOUR_NAMES) + self.colours
+
+
+@lru_cache(maxsize=1)
+def _gray_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = torch.tensor(bunch.images, dtype=torch.float32) / 16.0  # (1797, 8, 8)
+    gray = F.interpolate(gray[:, None], size=IMAGE_SIZE, mode="bilinear", align_corners=False)
+    return gray[:, 0].clamp(0, 1), torch.tensor(bunch.target, dtype=torch.int64)
+
+
+def load_digits_world(split: str = "train") -> DigitsData:
+    """The coloured digits for ``split`` in {"train", "heldout", "all"}.
+
+    Ordering is base image major, colour minor, so the result is deterministic.
+    """
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all' (got {split!r})")
+    gray, digits = _gray_digits()
+    index = torch.arange(len(gray))
+    if split == "train":
+        index = index[index % 5 != 0]
+    elif split == "heldout":
+        index = index[index % 5 == 0]
+    n_colours = len(COLOUR_NAMES)
+    base = index.repeat_interleave(n_colours)  # (N,)
+    colours = torch.arange(n_colours).repeat(len(index))  # (N,)
+    images = colourize(gray[base], colours)
+    labels = digits[base]
+    prompts = [prompt_for(int(d), int(c)) for d, c in zip(labels, colours)]
+    return DigitsData(images=images, digits=labels, colours=colours, prompts=prompts)
+
+
+def grid_prompts() -> list[str]:
+    """Ten prompts, one per digit, cycling through the colours: the sample-grid rows."""
+    return [prompt_for(d, d % len(COLOUR_NAMES)) for d in range(len(DIGIT_WORDS))]
+
+
+def save_image_grid(images: torch.Tensor, rows: int, path, scale: int = 4) -> None:
+    """Save (rows·cols, 3, H, W) images in [0,1] as one PNG, row major, upscaled ×scale."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = n // rows
+    pad = 1
+    grid = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad) * 0.5
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[k].clamp(0, 1)
+    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(array).save(path)
