@@ -135,8 +135,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except RecipeError as err:
-                errors.append(err.problem)
-        raise RecipeError(key, errors[0] if errors else f"unexpected value {value!r}")
+                errors.append(err)
+        raise errors[0] if errors else RecipeError(key, f"unexpected value {value!r}")
     if origin is Literal:
         options = typing.get_args(tp)
         if value not in options:

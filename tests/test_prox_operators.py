@@ -348,3 +348,31 @@ def test_operators_do_not_modify_input_and_keep_device():
                 project_topk(v, 2), project_abs_topk(v, 2)):
         assert out.shape == v.shape and out.device == v.device and out.dtype == v.dtype
     assert torch.equal(v, v0)
+
+
+def test_wgsef_selection_path_matches_sort_path():
+    """Long vectors (m > 4096) bracket the root by sampling instead of a full sort; both
+    paths must give the same θ, including heavy ties and many empty groups."""
+    from rlprox.prox.operators import _box_theta
+
+    g = _gen(16)
+    for trial in range(6):
+        m = 6000 + 777 * trial
+        a = torch.rand(m, generator=g, dtype=torch.float64) ** 3
+        if trial % 3 == 0:
+            a = torch.round(a * 20) / 20  # many equal norms -> tied breakpoints
+        if trial % 2 == 0:
+            a[: m // 3] = 0
+        b = torch.tensor(10 ** (-3 + 3 * float(torch.rand(1, generator=g))), dtype=torch.float64)
+        if trial % 2:
+            b = b * (torch.rand(m, generator=g, dtype=torch.float64) + 0.5)
+        k = int(torch.randint(1, m // 3, (1,), generator=g))
+        fast = _box_theta(a, b, k)
+        ref = _box_theta(a.unsqueeze(0), b.unsqueeze(0) if b.dim() else b, k)[0]
+        torch.testing.assert_close(fast, ref, atol=1e-9, rtol=0)
+        assert abs(float(fast.sum()) - k) < 1e-6
+
+
+def test_wgsef_rejects_nonpositive_weights():
+    with pytest.raises(ValueError, match="d must be > 0"):
+        prox_wgsef(torch.ones(3, 2), 1, 0.1, d=torch.tensor([1.0, 0.0, 1.0]))

@@ -66,7 +66,7 @@ def prox_l1(v: torch.Tensor, t) -> torch.Tensor:
     if _is_scalar(t):
         return F.softshrink(v, _as_float(t))
     t = t.to(dtype=v.dtype, device=v.device)
-    return v - torch.maximum(torch.minimum(v, t), -t)
+    return v - v.clamp(-t, t)
 
 
 def prox_l0(v: torch.Tensor, t) -> torch.Tensor:
@@ -136,7 +136,8 @@ def prox_elastic_net(v: torch.Tensor, t1, t2) -> torch.Tensor:
 
         x = soft(v, t1) / (1 + t2)
     """
-    return prox_l1(v, t1).div_(1.0 + t2)
+    out = prox_l1(v, t1)
+    return out if _is_scalar(t2) and _as_float(t2) == 0.0 else out.mul_(1.0 / (1.0 + t2))
 
 
 def prox_nuclear(V: torch.Tensor, t) -> torch.Tensor:
@@ -187,18 +188,34 @@ def _box_theta(c: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
         g(α) = Σ_j clip(α·c_j − b_j, 0, 1) = k,
     or θ_j = 1{c_j > 0} when at most k of the c_j are non-zero (the constraint Σθ ≤ k
     is then inactive). g is piecewise linear and nondecreasing with breakpoints b_j/c_j
-    (slope +c_j starts) and (1+b_j)/c_j (slope −c_j): sort the 2m breakpoints,
-    cumulative-sum slopes and intercepts, find the segment where g crosses k, and solve
-    the linear equation on it with the active set read off at the segment's midpoint.
-    Cost O(m log m); no loop over groups.
+    (slope +c_j starts) and (1+b_j)/c_j (slope −c_j). The breakpoint segment where g
+    crosses k is located by sorting (batched inputs, small m: O(m log m)) or by
+    median-of-sample selection (one long vector: O(m) expected); then g is linear on
+    the segment and α solves it exactly. No Python loop over groups.
     """
     active = c > 0
-    nnz = active.sum(-1, keepdim=True)
-    easy = nnz <= k
-    inf = torch.full_like(c, math.inf)
-    safe_c = torch.where(active, c, torch.ones_like(c))
-    start = torch.where(active, b / safe_c, inf)
-    end = torch.where(active, (1 + b) / safe_c, inf)
+    if c.dim() == 1 and c.shape[0] > _SELECT_MIN and int(active.sum()) > k:
+        lo, hi = _bracket_by_selection(c, b, k, active)
+        lo, hi = c.new_tensor([lo]), c.new_tensor([hi])
+    else:
+        lo, hi = _bracket_by_sort(c, b, k, active)
+    theta = _theta_on_segment(c, b, k, active, lo, hi)
+    easy = active.sum(-1, keepdim=True) <= k
+    return torch.where(easy, active.to(c.dtype), theta)
+
+
+_SELECT_MIN = 4096  # below this a sort is cheaper than the selection loop's overhead
+_SELECT_LEAF = 512  # ~2x this many breakpoints are sampled by the selection path
+
+
+def _breakpoints(c, b, active):
+    # every b_j > 0, so an inactive group (c_j = 0) gets +inf breakpoints by itself
+    return b / c, (1 + b) / c
+
+
+def _bracket_by_sort(c, b, k, active):
+    """(lo, hi): consecutive sorted breakpoints with g(lo) < k ≤ g(hi), batched."""
+    start, end = _breakpoints(c, b, active)
     zero = torch.zeros_like(c)
     P = torch.cat([start, end], -1)
     dS = torch.cat([torch.where(active, c, zero), torch.where(active, -c, zero)], -1)
@@ -210,7 +227,50 @@ def _box_theta(c: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     idx = (g < k).sum(-1, keepdim=True).clamp(1, P.shape[-1] - 1)
     lo = P.gather(-1, idx - 1)
     hi = P.gather(-1, idx)
-    hi = torch.where(torch.isinf(hi), lo, hi)
+    return lo, torch.where(torch.isinf(hi), lo, hi)
+
+
+def _bracket_by_selection(c, b, k, active):
+    """(lo, hi) with g(lo) < k ≤ g(hi) and no breakpoint strictly inside, for one long
+    vector without a full sort: binary-search g over a sorted strided sample of ~1k
+    breakpoints (each probe is one O(m) pass), then sort only the breakpoints left
+    inside the sample bracket and integrate the slope changes across them."""
+    start, end = _breakpoints(c, b, active)
+    stride = max(1, c.shape[0] // _SELECT_LEAF)
+    sample = torch.cat([start[::stride], end[::stride]])
+    sample = torch.sort(sample[torch.isfinite(sample)]).values.tolist()
+    lo_i, hi_i, g_lo = -1, len(sample), 0.0  # g(0) = 0 since every b_j > 0
+    while hi_i - lo_i > 1:
+        mid = (lo_i + hi_i) // 2
+        g_mid = float((sample[mid] * c - b).clamp_(0, 1).sum())
+        if g_mid < k:
+            lo_i, g_lo = mid, g_mid
+        else:
+            hi_i = mid
+    lo = sample[lo_i] if lo_i >= 0 else 0.0
+    hi = sample[hi_i] if hi_i < len(sample) else math.inf
+    slope_lo = float((c * ((start <= lo) & (end > lo))).sum())  # dg/dα just right of lo
+    in_s = (start > lo) & (start < hi)
+    in_e = (end > lo) & (end < hi)
+    p = torch.cat([start[in_s], end[in_e]])
+    if p.numel() == 0:
+        return lo, hi
+    dS = torch.cat([c[in_s], -c[in_e]])
+    p, order = torch.sort(p)
+    dS = dS[order]
+    slope_after = slope_lo + torch.cumsum(dS, 0)
+    slope_before = torch.cat([slope_after.new_tensor([slope_lo]), slope_after[:-1]])
+    gaps = torch.diff(p, prepend=p.new_tensor([lo]))
+    g = g_lo + torch.cumsum(slope_before * gaps, 0)
+    i = int((g < k).sum())
+    new_lo = float(p[i - 1]) if i > 0 else lo
+    new_hi = float(p[i]) if i < p.numel() else hi
+    return new_lo, new_hi if math.isfinite(new_hi) else new_lo
+
+
+def _theta_on_segment(c, b, k, active, lo, hi):
+    """θ from the segment [lo, hi] on which g is linear: read the active set at the
+    midpoint and solve α·Σ_lin c − Σ_lin b + #sat = k."""
     mid = 0.5 * (lo + hi)
     z = mid * c - b
     lin = active & (z > 0) & (z < 1)
@@ -219,8 +279,7 @@ def _box_theta(c: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     den = (c * lin).sum(-1, keepdim=True)
     alpha = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), mid)
     alpha = torch.minimum(torch.maximum(alpha, lo), hi)
-    theta = (alpha * c - b).clamp(0, 1)
-    return torch.where(easy, active.to(c.dtype), theta)
+    return (alpha * c - b).clamp(0, 1)
 
 
 def sef(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -252,15 +311,19 @@ def prox_sef(v: torch.Tensor, k: int, t) -> torch.Tensor:
     if t <= 0:
         return v.clone()
     a = v.abs().double()
-    theta = _box_theta(a, torch.full_like(a, t), k)
+    theta = _box_theta(a, a.new_tensor(t), k)
     return (v.double() * (theta / (theta + t))).to(v.dtype)
 
 
-def _group_weights(d, m: int, like: torch.Tensor) -> torch.Tensor:
+def _group_weights(d, m: int, like: torch.Tensor):
+    """Group weights d_j > 0 as a float64 (m,) tensor, or None for the default d_j = 1."""
     if d is None:
-        return torch.ones(m, dtype=torch.float64, device=like.device)
+        return None
     d = torch.as_tensor(d, dtype=torch.float64, device=like.device)
-    return d.expand(m) if d.numel() == 1 else d.reshape(m)
+    d = d.expand(m) if d.numel() == 1 else d.reshape(m)
+    if not bool((d > 0).all()):
+        raise ValueError("wgsef: group weights d must be > 0")
+    return d
 
 
 def wgsef(x: torch.Tensor, k: int, d=None) -> torch.Tensor:
@@ -269,7 +332,10 @@ def wgsef(x: torch.Tensor, k: int, d=None) -> torch.Tensor:
     _check_rows(x, "wgsef")
     if k < 1:
         raise ValueError(f"wgsef: k must be >= 1 (got {k})")
-    u = torch.linalg.vector_norm(x, dim=1).double() * _group_weights(d, x.shape[0], x).sqrt()
+    u = torch.linalg.vector_norm(x, dim=1).double()
+    dw = _group_weights(d, x.shape[0], x)
+    if dw is not None:
+        u = u * dw.sqrt()
     return _sef_of_magnitudes(u, k).to(x.dtype)
 
 
@@ -290,16 +356,16 @@ def prox_wgsef(v: torch.Tensor, k: int, t, d=None, exact_k: bool = False) -> tor
     m = v.shape[0]
     dw = _group_weights(d, m, v)
     a = torch.linalg.vector_norm(v, dim=1).double()
+    c = a if dw is None else dw.sqrt() * a
     if t > 0:
-        b = t * dw
-        theta = _box_theta(dw.sqrt() * a, b, k)
+        b = a.new_tensor(t) if dw is None else t * dw
+        theta = _box_theta(c, b, k)
         scale = theta / (theta + b)
     else:
         scale = torch.ones_like(a)
     if exact_k and k < m:
-        u = dw.sqrt() * a * scale
         keep = torch.zeros_like(scale, dtype=torch.bool)
-        keep[torch.topk(u, k).indices] = True
+        keep[torch.topk(c * scale, k).indices] = True
         scale = torch.where(keep, scale, torch.zeros_like(scale))
     return v * scale.to(v.dtype).unsqueeze(1)
 

@@ -230,8 +230,10 @@ class WGSEF(Regularizer):
 
     def value(self, x):
         # differentiable form: SEF of the weighted norms (the sort is piecewise smooth)
-        d = ops._group_weights(self.d, x.shape[0], x).to(x.dtype)
-        u = torch.linalg.vector_norm(x, dim=1) * d.sqrt()
+        d = ops._group_weights(self.d, x.shape[0], x)
+        u = torch.linalg.vector_norm(x, dim=1)
+        if d is not None:
+            u = u * d.to(x.dtype).sqrt()
         return ops._sef_of_magnitudes(u, self.k)
 
     def _prox(self, x, t):

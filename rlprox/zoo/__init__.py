@@ -1,0 +1,14 @@
+"""The offline digits world: tiny base models trained from scikit-learn's digits.
+
+- ``digits-classifier``: reward model (``digits_alignment``) and FID-proxy features
+- ``digits-sd``: a stock diffusers ``StableDiffusionPipeline``
+- ``digits-vq`` / ``digits-gpt``: LlamaGen-style VQ tokenizer and class-conditional GPT
+
+``resolve("zoo:digits-sd")`` returns a local model directory, building and caching it on
+first use; ``rlprox.zoo.build.build(name, seed=..., micro=..., force=...)`` (re)builds
+explicitly. Heavy imports (diffusers) stay inside the submodules.
+"""
+
+from rlprox.zoo.build import MODELS, BuildOptions, cache_root, model_dir, resolve
+
+__all__ = ["MODELS", "BuildOptions", "cache_root", "model_dir", "resolve"]

@@ -271,6 +271,8 @@ def generate(
     model.eval()
     b = cond_idx.shape[0]
     cfg = cfg_scale != 1.0
+    if cfg and model.cls_embedding.embedding_table.num_embeddings <= model.num_classes:
+        raise ValueError("cfg_scale != 1 needs a null class (train with class_dropout_prob > 0)")
     cond = torch.cat([cond_idx, torch.full_like(cond_idx, model.num_classes)]) if cfg else cond_idx
     tokens = torch.zeros(b, 0, dtype=torch.long)
 
@@ -331,3 +333,18 @@ def train_gpt(tokens, classes, steps: int, batch_size: int = 128, lr: float = 1e
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
+
+
+def load_gpt_and_vq(path) -> tuple[Transformer, "VQModel"]:  # noqa: F821
+    """A digits-gpt directory (or ``zoo:digits-gpt``) and the digits-vq it was trained on."""
+    import json
+    from pathlib import Path
+
+    from rlprox.zoo.build import resolve
+    from rlprox.zoo.vq import VQModel
+
+    if str(path).startswith("zoo:"):
+        path = resolve(str(path))
+    info = json.loads((Path(path) / "build_info.json").read_text())
+    vq_path = resolve(info["vq"], seed=info["vq_seed"], micro=info["options"]["micro"])
+    return Transformer.from_pretrained(path), VQModel.from_pretrained(vq_path)

@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_ppo(tmp_path, **sections) -> dict:
+    """A CartPole PPO recipe dict small enough for a unit test."""
+    recipe = {
+        "algo": "ppo",
+        "seed": 3,
+        "run": {"name": "t", "output_dir": str(tmp_path), "iterations": 3, "log_with": [], "progress": False, "plot": False},
+        "env": {"id": "CartPole-v1", "num_envs": 2},
+        "ppo": {"num_steps": 16, "minibatch_size": 8, "update_epochs": 2},
+        "optim": {"lr": 1e-3},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    return recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    return lambda **sections: tiny_ppo(tmp_path, **sections)

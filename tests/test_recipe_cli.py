@@ -1,0 +1,103 @@
+"""Bad input: one line `recipe error: <key>: <problem>` and exit status 2, before any work."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rlprox.cli import main
+from rlprox.recipe import RecipeError, load_recipe
+from tests.conftest import ROOT
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+BAD = [
+    ({"ppo": {"minbatch_size": 8}}, [], "ppo.minbatch_size: unknown key (did you mean 'minibatch_size'?)"),
+    ({"run": {"iterations": "ten"}}, [], "run.iterations: expected an integer"),
+    ({"run": {"progress": "yes"}}, [], "run.progress: expected true/false"),
+    ({"ppo": {"gamma": 1.5}}, [], "ppo.gamma: must be in (0, 1]"),
+    ({"optim": {"lr": -1}}, [], "optim.lr: must be > 0"),
+    ({"ppo": {"minibatch_size": 64}}, [], "ppo.minibatch_size: 64 is larger than the rollout"),
+    ({"ppo": {"minibatch_size": 5}}, [], "ppo.minibatch_size: 5 does not divide the rollout"),
+    ({"env": {"id": "CartPol-v1"}}, [], "env.id: unknown gymnasium env 'CartPol-v1' (did you mean 'CartPole-v1'?)"),
+    ({"env": {"id": "nosuchmodule:Env"}}, [], "env.id: cannot import module 'nosuchmodule'"),
+    ({"env": {"wrappers": ["gymnasium.wrappers:NoSuchWrapper"]}}, [], "env.wrappers[0]: module 'gymnasium.wrappers' has no attribute"),
+    ({"algo": "ppx"}, [], "algo: unknown algorithm 'ppx' (did you mean 'ppo'?)"),
+    ({"run": {"resume": "/no/such/checkpoint"}}, [], "run.resume: checkpoint not found"),
+    ({"optim": {"name": "adamx"}}, [], "optim.name: must be one of adam, adamw, sgd"),
+    ({"run": {"gradient_accumulation_steps": 3}}, [], "run.gradient_accumulation_steps: 3 does not divide the 4 minibatches"),
+    ({}, ["ppo.update_epochs=0"], "ppo.update_epochs: must be > 0"),
+    ({}, ["ppo.nope=1"], "ppo.nope: unknown key"),
+    ({}, ["run.iterations"], "run.iterations: override must look like key.sub=value"),
+    ({}, ["run.name.sub=1"], "run.name: is not a section"),
+]
+
+
+@pytest.mark.parametrize("patch,overrides,message", BAD, ids=[m.split(":")[0] + "-" + str(i) for i, (_, _, m) in enumerate(BAD)])
+def test_bad_input_one_line_exit_2(tmp_path, tiny_recipe, capsys, patch, overrides, message):
+    data = tiny_recipe()
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    code = main(["train", write(tmp_path, data), *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("recipe error: ") and "\n" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "t").exists()  # no work started
+
+
+def test_missing_recipe_file(capsys):
+    assert main(["train", "no/such/recipe.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "recipe error: no/such/recipe.yaml: recipe file not found"
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run: {name: [unclosed\n")
+    assert main(["train", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_subprocess_no_traceback(tmp_path, tiny_recipe):
+    data = tiny_recipe(env={"id": "NoSuchEnv-v0"})
+    out = subprocess.run([sys.executable, "-m", "rlprox", "train", write(tmp_path, data)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["recipe error: env.id: unknown gymnasium env 'NoSuchEnv-v0'"] or (
+        len(out.stderr.strip().splitlines()) == 1 and "env.id: unknown gymnasium env" in out.stderr
+    )
+
+
+def test_overrides_and_types(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(), ["ppo.clip_coef=0.1", "optim.lr=3e-4", "env.kwargs={}", "run.log_with=[tensorboard]"])
+    assert recipe.ppo.clip_coef == 0.1 and recipe.optim.lr == 3e-4 and recipe.run.log_with == ["tensorboard"]
+    assert isinstance(load_recipe(tiny_recipe(optim={"lr": 1}), []).optim.lr, float)
+
+
+def test_shipped_recipes_validate():
+    import glob
+
+    paths = [p for p in glob.glob(f"{ROOT}/recipes/**/*.yaml", recursive=True) if "/accelerate/" not in p]
+    assert len(paths) >= 3
+    for path in paths:
+        load_recipe(path)
+
+
+def test_recipes_command_lists_descriptions(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "recipes/ppo/cartpole.yaml" in out and "CartPole" in out
+
+
+def test_error_is_recipe_error():
+    with pytest.raises(RecipeError) as info:
+        load_recipe({"algo": "ppo", "bogus": 1})
+    assert str(info.value) == "recipe error: bogus: unknown key"
