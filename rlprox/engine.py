@@ -121,7 +121,9 @@ class Engine:
         self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision,
             gradient_accumulation_steps=run.gradient_accumulation_steps,
-            cpu=run.cpu,
+            # without a GPU, cpu=True is what makes accelerate pick up a torchrun/MPI
+            # world (MULTI_CPU, gloo); otherwise every process would train alone
+            cpu=run.cpu or not torch.cuda.is_available(),
             log_with=list(run.log_with) or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )

@@ -113,6 +113,8 @@ def test_clip_outliers_hand_values():
     big = torch.randn(3_000_000, generator=_gen())  # above torch.quantile's size comfort
     tau = clip_outliers(big, 0.5).abs().max()
     assert abs(float(tau) - 0.6745) < 0.01  # median of |N(0,1)|
+    tau_s = clip_outliers(big, 0.5, sample_size=2**16).abs().max()
+    assert abs(float(tau_s) - 0.6745) < 0.02
 
 
 # ------------------------------------------------------------------------------- SEF

@@ -239,3 +239,25 @@ def test_build_schedule():
                         ({"type": "cosine", "start": 0, "end": 1, "step": 3}, "'step'")]:
         with pytest.raises(ValueError, match=field):
             build_schedule(spec)
+
+
+def test_accelerate_accumulation_runs_prox_on_sync_steps_only():
+    accelerate = pytest.importorskip("accelerate")
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Linear(4, 3)
+    reg = build_regularizer({"type": "l1", "lam": 1.0})
+    opt = ProxOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), [([model.weight], reg)])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    steps = []
+    prox = reg.prox
+    reg.prox = lambda p, step: (steps.append(step), prox(p, step))[1]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # 4 micro-batches = 2 real optimizer steps
+        with acc.accumulate(model):
+            acc.backward(model(torch.randn(2, 4, generator=g)).pow(2).sum())
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    assert len(steps) == 2 and steps[0] == pytest.approx(0.1)
+    opt.load_state_dict(opt.state_dict())

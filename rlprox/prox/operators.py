@@ -66,7 +66,8 @@ def prox_l1(v: torch.Tensor, t) -> torch.Tensor:
     if _is_scalar(t):
         return F.softshrink(v, _as_float(t))
     t = t.to(dtype=v.dtype, device=v.device)
-    return v - v.clamp(-t, t)
+    # one allocation, then in-place passes (avoids materialising −t and v.clamp(−t, t))
+    return v.abs().sub_(t).clamp_min_(0).copysign_(v)
 
 
 def prox_l0(v: torch.Tensor, t) -> torch.Tensor:
@@ -189,26 +190,28 @@ def _box_theta(c: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     or θ_j = 1{c_j > 0} when at most k of the c_j are non-zero (the constraint Σθ ≤ k
     is then inactive). g is piecewise linear and nondecreasing with breakpoints b_j/c_j
     (slope +c_j starts) and (1+b_j)/c_j (slope −c_j). The breakpoint segment where g
-    crosses k is located by sorting (batched inputs, small m: O(m log m)) or by
-    median-of-sample selection (one long vector: O(m) expected); then g is linear on
-    the segment and α solves it exactly. No Python loop over groups.
+    crosses k is located by sorting all 2m breakpoints (batched inputs, small m:
+    O(m log m)) or, for one long vector, by a binary search over a sorted sample of
+    breakpoints that narrows to a few hundred candidates (O(m) passes plus a small
+    sort, with a few host syncs); g is linear on the segment and α solves it exactly.
+    No Python loop over groups.
     """
     active = c > 0
     if c.dim() == 1 and c.shape[0] > _SELECT_MIN and int(active.sum()) > k:
-        lo, hi = _bracket_by_selection(c, b, k, active)
-        lo, hi = c.new_tensor([lo]), c.new_tensor([hi])
-    else:
-        lo, hi = _bracket_by_sort(c, b, k, active)
+        alpha = _alpha_by_selection(c, b, k)
+        return (alpha * c - b).clamp_(0, 1)
+    lo, hi = _bracket_by_sort(c, b, k, active)
     theta = _theta_on_segment(c, b, k, active, lo, hi)
     easy = active.sum(-1, keepdim=True) <= k
     return torch.where(easy, active.to(c.dtype), theta)
 
 
-_SELECT_MIN = 4096  # below this a sort is cheaper than the selection loop's overhead
+_SELECT_MIN = 4096  # below this a full sort is cheaper than the selection path's overhead
 _SELECT_LEAF = 512  # ~2x this many breakpoints are sampled by the selection path
 
 
-def _breakpoints(c, b, active):
+def _breakpoints(c, b, active=None):
+    """Start (b_j/c_j) and end ((1+b_j)/c_j) of each group's linear piece of g."""
     # every b_j > 0, so an inactive group (c_j = 0) gets +inf breakpoints by itself
     return b / c, (1 + b) / c
 
@@ -230,42 +233,66 @@ def _bracket_by_sort(c, b, k, active):
     return lo, torch.where(torch.isinf(hi), lo, hi)
 
 
-def _bracket_by_selection(c, b, k, active):
-    """(lo, hi) with g(lo) < k ≤ g(hi) and no breakpoint strictly inside, for one long
-    vector without a full sort: binary-search g over a sorted strided sample of ~1k
-    breakpoints (each probe is one O(m) pass), then sort only the breakpoints left
-    inside the sample bracket and integrate the slope changes across them."""
-    start, end = _breakpoints(c, b, active)
+def _alpha_by_selection(c, b, k) -> float:
+    """The root α of g(α) = k for one long vector without a full sort.
+
+    Binary-search g over a sorted strided sample of ~1k breakpoints; after the first
+    few probes (one O(m) pass each) fold the groups whose breakpoints both left the
+    bracket (lo, hi) into constants (#saturated, linear slope and intercept), so later
+    probes only touch the undetermined groups. Finally sort the breakpoints left inside
+    the bracket, integrate the slope changes across them to find the segment where g
+    crosses k, and solve the linear equation on it.
+    """
+    start, end = _breakpoints(c, b, active=None)
     stride = max(1, c.shape[0] // _SELECT_LEAF)
     sample = torch.cat([start[::stride], end[::stride]])
     sample = torch.sort(sample[torch.isfinite(sample)]).values.tolist()
     lo_i, hi_i, g_lo = -1, len(sample), 0.0  # g(0) = 0 since every b_j > 0
+    n_sat, s_lin, b_lin = 0.0, 0.0, 0.0  # folded groups (none yet)
+    cu, bu, su, eu = c, b, start, end
+    probes = 0
     while hi_i - lo_i > 1:
         mid = (lo_i + hi_i) // 2
-        g_mid = float((sample[mid] * c - b).clamp_(0, 1).sum())
+        p = sample[mid]
+        g_mid = p * s_lin - b_lin + n_sat + float((p * cu - bu).clamp_(0, 1).sum())
         if g_mid < k:
             lo_i, g_lo = mid, g_mid
         else:
             hi_i = mid
+        probes += 1
+        if probes == 3 or hi_i - lo_i <= 1:
+            lo = sample[lo_i] if lo_i >= 0 else 0.0
+            hi = sample[hi_i] if hi_i < len(sample) else math.inf
+            sat = eu <= lo
+            lin = (su <= lo) & (eu >= hi)
+            und = ~(sat | lin | (su >= hi))
+            n_sat += float(sat.sum())
+            s_lin += float((cu * lin).sum())
+            b_lin += float((bu * lin).sum())
+            cu, su, eu = cu[und], su[und], eu[und]
+            bu = bu[und] if bu.dim() else bu
     lo = sample[lo_i] if lo_i >= 0 else 0.0
     hi = sample[hi_i] if hi_i < len(sample) else math.inf
-    slope_lo = float((c * ((start <= lo) & (end > lo))).sum())  # dg/dα just right of lo
-    in_s = (start > lo) & (start < hi)
-    in_e = (end > lo) & (end < hi)
-    p = torch.cat([start[in_s], end[in_e]])
-    if p.numel() == 0:
-        return lo, hi
-    dS = torch.cat([c[in_s], -c[in_e]])
+    # undetermined groups with start <= lo < end are linear just right of lo
+    slope_lo = s_lin + float((cu * ((su <= lo) & (eu > lo))).sum())
+    in_s = (su > lo) & (su < hi)
+    in_e = (eu > lo) & (eu < hi)
+    p = torch.cat([su[in_s], eu[in_e]])
+    dS = torch.cat([cu[in_s], -cu[in_e]])
     p, order = torch.sort(p)
     dS = dS[order]
     slope_after = slope_lo + torch.cumsum(dS, 0)
     slope_before = torch.cat([slope_after.new_tensor([slope_lo]), slope_after[:-1]])
-    gaps = torch.diff(p, prepend=p.new_tensor([lo]))
-    g = g_lo + torch.cumsum(slope_before * gaps, 0)
+    g = g_lo + torch.cumsum(slope_before * torch.diff(p, prepend=p.new_tensor([lo])), 0)
     i = int((g < k).sum())
-    new_lo = float(p[i - 1]) if i > 0 else lo
-    new_hi = float(p[i]) if i < p.numel() else hi
-    return new_lo, new_hi if math.isfinite(new_hi) else new_lo
+    seg_lo = float(p[i - 1]) if i > 0 else lo
+    seg_g = float(g[i - 1]) if i > 0 else g_lo
+    seg_slope = float(slope_after[i - 1]) if i > 0 else slope_lo
+    seg_hi = float(p[i]) if i < p.numel() else hi
+    if seg_slope <= 0:  # g flat at k on this segment: any α in it gives the same θ
+        return seg_lo if not math.isfinite(seg_hi) else 0.5 * (seg_lo + seg_hi)
+    alpha = seg_lo + (k - seg_g) / seg_slope
+    return min(max(alpha, seg_lo), seg_hi)
 
 
 def _theta_on_segment(c, b, k, active, lo, hi):
@@ -373,15 +400,19 @@ def prox_wgsef(v: torch.Tensor, k: int, t, d=None, exact_k: bool = False) -> tor
 # ---------------------------------------------------------------------------- gradients
 
 
-def clip_outliers(g: torch.Tensor, q: float = 0.9) -> torch.Tensor:
+def clip_outliers(g: torch.Tensor, q: float = 0.9, sample_size: int | None = None) -> torch.Tensor:
     """Clip to ±τ with τ the q-quantile of |g| (ROOT's robust step).
 
     τ is the ⌈q·n⌉-th smallest |g_i| (the lower / inverted-CDF quantile), found with
     ``kthvalue`` (linear-time selection, no size limit unlike ``torch.quantile``).
+    With ``sample_size`` set and n larger, τ is estimated from an evenly strided sample
+    of about that many entries (cheaper for very large tensors; approximate).
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"clip_outliers: q must be in (0, 1] (got {q})")
     flat = g.reshape(-1)
+    if sample_size is not None and flat.numel() > sample_size:
+        flat = flat[:: flat.numel() // sample_size]
     n = flat.numel()
     if n == 0:
         return g.clone()

@@ -1,0 +1,28 @@
+"""Run under 2 processes (accelerate launch / torchrun): one PPO collect + update.
+
+Each rank writes its packed batch and its parameters after the update to OUT_DIR, so
+the test can check that both ranks agree and equal a 1-process update on the
+concatenated batch. Also used with a regularizer to check masks stay identical.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from rlprox.engine import Engine
+from rlprox.recipe import load_recipe
+
+out_dir, recipe_path, *overrides = sys.argv[1:]
+torch.set_num_threads(1)
+engine = Engine(load_recipe(recipe_path, overrides))
+algo, acc = engine.algo, engine.accelerator
+with torch.no_grad():
+    packed = algo.advantages(algo.collect())
+engine.update(packed)
+policy = acc.unwrap_model(algo.modules["policy"])
+tensors = {f"param.{k}": v for k, v in policy.state_dict().items()}
+tensors["packed"] = packed
+save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{acc.process_index}.safetensors")
+acc.wait_for_everyone()
+engine.close()
