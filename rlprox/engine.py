@@ -224,6 +224,8 @@ class Engine:
         while self.state.iteration < run.iterations:
             it = self.state.iteration + 1
             start = time.perf_counter()
+            for reg in self.regularizers:  # λ schedules are per iteration
+                reg.set_iteration(it - 1)
             # ---- COLLECT / ADVANTAGE (no grad)
             with torch.no_grad():
                 batch = algo.collect()

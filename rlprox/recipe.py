@@ -292,9 +292,11 @@ def validate(recipe: Recipe) -> None:
     _positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise RecipeError("optim.betas", f"expected two numbers in [0, 1) (got {optim.betas})")
-    for i, spec in enumerate(recipe.regularizers):
-        if not isinstance(spec, dict) or "type" not in spec:
-            raise RecipeError(f"regularizers[{i}]", "expected a mapping with a 'type' key")
+    if recipe.regularizers:
+        from rlprox.prox.attach import parse_spec
+
+        for i, spec in enumerate(recipe.regularizers):
+            parse_spec(spec, i)
     if recipe.env is not None:
         validate_env(recipe.env)
     module = importlib.import_module(ALGORITHMS[recipe.algo][0])

@@ -170,7 +170,7 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 
 def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
-    from rlprox.zoo.data import load_digits_world, save_image_grid
+    from rlprox.zoo.data import COLOUR_NAMES, load_digits_world, save_image_grid
     from rlprox.zoo.vq import encode_tokens, reconstruction_mse, train_vq
 
     model = train_vq(
@@ -179,7 +179,9 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     )
     model.save_pretrained(out)
     held = load_digits_world("heldout")
-    sample = held.images[:: len(held) // 10][:10]
+    # ten held-out digits, one per colour in turn (held-out is base-image major, colour minor)
+    stride = len(held) // 10
+    sample = held.images[[i * stride + i % len(COLOUR_NAMES) for i in range(10)]]
     with torch.no_grad():
         recon = model.decode_code(encode_tokens(model, sample))
     save_image_grid(torch.cat([sample, recon]), 2, out / "samples.png")

@@ -9,6 +9,7 @@ at the same N and report the real-vs-real floor (``fid_floor``) next to it.
 
 - FID:  ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2(Σ_r^½ Σ_g Σ_r^½)^½)
 - KID:  unbiased MMD² with the cubic kernel k(x,y) = (xᵀy/d + 1)³, averaged over subsets
+        (features rescaled by the real set's RMS so the kernel is O(1))
 - IS:   exp E_x KL(p(y|x) ‖ p(y)) over the 10 digit classes (max 10)
 """
 
@@ -60,10 +61,17 @@ def fid_proxy(real: torch.Tensor, fake: torch.Tensor, classifier=None) -> float:
 
 def kid_proxy(real: torch.Tensor, fake: torch.Tensor, classifier=None, subsets: int = 10,
               subset_size: int = 200, seed: int = 0) -> float:
-    """Mean over random subsets of the unbiased MMD² with the cubic polynomial kernel."""
+    """Mean over random subsets of the unbiased MMD² with the cubic polynomial kernel.
+
+    Both feature sets are divided by the real set's RMS feature value, so that xᵀy/d is
+    O(1) as with Inception features (the classifier's raw features have norm ≈100,
+    which would put the cubic kernel at ~10⁶ and KID in the tens of thousands).
+    """
     a = _as_features(real, classifier)
     b = _as_features(fake, classifier)
     d = a.shape[1]
+    scale = a.pow(2).mean().sqrt().clamp_min(1e-12)
+    a, b = a / scale, b / scale
     m = min(subset_size, len(a), len(b))
     gen = torch.Generator().manual_seed(seed)
     values = []

@@ -1,0 +1,109 @@
+"""Recipe ``regularizers:`` -> regularizers attached to named parameters.
+
+Each entry selects parameters by a glob over "<module>.<parameter>" names (e.g.
+``policy.actor.[02].weight``) and says how the regularizer acts:
+
+    regularizers:
+      - {type: wgsef, params: "policy.actor.[02].weight", k: 16, lam: 1.0e-3}
+      - {type: l1, params: "policy.critic.*.weight", lam: 1.0e-4, mode: penalty}
+      - {type: group_l2, params: "policy.actor.0.weight",
+         schedule: {type: linear, start: 0.0, end: 1.0e-3, steps: 100}}
+
+mode "prox" (default): param ← prox_{η·λ·R}(param) after every real optimizer step
+(ProxOptimizer; η = the param group's current lr). mode "penalty": λ·R(param) is
+added to the loss instead. ``schedule`` gives λ per iteration (then omit ``lam``).
+This is the one place where every trainer gets its regularizers from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from rlprox.prox.optim import ProxOptimizer
+from rlprox.prox.regularizers import build_regularizer
+from rlprox.prox.schedules import build_schedule
+
+ENGINE_KEYS = ("params", "mode", "schedule")
+
+
+def parse_spec(spec: dict, index: int):
+    """Build (regularizer, schedule, mode) from one recipe entry; RecipeError on bad input."""
+    from rlprox.recipe import RecipeError
+
+    key = f"regularizers[{index}]"
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise RecipeError(key, "expected a mapping with a 'type' key")
+    if not isinstance(spec.get("params"), str) or not spec["params"]:
+        raise RecipeError(f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'")
+    mode = spec.get("mode", "prox")
+    if mode not in ("prox", "penalty"):
+        raise RecipeError(f"{key}.mode", f"must be prox or penalty (got {mode!r})")
+    schedule = None
+    if "schedule" in spec:
+        if "lam" in spec:
+            raise RecipeError(f"{key}.lam", "give either lam or schedule (the schedule sets λ), not both")
+        try:
+            schedule = build_schedule(spec["schedule"])
+        except ValueError as err:
+            raise RecipeError(f"{key}.schedule", str(err)) from None
+    try:
+        reg = build_regularizer({k: v for k, v in spec.items() if k not in ENGINE_KEYS})
+    except ValueError as err:
+        raise RecipeError(key, str(err)) from None
+    if schedule is not None:
+        reg.lam = float(schedule(0))
+    return reg, schedule, mode
+
+
+class AttachedRegularizer:
+    """One recipe entry bound to its parameters."""
+
+    def __init__(self, index: int, spec: dict, reg, schedule, mode: str, named: dict[str, torch.nn.Parameter]):
+        self.index, self.spec, self.reg, self.schedule, self.mode = index, spec, reg, schedule, mode
+        self.named = named
+        self.label = f"{index}.{spec['type']}"
+
+    def set_iteration(self, iteration: int) -> None:
+        if self.schedule is not None:
+            self.reg.lam = float(self.schedule(iteration))
+
+    def loss_penalty(self) -> torch.Tensor | None:
+        if self.mode != "penalty":
+            return None
+        return sum(self.reg.penalty(p) for p in self.named.values())
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, float]:
+        out = {f"sparsity/{name}": float(self.reg.sparsity(p)) for name, p in self.named.items()}
+        penalty = sum(float(self.reg.penalty(p)) for p in self.named.values())
+        out[f"penalty/{self.label}"] = penalty
+        out[f"penalty/{self.label}.lam"] = self.reg.lam
+        return out
+
+
+def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict]):
+    """Wrap ``optimizer`` in a ProxOptimizer carrying the recipe's prox-mode
+    regularizers; return (optimizer, [AttachedRegularizer])."""
+    from rlprox.recipe import RecipeError
+
+    attached = []
+    prox_pairs = []
+    claimed: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        reg, schedule, mode = parse_spec(spec, i)
+        names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
+        if not names:
+            shown = ", ".join(list(named_params)[:12])
+            raise RecipeError(f"regularizers[{i}].params", f"{spec['params']!r} matches no parameter; parameters are: {shown}{', ...' if len(named_params) > 12 else ''}")
+        for n in names:
+            if mode == "prox" and n in claimed:
+                raise RecipeError(f"regularizers[{i}].params", f"{n} already has a prox regularizer (regularizers[{claimed[n]}]); combine them into one")
+            if mode == "prox":
+                claimed[n] = i
+        entry = AttachedRegularizer(i, spec, reg, schedule, mode, {n: named_params[n] for n in names})
+        attached.append(entry)
+        if mode == "prox":
+            prox_pairs.append((list(entry.named.values()), reg))
+    return ProxOptimizer(optimizer, regularizers=prox_pairs), attached
