@@ -90,10 +90,22 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
             params = [p for m in modules for p in m.parameters() if p.grad is not None]
-            grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+            if _plain_clip_ok(accelerator):
+                # same result as accelerator.clip_grad_norm_ here, without its
+                # per-call sharding checks (~1 ms per step on small policies)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            else:  # FSDP / DeepSpeed / fp16 loss scaling need accelerate's version
+                grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _plain_clip_ok(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return accelerator.distributed_type in plain and getattr(accelerator, "scaler", None) is None
 
 
 @dataclass

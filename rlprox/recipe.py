@@ -85,10 +85,12 @@ class EnvConfig:
 
 # Trainer sections are imported from their own files; recipe.py only names them.
 from rlprox.algos.ppo import PPOConfig  # noqa: E402
+from rlprox.algos.sparse import SparseConfig  # noqa: E402
 
 ALGORITHMS = {
     # algo name -> (module with build(recipe, accelerator) -> Algorithm, required sections)
     "ppo": ("rlprox.algos.ppo", ("env", "ppo")),
+    "sparse": ("rlprox.algos.sparse", ("sparse",)),
 }
 
 
@@ -96,13 +98,14 @@ ALGORITHMS = {
 class Recipe:
     """The whole experiment."""
 
-    algo: str = "ppo"  # ppo
+    algo: str = "ppo"  # ppo | sparse
     seed: int = 1
     description: str = ""  # one line, shown by `rlprox recipes`
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     env: EnvConfig | None = None
     ppo: PPOConfig | None = None
+    sparse: SparseConfig | None = None
     regularizers: list[dict] = field(default_factory=list)
 
     @property

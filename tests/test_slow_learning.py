@@ -21,3 +21,13 @@ def test_cartpole_recipe_reaches_475_within_100k_steps(tmp_path, seed, capsys):
     result = json.loads(next((tmp_path / "cp" / "checkpoints").glob("iter-*/eval.json")).read_text())
     assert result["eval/episodes"] == 20
     assert result["eval/return"] >= 475, result["eval/return"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sparse_cartpole_policy(tmp_path, seed, capsys):
+    recipe = f"{ROOT}/recipes/ppo/cartpole-sparse.yaml"
+    assert main(["train", recipe, f"seed={seed}", f"run.output_dir={tmp_path}", "run.name=sp", "run.log_with=[]", "run.progress=false", "run.eval_episodes=0"]) == 0
+    assert main(["eval", str(tmp_path / "sp"), "--episodes", "20"]) == 0
+    result = json.loads(next((tmp_path / "sp" / "checkpoints").glob("iter-*/eval.json")).read_text())
+    assert result["eval/return"] >= 475, result["eval/return"]
+    assert result["sparsity/actor_hidden_neurons_zero_fraction"] >= 0.5

@@ -308,6 +308,17 @@ class PPO:
             "eval/episodes": len(returns),
         }
 
+    @torch.no_grad()
+    def model_stats(self) -> dict:
+        """Neuron sparsity of the actor's hidden layers: a neuron whose incoming weight
+        row is exactly zero outputs a constant and can be folded into the next layer."""
+        hidden = [m for m in self._unwrapped().actor if isinstance(m, torch.nn.Linear)][:-1]
+        zero = [int(m.weight.abs().sum(1).eq(0).sum()) for m in hidden]
+        total = [m.out_features for m in hidden]
+        stats = {f"sparsity/actor_layer{i}_zero_neurons": z for i, z in enumerate(zero)}
+        stats["sparsity/actor_hidden_neurons_zero_fraction"] = sum(zero) / sum(total)
+        return stats
+
     # ------------------------------------------------------------------ STATE
     def state_dict(self):
         """Per-process state beyond the weights: (tensors, json)."""
