@@ -144,7 +144,7 @@ def main() -> int:
         "(all iterations when only one); overall = steps / wall of `Engine.fit()`. "
         "A smoke test, not a benchmark: the env is MuJoCo on the CPU, so the GPU mostly shows launch overhead.",
         "",
-        f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join(["python benchmarks/gpu_smoke.py"] + sys.argv[1:]) + "`",
         "",
         "| precision | device | accelerate mixed_precision | iterations | env steps | steady SPS | overall SPS "
         "| last loss | peak CUDA mem MB |",

@@ -214,7 +214,14 @@ def worker_raw(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
                 train_episodes=None, eval_return=None)
 
 
+def worker_torch_only(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
+    """Peak RSS of a process that only imports torch: the floor under both trainers."""
+    _setup_worker()
+    return dict(rss_mb=_peak_rss_mb())
+
+
 WORKERS = {"rlprox": worker_rlprox, "sb3": worker_sb3, "raw": worker_raw}
+EXTRA_WORKERS = {"torch-only": worker_torch_only}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -325,7 +332,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round, 1 seed, 8 CartPole / 1 Hopper iterations")
     p.add_argument("--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     # worker mode (internal)
-    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(WORKERS) + list(EXTRA_WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--task", choices=list(TASKS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
@@ -337,7 +344,7 @@ def main() -> int:
 
         warnings.filterwarnings("ignore")
         task = dict(TASKS[args.task])
-        result = WORKERS[args.worker](task, args.seed, args.iterations or task["iterations"], args.eval)
+        result = {**WORKERS, **EXTRA_WORKERS}[args.worker](task, args.seed, args.iterations or task["iterations"], args.eval)
         result["vm_hwm_mb"] = _vm_hwm_mb()
         print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -351,6 +358,7 @@ def main() -> int:
 
     cfg = {"cartpole": {"iterations": args.cartpole_iters}, "hopper": {"iterations": args.hopper_iters}}
     start = time.perf_counter()
+    torch_rss = run_worker("torch-only", "cartpole", 1, 0, False)["rss_mb"]
     all_res = {}
     print(f"CartPole-v1: {max(args.rounds, args.seeds)} rounds × (rlprox, SB3, raw), {args.cartpole_iters} iterations", flush=True)
     all_res["cartpole"] = bench_task("cartpole", args.rounds, args.seeds, args.cartpole_iters)
@@ -373,9 +381,10 @@ def main() -> int:
         f"stable-baselines3 {version('stable_baselines3')}, mujoco {version('mujoco')}, Python {platform.python_version()}, {platform.machine()}. "
         f"Machine: {cores} CPU cores, **shared with other jobs** ({load_s}), so absolute steps/s swing ±30%; "
         "read the paired ratios. Every process: 1 torch thread, OMP/MKL/OpenBLAS 1 thread. "
-        f"Total benchmark wall time {total / 60:.1f} min.",
+        f"Total benchmark wall time {total / 60:.1f} min. Peak RSS is dominated by the torch import: a process "
+        f"that only imports torch peaks at {torch_rss:.0f} MB.",
         "",
-        f"Command: `python benchmarks/ppo_vs_sb3.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+        "Command: `" + " ".join(["python benchmarks/ppo_vs_sb3.py"] + sys.argv[1:]) + "`",
         "",
         "Method: each run is a fresh subprocess; per round the order is rlprox → SB3 → raw, reversed every other "
         "round; round i uses seed i. SPS = env steps / wall-clock of `Engine.fit()` or `PPO.learn()` "

@@ -22,6 +22,8 @@ def tiny_ppo(tmp_path, **sections) -> dict:
         "optim": {"lr": 1e-3},
     }
     for key, value in sections.items():
+        if value is None:
+            continue
         recipe.setdefault(key, {}).update(value)
     return recipe
 

@@ -17,13 +17,21 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.distributed
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(tmp_path, recipe: dict, *overrides):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     # accelerate's own MULTI_CPU launcher needs MPI; torchrun gives 2 gloo processes
     # that accelerate.Accelerator picks up unchanged.
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
            f"{ROOT}/tests/dist_update.py", str(tmp_path), str(path), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -58,12 +66,27 @@ def test_torchrun_train_checkpoints_every_rank_and_resumes(tmp_path, tiny_recipe
     path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2, "save_every": 1})))
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    base = [torchrun, "--nproc_per_node", "2", "--master_port", str(29000 + os.getpid() % 500), "-m", "rlprox", "train", str(path)]
+    base = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "rlprox", "train", str(path)]
     out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = tmp_path / "t" / "checkpoints" / "iter-000002"
     assert (ckpt / "rank-0.json").exists() and (ckpt / "rank-1.json").exists()
     assert out.stdout.count("done:") == 1  # only the main process reports
+    base[4] = str(free_port())
     out = subprocess.run(base + ["run.iterations=3", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "t" / "checkpoints" / "iter-000003" / "rank-1.safetensors").exists()
+
+
+def test_two_processes_with_regularizer_keep_identical_parameters_and_masks(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 8, "update_epochs": 2},
+                         regularizers=None)
+    recipe["regularizers"] = [{"type": "wgsef", "params": "policy.actor.[02].weight", "k": 8, "lam": 0.5, "exact_k": True}]
+    (r0, r1), _ = launch(tmp_path, recipe)
+    for k in r0:
+        if k.startswith("param."):
+            assert torch.equal(r0[k], r1[k]), k
+    for k in ("param.actor.0.weight", "param.actor.2.weight"):
+        zero_rows = r0[k].abs().sum(1).eq(0)
+        assert zero_rows.sum() == 64 - 8  # exactly k groups kept ...
+        assert torch.equal(zero_rows, r1[k].abs().sum(1).eq(0))  # ... the same ones on both ranks

@@ -100,6 +100,8 @@ def test_resolve_reuses_cache_and_names_unknown_models(micro_models, capsys):
     assert "building" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="did you mean 'digits-sd'"):
         zoo_build.resolve("zoo:digits-sdd")
+    with pytest.raises(ValueError, match="unknown zoo build option 'unet_step'"):
+        zoo_build.build("digits-sd", micro=True, force=True, unet_step=3)
 
 
 @pytest.mark.parametrize("name", ["digits-classifier", "digits-vq"])
@@ -321,13 +323,19 @@ def test_is_proxy_and_conditional_accuracy_on_known_cases():
 
 def test_fid_proxy_on_classifier_features(micro_models):
     from rlprox.zoo.classifier import DigitsClassifier
-    from rlprox.zoo.metrics import fid_floor, fid_proxy
+    from rlprox.zoo.metrics import fid_floor, fid_proxy, real_like
 
     clf = DigitsClassifier.from_pretrained(micro_models["digits-classifier"])
     held, train = load_digits_world("heldout"), load_digits_world("train")
     assert fid_proxy(held.images[:300], held.images[:300], clf) == pytest.approx(0.0, abs=1e-4)
     noise = torch.rand(300, 3, 16, 16)
-    assert fid_floor(clf, 300, held, train) < fid_proxy(held.images, noise, clf)
+    assert fid_floor(clf, held, train, n=300) < fid_proxy(held.images, noise, clf)
+    classes = held.classes[:50]
+    real = real_like(train, classes)
+    assert real.shape == (50, 3, 16, 16)
+    assert torch.equal(real_like(train, classes), real)  # seeded
+    assert fid_floor(clf, held, train, classes=classes) == pytest.approx(
+        fid_proxy(held.images, real, clf))
 
 
 # ----------------------------------------------------------------------------- slow

@@ -140,14 +140,18 @@ class SparseClassifier:
         for start in range(0, len(y), self.cfg.batch_size):
             idx = perm[start : start + self.cfg.batch_size]
             self.examples_seen += len(idx)
+            size = len(idx)
             idx = idx[self.rank :: self.world]
-            yield x.index_select(0, idx), y.index_select(0, idx)
+            yield x.index_select(0, idx), y.index_select(0, idx), size
 
     # ------------------------------------------------------------------ LOSS
     def loss(self, mb):
-        x, y = mb  # (B, 64), (B,)
+        x, y, size = mb  # (B, 64), (B,), examples in the minibatch over all processes
         logits = self.modules["net"](x)  # (B, 10)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        # sum over this rank's share / the global minibatch size, × world because DDP
+        # averages the ranks' gradients: the update is that of the global mean CE even
+        # when the last minibatch does not split evenly over the processes
+        ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing, reduction="sum") / size * self.world
         with torch.no_grad():
             stats = {"loss/ce": ce.detach(), "train/accuracy": (logits.argmax(1) == y).float().mean()}
         return ce, stats

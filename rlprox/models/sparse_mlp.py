@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -74,7 +75,9 @@ def compact(net: SparseMLP) -> SparseMLP:
         layers[l] = (W[keep], b[keep])
         layers[l + 1] = (W_next[:, keep], b_next)
     in_dim = layers[0][0].shape[1]
-    small = SparseMLP(in_dim, [W.shape[0] for W, _ in layers[:-1]], layers[-1][0].shape[0], net.activation)
+    with warnings.catch_warnings():  # a fully pruned layer has zero width; init is overwritten anyway
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        small = SparseMLP(in_dim, [W.shape[0] for W, _ in layers[:-1]], layers[-1][0].shape[0], net.activation)
     for layer, (W, b) in zip([*small.hidden, small.out], layers):
         layer.weight.copy_(W)
         layer.bias.copy_(b)

@@ -92,6 +92,10 @@ def resolve(spec: str, seed: int = 0, micro: bool = False, **options) -> Path:
 def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **options) -> Path:
     """Train ``name`` and write it atomically into the cache; returns its directory."""
     _check_name(name)
+    fields = {f.name for f in dataclasses.fields(BuildOptions)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"unknown zoo build option {unknown[0]!r}; options: {', '.join(sorted(fields))}")
     opts = BuildOptions(micro=micro, **options)
     final = model_dir(name, seed, micro)
     if final.is_dir() and not force:

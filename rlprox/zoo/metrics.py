@@ -116,12 +116,32 @@ def conditional_accuracy(images: torch.Tensor, digits: torch.Tensor, colours: to
     }
 
 
-def fid_floor(classifier, n: int, reference: DigitsData, pool: DigitsData, seed: int = 0) -> float:
-    """Real-vs-real FID proxy: n random images of ``pool`` against ``reference``.
+def real_like(pool: DigitsData, classes: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One random ``pool`` image of each requested joint class (digit·5 + colour).
 
-    Use the same ``reference`` and ``n`` as for the generated samples; this is the value
-    a perfect generator would get at that N.
+    The output of a perfect generator asked for ``classes``: the sample to compute a
+    real-vs-real floor from, since FID on these features is dominated by class
+    proportions (a random real subset with other proportions scores far worse).
     """
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(pool), generator=gen)[:n]
-    return fid_proxy(reference.images, pool.images[idx], classifier)
+    out = []
+    for c in classes.tolist():
+        members = (pool.classes == c).nonzero()[:, 0]
+        out.append(members[torch.randint(0, len(members), (1,), generator=gen)].item())
+    return pool.images[torch.tensor(out)]
+
+
+def fid_floor(classifier, reference: DigitsData, pool: DigitsData, n: int | None = None,
+              classes: torch.Tensor | None = None, seed: int = 0) -> float:
+    """Real-vs-real FID proxy at the same N: ``pool`` images against ``reference``.
+
+    With ``classes`` (the generator's conditioning, N entries) the pool images match
+    them class for class (:func:`real_like`), which is what a perfect conditional
+    generator would score; otherwise ``n`` random ``pool`` images.
+    """
+    if classes is not None:
+        images = real_like(pool, classes, seed)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        images = pool.images[torch.randperm(len(pool), generator=gen)[:n]]
+    return fid_proxy(reference.images, images, classifier)
