@@ -107,9 +107,9 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         })
         engine = Engine(recipe)
         steps = iterations * task["num_envs"] * task["num_steps"]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         engine.fit()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rss = _peak_rss_mb()
         # training return: episodes finished in the last `last_k` rollouts (exact mean,
         # per-iteration means weighted by their episode counts)
@@ -126,7 +126,7 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         if do_eval:
             eval_return = float(engine.algo.evaluate(task["eval_episodes"])["eval/return"])
         engine.close()
-        return dict(steps=steps, wall=wall, sps=steps / wall, rss_mb=rss, train_return=train_return,
+        return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                     train_episodes=n, eval_return=eval_return)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -162,9 +162,9 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
                            optimizer_kwargs=dict(eps=1e-5)),
     )
     steps = iterations * task["num_envs"] * task["num_steps"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.learn(total_timesteps=steps, progress_bar=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss = _peak_rss_mb()
     assert model.num_timesteps == steps, (model.num_timesteps, steps)
     # training return: episodes that ended in the last `last_k` rollouts, read from each
@@ -185,7 +185,7 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
             eval_env.obs_rms = env.obs_rms
         mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=task["eval_episodes"], deterministic=True)
         eval_return = float(mean)
-    return dict(steps=steps, wall=wall, sps=steps / wall, rss_mb=rss, train_return=train_return,
+    return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                 train_episodes=len(rets), eval_return=eval_return)
 
 
@@ -204,13 +204,13 @@ def worker_raw(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
     else:
         actions = rng.uniform(space.low, space.high, size=(T, n) + space.shape).astype(space.dtype)
     envs.reset(seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in range(T):
         envs.step(actions[t])
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     envs.close()
     steps = T * n
-    return dict(steps=steps, wall=wall, sps=steps / wall, rss_mb=_peak_rss_mb(), train_return=None,
+    return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=_peak_rss_mb(), train_return=None,
                 train_episodes=None, eval_return=None)
 
 
@@ -270,7 +270,7 @@ def bench_task(task_name: str, rounds: int, seeds: int, iterations: int) -> dict
             res[kind].append(r)
             ret = "" if r["train_return"] is None else f"  train {r['train_return']:.1f}"
             ev = "" if r["eval_return"] is None else f"  eval {r['eval_return']:.1f}"
-            print(f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} {r['sps']:9.0f} steps/s"
+            print(f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} {r['sps']:9.0f} steps/s ({r['cpu_sps']:.0f}/CPU-s)"
                   f"  rss {r['rss_mb']:.0f} MB{ret}{ev}", flush=True)
     return res
 
@@ -304,12 +304,27 @@ def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
             verdicts.append(
                 f"**Raw-env fraction on CartPole: {_med(r_raw):.2f}×** (min {min(r_raw):.2f}, max {max(r_raw):.2f}); "
                 f"goal ≥ 0.5×: {'MET' if _med(r_raw) >= 0.5 else 'NOT MET'}.")
-    return "\n".join(lines), verdicts
+            cpu = {k: [r["cpu_sps"] for r in v] for k, v in res.items()}
+            _, c_sb3 = _ratio(cpu["rlprox"], cpu["sb3"])
+            _, c_raw = _ratio(cpu["rlprox"], cpu["raw"])
+            verdicts.append(
+                f"Cross-check by CPU time (steps per CPU-second of the training call, much less sensitive to the "
+                f"other jobs than wall-clock): rlprox/SB3 {_med(c_sb3):.2f}× ({min(c_sb3):.2f}–{max(c_sb3):.2f}), "
+                f"rlprox/raw {_med(c_raw):.2f}× ({min(c_raw):.2f}–{max(c_raw):.2f}).")
+    cpu_lines = ["| task | trainer | steps per CPU-second (median) | × SB3, paired (min–max) | × raw env, paired (min–max) |",
+                 "|" + "---|" * 5]
+    for task_name, res in all_res.items():
+        cpu = {k: [r["cpu_sps"] for r in v] for k, v in res.items()}
+        for kind, name in (("rlprox", "rlprox PPO"), ("sb3", "SB3 PPO"), ("raw", "raw env, random actions")):
+            vs_sb3 = "1" if kind == "sb3" else ("–" if kind == "raw" else _ratio(cpu[kind], cpu["sb3"])[0])
+            vs_raw = "1" if kind == "raw" else _ratio(cpu[kind], cpu["raw"])[0]
+            cpu_lines.append(f"| {TASKS[task_name]['env_id']} | {name} | {_med(cpu[kind]):,.0f} | {vs_sb3} | {vs_raw} |")
+    return "\n".join(lines), verdicts, "\n".join(cpu_lines)
 
 
 def per_round(all_res: dict) -> str:
-    out = ["| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw | rlprox eval | SB3 eval | rlprox train | SB3 train |",
-           "|" + "---|" * 11]
+    out = ["| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw | rlprox/SB3 (CPU time) | rlprox eval | SB3 eval | rlprox train | SB3 train |",
+           "|" + "---|" * 12]
 
     def f(x):
         return "–" if x is None else f"{x:.1f}"
@@ -317,7 +332,7 @@ def per_round(all_res: dict) -> str:
     for task_name, res in all_res.items():
         for a, b, c in zip(res["rlprox"], res["sb3"], res["raw"]):
             out.append(f"| {task_name} | {a['seed']} | {a['sps']:,.0f} | {b['sps']:,.0f} | {c['sps']:,.0f} "
-                       f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
+                       f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | {a['cpu_sps'] / b['cpu_sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
                        f"| {f(a['train_return'])} | {f(b['train_return'])} |")
     return "\n".join(out)
 
@@ -367,7 +382,7 @@ def main() -> int:
         all_res["hopper"] = bench_task("hopper", args.hopper_rounds, args.hopper_rounds, args.hopper_iters)
     total = time.perf_counter() - start
 
-    tab, verdicts = table(all_res, cfg)
+    tab, verdicts, cpu_tab = table(all_res, cfg)
     cores = os.cpu_count()
     try:
         load = os.getloadavg()
@@ -411,6 +426,8 @@ def main() -> int:
     if args.quick:
         header.append("- **--quick smoke test: 1 round, 1 seed, shortened runs; not a benchmark.**")
     body = "\n".join(header) + "\n\n" + tab + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + \
+        "\n\n## CPU-time view (same runs)\n\nEach worker is single-threaded, so on an idle machine CPU time ≈ wall time; " \
+        "on this shared one, CPU time leaves out the time the process waited for a core.\n\n" + cpu_tab + \
         "\n\n## Per round\n\n" + per_round(all_res) + "\n"
     print()
     print(body)
