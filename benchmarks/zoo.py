@@ -32,7 +32,7 @@ from rlprox.zoo.metrics import (  # noqa: E402
     conditional_accuracy, fid_floor, fid_proxy, is_proxy, kid_proxy, real_like,
 )
 from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
-from rlprox.zoo.vq import VQModel  # noqa: E402
+from rlprox.zoo.vq import VQModel, encode_tokens  # noqa: E402
 
 
 def main() -> int:
@@ -92,6 +92,9 @@ def main() -> int:
 
     vq = VQModel.from_pretrained(paths["digits-vq"])
     gpt = Transformer.from_pretrained(paths["digits-gpt"])
+    with torch.no_grad():
+        recon = vq.decode_code(encode_tokens(vq, held.images))
+    vq_recon_acc = conditional_accuracy(recon, held.digits, held.colours, clf)["digit_acc"]
     for cfg in args.gpt_cfg:
         t = time.perf_counter()
         g = torch.Generator().manual_seed(args.seed)
@@ -119,7 +122,8 @@ def main() -> int:
         f"colour acc {clf_info['colour_acc']:.4f} |",
         f"| digits-sd | {seconds['digits-sd']} | VAE recon MSE {sd_info['vae_heldout_mse']:.5f} |",
         f"| digits-vq | {seconds['digits-vq']} | recon MSE {vq_info['heldout_recon_mse']:.5f}, "
-        f"{vq_info['codes_used_heldout']}/128 codes used |",
+        f"{vq_info['codes_used_heldout']}/128 codes used, "
+        f"classifier digit acc on reconstructions {vq_recon_acc:.3f} |",
         f"| digits-gpt | {seconds['digits-gpt']} | (below) |",
         f"| **all** | **{sum(seconds.values()):.0f}** | "
         + ("(cached builds reused; this run built nothing)" if args.reuse and wall < 60

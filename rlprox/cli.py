@@ -34,12 +34,13 @@ def cmd_train(args) -> int:
         engine.close()
     if engine.accelerator.is_main_process:
         tracker = engine.tracker
-        ret = stats.get("eval/return", stats.get("reward/episodic_return"))
         summary = f"done: {recipe.run.name}, {engine.state.iteration} iterations"
         if "progress/env_steps" in stats:
             summary += f", {int(stats['progress/env_steps'])} env steps"
-        if ret is not None:
-            summary += f", return {ret:.1f}"
+        shown = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("eval/") and not k.endswith(("_std", "episodes"))}
+        if not shown and "reward/episodic_return" in stats:
+            shown = {"training return": stats["reward/episodic_return"]}
+        summary += "".join(f", {k} {v:.4g}" for k, v in shown.items())
         print(summary)
         print(f"checkpoint: {tracker.last_checkpoint}")
         print(f"metrics:    {tracker.metrics_path}")
@@ -72,7 +73,9 @@ def cmd_eval(args) -> int:
     stats = algo.evaluate(args.episodes, deterministic=deterministic, seed=args.seed)
     if hasattr(algo, "model_stats"):
         stats.update(algo.model_stats())
-    result = {"checkpoint": str(path), "episodes": args.episodes, "deterministic": deterministic if deterministic is not None else algo.cfg.eval_deterministic, **stats}
+    if deterministic is None:
+        deterministic = getattr(getattr(algo, "cfg", None), "eval_deterministic", True)
+    result = {"checkpoint": str(path), "episodes": args.episodes, "deterministic": deterministic, **stats}
     if hasattr(algo, "last_eval"):
         result.update(algo.last_eval)
     (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -80,7 +83,8 @@ def cmd_eval(args) -> int:
     if "eval/return" in stats:
         rows.append(("return", f"{stats['eval/return']:.2f} ± {stats['eval/return_std']:.2f}"))
         rows.append(("length", f"{stats['eval/length']:.1f}"))
-    rows += [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in stats.items() if not k.startswith("eval/")]
+    handled = ("eval/return", "eval/return_std", "eval/length", "eval/episodes")
+    rows += [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in stats.items() if k not in handled]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -39,7 +39,7 @@ class EpisodeReplay(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
     def step(self, action):
-        self._actions.append(np.array(action, copy=True))
+        self._actions.append(action.copy() if isinstance(action, np.ndarray) else np.asarray(action))
         return self.env.step(action)
 
     def replay_state(self) -> dict:

@@ -22,7 +22,6 @@ checkpoints, so a resumed run draws the same minibatches as an uninterrupted one
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
@@ -50,11 +49,6 @@ class SparseConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing ε in [0, 1)
     holdout_every: int = 5  # example i is held out iff i % holdout_every == 0 (5: 20 %)
     standardize: bool = True  # z-score the 64 pixel features with the train split's statistics
-
-    @property
-    def eval_deterministic(self) -> bool:
-        """Predictions are the argmax of the logits: evaluation has nothing to sample."""
-        return True
 
 
 def train_size(cfg: SparseConfig) -> int:
@@ -129,7 +123,6 @@ class SparseClassifier:
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
         """The training split itself (supervised: nothing to roll out)."""
-        self._collect_start = time.perf_counter()
         return self.x_train, self.y_train
 
     def minibatches(self, batch, epoch: int):

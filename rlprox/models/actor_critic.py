@@ -78,12 +78,30 @@ class ActorCritic(nn.Module):
         return NumpyPolicy(layers(self.actor), layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
 
 
+def fuse(actor: list, critic: list) -> list:
+    """Actor and critic MLPs of equal depth as ONE MLP whose hidden layers are the two
+    side by side (first layer concatenated, later layers block-diagonal): half the
+    matmuls per rollout step, same outputs ([:, :A] actor, [:, A:] critic)."""
+    fused = []
+    for i, ((wa, ba), (wc, bc)) in enumerate(zip(actor, critic)):
+        if i == 0:
+            w = np.concatenate([wa, wc], axis=1)
+        else:
+            w = np.zeros((wa.shape[0] + wc.shape[0], wa.shape[1] + wc.shape[1]), wa.dtype)
+            w[: wa.shape[0], : wa.shape[1]] = wa
+            w[wa.shape[0] :, wa.shape[1] :] = wc
+        fused.append((w, np.concatenate([ba, bc])))
+    return fused
+
+
 class NumpyPolicy:
     """Frozen numpy copy of an ActorCritic for the rollout (same distribution)."""
 
     def __init__(self, actor, critic, act_fn, discrete: bool, log_std):
         self.actor, self.critic, self.act_fn = actor, critic, act_fn
         self.discrete, self.log_std = discrete, log_std
+        self.action_dim = actor[-1][0].shape[1]
+        self.fused = fuse(actor, critic) if len(actor) == len(critic) else None
 
     def _mlp(self, layers, x):
         for i, (w, b) in enumerate(layers):
@@ -97,7 +115,11 @@ class NumpyPolicy:
 
     def act(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
         """(action, log π(a|s), V(s)) for a batch of observations."""
-        out = self._mlp(self.actor, obs)
+        if self.fused is not None:
+            both = self._mlp(self.fused, obs)
+            out, value = both[:, : self.action_dim], both[:, self.action_dim]
+        else:
+            out, value = self._mlp(self.actor, obs), self.value(obs)
         if self.discrete:
             logits = out - out.max(-1, keepdims=True)
             logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -113,4 +135,4 @@ class NumpyPolicy:
             action = out if deterministic else out + std * rng.standard_normal(out.shape).astype(np.float32)
             z = (action - out) / std
             logp = (-0.5 * z**2 - self.log_std - 0.5 * LOG_2PI).sum(-1)
-        return action, logp.astype(np.float32), self.value(obs)
+        return action, logp.astype(np.float32), value
