@@ -107,7 +107,7 @@ def cmd_recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlprox", description="Policy-optimization training on one accelerate engine (PPO on gymnasium today).")
+    parser = argparse.ArgumentParser(prog="rlprox", description="Policy-optimization training on one accelerate engine: PPO on gymnasium, structured-sparse training (algo: sparse), and the offline digits model zoo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. Any field can be overridden: rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50")
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipes", help="list recipes with one-line descriptions", description="List the YAML recipes shipped in recipes/.")
     rec.add_argument("--root", default=None, help="recipes folder (default: the project's recipes/)")
     rec.set_defaults(func=cmd_recipes)
+
+    from rlprox.zoo.cli import add_zoo_parser
+
+    add_zoo_parser(sub)
     return parser
 
 
