@@ -39,7 +39,8 @@ class EpisodeReplay(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
     def step(self, action):
-        self._actions.append(action.copy() if isinstance(action, np.ndarray) else np.asarray(action))
+        # numpy scalars are immutable; arrays may be views of the caller's buffer
+        self._actions.append(action.copy() if isinstance(action, np.ndarray) else action)
         return self.env.step(action)
 
     def replay_state(self) -> dict:
@@ -48,8 +49,8 @@ class EpisodeReplay(gym.Wrapper):
             "seed": self._reset_seed,
             "rng": self._reset_rng,
             "options": self._reset_options,
-            "actions": [a.tolist() for a in actions],
-            "dtype": str(actions[0].dtype) if actions else "float32",
+            "actions": [np.asarray(a).tolist() for a in actions],
+            "dtype": str(np.asarray(actions[0]).dtype) if actions else "float32",
         }
 
     def restore_replay(self, states: list[dict]):
@@ -76,7 +77,9 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
         else:
             import rlprox.envs  # noqa: F401  registers rlprox/ envs
 
-            env = gym.make(cfg.id, max_episode_steps=cfg.max_episode_steps or None, **kwargs)
+            # the passive checker only inspects the first step but stays in the call
+            # chain of every step; recipes are validated elsewhere
+            env = gym.make(cfg.id, max_episode_steps=cfg.max_episode_steps or None, disable_env_checker=True, **kwargs)
         for i, spec in enumerate(cfg.wrappers):
             env = resolve_object(spec, f"env.wrappers[{i}]")(env)
         return EpisodeReplay(env, index)

@@ -142,6 +142,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise errors[0] if errors else RecipeError(key, f"unexpected value {value!r}")
     if origin is Literal:
         options = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if not value else "yes") in options:
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare `no` as false
         if value not in options:
             raise RecipeError(key, f"must be one of {', '.join(map(str, options))} (got {value!r})")
         return value

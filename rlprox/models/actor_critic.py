@@ -53,7 +53,7 @@ class ActorCritic(nn.Module):
         """log π(a|s), entropy and V(s) for the update; obs (B, obs_dim)."""
         out = self.actor(obs)
         if self.discrete:
-            logits = out - out.logsumexp(-1, keepdim=True)  # log-probs, (B, A)
+            logits = torch.log_softmax(out, -1)  # log-probs, (B, A)
             logp = logits.gather(-1, actions.long().view(-1, 1)).squeeze(-1)
             entropy = -(logits.exp() * logits).sum(-1)
         else:
