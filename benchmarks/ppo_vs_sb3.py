@@ -240,6 +240,24 @@ def run_worker(kind: str, task: str, seed: int, iterations: int, do_eval: bool) 
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def source_state() -> tuple[str, str]:
+    """(git commit + rlprox/ clean/modified, sha256 of every rlprox/*.py): taken before and
+    after the benchmark so a run that straddles a code change says so."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "rlprox").rglob("*.py")):
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rlprox"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        desc = f"commit {commit or '?'}" + (", rlprox/ has uncommitted changes" if dirty else ", rlprox/ clean")
+    except OSError:
+        desc = "commit unknown"
+    return desc, h.hexdigest()[:12]
+
+
 def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -372,6 +390,7 @@ def main() -> int:
     from importlib.metadata import version  # not importing torch/SB3 here keeps workers' ru_maxrss honest
 
     cfg = {"cartpole": {"iterations": args.cartpole_iters}, "hopper": {"iterations": args.hopper_iters}}
+    src_before = source_state()
     start = time.perf_counter()
     torch_rss = run_worker("torch-only", "cartpole", 1, 0, False)["rss_mb"]
     all_res = {}
@@ -381,6 +400,7 @@ def main() -> int:
         print(f"Hopper-v5: {args.hopper_rounds} rounds × (rlprox, SB3, raw), {args.hopper_iters} iterations", flush=True)
         all_res["hopper"] = bench_task("hopper", args.hopper_rounds, args.hopper_rounds, args.hopper_iters)
     total = time.perf_counter() - start
+    src_after = source_state()
 
     tab, verdicts, cpu_tab = table(all_res, cfg)
     cores = os.cpu_count()
@@ -398,6 +418,11 @@ def main() -> int:
         "read the paired ratios. Every process: 1 torch thread, OMP/MKL/OpenBLAS 1 thread. "
         f"Total benchmark wall time {total / 60:.1f} min. Peak RSS is dominated by the torch import: a process "
         f"that only imports torch peaks at {torch_rss:.0f} MB.",
+        "",
+        f"rlprox source: {src_after[0]}; rlprox/*.py sha256 {src_after[1]}"
+        + ("." if src_before == src_after else
+           f". **WARNING: the rlprox source changed during this run (before: {src_before[0]}, {src_before[1]}); "
+           "the rounds mix code versions, rerun.**"),
         "",
         "Command: `" + " ".join(["python benchmarks/ppo_vs_sb3.py"] + sys.argv[1:]) + "`",
         "",

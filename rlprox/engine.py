@@ -78,14 +78,17 @@ def lr_lambda(schedule: str, iterations: int) -> Callable[[int], float]:
     return lambda it: 1.0
 
 
-def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimizer, max_grad_norm: float) -> float | None:
+def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimizer, max_grad_norm: float, params: list | None = None) -> float | None:
     """The one place that does backward + grad clipping + optimizer step.
 
     Runs under ``accelerator.accumulate``: with N accumulation steps, N calls make one
     optimizer step on the mean gradient (accelerate divides the loss by N), and the
     prox (ProxOptimizer) runs only on that real step. Returns the pre-clip grad norm on
-    real steps, else None.
+    real steps, else None. ``params`` (all trainable parameters of ``modules``) may be
+    passed in to save walking the module tree on every step.
     """
+    if params is None:
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
     grad_norm = None
     if _direct_step_ok(accelerator):
         # No accumulation, no loss scaling, DDP or single process: accelerate's
@@ -93,8 +96,7 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
         # that dominates small-policy updates on CPU.
         loss.backward()
         if max_grad_norm > 0:
-            params = [p for m in modules for p in m.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm, foreach=True)
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.step()
         inner.zero_grad(set_to_none=True)
@@ -102,7 +104,7 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
     with accelerator.accumulate(*modules):
         accelerator.backward(loss)
         if accelerator.sync_gradients and max_grad_norm > 0:
-            params = [p for m in modules for p in m.parameters() if p.grad is not None]
+            params = [p for p in params if p.grad is not None]
             if _plain_clip_ok(accelerator):
                 # same result as accelerator.clip_grad_norm_ here, without its
                 # per-call sharding checks (~1 ms per step on small policies)
@@ -198,6 +200,7 @@ class Engine:
         """Epochs × minibatches of loss/backward/clip/step; returns mean stats."""
         algo, acc = self.algo, self.accelerator
         modules = list(algo.modules.values())
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
         epochs = getattr(algo, "update_epochs", 1)
         minibatches = getattr(algo, "minibatches", None)
         sums: dict[str, torch.Tensor | float] = {}
@@ -212,7 +215,7 @@ class Engine:
                         penalty = reg.loss_penalty()
                         if penalty is not None:
                             loss = loss + penalty
-                grad_norm = optimizer_step(acc, loss, modules, self.optimizer, self.recipe.optim.max_grad_norm)
+                grad_norm = optimizer_step(acc, loss, modules, self.optimizer, self.recipe.optim.max_grad_norm, params)
                 if acc.sync_gradients:
                     self.state.optimizer_steps += 1
                 stats = dict(stats)
