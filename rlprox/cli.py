@@ -106,6 +106,17 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_rewards(args) -> int:
+    from rlprox.rewards import list_rewards
+
+    found = list_rewards()
+    width = max((len(n) for n in found), default=0)
+    for name, description in found.items():
+        print(f"{name:<{width}}  {description}")
+    print("custom rewards: \"module:function\" with fn(images, prompts, metadata) -> Tensor[B]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlprox", description="Policy-optimization training on one accelerate engine: PPO on gymnasium, structured-sparse training (algo: sparse), and the offline digits model zoo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -128,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipes", help="list recipes with one-line descriptions", description="List the YAML recipes shipped in recipes/.")
     rec.add_argument("--root", default=None, help="recipes folder (default: the project's recipes/)")
     rec.set_defaults(func=cmd_recipes)
+
+    rew = sub.add_parser("rewards", help="list registered reward functions", description="List the registered reward functions (for the generative trainers).")
+    rew.set_defaults(func=cmd_rewards)
 
     from rlprox.zoo.cli import add_zoo_parser
 

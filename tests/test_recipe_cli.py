@@ -101,3 +101,16 @@ def test_error_is_recipe_error():
     with pytest.raises(RecipeError) as info:
         load_recipe({"algo": "ppo", "bogus": 1})
     assert str(info.value) == "recipe error: bogus: unknown key"
+
+
+def test_rewards_command(capsys):
+    assert main(["rewards"]) == 0
+    assert "digits_alignment" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["eval", "--help"], ["recipes", "--help"], ["zoo", "--help"], ["rewards", "--help"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 0
+    assert "usage: rlprox" in capsys.readouterr().out
