@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(BIN)/rlprox train recipes/ppo/cartpole.yaml run.name=demo
+	$(BIN)/rlprox train recipes/ppo/cartpole.yaml run.name=demo run.overwrite=true
 	$(BIN)/rlprox eval runs/demo --episodes 20
 
 test: setup

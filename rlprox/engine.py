@@ -149,6 +149,7 @@ class Engine:
         run = recipe.run
         torch.set_num_threads(run.torch_threads)
         self.run_dir = recipe.run_dir
+        _claim_run_dir(recipe)
         self.accelerator = Accelerator(
             mixed_precision=run.mixed_precision,
             gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -249,8 +250,6 @@ class Engine:
                 self.tracker.message(f"resumed from {path} (iteration {self.state.iteration})")
             elif acc.is_main_process:
                 self.tracker.message("run.resume=auto: no checkpoint found, starting fresh")
-        elif acc.is_main_process and (self.run_dir / "checkpoints").exists() and any((self.run_dir / "checkpoints").iterdir()):
-            self.tracker.message(f"note: {self.run_dir} already holds checkpoints; new ones are added beside them (use --resume to continue)")
         self.tracker.start(total=run.iterations, initial=self.state.iteration)
         stats: dict[str, float] = {}
         while self.state.iteration < run.iterations:
@@ -294,6 +293,28 @@ class Engine:
         if hasattr(self.algo, "close"):
             self.algo.close()
         self.accelerator.end_training()
+
+
+def _claim_run_dir(recipe: Recipe) -> None:
+    """A fresh run never mixes with (or prunes) an earlier run's files: starting one in
+    a folder that holds checkpoints is an error unless ``run.overwrite`` says to delete
+    them. Runs on every rank before any work; only rank 0 deletes."""
+    import os
+    import shutil
+
+    from rlprox.checkpoint import checkpoint_dir, list_checkpoints
+    from rlprox.recipe import RecipeError
+
+    run_dir = recipe.run_dir
+    if recipe.run.resume != "never" or not list_checkpoints(run_dir):
+        return
+    if not recipe.run.overwrite:
+        raise RecipeError("run.name", f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), start another with run.name=NEW, or replace it with run.overwrite=true")
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+        for name in ("metrics.jsonl", "learning_curve.png"):
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def _item(v) -> float:

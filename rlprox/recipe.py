@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import os
 import types
 import typing
@@ -44,6 +45,7 @@ class RunConfig:
     save_every: int = 0  # checkpoint every N iterations (0: only at the end)
     keep_last: int = 3  # keep the newest N checkpoints
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in the run folder) | path to a checkpoint
+    overwrite: bool = False  # start fresh in a run folder that already holds a run, deleting it (otherwise that is an error)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb, ...; [] for none
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for the loss, via accelerate
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
@@ -292,6 +294,12 @@ def validate(recipe: Recipe) -> None:
     _positive("run.torch_threads", run.torch_threads)
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
+    for tracker in run.log_with:
+        if tracker in ("wandb", "comet_ml", "mlflow", "clearml", "aim", "dvclive", "swanlab", "trackio"):
+            if importlib.util.find_spec(tracker) is None:
+                raise RecipeError("run.log_with", f"tracker {tracker!r} is not installed (pip install {tracker.replace('_', '-')})")
+        elif tracker not in ("tensorboard", "all"):
+            raise RecipeError("run.log_with", f"unknown tracker {tracker!r}; use tensorboard, wandb, comet_ml, mlflow, ...")
     optim = recipe.optim
     _positive("optim.lr", optim.lr)
     _positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)

@@ -114,3 +114,23 @@ def test_help(command, capsys):
         main(command)
     assert info.value.code == 0
     assert "usage: rlprox" in capsys.readouterr().out
+
+
+def test_existing_run_is_never_mixed_or_lost(tmp_path, tiny_recipe, capsys):
+    path = write(tmp_path, tiny_recipe(run={"iterations": 1}))
+    assert main(["train", path]) == 0
+    ckpt = tmp_path / "t" / "checkpoints" / "iter-000001" / "model.safetensors"
+    saved = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(["train", path]) == 2  # a second fresh run in the same folder
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipe error: run.name: ") and "--resume" in err and "\n" not in err
+    assert ckpt.read_bytes() == saved
+    assert main(["train", path, "run.overwrite=true", "seed=9"]) == 0
+    assert ckpt.read_bytes() != saved
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_unknown_tracker(tiny_recipe, capsys, tmp_path):
+    assert main(["train", write(tmp_path, tiny_recipe()), "run.log_with=[tensorbored]"]) == 2
+    assert "run.log_with: unknown tracker 'tensorbored'" in capsys.readouterr().err
