@@ -119,7 +119,7 @@ def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], lw=1.5)
+    ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], lw=1.5, label="training")
     eval_key = y_key.replace("reward/episodic_", "eval/") if y_key.startswith("reward/episodic_") else None
     eval_rows = [r for r in read_metrics(metrics_path) if eval_key and eval_key in r and x_key in r]
     if eval_rows:

@@ -28,10 +28,8 @@ def free_port() -> int:
 def launch(tmp_path, recipe: dict, *overrides):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    # accelerate's own MULTI_CPU launcher needs MPI; torchrun gives 2 gloo processes
-    # that accelerate.Accelerator picks up unchanged.
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    cmd = [accelerate, "launch", "--config_file", f"{ROOT}/recipes/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
            f"{ROOT}/tests/dist_update.py", str(tmp_path), str(path), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
