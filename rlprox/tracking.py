@@ -45,7 +45,9 @@ class Tracker:
             self.accelerator.init_trackers(self.recipe.run.name, config=config)
             self._trackers_started = True
         if self.main and self.recipe.run.progress:
-            self.bar = tqdm(total=total, initial=initial, desc=self.recipe.run.name, unit="it", file=sys.stderr, dynamic_ncols=True, leave=True)
+            # redirected to a file (CI, nohup): a line every 30 s instead of a redraw per iteration
+            interval = 0.1 if sys.stderr.isatty() else 30.0
+            self.bar = tqdm(total=total, initial=initial, desc=self.recipe.run.name, unit="it", file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=interval)
 
     def truncate(self, iteration: int) -> None:
         """After a resume: drop lines a killed run logged past its last checkpoint,

@@ -311,7 +311,10 @@ class PPO:
     @torch.no_grad()
     def model_stats(self) -> dict:
         """Neuron sparsity of the actor's hidden layers: a neuron whose incoming weight
-        row is exactly zero outputs a constant and can be folded into the next layer."""
+        row is exactly zero outputs a constant and can be folded into the next layer.
+        Reported for recipes with regularizers."""
+        if not self.recipe.regularizers:
+            return {}
         hidden = [m for m in self._unwrapped().actor if isinstance(m, torch.nn.Linear)][:-1]
         zero = [int(m.weight.abs().sum(1).eq(0).sum()) for m in hidden]
         total = [m.out_features for m in hidden]
