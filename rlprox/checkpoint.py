@@ -148,6 +148,25 @@ def save(engine) -> Path:
     return final
 
 
+def set_aside_newer(run_dir: Path, iteration: int) -> list[Path]:
+    """After resuming from an older checkpoint, move the newer ones (an abandoned
+    branch) to ``checkpoints/abandoned-<iteration>/`` so neither pruning nor a later
+    ``--resume`` picks them up; nothing is deleted."""
+    newer = [p for p in list_checkpoints(run_dir) if int(p.name[len(PREFIX) :]) > iteration]
+    if not newer:
+        return []
+    target = checkpoint_dir(run_dir) / f"abandoned-from-{iteration:06d}"
+    target.mkdir(exist_ok=True)
+    moved = []
+    for p in newer:
+        dest = target / p.name
+        if dest.exists():
+            shutil.rmtree(dest)
+        p.rename(dest)
+        moved.append(dest)
+    return moved
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -186,7 +205,8 @@ def read_recipe(path: Path, overrides: list[str] | None = None):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint folder")
-    return load_recipe(_require(path / "recipe.yaml"), overrides)
+    # the stored recipe may say how that run was resumed (a path that may be gone)
+    return load_recipe(_require(path / "recipe.yaml"), ["run.resume=never", "run.overwrite=false", *(overrides or [])])
 
 
 def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:

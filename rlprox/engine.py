@@ -127,6 +127,36 @@ def _plain_clip_ok(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in plain and getattr(accelerator, "scaler", None) is None
 
 
+class StatSums:
+    """Running sums of per-minibatch stats. Tensors stay on the device (no host sync
+    per minibatch); ``means`` divides each key by its own count (a key such as the grad
+    norm may appear only on real optimizer steps) and averages over processes."""
+
+    def __init__(self):
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            v = v.detach().float().reshape(()) if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def merge(self, other: "StatSums") -> None:
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + other.counts[k]
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=accelerator.device).reshape(()) / self.counts[k] for k in keys])
+        if accelerator.num_processes > 1:
+            vec = accelerator.reduce(vec, reduction="mean")
+        return dict(zip(keys, vec.tolist()))
+
+
 @dataclass
 class TrainState:
     """Counters saved with every checkpoint."""
@@ -192,23 +222,29 @@ class Engine:
             return optimizer
         from rlprox.prox.attach import attach_regularizers
 
+        from accelerate.utils import DistributedType
+
+        from rlprox.recipe import RecipeError
+
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise RecipeError("regularizers", f"not supported with {self.accelerator.distributed_type.value} yet (the prox needs whole, unsharded parameters); use DDP")
         named = {f"{name}.{pname}": p for name, m in self.algo.modules.items() for pname, p in m.named_parameters()}
         optimizer, self.regularizers = attach_regularizers(optimizer, named, self.recipe.regularizers)
         return optimizer
 
     # ------------------------------------------------------------------ the loop
     def update(self, batch) -> dict[str, float]:
-        """Epochs × minibatches of loss/backward/clip/step; returns mean stats."""
+        """Epochs × minibatches of loss/backward/clip/step; returns mean stats, averaged
+        over minibatches and over processes (so every rank decides early stops alike)."""
         algo, acc = self.algo, self.accelerator
         modules = list(algo.modules.values())
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         epochs = getattr(algo, "update_epochs", 1)
         minibatches = getattr(algo, "minibatches", None)
-        sums: dict[str, torch.Tensor | float] = {}
-        count = 0
+        early_stop = getattr(algo, "early_stop", None)
+        total = StatSums()
         for epoch in range(epochs):
-            epoch_sums: dict[str, Any] = {}
-            epoch_count = 0
+            epoch_stats = StatSums()
             for mb in minibatches(batch, epoch) if minibatches else [batch]:
                 with acc.autocast() if self.recipe.run.mixed_precision != "no" else contextlib.nullcontext():
                     loss, stats = algo.loss(mb)
@@ -223,17 +259,11 @@ class Engine:
                 stats["loss/total"] = loss.detach()
                 if grad_norm is not None:
                     stats["loss/grad_norm"] = grad_norm
-                for k, v in stats.items():  # tensors stay on device: no sync per minibatch
-                    v = v.detach() if torch.is_tensor(v) else v
-                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
-                epoch_count += 1
-            for k, v in epoch_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += epoch_count
-            early_stop = getattr(algo, "early_stop", None)
-            if early_stop is not None and early_stop({k: _item(v) / epoch_count for k, v in epoch_sums.items()}):
+                epoch_stats.add(stats)
+            total.merge(epoch_stats)
+            if early_stop is not None and early_stop(epoch_stats.means(acc)):
                 break
-        out = {k: _item(v) / max(count, 1) for k, v in sums.items()}
+        out = total.means(acc)
         out["loss/epochs"] = epoch + 1
         return out
 
@@ -247,8 +277,13 @@ class Engine:
             if path is not None:
                 checkpoint.load(self, path)
                 self.tracker.truncate(self.state.iteration)
+                if acc.is_main_process:
+                    moved = checkpoint.set_aside_newer(self.run_dir, self.state.iteration)
+                    if moved:
+                        self.tracker.message(f"moved {len(moved)} newer checkpoint(s) to {moved[0].parent}")
                 self.tracker.message(f"resumed from {path} (iteration {self.state.iteration})")
-            elif acc.is_main_process:
+            else:
+                self.tracker.truncate(0)  # a run killed before its first checkpoint
                 self.tracker.message("run.resume=auto: no checkpoint found, starting fresh")
         self.tracker.start(total=run.iterations, initial=self.state.iteration)
         stats: dict[str, float] = {}
@@ -306,7 +341,8 @@ def _claim_run_dir(recipe: Recipe) -> None:
     from rlprox.recipe import RecipeError
 
     run_dir = recipe.run_dir
-    if recipe.run.resume != "never" or not list_checkpoints(run_dir):
+    holds_run = bool(list_checkpoints(run_dir)) or (run_dir / "metrics.jsonl").exists() or (run_dir / "logs").exists()
+    if recipe.run.resume != "never" or not holds_run:
         return
     if not recipe.run.overwrite:
         raise RecipeError("run.name", f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), start another with run.name=NEW, or replace it with run.overwrite=true")
@@ -341,7 +377,7 @@ def set_rng_state(json_state: dict, tensors: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
 

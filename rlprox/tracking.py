@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 # progress-bar label -> stat key, shown when the algorithm logs it
@@ -54,11 +55,19 @@ class Tracker:
         so metrics.jsonl reads as if the run had never stopped."""
         if not self.main or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line).get("progress/iteration", 0) <= iteration]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if row.get("progress/iteration", 0) <= iteration:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, stats: dict, step: int) -> None:
-        clean = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        # non-finite values are kept (a diverged loss must show, not vanish)
+        clean = {k: float(v) for k, v in stats.items() if _is_scalar(v)}
         if self.recipe.run.log_with:
             self.accelerator.log(clean, step=step)
         if not self.main:
@@ -84,7 +93,17 @@ class Tracker:
                 self.curve_path = out
 
 
+def _is_scalar(v) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float, np.generic)):
+        return True
+    return hasattr(v, "numel") and v.numel() == 1
+
+
 def _short(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
     if abs(v) >= 1000:
         return f"{v / 1000:.1f}k"
     return f"{v:.3g}"
@@ -112,7 +131,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str = "") -> bool:
     """Plot ``y_key`` against ``x_key`` from metrics.jsonl; False when there is no data."""
-    rows = [r for r in read_metrics(metrics_path) if x_key in r and y_key in r]
+    rows = [r for r in read_metrics(metrics_path) if x_key in r and y_key in r and math.isfinite(r[y_key])]
     if not rows:
         return False
     import matplotlib

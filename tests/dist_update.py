@@ -5,6 +5,7 @@ the test can check that both ranks agree and equal a 1-process update on the
 concatenated batch. Also used with a regularizer to check masks stay identical.
 """
 
+import json
 import sys
 
 import torch
@@ -19,7 +20,9 @@ engine = Engine(load_recipe(recipe_path, overrides))
 algo, acc = engine.algo, engine.accelerator
 with torch.no_grad():
     packed = algo.advantages(algo.collect())
-engine.update(packed)
+stats = engine.update(packed)
+with open(f"{out_dir}/stats{acc.process_index}.json", "w") as f:
+    json.dump(stats, f)
 policy = acc.unwrap_model(algo.modules["policy"])
 tensors = {f"param.{k}": v for k, v in policy.state_dict().items()}
 tensors["packed"] = packed

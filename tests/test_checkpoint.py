@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -140,3 +141,53 @@ def test_checkpoint_loading_never_unpickles(tmp_path, tiny_recipe):
     torch.save({"state": {}, "param_groups": [], "x": Evil()}, ckpt / "optimizer.pt")
     with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt"):
         checkpoint.read_torch(ckpt / "optimizer.pt")
+
+
+def test_resume_after_kill_mid_metrics_line(tmp_path, tiny_recipe):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2, "save_every": 1}))
+    Engine(recipe).fit()
+    with open(recipe.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"progress/iteration": 3, "loss/to')  # the kill landed mid-write
+    engine = Engine(load_recipe(tiny_recipe(run={"iterations": 3, "resume": "auto"})))
+    engine.fit()
+    rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
+    assert [r["progress/iteration"] for r in rows] == [1, 2, 3]
+
+
+def test_fresh_run_after_a_run_killed_before_its_first_checkpoint(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2}))
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "metrics.jsonl").write_text('{"progress/iteration": 1}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
+    assert main(["train", str(path)]) == 2  # a fresh run does not append to it
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(path), "--resume"]) == 0  # resume=auto, nothing to resume: starts clean
+    rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
+    assert [r["progress/iteration"] for r in rows] == [1, 2]
+
+
+def test_resume_from_older_path_sets_newer_aside_and_eval_still_works(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 4, "save_every": 1, "keep_last": 10}))
+    Engine(recipe).fit()
+    old = tmp_path / "saved-2"
+    import shutil
+
+    shutil.copytree(recipe.run_dir / "checkpoints" / "iter-000002", old)
+    engine = Engine(load_recipe(tiny_recipe(run={"iterations": 3, "save_every": 1, "keep_last": 10, "resume": str(old)})))
+    engine.fit()
+    names = [p.name for p in checkpoint.list_checkpoints(recipe.run_dir)]
+    assert names == ["iter-000001", "iter-000002", "iter-000003"]
+    assert (recipe.run_dir / "checkpoints" / "abandoned-from-000002" / "iter-000004").is_dir()
+    shutil.rmtree(old)  # the path the stored recipe was resumed from is gone
+    assert main(["eval", str(recipe.run_dir), "--episodes", "1"]) == 0
+
+
+def test_non_finite_values_are_logged(tmp_path, tiny_recipe):
+    from rlprox.tracking import read_metrics
+
+    engine = Engine(load_recipe(tiny_recipe(run={"iterations": 1})))
+    engine.tracker.log({"loss/x": float("nan"), "perf/y": np.float32(2.0), "t": torch.tensor(3.0)}, step=7)
+    row = read_metrics(engine.tracker.metrics_path)[-1]
+    assert np.isnan(row["loss/x"]) and row["perf/y"] == 2.0 and row["t"] == 3.0
+    engine.close()

@@ -88,3 +88,18 @@ def test_two_processes_with_regularizer_keep_identical_parameters_and_masks(tmp_
         zero_rows = r0[k].abs().sum(1).eq(0)
         assert zero_rows.sum() == 64 - 8  # exactly k groups kept ...
         assert torch.equal(zero_rows, r1[k].abs().sum(1).eq(0))  # ... the same ones on both ranks
+
+
+def test_two_processes_stop_epochs_together_on_target_kl(tmp_path, tiny_recipe):
+    # a tiny target KL: the early stop must be decided on the all-reduced KL, or one
+    # rank stops while the other waits in the next all-reduce forever
+    import json
+
+    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 8, "update_epochs": 8, "target_kl": 1e-4})
+    (r0, r1), _ = launch(tmp_path, recipe)
+    for k in r0:
+        if k.startswith("param."):
+            assert torch.equal(r0[k], r1[k]), k
+    s0, s1 = (json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(2))
+    assert s0 == s1  # update stats (the KL the stop is decided on) are global means
+    assert s0["loss/epochs"] < 8

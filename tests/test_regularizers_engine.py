@@ -55,12 +55,27 @@ def test_bad_regularizer_specs_one_line(tmp_path, tiny_recipe, capsys, regs, mes
     assert "\n" not in err and err.startswith("recipe error: ") and message in err, err
 
 
-def test_regularizer_state_survives_checkpoint(tiny_recipe):
-    regs = [{"type": "wgsef", "params": "policy.actor.0.weight", "k": 4, "lam": 0.1, "exact_k": True}]
-    recipe = load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 2, "save_every": 1}))
-    Engine(recipe).fit()
-    resumed = Engine(load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 3, "resume": "auto"})))
+def test_regularized_resume_equals_uninterrupted(tmp_path, tiny_recipe):
+    regs = [{"type": "wgsef", "params": "policy.actor.[02].weight", "k": 16, "lam": 0.3},
+            {"type": "l1", "params": "policy.critic.0.weight", "mode": "penalty", "schedule": {"type": "linear", "start": 0.0, "end": 0.01, "steps": 4}}]
+    full = Engine(load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 4, "name": "full"})))
+    full.fit()
+    Engine(load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 2, "name": "cut", "save_every": 1}))).fit()
+    resumed = Engine(load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 4, "name": "cut", "resume": "auto"})))
     resumed.fit()
-    assert int((resumed.algo.policy.actor[0].weight.abs().sum(1) > 0).sum()) == 4
+    for a, b in zip(full.algo.policy.parameters(), resumed.algo.policy.parameters()):
+        assert torch.equal(a, b)
     with pytest.raises(RecipeError):
         load_recipe(with_regs(tiny_recipe, [{"params": "x"}]))
+
+
+def test_yaml_number_strings_and_bad_shapes(tmp_path, tiny_recipe, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("regularizers:\n  - {type: wgsef, params: 'policy.actor.0.weight', k: 8, lam: 1e-3}\n" + yaml.safe_dump(tiny_recipe(run={"iterations": 1})))
+    assert main(["train", str(path)]) == 0  # `1e-3` reads as a string in YAML 1.1
+    path.write_text(yaml.safe_dump(with_regs(tiny_recipe, [{"type": "group_l2", "params": "policy.actor.0.weight", "lam": 1.0, "weights": [1.0, 2.0, 3.0]}], run={"name": "w"})))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipe error: regularizers[0]: cannot apply to policy.actor.0.weight (64, 4): ") and "3 weights for 64 groups" in err, err

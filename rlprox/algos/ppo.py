@@ -240,12 +240,13 @@ class PPO:
         update equals a 1-process update on the concatenated minibatch."""
         if self.world == 1:
             return None, None
-        s = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).detach()
+        x64 = x.detach().double()  # sum-of-squares in float64: no drift from x.std()
+        s = torch.stack([x64.sum(), (x64 * x64).sum(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
         s = self.accelerator.reduce(s, reduction="sum")
         n = s[2]
         mean = s[0] / n
         var = (s[1] - n * mean * mean) / (n - 1)
-        return mean, var.clamp_min(0).sqrt()
+        return mean.to(x.dtype), var.clamp_min(0).sqrt().to(x.dtype)
 
     def early_stop(self, epoch_stats: dict) -> bool:
         return self.cfg.target_kl > 0 and epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl

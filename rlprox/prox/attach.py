@@ -28,6 +28,21 @@ from rlprox.prox.schedules import build_schedule
 ENGINE_KEYS = ("params", "mode", "schedule")
 
 
+def _numbers(spec: dict) -> dict:
+    """PyYAML reads ``1e-3`` as a string; read number-like strings as floats."""
+    out = {}
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            v = _numbers(v)
+        elif isinstance(v, str) and k not in ("type", "params", "mode"):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
 def parse_spec(spec: dict, index: int):
     """Build (regularizer, schedule, mode) from one recipe entry; RecipeError on bad input."""
     from rlprox.recipe import RecipeError
@@ -35,6 +50,7 @@ def parse_spec(spec: dict, index: int):
     key = f"regularizers[{index}]"
     if not isinstance(spec, dict) or "type" not in spec:
         raise RecipeError(key, "expected a mapping with a 'type' key")
+    spec = _numbers(spec)
     if not isinstance(spec.get("params"), str) or not spec["params"]:
         raise RecipeError(f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'")
     mode = spec.get("mode", "prox")
@@ -46,11 +62,12 @@ def parse_spec(spec: dict, index: int):
             raise RecipeError(f"{key}.lam", "give either lam or schedule (the schedule sets λ), not both")
         try:
             schedule = build_schedule(spec["schedule"])
-        except ValueError as err:
+            schedule(0)
+        except (ValueError, TypeError) as err:
             raise RecipeError(f"{key}.schedule", str(err)) from None
     try:
         reg = build_regularizer({k: v for k, v in spec.items() if k not in ENGINE_KEYS})
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise RecipeError(key, str(err)) from None
     if schedule is not None:
         reg.lam = float(schedule(0))
@@ -93,6 +110,7 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
     claimed: dict[str, int] = {}
     for i, spec in enumerate(specs):
         reg, schedule, mode = parse_spec(spec, i)
+        spec = _numbers(spec)
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
         if not names:
             shown = ", ".join(list(named_params)[:12])
@@ -102,6 +120,13 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
                 raise RecipeError(f"regularizers[{i}].params", f"{n} already has a prox regularizer (regularizers[{claimed[n]}]); combine them into one")
             if mode == "prox":
                 claimed[n] = i
+        for n in names:  # a dry run on each parameter: shape problems fail now, not mid-training
+            try:
+                with torch.no_grad():
+                    reg.penalty(named_params[n].detach().clone())
+                    reg.prox(named_params[n].detach().clone(), 0.0)
+            except (ValueError, TypeError, RuntimeError, IndexError) as err:
+                raise RecipeError(f"regularizers[{i}]", f"cannot apply to {n} {tuple(named_params[n].shape)}: {str(err).splitlines()[0]}") from None
         entry = AttachedRegularizer(i, spec, reg, schedule, mode, {n: named_params[n] for n in names})
         attached.append(entry)
         if mode == "prox":

@@ -125,10 +125,21 @@ class GroupL2(Regularizer):
 
     def __init__(self, lam: float = 0.0, weights=None):
         super().__init__(lam)
+        if weights is not None:
+            try:
+                weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"regularizer 'group_l2': field 'weights' must be a number or a list of numbers (got {weights!r})") from None
+            if (weights < 0).any():
+                raise ValueError("regularizer 'group_l2': field 'weights' must be >= 0")
         self.weights = weights
 
     def _w(self, x):
-        return x.shape[1] ** 0.5 if self.weights is None else self.weights
+        if self.weights is None:
+            return x.shape[1] ** 0.5
+        if self.weights.numel() not in (1, x.shape[0]):
+            raise ValueError(f"regularizer 'group_l2': {self.weights.numel()} weights for {x.shape[0]} groups")
+        return self.weights.to(device=x.device, dtype=x.dtype)
 
     def value(self, x):
         w = self._w(x)
