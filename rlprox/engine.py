@@ -128,30 +128,30 @@ def _plain_clip_ok(accelerator: Accelerator) -> bool:
 
 
 class StatSums:
-    """Running sums of per-minibatch stats. Tensors stay on the device (no host sync
-    per minibatch); ``means`` divides each key by its own count (a key such as the grad
-    norm may appear only on real optimizer steps) and averages over processes."""
+    """Per-minibatch stats, kept as lists of device tensors (no host sync and no
+    arithmetic per minibatch); ``means`` averages each key over its own count (a key
+    such as the grad norm may appear only on real optimizer steps) and over processes,
+    with one device-to-host copy."""
 
     def __init__(self):
-        self.sums: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
+        self.values: dict[str, list] = {}
 
     def add(self, stats: dict) -> None:
         for k, v in stats.items():
-            v = v.detach().float().reshape(()) if torch.is_tensor(v) else float(v)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
+            if torch.is_tensor(v):
+                v = v.detach()
+            self.values.setdefault(k, []).append(v)
 
     def merge(self, other: "StatSums") -> None:
-        for k, v in other.sums.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + other.counts[k]
+        for k, v in other.values.items():
+            self.values.setdefault(k, []).extend(v)
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
-        if not self.sums:
+        if not self.values:
             return {}
-        keys = sorted(self.sums)
-        vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=accelerator.device).reshape(()) / self.counts[k] for k in keys])
+        keys = sorted(self.values)
+        device = accelerator.device
+        vec = torch.stack([torch.stack([torch.as_tensor(x, device=device).float().reshape(()) for x in self.values[k]]).mean() for k in keys])
         if accelerator.num_processes > 1:
             vec = accelerator.reduce(vec, reduction="mean")
         return dict(zip(keys, vec.tolist()))

@@ -54,10 +54,11 @@ def gae_torch(rewards, values, next_values, terminated, done, gamma: float, lam:
 def normalize(x: torch.Tensor, eps: float = 1e-8, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
     """(x − mean) / (std + eps); statistics of x itself unless given (e.g. global ones
     all-reduced across ranks so every rank normalises a minibatch identically)."""
-    if mean is None:
-        mean = x.mean()
-    if std is None:
-        std = x.std()
+    if mean is None and std is None:
+        std, mean = torch.std_mean(x)
+    elif mean is None or std is None:
+        mean = x.mean() if mean is None else mean
+        std = x.std() if std is None else std
     return (x - mean) / (std + eps)
 
 
