@@ -33,6 +33,9 @@ def launch(tmp_path, recipe: dict, *overrides):
            f"{ROOT}/tests/dist_update.py", str(tmp_path), str(path), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "address already in use" in (out.stdout + out.stderr).lower():
+        cmd[cmd.index("--main_process_port") + 1] = str(free_port())  # lost a port race: once more
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)], path
 
@@ -40,7 +43,9 @@ def launch(tmp_path, recipe: dict, *overrides):
 def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_recipe):
     # one minibatch per epoch (the whole local batch) and 2 epochs: the 1-process
     # minibatch is then exactly the union of the two ranks' minibatches
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, env={"normalize_obs": True})
+    # SGD: Adam's m/√v turns float-summation-order differences in near-zero gradient
+    # components into ±lr steps, which would hide a real mismatch behind the tolerance
+    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, env={"normalize_obs": True}, optim={"name": "sgd", "lr": 0.05})
     ranks, path = launch(tmp_path, recipe)
     r0, r1 = ranks
     assert not torch.equal(r0["packed"], r1["packed"])  # each rank stepped its own envs
@@ -55,7 +60,7 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_re
     after = engine.algo.policy.state_dict()
     for k in after:
         assert not torch.equal(before[k], after[k]) or "log_std" in k
-        torch.testing.assert_close(after[k], r0[f"param.{k}"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(after[k], r0[f"param.{k}"], rtol=1e-5, atol=1e-6)
     engine.close()
 
 
