@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import gymnasium as gym
@@ -79,7 +81,9 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
 
             # the passive checker only inspects the first step but stays in the call
             # chain of every step; recipes are validated elsewhere
-            env = gym.make(cfg.id, max_episode_steps=cfg.max_episode_steps or None, disable_env_checker=True, **kwargs)
+            # OrderEnforcing guards against step-before-reset, which the vector env never does
+            spec = dataclasses.replace(gym.spec(cfg.id), order_enforce=False)
+            env = gym.make(spec, max_episode_steps=cfg.max_episode_steps or None, disable_env_checker=True, **kwargs)
         for i, spec in enumerate(cfg.wrappers):
             env = resolve_object(spec, f"env.wrappers[{i}]")(env)
         return EpisodeReplay(env, index)

@@ -101,6 +101,7 @@ class NumpyPolicy:
         self.actor, self.critic, self.act_fn = actor, critic, act_fn
         self.discrete, self.log_std = discrete, log_std
         self.action_dim = actor[-1][0].shape[1]
+        self._rows = np.arange(0)
         self.fused = fuse(actor, critic) if len(actor) == len(critic) else None
 
     def _mlp(self, layers, x):
@@ -115,21 +116,25 @@ class NumpyPolicy:
 
     def act(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
         """(action, log π(a|s), V(s)) for a batch of observations."""
+        if len(self._rows) != len(obs):
+            self._rows = np.arange(len(obs))
         if self.fused is not None:
             both = self._mlp(self.fused, obs)
             out, value = both[:, : self.action_dim], both[:, self.action_dim]
         else:
             out, value = self._mlp(self.actor, obs), self.value(obs)
         if self.discrete:
-            logits = out - out.max(-1, keepdims=True)
-            logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            shifted = out - out.max(-1, keepdims=True)
+            unnorm = np.exp(shifted)
+            cdf = np.cumsum(unnorm, -1)  # cdf[:, -1] = Σ exp
             if deterministic:
-                action = logp_all.argmax(-1)
+                action = shifted.argmax(-1)
             else:  # inverse-CDF sampling of the categorical
-                cdf = np.cumsum(np.exp(logp_all), -1)
-                u = rng.random(len(obs))[:, None] * cdf[:, -1:]
-                action = np.minimum((cdf < u).sum(-1), out.shape[-1] - 1)
-            logp = np.take_along_axis(logp_all, action[:, None], -1)[:, 0]
+                u = rng.random(len(obs)) * cdf[:, -1]
+                action = (cdf < u[:, None]).sum(-1)
+                np.minimum(action, out.shape[-1] - 1, out=action)  # u at the float edge
+            rows = self._rows if len(obs) == len(self._rows) else np.arange(len(obs))
+            logp = shifted[rows, action] - np.log(cdf[:, -1])
         else:
             std = np.exp(self.log_std)
             action = out if deterministic else out + std * rng.standard_normal(out.shape).astype(np.float32)
