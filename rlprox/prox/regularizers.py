@@ -19,6 +19,7 @@ as ``"module:Class"``.
 
 from __future__ import annotations
 
+import abc
 import difflib
 import importlib
 import inspect
@@ -61,7 +62,7 @@ def _rows(param: torch.Tensor) -> torch.Tensor:
     return param.view(param.shape[0], -1) if param.dim() > 0 else param.view(1, 1)
 
 
-class Regularizer:
+class Regularizer(abc.ABC):
     """Base class. Subclasses implement ``value(x)`` (R without λ) and
     ``_prox(x, t)`` (prox of t·R on the raw tensor); ``grouped`` selects the row view."""
 
@@ -75,11 +76,13 @@ class Regularizer:
     def _view(self, param: torch.Tensor) -> torch.Tensor:
         return _rows(param) if self.grouped else param
 
+    @abc.abstractmethod
     def value(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """R(x) without λ, on the (row-grouped) view."""
 
+    @abc.abstractmethod
     def _prox(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        raise NotImplementedError
+        """prox of t·R on the (row-grouped) view."""
 
     def penalty(self, param: torch.Tensor) -> torch.Tensor:
         """λ·R(param)."""
