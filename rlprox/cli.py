@@ -167,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, CheckpointError) as err:
         print(str(err), file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as err:
+        extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: this needs the optional package {err.name.split('.')[0]!r}: pip install 'rlprox[{extra}]'", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        if type(err).__name__ != "DependencyNotInstalled":  # gymnasium: e.g. MuJoCo envs without mujoco
+            raise
+        print(f"error: {str(err).splitlines()[0]} (pip install 'rlprox[mujoco]' for MuJoCo envs)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
