@@ -134,3 +134,13 @@ def test_existing_run_is_never_mixed_or_lost(tmp_path, tiny_recipe, capsys):
 def test_unknown_tracker(tiny_recipe, capsys, tmp_path):
     assert main(["train", write(tmp_path, tiny_recipe()), "run.log_with=[tensorbored]"]) == 2
     assert "run.log_with: unknown tracker 'tensorbored'" in capsys.readouterr().err
+
+
+def test_missing_optional_package_is_one_line(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if rlprox[zoo] were not installed
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
+    assert main(["zoo", "build", "digits-sd", "--micro"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: this needs the optional package 'diffusers': pip install 'rlprox[zoo]'"
