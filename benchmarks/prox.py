@@ -125,14 +125,19 @@ def fista_direct(X, y, alpha, f_target, max_iter=20_000):
         f = 0.5 / n * float(torch.dot(Xx_new - y, Xx_new - y)) + alpha * float(x_new.abs().sum())
         if f <= f_target:
             return time.perf_counter() - t_start, it + 1
-        if float(torch.dot(yk - x_new, x_new - x)) > 0:  # restart: momentum points uphill
-            t_k = 1.0
-        t_next = 0.5 * (1 + (1 + 4 * t_k * t_k) ** 0.5)
-        beta = (t_k - 1) / t_next
-        yk = x_new + beta * (x_new - x)
-        Xy = (1 + beta) * Xx_new - beta * Xx
-        x, Xx, t_k = x_new, Xx_new, t_next
+        yk, Xy, t_k = _momentum(yk, x, x_new, Xx, Xx_new, t_k)
+        x, Xx = x_new, Xx_new
     return float("nan"), max_iter
+
+
+def _momentum(yk, x, x_new, Xx, Xx_new, t_k):
+    """FISTA extrapolation with gradient-mapping restart (momentum reset when it points
+    uphill); returns the next extrapolated point, its image under X, and t_{k+1}."""
+    if float(torch.dot(yk - x_new, x_new - x)) > 0:
+        t_k = 1.0
+    t_next = 0.5 * (1 + (1 + 4 * t_k * t_k) ** 0.5)
+    beta = (t_k - 1) / t_next
+    return x_new + beta * (x_new - x), (1 + beta) * Xx_new - beta * Xx, t_next
 
 
 def _power_L(X, iters):
@@ -170,13 +175,8 @@ def fista_working_set(X, y, alpha, f_target, max_outer=30):
             f = 0.5 / n * float(torch.dot(Xx_new - y, Xx_new - y)) + alpha * float(x_new.abs().sum())
             if f <= f_target:
                 return time.perf_counter() - t_start, len(ws)
-            if float(torch.dot(yk - x_new, x_new - x)) > 0:
-                t_k = 1.0
-            t_next = 0.5 * (1 + (1 + 4 * t_k * t_k) ** 0.5)
-            beta = (t_k - 1) / t_next
-            yk = x_new + beta * (x_new - x)
-            Xy = (1 + beta) * Xx_new - beta * Xx
-            x, Xx, t_k = x_new, Xx_new, t_next
+            yk, Xy, t_k = _momentum(yk, x, x_new, Xx, Xx_new, t_k)
+            x, Xx = x_new, Xx_new
             if abs(f_prev - f) <= 1e-15 * f:
                 break
             f_prev = f
