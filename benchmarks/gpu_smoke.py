@@ -55,7 +55,7 @@ def run_one(precision: str, iterations: int, on_cpu: bool, out_dir: str) -> dict
         "run.log_with=[]",
         "run.progress=false",
         "run.plot=false",
-        "run.eval_episodes=0",
+        "run.eval_size=0",
         "run.save_every=0",
         "run.torch_threads=1",
         f"run.cpu={'true' if on_cpu else 'false'}",

@@ -38,7 +38,7 @@ RUNS = [
 def run_one(recipe: str, seed: int, extra: list[str], out: str) -> dict:
     from rlprox.cli import main
 
-    args = ["train", str(ROOT / recipe), f"seed={seed}", f"run.output_dir={out}", "run.name=r", "run.log_with=[]", "run.progress=false", "run.eval_episodes=0", *extra]
+    args = ["train", str(ROOT / recipe), f"seed={seed}", f"run.output_dir={out}", "run.name=r", "run.log_with=[]", "run.progress=false", "run.eval_size=0", *extra]
     start = time.perf_counter()
     assert main(args) == 0, args
     train_s = time.perf_counter() - start

@@ -48,12 +48,12 @@ TASKS = {
     "cartpole": dict(
         env_id="CartPole-v1", num_envs=8, num_steps=128, minibatch_size=256, update_epochs=4,
         lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip=0.2, ent_coef=0.01, vf_coef=0.5,
-        max_grad_norm=0.5, normalize=False, iterations=48, last_k=5, eval_episodes=20,
+        max_grad_norm=0.5, normalize=False, iterations=48, last_k=5, eval_size=20,
     ),
     "hopper": dict(
         env_id="Hopper-v5", num_envs=1, num_steps=2048, minibatch_size=64, update_epochs=10,
         lr=3e-4, gamma=0.99, gae_lambda=0.95, clip=0.2, ent_coef=0.0, vf_coef=0.5,
-        max_grad_norm=0.5, normalize=True, iterations=3, last_k=1, eval_episodes=5,
+        max_grad_norm=0.5, normalize=True, iterations=3, last_k=1, eval_size=5,
     ),
 }
 
@@ -96,7 +96,7 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         recipe = load_recipe({
             "algo": "ppo", "seed": seed,
             "run": {"name": "bench", "output_dir": out, "iterations": iterations, "log_with": [],
-                    "progress": False, "plot": False, "eval_episodes": 0, "save_every": 0, "torch_threads": 1},
+                    "progress": False, "plot": False, "eval_size": 0, "save_every": 0, "torch_threads": 1},
             "env": env,
             "ppo": {"num_steps": task["num_steps"], "minibatch_size": task["minibatch_size"],
                     "update_epochs": task["update_epochs"], "gamma": task["gamma"], "gae_lambda": task["gae_lambda"],
@@ -124,7 +124,7 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         train_return = tot / n if n else float("nan")
         eval_return = None
         if do_eval:
-            eval_return = float(engine.algo.evaluate(task["eval_episodes"])["eval/return"])
+            eval_return = float(engine.algo.evaluate(task["eval_size"])["eval/return"])
         engine.close()
         return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                     train_episodes=n, eval_return=eval_return)
@@ -183,7 +183,7 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
         if task["normalize"]:
             eval_env = VecNormalize(eval_env, training=False, norm_obs=True, norm_reward=False, clip_obs=10.0)
             eval_env.obs_rms = env.obs_rms
-        mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=task["eval_episodes"], deterministic=True)
+        mean, _ = evaluate_policy(model, eval_env, n_eval_size=task["eval_size"], deterministic=True)
         eval_return = float(mean)
     return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                 train_episodes=len(rets), eval_return=eval_return)

@@ -4,24 +4,32 @@ Layout of ``<run_dir>/checkpoints/iter-000010/``::
 
     recipe.yaml           the resolved recipe (``rlprox eval`` rebuilds from it)
     state.json            counters (iteration, optimizer steps, wall time)
-    model.safetensors     weights of every trained module, keys "<module>.<param>"
+    model.safetensors     trainable parameters and persistent buffers of every trained
+                          module, keys "<module>.<param>" (a LoRA run: the adapter only;
+                          frozen modules and frozen base weights are rebuilt from the
+                          recipe, never saved)
     optimizer.pt          optimizer state   (loaded with torch.load(weights_only=True))
     scheduler.pt          lr-schedule state (idem)
-    rank-<r>.json         per-process: RNG states, algorithm state (normalisers, env replay)
+    rank-<r>.json         per-process: RNG states (global and the engine's per-rank
+                          sampling streams), algorithm state (normalisers, env replay)
     rank-<r>.safetensors  per-process tensors of the same
 
 Writes go to ``iter-000010.tmp/`` and the folder is renamed when every file is in
 place, so a crash mid-save leaves only a ``.tmp`` folder, which is never loaded and is
-removed by the next save. Loading never unpickles arbitrary objects.
+removed by the next save. Old checkpoints are pruned the same way round: renamed to
+``iter-000010.del.tmp`` first, then deleted, so a folder named like a checkpoint is
+always complete. Loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -84,14 +92,81 @@ def _torch_save(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def module_weights(engine) -> dict[str, torch.Tensor]:
-    unwrap = engine.accelerator.unwrap_model
-    return {f"{name}.{k}": v for name, m in engine.algo.modules.items() for k, v in unwrap(m).state_dict().items()}
+def trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a trained module: its trainable parameters and its
+    persistent buffers. Frozen parameters inside it (a LoRA base model) are left out."""
+    state = module.state_dict()
+    params = dict(module.named_parameters(remove_duplicate=False))
+    return {k: v for k, v in state.items() if k not in params or params[k].requires_grad}
+
+
+def module_weights(modules: dict, unwrap=lambda m: m) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in trained_state(unwrap(m)).items()}
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Process-global RNG states (python, numpy legacy, torch CPU/CUDA) as JSON + tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_json(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return {"json": state, "tensors": tensors}
+
+
+def set_rng_state(json_state: dict, tensors: dict) -> None:
+    random.setstate(_from_json(json_state["python"]))
+    kind, keys, *rest = json_state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def _to_json(obj):
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(x) for x in obj]}
+    return obj
+
+
+def _from_json(obj):
+    if isinstance(obj, dict) and "__tuple__" in obj:
+        return tuple(_from_json(x) for x in obj["__tuple__"])
+    return obj
+
+
+def _runtime_state(runtime) -> tuple[dict, dict]:
+    """The engine's per-rank sampling streams."""
+    return {"generator": runtime.generator.get_state()}, {"np_rng": runtime.np_rng.bit_generator.state}
+
+
+def _load_runtime_state(runtime, tensors: dict, state: dict) -> None:
+    runtime.generator.set_state(tensors["generator"])
+    runtime.np_rng.bit_generator.state = state["np_rng"]
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder so that it never looks like a checkpoint while going: rename
+    it to ``<name>.del.tmp`` first (atomic), then remove that."""
+    trash = path.with_name(path.name + ".del.tmp")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save(engine) -> Path:
     """Checkpoint the engine at its current iteration; returns the final folder."""
-    from rlprox.engine import rng_state
     from rlprox.recipe import dump_recipe
 
     acc = engine.accelerator
@@ -105,15 +180,17 @@ def save(engine) -> Path:
         tmp.mkdir()
     acc.wait_for_everyone()
 
-    # per-process: RNG + algorithm state
+    # per-process: RNG + sampling streams + algorithm state
     rank = acc.process_index
     rng = rng_state()
-    algo_tensors, algo_json = engine.algo.state_dict() if hasattr(engine.algo, "state_dict") else ({}, {})
+    runtime_tensors, runtime_json = _runtime_state(engine.runtime)
+    algo_tensors, algo_json = engine.algo_state()
     tensors = {f"rng.{k}": v for k, v in rng["tensors"].items()}
+    tensors.update({f"engine.{k}": v for k, v in runtime_tensors.items()})
     tensors.update({f"algo.{k}": v for k, v in algo_tensors.items()})
     _save_tensors(tmp / f"rank-{rank}.safetensors", tensors)
-    _write_json(tmp / f"rank-{rank}.json", {"rng": rng["json"], "algo": algo_json})
-    weights = module_weights(engine)
+    _write_json(tmp / f"rank-{rank}.json", {"rng": rng["json"], "engine": runtime_json, "algo": algo_json})
+    weights = module_weights(engine.algo.modules, acc.unwrap_model)
     optim_state = engine.optimizer.state_dict()
     acc.wait_for_everyone()
 
@@ -122,6 +199,7 @@ def save(engine) -> Path:
         _torch_save(tmp / "optimizer.pt", optim_state)
         _torch_save(tmp / "scheduler.pt", engine.scheduler.state_dict())
         (tmp / "recipe.yaml").write_text(dump_recipe(engine.recipe))
+        frozen_params = {name: sum(1 for _, p in acc.unwrap_model(m).named_parameters() if not p.requires_grad) for name, m in engine.algo.modules.items()}
         _write_json(
             tmp / "state.json",
             {
@@ -131,6 +209,9 @@ def save(engine) -> Path:
                 "extra": engine.state.extra,
                 "num_processes": acc.num_processes,
                 "modules": list(engine.algo.modules),
+                # rebuilt from recipe.yaml, never saved:
+                "frozen_modules": list(engine.frozen),
+                "frozen_parameters": {k: v for k, v in frozen_params.items() if v},
             },
         )
         _fsync_dir(tmp)
@@ -143,7 +224,8 @@ def save(engine) -> Path:
             tmp.rename(final)
         _fsync_dir(root)
         for stale in list_checkpoints(engine.run_dir)[: -engine.recipe.run.keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
+        _fsync_dir(root)
     acc.wait_for_everyone()
     return final
 
@@ -161,7 +243,7 @@ def set_aside_newer(run_dir: Path, iteration: int) -> list[Path]:
     for p in newer:
         dest = target / p.name
         if dest.exists():
-            shutil.rmtree(dest)
+            _remove(dest)
         p.rename(dest)
         moved.append(dest)
     return moved
@@ -210,22 +292,32 @@ def read_recipe(path: Path, overrides: list[str] | None = None):
 
 
 def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
-    """Load ``model.safetensors`` into ``modules`` (strict: every key must match)."""
+    """Load ``model.safetensors`` into ``modules``: every saved key must match, and
+    every key of a module must be saved unless it is a frozen parameter."""
     file = Path(path) / "model.safetensors"
     weights = read_tensors(file)
+    names = set()
     for name, module in modules.items():
         prefix = f"{name}."
         sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        names |= {prefix + k for k in sub}
+        module = unwrap(module)
+        expected = set(trained_state(module))
         try:
-            unwrap(module).load_state_dict(sub, strict=True)
+            result = module.load_state_dict(sub, strict=False)
         except RuntimeError as err:
             raise CheckpointError(file, f"weights do not match module {name!r} ({str(err).splitlines()[0][:120]})") from None
+        missing = [k for k in result.missing_keys if k in expected]
+        if missing or result.unexpected_keys:
+            problem = f"missing {missing[0]!r}" if missing else f"unexpected {result.unexpected_keys[0]!r}"
+            raise CheckpointError(file, f"weights do not match module {name!r} ({problem}; {len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+    stray = sorted(set(weights) - names)
+    if stray:
+        raise CheckpointError(file, f"holds weights of a module this recipe does not build ({stray[0]!r})")
 
 
 def load(engine, path: Path) -> None:
     """Restore everything ``save`` wrote into a freshly built engine."""
-    from rlprox.engine import set_rng_state
-
     path = Path(path)
     acc = engine.accelerator
     state = read_json(path / "state.json")
@@ -240,10 +332,35 @@ def load(engine, path: Path) -> None:
     rank = acc.process_index
     rank_json = read_json(path / f"rank-{rank}.json")
     tensors = read_tensors(path / f"rank-{rank}.safetensors")
-    set_rng_state(rank_json["rng"], {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
-    if hasattr(engine.algo, "load_state_dict"):
-        engine.algo.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("algo.")}, rank_json["algo"])
+    set_rng_state(rank_json["rng"], _prefixed(tensors, "rng."))
+    _load_runtime_state(engine.runtime, _prefixed(tensors, "engine."), rank_json["engine"])
+    engine.load_algo_state(_prefixed(tensors, "algo."), rank_json["algo"])
     engine.state.iteration = int(state["iteration"])
     engine.state.optimizer_steps = int(state["optimizer_steps"])
     engine.state.wall_time = float(state["wall_time"])
     engine.state.extra = dict(state.get("extra", {}))
+
+
+def load_for_eval(path: Path, modules: dict, loader=None) -> None:
+    """Weights into ``modules`` and rank 0's algorithm state (e.g. normalisation
+    statistics) into ``loader(tensors, json)``; every process loads the same."""
+    path = Path(path)
+    load_weights(path, modules)
+    if loader is not None:
+        rank_json = read_json(path / "rank-0.json")
+        tensors = read_tensors(path / "rank-0.safetensors")
+        loader(_prefixed(tensors, "algo."), rank_json["algo"])
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "recipe.yaml").exists():
+        latest = find_latest(path)
+        if latest is not None:
+            return latest
+    return path
+
+
+def _prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,4 +1,4 @@
-"""rlprox command line: train | eval | recipes (thin: parse, call the API).
+"""rlprox command line: train | eval | export | recipes | rewards | zoo (thin: parse, call the API).
 
 Bad input (recipe, override, checkpoint) prints one line and exits with status 2.
 """
@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input; one line, exit status 2."""
 
 
 def _recipes_root() -> Path:
@@ -37,7 +41,7 @@ def cmd_train(args) -> int:
         summary = f"done: {recipe.run.name}, {engine.state.iteration} iterations"
         if "progress/env_steps" in stats:
             summary += f", {int(stats['progress/env_steps'])} env steps"
-        shown = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("eval/") and not k.endswith(("_std", "episodes"))}
+        shown = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("eval/") and not k.endswith(("_std", "/count"))}
         if not shown and "reward/episodic_return" in stats:
             shown = {"training return": stats["reward/episodic_return"]}
         summary += "".join(f", {k} {v:.4g}" for k, v in shown.items())
@@ -49,46 +53,84 @@ def cmd_train(args) -> int:
     return 0
 
 
+UNIT_FLAGS = {"episodes": "--episodes", "samples": "--num-samples", "examples": None}
+
+
 def cmd_eval(args) -> int:
-    import importlib
-
-    import torch
-    from accelerate import Accelerator
-
     from rlprox import checkpoint
-    from rlprox.recipe import ALGORITHMS
+    from rlprox.algos import trainer_spec
+    from rlprox.engine import build_for_eval, hook, run_evaluation
 
-    path = Path(args.checkpoint)
-    if path.is_dir() and not (path / "recipe.yaml").exists() and checkpoint.find_latest(path) is not None:
-        path = checkpoint.find_latest(path)  # a run folder: take its newest checkpoint
-    recipe = checkpoint.read_recipe(path, ["run.log_with=[]"])
-    torch.set_num_threads(recipe.run.torch_threads)
-    accelerator = Accelerator(cpu=recipe.run.cpu)
-    algo = importlib.import_module(ALGORITHMS[recipe.algo][0]).build(recipe, accelerator, train=False)
-    checkpoint.load_weights(path, algo.modules)
-    rank = checkpoint.read_json(path / "rank-0.json")
-    tensors = checkpoint.read_tensors(path / "rank-0.safetensors")
-    algo.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("algo.")}, rank["algo"])
-    deterministic = None if args.deterministic is None else args.deterministic
-    stats = algo.evaluate(args.episodes, deterministic=deterministic, seed=args.seed)
-    if hasattr(algo, "model_stats"):
-        stats.update(algo.model_stats())
-    if deterministic is None:
-        deterministic = getattr(getattr(algo, "cfg", None), "eval_deterministic", True)
-    result = {"checkpoint": str(path), "episodes": args.episodes, "deterministic": deterministic, **stats}
-    if hasattr(algo, "last_eval"):
-        result.update(algo.last_eval)
-    (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [("checkpoint", str(path)), ("episodes", f"{stats.get('eval/episodes', args.episodes)} ({'deterministic' if result['deterministic'] else 'stochastic'})")]
-    if "eval/return" in stats:
-        rows.append(("return", f"{stats['eval/return']:.2f} ± {stats['eval/return_std']:.2f}"))
-        rows.append(("length", f"{stats['eval/length']:.1f}"))
-    handled = ("eval/return", "eval/return_std", "eval/length", "eval/episodes")
-    rows += [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in stats.items() if k not in handled]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    print(f"{'written':<{width}}  {path / 'eval.json'}")
+    path = checkpoint.resolve_checkpoint(Path(args.checkpoint))
+    spec = trainer_spec(checkpoint.read_recipe(path).algo)
+    given = {"--episodes": args.episodes, "--num-samples": args.num_samples}
+    wanted = UNIT_FLAGS[spec.eval_unit]
+    for flag, value in given.items():
+        if value is not None and flag != wanted:
+            use = f"use {wanted}" if wanted else "it always evaluates its whole held-out set"
+            raise UsageError(f"{flag} does not apply to algo {spec.name} (it evaluates {spec.eval_unit}; {use})")
+    for flag, name in (("--deterministic/--stochastic", "deterministic"), ("--prompts", "prompts")):
+        if getattr(args, name) is not None and name not in spec.eval_flags:
+            raise UsageError(f"{flag} does not apply to algo {spec.name}")
+    prompts = None
+    if args.prompts is not None:
+        prompts_file = Path(args.prompts)
+        if not prompts_file.is_file():
+            raise UsageError(f"--prompts: file not found: {prompts_file}")
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts: {prompts_file} holds no prompt (one per line)")
+    recipe, accelerator, _, algo = build_for_eval(path)
+    total = given.get(wanted) or recipe.run.eval_size or (len(prompts) if prompts else 10)
+    if total <= 0:
+        raise UsageError(f"{wanted}: must be > 0 (got {total})")
+    seed = recipe.seed if args.seed is None else args.seed
+    stats, values, images, info = run_evaluation(algo, accelerator, total, seed, args.deterministic, prompts)
+    model_stats = hook(algo, "model_stats")
+    extra = model_stats() if model_stats is not None else {}
+    if accelerator.is_main_process:
+        written = []
+        for name, batch in images.items():
+            from rlprox.images import save_image_grid
+
+            written.append(save_image_grid(batch, info.get("grid_rows", 0), path / f"eval_{name.replace('/', '_')}.png"))
+        scalar_values = {k: v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)}
+        result = {"checkpoint": str(path), "algo": spec.name, "unit": spec.eval_unit, "seed": seed, **info, **stats, **extra, "values": scalar_values, "images": [str(p) for p in written]}
+        result.pop("grid_rows", None)
+        (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        rows = [("checkpoint", str(path)), (spec.eval_unit, str(int(stats.get("eval/count", 0))) + (f" ({'deterministic' if info['deterministic'] else 'stochastic'})" if "deterministic" in info else ""))]
+        for key in values:
+            if f"eval/{key}" in stats:
+                rows.append((key, f"{stats[f'eval/{key}']:.4g} ± {stats[f'eval/{key}_std']:.3g}"))
+        shown = {f"eval/{k}" for k in values} | {f"eval/{k}_std" for k in values} | {"eval/count"}
+        rows += [(k.split("/", 1)[-1], _fmt(v)) for k, v in stats.items() if k not in shown]
+        rows += [(k, _fmt(v)) for k, v in extra.items()]
+        rows += [("image", str(p)) for p in written]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print(f"{'written':<{width}}  {path / 'eval.json'}")
+    hook(algo, "close", lambda: None)()
+    return 0
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_export(args) -> int:
+    from rlprox import checkpoint
+    from rlprox.engine import build_for_eval, hook
+
+    path = checkpoint.resolve_checkpoint(Path(args.checkpoint))
+    recipe, accelerator, _, algo = build_for_eval(path)
+    export = hook(algo, "export")
+    if export is None:
+        raise UsageError(f"algo {recipe.algo} has no export format; its checkpoint's model.safetensors is the model")
+    out = Path(args.out_dir)
+    if accelerator.is_main_process:
+        for written in export(out):
+            print(written)
     return 0
 
 
@@ -118,7 +160,9 @@ def cmd_rewards(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlprox", description="Policy-optimization training on one accelerate engine: PPO on gymnasium, structured-sparse training (algo: sparse), and the offline digits model zoo.")
+    from rlprox.algos import TRAINERS
+
+    parser = argparse.ArgumentParser(prog="rlprox", description=f"Policy-optimization training on one accelerate engine. Trainers (recipe `algo:`): {', '.join(TRAINERS.names())}. Also the offline digits model zoo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. Any field can be overridden: rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50")
@@ -127,14 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of the run (same as run.resume=auto)")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint", description="Rebuild the policy from the recipe stored in a checkpoint, run episodes, print mean ± std return and length, write eval.json next to it.")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (any trainer)", description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo) take --episodes and --deterministic/--stochastic; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.")
     ev.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/iter-000097) or a run folder (its newest checkpoint)")
-    ev.add_argument("--episodes", type=int, default=10, help="number of episodes (default 10)")
+    ev.add_argument("--episodes", type=int, default=None, help="env trainers: number of episodes (default: the recipe's run.eval_size, else 10)")
+    ev.add_argument("--num-samples", type=int, default=None, help="generative trainers: number of samples (default: the recipe's run.eval_size)")
+    ev.add_argument("--prompts", default=None, help="generative trainers: a text file with one prompt per line")
     mode = ev.add_mutually_exclusive_group()
-    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=None, help="take the mode of the policy (default: the recipe's ppo.eval_deterministic)")
-    mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample actions")
+    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=None, help="env trainers: take the mode of the policy (default: the recipe's setting)")
+    mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="env trainers: sample actions")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the recipe's seed)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a checkpoint in its ecosystem's format", description="Write the trained model of a checkpoint in the format its ecosystem loads (trainers that define one).")
+    ex.add_argument("checkpoint", help="checkpoint folder or run folder")
+    ex.add_argument("out_dir", help="output folder")
+    ex.set_defaults(func=cmd_export)
 
     rec = sub.add_parser("recipes", help="list recipes with one-line descriptions", description="List the YAML recipes shipped in recipes/.")
     rec.add_argument("--root", default=None, help="recipes folder (default: the project's recipes/)")
@@ -151,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rlprox.checkpoint import CheckpointError
-    from rlprox.recipe import RecipeError
+    from rlprox.errors import RecipeError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -159,13 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    if getattr(args, "episodes", 1) is not None and getattr(args, "episodes", 1) <= 0:
-        print("error: --episodes must be > 0", file=sys.stderr)
-        return EXIT_USAGE
+    for flag in ("episodes", "num_samples"):
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
+            print(f"error: --{flag.replace('_', '-')} must be > 0", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return args.func(args)
     except (RecipeError, CheckpointError) as err:
         print(str(err), file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as err:
         extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get((err.name or "").split(".")[0])

@@ -1,25 +1,71 @@
-"""Gymnasium plumbing shared by the env-based trainers (PPO, PolicyFlow).
+"""The gymnasium side shared by the env-based trainers (PPO, PolicyFlow).
 
+- ``EnvConfig`` / ``validate_env``: the recipe's ``env:`` section.
 - ``make_vec_env``: gymnasium id or "module:Class", user wrappers, sync/async vector
   env in SAME_STEP autoreset mode (the step that ends an episode returns the reset
   observation and puts the true last observation in ``info["final_obs"]``).
 - ``EpisodeReplay``: makes env state checkpointable without pickling: it records the
   RNG state before each reset and the actions since, so a resumed run rebuilds each
   env's exact mid-episode state by replaying its current episode.
-- ``RunningMeanStd`` / ``RewardScaler``: observation and reward normalisation kept in
-  the algorithm (not in env wrappers) so the statistics are saved in checkpoints, used
-  by ``rlprox eval``, and merged across processes.
+- ``RunningMeanStd`` / ``RewardScaler``: observation and reward normalisation kept
+  outside env wrappers so the statistics are saved in checkpoints, used by
+  ``rlprox eval``, and merged across processes (one all-gather per iteration).
+- ``GymRollout``: one process's vector envs + normalisers + episode statistics +
+  replay state behind ``observe`` / ``step``; a trainer's collect loop only adds its
+  policy and its buffers.
+- ``run_episodes``: evaluation episodes of any policy function on fresh envs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Literal
 
 import gymnasium as gym
+import numpy as np
 
-from rlprox.recipe import EnvConfig, resolve_object
+from rlprox.errors import RecipeError, RegistryError, did_you_mean
+from rlprox.registry import resolve_object
+
+
+@dataclass
+class EnvConfig:
+    """A gymnasium vector env. Each process steps its own ``num_envs`` copies."""
+
+    id: str = "CartPole-v1"  # gymnasium id, or "module:Class" / "module:function" returning an Env
+    num_envs: int = 8  # envs per process
+    vectorization: Literal["sync", "async"] = "sync"
+    kwargs: dict = field(default_factory=dict)  # passed to gym.make / the class
+    wrappers: list[str] = field(default_factory=list)  # "module:Class" wrappers applied to each env, in order
+    max_episode_steps: int = 0  # 0: the env's own limit
+    normalize_obs: bool = False  # running mean/std observation normalisation (saved in checkpoints)
+    normalize_reward: bool = False  # scale rewards by the running std of the discounted return
+    clip_obs: float = 10.0  # clip normalised observations to ±clip_obs
+    clip_reward: float = 10.0  # clip normalised rewards to ±clip_reward
+
+
+def _resolve(spec: str, key: str):
+    try:
+        return resolve_object(spec, key)
+    except RegistryError as err:
+        raise RecipeError(key, str(err)) from None
+
+
+def validate_env(env: EnvConfig, key: str = "env") -> None:
+    if env.num_envs <= 0:
+        raise RecipeError(f"{key}.num_envs", f"must be > 0 (got {env.num_envs})")
+    if env.max_episode_steps < 0:
+        raise RecipeError(f"{key}.max_episode_steps", f"must be >= 0 (got {env.max_episode_steps})")
+    if ":" in env.id:
+        _resolve(env.id, f"{key}.id")
+    else:
+        import rlprox.envs  # noqa: F401  registers the rlprox/ namespace
+
+        if env.id not in gym.registry:
+            raise RecipeError(f"{key}.id", f"unknown gymnasium env {env.id!r}{did_you_mean(env.id, gym.registry.keys())}")
+    for i, wrapper in enumerate(env.wrappers):
+        _resolve(wrapper, f"{key}.wrappers[{i}]")
 
 
 class EpisodeReplay(gym.Wrapper):
@@ -73,7 +119,7 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
         if render_mode is not None:
             kwargs["render_mode"] = render_mode
         if ":" in cfg.id:
-            env = resolve_object(cfg.id, "env.id")(**kwargs)
+            env = _resolve(cfg.id, "env.id")(**kwargs)
             if cfg.max_episode_steps:
                 env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
         else:
@@ -84,8 +130,8 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
             # OrderEnforcing guards against step-before-reset, which the vector env never does
             spec = dataclasses.replace(gym.spec(cfg.id), order_enforce=False)
             env = gym.make(spec, max_episode_steps=cfg.max_episode_steps or None, disable_env_checker=True, **kwargs)
-        for i, spec in enumerate(cfg.wrappers):
-            env = resolve_object(spec, f"env.wrappers[{i}]")(env)
+        for i, wrapper in enumerate(cfg.wrappers):
+            env = _resolve(wrapper, f"env.wrappers[{i}]")(env)
         return EpisodeReplay(env, index)
 
     return make
@@ -100,23 +146,27 @@ def make_vec_env(cfg: EnvConfig, num_envs: int | None = None, vectorization: str
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
 
 
+# ----------------------------------------------------------------------------- normalisers
+
+
 class RunningMeanStd:
     """Running mean/variance (Chan et al. parallel update), float64.
 
     Kept as a *base* (identical on every process) plus a *local* delta gathered since
-    the last ``sync``; normalisation uses both, and ``sync`` merges every process's
-    delta into the base so all ranks end each iteration with the same statistics.
+    the last merge; normalisation uses both, and ``sync_statistics`` merges every
+    process's delta into the base so all ranks end each iteration with the same
+    statistics.
     """
 
     def __init__(self, shape=(), epsilon: float = 1e-4):
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = epsilon
-        self._reset_delta(shape)
+        self._reset_delta()
 
-    def _reset_delta(self, shape):
-        self.d_mean = np.zeros(shape, np.float64)
-        self.d_var = np.zeros(shape, np.float64)
+    def _reset_delta(self):
+        self.d_mean = np.zeros(self.mean.shape, np.float64)
+        self.d_var = np.zeros(self.mean.shape, np.float64)
         self.d_count = 0.0
 
     @staticmethod
@@ -136,16 +186,18 @@ class RunningMeanStd:
     def stats(self):
         return self.merge(self.mean, self.var, self.count, self.d_mean, self.d_var, self.d_count)
 
-    def sync(self, accelerator=None) -> None:
-        deltas = [(self.d_mean, self.d_var, self.d_count)]
-        if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+    def delta_vector(self) -> np.ndarray:
+        """This process's un-merged statistics, packed: [mean, var, count]."""
+        return np.concatenate([self.d_mean.ravel(), self.d_var.ravel(), [self.d_count]])
 
-            deltas = gather_object([(self.d_mean.tolist(), self.d_var.tolist(), self.d_count)])
-            deltas = [(np.asarray(m), np.asarray(v), c) for m, v, c in deltas]
-        for m, v, c in deltas:  # same order on every rank -> identical result
+    def merge_deltas(self, deltas: list[np.ndarray]) -> None:
+        """Fold every process's ``delta_vector`` into the base, in rank order (the same
+        order on every rank, so every rank ends with identical statistics)."""
+        size = self.mean.size
+        for vec in deltas:
+            m, v, c = vec[:size].reshape(self.mean.shape), vec[size : 2 * size].reshape(self.mean.shape), float(vec[-1])
             self.mean, self.var, self.count = self.merge(self.mean, self.var, self.count, m, v, c)
-        self._reset_delta(self.mean.shape)
+        self._reset_delta()
 
     def normalize(self, x: np.ndarray, clip: float) -> np.ndarray:
         mean, var, _ = self.stats()
@@ -159,7 +211,27 @@ class RunningMeanStd:
         self.mean = np.asarray(state["mean"], np.float64)
         self.var = np.asarray(state["var"], np.float64)
         self.count = float(state["count"])
-        self._reset_delta(self.mean.shape)
+        self._reset_delta()
+
+
+def sync_statistics(stats: list[RunningMeanStd], accelerator=None) -> None:
+    """Merge the local deltas of several ``RunningMeanStd`` across processes with a
+    single all-gather (a no-op merge with one process)."""
+    if not stats:
+        return
+    local = [s.delta_vector() for s in stats]
+    if accelerator is None or accelerator.num_processes == 1:
+        for s, vec in zip(stats, local):
+            s.merge_deltas([vec])
+        return
+    import torch
+
+    packed = torch.from_numpy(np.concatenate(local)).to(accelerator.device)
+    gathered = accelerator.gather(packed[None]).cpu().numpy()  # (world, total)
+    offset = 0
+    for s, vec in zip(stats, local):
+        s.merge_deltas(list(gathered[:, offset : offset + vec.size]))
+        offset += vec.size
 
 
 class RewardScaler:
@@ -184,3 +256,193 @@ class RewardScaler:
     def load_state_dict(self, state: dict) -> None:
         self.returns = np.asarray(state["returns"], np.float64)
         self.rms.load_state_dict(state["rms"])
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """What a policy head needs to know about the env's actions."""
+
+    discrete: bool
+    dim: int  # number of discrete actions, or the Box dimension
+    columns: int  # columns an action takes in a (B, columns) buffer
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    @staticmethod
+    def of(space: gym.Space, key: str = "env.id") -> "ActionSpace":
+        if isinstance(space, gym.spaces.Discrete):
+            return ActionSpace(True, int(space.n), 1)
+        if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+            return ActionSpace(False, int(space.shape[0]), int(space.shape[0]), space.low, space.high)
+        raise RecipeError(key, f"supported action spaces are Discrete and 1-D Box (got {space})")
+
+    def to_env(self, action: np.ndarray) -> np.ndarray:
+        """The action the env receives: continuous actions clipped to the Box."""
+        return action if self.discrete else np.clip(action, self.low, self.high)
+
+
+def observation_dim(space: gym.Space, key: str = "env.id") -> int:
+    if not isinstance(space, gym.spaces.Box):
+        raise RecipeError(key, f"needs a Box observation space (got {space})")
+    return int(np.prod(space.shape))
+
+
+class GymRollout:
+    """One process's share of the experience: ``num_envs`` envs, normalisers, episode
+    statistics and the replay state that makes resume exact.
+
+    Per env step a trainer calls ``observe()`` (the normalised current observation,
+    updating the observation statistics) and ``step(action)``; after its last step,
+    ``last_observation()`` (for the bootstrap value) and ``end_iteration()`` (merges
+    normaliser statistics across processes, counts env steps). Seeds: process ``rank``
+    resets its envs from ``seed·1000 + 7919·rank``.
+    """
+
+    def __init__(self, cfg: EnvConfig, seed: int, rank: int, world: int, gamma: float, accelerator=None):
+        self.cfg, self.rank, self.world, self.accelerator = cfg, rank, world, accelerator
+        self.envs = make_vec_env(cfg)
+        self.num_envs = self.envs.num_envs
+        self.obs_dim = observation_dim(self.envs.single_observation_space)
+        self.action_space = ActionSpace.of(self.envs.single_action_space)
+        self.obs_rms = RunningMeanStd((self.obs_dim,)) if cfg.normalize_obs else None
+        self.reward_scaler = RewardScaler(self.num_envs, gamma) if cfg.normalize_reward else None
+        self.episode_return = np.zeros(self.num_envs, np.float64)
+        self.episode_length = np.zeros(self.num_envs, np.int64)
+        self.finished: list[tuple[float, int]] = []  # (return, length) of episodes ended this iteration
+        self.env_steps = 0  # all processes
+        obs, _ = self.envs.reset(seed=seed * 1000 + 7919 * rank)
+        self.obs = self.flat(obs)
+
+    def flat(self, obs) -> np.ndarray:
+        return np.asarray(obs, np.float32).reshape(len(obs), self.obs_dim)
+
+    def normalize(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
+        return normalize_observation(self.obs_rms, obs, self.cfg.clip_obs, update)
+
+    def begin_iteration(self) -> None:
+        self.finished = []
+
+    def observe(self) -> np.ndarray:
+        """The normalised current observation (N, obs_dim); updates the statistics."""
+        return self.normalize(self.obs, update=True)
+
+    def last_observation(self) -> np.ndarray:
+        """The normalised current observation without a statistics update (bootstrap)."""
+        return self.normalize(self.obs)
+
+    def step(self, action: np.ndarray):
+        """Step every env; returns ``(reward, terminated, done, truncated_idx, final_obs)``:
+        rewards scaled when ``normalize_reward``, ``final_obs`` the normalised true last
+        observations of the envs in ``truncated_idx`` (for bootstrapping), else None."""
+        next_obs, reward, term, trunc, info = self.envs.step(self.action_space.to_env(action))
+        self.obs = self.flat(next_obs)
+        reward = np.asarray(reward, np.float64)
+        done = np.logical_or(term, trunc)
+        self.episode_return += reward
+        self.episode_length += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
+            self.episode_return[i] = 0.0
+            self.episode_length[i] = 0
+        if self.reward_scaler is not None:
+            reward = self.reward_scaler(reward, done, self.cfg.clip_reward)
+        truncated = np.flatnonzero(trunc)
+        final = None
+        if truncated.size:
+            final = self.normalize(self.flat(np.stack([info["final_obs"][i] for i in truncated])))
+        return reward, term, done, truncated, final
+
+    def end_iteration(self, steps_per_env: int) -> None:
+        stats = [s for s in (self.obs_rms, self.reward_scaler.rms if self.reward_scaler else None) if s is not None]
+        sync_statistics(stats, self.accelerator)
+        self.env_steps += steps_per_env * self.num_envs * self.world
+
+    def episode_stats(self) -> dict:
+        """This process's finished-episode statistics, with the reduction each key needs
+        across processes (``rlprox.engine`` reduces them): returns and lengths are
+        means weighted by each process's episode count."""
+        n = len(self.finished)
+        return {
+            "reward/episodes": n,
+            "reward/episodic_return": float(np.mean([r for r, _ in self.finished])) if n else float("nan"),
+            "reward/episodic_length": float(np.mean([l for _, l in self.finished])) if n else float("nan"),
+        }
+
+    REDUCTIONS = {"reward/episodes": "sum", "reward/episodic_return": "mean:reward/episodes", "reward/episodic_length": "mean:reward/episodes", "progress/env_steps": "max"}
+
+    def state_dict(self) -> tuple[dict, dict]:
+        import torch
+
+        state = {
+            "episode_return": self.episode_return.tolist(),
+            "episode_length": self.episode_length.tolist(),
+            "env_steps": self.env_steps,
+            "obs_rms": self.obs_rms.state_dict() if self.obs_rms is not None else None,
+            "reward_scaler": self.reward_scaler.state_dict() if self.reward_scaler is not None else None,
+            "envs": list(self.envs.call("replay_state")),
+        }
+        return {"next_obs": torch.from_numpy(self.obs.copy())}, state
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        self.env_steps = int(state["env_steps"])
+        load_normalisers(self.obs_rms, self.reward_scaler, state)
+        self.episode_return = np.asarray(state["episode_return"], np.float64)
+        self.episode_length = np.asarray(state["episode_length"], np.int64)
+        self.envs.call("restore_replay", state["envs"])
+        self.obs = tensors["next_obs"].numpy().copy()
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def normalize_observation(rms: RunningMeanStd | None, obs: np.ndarray, clip: float, update: bool = False) -> np.ndarray:
+    if rms is None:
+        return obs
+    if update:
+        rms.update(obs)
+    return rms.normalize(obs, clip)
+
+
+def load_normalisers(obs_rms: RunningMeanStd | None, reward_scaler: RewardScaler | None, state: dict) -> None:
+    if obs_rms is not None and state.get("obs_rms"):
+        obs_rms.load_state_dict(state["obs_rms"])
+    if reward_scaler is not None and state.get("reward_scaler"):
+        reward_scaler.load_state_dict(state["reward_scaler"])
+
+
+def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: RunningMeanStd | None = None, info_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``episodes`` complete episodes of ``act(obs_normalised) -> action`` on up to
+    8 fresh envs (reset from ``seed``), with frozen observation statistics; returns
+    one dict per episode: ``return``, ``length`` and each of ``info_keys`` taken from
+    the info of the episode's last step (NaN when absent)."""
+    n = min(episodes, 8)
+    quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
+    envs = make_vec_env(cfg, num_envs=n, vectorization="sync")
+    space = ActionSpace.of(envs.single_action_space)
+    obs_dim = observation_dim(envs.single_observation_space)
+    obs, _ = envs.reset(seed=seed)
+    obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
+    ret, length = np.zeros(n), np.zeros(n, np.int64)
+    out: list[dict] = []
+    done_count = np.zeros(n, np.int64)
+    while (done_count < quota).any():
+        action = space.to_env(act(normalize_observation(obs_rms, obs, cfg.clip_obs)))
+        obs, reward, term, trunc, info = envs.step(action)
+        obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
+        ret += reward
+        length += 1
+        for i in np.flatnonzero(np.logical_or(term, trunc)):
+            if done_count[i] < quota[i]:
+                episode = {"return": float(ret[i]), "length": int(length[i])}
+                final = info.get("final_info", {})
+                for key in info_keys:
+                    has = key in final and final.get(f"_{key}", np.ones(n, bool))[i]
+                    episode[key] = float(final[key][i]) if has else float("nan")
+                out.append(episode)
+                done_count[i] += 1
+            ret[i], length[i] = 0.0, 0
+    envs.close()
+    return out

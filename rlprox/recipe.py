@@ -1,16 +1,24 @@
 """YAML recipe -> typed dataclasses, dotted CLI overrides, validation.
 
-A recipe is one experiment in one file (shape in DESIGN.md). Everything is checked
-before any work starts; a bad value raises ``RecipeError`` whose message is one line,
-``recipe error: <key>: <what is wrong>``, and the CLI exits with status 2.
+A recipe is one experiment in one file:
+
+    algo: ppo                    # a registered trainer (rlprox.algos)
+    seed: 1
+    run: {...}                   # RunConfig: where, how long, precision, tracking
+    optim: {...}                 # OptimConfig
+    regularizers: [...]          # rlprox.prox, attached by parameter-name globs
+    env: {...}  ppo: {...}       # the trainer's own sections (declared by the trainer)
+
+Everything is checked before any work starts; a bad value raises ``RecipeError``
+whose message is one line, ``recipe error: <key>: <what is wrong>``, and the CLI
+exits with status 2. This module imports no trainer: the trainer named by ``algo``
+is looked up in the trainer registry, which imports only that trainer's module.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import importlib
 import importlib.util
 import os
 import types
@@ -21,34 +29,43 @@ from typing import Any, Literal
 
 import yaml
 
+from rlprox.errors import RecipeError, did_you_mean
 
-class RecipeError(ValueError):
-    """A recipe problem the user can fix; ``str(err)`` is the one-line message."""
-
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
-        super().__init__(f"recipe error: {key}: {problem}")
+__all__ = ["RecipeError", "RunConfig", "OptimConfig", "DDPConfig", "Recipe", "load_recipe", "dump_recipe", "parse_section", "list_recipes"]
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 @dataclass
+class DDPConfig:
+    """torch DistributedDataParallel options, used when ``run.grad_sync: ddp``."""
+
+    find_unused_parameters: bool = False  # tolerate trained parameters that get no gradient in some step
+    bucket_cap_mb: int = 25  # gradient bucket size
+    static_graph: bool = False  # the same parameters are used in every step
+    gradient_as_bucket_view: bool = False  # grads are views into the buckets (saves memory)
+
+
+@dataclass
 class RunConfig:
-    """Where and how long a run goes. Iteration = one collect + one update."""
+    """Where and how long a run goes, and how it runs. Iteration = one collect + one update."""
 
     name: str = "run"  # run folder name under output_dir
     output_dir: str = "runs"  # parent folder of the run folder
     iterations: int = 10  # collect/update iterations (PPO env steps = iterations × num_envs × num_steps × processes)
-    eval_every: int = 0  # evaluate every N iterations (0: only at the end when eval_episodes > 0)
-    eval_episodes: int = 0  # episodes (or samples) per evaluation; 0 disables evaluation during training
+    eval_every: int = 0  # evaluate every N iterations (0: only at the end, when eval_size > 0)
+    eval_size: int = 0  # episodes (env trainers) or samples (generative trainers) per evaluation, over all processes; 0 disables evaluation during training
     save_every: int = 0  # checkpoint every N iterations (0: only at the end)
     keep_last: int = 3  # keep the newest N checkpoints
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in the run folder) | path to a checkpoint
     overwrite: bool = False  # start fresh in a run folder that already holds a run, deleting it (otherwise that is an error)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb, ...; [] for none
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for the loss, via accelerate
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for collect's and the loss's forward passes, via accelerate
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
+    grad_sync: Literal["allreduce", "ddp"] = "allreduce"  # multi-process gradient averaging: one flat all-reduce per optimizer step, or torch DDP
+    ddp: DDPConfig = field(default_factory=DDPConfig)  # options for grad_sync: ddp
     cpu: bool = False  # force CPU even when a GPU is present
     torch_threads: int = 1  # intra-op threads; 1 is fastest for small policies on shared CPUs
     progress: bool = True  # progress bar on stderr
@@ -60,70 +77,53 @@ class OptimConfig:
     """The optimizer; lr schedule over iterations."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 3e-4
+    lr: float = 3e-4  # base learning rate (a trainer's parameter groups may scale it per group)
     eps: float = 1e-5  # Adam epsilon (CleanRL/SB3 PPO use 1e-5)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled under adamw; never applied to biases, norm weights or embeddings unless decay_all
+    decay_all: bool = False  # apply weight_decay to every parameter, biases and norms included
     momentum: float = 0.0  # SGD only
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # "linear": anneal to 0 over the run (PPO's lr annealing)
+    warmup_iterations: int = 0  # linear lr warm-up from 0 over the first N iterations, then the schedule
     max_grad_norm: float = 0.5  # global grad-norm clip; 0 disables
 
 
-@dataclass
-class EnvConfig:
-    """A gymnasium vector env. Each process steps its own ``num_envs`` copies."""
-
-    id: str = "CartPole-v1"  # gymnasium id, or "module:Class" / "module:function" returning an Env
-    num_envs: int = 8  # envs per process
-    vectorization: Literal["sync", "async"] = "sync"
-    kwargs: dict = field(default_factory=dict)  # passed to gym.make / the class
-    wrappers: list[str] = field(default_factory=list)  # "module:Class" wrappers applied to each env, in order
-    max_episode_steps: int = 0  # 0: the env's own limit
-    normalize_obs: bool = False  # running mean/std observation normalisation (saved in checkpoints)
-    normalize_reward: bool = False  # scale rewards by the running std of the discounted return
-    clip_obs: float = 10.0  # clip normalised observations to ±clip_obs
-    clip_reward: float = 10.0  # clip normalised rewards to ±clip_reward
-
-
-# Trainer sections are imported from their own files; recipe.py only names them.
-from rlprox.algos.ppo import PPOConfig  # noqa: E402
-from rlprox.algos.sparse import SparseConfig  # noqa: E402
-
-ALGORITHMS = {
-    # algo name -> (module with build(recipe, accelerator) -> Algorithm, required sections)
-    "ppo": ("rlprox.algos.ppo", ("env", "ppo")),
-    "sparse": ("rlprox.algos.sparse", ("sparse",)),
-}
+ENGINE_SECTIONS = ("algo", "seed", "description", "run", "optim", "regularizers")
 
 
 @dataclass
 class Recipe:
-    """The whole experiment."""
+    """The whole experiment. The trainer's own sections (``env``, ``ppo``, ...) live in
+    ``sections`` and read as attributes: ``recipe.ppo.clip_coef``."""
 
-    algo: str = "ppo"  # ppo | sparse
+    algo: str
     seed: int = 1
     description: str = ""  # one line, shown by `rlprox recipes`
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    env: EnvConfig | None = None
-    ppo: PPOConfig | None = None
-    sparse: SparseConfig | None = None
     regularizers: list[dict] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"recipe has no section {name!r} (algo {self.__dict__.get('algo')!r} declares: {', '.join(sections) or 'none'})")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {k: copy.deepcopy(getattr(self, k)) for k in ENGINE_SECTIONS}
+        out["run"] = dataclasses.asdict(self.run)
+        out["optim"] = dataclasses.asdict(self.optim)
+        for name, value in self.sections.items():
+            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+        return out
 
 
 # ----------------------------------------------------------------------------- parsing
-
-
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -154,7 +154,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise RecipeError(key, f"expected a mapping (got {type(value).__name__})")
-        return _build(tp, value, key)
+        return parse_section(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(key, f"expected a list (got {type(value).__name__} {value!r})")
@@ -192,14 +192,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value  # Any
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def parse_section(cls, data: dict, prefix: str = ""):
+    """Build the dataclass ``cls`` from a mapping, checking every key and type."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise RecipeError(full, f"unknown key{_did_you_mean(str(key), names)}")
+            raise RecipeError(full, f"unknown key{did_you_mean(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -232,104 +233,97 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(str(path), "recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(str(path), f"not valid YAML{where}") from None
+    if data is None:
+        raise RecipeError(str(path), "the recipe file is empty (a recipe needs at least `algo:`; see `rlprox recipes`)")
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "a recipe must be a YAML mapping")
+    return data
+
+
 def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML file (or a dict), apply ``key.sub=value`` overrides, validate."""
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(str(path), "recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise RecipeError(str(path), f"not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(str(path), "a recipe must be a YAML mapping")
+    from rlprox.algos import TRAINERS, trainer_spec
+
+    data = copy.deepcopy(source) if isinstance(source, dict) else _read_yaml(Path(source))
     data = apply_overrides(data, overrides or [])
-    algo = data.get("algo", "ppo")
-    if algo not in ALGORITHMS:
-        raise RecipeError("algo", f"unknown algorithm {algo!r}{_did_you_mean(str(algo), ALGORITHMS)}; known: {', '.join(ALGORITHMS)}")
-    for section in ALGORITHMS[algo][1]:
-        data.setdefault(section, {})
-    recipe = _build(Recipe, data)
-    validate(recipe)
+    if "algo" not in data:
+        raise RecipeError("algo", f"missing; one of: {', '.join(TRAINERS.names())}")
+    spec = trainer_spec(data["algo"])
+    known = set(ENGINE_SECTIONS) | set(spec.sections)
+    for key in data:
+        if key not in known:
+            raise RecipeError(str(key), f"unknown key{did_you_mean(str(key), known)} (algo {spec.name} takes: {', '.join(sorted(known))})")
+    engine_part = {k: v for k, v in data.items() if k in ENGINE_SECTIONS}
+    recipe = Recipe(
+        algo=spec.name,
+        seed=_coerce(engine_part.get("seed", 1), int, "seed"),
+        description=_coerce(engine_part.get("description", ""), str, "description"),
+        run=_coerce(engine_part.get("run"), RunConfig, "run"),
+        optim=_coerce(engine_part.get("optim"), OptimConfig, "optim"),
+        regularizers=_coerce(engine_part.get("regularizers") or [], list[dict], "regularizers"),
+        sections={name: _coerce(data.get(name), cls, name) for name, cls in spec.sections.items()},
+    )
+    validate(recipe, spec)
     return recipe
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def _positive(key: str, value, allow_zero: bool = False):
+def positive(key: str, value, allow_zero: bool = False):
+    """RecipeError unless ``value`` > 0 (or >= 0)."""
     if value < 0 or (value == 0 and not allow_zero):
         raise RecipeError(key, f"must be {'>= 0' if allow_zero else '> 0'} (got {value})")
 
 
-def resolve_object(spec: str, key: str):
-    """Import ``"module:attr"``; a failure is a RecipeError naming ``key``."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RecipeError(key, f"expected 'module:Name' (got {spec!r})")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RecipeError(key, f"cannot import module {module_name!r} ({err})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise RecipeError(key, f"module {module_name!r} has no attribute {attr!r}") from None
+KNOWN_TRACKERS = ("wandb", "comet_ml", "mlflow", "clearml", "aim", "dvclive", "swanlab", "trackio")
 
 
-def validate(recipe: Recipe) -> None:
-    """Cross-field checks that types alone cannot express."""
+def validate(recipe: Recipe, spec=None) -> None:
+    """Cross-field checks that types alone cannot express; then the trainer's own."""
+    from rlprox.algos import trainer_spec
+
     run = recipe.run
-    _positive("run.iterations", run.iterations)
-    _positive("run.eval_every", run.eval_every, allow_zero=True)
-    _positive("run.eval_episodes", run.eval_episodes, allow_zero=True)
-    _positive("run.save_every", run.save_every, allow_zero=True)
-    _positive("run.keep_last", run.keep_last)
-    _positive("run.gradient_accumulation_steps", run.gradient_accumulation_steps)
-    _positive("run.torch_threads", run.torch_threads)
+    positive("run.iterations", run.iterations)
+    positive("run.eval_every", run.eval_every, allow_zero=True)
+    positive("run.eval_size", run.eval_size, allow_zero=True)
+    positive("run.save_every", run.save_every, allow_zero=True)
+    positive("run.keep_last", run.keep_last)
+    positive("run.gradient_accumulation_steps", run.gradient_accumulation_steps)
+    positive("run.torch_threads", run.torch_threads)
+    positive("run.ddp.bucket_cap_mb", run.ddp.bucket_cap_mb)
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
     for tracker in run.log_with:
-        if tracker in ("wandb", "comet_ml", "mlflow", "clearml", "aim", "dvclive", "swanlab", "trackio"):
+        if tracker in KNOWN_TRACKERS:
             if importlib.util.find_spec(tracker) is None:
                 raise RecipeError("run.log_with", f"tracker {tracker!r} is not installed (pip install {tracker.replace('_', '-')})")
         elif tracker not in ("tensorboard", "all"):
             raise RecipeError("run.log_with", f"unknown tracker {tracker!r}; use tensorboard, wandb, comet_ml, mlflow, ...")
     optim = recipe.optim
-    _positive("optim.lr", optim.lr)
-    _positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)
+    positive("optim.lr", optim.lr)
+    positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)
+    positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
+    positive("optim.warmup_iterations", optim.warmup_iterations, allow_zero=True)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise RecipeError("optim.betas", f"expected two numbers in [0, 1) (got {optim.betas})")
     if recipe.regularizers:
         from rlprox.prox.attach import parse_spec
 
-        for i, spec in enumerate(recipe.regularizers):
-            parse_spec(spec, i)
-    if recipe.env is not None:
-        validate_env(recipe.env)
-    module = importlib.import_module(ALGORITHMS[recipe.algo][0])
-    module.validate(recipe)
-
-
-def validate_env(env: EnvConfig) -> None:
-    _positive("env.num_envs", env.num_envs)
-    _positive("env.max_episode_steps", env.max_episode_steps, allow_zero=True)
-    if ":" in env.id:
-        resolve_object(env.id, "env.id")
-    else:
-        import gymnasium as gym
-
-        import rlprox.envs  # noqa: F401  registers the rlprox/ namespace
-
-        if env.id not in gym.registry:
-            raise RecipeError("env.id", f"unknown gymnasium env {env.id!r}{_did_you_mean(env.id, gym.registry.keys())}")
-    for i, wrapper in enumerate(env.wrappers):
-        resolve_object(wrapper, f"env.wrappers[{i}]")
+        for i, entry in enumerate(recipe.regularizers):
+            parse_spec(entry, i)
+    spec = spec or trainer_spec(recipe.algo)
+    if spec.validate is not None:
+        spec.validate(recipe)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,9 +1,11 @@
-"""Metrics, accelerate trackers, progress bar, learning-curve PNG.
+"""Metrics, images, accelerate trackers, progress bar, learning-curve PNG.
 
 Every logged step goes to the accelerate trackers named by ``run.log_with``
 (TensorBoard by default) and, on the main process, to ``<run_dir>/metrics.jsonl``
-(one JSON object per iteration). At the end, ``learning_curve.png`` plots the
-algorithm's ``curve = (x_key, y_key)`` from that file.
+(one JSON object per iteration). Sample images go to the trackers (TensorBoard
+``add_image``, W&B ``wandb.Image``) and to ``<run_dir>/samples/<name>-<step>.png``.
+At the end, ``learning_curve.png`` plots the algorithm's ``curve = (x_key, y_key)``
+from metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -78,6 +80,29 @@ class Tracker:
             shown = {label: _short(clean[key]) for label, key in PROGRESS_FIELDS.items() if key in clean}
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
+
+    def log_images(self, images: dict, step: int, rows: int = 0) -> list[Path]:
+        """Grids of (N, 3, H, W) images in [0, 1], one per name: a PNG in the run
+        folder's samples/ and an image in every tracker that takes images."""
+        from rlprox.images import make_grid, save_image_grid
+
+        written = []
+        if not self.main or not images:
+            return written
+        for name, batch in images.items():
+            safe = name.replace("/", "_")
+            written.append(save_image_grid(batch, rows, self.run_dir / "samples" / f"{safe}-{step:06d}.png"))
+            if not self.recipe.run.log_with:
+                continue
+            grid = make_grid(batch, rows)
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image(name, grid, global_step=step, dataformats="HWC")
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.run.log({name: wandb.Image(grid)}, step=step)
+        return written
 
     def message(self, text: str) -> None:
         if self.main:

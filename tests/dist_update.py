@@ -11,7 +11,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from rlprox.engine import Engine
+from rlprox.engine import Engine, reduce_stats
 from rlprox.recipe import load_recipe
 
 out_dir, recipe_path, *overrides = sys.argv[1:]
@@ -20,7 +20,7 @@ engine = Engine(load_recipe(recipe_path, overrides))
 algo, acc = engine.algo, engine.accelerator
 with torch.no_grad():
     packed = algo.advantages(algo.collect())
-stats = engine.update(packed)
+stats = reduce_stats(engine.update(packed), {}, acc)  # what fit logs: means over processes
 with open(f"{out_dir}/stats{acc.process_index}.json", "w") as f:
     json.dump(stats, f)
 policy = acc.unwrap_model(algo.modules["policy"])

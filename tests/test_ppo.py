@@ -9,8 +9,13 @@ from accelerate import Accelerator
 from rlprox import checkpoint
 from rlprox.algos.ppo import PPO
 from rlprox.cli import main
-from rlprox.engine import Engine
+from rlprox.engine import Engine, make_runtime, run_evaluation
 from rlprox.recipe import load_recipe
+
+
+def make_ppo(recipe, train=True):
+    """A PPO algorithm outside the engine (its own runtime: accelerator and streams)."""
+    return PPO(recipe, make_runtime(Accelerator(cpu=True), recipe.seed, train=train))
 
 REQUIRED = ["loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/clip_frac", "perf/sps"]
 
@@ -45,18 +50,17 @@ def test_ppo_continuous_normalisation_saved_and_used_by_eval(tiny_recipe, tmp_pa
     out = capsys.readouterr().out
     assert "return" in out
     result = json.loads((ckpt / "eval.json").read_text())
-    assert len(result["returns"]) == 2
-    fresh = PPO(recipe, Accelerator(cpu=True), train=False)
-    checkpoint.load_weights(ckpt, fresh.modules)
-    tensors = checkpoint.read_tensors(ckpt / "rank-0.safetensors")
-    fresh.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("algo.")}, saved)
+    assert len(result["values"]["return"]) == 2 and result["unit"] == "episodes"
+    fresh = make_ppo(recipe, train=False)
+    checkpoint.load_for_eval(ckpt, fresh.modules, fresh.load_state_dict)
     np.testing.assert_allclose(fresh.obs_rms.stats()[0], mean)
-    assert fresh.evaluate(2, seed=recipe.seed)["eval/return"] == result["eval/return"]
+    stats, values, _, _ = run_evaluation(fresh, Accelerator(cpu=True), 2, recipe.seed)
+    assert stats["eval/return"] == result["eval/return"] and values["return"] == result["values"]["return"]
 
 
 def test_truncation_bootstraps_from_final_observation(tiny_recipe):
     recipe = load_recipe(tiny_recipe(env={"id": "tests.envs_fixture:Counter", "max_episode_steps": 3, "num_envs": 1}, ppo={"num_steps": 8, "minibatch_size": 8}))
-    algo = PPO(recipe, Accelerator(cpu=True))
+    algo = make_ppo(recipe)
     batch = algo.collect()
     snap = algo.policy.snapshot()
     v = lambda x: float(snap.value(np.array([[x]], np.float32))[0])  # noqa: E731
@@ -73,7 +77,7 @@ def test_truncation_bootstraps_from_final_observation(tiny_recipe):
 
 def test_termination_does_not_bootstrap(tiny_recipe):
     recipe = load_recipe(tiny_recipe(env={"id": "tests.envs_fixture:Counter", "kwargs": {"terminate_at": 2}, "num_envs": 1}, ppo={"num_steps": 4, "minibatch_size": 4, "gamma": 0.5, "gae_lambda": 1.0}))
-    algo = PPO(recipe, Accelerator(cpu=True))
+    algo = make_ppo(recipe)
     batch = algo.collect()
     assert list(np.flatnonzero(batch["terminated"][:, 0])) == [1, 3]
     packed = algo.advantages(batch)
@@ -94,13 +98,14 @@ def test_custom_env_wrapper_and_async(tiny_recipe):
 def test_env_state_restored_by_replay(tiny_recipe):
     """A fresh algorithm loading the state continues with identical experience."""
     recipe = load_recipe(tiny_recipe(env={"normalize_obs": True}))
-    a = PPO(recipe, Accelerator(cpu=True))
+    a = make_ppo(recipe)
     a.collect()
     tensors, state = a.state_dict()
     state = json.loads(json.dumps(state))  # what a checkpoint stores
-    b = PPO(recipe, Accelerator(cpu=True))
+    b = make_ppo(recipe)
     b.policy.load_state_dict(a.policy.state_dict())
     b.load_state_dict(tensors, state)
+    b.rng.bit_generator.state = a.rng.bit_generator.state  # the engine's per-rank stream (saved by the engine)
     batch_a, batch_b = a.collect(), b.collect()
     for key in batch_a:
         np.testing.assert_array_equal(batch_a[key], batch_b[key], err_msg=key)

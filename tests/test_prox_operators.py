@@ -107,14 +107,27 @@ def test_prox_nuclear_hand_values(dtype):
 
 def test_clip_outliers_hand_values():
     g = torch.arange(1.0, 11.0) * torch.tensor([1.0, -1.0] * 5)  # |g| = 1..10
-    out = clip_outliers(g, q=0.9)  # 9th smallest |g| = 9
-    assert out.abs().max() == 9.0
-    assert out[-1] == -9.0 and out[-2] == 9.0 and torch.equal(out[:8], g[:8])
-    big = torch.randn(3_000_000, generator=_gen())  # above torch.quantile's size comfort
+    out = clip_outliers(g, q=0.9)  # linear interpolation at rank 0.9·9 = 8.1: τ = 9.1 (ROOT's torch.quantile)
+    assert out.abs().max() == pytest.approx(9.1)
+    assert out[-1] == pytest.approx(-9.1) and out[-2] == 9.0 and torch.equal(out[:9], g[:9])
+    small = torch.tensor([0.5, -2.0, 3.0])  # τ = quantile([0.5, 2, 3], 0.9) = 2.8: the 3 is clipped
+    assert clip_outliers(small, 0.9)[2] == pytest.approx(2.8)
+    big = torch.randn(3_000_000, generator=_gen())
     tau = clip_outliers(big, 0.5).abs().max()
     assert abs(float(tau) - 0.6745) < 0.01  # median of |N(0,1)|
     tau_s = clip_outliers(big, 0.5, sample_size=2**16).abs().max()
     assert abs(float(tau_s) - 0.6745) < 0.02
+
+
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9, 0.97, 1.0])
+def test_clip_outliers_equals_torch_quantile_and_selection_path_agrees(q, monkeypatch):
+    from rlprox.prox import operators
+
+    g = torch.randn(1001, generator=_gen())
+    tau = torch.quantile(g.abs(), q)
+    torch.testing.assert_close(clip_outliers(g, q), g.clamp(-tau, tau), rtol=0, atol=0)
+    monkeypatch.setattr(operators, "QUANTILE_MAX_NUMEL", 100)  # force the selection path
+    torch.testing.assert_close(operators.clip_outliers(g, q), g.clamp(-tau, tau), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------- SEF

@@ -100,7 +100,7 @@ def test_recipes_command_lists_descriptions(capsys):
 def test_error_is_recipe_error():
     with pytest.raises(RecipeError) as info:
         load_recipe({"algo": "ppo", "bogus": 1})
-    assert str(info.value) == "recipe error: bogus: unknown key"
+    assert str(info.value).startswith("recipe error: bogus: unknown key (algo ppo takes: algo, description, env, optim, ppo, regularizers, run, seed)")
 
 
 def test_rewards_command(capsys):

@@ -39,7 +39,7 @@ def test_penalty_mode_adds_to_loss_and_schedule_sets_lambda(tiny_recipe):
 
 @pytest.mark.parametrize("regs,message", [
     ([{"type": "wgsef", "params": "policy.nothing.*", "k": 2, "lam": 1.0}], "regularizers[0].params: 'policy.nothing.*' matches no parameter"),
-    ([{"type": "wgsf", "params": "policy.*", "lam": 1.0}], "regularizers[0]: regularizer field 'type': unknown type 'wgsf' (did you mean 'wgsef'?)"),
+    ([{"type": "wgsf", "params": "policy.*", "lam": 1.0}], "regularizers[0]: regularizer field 'type': unknown regularizer type 'wgsf' (did you mean 'wgsef'?)"),
     ([{"type": "l1", "params": "policy.*", "lam": -1.0}], "regularizers[0]: regularizer field 'lam' must be >= 0"),
     ([{"type": "l1", "lam": 1.0}], "regularizers[0].params: a glob"),
     ([{"type": "l1", "params": "policy.*", "lam": 1.0, "schedule": {"type": "linear"}}], "regularizers[0].lam: give either lam or schedule"),

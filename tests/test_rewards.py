@@ -41,14 +41,14 @@ def test_plugin_by_module_function_and_its_errors():
     assert torch.allclose(fn(images, ["", ""], [{}, {}]), torch.tensor([0.25, 0.25]))
     with pytest.raises(ValueError, match="cannot import module 'no_such_mod'"):
         get_reward("no_such_mod:fn")
-    with pytest.raises(ValueError, match="has no function 'nope'"):
+    with pytest.raises(ValueError, match="has no attribute .nope."):
         get_reward("rlprox.rewards:nope")
 
 
 def test_options_are_bound_and_checked():
-    with pytest.raises(ValueError, match="has no option 'clasifier'.*did you mean 'classifier'"):
+    with pytest.raises(ValueError, match="unknown option .clasifier.*did you mean .classifier."):
         get_reward("digits_alignment", clasifier="x")
-    with pytest.raises(ValueError, match="has no option 'scale'"):
+    with pytest.raises(ValueError, match="unknown option .scale."):
         get_reward("brightness", scale=2)
 
 

@@ -12,7 +12,7 @@ def sparse_recipe(tmp_path, overrides=(), **run):
     data = {
         "algo": "sparse",
         "seed": 4,
-        "run": {"name": "s", "output_dir": str(tmp_path), "iterations": 2, "eval_episodes": 1, "log_with": [], "progress": False, "plot": False, **run},
+        "run": {"name": "s", "output_dir": str(tmp_path), "iterations": 2, "eval_size": 1, "log_with": [], "progress": False, "plot": False, **run},
         "sparse": {"hidden_sizes": [24, 16], "batch_size": 64},
         "optim": {"lr": 3e-3, "max_grad_norm": 0.0},
         "regularizers": [{"type": "wgsef", "params": "net.hidden.*.weight", "k": 8, "lam": 1.0, "exact_k": True}],

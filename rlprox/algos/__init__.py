@@ -1,0 +1,65 @@
+"""The trainer registry.
+
+Each trainer module registers a ``TrainerSpec`` when it is imported: its recipe
+sections (name -> config dataclass), its ``build(recipe, runtime)``, its
+``validate(recipe)`` and what its evaluation takes. ``rlprox.recipe`` and the CLI look
+trainers up here; the built-in ones are *lazy* (the registry knows which module
+registers each name and imports only the one a recipe asks for), so importing the
+recipe layer loads no trainer.
+
+A trainer defined elsewhere (a test, a user package) registers itself the same way::
+
+    register_trainer(TrainerSpec(name="bandit", sections={"bandit": BanditConfig}, build=Bandit))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlprox.errors import RecipeError, RegistryError
+from rlprox.registry import Registry
+
+BUILTIN = {
+    "ppo": "rlprox.algos.ppo",
+    "sparse": "rlprox.algos.sparse",
+}
+
+EVAL_FLAGS = ("deterministic", "prompts")  # optional `rlprox eval` flags a trainer may accept
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """What the engine, the recipe parser and the CLI need to know about a trainer."""
+
+    name: str
+    build: Callable[..., Any]  # build(recipe, runtime) -> Algorithm (rlprox.engine.Algorithm)
+    sections: dict[str, type] = field(default_factory=dict)  # recipe section -> config dataclass, in order
+    validate: Callable[[Any], None] | None = None  # validate(recipe): cross-field checks, RecipeError
+    description: str = ""  # one line for `rlprox --help` / docs
+    eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
+    eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours
+
+    def __post_init__(self):
+        unknown = set(self.eval_flags) - set(EVAL_FLAGS)
+        if unknown:
+            raise ValueError(f"trainer {self.name!r}: unknown eval flags {sorted(unknown)}; known: {EVAL_FLAGS}")
+
+
+TRAINERS = Registry("algorithm", lazy=BUILTIN)
+
+
+def register_trainer(spec: TrainerSpec) -> TrainerSpec:
+    TRAINERS.register(spec.name, spec, description=spec.description)
+    return spec
+
+
+def trainer_spec(name: str) -> TrainerSpec:
+    """The registered trainer ``name``; a RecipeError naming ``algo`` otherwise."""
+    if not isinstance(name, str) or ":" in name:
+        raise RecipeError("algo", f"expected a registered trainer name (got {name!r}); known: {', '.join(TRAINERS.names())}")
+    try:
+        return TRAINERS.get(name)
+    except RegistryError as err:
+        raise RecipeError("algo", str(err).replace(", or 'module:attr'", "")) from None

@@ -30,9 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.errors import RecipeError
 from rlprox.models.sparse_mlp import SparseMLP, compact, latency, num_params, zero_neurons
 
 if TYPE_CHECKING:
+    from rlprox.engine import EvalRequest, EvalShard, Runtime
     from rlprox.recipe import Recipe
 
 NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 64, 10, 1797
@@ -56,8 +59,6 @@ def train_size(cfg: SparseConfig) -> int:
 
 
 def validate(recipe: "Recipe") -> None:
-    from rlprox.recipe import RecipeError
-
     cfg = recipe.sparse
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise RecipeError("sparse.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})")
@@ -93,32 +94,29 @@ def load_split(holdout_every: int, standardize: bool) -> tuple[torch.Tensor, tor
     return x_train, y[~test], x_test, y[test]
 
 
-def build(recipe: "Recipe", accelerator, train: bool = True) -> "SparseClassifier":
-    return SparseClassifier(recipe, accelerator, train=train)
-
-
 class SparseClassifier:
     """collect / minibatches / loss / evaluate / model_stats for the engine."""
 
     curve = ("progress/iteration", "eval/accuracy")
 
-    def __init__(self, recipe: "Recipe", accelerator, train: bool = True):
+    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
         self.recipe, self.cfg = recipe, recipe.sparse
-        self.accelerator = accelerator
-        self.device = accelerator.device
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.runtime = runtime
+        self.device = runtime.device
+        self.rank, self.world = runtime.rank, runtime.world
         self.update_epochs = self.cfg.epochs_per_iteration
         split = load_split(self.cfg.holdout_every, self.cfg.standardize)
         self.x_train, self.y_train, self.x_test, self.y_test = (t.to(self.device) for t in split)
-        self.net = SparseMLP(NUM_FEATURES, self.cfg.hidden_sizes, NUM_CLASSES, self.cfg.activation).to(self.device)
+        self.net = SparseMLP(NUM_FEATURES, self.cfg.hidden_sizes, NUM_CLASSES, self.cfg.activation)
         self.modules = {"net": self.net}
-        # same seed on every rank: all ranks draw the same permutation and each takes
-        # its own slice of every minibatch, so N processes == 1 process, same batch
+        # deliberately NOT the engine's per-rank stream: all ranks draw the same
+        # permutation and each takes its own slice of every minibatch, so N processes
+        # == 1 process on the same batch
         self.gen = torch.Generator().manual_seed(recipe.seed)
         self.examples_seen = 0  # all processes
 
     def _unwrapped(self) -> SparseMLP:
-        return self.accelerator.unwrap_model(self.modules["net"])
+        return self.runtime.unwrap(self.modules["net"])
 
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
@@ -159,24 +157,29 @@ class SparseClassifier:
 
     # ------------------------------------------------------------------ EVALUATE
     @torch.no_grad()
-    def evaluate(self, episodes: int | None = None, deterministic: bool | None = None, seed: int | None = None) -> dict:
-        """Held-out accuracy of the current (dense, masked) network and of its compacted
-        copy. The whole held-out split is used: ``episodes``, ``deterministic`` and
-        ``seed`` (the CLI's evaluation knobs) do not apply to a classifier."""
+    def evaluate(self, request: "EvalRequest") -> "EvalShard":
+        """Held-out accuracy and cross-entropy of the current (dense, masked) network
+        and accuracy of its compacted copy, per example. The whole held-out split is
+        always used (``request.num`` does not apply to a classifier); process r takes
+        every world-th example from the r-th."""
+        from rlprox.engine import EvalShard
+
         net = self._unwrapped()
+        x, y = self.x_test[request.rank :: request.world], self.y_test[request.rank :: request.world]
         was_training = net.training
         net.eval()
-        logits = net(self.x_test)
+        logits = net(x)
         net.train(was_training)
         small = compact(net)
-        zero = zero_neurons(net)
-        return {
-            "eval/accuracy": _accuracy(logits, self.y_test),
-            "eval/loss": float(F.cross_entropy(logits, self.y_test)),
-            "eval/compact_accuracy": _accuracy(small(self.x_test), self.y_test),
-            "eval/hidden_removed_fraction": sum(zero) / sum(self.cfg.hidden_sizes),
-            "eval/episodes": len(self.y_test),  # held-out examples (the CLI prints this count)
-        }
+        return EvalShard(values={
+            "accuracy": (logits.argmax(1) == y).float().tolist(),
+            "loss": F.cross_entropy(logits, y, reduction="none").tolist(),
+            "compact_accuracy": (small(x).argmax(1) == y).float().tolist(),
+        })
+
+    def summarize_eval(self, values: dict) -> dict:
+        zero = zero_neurons(self._unwrapped())
+        return {"hidden_removed_fraction": sum(zero) / sum(self.cfg.hidden_sizes)}
 
     @torch.no_grad()
     def model_stats(self, measure_latency: bool = True) -> dict:
@@ -220,3 +223,13 @@ class SparseClassifier:
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
+
+
+register_trainer(TrainerSpec(
+    name="sparse",
+    build=SparseClassifier,
+    sections={"sparse": SparseConfig},
+    validate=validate,
+    description="structured-sparse supervised MLP on scikit-learn's digits, compacted after training",
+    eval_unit="examples",
+))

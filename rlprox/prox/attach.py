@@ -21,6 +21,7 @@ import fnmatch
 
 import torch
 
+from rlprox.errors import RecipeError
 from rlprox.prox.optim import ProxOptimizer
 from rlprox.prox.regularizers import build_regularizer
 from rlprox.prox.schedules import build_schedule
@@ -45,8 +46,6 @@ def _numbers(spec: dict) -> dict:
 
 def parse_spec(spec: dict, index: int):
     """Build (regularizer, schedule, mode) from one recipe entry; RecipeError on bad input."""
-    from rlprox.recipe import RecipeError
-
     key = f"regularizers[{index}]"
     if not isinstance(spec, dict) or "type" not in spec:
         raise RecipeError(key, "expected a mapping with a 'type' key")
@@ -100,11 +99,11 @@ class AttachedRegularizer:
         return out
 
 
-def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict]):
+def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict], frozen_names: list[str] = ()):
     """Wrap ``optimizer`` in a ProxOptimizer carrying the recipe's prox-mode
-    regularizers; return (optimizer, [AttachedRegularizer])."""
-    from rlprox.recipe import RecipeError
-
+    regularizers; return (optimizer, [AttachedRegularizer]). ``named_params`` are the
+    trainable parameters; a glob that matches any of ``frozen_names`` is an error
+    (regularizers act on trained parameters only)."""
     attached = []
     prox_pairs = []
     claimed: dict[str, int] = {}
@@ -112,6 +111,9 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
         reg, schedule, mode = parse_spec(spec, i)
         spec = _numbers(spec)
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
+        frozen = [n for n in frozen_names if fnmatch.fnmatchcase(n, spec["params"])]
+        if frozen:
+            raise RecipeError(f"regularizers[{i}].params", f"{spec['params']!r} matches frozen parameter {frozen[0]!r} ({len(frozen)} in all); regularizers act on trained parameters only")
         if not names:
             shown = ", ".join(list(named_params)[:12])
             raise RecipeError(f"regularizers[{i}].params", f"{spec['params']!r} matches no parameter; parameters are: {shown}{', ...' if len(named_params) > 12 else ''}")

@@ -400,11 +400,15 @@ def prox_wgsef(v: torch.Tensor, k: int, t, d=None, exact_k: bool = False) -> tor
 # ---------------------------------------------------------------------------- gradients
 
 
-def clip_outliers(g: torch.Tensor, q: float = 0.9, sample_size: int | None = None) -> torch.Tensor:
-    """Clip to ±τ with τ the q-quantile of |g| (ROOT's robust step).
+QUANTILE_MAX_NUMEL = 1 << 24  # torch.quantile refuses larger inputs
 
-    τ is the ⌈q·n⌉-th smallest |g_i| (the lower / inverted-CDF quantile), found with
-    ``kthvalue`` (linear-time selection, no size limit unlike ``torch.quantile``).
+
+def clip_outliers(g: torch.Tensor, q: float = 0.9, sample_size: int | None = None) -> torch.Tensor:
+    """Clip to ±τ with τ = the q-quantile of |g| (ROOT's robust step).
+
+    τ is ``torch.quantile(|g|, q)`` (linear interpolation between the order statistics
+    around q·(n − 1)). For tensors ``torch.quantile`` refuses (over 2²⁴ entries) the
+    same value is found by selection (two ``kthvalue`` calls), with no size limit.
     With ``sample_size`` set and n larger, τ is estimated from an evenly strided sample
     of about that many entries (cheaper for very large tensors; approximate).
     """
@@ -416,9 +420,14 @@ def clip_outliers(g: torch.Tensor, q: float = 0.9, sample_size: int | None = Non
     n = flat.numel()
     if n == 0:
         return g.clone()
-    kth = min(max(int(math.ceil(q * n)), 1), n)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        tau = flat.float().abs().kthvalue(kth).values.to(flat.dtype)
+    mags = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
+    if n <= QUANTILE_MAX_NUMEL:
+        tau = torch.quantile(mags, q)
     else:
-        tau = flat.abs().kthvalue(kth).values
+        rank = q * (n - 1)
+        below, above = math.floor(rank), math.ceil(rank)
+        lo = mags.kthvalue(below + 1).values
+        hi = mags.kthvalue(above + 1).values if above != below else lo
+        tau = torch.lerp(lo, hi, torch.tensor(rank - below, dtype=mags.dtype, device=mags.device))
+    tau = tau.to(g.dtype)
     return g.clamp(-tau, tau)

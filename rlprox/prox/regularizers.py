@@ -12,21 +12,22 @@ operator applied is the prox of η·λ·R, exactly the proximal-gradient step
 x ← prox_{ηλR}(x − η∇f(x)). Group types view a parameter as
 ``param.view(param.shape[0], -1)``: one group per row (output neuron / channel).
 
-Types are registered by name in ``REGULARIZERS``; ``build_regularizer`` builds one from a
-recipe entry such as ``{"type": "wgsef", "k": 16, "lam": 1e-3}``; a custom type is given
-as ``"module:Class"``.
+Types are registered by name in ``REGULARIZERS`` (an ``rlprox.registry.Registry``);
+``build_regularizer`` builds one from a recipe entry such as
+``{"type": "wgsef", "k": 16, "lam": 1e-3}``; a custom type is given as ``"module:Class"``.
+Structural sizes (``k`` of ``wgsef`` and ``topk``) are required: there is no sensible
+default.
 """
 
 from __future__ import annotations
 
 import abc
-import difflib
-import importlib
-import inspect
 
 import torch
 
+from rlprox.errors import RegistryError
 from rlprox.prox import operators as ops
+from rlprox.registry import Registry
 
 __all__ = [
     "Regularizer",
@@ -45,17 +46,12 @@ __all__ = [
     "entropy_bonus",
 ]
 
-REGULARIZERS: dict[str, type] = {}
+REGULARIZERS = Registry("regularizer type")
 
 
 def register_regularizer(name: str):
     """Class decorator: make a Regularizer buildable as ``{"type": name, ...}``."""
-
-    def deco(cls):
-        REGULARIZERS[name] = cls
-        return cls
-
-    return deco
+    return REGULARIZERS.register(name)
 
 
 def _rows(param: torch.Tensor) -> torch.Tensor:
@@ -171,7 +167,7 @@ class TopK(Regularizer):
     (keep the k largest |x_i|; ``absolute=False`` keeps the k largest values then ReLU).
     λ is unused; the penalty is 0."""
 
-    def __init__(self, lam: float = 0.0, k: int = 1, absolute: bool = True):
+    def __init__(self, k: int, lam: float = 0.0, absolute: bool = True):
         super().__init__(lam)
         if int(k) < 1:
             raise ValueError(f"regularizer field 'k' must be >= 1 (got {k})")
@@ -234,7 +230,7 @@ class WGSEF(Regularizer):
 
     grouped = True
 
-    def __init__(self, lam: float = 0.0, k: int = 1, d=None, exact_k: bool = False):
+    def __init__(self, k: int, lam: float = 0.0, d=None, exact_k: bool = False):
         super().__init__(lam)
         if int(k) < 1:
             raise ValueError(f"regularizer field 'k' must be >= 1 (got {k})")
@@ -254,28 +250,6 @@ class WGSEF(Regularizer):
         return ops.prox_wgsef(x, self.k, t, d=self.d, exact_k=self.exact_k)
 
 
-def _resolve_type(name: str) -> type:
-    if name in REGULARIZERS:
-        return REGULARIZERS[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"regularizer field 'type': cannot import {name!r} ({e})") from None
-        if not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
-            raise ValueError(
-                f"regularizer field 'type': {name!r} has no penalty()/prox() methods"
-            )
-        return cls
-    hint = difflib.get_close_matches(name, REGULARIZERS, n=1)
-    hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-    raise ValueError(
-        f"regularizer field 'type': unknown type {name!r}{hint}; "
-        f"known: {', '.join(sorted(REGULARIZERS))} or 'module:Class'"
-    )
-
-
 def build_regularizer(spec: dict):
     """Build a regularizer from ``{"type": name_or_module:Class, "lam": ..., **kwargs}``.
 
@@ -284,28 +258,20 @@ def build_regularizer(spec: dict):
     """
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError("regularizer field 'type' is missing")
-    kwargs = {k: v for k, v in spec.items() if k not in ("type", "params")}
     name = spec["type"]
     if not isinstance(name, str):
         raise ValueError(f"regularizer field 'type' must be a string (got {name!r})")
-    cls = _resolve_type(name)
-    sig = inspect.signature(cls)
-    params = sig.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if not takes_any:
-        for key in kwargs:
-            if key not in params:
-                hint = difflib.get_close_matches(key, list(params), n=1)
-                hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ValueError(f"regularizer {name!r}: unknown field {key!r}{hint}")
+    kwargs = {k: v for k, v in spec.items() if k not in ("type", "params")}
     try:
-        sig.bind(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"regularizer {name!r}: {e}") from None
+        cls = REGULARIZERS.get(name)
+    except RegistryError as err:
+        raise ValueError(f"regularizer field 'type': {err}") from None
+    if ":" in name and not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
+        raise ValueError(f"regularizer field 'type': {name!r} has no penalty()/prox() methods")
     try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"regularizer {name!r}: {e}") from None
+        return REGULARIZERS.build(name, kwargs)
+    except RegistryError as err:
+        raise ValueError(str(err)) from None
 
 
 # ------------------------------------------------------------------ loss-side regularizers

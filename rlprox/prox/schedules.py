@@ -7,10 +7,11 @@ from a recipe entry; a bare number means a constant.
 from __future__ import annotations
 
 import bisect
-import difflib
-import inspect
 import math
 from dataclasses import dataclass
+
+from rlprox.errors import RegistryError
+from rlprox.registry import Registry
 
 __all__ = ["constant", "linear", "cosine", "piecewise_sine", "SCHEDULES", "build_schedule"]
 
@@ -91,12 +92,9 @@ class piecewise_sine:
         return f"piecewise_sine(peaks={self.peaks}, ends={self.ends}, start={self.start})"
 
 
-SCHEDULES = {
-    "constant": constant,
-    "linear": linear,
-    "cosine": cosine,
-    "piecewise_sine": piecewise_sine,
-}
+SCHEDULES = Registry("schedule")
+for _name, _cls in (("constant", constant), ("linear", linear), ("cosine", cosine), ("piecewise_sine", piecewise_sine)):
+    SCHEDULES.register(_name, _cls)
 
 
 def build_schedule(spec):
@@ -107,20 +105,13 @@ def build_schedule(spec):
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError("schedule field 'type' is missing")
     name = spec["type"]
-    if name not in SCHEDULES:
-        hint = difflib.get_close_matches(str(name), SCHEDULES, n=1)
-        hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"schedule field 'type': unknown schedule {name!r}{hint}; "
-                         f"known: {', '.join(SCHEDULES)}")
-    cls = SCHEDULES[name]
-    kwargs = {k: v for k, v in spec.items() if k != "type"}
-    params = inspect.signature(cls).parameters
-    for key in kwargs:
-        if key not in params:
-            hint = difflib.get_close_matches(key, list(params), n=1)
-            hint = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"schedule {name!r}: unknown field {key!r}{hint}")
-    missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
-    if missing:
-        raise ValueError(f"schedule {name!r}: missing field {missing[0]!r}")
-    return cls(**kwargs)
+    if not isinstance(name, str) or ":" in name:
+        raise ValueError(f"schedule field 'type': expected one of {', '.join(SCHEDULES.names())} (got {name!r})")
+    try:
+        SCHEDULES.get(name)
+    except RegistryError as err:
+        raise ValueError(f"schedule field 'type': {err}") from None
+    try:
+        return SCHEDULES.build(name, {k: v for k, v in spec.items() if k != "type"})
+    except RegistryError as err:
+        raise ValueError(str(err)) from None

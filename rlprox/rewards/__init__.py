@@ -14,52 +14,29 @@ function (checked against its signature) and passed on every call.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import importlib
-import inspect
 from collections.abc import Callable
 
 import torch
 
-RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
-_REGISTRY: dict[str, RewardFn] = {}
+from rlprox.errors import RegistryError
+from rlprox.registry import Registry
 
-__all__ = ["register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness"]
+RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
+REWARDS = Registry("reward")
+CALL_ARGS = ("images", "prompts", "metadata")
+
+__all__ = ["REWARDS", "register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness"]
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make ``fn`` available as ``get_reward(name)``."""
-
-    def decorator(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"reward {name!r} is already registered ({_REGISTRY[name].__module__})")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return REWARDS.register(name)
 
 
 def list_rewards() -> dict[str, str]:
     """{name: one-line description} of the registered rewards."""
-    return {name: _summary(fn) for name, fn in sorted(_REGISTRY.items())}
-
-
-def _summary(fn: RewardFn) -> str:
-    doc = inspect.getdoc(fn) or ""
-    return doc.splitlines()[0] if doc else ""
-
-
-def _load_plugin(spec: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+    return REWARDS.describe()
 
 
 def get_reward(name: str, **kwargs) -> RewardFn:
@@ -68,30 +45,10 @@ def get_reward(name: str, **kwargs) -> RewardFn:
     Raises a one-line ``ValueError`` for unknown names (with a did-you-mean) and for
     keyword arguments the reward does not accept.
     """
-    if ":" in name:
-        fn = _load_plugin(name)
-    elif name in _REGISTRY:
-        fn = _REGISTRY[name]
-    else:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown reward {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}, "
-            "or give 'module:function'"
-        )
-    if not kwargs:
-        return fn
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in kwargs:
-        if not takes_any and (key not in params or key in ("images", "prompts", "metadata")):
-            accepted = [k for k in params if k not in ("images", "prompts", "metadata")]
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"reward {name!r} has no option {key!r}{hint}; options: {', '.join(accepted) or 'none'}"
-            )
-    return functools.partial(fn, **kwargs)
+    try:
+        return REWARDS.bind(name, kwargs, reserved=CALL_ARGS)
+    except RegistryError as err:
+        raise ValueError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -103,11 +60,10 @@ def brightness(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -
 
 @functools.lru_cache(maxsize=4)
 def _classifier(spec: str, seed: int):
-    from rlprox.zoo.build import resolve
+    from rlprox.zoo.build import resolve_path
     from rlprox.zoo.classifier import DigitsClassifier
 
-    path = resolve(spec, seed=seed) if spec.startswith("zoo:") else spec
-    return DigitsClassifier.from_pretrained(path)
+    return DigitsClassifier.from_pretrained(resolve_path(spec, seed=seed))
 
 
 @register_reward("digits_alignment")

@@ -4,7 +4,8 @@ Names: ``digits-classifier``, ``digits-sd``, ``digits-vq``, ``digits-gpt`` (the 
 trained on digits-vq tokens of the same seed, which is built first if missing).
 
 A model lives in ``<cache>/<name>-seed<S>/`` (``-micro`` appended for micro builds),
-where ``<cache>`` is ``$RLPROX_CACHE/zoo`` or ``~/.cache/rlprox/zoo``. A build trains
+where ``<cache>`` is ``$RLPROX_CACHE/zoo``, else ``$XDG_CACHE_HOME/rlprox/zoo``, else
+``~/.cache/rlprox/zoo``. A build trains
 in a temporary sibling directory and renames it into place, so a directory that exists
 is complete. Each model directory also holds ``build_info.json`` (steps, seconds,
 held-out metrics) and, for the generators, ``samples.png`` (prompts × seeds).
@@ -27,12 +28,10 @@ from pathlib import Path
 
 import torch
 
-MODELS: dict[str, str] = {
-    "digits-classifier": "CNN digit+colour classifier: reward model and FID-proxy features",
-    "digits-sd": "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image",
-    "digits-vq": "LlamaGen-style VQ tokenizer, 16×16 image -> 4×4 codes (128-entry codebook)",
-    "digits-gpt": "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)",
-}
+from rlprox.errors import RegistryError
+from rlprox.registry import Registry, check_kwargs
+
+MODELS = Registry("zoo model")
 GRID_SEEDS = 4
 MICRO_FRACTION = 0.05
 GPT_RECOMMENDED_CFG = 1.5
@@ -58,8 +57,10 @@ class BuildOptions:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("RLPROX_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "rlprox") / "zoo"
+    if os.environ.get("RLPROX_CACHE"):
+        return Path(os.environ["RLPROX_CACHE"]) / "zoo"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlprox" / "zoo"
 
 
 def model_dir(name: str, seed: int = 0, micro: bool = False) -> Path:
@@ -68,12 +69,12 @@ def model_dir(name: str, seed: int = 0, micro: bool = False) -> Path:
 
 
 def _check_name(name: str) -> None:
-    if name not in MODELS:
-        import difflib
-
-        close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown zoo model {name!r}{hint}; known: {', '.join(MODELS)}")
+    if not isinstance(name, str) or ":" in name:
+        raise ValueError(f"zoo model must be one of {', '.join(MODELS.names())} (got {name!r})")
+    try:
+        MODELS.get(name)
+    except RegistryError as err:
+        raise ValueError(str(err).replace(", or 'module:attr'", "")) from None
 
 
 def resolve(spec: str, seed: int = 0, micro: bool = False, **options) -> Path:
@@ -89,13 +90,32 @@ def resolve(spec: str, seed: int = 0, micro: bool = False, **options) -> Path:
     return build(name, seed=seed, micro=micro, **options)
 
 
+def resolve_path(spec: str | Path, seed: int = 0, micro: bool = False) -> Path:
+    """The one place where a model spec becomes a local path: ``zoo:NAME`` is resolved
+    (built on first use), anything else is taken as a path. Loaders take paths."""
+    if str(spec).startswith("zoo:"):
+        return resolve(str(spec), seed=seed, micro=micro)
+    return Path(spec)
+
+
+def load_gpt_and_vq(path: str | Path):
+    """A digits-gpt directory (or ``zoo:digits-gpt``) and the digits-vq it was trained on."""
+    from rlprox.zoo.gpt import Transformer
+    from rlprox.zoo.vq import VQModel
+
+    path = resolve_path(path)
+    info = build_info(path)
+    vq_path = resolve(info["vq"], seed=info["vq_seed"], micro=info["options"]["micro"])
+    return Transformer.from_pretrained(path), VQModel.from_pretrained(vq_path)
+
+
 def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **options) -> Path:
     """Train ``name`` and write it atomically into the cache; returns its directory."""
     _check_name(name)
-    fields = {f.name for f in dataclasses.fields(BuildOptions)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"unknown zoo build option {unknown[0]!r}; options: {', '.join(sorted(fields))}")
+    try:
+        check_kwargs(BuildOptions, options, "zoo build", reserved=("micro",))
+    except RegistryError as err:
+        raise ValueError(str(err)) from None
     opts = BuildOptions(micro=micro, **options)
     final = model_dir(name, seed, micro)
     if final.is_dir() and not force:
@@ -112,7 +132,7 @@ def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         start = time.perf_counter()
-        info = _BUILDERS[name](tmp, seed, opts)
+        info = MODELS[name](tmp, seed, opts)
         info.update(
             name=name, seed=seed, build_seconds=round(time.perf_counter() - start, 1),
             options=dataclasses.asdict(opts), torch_version=torch.__version__,
@@ -151,7 +171,8 @@ def _build_classifier(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 
 def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
-    from rlprox.zoo.data import grid_prompts, load_digits_world, save_image_grid
+    from rlprox.images import save_image_grid
+    from rlprox.zoo.data import grid_prompts, load_digits_world
     from rlprox.zoo.sd import (
         RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, sample_sd, train_sd_pipeline,
         vae_reconstruction_mse,
@@ -164,7 +185,7 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
     pipe.save_pretrained(str(out))
     prompts = grid_prompts()
     per_seed = [sample_sd(pipe, prompts, seed=s) for s in range(GRID_SEEDS)]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png")
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png", scale=4)
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, load_digits_world("heldout")),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
@@ -174,7 +195,8 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 
 def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
-    from rlprox.zoo.data import COLOUR_NAMES, load_digits_world, save_image_grid
+    from rlprox.images import save_image_grid
+    from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
     from rlprox.zoo.vq import encode_tokens, reconstruction_mse, train_vq
 
     model = train_vq(
@@ -188,7 +210,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     sample = held.images[[i * stride + i % len(COLOUR_NAMES) for i in range(10)]]
     with torch.no_grad():
         recon = model.decode_code(encode_tokens(model, sample))
-    save_image_grid(torch.cat([sample, recon]), 2, out / "samples.png")
+    save_image_grid(torch.cat([sample, recon]), 2, out / "samples.png", scale=4)
     used = encode_tokens(model, held.images).unique().numel()
     return {
         "heldout_recon_mse": reconstruction_mse(model, held.images),
@@ -198,7 +220,8 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 
 def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
-    from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt, save_image_grid
+    from rlprox.images import save_image_grid
+    from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
     from rlprox.zoo.gpt import generate, train_gpt
     from rlprox.zoo.vq import VQModel, encode_tokens
 
@@ -221,7 +244,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
         vq.decode_code(generate(model, classes, cfg_scale=GPT_RECOMMENDED_CFG, generator=gen))
         for _ in range(GRID_SEEDS)
     ]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png")
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png", scale=4)
     return {
         "vq": "zoo:digits-vq",
         "vq_seed": seed,
@@ -230,9 +253,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-_BUILDERS = {
-    "digits-classifier": _build_classifier,
-    "digits-sd": _build_sd,
-    "digits-vq": _build_vq,
-    "digits-gpt": _build_gpt,
-}
+MODELS.register("digits-classifier", _build_classifier, "CNN digit+colour classifier: reward model and FID-proxy features")
+MODELS.register("digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image")
+MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 4×4 codes (128-entry codebook)")
+MODELS.register("digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)")

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
-from rlprox.zoo.pretrained import PretrainedMixin
+from rlprox.zoo.pretrained import ZooModule
 
 
-class DigitsClassifier(PretrainedMixin, nn.Module):
+class DigitsClassifier(ZooModule):
     """conv32-conv32-pool-conv64-conv64-pool -> fc(feature_dim) -> {digit, colour} heads."""
 
     def __init__(self, width: int = 32, feature_dim: int = 64):

@@ -33,11 +33,11 @@ def run_zoo(args: argparse.Namespace) -> int:
     command = getattr(args, "zoo_command", None)
     if command in (None, "list"):
         print(f"zoo cache: {cache_root()}")
-        for name, description in MODELS.items():
+        for name, description in MODELS.describe().items():
             state = "built" if model_dir(name, 0).is_dir() else "not built"
             print(f"  {name:<18} {description} [seed 0: {state}]")
         return 0
-    names = list(MODELS) if args.name == "all" else [args.name]
+    names = MODELS.names() if args.name == "all" else [args.name]
     try:
         for name in names:
             path = build(name, seed=args.seed, micro=args.micro, force=args.force,

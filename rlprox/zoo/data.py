@@ -126,19 +126,3 @@ def grid_prompts() -> list[str]:
     """Ten prompts, one per digit, cycling through the colours: the sample-grid rows."""
     return [prompt_for(d, d % len(COLOUR_NAMES)) for d in range(len(DIGIT_WORDS))]
 
-
-def save_image_grid(images: torch.Tensor, rows: int, path, scale: int = 4) -> None:
-    """Save (rows·cols, 3, H, W) images in [0,1] as one PNG, row major, upscaled ×scale."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    cols = n // rows
-    pad = 1
-    grid = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad) * 0.5
-    for k in range(rows * cols):
-        r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[:, y : y + h, x : x + w] = images[k].clamp(0, 1)
-    grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(array).save(path)

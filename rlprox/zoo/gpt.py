@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlprox.zoo.pretrained import PretrainedMixin
+from rlprox.zoo.pretrained import ZooModule
 
 
 class RMSNorm(nn.Module):
@@ -140,7 +140,7 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
-class Transformer(PretrainedMixin, nn.Module):
+class Transformer(ZooModule):
     """Class-conditional GPT. ``block_size`` = number of image tokens (grid²)."""
 
     def __init__(
@@ -333,18 +333,3 @@ def train_gpt(tokens, classes, steps: int, batch_size: int = 128, lr: float = 1e
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
-
-
-def load_gpt_and_vq(path) -> tuple[Transformer, "VQModel"]:  # noqa: F821
-    """A digits-gpt directory (or ``zoo:digits-gpt``) and the digits-vq it was trained on."""
-    import json
-    from pathlib import Path
-
-    from rlprox.zoo.build import resolve
-    from rlprox.zoo.vq import VQModel
-
-    if str(path).startswith("zoo:"):
-        path = resolve(str(path))
-    info = json.loads((Path(path) / "build_info.json").read_text())
-    vq_path = resolve(info["vq"], seed=info["vq_seed"], micro=info["options"]["micro"])
-    return Transformer.from_pretrained(path), VQModel.from_pretrained(vq_path)

@@ -1,55 +1,44 @@
-"""``save_pretrained`` / ``from_pretrained`` for the zoo's plain-torch models.
+"""Saving and loading the zoo's plain-torch models through huggingface_hub's
+``PyTorchModelHubMixin``.
 
-A model directory holds ``config.json`` (the constructor's keyword arguments) and
-``model.safetensors`` (the state dict), the layout diffusers and transformers use.
+A model directory holds ``config.json`` (the constructor's keyword arguments plus
+``model_type``) and ``model.safetensors``, the layout diffusers and transformers use.
+Loading takes a local path only (resolving ``zoo:NAME`` specs is
+``rlprox.zoo.build.resolve_path``'s job), is strict about the weights, and refuses a
+directory that holds another model type with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
-class PretrainedMixin:
-    """Mixin for an ``nn.Module`` whose ``__init__`` takes only JSON-able keywords.
-
-    The subclass stores those keywords in ``self.config`` (a dict).
-    """
+class ZooModule(nn.Module, PyTorchModelHubMixin):
+    """Base of the zoo models. The subclass keeps its constructor's keywords in
+    ``self.config`` (a JSON-able dict)."""
 
     config: dict
 
-    def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": type(self).__name__, **self.config}
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME))
+    def save_pretrained(self, path: str | Path, **kwargs) -> None:
+        super().save_pretrained(str(path), config={"model_type": type(self).__name__, **self.config}, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu"):
-        """Load from a local directory, or from a ``zoo:NAME`` spec (built if missing)."""
-        from safetensors.torch import load_file
-
-        if str(path).startswith("zoo:"):
-            from rlprox.zoo.build import resolve
-
-            path = resolve(str(path))
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu", **kwargs):
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{cls.__name__}: no {CONFIG_NAME} in {path}")
-        config = json.loads((path / CONFIG_NAME).read_text())
-        model_type = config.pop("model_type", cls.__name__)
+        model_type = json.loads((path / CONFIG_NAME).read_text()).get("model_type", cls.__name__)
         if model_type != cls.__name__:
             raise ValueError(f"{path} holds a {model_type}, not a {cls.__name__}")
-        model: nn.Module = cls(**config)
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(map_location)))
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints where it loads from
+            model = super().from_pretrained(str(path), map_location=str(map_location), strict=True, **kwargs)
         return model.eval()

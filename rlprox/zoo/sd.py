@@ -304,13 +304,9 @@ def vae_reconstruction_mse(pipe, data: DigitsData) -> float:
 
 
 def load_sd_pipeline(path: str | Path):
-    """``StableDiffusionPipeline.from_pretrained`` on a local path or a ``zoo:`` spec."""
+    """``StableDiffusionPipeline.from_pretrained`` on a local path, progress bars off."""
     from diffusers import StableDiffusionPipeline
 
-    if str(path).startswith("zoo:"):
-        from rlprox.zoo.build import resolve
-
-        path = resolve(str(path))
     pipe = StableDiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlprox.zoo.pretrained import PretrainedMixin
+from rlprox.zoo.pretrained import ZooModule
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -197,7 +197,7 @@ class VectorQuantizer(nn.Module):
         return self.codebook()[indices].permute(0, 3, 1, 2).contiguous()
 
 
-class VQModel(PretrainedMixin, nn.Module):
+class VQModel(ZooModule):
     """LlamaGen-style VQ autoencoder. Images are in [0,1] outside, [-1,1] inside."""
 
     def __init__(
