@@ -264,7 +264,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
             raise RecipeError(str(key), f"unknown key{did_you_mean(str(key), known)} (algo {spec.name} takes: {', '.join(sorted(known))})")
     engine_part = {k: v for k, v in data.items() if k in ENGINE_SECTIONS}
     recipe = Recipe(
-        algo=spec.name,
+        algo=data["algo"],
         seed=_coerce(engine_part.get("seed", 1), int, "seed"),
         description=_coerce(engine_part.get("description", ""), str, "description"),
         run=_coerce(engine_part.get("run"), RunConfig, "run"),

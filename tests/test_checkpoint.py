@@ -2,74 +2,25 @@
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from rlprox import checkpoint
 from rlprox.cli import main
 from rlprox.engine import Engine
 from rlprox.recipe import load_recipe
-from tests.conftest import ROOT
-
-NONDETERMINISTIC = ("perf/", "optim/")  # wall-clock numbers
-
-
-def train_cmd(recipe_path, *extra):
-    return [sys.executable, "-m", "rlprox", "train", str(recipe_path), *extra]
-
-
-def comparable(metrics_path):
-    rows = [json.loads(line) for line in open(metrics_path)]
-    return [{k: v for k, v in row.items() if not k.startswith(NONDETERMINISTIC)} for row in rows]
-
+from tests.crash import kill_resume_equals_uninterrupted
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_recipe):
     iterations = 40
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    recipes = {}
-    for name in ("full", "killed"):
-        data = tiny_recipe(run={"name": name, "iterations": iterations, "save_every": 1, "keep_last": 2}, env={"normalize_obs": True, "normalize_reward": True})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        recipes[name] = path
-    subprocess.run(train_cmd(recipes["full"]), check=True, cwd=ROOT, env=env, capture_output=True)
 
-    kill_after = random.Random().randint(3, 25)
-    proc = subprocess.Popen(train_cmd(recipes["killed"]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = tmp_path / "killed"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = checkpoint.find_latest(run_dir)
-        if latest is not None and int(latest.name.split("-")[1]) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = checkpoint.find_latest(run_dir)
-    assert killed_at is not None and int(killed_at.name.split("-")[1]) < iterations
+    def make(name):
+        return tiny_recipe(run={"name": name, "iterations": iterations, "save_every": 1, "keep_last": 2}, env={"normalize_obs": True, "normalize_reward": True})
 
-    out = subprocess.run(train_cmd(recipes["killed"], "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "resumed from" in out.stderr
-
-    full = load_file(str(tmp_path / "full" / "checkpoints" / f"iter-{iterations:06d}" / "model.safetensors"))
-    resumed = load_file(str(run_dir / "checkpoints" / f"iter-{iterations:06d}" / "model.safetensors"))
-    assert full.keys() == resumed.keys()
-    for key in full:
-        assert torch.equal(full[key], resumed[key]), key
-    a, b = comparable(tmp_path / "full" / "metrics.jsonl"), comparable(run_dir / "metrics.jsonl")
-    assert len(a) == len(b) == iterations
-    assert a == b  # same logged returns and losses, iteration by iteration
+    kill_resume_equals_uninterrupted(tmp_path, make, iterations)
 
 
 def test_crash_during_save_leaves_no_complete_checkpoint(tmp_path, tiny_recipe, monkeypatch):

@@ -40,12 +40,13 @@ def launch(tmp_path, recipe: dict, *overrides):
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)], path
 
 
-def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_recipe):
+@pytest.mark.parametrize("grad_sync", ["allreduce", "ddp"])
+def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_recipe, grad_sync):
     # one minibatch per epoch (the whole local batch) and 2 epochs: the 1-process
     # minibatch is then exactly the union of the two ranks' minibatches
     # SGD: Adam's m/√v turns float-summation-order differences in near-zero gradient
     # components into ±lr steps, which would hide a real mismatch behind the tolerance
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, env={"normalize_obs": True}, optim={"name": "sgd", "lr": 0.05})
+    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, env={"normalize_obs": True}, optim={"name": "sgd", "lr": 0.05}, run={"grad_sync": grad_sync})
     ranks, path = launch(tmp_path, recipe)
     r0, r1 = ranks
     assert not torch.equal(r0["packed"], r1["packed"])  # each rank stepped its own envs
@@ -53,7 +54,7 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_re
     for k in params:
         assert torch.equal(r0[k], r1[k]), k  # identical parameters on both ranks
 
-    engine = Engine(load_recipe(str(path)))
+    engine = Engine(load_recipe(str(path), ["run.grad_sync=allreduce"]))
     before = {k: v.clone() for k, v in engine.algo.policy.state_dict().items()}
     engine.algo.cfg.minibatch_size = 64
     engine.update(torch.cat([r0["packed"], r1["packed"]]))
@@ -108,3 +109,40 @@ def test_two_processes_stop_epochs_together_on_target_kl(tmp_path, tiny_recipe):
     s0, s1 = (json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(2))
     assert s0 == s1  # update stats (the KL the stop is decided on) are global means
     assert s0["loss/epochs"] < 8
+
+
+def torchrun(tmp_path, recipe: dict, *args):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "rlprox", *args, str(path)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("grad_sync", ["allreduce", "ddp"])
+def test_two_processes_lora_with_frozen_encoder(tmp_path, grad_sync):
+    """No DDP error with a frozen module and a peft model; identical adapters on both
+    ranks; different sampling noise per rank; logged stats = mean (or sum) over ranks."""
+    pytest.importorskip("peft")
+    import json
+
+    from tests.toy_lora import toy_recipe
+
+    recipe = toy_recipe(tmp_path, iterations=3, grad_sync=grad_sync)
+    out = torchrun(tmp_path, recipe, "train")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "toy"
+    ranks = [[json.loads(line) for line in open(run_dir / f"toy-rank{r}.jsonl")] for r in range(2)]
+    logged = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert len(logged) == len(ranks[0]) == len(ranks[1]) == 3
+    for row, a, b in zip(logged, *ranks):
+        assert a["toy/first_noise"] != b["toy/first_noise"]  # per-rank generators
+        assert row["reward/mean"] == pytest.approx((a["reward/mean"] + b["reward/mean"]) / 2, rel=1e-6)
+        assert row["toy/first_noise"] == pytest.approx((a["toy/first_noise"] + b["toy/first_noise"]) / 2, rel=1e-6)
+        assert row["toy/samples"] == a["toy/samples"] + b["toy/samples"]  # a "sum" stat
+    # both ranks save their streams; adapters identical: rank 0's checkpoint reloads on rank 1's files
+    ckpt = run_dir / "checkpoints" / "iter-000003"
+    g0, g1 = (load_file(str(ckpt / f"rank-{r}.safetensors"))["engine.generator"] for r in range(2))
+    assert not torch.equal(g0, g1)
+    assert (tmp_path / "toy" / "params-rank0.json").read_text() == (tmp_path / "toy" / "params-rank1.json").read_text()

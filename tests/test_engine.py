@@ -1,12 +1,15 @@
-"""The engine knows nothing about gymnasium: a ~40-line bandit algorithm drives it."""
+"""The engine knows nothing about gymnasium: a ~40-line bandit algorithm drives it,
+registered through the trainer registry with its own recipe section."""
 
-import numpy as np
+from dataclasses import dataclass
+
 import pytest
 import torch
 from accelerate import Accelerator
 from torch import nn
 
 from rlprox import checkpoint, objectives
+from rlprox.algos import TRAINERS, TrainerSpec, register_trainer
 from rlprox.engine import Engine, optimizer_step
 from rlprox.recipe import load_recipe
 
@@ -22,7 +25,8 @@ class Bandit:
     update_epochs = 2
     curve = ("progress/iteration", "reward/mean")
 
-    def __init__(self, recipe, accelerator, pulls=16):
+    def __init__(self, recipe, runtime):
+        pulls = recipe.bandit.pulls
         self.logits = nn.Linear(1, len(ARM_MEANS), bias=False)
         nn.init.zeros_(self.logits.weight)
         self.modules = {"policy": self.logits}
@@ -57,13 +61,23 @@ class Bandit:
         self.gen.set_state(tensors["gen"])
 
 
+@dataclass
+class BanditConfig:
+    pulls: int = 16  # arm pulls per iteration
+
+
+if "bandit" not in TRAINERS:
+    register_trainer(TrainerSpec(name="bandit", build=Bandit, sections={"bandit": BanditConfig}))
+
+
 def bandit_recipe(tmp_path, **run):
-    return load_recipe({"algo": "ppo", "env": {"id": "CartPole-v1"}, "optim": {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0},
+    return load_recipe({"algo": "bandit", "optim": {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0},
                         "run": {"name": "bandit", "output_dir": str(tmp_path), "iterations": 60, "log_with": [], "progress": False, **run}})
 
 
 def test_bandit_learns_best_arm(tmp_path):
-    engine = Engine(bandit_recipe(tmp_path), algo_builder=Bandit)
+    engine = Engine(bandit_recipe(tmp_path))
+    assert engine.recipe.bandit.pulls == 16 and "env" not in engine.recipe.sections
     engine.fit()
     probs = engine.algo._log_probs().exp().detach()
     assert probs.argmax().item() == 2 and probs[2] > 0.8
@@ -73,11 +87,11 @@ def test_bandit_learns_best_arm(tmp_path):
 
 
 def test_bandit_resume_equals_uninterrupted(tmp_path):
-    full = Engine(bandit_recipe(tmp_path / "a", iterations=12), algo_builder=Bandit)
+    full = Engine(bandit_recipe(tmp_path / "a", iterations=12))
     full.fit()
-    first = Engine(bandit_recipe(tmp_path / "b", iterations=5), algo_builder=Bandit)
+    first = Engine(bandit_recipe(tmp_path / "b", iterations=5))
     first.fit()
-    second = Engine(bandit_recipe(tmp_path / "b", iterations=12, resume="auto"), algo_builder=Bandit)
+    second = Engine(bandit_recipe(tmp_path / "b", iterations=12, resume="auto"))
     second.fit()
     assert second.state.iteration == 12
     assert torch.equal(full.algo.modules["policy"].weight, second.algo.modules["policy"].weight)

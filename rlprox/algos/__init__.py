@@ -10,6 +10,10 @@ recipe layer loads no trainer.
 A trainer defined elsewhere (a test, a user package) registers itself the same way::
 
     register_trainer(TrainerSpec(name="bandit", sections={"bandit": BanditConfig}, build=Bandit))
+
+or a recipe names it as a plugin, ``algo: "mypkg.trainers:SPEC"`` (a ``TrainerSpec``
+object), which also makes checkpoints of it loadable by ``rlprox eval`` in a fresh
+process.
 """
 
 from __future__ import annotations
@@ -56,10 +60,14 @@ def register_trainer(spec: TrainerSpec) -> TrainerSpec:
 
 
 def trainer_spec(name: str) -> TrainerSpec:
-    """The registered trainer ``name``; a RecipeError naming ``algo`` otherwise."""
-    if not isinstance(name, str) or ":" in name:
-        raise RecipeError("algo", f"expected a registered trainer name (got {name!r}); known: {', '.join(TRAINERS.names())}")
+    """The trainer a recipe's ``algo`` names: a registered name or ``"module:SPEC"``;
+    a RecipeError naming ``algo`` otherwise."""
+    if not isinstance(name, str):
+        raise RecipeError("algo", f"expected a trainer name (got {name!r}); known: {', '.join(TRAINERS.names())}")
     try:
-        return TRAINERS.get(name)
+        spec = TRAINERS.get(name)
     except RegistryError as err:
-        raise RecipeError("algo", str(err).replace(", or 'module:attr'", "")) from None
+        raise RecipeError("algo", str(err)) from None
+    if not isinstance(spec, TrainerSpec):
+        raise RecipeError("algo", f"{name!r} is a {type(spec).__name__}, not a rlprox.algos.TrainerSpec")
+    return spec

@@ -26,7 +26,7 @@ from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, load_normalisers, 
 from rlprox.gymenv import RewardScaler, RunningMeanStd
 
 if TYPE_CHECKING:
-    from rlprox.engine import EvalRequest, EvalShard, Runtime
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
     from rlprox.recipe import Recipe
 
 
@@ -224,7 +224,7 @@ class PPO:
         """Episodic returns of the current policy on fresh envs (this process's share
         of the episodes). Uses its own RNG and frozen normalisation statistics, so it
         never perturbs training."""
-        from rlprox.engine import EvalShard
+        from rlprox.runtime import EvalShard
 
         deterministic = self.cfg.eval_deterministic if request.deterministic is None else request.deterministic
         rng = np.random.default_rng([request.seed, 10_000 + request.rank])

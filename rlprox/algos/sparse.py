@@ -35,7 +35,7 @@ from rlprox.errors import RecipeError
 from rlprox.models.sparse_mlp import SparseMLP, compact, latency, num_params, zero_neurons
 
 if TYPE_CHECKING:
-    from rlprox.engine import EvalRequest, EvalShard, Runtime
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
     from rlprox.recipe import Recipe
 
 NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 64, 10, 1797
@@ -162,7 +162,7 @@ class SparseClassifier:
         and accuracy of its compacted copy, per example. The whole held-out split is
         always used (``request.num`` does not apply to a classifier); process r takes
         every world-th example from the r-th."""
-        from rlprox.engine import EvalShard
+        from rlprox.runtime import EvalShard
 
         net = self._unwrapped()
         x, y = self.x_test[request.rank :: request.world], self.y_test[request.rank :: request.world]
