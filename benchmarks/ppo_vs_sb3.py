@@ -124,7 +124,7 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         train_return = tot / n if n else float("nan")
         eval_return = None
         if do_eval:
-            eval_return = float(engine.algo.evaluate(task["eval_size"])["eval/return"])
+            eval_return = float(engine.evaluate(task["eval_size"])["eval/return"])
         engine.close()
         return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                     train_episodes=n, eval_return=eval_return)

@@ -371,7 +371,7 @@ class GymRollout:
             "reward/episodic_length": float(np.mean([l for _, l in self.finished])) if n else float("nan"),
         }
 
-    REDUCTIONS = {"reward/episodes": "sum", "reward/episodic_return": "mean:reward/episodes", "reward/episodic_length": "mean:reward/episodes", "progress/env_steps": "max"}
+    REDUCTIONS = {"reward/episodes": "sum", "reward/episodic_return": "mean:reward/episodes", "reward/episodic_length": "mean:reward/episodes"}
 
     def state_dict(self) -> tuple[dict, dict]:
         import torch

@@ -64,7 +64,7 @@ class RunConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for collect's and the loss's forward passes, via accelerate
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
-    grad_sync: Literal["allreduce", "ddp"] = "allreduce"  # multi-process gradient averaging: one flat all-reduce per optimizer step, or torch DDP
+    grad_sync: Literal["auto", "shm", "allreduce", "ddp"] = "auto"  # multi-process gradient averaging: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce
     ddp: DDPConfig = field(default_factory=DDPConfig)  # options for grad_sync: ddp
     cpu: bool = False  # force CPU even when a GPU is present
     torch_threads: int = 1  # intra-op threads; 1 is fastest for small policies on shared CPUs

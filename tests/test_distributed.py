@@ -40,7 +40,7 @@ def launch(tmp_path, recipe: dict, *overrides):
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)], path
 
 
-@pytest.mark.parametrize("grad_sync", ["allreduce", "ddp"])
+@pytest.mark.parametrize("grad_sync", ["shm", "allreduce", "ddp"])
 def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_recipe, grad_sync):
     # one minibatch per epoch (the whole local batch) and 2 epochs: the 1-process
     # minibatch is then exactly the union of the two ranks' minibatches
@@ -120,7 +120,7 @@ def torchrun(tmp_path, recipe: dict, *args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("grad_sync", ["allreduce", "ddp"])
+@pytest.mark.parametrize("grad_sync", ["auto", "allreduce", "ddp"])
 def test_two_processes_lora_with_frozen_encoder(tmp_path, grad_sync):
     """No DDP error with a frozen module and a peft model; identical adapters on both
     ranks; different sampling noise per rank; logged stats = mean (or sum) over ranks."""

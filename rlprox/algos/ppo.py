@@ -158,26 +158,36 @@ class PPO:
         return torch.from_numpy(packed).to(self.device)
 
     def minibatches(self, packed: torch.Tensor, epoch: int):
-        """(minibatch, advantage moments): with several processes, the mean and std of
-        the advantages of each minibatch over all processes (so a 2-process update equals
-        a 1-process update on the concatenated minibatch), all of the epoch's found with
-        ONE all-reduce up front; None with one process."""
+        """(minibatch, advantage moments). With several processes the moments are the
+        mean and std of each minibatch's advantages over all processes (so a 2-process
+        update equals a 1-process update on the concatenated minibatch); the
+        permutations of all epochs are drawn at epoch 0 and all their moments found
+        with ONE all-reduce. With one process the moments are None (local)."""
         B, size = packed.shape[0], self.cfg.minibatch_size
-        perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
-        chunks = [perm[start : start + size] for start in range(0, B, size)]
-        moments = self._global_moments(packed[:, -2], chunks) if self.world > 1 and self.cfg.norm_adv else [None] * len(chunks)
-        for idx, m in zip(chunks, moments):
-            yield packed.index_select(0, idx), m
+        if self.world == 1 or not self.cfg.norm_adv:
+            perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
+            for start in range(0, B, size):
+                yield packed.index_select(0, perm[start : start + size]), None
+            return
+        if epoch == 0:
+            perms = [torch.from_numpy(self.rng.permutation(B)).to(self.device) for _ in range(self.update_epochs)]
+            chunks = [p[start : start + size] for p in perms for start in range(0, B, size)]
+            self._plan = list(zip(chunks, self._global_moments(packed[:, -2], chunks)))
+        per_epoch = -(-B // size)
+        for idx, moments in self._plan[epoch * per_epoch : (epoch + 1) * per_epoch]:
+            yield packed.index_select(0, idx), moments
 
     def _global_moments(self, adv: torch.Tensor, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         adv64 = adv.double()
-        sums = torch.stack([torch.stack([adv64[i].sum(), (adv64[i] * adv64[i]).sum(), torch.tensor(float(len(i)), dtype=torch.float64, device=adv.device)]) for i in chunks])
-        sums = self.runtime.accelerator.reduce(sums, reduction="sum")  # (n_minibatches, 3)
+        counts = torch.tensor([float(len(i)) for i in chunks], dtype=torch.float64, device=adv.device)
+        picked = [adv64.index_select(0, i) for i in chunks]
+        sums = torch.stack([torch.stack([x.sum() for x in picked]), torch.stack([(x * x).sum() for x in picked]), counts], 1)
+        sums = self.runtime.accelerator.reduce(sums, reduction="sum")  # (n_minibatches, 3), all epochs
         n = sums[:, 2]
         mean = sums[:, 0] / n
-        var = (sums[:, 1] - n * mean * mean) / (n - 1)
-        std = var.clamp_min(0).sqrt()
-        return [(mean[j].to(adv.dtype), std[j].to(adv.dtype)) for j in range(len(chunks))]
+        std = ((sums[:, 1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+        mean, std = mean.to(adv.dtype), std.to(adv.dtype)
+        return [(mean[j], std[j]) for j in range(len(chunks))]
 
     # ------------------------------------------------------------------ LOSS
     def loss(self, minibatch):
