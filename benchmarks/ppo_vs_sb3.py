@@ -183,7 +183,7 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
         if task["normalize"]:
             eval_env = VecNormalize(eval_env, training=False, norm_obs=True, norm_reward=False, clip_obs=10.0)
             eval_env.obs_rms = env.obs_rms
-        mean, _ = evaluate_policy(model, eval_env, n_eval_size=task["eval_size"], deterministic=True)
+        mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=task["eval_size"], deterministic=True)
         eval_return = float(mean)
     return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
                 train_episodes=len(rets), eval_return=eval_return)
