@@ -437,7 +437,7 @@ def main() -> int:
         "GAE, advantage normalisation per minibatch, clip 0.2, value clip 0.2, vf 0.5, grad-norm 0.5.",
         f"- CartPole-v1: 8 envs × 128 steps, 4 minibatches of 256, 4 epochs, lr 2.5e-4, γ 0.99, λ 0.95, ent 0.01; "
         f"{max(args.rounds, args.seeds)} rounds of {args.cartpole_iters} iterations "
-        f"({args.cartpole_iters * 1024:,} steps). Greedy eval: 20 episodes (rlprox `engine.algo.evaluate(20)`, SB3 "
+        f"({args.cartpole_iters * 1024:,} steps). Greedy eval: 20 episodes (rlprox `engine.evaluate(20)`, SB3 "
         f"`evaluate_policy(..., 20, deterministic=True)`) for seeds 1..{args.seeds}. Training return = mean over the "
         "episodes that ended in the last 5 rollouts (5,120 steps).",
     ]

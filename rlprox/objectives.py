@@ -98,16 +98,40 @@ def clip_fraction(ratio: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out advantage over groups of K samples (RLOO / LOOP), rewards (G, K):
+    """Leave-one-out advantage over groups of K samples (RLOO / LOOP), rewards (P, K):
 
-        A_i = r_i − 1/(K−1) · Σ_{j≠i} r_j
+        A_{p,k} = r_{p,k} − 1/(K−1) · Σ_{j≠k} r_{p,j}  =  K/(K−1) · (r_{p,k} − r̄_p)
+
+    Non-finite rewards (NaN, ±inf: a failed scorer) are left out of the other samples'
+    baselines and get A = 0; with c finite rewards in a group the identity holds with K
+    replaced by c, and a group with fewer than 2 finite rewards gets A = 0 everywhere.
     """
     k = rewards.shape[-1]
     if k < 2:
         raise ValueError(f"leave_one_out needs K >= 2 samples per group (got {k})")
-    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    finite = torch.isfinite(rewards)
+    r = torch.where(finite, rewards, torch.zeros_like(rewards))
+    count = finite.sum(-1, keepdim=True).to(r.dtype)
+    others = (r.sum(-1, keepdim=True) - r) / (count - 1).clamp_min(1)
+    adv = r - others
+    return torch.where(finite & (count >= 2), adv, torch.zeros_like(adv))
 
 
-def group_normalize(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Group-normalised advantage (GRPO-style), rewards (G, K): (r − mean_g) / (std_g + eps)."""
-    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
+def group_normalize(rewards: torch.Tensor, eps: float = 1e-8, clip: float | None = None) -> torch.Tensor:
+    """Group-normalised advantage (GRPO / VA-π), rewards (N, G):
+
+        A_{n,g} = (r_{n,g} − mean_n) / (std_n + eps),   then clipped to ±clip
+
+    with the unbiased std of each group. A group with zero spread (or fewer than 2
+    finite rewards) gets A = 0; non-finite rewards are left out of the statistics and
+    get A = 0.
+    """
+    finite = torch.isfinite(rewards)
+    r = torch.where(finite, rewards, torch.zeros_like(rewards))
+    count = finite.sum(-1, keepdim=True).to(r.dtype)
+    mean = r.sum(-1, keepdim=True) / count.clamp_min(1)
+    centred = torch.where(finite, r - mean, torch.zeros_like(r))
+    std = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+    spread = (count >= 2) & (std > torch.finfo(r.dtype).eps * mean.abs().clamp_min(1.0))
+    adv = torch.where(finite & spread, centred / (std + eps), torch.zeros_like(r))
+    return adv.clamp(-clip, clip) if clip is not None else adv

@@ -99,3 +99,28 @@ def test_leave_one_out_and_group_normalize():
 def test_normalize_with_given_moments():
     x = torch.tensor([1.0, 3.0])
     assert torch.allclose(objectives.normalize(x, mean=torch.tensor(1.0), std=torch.tensor(2.0), eps=0.0), torch.tensor([0.0, 1.0]))
+
+
+def test_leave_one_out_identities_and_nan_rule():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    a = objectives.leave_one_out(r)
+    torch.testing.assert_close(a.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)  # Σ_k A = 0
+    torch.testing.assert_close(a, 4 / 3 * (r - r.mean(-1, keepdim=True)))  # A = K/(K−1)(r − r̄)
+    r_nan = torch.tensor([[1.0, float("nan"), 3.0, 5.0], [float("nan"), 2.0, float("nan"), float("nan")], [float("inf"), 1.0, 1.0, 4.0]])
+    a = objectives.leave_one_out(r_nan)
+    # group 0: finite {1, 3, 5}, c = 3: A = 3/2 (r − 3); the NaN sample gets 0
+    torch.testing.assert_close(a[0], torch.tensor([-3.0, 0.0, 0.0, 3.0]))
+    assert torch.equal(a[1], torch.zeros(4))  # fewer than 2 finite rewards: all zero
+    torch.testing.assert_close(a[2], torch.tensor([0.0, -1.5, -1.5, 3.0]))  # inf is left out like NaN
+    assert torch.isfinite(a).all()
+
+
+def test_group_normalize_zero_spread_nan_and_clip():
+    r = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0], [1.0, float("nan"), 3.0]])
+    a = objectives.group_normalize(r)
+    torch.testing.assert_close(a[0], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)  # unbiased std = 1
+    assert torch.equal(a[1], torch.zeros(3))  # zero spread: 0, not 0/eps noise
+    torch.testing.assert_close(a[2], torch.tensor([-1.0 / 2**0.5, 0.0, 1.0 / 2**0.5]), atol=1e-6, rtol=0)
+    clipped = objectives.group_normalize(torch.tensor([[0.0, 0.0, 0.0, 100.0]]), clip=1.0)
+    assert clipped.max() == 1.0 and clipped.min() >= -1.0
