@@ -93,10 +93,10 @@ def cmd_eval(args) -> int:
         for name, batch in images.items():
             from rlprox.images import save_image_grid
 
-            written.append(save_image_grid(batch, info.get("grid_rows", 0), path / f"eval_{name.replace('/', '_')}.png"))
+            written.append(save_image_grid(batch, path / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0)))
         scalar_values = {k: v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)}
         result = {"checkpoint": str(path), "algo": spec.name, "unit": spec.eval_unit, "seed": seed, **info, **stats, **extra, "values": scalar_values, "images": [str(p) for p in written]}
-        result.pop("grid_rows", None)
+        result.pop("grid_cols", None)
         (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         rows = [("checkpoint", str(path)), (spec.eval_unit, str(int(stats.get("eval/count", 0))) + (f" ({'deterministic' if info['deterministic'] else 'stochastic'})" if "deterministic" in info else ""))]
         for key in values:
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rlprox.checkpoint import CheckpointError
-    from rlprox.errors import RecipeError
+    from rlprox.errors import RecipeError, RewardError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except RewardError as err:
+        print(f"reward error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as err:
         extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get((err.name or "").split(".")[0])

@@ -77,6 +77,11 @@ class AlgorithmHooks(Protocol):
     update_epochs: int
     """Passes over the batch per iteration (default 1)."""
 
+    micro_steps: int
+    """``loss`` calls whose gradients are summed into one minibatch's gradient
+    (default 1), e.g. LOOP's trained denoising steps: the engine makes one optimizer
+    step every ``micro_steps × run.gradient_accumulation_steps`` calls."""
+
     curve: tuple[str, str]
     """(x key, y key) of metrics.jsonl that learning_curve.png plots."""
 
@@ -154,7 +159,7 @@ def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, determ
     if world > 1:
         from accelerate.utils import gather_object
 
-        payload = {"values": result.values, "images": {k: v.detach().cpu() for k, v in result.images.items()}, "info": result.info, "grid_rows": result.grid_rows}
+        payload = {"values": result.values, "images": {k: v.detach().cpu() for k, v in result.images.items()}, "info": result.info, "grid_cols": result.grid_cols}
         shards = [EvalShard(**s) for s in gather_object([payload])]
     values: dict[str, list] = {}
     images: dict[str, list] = {}
@@ -173,8 +178,8 @@ def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, determ
     summarize = hook(algo, "summarize_eval")
     if summarize is not None:
         stats.update({f"eval/{k}": v for k, v in summarize(values).items()})
-    grid_rows = next((s.grid_rows for s in shards if s.grid_rows), 0)
-    return stats, values, {k: torch.cat(v) for k, v in images.items()}, {"grid_rows": grid_rows, **shards[0].info}
+    grid_cols = next((s.grid_cols for s in shards if s.grid_cols), 0)
+    return stats, values, {k: torch.cat(v) for k, v in images.items()}, {"grid_cols": grid_cols, **shards[0].info}
 
 
 # ============================================================================ optimizer
@@ -650,6 +655,7 @@ class Engine:
         with acc.main_process_first():  # zoo builds and model loading: once, by rank 0 first
             self.algo = builder(recipe, self.runtime)
         place_modules(self.algo, self.runtime)
+        acc.gradient_accumulation_steps = run.gradient_accumulation_steps * hook(self.algo, "micro_steps", 1)
         self.names = list(self.algo.modules)
         self.frozen = hook(self.algo, "frozen") or {}
         self.base_optimizer = build_optimizer(optimizer_groups(self.algo, recipe.optim), recipe.optim)
@@ -728,7 +734,7 @@ class Engine:
     def evaluate(self, total: int, step: int | None = None) -> dict[str, float]:
         stats, _, images, info = run_evaluation(self.algo, self.accelerator, total, self.recipe.seed)
         if images and step is not None:
-            self.tracker.log_images(images, step, rows=info.get("grid_rows", 0))
+            self.tracker.log_images(images, step, cols=info.get("grid_cols", 0))
         return stats
 
     def fit(self) -> dict[str, float]:

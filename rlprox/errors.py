@@ -29,3 +29,8 @@ class RegistryError(ValueError):
     """An unknown name, an unimportable ``module:attr`` or a keyword the target does
     not accept; ``str(err)`` is one line. Recipe validation re-raises it as a
     ``RecipeError`` naming the recipe key."""
+
+
+class RewardError(ValueError):
+    """A reward function failed or returned something unusable; one line naming the
+    reward and what it returned. The run stops before anything is saved."""

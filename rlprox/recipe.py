@@ -131,8 +131,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
+        if value is None:
+            if type(None) in args:
+                return None
+            raise RecipeError(key, "is required")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -195,7 +197,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def parse_section(cls, data: dict, prefix: str = ""):
     """Build the dataclass ``cls`` from a mapping, checking every key and type."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    for f in fields:
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
+            raise RecipeError(f"{prefix}.{f.name}" if prefix else f.name, "is required")
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)

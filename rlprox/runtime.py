@@ -90,12 +90,13 @@ class EvalShard:
     """What ``evaluate`` returns for its share. ``values``: per-item lists (scalars are
     averaged into ``eval/<key>`` and ``eval/<key>_std``; other items, such as feature
     vectors, go to ``summarize_eval`` only). ``images``: (N, 3, H, W) in [0, 1] per
-    name, logged as grids with ``grid_rows`` rows. ``info``: JSON-able facts written
-    to eval.json (taken from the main process)."""
+    name, logged as grids with ``grid_cols`` columns (shards are concatenated in rank
+    order, so rows stay whole). ``info``: JSON-able facts written to eval.json (taken
+    from the main process)."""
 
     values: dict[str, list] = field(default_factory=dict)
     images: dict[str, torch.Tensor] = field(default_factory=dict)
-    grid_rows: int = 0  # 0: near-square grid
+    grid_cols: int = 0  # 0: near-square grid
     info: dict = field(default_factory=dict)
 
 

@@ -81,7 +81,7 @@ class Tracker:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
 
-    def log_images(self, images: dict, step: int, rows: int = 0) -> list[Path]:
+    def log_images(self, images: dict, step: int, cols: int = 0) -> list[Path]:
         """Grids of (N, 3, H, W) images in [0, 1], one per name: a PNG in the run
         folder's samples/ and an image in every tracker that takes images."""
         from rlprox.images import make_grid, save_image_grid
@@ -91,10 +91,10 @@ class Tracker:
             return written
         for name, batch in images.items():
             safe = name.replace("/", "_")
-            written.append(save_image_grid(batch, rows, self.run_dir / "samples" / f"{safe}-{step:06d}.png"))
+            written.append(save_image_grid(batch, self.run_dir / "samples" / f"{safe}-{step:06d}.png", cols=cols))
             if not self.recipe.run.log_with:
                 continue
-            grid = make_grid(batch, rows)
+            grid = make_grid(batch, cols=cols)
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_image(name, grid, global_step=step, dataformats="HWC")

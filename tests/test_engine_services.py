@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 import yaml
 from torch import nn
 

@@ -26,6 +26,7 @@ from rlprox.errors import RecipeError, RegistryError
 from rlprox.registry import Registry
 
 BUILTIN = {
+    "loop": "rlprox.algos.loop",
     "ppo": "rlprox.algos.ppo",
     "sparse": "rlprox.algos.sparse",
 }

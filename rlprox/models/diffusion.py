@@ -40,15 +40,8 @@ def _per_sample(values: torch.Tensor, t, like: torch.Tensor) -> torch.Tensor:
     return out.view(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float, prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """One DDIM step as a Gaussian policy: ``(x_prev, log_prob)``.
-
-    ``eps`` is the model output (ε, v or x0 as the scheduler's ``prediction_type``
-    says), ``t`` a timestep (scalar, or (B,) per sample), ``x_t`` (B, C, H, W).
-    Samples x_{t−1} with ``generator`` unless ``prev_sample`` is given, in which case
-    that sample's log-probability is returned (the update's re-evaluation). log_prob
-    is shaped (B,), averaged over latent dimensions. Requires η > 0 for a log-prob.
-    """
+def _ddim_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float):
+    """(μ, σ_t) of π(x_{t−1} | x_t, c) for model output ``eps`` (float32, broadcastable)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) first")
     if getattr(scheduler.config, "thresholding", False):
@@ -78,15 +71,33 @@ def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, e
     variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev)
     std = eta * variance.clamp_min(0).sqrt()
     mean = a_prev.sqrt() * x0 + (1.0 - a_prev - std**2).clamp_min(0).sqrt() * eps_hat
+    return mean, std
+
+
+def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float, prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """One DDIM step as a Gaussian policy: ``(x_prev, log_prob)``.
+
+    ``eps`` is the model output (ε, v or x0 as the scheduler's ``prediction_type``
+    says), ``t`` a timestep (scalar, or (B,) per sample), ``x_t`` (B, C, H, W).
+    Samples x_{t−1} with ``generator`` unless ``prev_sample`` is given, in which case
+    that sample's log-probability is returned (the update's re-evaluation). log_prob
+    is shaped (B,), averaged over latent dimensions; with η = 0 the step is the
+    deterministic mean and log_prob is 0.
+    """
+    mean, std = _ddim_moments(scheduler, eps, t, x_t, eta)
     if prev_sample is None:
         if eta <= 0:
             return mean.to(x_t.dtype), torch.zeros(x_t.shape[0], device=x_t.device)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
         prev_sample = mean + std * noise
-    prev32 = prev_sample.detach().float()
-    std = torch.as_tensor(std, device=x_t.device).expand_as(mean) if torch.is_tensor(std) else torch.full_like(mean, std)
-    log_prob = -((prev32 - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * LOG_2PI
-    return prev_sample.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample.to(x_t.dtype), _gaussian_logprob(prev_sample, mean, std)
+
+
+def _gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(x; μ, σ²) averaged over all but the batch dimension."""
+    std = std.expand_as(mean) if torch.is_tensor(std) else torch.full_like(mean, float(std))
+    log_prob = -((x.detach().float() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * LOG_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 @dataclass
@@ -143,3 +154,20 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     dtype = next(vae.parameters()).dtype
     images = vae.decode(latents.to(dtype) / scaling).sample
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def denoise_with_noise(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, num_steps: int, guidance_scale: float, eta: float, noise: torch.Tensor, autocast=None) -> torch.Tensor:
+    """Final latents from given noise ``noise`` (B, T+1, C, H, W): x_T = noise[:, 0] and
+    step k's z = noise[:, k+1], so a sample depends only on its own noise (evaluation
+    items are reproducible however they are batched or sharded)."""
+    import contextlib
+
+    scheduler.set_timesteps(num_steps, device=prompt_embeds.device)
+    x = noise[:, 0] * scheduler.init_noise_sigma
+    for k, t in enumerate(scheduler.timesteps):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            eps = guided_noise(unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale)
+        mean, std = _ddim_moments(scheduler, eps.float(), t, x.float(), eta)
+        x = mean + std * noise[:, k + 1] if eta > 0 else mean
+    return x

@@ -1,6 +1,7 @@
 """Reward registry and built-in rewards.
 
-A reward is ``fn(images, prompts, metadata) -> Tensor[B]`` or ``(Tensor[B], dict)``:
+A reward is ``fn(images, prompts, metadata) -> Tensor[B]`` or ``(Tensor[B], dict)``
+(the signature DDPO and TRL users know):
 
 - ``images``: (B, 3, H, W) float in [0, 1]
 - ``prompts``: B strings
@@ -16,17 +17,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
 
 import torch
 
-from rlprox.errors import RegistryError
+from rlprox.errors import RegistryError, RewardError
 from rlprox.registry import Registry
 
 RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
 REWARDS = Registry("reward")
 CALL_ARGS = ("images", "prompts", "metadata")
 
-__all__ = ["REWARDS", "register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness"]
+__all__ = ["REWARDS", "register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness", "jpeg_compressibility",
+           "jpeg_incompressibility", "aesthetic", "RewardTerm", "RewardSpec", "WeightedReward", "build_reward"]
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -101,3 +106,174 @@ def digits_alignment(
         "colour_acc": (p_colour.argmax(-1) == colours).float().mean().item(),
     }
     return reward.to(images.device), stats
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility(images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95) -> torch.Tensor:
+    """−(JPEG size in kB) of each image at the given quality: smaller files score higher (DDPO's compressibility)."""
+    return -_jpeg_kilobytes(images, quality).to(images.device)
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility(images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95) -> torch.Tensor:
+    """JPEG size in kB of each image at the given quality: larger files score higher (DDPO's incompressibility)."""
+    return _jpeg_kilobytes(images, quality).to(images.device)
+
+
+def _jpeg_kilobytes(images: torch.Tensor, quality: int) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000.0)
+    return torch.tensor(sizes)
+
+
+# ----------------------------------------------------------------------------- aesthetic
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class AestheticMLP(torch.nn.Module):
+    """The LAION improved-aesthetic-predictor head (layout of its ``sac+logos+ava1-l14-linearMSE.pth``:
+    ``layers.{0,2,4,6,7}``) on L2-normalised CLIP image embeddings."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings)
+
+
+def _check_aesthetic_paths(clip_path: str = "", mlp_path: str = "") -> None:
+    hint = "download openai/clip-vit-large-patch14 and the LAION sac+logos+ava1-l14-linearMSE.pth once, then set reward kwargs clip_path / mlp_path to the local copies"
+    if not clip_path or not Path(clip_path).is_dir():
+        raise ValueError(f"reward 'aesthetic': clip_path {clip_path!r} is not a local CLIP model folder ({hint})")
+    if not mlp_path or not Path(mlp_path).is_file():
+        raise ValueError(f"reward 'aesthetic': mlp_path {mlp_path!r} is not a local file ({hint})")
+
+
+@functools.lru_cache(maxsize=2)
+def _aesthetic_models(clip_path: str, mlp_path: str):
+    from transformers import CLIPModel
+
+    _check_aesthetic_paths(clip_path, mlp_path)
+    clip = CLIPModel.from_pretrained(clip_path, local_files_only=True).eval().requires_grad_(False)
+    if mlp_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(mlp_path)
+    else:
+        state = torch.load(mlp_path, map_location="cpu", weights_only=True)
+    mlp = AestheticMLP(clip.config.projection_dim)
+    mlp.load_state_dict(state)
+    return clip, mlp.eval().requires_grad_(False)
+
+
+@register_reward("aesthetic")
+def aesthetic(images: torch.Tensor, prompts: list[str], metadata: list[dict], clip_path: str = "", mlp_path: str = "") -> torch.Tensor:
+    """LAION improved-aesthetic score: an MLP on CLIP image embeddings (weights from local paths only)."""
+    import torch.nn.functional as F
+
+    clip, mlp = _aesthetic_models(clip_path, mlp_path)
+    clip, mlp = clip.to(images.device), mlp.to(images.device)
+    size = clip.config.vision_config.image_size
+    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = clip.get_image_features(pixel_values=(x - mean) / std)
+        features = getattr(features, "pooler_output", features)  # a tensor, or an output object in newer transformers
+        features = features / features.norm(dim=-1, keepdim=True)
+        return mlp(features.float())[:, 0]
+
+
+aesthetic.preflight = _check_aesthetic_paths
+digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)
+
+
+# ----------------------------------------------------------------------------- recipe side
+@dataclass
+class RewardTerm:
+    """One reward of the recipe's ``reward:`` section."""
+
+    name: str  # a registered reward (rlprox rewards) or "module:function"
+    weight: float = 1.0  # weight in the sum of several rewards
+    kwargs: dict = field(default_factory=dict)  # options bound to the function
+
+
+RewardSpec = Union[str, RewardTerm, list[RewardTerm]]  # "name", {name, weight, kwargs}, or a list of them
+
+
+def _terms(spec) -> list[RewardTerm]:
+    if isinstance(spec, str):
+        return [RewardTerm(spec)]
+    if isinstance(spec, RewardTerm):
+        return [spec]
+    if isinstance(spec, dict):
+        return [RewardTerm(**spec)]
+    terms = [t if isinstance(t, RewardTerm) else RewardTerm(**t) for t in spec]
+    if not terms:
+        raise ValueError("no reward given")
+    return terms
+
+
+class WeightedReward:
+    """Σ_i w_i·r_i(images, prompts, metadata), every term's output checked: a reward
+    that raises, returns a wrong shape or nothing finite stops the run with one line
+    (``RewardError``) naming it and what it returned. Individual non-finite values
+    pass through (the advantage leaves them out and the stats count them)."""
+
+    def __init__(self, terms: list[tuple[str, float, RewardFn]]):
+        self.terms = terms
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
+        n = images.shape[0]
+        total = torch.zeros(n, dtype=torch.float32)
+        info: dict[str, float] = {}
+        for name, weight, fn in self.terms:
+            try:
+                out = fn(images, prompts, metadata)
+            except Exception as err:  # noqa: BLE001  (a plugin may raise anything)
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                raise RewardError(f"reward {name!r} raised {type(err).__name__}: {first}") from None
+            values, extra = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+            try:
+                values = torch.as_tensor(values).detach().float().cpu()
+            except (TypeError, ValueError, RuntimeError):
+                raise RewardError(f"reward {name!r} returned a {type(values).__name__}, not a tensor of {n} rewards") from None
+            if tuple(values.shape) != (n,):
+                raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)} for {n} images; expected ({n},)")
+            if not torch.isfinite(values).any():
+                raise RewardError(f"reward {name!r} returned no finite value for {n} images (all NaN/inf)")
+            total = total + weight * values
+            prefix = f"{name.split(':')[-1]}/" if len(self.terms) > 1 else ""
+            info.update({f"{prefix}{k}": float(v) for k, v in (extra or {}).items() if isinstance(v, (int, float))})
+        return total, info
+
+
+def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward | None:
+    """The recipe's reward section as a ``WeightedReward``. Names and options are
+    checked first (ValueError, one line); ``check_only`` stops there (plus each reward's
+    own ``preflight`` check, e.g. that local weight files exist); otherwise rewards with
+    a ``preload`` load their models now (so it happens under ``main_process_first``)."""
+    terms = []
+    for term in _terms(spec):
+        fn = get_reward(term.name, **term.kwargs)
+        base = REWARDS.get(term.name)
+        preflight = getattr(base, "preflight", None)
+        if preflight is not None:
+            preflight(**term.kwargs)
+        if not check_only and getattr(base, "preload", None) is not None:
+            base.preload(**term.kwargs)
+        terms.append((term.name, float(term.weight), fn))
+    return None if check_only else WeightedReward(terms)

@@ -185,7 +185,7 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
     pipe.save_pretrained(str(out))
     prompts = grid_prompts()
     per_seed = [sample_sd(pipe, prompts, seed=s) for s in range(GRID_SEEDS)]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png", scale=4)
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, load_digits_world("heldout")),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
@@ -210,7 +210,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     sample = held.images[[i * stride + i % len(COLOUR_NAMES) for i in range(10)]]
     with torch.no_grad():
         recon = model.decode_code(encode_tokens(model, sample))
-    save_image_grid(torch.cat([sample, recon]), 2, out / "samples.png", scale=4)
+    save_image_grid(torch.cat([sample, recon]), out / "samples.png", rows=2, scale=4)
     used = encode_tokens(model, held.images).unique().numel()
     return {
         "heldout_recon_mse": reconstruction_mse(model, held.images),
@@ -244,7 +244,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
         vq.decode_code(generate(model, classes, cfg_scale=GPT_RECOMMENDED_CFG, generator=gen))
         for _ in range(GRID_SEEDS)
     ]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), len(prompts), out / "samples.png", scale=4)
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
     return {
         "vq": "zoo:digits-vq",
         "vq_seed": seed,

@@ -1,0 +1,497 @@
+"""LOOP: leave-one-out PPO fine-tuning of a diffusers text-to-image pipeline
+(Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
+Diffusion Fine-tuning", arXiv 2503.00897).
+
+Each DDIM step is a Gaussian policy π_θ(x_{t−1} | x_t, c) (rlprox/models/diffusion.py).
+Per iteration, each process:
+
+    COLLECT    P prompts × K samples each, DDIM(η) with classifier-free guidance, noise
+               from the engine's per-rank generator; every latent and log π_old kept.
+               Images are decoded and scored in a worker thread while the next batch
+               is denoised.
+    ADVANTAGE  leave-one-out within each prompt's K samples (LOOP eq. 5):
+                   A_{p,k} = r_{p,k} − 1/(K−1)·Σ_{j≠k} r_{p,j}
+               or DDPO's per-prompt stat tracker, group normalisation (GRPO) or batch
+               normalisation; optionally normalised over the batch; clipped to ±adv_clip.
+    UPDATE     num_inner_epochs × minibatches × a random subset of the T steps
+               (timestep_fraction): the PPO clipped surrogate on the per-step ratio
+                   ρ_t = exp(log π_θ(x_{t−1}|x_t,c) − log π_old(x_{t−1}|x_t,c)),
+                   L = −E[min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A)]
+               with the trajectory's A at every trained step; the gradients of all
+               trained steps of a minibatch are accumulated into one optimizer step
+               (``micro_steps``) by the engine's one step helper.
+
+Settings of this one trainer reach the related methods: DDPO = ``advantage:
+ddpo_tracker``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
+optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
+
+The UNet is trained (LoRA through peft by default, or fully); the VAE and text encoder
+are frozen. The K copies of a prompt stay on the process that sampled them, so the
+leave-one-out baseline needs no communication; DDPO's tracker and batch normalisation
+gather the rewards of all processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from rlprox import objectives
+from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.errors import RecipeError, RegistryError
+from rlprox.models.diffusion import decode_latents, ddim_step_with_logprob, denoise_with_noise, encode_prompts, guided_noise, sample_trajectories
+from rlprox.rewards import RewardSpec, build_reward
+
+if TYPE_CHECKING:
+    from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters on the UNet (peft)."""
+
+    rank: int = 4  # r
+    alpha: float = 4.0  # scale α/r
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class LoopConfig:
+    """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
+
+    pipeline: str = "zoo:digits-sd"  # diffusers StableDiffusionPipeline: local folder, hub id (offline cache) or zoo:NAME
+    prompts: str = "digits"  # "digits" (the 50 digits-world prompts), a .txt file (one per line), or "module:function" returning (prompts, metadata)
+    eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
+    num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
+    prompts_per_iteration: int = 16  # P, prompts sampled per iteration, per process
+    num_steps: int = 20  # DDIM steps T
+    eta: float = 1.0  # DDIM η (> 0: a stochastic policy with a log-prob)
+    guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
+    sample_batch_size: int = 16  # samples denoised together, per process
+    advantage: Literal["loo", "ddpo_tracker", "group_norm", "batch_norm"] = "loo"
+    normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
+    adv_clip: float = 5.0  # advantages clipped to ±adv_clip
+    clip_range: float = 1e-4  # PPO ε on the per-step ratio
+    num_inner_epochs: int = 1  # passes over each round's samples
+    train_batch_size: int = 16  # samples per minibatch, per process
+    timestep_fraction: float = 1.0  # fraction of the T steps trained per sample (a random subset each minibatch)
+    tracker_buffer_size: int = 32  # ddpo_tracker: rewards kept per prompt
+    tracker_min_count: int = 16  # ddpo_tracker: below this many, use the batch's mean/std
+    finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every UNet weight
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    score_in_background: bool = True  # decode and score batch b while batch b+1 is denoised
+    eval_base: bool = True  # evaluation also samples the base model (same prompts and noise)
+    eval_deterministic: bool = True  # evaluation also samples with deterministic DDIM (η = 0)
+    eval_grid_size: int = 16  # items shown in the base-vs-tuned sample grid
+
+
+def trained_timesteps(cfg: LoopConfig) -> int:
+    return max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+
+
+def validate(recipe: "Recipe") -> None:
+    cfg = recipe.loop
+    if cfg.num_samples_per_prompt < 2 and cfg.advantage in ("loo", "group_norm"):
+        raise RecipeError("loop.num_samples_per_prompt", f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} (got {cfg.num_samples_per_prompt})")
+    for key in ("num_samples_per_prompt", "prompts_per_iteration", "num_steps", "sample_batch_size", "num_inner_epochs", "train_batch_size", "tracker_buffer_size"):
+        if getattr(cfg, key) <= 0:
+            raise RecipeError(f"loop.{key}", f"must be > 0 (got {getattr(cfg, key)})")
+    if cfg.eta <= 0:
+        raise RecipeError("loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {cfg.eta})")
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise RecipeError("loop.timestep_fraction", f"must be in (0, 1] (got {cfg.timestep_fraction})")
+    if cfg.clip_range <= 0 or cfg.adv_clip <= 0:
+        raise RecipeError("loop.clip_range" if cfg.clip_range <= 0 else "loop.adv_clip", "must be > 0")
+    if cfg.guidance_scale < 1:
+        raise RecipeError("loop.guidance_scale", f"must be >= 1 (got {cfg.guidance_scale})")
+    samples = cfg.num_samples_per_prompt * cfg.prompts_per_iteration
+    if samples % cfg.train_batch_size:
+        raise RecipeError("loop.train_batch_size", f"{cfg.train_batch_size} does not divide the {samples} samples per iteration (num_samples_per_prompt × prompts_per_iteration)")
+    minibatches = samples // cfg.train_batch_size
+    if minibatches % recipe.run.gradient_accumulation_steps:
+        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {minibatches} minibatches per epoch")
+    if cfg.finetune == "lora" and (cfg.lora.rank <= 0 or not cfg.lora.target_modules):
+        raise RecipeError("loop.lora", "rank must be > 0 and target_modules non-empty")
+    if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
+        raise RecipeError("loop.pipeline", f"not a folder, a hub id or zoo:NAME: {cfg.pipeline!r}")
+    try:
+        build_reward(recipe.reward, check_only=True)
+    except (ValueError, RegistryError) as err:
+        raise RecipeError("reward", str(err)) from None
+    for key in ("prompts", "eval_prompts"):
+        spec = getattr(cfg, key)
+        if spec and spec != "digits" and ":" not in spec and not Path(spec).is_file():
+            raise RecipeError(f"loop.{key}", f"prompt file not found: {spec}")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def load_prompts(spec: str) -> tuple[list[str], list[dict]]:
+    """(prompts, metadata) from "digits", a text file, or "module:function"."""
+    if spec == "digits":
+        from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, prompt_for
+
+        pairs = [(d, c) for d in range(len(DIGIT_WORDS)) for c in range(len(COLOUR_NAMES))]
+        return [prompt_for(d, c) for d, c in pairs], [{"digit": d, "colour": c} for d, c in pairs]
+    if ":" in spec:
+        from rlprox.registry import resolve_object
+
+        out = resolve_object(spec, "prompt source")()
+        prompts, metadata = out if isinstance(out, tuple) else (out, [{} for _ in out])
+        return list(prompts), list(metadata)
+    prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    return prompts, [{} for _ in prompts]
+
+
+class PromptTracker:
+    """DDPO's per-prompt reward statistics: a deque of the last ``buffer_size`` rewards
+    per prompt; a prompt with fewer than ``min_count`` uses the whole batch's mean/std."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats: dict[str, collections.deque] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add the rewards, return each sample's (mean, std) baseline."""
+        finite = np.isfinite(rewards)
+        batch_mean = rewards[finite].mean() if finite.any() else 0.0
+        batch_std = rewards[finite].std() if finite.any() else 1.0
+        for p, r in zip(prompts, rewards):
+            if np.isfinite(r):
+                self.stats.setdefault(p, collections.deque(maxlen=self.buffer_size)).append(float(r))
+        mean, std = np.empty(len(prompts)), np.empty(len(prompts))
+        for i, p in enumerate(prompts):
+            seen = self.stats.get(p, ())
+            if len(seen) < self.min_count:
+                mean[i], std[i] = batch_mean, batch_std
+            else:
+                mean[i], std[i] = np.mean(seen), np.std(seen)
+        return mean, std
+
+    def state_dict(self) -> dict:
+        return {p: list(d) for p, d in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {p: collections.deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class LOOP:
+    """collect / advantages / minibatches / loss / evaluate / export for the engine."""
+
+    curve = ("progress/images", "reward/mean")
+    stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum"}
+
+    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+        from diffusers import DDIMScheduler
+
+        from rlprox.zoo.build import resolve_path
+        from rlprox.zoo.sd import load_sd_pipeline
+
+        cfg = self.cfg = recipe.loop
+        self.recipe, self.runtime = recipe, runtime
+        self.device = runtime.device
+        self.path = resolve_path(cfg.pipeline)
+        pipe = load_sd_pipeline(self.path)
+        self.tokenizer = pipe.tokenizer
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.unet.requires_grad_(False)
+        if cfg.finetune == "lora":
+            from peft import LoraConfig
+
+            self.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.target_modules), init_lora_weights="gaussian"))
+        else:
+            self.unet.requires_grad_(True)
+        self.modules = {"unet": self.unet}
+        self.frozen = {"vae": self.vae, "text_encoder": self.text_encoder}
+        self.base_unet = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
+        self.reward = build_reward(recipe.reward, device=self.device)
+        self.prompts, self.metadata = load_prompts(cfg.prompts)
+        self.eval_prompt_list = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (self.prompts, self.metadata)
+        self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        self.tracker = PromptTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
+        self.images_seen = 0  # all processes
+        self.micro_steps = trained_timesteps(cfg)
+        self.update_epochs = cfg.num_inner_epochs
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score") if cfg.score_in_background else None
+        self._negative = None
+
+    # ------------------------------------------------------------------ helpers
+    def _unet(self):
+        return self.runtime.unwrap(self.modules["unet"])
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder states, computed once per distinct prompt (frozen encoder)."""
+        unique = list(dict.fromkeys(prompts))
+        states = encode_prompts(self.tokenizer, self.text_encoder, unique, self.device).float()
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        return states.index_select(0, index)
+
+    def _negative_embeds(self, n: int) -> torch.Tensor | None:
+        if self.cfg.guidance_scale == 1.0:
+            return None
+        if self._negative is None:
+            self._negative = self._embed([""])
+        return self._negative.expand(n, -1, -1)
+
+    def _score(self, latents: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        images = decode_latents(self.vae, latents)
+        rewards, info = self.reward(images, prompts, metadata)
+        return rewards.float().cpu(), info
+
+    # ------------------------------------------------------------------ COLLECT
+    @torch.no_grad()
+    def collect(self):
+        cfg, rng = self.cfg, self.runtime.np_rng
+        K, P = cfg.num_samples_per_prompt, cfg.prompts_per_iteration
+        chosen = rng.integers(len(self.prompts), size=P)
+        prompts = [self.prompts[i] for i in chosen for _ in range(K)]  # group p = samples p·K .. p·K+K−1
+        metadata = [self.metadata[i] for i in chosen for _ in range(K)]
+        embeds = self._embed(prompts)
+        unet = self.modules["unet"]
+        batches, pending = [], []
+        for start in range(0, len(prompts), cfg.sample_batch_size):
+            sl = slice(start, start + cfg.sample_batch_size)
+            traj = sample_trajectories(unet, self.scheduler, embeds[sl], self._negative_embeds(len(prompts[sl])), cfg.num_steps, cfg.guidance_scale, cfg.eta, self.runtime.generator, self.latent_shape, autocast=self.runtime.autocast)
+            batches.append(traj)
+            final = traj.latents[:, -1]
+            if self._pool is not None:  # score this batch while the next one denoises
+                pending.append(self._pool.submit(self._score, final, prompts[sl], metadata[sl]))
+            else:
+                pending.append(self._score(final, prompts[sl], metadata[sl]))
+        scored = [p.result() if isinstance(p, concurrent.futures.Future) else p for p in pending]
+        rewards = torch.cat([r for r, _ in scored]).to(self.device)
+        info = {k: float(np.mean([i[k] for _, i in scored])) for k in scored[0][1]} if scored and scored[0][1] else {}
+        self.images_seen += len(prompts) * self.runtime.world
+        self._last = {"rewards": rewards, "info": info}
+        return {
+            "latents": torch.cat([b.latents for b in batches]),  # (B, T+1, C, H, W)
+            "log_probs": torch.cat([b.log_probs for b in batches]),  # (B, T)
+            "timesteps": batches[0].timesteps,  # (T,)
+            "embeds": embeds,  # (B, L, D)
+            "rewards": rewards,  # (B,)
+            "prompts": prompts,
+        }
+
+    # ------------------------------------------------------------------ ADVANTAGE
+    def advantages(self, batch):
+        cfg = self.cfg
+        K = cfg.num_samples_per_prompt
+        rewards = batch["rewards"]
+        if cfg.advantage == "loo":
+            adv = objectives.leave_one_out(rewards.view(-1, K)).view(-1)
+        elif cfg.advantage == "group_norm":
+            adv = objectives.group_normalize(rewards.view(-1, K)).view(-1)
+        elif cfg.advantage == "ddpo_tracker":
+            prompts, all_rewards = batch["prompts"], rewards.cpu().numpy()
+            if self.runtime.world > 1:  # the tracker sees every process's prompts, in rank order
+                from accelerate.utils import gather_object
+
+                pairs = gather_object([(batch["prompts"], all_rewards.tolist())])
+                prompts = [p for ps, _ in pairs for p in ps]
+                all_rewards = np.asarray([r for _, rs in pairs for r in rs])
+            mean, std = self.tracker.update(prompts, all_rewards)
+            start = self.runtime.rank * len(batch["prompts"])
+            mine = slice(start, start + len(batch["prompts"]))
+            adv = (rewards.cpu().numpy() - mean[mine]) / (std[mine] + 1e-6)
+            adv = torch.as_tensor(np.where(np.isfinite(adv), adv, 0.0), dtype=torch.float32, device=self.device)
+        else:  # batch_norm over all processes
+            adv = self._batch_normalize(rewards)
+        if cfg.normalize_advantages and cfg.advantage != "batch_norm":
+            adv = self._batch_normalize(adv, center=False)
+        batch["advantages"] = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
+        return batch
+
+    def _batch_normalize(self, x: torch.Tensor, center: bool = True) -> torch.Tensor:
+        finite = torch.isfinite(x)
+        v = torch.where(finite, x, torch.zeros_like(x)).double()
+        s = torch.stack([v.sum(), (v * v).sum(), finite.sum().double()])
+        if self.runtime.world > 1:
+            s = self.runtime.accelerator.reduce(s, reduction="sum")
+        n = s[2].clamp_min(2)
+        mean = s[0] / n
+        std = ((s[1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+        out = ((v - mean) if center else v) / (std + 1e-8)
+        return torch.where(finite, out, torch.zeros_like(out)).float()
+
+    # ------------------------------------------------------------------ UPDATE
+    def minibatches(self, batch, epoch: int):
+        """(batch, sample indices, per-sample step indices) for every trained step of
+        every minibatch; the engine accumulates ``micro_steps`` = trained steps per
+        minibatch into one optimizer step (times run.gradient_accumulation_steps)."""
+        cfg, gen = self.cfg, self.runtime.generator
+        B, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
+        order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
+        for start in range(0, B, cfg.train_batch_size):
+            idx = order[start : start + cfg.train_batch_size]
+            steps = torch.stack([torch.randperm(T, generator=gen, device=gen.device) for _ in range(len(idx))]).to(self.device)
+            for j in range(self.micro_steps):
+                yield batch, idx, steps[:, j]
+
+    def loss(self, item):
+        batch, idx, step = item
+        cfg = self.cfg
+        x_t = batch["latents"][idx, step]  # (b, C, H, W)
+        x_prev = batch["latents"][idx, step + 1]
+        t = batch["timesteps"][step]  # (b,) per-sample timesteps
+        embeds = batch["embeds"][idx]
+        eps = guided_noise(self.modules["unet"], self.scheduler.scale_model_input(x_t, t), t, embeds, self._negative_embeds(len(idx)), cfg.guidance_scale)
+        _, logp = ddim_step_with_logprob(self.scheduler, eps.float(), t, x_t, cfg.eta, prev_sample=x_prev)
+        old = batch["log_probs"][idx, step]
+        adv = batch["advantages"][idx]
+        loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_range)
+        with torch.no_grad():
+            stats = {
+                "loss/policy": loss.detach(),
+                "policy/approx_kl": objectives.approx_kl(logp, old),
+                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
+                "policy/ratio_max": ratio.max(),
+                "policy/ratio_mean": ratio.mean(),
+            }
+        return loss, stats
+
+    # ------------------------------------------------------------------ LOG
+    def iteration_stats(self, elapsed: float) -> dict:
+        r = self._last["rewards"].float()
+        finite = torch.isfinite(r)
+        groups = r.view(-1, self.cfg.num_samples_per_prompt)
+        spread = (groups.max(1).values - groups.min(1).values).abs()
+        stats = {
+            "reward/mean": float(r[finite].mean()) if finite.any() else float("nan"),
+            "reward/std": float(r[finite].std()) if finite.sum() > 1 else float("nan"),
+            "reward/zero_std_group_frac": float((spread == 0).float().mean()),
+            "reward/nan_count": int((~finite).sum()),
+            "progress/images": self.images_seen,
+            "perf/images_per_s": len(r) * self.runtime.world / max(elapsed, 1e-9),
+        }
+        stats.update({f"reward/{k}": v for k, v in self._last["info"].items()})
+        return stats
+
+    # ------------------------------------------------------------------ EVALUATE
+    @torch.no_grad()
+    def evaluate(self, request: "EvalRequest") -> "EvalShard":
+        """Item i: prompt i mod #prompts with its own fixed noise (seeded by (seed, i)),
+        sampled by the tuned model with the trained sampler (DDIM η) and, per the
+        config, with deterministic DDIM (η = 0) and by the base model with the same
+        noise. Values: reward, reward_eta0, base_reward, base_reward_eta0."""
+        from rlprox.runtime import EvalShard
+
+        cfg = self.cfg
+        prompts, metadata = (request.prompts, [{} for _ in request.prompts]) if request.prompts else self.eval_prompt_list
+        items = range(request.start, request.start + request.num)
+        chosen_prompts = [prompts[i % len(prompts)] for i in items]
+        chosen_meta = [metadata[i % len(prompts)] for i in items]
+        T = cfg.num_steps
+        noise = []
+        for i in items:
+            g = torch.Generator().manual_seed(request.seed * 1_000_003 + i)
+            noise.append(torch.randn((T + 1, *self.latent_shape), generator=g))
+        noise = torch.stack(noise).to(self.device)  # (n, T+1, C, H, W): x_T and each step's z
+        embeds = self._embed(chosen_prompts)
+        values, images = {}, {}
+        variants = [("", cfg.eta)] + ([("_eta0", 0.0)] if cfg.eval_deterministic else [])
+        models = [("", self._unet())] + ([("base_", None)] if cfg.eval_base else [])
+        for prefix, unet in models:
+            for suffix, eta in variants:
+                finals = []
+                for start in range(0, len(items), cfg.sample_batch_size):
+                    sl = slice(start, start + cfg.sample_batch_size)
+                    with self._base_model() if unet is None else contextlib.nullcontext(unet) as model:
+                        final = self._sample_with_noise(model, embeds[sl], noise[sl], eta)
+                    finals.append(final)
+                latents = torch.cat(finals)
+                imgs = decode_latents(self.vae, latents)
+                rewards, _ = self.reward(imgs, chosen_prompts, chosen_meta)
+                values[f"{prefix}reward{suffix}"] = rewards.float().cpu().tolist()
+                if suffix == "":
+                    images[prefix or "tuned"] = imgs.cpu()
+        shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
+        grid = {}
+        if shown:
+            pairs = [images["base_"][shown], images["tuned"][shown]] if "base_" in images else [images["tuned"][shown]]
+            grid["base_vs_tuned" if len(pairs) == 2 else "tuned"] = torch.stack(pairs, 1).flatten(0, 1)
+        return EvalShard(values=values, images=grid, grid_cols=2 if cfg.eval_base else 0, info={"prompts": len(prompts)})
+
+    def _sample_with_noise(self, unet, embeds, noise, eta):
+        return denoise_with_noise(unet, self.scheduler, embeds, self._negative_embeds(len(embeds)), self.cfg.num_steps, self.cfg.guidance_scale, eta, noise, autocast=self.runtime.autocast)
+
+    def _base_model(self):
+        """The base UNet: the LoRA model with its adapters off, or (full fine-tuning) a
+        frozen copy loaded from the pipeline folder on first use."""
+        unet = self._unet()
+        if self.cfg.finetune == "lora":
+
+            @contextlib.contextmanager
+            def adapters_off():
+                unet.disable_adapters()
+                try:
+                    yield unet
+                finally:
+                    unet.enable_adapters()
+
+            return adapters_off()
+        if self.base_unet is None:
+            from diffusers import UNet2DConditionModel
+
+            self.base_unet = UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet").to(self.device, self.runtime.frozen_dtype).eval().requires_grad_(False)
+        return contextlib.nullcontext(self.base_unet)
+
+    # ------------------------------------------------------------------ EXPORT
+    def export(self, out_dir: Path) -> list[Path]:
+        """LoRA: the adapter in the diffusers format that
+        ``StableDiffusionPipeline.load_lora_weights(out_dir)`` reads; full fine-tuning:
+        the whole pipeline with the tuned UNet (``save_pretrained``)."""
+        from rlprox.zoo.sd import load_sd_pipeline
+
+        out_dir = Path(out_dir)
+        unet = self._unet()
+        if self.cfg.finetune == "lora":
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            metadata = unet.peft_config["default"].to_dict()
+            StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            return [out_dir / "pytorch_lora_weights.safetensors"]
+        pipe = load_sd_pipeline(self.path)
+        pipe.unet = copy.deepcopy(unet).float()
+        pipe.save_pretrained(str(out_dir))
+        return [out_dir]
+
+    # ------------------------------------------------------------------ STATE
+    def state_dict(self):
+        return {}, {"tracker": self.tracker.state_dict(), "images_seen": self.images_seen}
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))
+        self.images_seen = int(state.get("images_seen", 0))
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+register_trainer(TrainerSpec(
+    name="loop",
+    build=LOOP,
+    sections={"loop": LoopConfig, "reward": RewardSpec},
+    validate=validate,
+    description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
+    eval_unit="samples",
+    eval_flags=("prompts",),
+))
