@@ -622,7 +622,9 @@ def place_modules(algo, runtime: Runtime) -> None:
     for name, module in frozen.items():
         if any(id(p) in trained_ids for p in module.parameters()):
             raise ValueError(f"frozen module {name!r} shares parameters with a trained module")
-        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        module.requires_grad_(False).eval().to(device)
+        if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+            module.to(dtype)
     for name, module in algo.modules.items():
         module.to(device)
         if not any(p.requires_grad for p in module.parameters()):

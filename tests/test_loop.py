@@ -55,3 +55,110 @@ def test_loop_lora_runs_and_saves_the_adapter_only(tmp_path, tiny_pipeline):
 
     saved = load_file(str(checkpoint.find_latest(engine.run_dir) / "model.safetensors"))
     assert saved and all(k.startswith("unet.") and "lora" in k for k in saved)
+
+
+def test_ratio_is_one_before_the_first_update(tmp_path, tiny_pipeline):
+    engine = Engine(load_recipe(loop_recipe(tmp_path, tiny_pipeline, guidance_scale=1.0)))
+    algo = engine.algo
+    with torch.no_grad():
+        batch = algo.advantages(algo.collect())
+        for item in list(algo.minibatches(batch, 0))[:3]:
+            _, stats = algo.loss(item)
+            assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4 and float(stats["policy/approx_kl"]) < 1e-7
+    engine.close()
+
+
+@pytest.mark.parametrize("plugin,message", [
+    ("raises_on_second_call", "reward error: reward 'tests.reward_plugins:raises_on_second_call' raised RuntimeError: scorer crashed"),
+    ("wrong_shape", "returned shape (4, 3) for 4 images; expected (4,)"),
+    ("all_nan", "returned no finite value for 4 images (all NaN/inf)"),
+])
+def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, tiny_pipeline, capsys, plugin, message):
+    from tests import reward_plugins
+
+    reward_plugins.CALLS["n"] = 0
+    recipe = loop_recipe(tmp_path, tiny_pipeline, sample_batch_size=4)
+    recipe["reward"] = f"tests.reward_plugins:{plugin}"
+    recipe["run"].update(iterations=3, save_every=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    saved = checkpoint.list_checkpoints(tmp_path / "l")
+    if plugin == "raises_on_second_call":  # the first iteration's checkpoint is intact and loads
+        assert [p.name for p in saved] == ["iter-000001"]
+        assert main(["eval", str(tmp_path / "l"), "--num-samples", "2", "--prompts", str(tmp_path / "p.txt")]) == 2  # a missing prompts file: one line
+    else:
+        assert saved == []
+
+
+def test_individual_nan_rewards_get_zero_advantage_and_are_counted(tmp_path, tiny_pipeline):
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["reward"] = "tests.reward_plugins:some_nan"
+    engine = Engine(load_recipe(recipe))
+    batch = engine.algo.advantages(engine.algo.collect())
+    assert torch.isnan(batch["rewards"]).sum() == 1  # one per scored batch of 4
+    assert torch.isfinite(batch["advantages"]).all() and batch["advantages"][0] == 0
+    stats = engine.algo.iteration_stats(1.0)
+    assert stats["reward/nan_count"] == 1 and stats["reward/flag"] == 1.0
+    engine.close()
+
+
+def test_ddpo_tracker_uses_batch_stats_until_min_count():
+    import numpy as np
+
+    from rlprox.algos.loop import PromptTracker
+
+    tracker = PromptTracker(buffer_size=4, min_count=3)
+    mean, std = tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+    assert np.allclose(mean, 3.0) and np.allclose(std, np.std([1.0, 3.0, 5.0]))  # too few: batch statistics
+    mean, std = tracker.update(["a", "b"], np.array([5.0, 7.0]))
+    assert mean[0] == pytest.approx(3.0) and std[0] == pytest.approx(np.std([1.0, 3.0, 5.0]))  # "a" has 3 now
+    assert mean[1] == pytest.approx(6.0)  # "b" has 2: the batch's
+    tracker.update(["a"] * 3, np.array([9.0, 9.0, 9.0]))
+    assert list(tracker.stats["a"]) == [5.0, 9.0, 9.0, 9.0]  # a deque of the last 4
+
+
+def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline):
+    from tests.crash import kill_resume_equals_uninterrupted
+
+    iterations = 8
+
+    def make(name):
+        recipe = loop_recipe(tmp_path, tiny_pipeline, advantage="ddpo_tracker", tracker_min_count=2, timestep_fraction=0.67)
+        recipe["run"].update(name=name, iterations=iterations, save_every=1, keep_last=2)
+        return recipe
+
+    weights = kill_resume_equals_uninterrupted(tmp_path, make, iterations)
+    assert all("lora" in k for k in weights)
+
+
+def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tiny_pipeline, capsys):
+    recipe = loop_recipe(tmp_path, tiny_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe["optim"]["lr"] = 5e-2  # move the adapter visibly
+    recipe["run"]["eval_size"] = 4
+    engine = Engine(load_recipe(recipe))
+    engine.fit()
+    engine.close()
+    assert main(["export", str(engine.run_dir), str(tmp_path / "lora")]) == 0
+    from diffusers import StableDiffusionPipeline
+
+    def sample(pipe):
+        g = torch.Generator().manual_seed(7)
+        return pipe(["a red seven", "a blue two"], num_inference_steps=3, guidance_scale=2.0, eta=1.0, generator=g, output_type="pt").images
+
+    tuned = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
+    tuned.unet = engine.algo.unet  # the trained adapter, in place
+    stock = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
+    base = sample(stock)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(sample(stock), sample(tuned), rtol=1e-4, atol=1e-4)
+    assert (sample(stock) - base).abs().max() > 1e-3  # the adapter changes the samples
+    # eval: base vs tuned side by side, rewards of both
+    assert main(["eval", str(engine.run_dir), "--num-samples", "4"]) == 0
+    result = json.loads((checkpoint.find_latest(engine.run_dir) / "eval.json").read_text())
+    for key in ("eval/reward", "eval/base_reward", "eval/reward_eta0", "eval/base_reward_eta0"):
+        assert key in result
+    assert (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
+    assert (engine.run_dir / "samples" / "base_vs_tuned-000002.png").is_file()

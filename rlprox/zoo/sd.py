@@ -317,8 +317,12 @@ def vae_reconstruction_mse(pipe, data: DigitsData) -> float:
 
 def load_sd_pipeline(path: str | Path):
     """``StableDiffusionPipeline.from_pretrained`` on a local path, progress bars off."""
+    import diffusers
+    import transformers
     from diffusers import StableDiffusionPipeline
 
+    diffusers.utils.logging.disable_progress_bar()  # loading bars would drown a run's one-line errors
+    transformers.utils.logging.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
