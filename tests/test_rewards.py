@@ -83,3 +83,45 @@ def test_digits_alignment_shapes_range_and_targets(micro_classifier):
     torch.testing.assert_close(reward_fn(images, ["a red one"] * 6, meta)[0], expected)
     with pytest.raises(ValueError, match="one digit word"):
         reward_fn(images[:1], ["a picture"], [{}])
+
+
+def test_jpeg_rewards_rank_flat_images_as_more_compressible():
+    from rlprox.rewards import get_reward
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.full((1, 3, 32, 32), 0.5), torch.rand(1, 3, 32, 32, generator=g)])
+    comp = get_reward("jpeg_compressibility")(images, ["", ""], [{}, {}])
+    incomp = get_reward("jpeg_incompressibility", quality=80)(images, ["", ""], [{}, {}])
+    assert comp.shape == (2,) and comp[0] > comp[1] and incomp[1] > incomp[0] > 0
+
+
+def test_aesthetic_loads_local_weights_only_and_says_what_is_missing(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from rlprox.rewards import AestheticMLP, build_reward
+
+    with pytest.raises(ValueError, match="reward 'aesthetic': clip_path '/no/clip' is not a local CLIP model folder"):
+        build_reward({"name": "aesthetic", "kwargs": {"clip_path": "/no/clip", "mlp_path": "/no/mlp.pth"}})
+    config = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=12)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    torch.save(AestheticMLP(12).state_dict(), tmp_path / "mlp.pth")
+    reward = build_reward({"name": "aesthetic", "kwargs": {"clip_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}})
+    scores, _ = reward(torch.rand(3, 3, 16, 16), ["a", "b", "c"], [{}] * 3)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+
+
+def test_weighted_multi_reward_sums_terms_and_checks_each():
+    from rlprox.errors import RewardError
+    from rlprox.rewards import build_reward
+
+    images = torch.full((2, 3, 8, 8), 0.25)
+    reward = build_reward([{"name": "brightness", "weight": 2.0}, {"name": "jpeg_compressibility", "weight": 0.0}])
+    total, _ = reward(images, ["", ""], [{}, {}])
+    assert torch.allclose(total, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="unknown reward 'brightnes'"):
+        build_reward([{"name": "brightnes"}])
+    bad = build_reward("tests.reward_plugins:wrong_shape")
+    with pytest.raises(RewardError, match=r"returned shape \(2, 3\) for 2 images"):
+        bad(images, ["", ""], [{}, {}])

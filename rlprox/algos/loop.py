@@ -204,7 +204,10 @@ class LOOP:
         self.recipe, self.runtime = recipe, runtime
         self.device = runtime.device
         self.path = resolve_path(cfg.pipeline)
-        pipe = load_sd_pipeline(self.path)
+        try:
+            pipe = load_sd_pipeline(self.path)
+        except (OSError, ValueError) as err:
+            raise RecipeError("loop.pipeline", f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} ({str(err).strip().splitlines()[0][:160]}); no downloads at run time: give a local folder or a hub id already in the cache") from None
         self.tokenizer = pipe.tokenizer
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -218,7 +221,10 @@ class LOOP:
         self.modules = {"unet": self.unet}
         self.frozen = {"vae": self.vae, "text_encoder": self.text_encoder}
         self.base_unet = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
-        self.reward = build_reward(recipe.reward, device=self.device)
+        try:
+            self.reward = build_reward(recipe.reward, device=self.device)
+        except (ValueError, RegistryError) as err:
+            raise RecipeError("reward", str(err)) from None
         self.prompts, self.metadata = load_prompts(cfg.prompts)
         self.eval_prompt_list = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (self.prompts, self.metadata)
         self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)

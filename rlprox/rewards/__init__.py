@@ -263,17 +263,17 @@ class WeightedReward:
 
 def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward | None:
     """The recipe's reward section as a ``WeightedReward``. Names and options are
-    checked first (ValueError, one line); ``check_only`` stops there (plus each reward's
-    own ``preflight`` check, e.g. that local weight files exist); otherwise rewards with
-    a ``preload`` load their models now (so it happens under ``main_process_first``)."""
+    checked first (ValueError, one line); ``check_only`` stops there. Otherwise each
+    reward's own ``preflight`` check runs (e.g. that its local weight files exist) and
+    rewards with a ``preload`` load their models now (the engine builds trainers under
+    ``main_process_first``, so one process builds a missing zoo model)."""
     terms = []
     for term in _terms(spec):
         fn = get_reward(term.name, **term.kwargs)
         base = REWARDS.get(term.name)
-        preflight = getattr(base, "preflight", None)
-        if preflight is not None:
-            preflight(**term.kwargs)
-        if not check_only and getattr(base, "preload", None) is not None:
-            base.preload(**term.kwargs)
+        if not check_only:
+            for step in ("preflight", "preload"):
+                if getattr(base, step, None) is not None:
+                    getattr(base, step)(**term.kwargs)
         terms.append((term.name, float(term.weight), fn))
     return None if check_only else WeightedReward(terms)
