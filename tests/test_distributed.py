@@ -146,3 +146,27 @@ def test_two_processes_lora_with_frozen_encoder(tmp_path, grad_sync):
     g0, g1 = (load_file(str(ckpt / f"rank-{r}.safetensors"))["engine.generator"] for r in range(2))
     assert not torch.equal(g0, g1)
     assert (tmp_path / "toy" / "params-rank0.json").read_text() == (tmp_path / "toy" / "params-rank1.json").read_text()
+
+
+@pytest.mark.parametrize("advantage", ["loo", "ddpo_tracker"])
+def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage):
+    pytest.importorskip("peft")
+    from rlprox.zoo.sd import untrained_pipeline
+    from tests.test_loop import loop_recipe
+
+    pipe_dir = tmp_path / "tiny-sd"
+    untrained_pipeline(seed=0).save_pretrained(str(pipe_dir))
+    recipe = loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), "2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
+    assert not torch.equal(r0["first_noise"], r1["first_noise"])  # per-rank generators
+    params = [k for k in r0 if k.startswith("param.")]
+    assert params and all("lora" in k for k in params)
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), k

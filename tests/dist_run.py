@@ -1,0 +1,28 @@
+"""Run under 2 processes (torchrun): build the engine from a recipe, run N iterations of
+collect + update, and write each rank's trained parameters and the first sample of its
+first collect to OUT_DIR/rank<r>.safetensors (used by the LOOP distributed test)."""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from rlprox.engine import Engine
+from rlprox.recipe import load_recipe
+
+out_dir, recipe_path, iterations = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+engine = Engine(load_recipe(recipe_path))
+algo, acc = engine.algo, engine.accelerator
+first = None
+for _ in range(iterations):
+    with torch.no_grad():
+        batch = algo.advantages(algo.collect())
+    if first is None:
+        first = batch["latents"][0, 0].clone()  # this rank's x_T of its first sample
+    engine.update(batch)
+tensors = {f"param.{n}": p.detach().clone() for name, m in algo.modules.items() for n, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
+tensors["first_noise"] = first
+save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{acc.process_index}.safetensors")
+acc.wait_for_everyone()
+engine.close()
