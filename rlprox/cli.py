@@ -94,13 +94,13 @@ def cmd_eval(args) -> int:
             from rlprox.images import save_image_grid
 
             written.append(save_image_grid(batch, path / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0)))
-        scalar_values = {k: v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)}
+        scalar_values = {k.lstrip("_"): v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)}
         result = {"checkpoint": str(path), "algo": spec.name, "unit": spec.eval_unit, "seed": seed, **info, **stats, **extra, "values": scalar_values, "images": [str(p) for p in written]}
         result.pop("grid_cols", None)
         (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         rows = [("checkpoint", str(path)), (spec.eval_unit, str(int(stats.get("eval/count", 0))) + (f" ({'deterministic' if info['deterministic'] else 'stochastic'})" if "deterministic" in info else ""))]
         for key in values:
-            if f"eval/{key}" in stats:
+            if f"eval/{key}" in stats and f"eval/{key}_std" in stats:
                 rows.append((key, f"{stats[f'eval/{key}']:.4g} ± {stats[f'eval/{key}_std']:.3g}"))
         shown = {f"eval/{k}" for k in values} | {f"eval/{k}_std" for k in values} | {"eval/count"}
         rows += [(k.split("/", 1)[-1], _fmt(v)) for k, v in stats.items() if k not in shown]

@@ -149,7 +149,9 @@ def hook(algo: Any, name: str, default: Any = None) -> Any:
 
 def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, deterministic: bool | None = None, prompts: list[str] | None = None):
     """Sharded evaluation: every process evaluates its share, shards are gathered;
-    returns (stats with "eval/" keys, per-item values, images, info) on every rank."""
+    returns (stats with "eval/" keys, per-item values, images, info) on every rank.
+    Scalar values become ``eval/<key>`` (mean) and ``eval/<key>_std``, except keys that
+    start with "_" (per-item data only ``summarize_eval`` reads)."""
     evaluate = hook(algo, "evaluate")
     rank, world = accelerator.process_index, accelerator.num_processes
     start, num = shard(total, rank, world)
@@ -170,7 +172,7 @@ def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, determ
             images.setdefault(k, []).append(v.detach().cpu())
     stats: dict[str, float] = {}
     for k, v in values.items():
-        if v and all(isinstance(x, (int, float, bool, np.number)) for x in v):
+        if not k.startswith("_") and v and all(isinstance(x, (int, float, bool, np.number)) for x in v):
             arr = np.asarray(v, np.float64)
             stats[f"eval/{k}"] = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
             stats[f"eval/{k}_std"] = float(np.nanstd(arr)) if np.isfinite(arr).any() else float("nan")
@@ -662,6 +664,7 @@ class Engine:
         self.frozen = hook(self.algo, "frozen") or {}
         self.base_optimizer = build_optimizer(optimizer_groups(self.algo, recipe.optim), recipe.optim)
         self.optimizer = self._wrap_regularizers(self.base_optimizer)
+        self.runtime.loss_regularizers = [r for r in self.regularizers if r.mode == "loss"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.optim.schedule, run.iterations, recipe.optim.warmup_iterations))
         self.ddp = run.grad_sync == "ddp" and acc.num_processes > 1
         if self.ddp:

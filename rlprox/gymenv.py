@@ -413,11 +413,12 @@ def load_normalisers(obs_rms: RunningMeanStd | None, reward_scaler: RewardScaler
         reward_scaler.load_state_dict(state["reward_scaler"])
 
 
-def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: RunningMeanStd | None = None, info_keys: tuple[str, ...] = ()) -> list[dict]:
+def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: RunningMeanStd | None = None, info_keys: tuple[str, ...] = (), record_paths: int = 0) -> list[dict]:
     """Run ``episodes`` complete episodes of ``act(obs_normalised) -> action`` on up to
     8 fresh envs (reset from ``seed``), with frozen observation statistics; returns
-    one dict per episode: ``return``, ``length`` and each of ``info_keys`` taken from
-    the info of the episode's last step (NaN when absent)."""
+    one dict per episode: ``return``, ``length``, each of ``info_keys`` taken from the
+    info of the episode's last step (NaN when absent) and, for the first
+    ``record_paths`` episodes, ``path``: the raw observations visited."""
     n = min(episodes, 8)
     quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
     envs = make_vec_env(cfg, num_envs=n, vectorization="sync")
@@ -426,6 +427,7 @@ def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: Running
     obs, _ = envs.reset(seed=seed)
     obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
     ret, length = np.zeros(n), np.zeros(n, np.int64)
+    paths = [[o.tolist()] for o in obs] if record_paths else None
     out: list[dict] = []
     done_count = np.zeros(n, np.int64)
     while (done_count < quota).any():
@@ -434,15 +436,99 @@ def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: Running
         obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
         ret += reward
         length += 1
-        for i in np.flatnonzero(np.logical_or(term, trunc)):
+        ended = np.logical_or(term, trunc)
+        if paths is not None:
+            for i in range(n):
+                paths[i].append((info["final_obs"][i] if ended[i] else obs[i]).tolist())
+        for i in np.flatnonzero(ended):
             if done_count[i] < quota[i]:
                 episode = {"return": float(ret[i]), "length": int(length[i])}
                 final = info.get("final_info", {})
                 for key in info_keys:
                     has = key in final and final.get(f"_{key}", np.ones(n, bool))[i]
                     episode[key] = float(final[key][i]) if has else float("nan")
+                if paths is not None and sum("path" in e for e in out) < record_paths:
+                    episode["path"] = paths[i]
                 out.append(episode)
                 done_count[i] += 1
             ret[i], length[i] = 0.0, 0
+            if paths is not None:
+                paths[i] = [obs[i].tolist()]
     envs.close()
     return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def env_goals(cfg: EnvConfig) -> np.ndarray | None:
+    """The goal positions of a goal env (an ``unwrapped.goals`` array, as MultiGoal has), else None."""
+    probe = _env_factory(cfg, 0)()
+    goals = getattr(probe.unwrapped, "goals", None)
+    probe.close()
+    return None if goals is None else np.asarray(goals, np.float64)
+
+
+def evaluate_policy(cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None, goals: np.ndarray | None, paths: int = 24):
+    """This process's share of an evaluation of ``act`` (an ``EvalShard``): per-episode
+    return and length; for goal envs also the goal each episode reached (``_goal``,
+    −1 for none; ``goal_metrics`` summarises them) and a plot of the first ``paths``
+    trajectories over the goals."""
+    from rlprox.runtime import EvalShard
+
+    seed = request.seed + 1_000_003 + 7919 * request.rank
+    keys = ("goal",) if goals is not None else ()
+    episodes = run_episodes(cfg, act, request.num, seed, obs_rms, info_keys=keys, record_paths=paths if goals is not None else 0)
+    values = {"return": [e["return"] for e in episodes], "length": [e["length"] for e in episodes]}
+    images = {}
+    if goals is not None:
+        values["_goal"] = [e["goal"] for e in episodes]
+        traced = [e["path"] for e in episodes if "path" in e]
+        if traced and len(traced[0][0]) == 2 and request.start < paths:
+            images["trajectories"] = render_paths(traced, goals)
+    return EvalShard(values=values, images=images)
+
+
+def goal_metrics(goal_ids: list[float], num_goals: int) -> dict[str, float]:
+    """Multimodality of the goals reached (−1: none): success rate, the fraction of all
+    episodes ending at each goal, the entropy of the distribution of reached goals (and
+    normalised by log #goals), and coverage: the goals with ≥ 5 % of the hits."""
+    ids = np.asarray([g for g in goal_ids if np.isfinite(g)], np.int64)
+    hits = ids[ids >= 0]
+    counts = np.bincount(hits, minlength=num_goals)[:num_goals].astype(np.float64)
+    out = {"success_rate": float(len(hits) / max(len(ids), 1))}
+    out.update({f"goal{g}_frac": float(counts[g] / max(len(ids), 1)) for g in range(num_goals)})
+    if len(hits):
+        p = counts / counts.sum()
+        entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    else:
+        p, entropy = counts, 0.0
+    out["goal_entropy"] = entropy
+    out["goal_entropy_normalized"] = entropy / np.log(num_goals) if num_goals > 1 else 0.0
+    out["goal_coverage"] = float((p >= 0.05).sum()) if len(hits) else 0.0
+    return out
+
+
+def render_paths(paths: list, goals: np.ndarray, size: int = 320):
+    """A (1, 3, H, W) image in [0, 1]: 2-D trajectories over the goals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    fig, ax = plt.subplots(figsize=(size / 80, size / 80), dpi=80)
+    for path in paths:
+        xy = np.asarray(path)
+        ax.plot(xy[:, 0], xy[:, 1], lw=0.8, alpha=0.7)
+    ax.scatter(goals[:, 0], goals[:, 1], s=120, c="red", marker="*", zorder=3)
+    lim = max(7.0, float(np.abs(goals).max()) + 1.0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0

@@ -135,3 +135,27 @@ def group_normalize(rewards: torch.Tensor, eps: float = 1e-8, clip: float | None
     spread = (count >= 2) & (std > torch.finfo(r.dtype).eps * mean.abs().clamp_min(1.0))
     adv = torch.where(finite & spread, centred / (std + eps), torch.zeros_like(r))
     return adv.clamp(-clip, clip) if clip is not None else adv
+
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def flow_log_ratio(delta: torch.Tensor, dv: torch.Tensor, log_std: torch.Tensor, log_std_old: torch.Tensor) -> torch.Tensor:
+    """PolicyFlow's velocity-difference log importance ratio (sum over action dims):
+
+        log ρ = Σ_i log N(δ_i; δv_i, σ_i²) − Σ_i log N(δ_i; 0, σ̂_i²)
+
+    with δ = a − φ̂₁ the Gaussian part of the stored action (before env clipping),
+    δv = v_θ(x_t, t, s) − v̂(x_t, t, s) the change of the velocity field at the sampled
+    point of the straight path (≈ the change of the flow's output), σ = exp(log_std)
+    the current and σ̂ = exp(log_std_old) the rollout's per-dimension std. Shapes:
+    delta, dv (B, A); log_std, log_std_old (A,) or (B, A). Returns (B,).
+    """
+    new = -0.5 * ((delta - dv) * torch.exp(-log_std)) ** 2 - log_std
+    old = -0.5 * (delta * torch.exp(-log_std_old)) ** 2 - log_std_old
+    return (new - old).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """H(N(0, diag σ²)) = Σ_i (log σ_i + ½·log 2πe)."""
+    return (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)

@@ -322,12 +322,16 @@ def validate(recipe: Recipe, spec=None) -> None:
     positive("optim.warmup_iterations", optim.warmup_iterations, allow_zero=True)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise RecipeError("optim.betas", f"expected two numbers in [0, 1) (got {optim.betas})")
+    spec = spec or trainer_spec(recipe.algo)
     if recipe.regularizers:
         from rlprox.prox.attach import parse_spec
 
         for i, entry in enumerate(recipe.regularizers):
-            parse_spec(entry, i)
-    spec = spec or trainer_spec(recipe.algo)
+            reg, _, mode = parse_spec(entry, i)
+            missing = [k for k in getattr(reg, "inputs", ()) if k not in spec.loss_inputs] if mode == "loss" else []
+            if missing:
+                offered = f"it offers {', '.join(spec.loss_inputs)}" if spec.loss_inputs else "it offers none"
+                raise RecipeError(f"regularizers[{i}]", f"{entry['type']} needs {', '.join(missing)} from the loss, which algo {spec.name} does not provide ({offered})")
     if spec.validate is not None:
         spec.validate(recipe)
 

@@ -28,6 +28,7 @@ class Runtime:
     np_rng: np.random.Generator
     frozen_dtype: torch.dtype = torch.float32
     train: bool = True  # False when built for `rlprox eval` / export (no training envs, no data)
+    loss_regularizers: list = field(default_factory=list)  # the recipe's loss-side regularizers (set by the engine)
 
     @property
     def device(self) -> torch.device:
@@ -51,6 +52,17 @@ class Runtime:
     def autocast(self):
         """The recipe's mixed precision for forward passes (also in collect)."""
         return self.accelerator.autocast()
+
+    def loss_penalties(self, **tensors) -> tuple[torch.Tensor | float, dict]:
+        """Σ λ·R(tensors) over the recipe's loss-side regularizers (e.g. PolicyFlow's
+        Brownian term), and their values as ``penalty/<index>.<type>`` stats. A trainer
+        passes every tensor it offers (its ``TrainerSpec.loss_inputs``)."""
+        total, stats = 0.0, {}
+        for entry in self.loss_regularizers:
+            value = entry.reg.penalty(**tensors)
+            total = total + value
+            stats[f"penalty/{entry.label}"] = value.detach()
+        return total, stats
 
     def main_process_first(self):
         """Rank 0 runs the block first (e.g. builds a zoo model), the others wait."""

@@ -27,6 +27,7 @@ from rlprox.registry import Registry
 
 BUILTIN = {
     "loop": "rlprox.algos.loop",
+    "policyflow": "rlprox.algos.policyflow",
     "ppo": "rlprox.algos.ppo",
     "sparse": "rlprox.algos.sparse",
 }
@@ -45,6 +46,7 @@ class TrainerSpec:
     description: str = ""  # one line for `rlprox --help` / docs
     eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
     eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours
+    loss_inputs: tuple[str, ...] = ()  # tensors its loss offers to loss-side regularizers (runtime.loss_penalties)
 
     def __post_init__(self):
         unknown = set(self.eval_flags) - set(EVAL_FLAGS)

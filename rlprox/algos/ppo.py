@@ -21,8 +21,9 @@ import torch
 
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, gae_targets, normalized_advantages
 from rlprox.errors import RecipeError
-from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, load_normalisers, make_vec_env, observation_dim, run_episodes, validate_env
+from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, env_goals, evaluate_policy, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
 from rlprox.gymenv import RewardScaler, RunningMeanStd
 
 if TYPE_CHECKING:
@@ -106,9 +107,12 @@ class PPO:
             self.obs_rms = RunningMeanStd((obs_dim,)) if self.env_cfg.normalize_obs else None
             self.reward_scaler = RewardScaler(1, self.cfg.gamma) if self.env_cfg.normalize_reward else None
         self.obs_dim, self.space = obs_dim, space
+        self.goals = env_goals(self.env_cfg)
         self.discrete, self.action_cols = space.discrete, space.columns
         self.policy = ActorCritic(obs_dim, space.dim, space.discrete, self.cfg.hidden_sizes, self.cfg.activation, self.cfg.init_log_std)
         self.modules = {"policy": self.policy}
+        self.columns = Columns({"obs": obs_dim, "actions": 0 if space.discrete else space.columns, "logp": 0, "values": 0, "advantages": 0, "returns": 0})
+        self.sampler = MinibatchSampler(runtime, self.cfg.minibatch_size, self.cfg.update_epochs, self.cfg.norm_adv)
 
     def _unwrapped(self):
         return self.runtime.unwrap(self.modules["policy"])
@@ -136,71 +140,27 @@ class PPO:
             term_buf[t], done_buf[t] = term, done
             if final_obs is not None:  # truncated episodes bootstrap from V(final observation)
                 next_val[t, truncated] = policy.value(final_obs)
-        last_value = policy.value(rollout.last_observation())
-        # V(s_{t+1}) is the next step's value, except where an episode ended
-        cont = done_buf[:-1] == 0
-        next_val[:-1][cont] = val_buf[1:][cont]
-        next_val[-1] = np.where(done_buf[-1] == 0, last_value, next_val[-1])
+        bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
         rollout.end_iteration(T)
         return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf, "next_values": next_val, "rewards": rew_buf, "terminated": term_buf, "done": done_buf}
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
-        adv, ret = objectives.gae(batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], self.cfg.gamma, self.cfg.gae_lambda)
-        var_ret = ret.var()
-        self._explained_variance = float("nan") if var_ret == 0 else float(1.0 - (ret - batch["values"]).var() / var_ret)
-        B = adv.size
-        # one packed (B, cols) tensor: each minibatch is a single index_select
-        packed = np.concatenate(
-            [batch["obs"].reshape(B, -1), batch["actions"].reshape(B, -1), batch["logp"].reshape(B, 1), batch["values"].reshape(B, 1), adv.reshape(B, 1).astype(np.float32), ret.reshape(B, 1).astype(np.float32)],
-            axis=1,
-        )
-        return torch.from_numpy(packed).to(self.device)
+        adv, ret, self._explained_variance = gae_targets(batch, self.cfg.gamma, self.cfg.gae_lambda)
+        return self.columns.pack({"obs": batch["obs"], "actions": batch["actions"], "logp": batch["logp"], "values": batch["values"], "advantages": adv, "returns": ret}, self.device)
 
     def minibatches(self, packed: torch.Tensor, epoch: int):
-        """(minibatch, advantage moments). With several processes the moments are the
-        mean and std of each minibatch's advantages over all processes (so a 2-process
-        update equals a 1-process update on the concatenated minibatch); the
-        permutations of all epochs are drawn at epoch 0 and all their moments found
-        with ONE all-reduce. With one process the moments are None (local)."""
-        B, size = packed.shape[0], self.cfg.minibatch_size
-        if self.world == 1 or not self.cfg.norm_adv:
-            perm = torch.from_numpy(self.rng.permutation(B)).to(self.device)
-            for start in range(0, B, size):
-                yield packed.index_select(0, perm[start : start + size]), None
-            return
-        if epoch == 0:
-            perms = [torch.from_numpy(self.rng.permutation(B)).to(self.device) for _ in range(self.update_epochs)]
-            chunks = [p[start : start + size] for p in perms for start in range(0, B, size)]
-            self._plan = list(zip(chunks, self._global_moments(packed[:, -2], chunks)))
-        per_epoch = -(-B // size)
-        for idx, moments in self._plan[epoch * per_epoch : (epoch + 1) * per_epoch]:
-            yield packed.index_select(0, idx), moments
-
-    def _global_moments(self, adv: torch.Tensor, chunks: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        adv64 = adv.double()
-        counts = torch.tensor([float(len(i)) for i in chunks], dtype=torch.float64, device=adv.device)
-        picked = [adv64.index_select(0, i) for i in chunks]
-        sums = torch.stack([torch.stack([x.sum() for x in picked]), torch.stack([(x * x).sum() for x in picked]), counts], 1)
-        sums = self.runtime.accelerator.reduce(sums, reduction="sum")  # (n_minibatches, 3), all epochs
-        n = sums[:, 2]
-        mean = sums[:, 0] / n
-        std = ((sums[:, 1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
-        mean, std = mean.to(adv.dtype), std.to(adv.dtype)
-        return [(mean[j], std[j]) for j in range(len(chunks))]
+        """(minibatch, advantage moments): see ``rlprox.onpolicy.MinibatchSampler``."""
+        return self.sampler(packed, self.columns(packed, "advantages"), epoch)
 
     # ------------------------------------------------------------------ LOSS
     def loss(self, minibatch):
         mb, moments = minibatch
-        D, A = self.obs_dim, self.action_cols
-        obs, actions = mb[:, :D], mb[:, D : D + A]
-        old_logp, old_values, adv, returns = mb[:, D + A], mb[:, D + A + 1], mb[:, D + A + 2], mb[:, D + A + 3]
-        if self.discrete:
-            actions = actions[:, 0]
+        col = self.columns
+        obs, actions, old_logp, old_values, adv, returns = (col(mb, k) for k in ("obs", "actions", "logp", "values", "advantages", "returns"))
         logp, entropy, values = self.modules["policy"](obs, actions)
         if self.cfg.norm_adv:
-            mean, std = moments if moments is not None else (None, None)
-            adv = objectives.normalize(adv, mean=mean, std=std)
+            adv = normalized_advantages(adv, moments)
         pg_loss, ratio = objectives.clipped_surrogate(logp, old_logp, adv, self.cfg.clip_coef)
         v_loss = objectives.value_loss(values, returns, old_values, self.cfg.clip_coef if self.cfg.clip_vloss else None)
         entropy = entropy.mean()
@@ -232,10 +192,9 @@ class PPO:
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodic returns of the current policy on fresh envs (this process's share
-        of the episodes). Uses its own RNG and frozen normalisation statistics, so it
-        never perturbs training."""
-        from rlprox.runtime import EvalShard
-
+        of the episodes); for goal envs also the goals reached and a trajectory plot.
+        Uses its own RNG and frozen normalisation statistics, so it never perturbs
+        training."""
         deterministic = self.cfg.eval_deterministic if request.deterministic is None else request.deterministic
         rng = np.random.default_rng([request.seed, 10_000 + request.rank])
         policy = self._unwrapped().snapshot()
@@ -243,8 +202,12 @@ class PPO:
         def act(obs):
             return policy.act(obs, rng, deterministic=deterministic)[0]
 
-        episodes = run_episodes(self.env_cfg, act, request.num, request.seed + 1_000_003 + 7919 * request.rank, self.obs_rms)
-        return EvalShard(values={"return": [e["return"] for e in episodes], "length": [e["length"] for e in episodes]}, info={"deterministic": deterministic})
+        shard = evaluate_policy(self.env_cfg, act, request, self.obs_rms, self.goals)
+        shard.info["deterministic"] = deterministic
+        return shard
+
+    def summarize_eval(self, values: dict) -> dict:
+        return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
 
     @torch.no_grad()
     def model_stats(self) -> dict:

@@ -71,11 +71,22 @@ class ActorCritic(nn.Module):
         return out if deterministic else out + torch.exp(self.log_std) * torch.randn_like(out)
 
     def snapshot(self) -> "NumpyPolicy":
-        def layers(seq):
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
-
         log_std = self.log_std.detach().cpu().numpy().copy() if not self.discrete else None
-        return NumpyPolicy(layers(self.actor), layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
+        return NumpyPolicy(numpy_layers(self.actor), numpy_layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
+
+
+def numpy_layers(seq: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W as (in, out), b) of every Linear of ``seq``, copied to numpy."""
+    return [(m.weight.detach().float().cpu().numpy().T.copy(), m.bias.detach().float().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
+
+
+def numpy_mlp(layers: list, x: np.ndarray, act_fn) -> np.ndarray:
+    """The MLP of ``numpy_layers`` on x: activation between layers, none after the last."""
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1:
+            x = act_fn(x)
+    return x
 
 
 def fuse(actor: list, critic: list) -> list:
@@ -105,11 +116,7 @@ class NumpyPolicy:
         self.fused = fuse(actor, critic) if len(actor) == len(critic) else None
 
     def _mlp(self, layers, x):
-        for i, (w, b) in enumerate(layers):
-            x = x @ w + b
-            if i < len(layers) - 1:
-                x = self.act_fn(x)
-        return x
+        return numpy_mlp(layers, x, self.act_fn)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         return self._mlp(self.critic, obs)[:, 0]

@@ -11,7 +11,9 @@ Each entry selects parameters by a glob over "<module>.<parameter>" names (e.g.
 
 mode "prox" (default): param ← prox_{η·λ·R}(param) after every real optimizer step
 (ProxOptimizer; η = the param group's current lr). mode "penalty": λ·R(param) is
-added to the loss instead. ``schedule`` gives λ per iteration (then omit ``lam``).
+added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brownian
+term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
+the trainer computes, and the trainer adds them with ``runtime.loss_penalties``. ``schedule`` gives λ per iteration (then omit ``lam``).
 This is the one place where every trainer gets its regularizers from.
 """
 
@@ -23,7 +25,7 @@ import torch
 
 from rlprox.errors import RecipeError
 from rlprox.prox.optim import ProxOptimizer
-from rlprox.prox.regularizers import build_regularizer
+from rlprox.prox.regularizers import LossRegularizer, build_regularizer
 from rlprox.prox.schedules import build_schedule
 
 ENGINE_KEYS = ("params", "mode", "schedule")
@@ -50,11 +52,22 @@ def parse_spec(spec: dict, index: int):
     if not isinstance(spec, dict) or "type" not in spec:
         raise RecipeError(key, "expected a mapping with a 'type' key")
     spec = _numbers(spec)
-    if not isinstance(spec.get("params"), str) or not spec["params"]:
-        raise RecipeError(f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'")
-    mode = spec.get("mode", "prox")
-    if mode not in ("prox", "penalty"):
-        raise RecipeError(f"{key}.mode", f"must be prox or penalty (got {mode!r})")
+    try:
+        reg = build_regularizer({k: v for k, v in spec.items() if k not in ENGINE_KEYS})
+    except (ValueError, TypeError) as err:
+        raise RecipeError(key, str(err)) from None
+    if isinstance(reg, LossRegularizer):
+        if "params" in spec:
+            raise RecipeError(f"{key}.params", f"{spec['type']} acts on what the trainer computes ({', '.join(reg.inputs)}), not on parameters; remove params")
+        mode = spec.get("mode", "loss")
+        if mode != "loss":
+            raise RecipeError(f"{key}.mode", f"{spec['type']} is a loss-side regularizer: mode must be loss (got {mode!r})")
+    else:
+        if not isinstance(spec.get("params"), str) or not spec["params"]:
+            raise RecipeError(f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'")
+        mode = spec.get("mode", "prox")
+        if mode not in ("prox", "penalty"):
+            raise RecipeError(f"{key}.mode", f"must be prox or penalty (got {mode!r})")
     schedule = None
     if "schedule" in spec:
         if "lam" in spec:
@@ -64,10 +77,6 @@ def parse_spec(spec: dict, index: int):
             schedule(0)
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{key}.schedule", str(err)) from None
-    try:
-        reg = build_regularizer({k: v for k, v in spec.items() if k not in ENGINE_KEYS})
-    except (ValueError, TypeError) as err:
-        raise RecipeError(key, str(err)) from None
     if schedule is not None:
         reg.lam = float(schedule(0))
     return reg, schedule, mode
@@ -92,6 +101,8 @@ class AttachedRegularizer:
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
+        if self.mode == "loss":
+            return {f"penalty/{self.label}.lam": self.reg.lam}
         out = {f"sparsity/{name}": float(self.reg.sparsity(p)) for name, p in self.named.items()}
         penalty = sum(float(self.reg.penalty(p)) for p in self.named.values())
         out[f"penalty/{self.label}"] = penalty
@@ -110,6 +121,9 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
     for i, spec in enumerate(specs):
         reg, schedule, mode = parse_spec(spec, i)
         spec = _numbers(spec)
+        if mode == "loss":
+            attached.append(AttachedRegularizer(i, spec, reg, schedule, mode, {}))
+            continue
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
         frozen = [n for n in frozen_names if fnmatch.fnmatchcase(n, spec["params"])]
         if frozen:

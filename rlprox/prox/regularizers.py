@@ -31,6 +31,9 @@ from rlprox.registry import Registry
 
 __all__ = [
     "Regularizer",
+    "LossRegularizer",
+    "Brownian",
+    "brownian_residual",
     "L1",
     "GroupL2",
     "L0",
@@ -250,6 +253,52 @@ class WGSEF(Regularizer):
         return ops.prox_wgsef(x, self.k, t, d=self.d, exact_k=self.exact_k)
 
 
+class LossRegularizer(abc.ABC):
+    """A regularizer on quantities a trainer computes in its loss (velocities, logits,
+    log-probs), not on parameters: ``penalty(**tensors) = λ·value(**tensors)`` is added
+    to the loss. ``inputs`` names the tensors it needs; a trainer provides them through
+    ``runtime.loss_penalties(**tensors)``. In a recipe it is an entry like any other,
+    without ``params``: ``regularizers: [{type: brownian, lam: 0.1}]``."""
+
+    inputs: tuple[str, ...] = ()
+
+    def __init__(self, lam: float = 0.0):
+        if lam < 0:
+            raise ValueError(f"regularizer field 'lam' must be >= 0 (got {lam})")
+        self.lam = float(lam)
+
+    @abc.abstractmethod
+    def value(self, **tensors) -> torch.Tensor:
+        """The term without λ (a scalar tensor)."""
+
+    def penalty(self, **tensors) -> torch.Tensor:
+        return self.lam * self.value(**{k: tensors[k] for k in self.inputs})
+
+
+def brownian_residual(v: torch.Tensor, v_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """PolicyFlow's Brownian residual (noise at t = 0, action at t = 1):
+
+        η_t = (1 − t)·v_θ(x_t, t, s) − (x_t − t·v̂(x_t, t, s))
+
+    ``v`` is the current velocity v_θ (gradients flow), ``v_hat`` the velocity frozen at
+    the rollout parameters (stop-gradient: no gradient reaches it), ``x_t`` the point on
+    the straight path, ``t`` (B,) or (B, 1). Shapes (B, A) -> (B, A).
+    """
+    t = t.reshape(-1, *([1] * (x_t.ndim - 1))) if t.ndim else t
+    return (1.0 - t) * v - (x_t - t * v_hat.detach())
+
+
+@register_regularizer("brownian")
+class Brownian(LossRegularizer):
+    """w_b·mean(η_t²), the Brownian regularizer of PolicyFlow (an implicit entropy bonus
+    against mode collapse): λ is w_b."""
+
+    inputs = ("v", "v_hat", "x_t", "t")
+
+    def value(self, v, v_hat, x_t, t):
+        return brownian_residual(v, v_hat, x_t, t).pow(2).mean()
+
+
 def build_regularizer(spec: dict):
     """Build a regularizer from ``{"type": name_or_module:Class, "lam": ..., **kwargs}``.
 
@@ -266,8 +315,9 @@ def build_regularizer(spec: dict):
         cls = REGULARIZERS.get(name)
     except RegistryError as err:
         raise ValueError(f"regularizer field 'type': {err}") from None
-    if ":" in name and not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
-        raise ValueError(f"regularizer field 'type': {name!r} has no penalty()/prox() methods")
+    is_loss = isinstance(cls, type) and issubclass(cls, LossRegularizer)
+    if ":" in name and not is_loss and not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
+        raise ValueError(f"regularizer field 'type': {name!r} has no penalty()/prox() methods (nor is it a LossRegularizer)")
     try:
         return REGULARIZERS.build(name, kwargs)
     except RegistryError as err:

@@ -1,0 +1,298 @@
+"""PolicyFlow: PPO with a flow-matching (CNF) policy, the velocity-difference importance
+ratio and the Brownian regularizer ("PolicyFlow: Policy Optimization with Continuous
+Normalizing Flow in Reinforcement Learning", arXiv 2602.01156).
+
+Policy (rlprox/models/flow_policy.py): a = φ₁(z; s) + n, z ~ N(0, I), n ~ N(0, σ²);
+φ the K-step midpoint flow of v_θ from noise (t = 0) to action (t = 1).
+
+    COLLECT    the shared gym rollout (rlprox.gymenv.GymRollout), storing s, z, φ̂₁,
+               δ = a − φ̂₁ (before env clipping), log N(δ; 0, σ̂²), V(s).
+    ADVANTAGE  GAE(γ, λ); then one t per sample (the K-point grid by default),
+               x_t = (1 − t)·z + t·φ̂₁ and v̂ = v(x_t, t, s) at the rollout parameters.
+    UPDATE     epochs × minibatches of
+                   log ρ = Σ_i log N(δ_i; δv_i, σ_i²) − Σ_i log N(δ_i; 0, σ̂_i²),  δv = v_θ(x_t) − v̂(x_t)
+                   J = E[min(ρA, clip(ρ, 1±ε)A)] − w_b·mean(η_t²) + w_g·H(N(0, σ²)) − c_v·L_V
+               (ρ ≡ 1 at the first minibatch; η_t the Brownian residual, a loss-side
+               regularizer of the shared core: ``regularizers: [{type: brownian, lam: w_b}]``).
+
+``ratio: fpo`` swaps in FPO's estimator (McAllister et al. 2025): with N stored pairs
+(τ_j, ε_j) and the conditional flow-matching loss ℓ(τ, ε) = mean_i (v(x_τ, τ, s) −
+(a − ε))_i², x_τ = (1 − τ)·ε + τ·a, ρ = exp(mean_j ℓ_old − mean_j ℓ_θ); σ then stays at
+its initial value (it is not part of that ratio).
+
+Actor and critic take separate learning rates through the engine's parameter groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from rlprox import objectives
+from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.errors import RecipeError
+from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, RunningMeanStd, env_goals, evaluate_policy, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
+from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, gae_targets, normalized_advantages
+
+if TYPE_CHECKING:
+    from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
+
+
+@dataclass
+class PolicyFlowConfig:
+    """PolicyFlow hyperparameters (PPO's names where they are PPO's)."""
+
+    num_steps: int = 128  # rollout length T per env per iteration
+    minibatch_size: int = 256  # samples per minibatch, per process
+    update_epochs: int = 4  # epochs over each rollout
+    gamma: float = 0.99  # discount γ
+    gae_lambda: float = 0.95  # GAE λ
+    clip_coef: float = 0.2  # ratio clip ε
+    clip_vloss: bool = True  # clip the value loss with ε (PPO2)
+    vf_coef: float = 0.5  # c_v
+    ent_coef: float = 0.0  # w_g: entropy bonus of the Gaussian head N(0, σ²)
+    norm_adv: bool = True  # normalise advantages per minibatch (over all processes)
+    target_kl: float = 0.0  # stop the epochs once the epoch's approx-KL exceeds this; 0 disables
+    ratio: Literal["velocity", "fpo"] = "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
+    flow_steps: int = 10  # K midpoint (RK2) steps from noise to action
+    t_sampling: Literal["grid", "uniform"] = "grid"  # t per sample: the K-point grid {k/K}, or U(0, 1)
+    fpo_samples: int = 8  # ratio fpo: N (τ, ε) pairs per sample
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # velocity MLP widths
+    critic_sizes: list[int] = field(default_factory=lambda: [64, 64])  # critic MLP widths
+    activation: Literal["tanh", "relu"] = "tanh"
+    time_features: int = 4  # Fourier frequencies of t (2^k, k < time_features)
+    obs_embed: int = 32  # observation embedding width
+    init_log_std: float = -1.0  # initial log σ of the Gaussian head
+    log_std_min: float = -5.0  # log σ bounds
+    log_std_max: float = 0.5
+    last_layer_scale: float = 0.01  # init gain of the velocity MLP's last layer (flow ≈ identity at start)
+    critic_lr: float = 0.0  # the critic's lr (0: optim.lr)
+    eval_deterministic: bool = False  # evaluate with z = 0 and no Gaussian noise (False: sample, as multimodality needs)
+
+
+def validate(recipe: "Recipe") -> None:
+    cfg, env = recipe.policyflow, recipe.env
+    validate_env(env)
+    for key in ("num_steps", "minibatch_size", "update_epochs", "flow_steps", "fpo_samples", "time_features", "obs_embed"):
+        if getattr(cfg, key) <= 0:
+            raise RecipeError(f"policyflow.{key}", f"must be > 0 (got {getattr(cfg, key)})")
+    if not 0.0 < cfg.gamma <= 1.0:
+        raise RecipeError("policyflow.gamma", f"must be in (0, 1] (got {cfg.gamma})")
+    if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
+        raise RecipeError("policyflow.init_log_std", f"must lie strictly between log_std_min {cfg.log_std_min} and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})")
+    rollout = env.num_envs * cfg.num_steps
+    if rollout % cfg.minibatch_size or cfg.minibatch_size > rollout:
+        raise RecipeError("policyflow.minibatch_size", f"{cfg.minibatch_size} must divide the rollout (env.num_envs × policyflow.num_steps = {rollout})")
+    if (rollout // cfg.minibatch_size) % recipe.run.gradient_accumulation_steps:
+        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {rollout // cfg.minibatch_size} minibatches per epoch")
+
+
+class PolicyFlow:
+    """collect / advantages / minibatches / loss / evaluate for the engine."""
+
+    curve = ("progress/env_steps", "reward/episodic_return")
+    stat_reductions = GymRollout.REDUCTIONS
+
+    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+        from rlprox.models.flow_policy import FlowPolicy
+
+        cfg = self.cfg = recipe.policyflow
+        self.recipe, self.env_cfg, self.runtime = recipe, recipe.env, runtime
+        self.device, self.world = runtime.device, runtime.world
+        self.rng = runtime.np_rng
+        self.update_epochs = cfg.update_epochs
+        if cfg.target_kl <= 0:
+            self.early_stop = None
+        if runtime.train:
+            self.rollout = GymRollout(self.env_cfg, recipe.seed, runtime.rank, runtime.world, cfg.gamma, runtime.accelerator)
+            obs_dim, space = self.rollout.obs_dim, self.rollout.action_space
+            self.obs_rms = self.rollout.obs_rms
+        else:
+            self.rollout = None
+            probe = make_vec_env(self.env_cfg, num_envs=1, vectorization="sync")
+            obs_dim, space = observation_dim(probe.single_observation_space), ActionSpace.of(probe.single_action_space)
+            probe.close()
+            self.obs_rms = RunningMeanStd((obs_dim,)) if self.env_cfg.normalize_obs else None
+        if space.discrete:
+            raise RecipeError("env.id", "PolicyFlow needs a continuous (Box) action space")
+        self.obs_dim, self.action_dim = obs_dim, space.dim
+        self.goals = env_goals(self.env_cfg)
+        self.policy = FlowPolicy(obs_dim, space.dim, cfg.hidden_sizes, cfg.activation, cfg.time_features, cfg.obs_embed, cfg.critic_sizes,
+                                 cfg.init_log_std, (cfg.log_std_min, cfg.log_std_max), cfg.last_layer_scale)
+        if cfg.ratio == "fpo":
+            self.policy.log_std_param.requires_grad_(False)  # σ is not part of FPO's ratio
+        self.modules = {"policy": self.policy}
+        A, N = space.dim, cfg.fpo_samples
+        widths = {"obs": obs_dim, "delta": A, "log_std_old": A, "logp": 0, "values": 0, "advantages": 0, "returns": 0, "t": 0, "x_t": A, "v_hat": A}
+        if cfg.ratio == "fpo":
+            widths.update({"action": A, "tau": N, "eps": N * A, "cfm_old": N})
+        self.columns = Columns(widths)
+        self.sampler = MinibatchSampler(runtime, cfg.minibatch_size, cfg.update_epochs, cfg.norm_adv)
+
+    def _unwrapped(self):
+        return self.runtime.unwrap(self.modules["policy"])
+
+    def param_groups(self) -> list[dict]:
+        policy = self._unwrapped()
+        critic = list(policy.critic.parameters())
+        actor = [p for p in policy.parameters() if p.requires_grad and all(p is not q for q in critic)]
+        critic_group = {"params": critic}
+        if self.cfg.critic_lr > 0:
+            critic_group["lr"] = self.cfg.critic_lr
+        return [{"params": actor}, critic_group]
+
+    # ------------------------------------------------------------------ COLLECT
+    def collect(self):
+        cfg, rollout = self.cfg, self.rollout
+        policy = self._unwrapped().snapshot(cfg.flow_steps)
+        T, N, D, A = cfg.num_steps, rollout.num_envs, self.obs_dim, self.action_dim
+        buf = {k: np.zeros((T, N, D if k == "obs" else A), np.float32) for k in ("obs", "z", "phi", "delta")}
+        logp_buf, val_buf, next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(6))
+        rollout.begin_iteration()
+        for t in range(T):
+            obs_n = rollout.observe()
+            action, z, phi, delta, logp, value = policy.act(obs_n, self.rng)
+            reward, term, done, truncated, final_obs = rollout.step(action)
+            buf["obs"][t], buf["z"][t], buf["phi"][t], buf["delta"][t] = obs_n, z, phi, delta
+            logp_buf[t], val_buf[t], rew_buf[t], term_buf[t], done_buf[t] = logp, value, reward, term, done
+            if final_obs is not None:
+                next_val[t, truncated] = policy.value(final_obs)
+        bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
+        rollout.end_iteration(T)
+        self._log_std = policy.log_std
+        return {**buf, "logp": logp_buf, "values": val_buf, "next_values": next_val, "rewards": rew_buf, "terminated": term_buf, "done": done_buf}
+
+    # ------------------------------------------------------------------ ADVANTAGE
+    def advantages(self, batch):
+        cfg = self.cfg
+        adv, ret, self._explained_variance = gae_targets(batch, cfg.gamma, cfg.gae_lambda)
+        B, A = adv.size, self.action_dim
+        obs, z, phi, delta = (batch[k].reshape(B, -1) for k in ("obs", "z", "phi", "delta"))
+        if cfg.t_sampling == "grid":
+            t = self.rng.integers(cfg.flow_steps, size=B).astype(np.float32) / cfg.flow_steps
+        else:
+            t = self.rng.random(B).astype(np.float32)
+        x_t = (1.0 - t[:, None]) * z + t[:, None] * phi
+        policy = self._unwrapped()
+        obs_t = torch.from_numpy(obs).to(self.device)
+        with torch.no_grad():
+            v_hat = policy.velocity_field(torch.from_numpy(x_t).to(self.device), torch.from_numpy(t).to(self.device), obs_t).cpu().numpy()
+        fields = {"obs": obs, "delta": delta, "log_std_old": np.broadcast_to(self._log_std, (B, A)), "logp": batch["logp"], "values": batch["values"],
+                  "advantages": adv, "returns": ret, "t": t, "x_t": x_t, "v_hat": v_hat}
+        if cfg.ratio == "fpo":
+            n = cfg.fpo_samples
+            action = phi + delta
+            tau = self.rng.random((B, n)).astype(np.float32)
+            eps = self.rng.standard_normal((B, n, A)).astype(np.float32)
+            with torch.no_grad():
+                cfm_old = self._cfm_losses(policy, obs_t, torch.from_numpy(action).to(self.device), torch.from_numpy(tau).to(self.device), torch.from_numpy(eps).to(self.device)).cpu().numpy()
+            fields.update(action=action, tau=tau, eps=eps, cfm_old=cfm_old)
+        return self.columns.pack(fields, self.device)
+
+    @staticmethod
+    def _cfm_losses(model, obs, action, tau, eps, velocity=None):
+        """ℓ(τ_j, ε_j) = mean_i (v(x_τ, τ, s) − (a − ε))_i², x_τ = (1 − τ)·ε + τ·a: (B, N)."""
+        B, N, A = eps.shape
+        x_tau = (1.0 - tau[..., None]) * eps + tau[..., None] * action[:, None]
+        obs_rep = obs[:, None].expand(B, N, obs.shape[-1]).reshape(B * N, -1)
+        v = (velocity or model.velocity_field)(x_tau.reshape(B * N, A), tau.reshape(-1), obs_rep)
+        return (v.reshape(B, N, A) - (action[:, None] - eps)).pow(2).mean(-1)
+
+    def minibatches(self, packed: torch.Tensor, epoch: int):
+        return self.sampler(packed, self.columns(packed, "advantages"), epoch)
+
+    # ------------------------------------------------------------------ LOSS
+    def loss(self, minibatch):
+        cfg, col = self.cfg, self.columns
+        mb, moments = minibatch
+        obs, delta, x_t, t, v_hat = col(mb, "obs"), col(mb, "delta"), col(mb, "x_t"), col(mb, "t"), col(mb, "v_hat")
+        v, values, log_std = self.modules["policy"](x_t, t, obs)
+        if cfg.ratio == "velocity":
+            log_rho = objectives.flow_log_ratio(delta, v - v_hat, log_std, col(mb, "log_std_old"))
+        else:
+            B, N, A = len(mb), cfg.fpo_samples, self.action_dim
+            policy = self._unwrapped()
+            cfm = self._cfm_losses(policy, obs, col(mb, "action"), col(mb, "tau"), col(mb, "eps").reshape(B, N, A), velocity=lambda x, tt, s: self.modules["policy"](x, tt, s)[0])
+            log_rho = (col(mb, "cfm_old") - cfm).mean(-1)
+        adv = col(mb, "advantages")
+        if cfg.norm_adv:
+            adv = normalized_advantages(adv, moments)
+        zeros = torch.zeros_like(log_rho)
+        pg_loss, ratio = objectives.clipped_surrogate(log_rho, zeros, adv, cfg.clip_coef)
+        v_loss = objectives.value_loss(values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None)
+        entropy = objectives.gaussian_entropy(log_std)
+        penalty, penalty_stats = self.runtime.loss_penalties(v=v, v_hat=v_hat, x_t=x_t, t=t)
+        loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss + penalty
+        with torch.no_grad():
+            stats = {
+                "loss/policy": pg_loss.detach(),
+                "loss/value": v_loss.detach(),
+                "policy/entropy": entropy.detach(),
+                "policy/std_mean": log_std.exp().mean().detach(),
+                "policy/approx_kl": objectives.approx_kl(log_rho, zeros),
+                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
+                "policy/ratio_max": ratio.max(),
+                **penalty_stats,
+            }
+        return loss, stats
+
+    def early_stop(self, epoch_stats: dict) -> bool:
+        return epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl
+
+    # ------------------------------------------------------------------ LOG
+    def iteration_stats(self, elapsed: float) -> dict:
+        stats = {
+            "progress/env_steps": self.rollout.env_steps,
+            "perf/sps": self.cfg.num_steps * self.rollout.num_envs * self.world / max(elapsed, 1e-9),
+            "value/explained_variance": self._explained_variance,
+        }
+        stats.update(self.rollout.episode_stats())
+        return stats
+
+    # ------------------------------------------------------------------ EVALUATE
+    def evaluate(self, request: "EvalRequest") -> "EvalShard":
+        """Episodes of the current policy (sampled unless deterministic) on fresh envs;
+        for goal envs the goals reached and a trajectory plot (rlprox.gymenv)."""
+        deterministic = self.cfg.eval_deterministic if request.deterministic is None else request.deterministic
+        rng = np.random.default_rng([request.seed, 10_000 + request.rank])
+        policy = self._unwrapped().snapshot(self.cfg.flow_steps)
+
+        def act(obs):
+            return policy.act(obs, rng, deterministic=deterministic)[0]
+
+        shard = evaluate_policy(self.env_cfg, act, request, self.obs_rms, self.goals)
+        shard.info["deterministic"] = deterministic
+        return shard
+
+    def summarize_eval(self, values: dict) -> dict:
+        return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
+
+    # ------------------------------------------------------------------ STATE
+    def state_dict(self):
+        return self.rollout.state_dict() if self.rollout is not None else ({}, {})
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        if self.rollout is not None:
+            self.rollout.load_state_dict(tensors, state)
+        else:
+            load_normalisers(self.obs_rms, None, state)
+
+    def close(self):
+        if self.rollout is not None:
+            self.rollout.close()
+
+
+register_trainer(TrainerSpec(
+    name="policyflow",
+    build=PolicyFlow,
+    sections={"env": EnvConfig, "policyflow": PolicyFlowConfig},
+    validate=validate,
+    description="PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer",
+    eval_unit="episodes",
+    eval_flags=("deterministic",),
+    loss_inputs=("v", "v_hat", "x_t", "t"),
+))

@@ -1,0 +1,102 @@
+"""Pieces every actor-critic trainer on gym envs shares (PPO, PolicyFlow): value
+bootstrapping at truncation, GAE targets, one packed tensor per rollout, and minibatches
+with advantage moments that are global over processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlprox import objectives
+
+
+def bootstrap_next_values(values: np.ndarray, done: np.ndarray, next_values: np.ndarray, last_value: np.ndarray) -> np.ndarray:
+    """V(s_{t+1}) for every step of a (T, N) rollout: the next step's value, except
+    where an episode ended (``next_values`` already holds V(final obs) of truncated
+    steps, 0 for terminated ones); after the last step, ``last_value`` unless done."""
+    cont = done[:-1] == 0
+    next_values[:-1][cont] = values[1:][cont]
+    next_values[-1] = np.where(done[-1] == 0, last_value, next_values[-1])
+    return next_values
+
+
+def gae_targets(batch: dict, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(advantages, returns, explained variance of the values) of a (T, N) rollout."""
+    adv, ret = objectives.gae(batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], gamma, lam)
+    var_ret = ret.var()
+    explained = float("nan") if var_ret == 0 else float(1.0 - (ret - batch["values"]).var() / var_ret)
+    return adv, ret, explained
+
+
+class Columns:
+    """Named column blocks of one packed (B, cols) float32 tensor: each minibatch is a
+    single ``index_select`` and each field a view. A width of 0 declares a scalar field
+    (one column, read back as (B,)); a width w >= 1 a vector field, read back as (B, w)."""
+
+    def __init__(self, widths: dict[str, int]):
+        self.slices, self.scalars, start = {}, set(), 0
+        for name, width in widths.items():
+            if width == 0:
+                self.scalars.add(name)
+            self.slices[name] = slice(start, start + max(width, 1))
+            start += max(width, 1)
+        self.width = start
+
+    def pack(self, arrays: dict[str, np.ndarray], device) -> torch.Tensor:
+        """Every field (any shape whose size is B × its width) as one (B, cols) tensor."""
+        first = next(iter(self.slices))
+        n = np.asarray(arrays[first]).size // (self.slices[first].stop - self.slices[first].start)
+        parts = [np.asarray(arrays[name], np.float32).reshape(n, sl.stop - sl.start) for name, sl in self.slices.items()]
+        return torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
+
+    def __call__(self, mb: torch.Tensor, name: str) -> torch.Tensor:
+        """Field ``name`` of a packed minibatch: (B,) for scalar fields, else (B, width)."""
+        sl = self.slices[name]
+        return mb[:, sl.start] if name in self.scalars else mb[:, sl]
+
+
+class MinibatchSampler:
+    """Epochs of shuffled minibatches of a packed rollout, each with its advantage
+    moments. With several processes the moments are the mean and (unbiased) std of the
+    minibatch's advantages over all processes, so an N-process update equals a
+    1-process update on the concatenated minibatch; the permutations of all epochs are
+    drawn at epoch 0 and all their moments found with ONE all-reduce. With one process
+    the moments are None (the loss normalises locally)."""
+
+    def __init__(self, runtime, minibatch_size: int, epochs: int, norm_adv: bool):
+        self.runtime, self.size, self.epochs, self.norm_adv = runtime, minibatch_size, epochs, norm_adv
+        self._plan: list = []
+
+    def __call__(self, packed: torch.Tensor, adv: torch.Tensor, epoch: int):
+        B, size, rng, device = packed.shape[0], self.size, self.runtime.np_rng, packed.device
+        if self.runtime.world == 1 or not self.norm_adv:
+            perm = torch.from_numpy(rng.permutation(B)).to(device)
+            for start in range(0, B, size):
+                yield packed.index_select(0, perm[start : start + size]), None
+            return
+        if epoch == 0:
+            perms = [torch.from_numpy(rng.permutation(B)).to(device) for _ in range(self.epochs)]
+            chunks = [p[start : start + size] for p in perms for start in range(0, B, size)]
+            self._plan = list(zip(chunks, self._global_moments(adv, chunks)))
+        per_epoch = -(-B // size)
+        for idx, moments in self._plan[epoch * per_epoch : (epoch + 1) * per_epoch]:
+            yield packed.index_select(0, idx), moments
+
+    def _global_moments(self, adv: torch.Tensor, chunks: list[torch.Tensor]):
+        adv64 = adv.double()
+        counts = torch.tensor([float(len(i)) for i in chunks], dtype=torch.float64, device=adv.device)
+        picked = [adv64.index_select(0, i) for i in chunks]
+        sums = torch.stack([torch.stack([x.sum() for x in picked]), torch.stack([(x * x).sum() for x in picked]), counts], 1)
+        sums = self.runtime.accelerator.reduce(sums, reduction="sum")  # (n_minibatches, 3), all epochs
+        n = sums[:, 2]
+        mean = sums[:, 0] / n
+        std = ((sums[:, 1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+        mean, std = mean.to(adv.dtype), std.to(adv.dtype)
+        return [(mean[j], std[j]) for j in range(len(chunks))]
+
+
+def normalized_advantages(adv: torch.Tensor, moments) -> torch.Tensor:
+    """Minibatch advantages normalised with the sampler's global moments (or locally)."""
+    mean, std = moments if moments is not None else (None, None)
+    return objectives.normalize(adv, mean=mean, std=std)
