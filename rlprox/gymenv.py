@@ -34,6 +34,7 @@ class EnvConfig:
     """A gymnasium vector env. Each process steps its own ``num_envs`` copies."""
 
     id: str = "CartPole-v1"  # gymnasium id, or "module:Class" / "module:function" returning an Env
+    imports: list[str] = field(default_factory=list)  # modules to import first so they register their envs (e.g. gymnasium_robotics)
     num_envs: int = 8  # envs per process
     vectorization: Literal["sync", "async"] = "sync"
     kwargs: dict = field(default_factory=dict)  # passed to gym.make / the class
@@ -52,7 +53,25 @@ def _resolve(spec: str, key: str):
         raise RecipeError(key, str(err)) from None
 
 
+EXTRAS = {"gymnasium_robotics": "robotics", "mujoco": "mujoco"}
+
+
+def import_env_modules(env: EnvConfig, key: str = "env") -> None:
+    """Import ``env.imports`` (their envs register on import); a missing package is a
+    one-line recipe error naming the extra that installs it."""
+    import importlib
+
+    for i, name in enumerate(env.imports):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            top = name.split(".")[0]
+            extra = f" (pip install 'rlprox[{EXTRAS[top]}]')" if top in EXTRAS else ""
+            raise RecipeError(f"{key}.imports[{i}]", f"cannot import {name!r}{extra}: {err}") from None
+
+
 def validate_env(env: EnvConfig, key: str = "env") -> None:
+    import_env_modules(env, key)
     if env.num_envs <= 0:
         raise RecipeError(f"{key}.num_envs", f"must be > 0 (got {env.num_envs})")
     if env.max_episode_steps < 0:
@@ -115,6 +134,7 @@ class EpisodeReplay(gym.Wrapper):
 
 def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
     def make():
+        import_env_modules(cfg)
         kwargs = dict(cfg.kwargs)
         if render_mode is not None:
             kwargs["render_mode"] = render_mode

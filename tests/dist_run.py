@@ -1,6 +1,6 @@
 """Run under 2 processes (torchrun): build the engine from a recipe, run N iterations of
 collect + update, and write each rank's trained parameters and the first sample of its
-first collect to OUT_DIR/rank<r>.safetensors (used by the LOOP distributed test)."""
+first collect to OUT_DIR/rank<r>.safetensors (the LOOP and PolicyFlow distributed tests)."""
 
 import sys
 
@@ -18,8 +18,8 @@ first = None
 for _ in range(iterations):
     with torch.no_grad():
         batch = algo.advantages(algo.collect())
-    if first is None:
-        first = batch["latents"][0, 0].clone()  # this rank's x_T of its first sample
+    if first is None:  # this rank's first sample: LOOP's x_T, or the first row of a packed rollout
+        first = (batch["latents"][0, 0] if isinstance(batch, dict) else batch[0]).clone()
     engine.update(batch)
 tensors = {f"param.{n}": p.detach().clone() for name, m in algo.modules.items() for n, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
 tensors["first_noise"] = first

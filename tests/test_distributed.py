@@ -170,3 +170,19 @@ def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_pat
     assert params and all("lora" in k for k in params)
     for k in params:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_two_processes_policyflow_keep_identical_parameters(tmp_path):
+    from tests.test_policyflow import pf_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(pf_recipe(tmp_path)))
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), "2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
+    assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own envs and noise
+    for k in (k for k in r0 if k.startswith("param.")):
+        assert torch.equal(r0[k], r1[k]), k

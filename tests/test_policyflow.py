@@ -1,0 +1,138 @@
+"""PolicyFlow: the ratio is 1 before the update, the Brownian residual and its
+gradients, the ODE sampler, the velocity-difference ratio, resume and recipe errors."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+
+from rlprox import objectives
+from rlprox.cli import main
+from rlprox.engine import Engine, make_runtime
+from rlprox.models.flow_policy import FlowPolicy
+from rlprox.prox.regularizers import Brownian, brownian_residual
+from rlprox.recipe import load_recipe
+
+
+def pf_recipe(tmp_path, **pf):
+    return {
+        "algo": "policyflow", "seed": 4,
+        "run": {"name": "pf", "output_dir": str(tmp_path), "iterations": 3, "log_with": [], "progress": False, "plot": False},
+        "env": {"id": "rlprox/MultiGoal-v0", "num_envs": 2, "normalize_reward": True},
+        "policyflow": {"num_steps": 16, "minibatch_size": 16, "update_epochs": 2, "flow_steps": 4, **pf},
+        "regularizers": [{"type": "brownian", "lam": 0.1}],
+        "optim": {"lr": 1e-3},
+    }
+
+
+def test_brownian_residual_hand_case_and_gradients():
+    v = torch.tensor([[1.0, -2.0]], requires_grad=True)
+    v_hat = torch.tensor([[0.5, 1.0]], requires_grad=True)
+    x_t = torch.tensor([[0.2, 0.4]])
+    t = torch.tensor([0.25])
+    eta = brownian_residual(v, v_hat, x_t, t)
+    # (1 − t)·v − (x_t − t·v̂) = 0.75·[1, −2] − ([0.2, 0.4] − 0.25·[0.5, 1])
+    torch.testing.assert_close(eta, torch.tensor([[0.75 - 0.075, -1.5 - 0.15]]))
+    Brownian(lam=0.3).penalty(v=v, v_hat=v_hat, x_t=x_t, t=t).backward()
+    assert v_hat.grad is None or torch.count_nonzero(v_hat.grad) == 0  # stop-gradient on v̂
+    assert torch.count_nonzero(v.grad) == 2
+
+
+def test_flow_log_ratio_hand_case():
+    delta = torch.tensor([[0.5, -1.0]])
+    dv = torch.tensor([[0.25, 0.0]])
+    log_std = torch.log(torch.tensor([0.5, 2.0]))
+    log_std_old = torch.log(torch.tensor([1.0, 1.0]))
+    expected = (-0.5 * (0.25 / 0.5) ** 2 - np.log(0.5) + 0.5 * 0.25) + (-0.5 * (1.0 / 2.0) ** 2 - np.log(2.0) + 0.5 * 1.0)
+    assert objectives.flow_log_ratio(delta, dv, log_std, log_std_old).item() == pytest.approx(expected, rel=1e-6)
+    assert objectives.flow_log_ratio(delta, torch.zeros_like(dv), log_std_old, log_std_old).item() == 0.0
+
+
+def test_ode_sampler_step_count_determinism_and_numpy_equals_torch():
+    torch.manual_seed(0)
+    policy = FlowPolicy(3, 2, last_layer_scale=1.0)
+    calls = {"n": 0}
+    original = policy.velocity_field
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    policy.velocity_field = counting
+    obs, z = torch.randn(5, 3), torch.randn(5, 2)
+    phi = policy.flow(obs, z, steps=7)
+    assert calls["n"] == 2 * 7  # midpoint: two velocity evaluations per step
+    torch.testing.assert_close(phi, policy.flow(obs, z, steps=7))
+    snap = policy.snapshot(7)
+    np.testing.assert_allclose(snap.flow(obs.numpy(), z.numpy()), phi.numpy(), rtol=1e-4, atol=1e-5)
+    a1 = snap.act(obs.numpy(), np.random.default_rng(3))
+    a2 = snap.act(obs.numpy(), np.random.default_rng(3))
+    for x, y in zip(a1, a2):
+        np.testing.assert_array_equal(x, y)
+    action, z_np, phi_np, delta, logp, _ = a1
+    np.testing.assert_allclose(action, phi_np + delta, rtol=1e-6)
+    std = np.exp(snap.log_std)
+    np.testing.assert_allclose(logp, (-0.5 * (delta / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", ["velocity", "fpo"])
+def test_ratio_is_one_at_the_first_minibatch(tmp_path, ratio):
+    engine = Engine(load_recipe(pf_recipe(tmp_path, ratio=ratio)))
+    algo = engine.algo
+    with torch.no_grad():
+        packed = algo.advantages(algo.collect())
+        mb = next(iter(algo.minibatches(packed, 0)))
+        _, stats = algo.loss(mb)
+    assert float(stats["policy/ratio_max"]) == pytest.approx(1.0, abs=1e-5) and float(stats["policy/approx_kl"]) < 1e-9
+    stats = engine.fit()
+    engine.close()
+    assert np.isfinite(stats["loss/total"]) and stats["penalty/0.brownian"] > 0
+    if ratio == "fpo":
+        assert not algo.policy.log_std_param.requires_grad
+
+
+def test_actor_and_critic_get_separate_learning_rates(tmp_path):
+    engine = Engine(load_recipe(pf_recipe(tmp_path, critic_lr=5e-3)))
+    lrs = sorted(g["lr"] for g in engine.base_optimizer.param_groups)
+    assert lrs == [1e-3, 5e-3]
+    critic = {id(p) for p in engine.algo.policy.critic.parameters()}
+    for g in engine.base_optimizer.param_groups:
+        assert all((id(p) in critic) == (g["lr"] == 5e-3) for p in g["params"])
+    engine.close()
+
+
+def test_brownian_on_a_trainer_that_does_not_offer_its_inputs_is_a_recipe_error(tmp_path, tiny_recipe, capsys):
+    recipe = tiny_recipe()
+    recipe["regularizers"] = [{"type": "brownian", "lam": 0.1}]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t from the loss, which algo ppo does not provide (it offers none)"
+
+
+def test_policyflow_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    from tests.crash import kill_resume_equals_uninterrupted
+
+    def make(name):
+        recipe = pf_recipe(tmp_path)
+        recipe["run"].update(name=name, iterations=12, save_every=1, keep_last=2)
+        return recipe
+
+    kill_resume_equals_uninterrupted(tmp_path, make, 12)
+
+
+def test_policyflow_eval_reports_goal_metrics(tmp_path, capsys):
+    engine = Engine(load_recipe(pf_recipe(tmp_path)))
+    engine.fit()
+    engine.close()
+    assert main(["eval", str(engine.run_dir), "--episodes", "6"]) == 0
+    out = capsys.readouterr().out
+    for key in ("success_rate", "goal0_frac", "goal_entropy_normalized", "goal_coverage", "trajectories"):
+        assert key in out, key
+    fresh = load_recipe(pf_recipe(tmp_path))
+    algo = __import__("rlprox.algos.policyflow", fromlist=["PolicyFlow"]).PolicyFlow(fresh, make_runtime(Accelerator(cpu=True), 4, train=False))
+    assert algo.summarize_eval({"_goal": [0, 0, 1, -1]}) == pytest.approx({
+        "success_rate": 0.75, "goal0_frac": 0.5, "goal1_frac": 0.25, "goal2_frac": 0.0, "goal3_frac": 0.0,
+        "goal_entropy": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)), "goal_entropy_normalized": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)) / np.log(4),
+        "goal_coverage": 2.0})
