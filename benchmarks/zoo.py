@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from rlprox.zoo.build import MODELS, build, build_info, model_dir  # noqa: E402
 from rlprox.zoo.classifier import DigitsClassifier  # noqa: E402
 from rlprox.zoo.data import load_digits_world  # noqa: E402
-from rlprox.zoo.gpt import Transformer, generate  # noqa: E402
+from rlprox.models.llamagen import Transformer, VQModel, generate  # noqa: E402
 from rlprox.zoo.metrics import (  # noqa: E402
     conditional_accuracy, fid_floor, fid_proxy, is_proxy, kid_proxy, real_like,
 )
 from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
-from rlprox.zoo.vq import VQModel, encode_tokens  # noqa: E402
+from rlprox.zoo.vq import encode_tokens  # noqa: E402
 
 
 def main() -> int:

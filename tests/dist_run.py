@@ -18,8 +18,8 @@ first = None
 for _ in range(iterations):
     with torch.no_grad():
         batch = algo.advantages(algo.collect())
-    if first is None:  # this rank's first sample: LOOP's x_T, or the first row of a packed rollout
-        first = (batch["latents"][0, 0] if isinstance(batch, dict) else batch[0]).clone()
+    if first is None:  # this rank's first sampled tensor (LOOP's latents, VA-π's images) or packed rollout row
+        first = (next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point()) if isinstance(batch, dict) else batch)[0].clone()
     engine.update(batch)
 tensors = {f"param.{n}": p.detach().clone() for name, m in algo.modules.items() for n, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
 tensors["first_noise"] = first

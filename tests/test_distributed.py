@@ -56,7 +56,7 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_re
 
     engine = Engine(load_recipe(str(path), ["run.grad_sync=allreduce"]))
     before = {k: v.clone() for k, v in engine.algo.policy.state_dict().items()}
-    engine.algo.cfg.minibatch_size = 64
+    engine.algo.sampler.size = 64  # one minibatch of the concatenated batch
     engine.update(torch.cat([r0["packed"], r1["packed"]]))
     after = engine.algo.policy.state_dict()
     for k in after:

@@ -181,7 +181,8 @@ def test_sd_sampling_is_deterministic(micro_models):
 
 # ----------------------------------------------------------------------------- digits-vq
 def test_vq_round_trip_names_and_straight_through(micro_models):
-    from rlprox.zoo.vq import VQModel, encode_tokens
+    from rlprox.models.llamagen import VQModel
+    from rlprox.zoo.vq import encode_tokens
 
     vq = VQModel.from_pretrained(micro_models["digits-vq"])
     keys = set(vq.state_dict())
@@ -202,7 +203,7 @@ def test_vq_round_trip_names_and_straight_through(micro_models):
 
 # ----------------------------------------------------------------------------- digits-gpt
 def _random_gpt(seed=0, **kw):
-    from rlprox.zoo.gpt import Transformer
+    from rlprox.models.llamagen import Transformer
 
     torch.manual_seed(seed)
     model = Transformer(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=6,
@@ -212,7 +213,7 @@ def _random_gpt(seed=0, **kw):
 
 
 def test_gpt_state_dict_follows_llamagen_names(micro_models):
-    from rlprox.zoo.gpt import Transformer
+    from rlprox.models.llamagen import Transformer
 
     model = Transformer.from_pretrained(micro_models["digits-gpt"])
     keys = set(model.state_dict())
@@ -243,7 +244,7 @@ def test_gpt_kv_cache_logits_match_full_forward():
 
 @pytest.mark.parametrize("cfg_scale,top_k", [(1.0, 0), (3.0, 5)])
 def test_gpt_kv_cache_sampling_equals_no_cache_sampling(cfg_scale, top_k):
-    from rlprox.zoo.gpt import generate
+    from rlprox.models.llamagen import generate
 
     model = _random_gpt(seed=1)
     cond = torch.tensor([0, 1, 2, 5])
@@ -258,7 +259,7 @@ def test_gpt_kv_cache_sampling_equals_no_cache_sampling(cfg_scale, top_k):
 
 def test_gpt_loads_with_its_vq(micro_models):
     from rlprox.zoo.build import load_gpt_and_vq
-    from rlprox.zoo.gpt import generate
+    from rlprox.models.llamagen import generate
 
     gpt, vq = load_gpt_and_vq(micro_models["digits-gpt"])
     tokens = generate(gpt, torch.tensor([0, 49]), cfg_scale=1.5,
@@ -267,7 +268,7 @@ def test_gpt_loads_with_its_vq(micro_models):
 
 
 def test_gpt_round_trip(tmp_path):
-    from rlprox.zoo.gpt import Transformer
+    from rlprox.models.llamagen import Transformer
 
     model = _random_gpt()
     model.save_pretrained(tmp_path)
@@ -275,7 +276,7 @@ def test_gpt_round_trip(tmp_path):
     x, c = torch.randint(0, 16, (2, 15)), torch.tensor([1, 2])
     assert torch.equal(model(x, c)[0], again(x, c)[0])
     with pytest.raises(ValueError, match="not a VQModel"):
-        from rlprox.zoo.vq import VQModel
+        from rlprox.models.llamagen import VQModel
 
         VQModel.from_pretrained(tmp_path)
 
@@ -344,10 +345,10 @@ def test_fid_proxy_on_classifier_features(micro_models):
 def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     """Full builds (≈8–15 CPU-min): the quality bars the issue sets for the base models."""
     from rlprox.zoo.classifier import DigitsClassifier
-    from rlprox.zoo.gpt import Transformer, generate
+    from rlprox.models.llamagen import Transformer, generate
     from rlprox.zoo.metrics import conditional_accuracy
     from rlprox.zoo.sd import load_sd_pipeline, sample_sd
-    from rlprox.zoo.vq import VQModel
+    from rlprox.models.llamagen import VQModel
 
     monkeypatch.setenv("RLPROX_CACHE", os.environ.get("RLPROX_TEST_CACHE", str(tmp_path)))
     paths = {name: zoo_build.resolve(name, progress=False) for name in zoo_build.MODELS}

@@ -30,6 +30,7 @@ BUILTIN = {
     "policyflow": "rlprox.algos.policyflow",
     "ppo": "rlprox.algos.ppo",
     "sparse": "rlprox.algos.sparse",
+    "vapi": "rlprox.algos.vapi",
 }
 
 EVAL_FLAGS = ("deterministic", "prompts")  # optional `rlprox eval` flags a trainer may accept

@@ -34,6 +34,8 @@ __all__ = [
     "LossRegularizer",
     "Brownian",
     "brownian_residual",
+    "PriorCE",
+    "KLReference",
     "L1",
     "GroupL2",
     "L0",
@@ -297,6 +299,29 @@ class Brownian(LossRegularizer):
 
     def value(self, v, v_hat, x_t, t):
         return brownian_residual(v, v_hat, x_t, t).pow(2).mean()
+
+
+@register_regularizer("prior_ce")
+class PriorCE(LossRegularizer):
+    """β·CE(logits, z*): the ELBO's prior term of VA-π, the generator's own next-token
+    cross-entropy on the ground-truth tokens (LlamaGen's training loss); λ is β.
+    logits (B, T, V), targets (B, T)."""
+
+    inputs = ("logits", "targets")
+
+    def value(self, logits, targets):
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@register_regularizer("kl_ref")
+class KLReference(LossRegularizer):
+    """λ·KL(π_θ ‖ π_ref) by Schulman's k3 estimator on the sampled tokens (``kl_k3``);
+    the trainer builds a frozen reference copy only when this is in the recipe."""
+
+    inputs = ("logp", "ref_logp")
+
+    def value(self, logp, ref_logp):
+        return kl_k3(logp, ref_logp.detach())
 
 
 def build_regularizer(spec: dict):

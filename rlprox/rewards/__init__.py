@@ -31,7 +31,7 @@ REWARDS = Registry("reward")
 CALL_ARGS = ("images", "prompts", "metadata")
 
 __all__ = ["REWARDS", "register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness", "jpeg_compressibility",
-           "jpeg_incompressibility", "aesthetic", "RewardTerm", "RewardSpec", "WeightedReward", "build_reward"]
+           "jpeg_incompressibility", "aesthetic", "pixel_reconstruction", "ssim", "RewardTerm", "RewardSpec", "WeightedReward", "build_reward"]
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -198,6 +198,47 @@ def aesthetic(images: torch.Tensor, prompts: list[str], metadata: list[dict], cl
 
 
 aesthetic.preflight = _check_aesthetic_paths
+
+
+# ----------------------------------------------------------------------------- pixel reconstruction
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity per image (Wang et al. 2004, Gaussian window, C1 = 0.01²,
+    C2 = 0.03² for images in [0, 1]); x, y (B, 3, H, W) -> (B,). The window shrinks to
+    the image for tiny images."""
+    import torch.nn.functional as F
+
+    window = min(window, x.shape[-1], x.shape[-2])
+    coords = torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window).contiguous()
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=x.shape[1])
+
+    x, y = x.float(), y.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+@register_reward("pixel_reconstruction")
+def pixel_reconstruction(images: torch.Tensor, prompts: list[str], metadata: list[dict], mse_weight: float = 1.0, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward)."""
+    reference = torch.stack([m["reference"] for m in metadata]).to(images.device).float()
+    mse = ((images.float() - reference) ** 2).mean(dim=(1, 2, 3))
+    reward = -mse_weight * mse
+    info = {"mse": float(mse.mean())}
+    if ssim_weight:
+        similarity = ssim(images, reference)
+        reward = reward - ssim_weight * (1.0 - similarity)
+        info["ssim"] = float(similarity.mean())
+    return reward, info
 digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)
 
 

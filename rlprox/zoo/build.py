@@ -100,8 +100,7 @@ def resolve_path(spec: str | Path, seed: int = 0, micro: bool = False) -> Path:
 
 def load_gpt_and_vq(path: str | Path):
     """A digits-gpt directory (or ``zoo:digits-gpt``) and the digits-vq it was trained on."""
-    from rlprox.zoo.gpt import Transformer
-    from rlprox.zoo.vq import VQModel
+    from rlprox.models.llamagen import Transformer, VQModel
 
     path = resolve_path(path)
     info = build_info(path)
@@ -222,8 +221,9 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
 def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.images import save_image_grid
     from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
-    from rlprox.zoo.gpt import generate, train_gpt
-    from rlprox.zoo.vq import VQModel, encode_tokens
+    from rlprox.models.llamagen import VQModel, generate
+    from rlprox.zoo.gpt import train_gpt
+    from rlprox.zoo.vq import encode_tokens
 
     vq_path = resolve(
         "zoo:digits-vq", seed=seed, micro=opts.micro,

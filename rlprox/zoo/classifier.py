@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
-from rlprox.zoo.pretrained import ZooModule
+from rlprox.models.pretrained import ZooModule
 
 
 class DigitsClassifier(ZooModule):

@@ -1,0 +1,421 @@
+"""VA-π: pixel-aligned RL tuning of an autoregressive image generator ("Variational
+Policy Alignment for Pixel-Aware Autoregressive Generation", arXiv 2512.19680).
+
+The generator (a LlamaGen GPT over a frozen VQ tokenizer's codes) is the policy. Per
+iteration, each process:
+
+    COLLECT    B images x with classes c; z* = VQ.encode(x); ONE teacher-forced pass of
+               the GPT on z* (each context token replaced by a uniform random code with
+               probability ξ: "noisy context") gives logits for every position; G token
+               sequences per image are drawn from those logits, every position
+               independently (no free-running rollout), with the engine's per-rank
+               generator; their per-token log-probs are π_old.
+    SCORE      R = reward(D(ẑ), x): by default −(w_mse·MSE(D(ẑ), x) + w_ssim·(1 − SSIM))
+               against the ORIGINAL image (``pixel_reconstruction``; any reward plugin
+               receives x as ``metadata[i]["reference"]``).
+    ADVANTAGE  normalised within each image's group of G, clipped to ±adv_clip.
+    UPDATE     per-token PPO clip on ρ = exp(log π_θ − log π_old) (same context as the
+               rollout), mean over tokens and sequences, plus the recipe's loss-side
+               regularizers: ``prior_ce`` (β·CE(logits, z*), the ELBO's prior term) and
+               optionally ``kl_ref`` (k3 KL to a frozen reference, built only then).
+               One optimizer step per epoch: micro-batches accumulate (``micro_steps``).
+
+``sample_train_mode`` / ``update_train_mode`` say whether dropout and class-label
+dropout are active while sampling and while updating; the default (both off) makes ρ ≡ 1
+before the first update. (VA-π's released code samples in eval mode and trains in train
+mode: set ``update_train_mode: true`` for that.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rlprox import objectives
+from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.errors import RecipeError, RegistryError
+from rlprox.models.llamagen import group_sample, token_logp
+from rlprox.rewards import RewardSpec, build_reward
+
+if TYPE_CHECKING:
+    from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
+
+
+@dataclass
+class ModelSpec:
+    """The generator and its tokenizer: the digits world, or LlamaGen checkpoints."""
+
+    gpt: str = "zoo:digits-gpt"  # zoo:digits-gpt (its digits-vq comes along), or a LlamaGen GPT checkpoint file (.pt / .safetensors)
+    vq: str = ""  # LlamaGen VQ checkpoint file (not with zoo:digits-gpt)
+    config: str = ""  # LlamaGen GPT config for checkpoint files: GPT-B | GPT-L | GPT-XL | GPT-XXL
+    vq_config: str = "VQ-16"  # LlamaGen VQ config: VQ-16 | VQ-8
+    image_size: int = 256  # LlamaGen checkpoints: image side in pixels
+    num_classes: int = 1000  # LlamaGen checkpoints: classes of the class-conditional GPT
+    gpt_kwargs: dict = field(default_factory=dict)  # overrides of the GPT config's constructor keywords (dropouts, sizes)
+    vq_kwargs: dict = field(default_factory=dict)  # overrides of the VQ config's
+
+
+@dataclass
+class VapiConfig:
+    """VA-π hyperparameters ("per process" counts are multiplied by the process count)."""
+
+    data: str = "digits"  # "digits" (the digits world's training split), or an image folder with one sub-folder per class
+    images_per_iteration: int = 32  # B, per process
+    group_size: int = 8  # G, token sequences sampled per image
+    noise_prob: float = 0.0  # ξ: probability of replacing each context token by a random code
+    clip_range: float = 0.2  # PPO ε (per token)
+    adv_clip: float = 5.0  # group-normalised advantages clipped to ±adv_clip
+    num_inner_epochs: int = 1  # optimizer steps per round (one per epoch)
+    micro_batch_size: int = 32  # images per micro-batch (B / micro_batch_size micro-steps per optimizer step)
+    sample_train_mode: bool = False  # dropout and class dropout active while sampling
+    update_train_mode: bool = False  # dropout and class dropout active in the update (VA-π's code: true)
+    eval_cfg_scale: float = 1.5  # evaluation sampling: classifier-free guidance
+    eval_temperature: float = 1.0
+    eval_top_k: int = 0
+    eval_base: bool = True  # evaluation also samples the base model (same seeds)
+    eval_grid_size: int = 20  # items in the base-vs-tuned grid
+    eval_classifier: str = "zoo:digits-classifier"  # digits world: the classifier behind the FID/IS proxies and accuracies
+
+
+def validate(recipe: "Recipe") -> None:
+    cfg, model = recipe.vapi, recipe.model
+    for key in ("images_per_iteration", "group_size", "num_inner_epochs", "micro_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise RecipeError(f"vapi.{key}", f"must be > 0 (got {getattr(cfg, key)})")
+    if cfg.group_size < 2:
+        raise RecipeError("vapi.group_size", f"must be >= 2 for the group-normalised advantage (got {cfg.group_size})")
+    if cfg.images_per_iteration % cfg.micro_batch_size:
+        raise RecipeError("vapi.micro_batch_size", f"{cfg.micro_batch_size} does not divide vapi.images_per_iteration ({cfg.images_per_iteration})")
+    if not 0 <= cfg.noise_prob < 1:
+        raise RecipeError("vapi.noise_prob", f"must be in [0, 1) (got {cfg.noise_prob})")
+    if model.gpt.startswith("zoo:"):
+        if model.vq:
+            raise RecipeError("model.vq", "zoo:digits-gpt brings its own digits-vq; leave model.vq empty")
+    else:
+        from rlprox.models.llamagen import GPT_CONFIGS, VQ_CONFIGS
+
+        for key, value in (("model.gpt", model.gpt), ("model.vq", model.vq)):
+            if not value or not Path(value).is_file():
+                raise RecipeError(key, f"LlamaGen checkpoint file not found: {value!r}")
+        if model.config not in GPT_CONFIGS:
+            raise RecipeError("model.config", f"must be one of {', '.join(GPT_CONFIGS)} for a LlamaGen checkpoint (got {model.config!r})")
+        if model.vq_config not in VQ_CONFIGS:
+            raise RecipeError("model.vq_config", f"must be one of {', '.join(VQ_CONFIGS)} (got {model.vq_config!r})")
+    if cfg.data != "digits" and not Path(cfg.data).is_dir():
+        raise RecipeError("vapi.data", f"not 'digits' nor an image folder: {cfg.data!r}")
+    try:
+        build_reward(recipe.reward, check_only=True)
+    except (ValueError, RegistryError) as err:
+        raise RecipeError("reward", str(err)) from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_images(spec: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images (N, 3, S, S) in [0, 1], classes (N,), class names) from "digits" (the
+    digits world's training split, class = digit·5 + colour) or an image folder with one
+    sub-folder per class (sorted names = class ids), resized to ``image_size``."""
+    if spec == "digits":
+        from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, load_digits_world, prompt_for
+
+        train = load_digits_world("train")
+        names = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) for c in range(len(DIGIT_WORDS) * len(COLOUR_NAMES))]
+        return train.images, train.classes, names
+    from PIL import Image
+
+    root = Path(spec)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, classes = [], []
+    for c, name in enumerate(names):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+                img = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+                images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255.0)
+                classes.append(c)
+    if not images:
+        raise RecipeError("vapi.data", f"no images under {root}/<class>/*.png|jpg")
+    return torch.stack(images), torch.tensor(classes), names
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class VAPi:
+    """collect / advantages / minibatches / loss / evaluate for the engine."""
+
+    curve = ("progress/images", "reward/mean")
+    stat_reductions = {"progress/images": "mean"}
+
+    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+        cfg = self.cfg = recipe.vapi
+        self.recipe, self.runtime, self.device = recipe, runtime, runtime.device
+        self.gpt, self.vq, image_size = self._load_models(recipe.model)
+        self.modules = {"gpt": self.gpt}
+        self.frozen = {"vq": self.vq}
+        if any(r.get("type") == "kl_ref" and float(r.get("lam", 0)) > 0 for r in recipe.regularizers):
+            self.reference = copy.deepcopy(self.gpt).requires_grad_(False)
+            self.frozen["reference"] = self.reference
+        else:
+            self.reference = None
+        self.base_gpt = None  # a frozen copy for base-vs-tuned evaluation, loaded on first use
+        try:
+            self.reward = build_reward(recipe.reward, device=self.device)
+        except (ValueError, RegistryError) as err:
+            raise RecipeError("reward", str(err)) from None
+        self.images, self.classes, self.class_names = load_images(cfg.data, image_size) if runtime.train else (None, None, None)
+        self.micro_steps = cfg.images_per_iteration // cfg.micro_batch_size
+        self.update_epochs = cfg.num_inner_epochs
+        self.images_seen = 0
+        self.grid = int(round(self.gpt.block_size**0.5))
+
+    def _load_models(self, spec: ModelSpec):
+        from rlprox.models import llamagen
+
+        if spec.gpt.startswith("zoo:"):
+            from rlprox.zoo.build import load_gpt_and_vq
+
+            gpt, vq = load_gpt_and_vq(spec.gpt)
+            return gpt.train(), vq, vq.config["image_size"]
+        vq_kwargs = llamagen.vq_config(spec.vq_config, spec.image_size, **spec.vq_kwargs)
+        downsample = 2 ** (len(vq_kwargs["ch_mult"]) - 1)
+        gpt_kwargs = llamagen.gpt_config(spec.config, spec.image_size, downsample, num_classes=spec.num_classes, vocab_size=vq_kwargs["codebook_size"], **spec.gpt_kwargs)
+        try:
+            gpt = llamagen.load_gpt(spec.gpt, gpt_kwargs)
+            vq = llamagen.load_vq(spec.vq, vq_kwargs)
+        except RuntimeError as err:  # a state dict of another config
+            raise RecipeError("model", f"the checkpoints do not match model.config {spec.config} / {spec.vq_config} ({str(err).splitlines()[0][:160]})") from None
+        return gpt.train(), vq, spec.image_size
+
+    def _gpt(self):
+        return self.runtime.unwrap(self.modules["gpt"])
+
+    @contextlib.contextmanager
+    def _mode(self, model, train: bool):
+        was = model.training
+        model.train(train)
+        try:
+            yield model
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """z* (B, T) token ids of images in [0, 1] (frozen tokenizer, its dtype)."""
+        dtype = next(self.vq.parameters()).dtype
+        return self.vq.encode(images.to(self.device, dtype))[2].flatten(1)
+
+    @torch.no_grad()
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode_code(tokens).float().clamp(0, 1)
+
+    def _context(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The (noisy) context the teacher-forced passes see: tokens[:, :-1] with each
+        entry replaced by a uniform random code with probability ξ."""
+        context = tokens[:, :-1]
+        if self.cfg.noise_prob <= 0:
+            return context
+        gen = self.runtime.generator
+        swap = torch.rand(context.shape, generator=gen, device=gen.device).to(context.device) < self.cfg.noise_prob
+        random = torch.randint(0, self.gpt.tok_embeddings.num_embeddings, context.shape, generator=gen, device=gen.device).to(context.device)
+        return torch.where(swap, random, context)
+
+    # ------------------------------------------------------------------ COLLECT
+    @torch.no_grad()
+    def collect(self):
+        cfg, rng, gen = self.cfg, self.runtime.np_rng, self.runtime.generator
+        B, G = cfg.images_per_iteration, cfg.group_size
+        pick = torch.from_numpy(rng.integers(len(self.images), size=B))
+        x, c = self.images[pick].to(self.device), self.classes[pick].to(self.device)
+        z = self._encode(x)  # (B, T)
+        context = self._context(z)
+        with self._mode(self._gpt(), cfg.sample_train_mode) as gpt, self.runtime.autocast():
+            logits, _ = gpt(context, c)  # (B, T, V): one teacher-forced pass
+        samples, old_logp = group_sample(logits, G, gen)  # (B, G, T) each
+        images = self._decode(samples.reshape(B * G, -1))
+        reference = x.float().repeat_interleave(G, 0)
+        names = [self.class_names[int(k)] for k in c.repeat_interleave(G).tolist()]
+        metadata = [{"reference": reference[i], "class": int(k)} for i, k in enumerate(c.repeat_interleave(G).tolist())]
+        rewards, info = self.reward(images, names, metadata)
+        rewards = rewards.to(self.device).view(B, G)
+        self.images_seen += B * self.runtime.world
+        self._last = {"rewards": rewards, "info": info, "tf_mse": float(((self._decode(z) - x.float()) ** 2).mean())}
+        return {"x": x, "classes": c, "z": z, "context": context, "samples": samples, "old_logp": old_logp, "rewards": rewards}
+
+    # ------------------------------------------------------------------ ADVANTAGE
+    def advantages(self, batch):
+        batch["advantages"] = objectives.group_normalize(batch["rewards"], clip=self.cfg.adv_clip)  # (B, G)
+        return batch
+
+    def minibatches(self, batch, epoch: int):
+        size = self.cfg.micro_batch_size
+        for start in range(0, batch["z"].shape[0], size):
+            yield {k: v[start : start + size] for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ UPDATE
+    def loss(self, mb):
+        cfg = self.cfg
+        with self._mode(self._gpt(), cfg.update_train_mode):
+            logits, _ = self.modules["gpt"](mb["context"], mb["classes"])  # (b, T, V)
+        logp_all = torch.log_softmax(logits.float(), -1)
+        logp = token_logp(logp_all, mb["samples"])  # (b, G, T)
+        adv = mb["advantages"].unsqueeze(-1).expand_as(logp)
+        pg_loss, ratio = objectives.clipped_surrogate(logp, mb["old_logp"], adv, cfg.clip_range)
+        tensors = {"logits": logits, "targets": mb["z"], "logp": logp}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits, _ = self.reference(mb["context"], mb["classes"])
+            tensors["ref_logp"] = token_logp(torch.log_softmax(ref_logits.float(), -1), mb["samples"])
+        penalty, penalty_stats = self.runtime.loss_penalties(**tensors)
+        with torch.no_grad():
+            stats = {
+                "loss/policy": pg_loss.detach(),
+                "policy/approx_kl": objectives.approx_kl(logp, mb["old_logp"]),
+                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
+                "policy/ratio_max": ratio.max(),
+                "policy/token_entropy": -(logp_all.exp() * logp_all).sum(-1).mean(),
+                **penalty_stats,
+            }
+        return pg_loss + penalty, stats
+
+    # ------------------------------------------------------------------ LOG
+    def iteration_stats(self, elapsed: float) -> dict:
+        r = self._last["rewards"]
+        spread = r.max(1).values - r.min(1).values
+        stats = {
+            "reward/mean": float(r.mean()),
+            "reward/std": float(r.std()),
+            "reward/zero_std_group_frac": float((spread == 0).float().mean()),
+            "reward/tokenizer_floor_mse": self._last["tf_mse"],  # MSE of D(z*): the best any token sequence of this VQ reaches
+            "progress/images": self.images_seen,
+            "perf/images_per_s": r.shape[0] * self.runtime.world / max(elapsed, 1e-9),
+        }
+        stats.update({f"reward/{k}": v for k, v in self._last["info"].items()})
+        return stats
+
+    # ------------------------------------------------------------------ EVALUATE
+    @torch.no_grad()
+    def evaluate(self, request: "EvalRequest") -> "EvalShard":
+        """Item i: class i mod #classes, sampled with the KV cache (cfg, temperature,
+        top-k from the config) from a generator seeded by (seed, i) — for the tuned and
+        (``eval_base``) the base model with the same seeds. Digits world: the classifier's
+        digit/colour correctness and features (FID/IS proxies in ``summarize_eval``) and
+        the teacher-forced reconstruction MSE of held-out image i (G = 1)."""
+        from rlprox.models.llamagen import generate
+        from rlprox.runtime import EvalShard
+
+        cfg = self.cfg
+        items = list(range(request.start, request.start + request.num))
+        num_classes = self._gpt().num_classes
+        classes = torch.tensor([i % num_classes for i in items], device=self.device)
+        models = [("", self._gpt())] + ([("base_", self._base())] if cfg.eval_base else [])
+        digits = cfg.data == "digits"
+        values, images = {}, {}
+        if digits:
+            from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
+
+            held = load_digits_world("heldout")
+            idx = torch.tensor([i % len(held) for i in items])
+            held_x, held_c = held.images[idx].to(self.device), held.classes[idx].to(self.device)
+        for prefix, gpt in models:
+            with self._mode(gpt, False):
+                tokens = []
+                for i, c in zip(items, classes):
+                    g = torch.Generator(device=self.device).manual_seed(request.seed * 1_000_003 + i)
+                    tokens.append(generate(gpt, c[None], cfg_scale=cfg.eval_cfg_scale, temperature=cfg.eval_temperature, top_k=cfg.eval_top_k, generator=g))
+                samples = self._decode(torch.cat(tokens))
+                images[prefix] = samples.cpu()
+                if digits:
+                    values.update(self._digits_values(prefix, samples, classes, COLOUR_NAMES))
+                    g = torch.Generator(device=self.device).manual_seed(request.seed + request.start)
+                    logits, _ = gpt(self._encode(held_x)[:, :-1], held_c)
+                    drawn = torch.multinomial(logits.float().softmax(-1).reshape(-1, logits.shape[-1]), 1, generator=g).view(len(items), -1)
+                    values[f"{prefix}tf_mse"] = ((self._decode(drawn) - held_x.float()) ** 2).mean(dim=(1, 2, 3)).tolist()
+        shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
+        grid = {}
+        if shown:
+            pairs = [images["base_"][shown], images[""][shown]] if "base_" in images else [images[""][shown]]
+            grid["base_vs_tuned" if len(pairs) == 2 else "samples"] = torch.stack(pairs, 1).flatten(0, 1)
+        return EvalShard(values=values, images=grid, grid_cols=2 if cfg.eval_base else 0)
+
+    def _digits_values(self, prefix, samples, classes, colour_names):
+        from rlprox.zoo.build import resolve_path
+        from rlprox.zoo.classifier import DigitsClassifier
+        from rlprox.zoo.metrics import classifier_features
+
+        if not hasattr(self, "_classifier"):
+            self._classifier = DigitsClassifier.from_pretrained(resolve_path(self.cfg.eval_classifier)).to(self.device)
+        p_digit, p_colour = self._classifier.predict_proba(samples)
+        digit, colour = classes // len(colour_names), classes % len(colour_names)
+        feats = classifier_features(self._classifier, samples)
+        out = {
+            f"{prefix}digit_acc": (p_digit.argmax(-1) == digit).float().tolist(),
+            f"{prefix}colour_acc": (p_colour.argmax(-1) == colour).float().tolist(),
+            f"_{prefix}p_digit": p_digit.cpu().tolist(),
+        }
+        out[f"_{prefix}features"] = feats.cpu().tolist()
+        return out
+
+    def summarize_eval(self, values: dict) -> dict:
+        """FID and IS proxies of the samples (digits world), with the tokenizer floor:
+        the FID proxy of real images' own VQ reconstructions, the best a generator of
+        these tokens can reach."""
+        if "_features" not in values:
+            return {}
+        from rlprox.zoo.data import load_digits_world
+        from rlprox.zoo.metrics import classifier_features, fid_proxy
+
+        held = self._heldout_features()
+        out = {}
+        for prefix in ("", "base_"):
+            if f"_{prefix}features" in values:
+                feats = torch.tensor(values[f"_{prefix}features"])
+                out[f"{prefix}fid_proxy"] = fid_proxy(held, feats)
+                p = torch.tensor(values[f"_{prefix}p_digit"], dtype=torch.float64).clamp_min(1e-12)
+                marginal = p.mean(0, keepdim=True)
+                out[f"{prefix}is_proxy"] = float(torch.exp((p * (p.log() - marginal.log())).sum(1).mean()))
+        held_images = load_digits_world("heldout").images
+        n = len(values["_features"])
+        pick = torch.randperm(len(held_images), generator=torch.Generator().manual_seed(0))[:n]
+        recon = self._decode(self._encode(held_images[pick].to(self.device)))
+        out["tokenizer_floor_fid_proxy"] = fid_proxy(held, classifier_features(self._classifier, recon).cpu())
+        return out
+
+    def _heldout_features(self) -> torch.Tensor:
+        if not hasattr(self, "_held_features"):
+            from rlprox.zoo.data import load_digits_world
+            from rlprox.zoo.metrics import classifier_features
+
+            self._held_features = classifier_features(self._classifier, load_digits_world("heldout").images.to(self.device)).cpu()
+        return self._held_features
+
+    def _base(self):
+        if self.base_gpt is None:
+            base, _, _ = self._load_models(self.recipe.model)
+            self.base_gpt = base.to(self.device).eval().requires_grad_(False)
+        return self.base_gpt
+
+    # ------------------------------------------------------------------ STATE
+    def state_dict(self):
+        return {}, {"images_seen": self.images_seen}
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        self.images_seen = int(state.get("images_seen", 0))
+
+
+register_trainer(TrainerSpec(
+    name="vapi",
+    build=VAPi,
+    sections={"model": ModelSpec, "vapi": VapiConfig, "reward": RewardSpec},
+    validate=validate,
+    description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
+    eval_unit="samples",
+    loss_inputs=("logits", "targets", "logp", "ref_logp"),
+))
