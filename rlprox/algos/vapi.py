@@ -119,30 +119,43 @@ def validate(recipe: "Recipe") -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_images(spec: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images (N, 3, S, S) in [0, 1], classes (N,), class names) from "digits" (the
-    digits world's training split, class = digit·5 + colour) or an image folder with one
-    sub-folder per class (sorted names = class ids), resized to ``image_size``."""
-    if spec == "digits":
-        from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, load_digits_world, prompt_for
+class ImageSource:
+    """Training images with classes: ``len``, ``class_names`` and ``take(indices) ->
+    (images (n, 3, S, S) in [0, 1], classes (n,))``. "digits" is the digits world's
+    training split in memory (class = digit·5 + colour); a folder with one sub-folder
+    per class (sorted names = class ids, ImageNet's layout) is read lazily, each image
+    resized to ``image_size``."""
 
-        train = load_digits_world("train")
-        names = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) for c in range(len(DIGIT_WORDS) * len(COLOUR_NAMES))]
-        return train.images, train.classes, names
-    from PIL import Image
+    def __init__(self, spec: str, image_size: int):
+        self.image_size = image_size
+        if spec == "digits":
+            from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, load_digits_world, prompt_for
 
-    root = Path(spec)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, classes = [], []
-    for c, name in enumerate(names):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-                img = Image.open(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-                images.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255.0)
-                classes.append(c)
-    if not images:
-        raise RecipeError("vapi.data", f"no images under {root}/<class>/*.png|jpg")
-    return torch.stack(images), torch.tensor(classes), names
+            train = load_digits_world("train")
+            self.images, self.classes, self.files = train.images, train.classes, None
+            self.class_names = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) for c in range(len(DIGIT_WORDS) * len(COLOUR_NAMES))]
+            return
+        root = Path(spec)
+        self.class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        files = [(path, c) for c, name in enumerate(self.class_names) for path in sorted((root / name).iterdir()) if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
+        if not files:
+            raise RecipeError("vapi.data", f"no images under {root}/<class>/*.png|jpg")
+        self.files = [f for f, _ in files]
+        self.classes = torch.tensor([c for _, c in files])
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.files is None:
+            return self.images[indices], self.classes[indices]
+        from PIL import Image
+
+        out = []
+        for i in indices.tolist():
+            img = Image.open(self.files[i]).convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0)
+        return torch.stack(out), self.classes[indices]
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -170,7 +183,7 @@ class VAPi:
             self.reward = build_reward(recipe.reward, device=self.device)
         except (ValueError, RegistryError) as err:
             raise RecipeError("reward", str(err)) from None
-        self.images, self.classes, self.class_names = load_images(cfg.data, image_size) if runtime.train else (None, None, None)
+        self.data = ImageSource(cfg.data, image_size) if runtime.train else None
         self.micro_steps = cfg.images_per_iteration // cfg.micro_batch_size
         self.update_epochs = cfg.num_inner_epochs
         self.images_seen = 0
@@ -232,8 +245,8 @@ class VAPi:
     def collect(self):
         cfg, rng, gen = self.cfg, self.runtime.np_rng, self.runtime.generator
         B, G = cfg.images_per_iteration, cfg.group_size
-        pick = torch.from_numpy(rng.integers(len(self.images), size=B))
-        x, c = self.images[pick].to(self.device), self.classes[pick].to(self.device)
+        x, c = self.data.take(torch.from_numpy(rng.integers(len(self.data), size=B)))
+        x, c = x.to(self.device), c.to(self.device)
         z = self._encode(x)  # (B, T)
         context = self._context(z)
         with self._mode(self._gpt(), cfg.sample_train_mode) as gpt, self.runtime.autocast():
@@ -241,7 +254,7 @@ class VAPi:
         samples, old_logp = group_sample(logits, G, gen)  # (B, G, T) each
         images = self._decode(samples.reshape(B * G, -1))
         reference = x.float().repeat_interleave(G, 0)
-        names = [self.class_names[int(k)] for k in c.repeat_interleave(G).tolist()]
+        names = [self.data.class_names[int(k)] for k in c.repeat_interleave(G).tolist()]
         metadata = [{"reference": reference[i], "class": int(k)} for i, k in enumerate(c.repeat_interleave(G).tolist())]
         rewards, info = self.reward(images, names, metadata)
         rewards = rewards.to(self.device).view(B, G)

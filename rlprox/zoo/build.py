@@ -63,9 +63,16 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "rlprox" / "zoo"
 
 
+# bumped when a model's architecture or training changes, so an older cached build is
+# never loaded into the new classes (v2: LlamaGen's attention at the VQ's lowest level,
+# k-means codebook init and dead-code restarts)
+MODEL_VERSIONS = {"digits-vq": 2, "digits-gpt": 2}
+
+
 def model_dir(name: str, seed: int = 0, micro: bool = False) -> Path:
     _check_name(name)
-    return cache_root() / f"{name}-seed{seed}{'-micro' if micro else ''}"
+    version = f"-v{MODEL_VERSIONS[name]}" if name in MODEL_VERSIONS else ""
+    return cache_root() / f"{name}{version}-seed{seed}{'-micro' if micro else ''}"
 
 
 def _check_name(name: str) -> None:
