@@ -22,17 +22,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROOT, train_and_eval  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [  # (method, label, recipe, overrides)
@@ -45,18 +45,9 @@ SETTINGS = [  # (method, label, recipe, overrides)
 def run(setting, seed: int, iterations: int, episodes: int, out: Path) -> dict:
     method, label, recipe, overrides = setting
     name = f"{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}-s{seed}"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = [sys.executable, "-m", "rlprox", "train", str(ROOT / recipe), *overrides, f"seed={seed}", f"run.output_dir={out}", f"run.name={name}",
-             "run.log_with=[]", "run.progress=false", "run.plot=false", "run.eval_size=0", "run.save_every=0"]
-    if iterations:
-        train.append(f"run.iterations={iterations}")
-    for cmd in (train, [sys.executable, "-m", "rlprox", "eval", str(out / name), "--episodes", str(episodes), "--seed", "12345"]):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{name}: {' '.join(cmd[3:5])} failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    ckpt = sorted((out / name / "checkpoints").glob("iter-*"))[-1]
-    ev = json.loads((ckpt / "eval.json").read_text())
+    overrides = [*overrides, f"seed={seed}", "run.eval_size=0", *([f"run.iterations={iterations}"] if iterations else [])]
+    rows, ev = train_and_eval(recipe, overrides, out, name, ["--episodes", str(episodes), "--seed", "12345"])
+    ckpt = Path(ev["checkpoint"])
     return {
         "method": method, "label": label, "seed": seed, "env_steps": rows[-1]["progress/env_steps"],
         "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows),

@@ -262,5 +262,5 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 MODELS.register("digits-classifier", _build_classifier, "CNN digit+colour classifier: reward model and FID-proxy features")
 MODELS.register("digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image")
-MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 4×4 codes (128-entry codebook)")
+MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register("digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)")
