@@ -261,3 +261,60 @@ def test_accelerate_accumulation_runs_prox_on_sync_steps_only():
             opt.zero_grad()
     assert len(steps) == 2 and steps[0] == pytest.approx(0.1)
     opt.load_state_dict(opt.state_dict())
+
+
+# ------------------------------------------------------------------ decoupled prox step
+def test_prox_after_adam_uses_its_own_step_not_the_adam_lr():
+    w = torch.nn.Parameter(torch.tensor([1.0, 0.2, -0.7]))
+    adam = torch.optim.Adam([w], lr=1e-3)
+    opt = ProxOptimizer(adam, [([w], build_regularizer({"type": "l1", "lam": 1.0}), lambda: 0.5)])
+    w.grad = torch.zeros(3)  # Adam moves nothing: only the prox acts
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0, -0.2]))  # soft threshold at 0.5·1, not 1e-3
+    default = torch.nn.Parameter(torch.tensor([1.0, 0.2, -0.7]))
+    opt2 = ProxOptimizer(torch.optim.Adam([default], lr=1e-3), [([default], build_regularizer({"type": "l1", "lam": 1.0}))])
+    default.grad = torch.zeros(3)
+    opt2.step()
+    torch.testing.assert_close(default.detach(), torch.tensor([0.999, 0.199, -0.699]))  # the group lr
+
+
+def test_sgd_with_prox_is_exactly_proximal_gradient_descent():
+    torch.manual_seed(0)
+    A, b = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    eta, lam = 0.01, 0.3
+    for own_step in (None, lambda: eta):  # the group lr, or the same value as prox_lr
+        w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        opt = ProxOptimizer(torch.optim.SGD([w], lr=eta), [([w], build_regularizer({"type": "l1", "lam": lam}), own_step)])
+        ref = torch.zeros(5, dtype=torch.float64)
+        for _ in range(30):
+            opt.zero_grad()
+            (0.5 * ((A @ w - b) ** 2).sum()).backward()
+            opt.step()
+            g = A.T @ (A @ ref - b)
+            v = ref - eta * g
+            ref = torch.sign(v) * (v.abs() - eta * lam).clamp_min(0)  # x ← prox_{ηλ‖·‖₁}(x − η∇f)
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-12)  # float64: equal up to rounding
+
+
+def test_prox_lr_schedule_in_a_recipe_is_logged_and_survives_resume(tmp_path, tiny_recipe):
+    from rlprox.engine import Engine
+    from rlprox.recipe import load_recipe
+
+    def recipe(name, iterations, resume="never"):
+        data = tiny_recipe(run={"name": name, "iterations": iterations, "save_every": 1, "resume": resume}, optim={"name": "adam", "lr": 1e-3})
+        data["regularizers"] = [{"type": "wgsef", "params": "policy.actor.[02].weight", "k": 8, "lam": 1.0,
+                                 "prox_lr": {"type": "linear", "start": 0.05, "end": 0.0, "steps": 6}}]
+        return load_recipe(data)
+
+    full = Engine(recipe("full", 6))
+    stats = full.fit()
+    full.close()
+    assert stats["penalty/0.wgsef.prox_lr"] == pytest.approx(0.05 * (1 - 5 / 6))
+    Engine(recipe("cut", 3)).fit()
+    resumed = Engine(recipe("cut", 6, resume="auto"))
+    resumed.fit()
+    resumed.close()
+    for a, b in zip(full.algo.policy.parameters(), resumed.algo.policy.parameters()):
+        assert torch.equal(a, b)
+    zero_rows = full.algo.policy.actor[0].weight.abs().sum(1).eq(0).sum()
+    assert zero_rows > 0  # a prox step of 0.05 (not Adam's 1e-3) prunes neurons

@@ -10,7 +10,9 @@ Each entry selects parameters by a glob over "<module>.<parameter>" names (e.g.
          schedule: {type: linear, start: 0.0, end: 1.0e-3, steps: 100}}
 
 mode "prox" (default): param ← prox_{η·λ·R}(param) after every real optimizer step
-(ProxOptimizer; η = the param group's current lr). mode "penalty": λ·R(param) is
+(ProxOptimizer; η = the param group's current lr, or the entry's own ``prox_lr``: a
+number or a schedule over iterations — use it with Adam/AdamW, whose lr is no gradient
+step size; with ``optim.name: sgd`` leave it out and the step is proximal SGD's own). mode "penalty": λ·R(param) is
 added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brownian
 term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
 the trainer computes, and the trainer adds them with ``runtime.loss_penalties``. ``schedule`` gives λ per iteration (then omit ``lam``).
@@ -28,7 +30,7 @@ from rlprox.prox.optim import ProxOptimizer
 from rlprox.prox.regularizers import LossRegularizer, build_regularizer
 from rlprox.prox.schedules import build_schedule
 
-ENGINE_KEYS = ("params", "mode", "schedule")
+ENGINE_KEYS = ("params", "mode", "schedule", "prox_lr")
 
 
 def _numbers(spec: dict) -> dict:
@@ -79,6 +81,17 @@ def parse_spec(spec: dict, index: int):
             raise RecipeError(f"{key}.schedule", str(err)) from None
     if schedule is not None:
         reg.lam = float(schedule(0))
+    if "prox_lr" in spec:
+        if mode != "prox":
+            raise RecipeError(f"{key}.prox_lr", f"only a prox-mode regularizer has a prox step (mode is {mode})")
+        try:
+            prox_lr = build_schedule(spec["prox_lr"])
+            first = float(prox_lr(0))
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{key}.prox_lr", str(err)) from None
+        if first < 0:
+            raise RecipeError(f"{key}.prox_lr", f"must be >= 0 (got {first})")
+        reg.prox_lr = prox_lr
     return reg, schedule, mode
 
 
@@ -89,10 +102,18 @@ class AttachedRegularizer:
         self.index, self.spec, self.reg, self.schedule, self.mode = index, spec, reg, schedule, mode
         self.named = named
         self.label = f"{index}.{spec['type']}"
+        self.prox_lr_schedule = getattr(reg, "prox_lr", None)
+        self.prox_lr = float(self.prox_lr_schedule(0)) if self.prox_lr_schedule is not None else None
 
     def set_iteration(self, iteration: int) -> None:
         if self.schedule is not None:
             self.reg.lam = float(self.schedule(iteration))
+        if self.prox_lr_schedule is not None:
+            self.prox_lr = float(self.prox_lr_schedule(iteration))
+
+    def prox_step(self) -> float:
+        """The configured prox step η (``prox_lr`` at the current iteration)."""
+        return self.prox_lr
 
     def loss_penalty(self) -> torch.Tensor | None:
         if self.mode != "penalty":
@@ -107,6 +128,8 @@ class AttachedRegularizer:
         penalty = sum(float(self.reg.penalty(p)) for p in self.named.values())
         out[f"penalty/{self.label}"] = penalty
         out[f"penalty/{self.label}.lam"] = self.reg.lam
+        if self.prox_lr is not None:
+            out[f"penalty/{self.label}.prox_lr"] = self.prox_lr
         return out
 
 
@@ -146,5 +169,5 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
         entry = AttachedRegularizer(i, spec, reg, schedule, mode, {n: named_params[n] for n in names})
         attached.append(entry)
         if mode == "prox":
-            prox_pairs.append((list(entry.named.values()), reg))
+            prox_pairs.append((list(entry.named.values()), reg, entry.prox_step if entry.prox_lr is not None else None))
     return ProxOptimizer(optimizer, regularizers=prox_pairs), attached

@@ -2,9 +2,13 @@
 
     x ← prox_{η·λ·R}(base_step(x))      for every regularized parameter
 
-η is the current learning rate of the parameter's param group (so LR schedules drive
-the prox step too) and λ the regularizer's coefficient (``reg.lam``, which coefficient
-schedules update).
+λ is the regularizer's coefficient (``reg.lam``, which coefficient schedules update) and
+η the prox step: by default the current learning rate of the parameter's param group
+(so LR schedules drive the prox step too) — exactly proximal gradient descent when the
+base is plain SGD. Under an adaptive optimizer (Adam) the lr is not a gradient step size
+(its per-parameter steps are ≈ lr·sign-like, and a cosine schedule drives it to 0), so a
+regularizer may carry its own step instead: ``add_regularizer(params, reg, step=f)``
+with ``f()`` the current η (``prox_lr`` in recipes, a constant or a schedule).
 """
 
 from __future__ import annotations
@@ -70,9 +74,9 @@ class ProxOptimizer(torch.optim.Optimizer):
         self.base = base
         self.fista = bool(fista)
         self.restart = bool(restart)
-        self.regularizers: list[tuple[list[torch.Tensor], object]] = []
-        for params, reg in regularizers or []:
-            self.add_regularizer(params, reg)
+        self.regularizers: list[tuple[list[torch.Tensor], object, object]] = []
+        for entry in regularizers or []:
+            self.add_regularizer(*entry)
 
     # shared containers: always the base's, even if the base rebinds them
     @property
@@ -99,8 +103,10 @@ class ProxOptimizer(torch.optim.Optimizer):
     def defaults(self, value):
         self.base.defaults = value
 
-    def add_regularizer(self, params, regularizer) -> None:
-        """Apply ``regularizer`` to ``params`` (a tensor or an iterable of tensors)."""
+    def add_regularizer(self, params, regularizer, step=None) -> None:
+        """Apply ``regularizer`` to ``params`` (a tensor or an iterable of tensors), with
+        prox step ``step()`` if given (a callable returning the current η), else the
+        params' group lr."""
         if isinstance(params, torch.Tensor):
             params = [params]
         params = list(params)
@@ -109,7 +115,7 @@ class ProxOptimizer(torch.optim.Optimizer):
             if id(p) not in known:
                 raise ValueError("ProxOptimizer: a regularized parameter is not in the "
                                  "base optimizer's param groups")
-        self.regularizers.append((params, regularizer))
+        self.regularizers.append((params, regularizer, step))
 
     def add_param_group(self, param_group: dict) -> None:
         self.base.add_param_group(param_group)
@@ -124,7 +130,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         self.base.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
-        regs = ", ".join(repr(r) for _, r in self.regularizers)
+        regs = ", ".join(repr(r) for _, r, _ in self.regularizers)
         return f"ProxOptimizer(fista={self.fista}, regularizers=[{regs}],\n{self.base!r})"
 
     def _lr_of(self) -> dict[int, float]:
@@ -132,11 +138,13 @@ class ProxOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def apply_prox(self) -> None:
-        """x ← prox_{η·λ·R}(x) for every regularized parameter (η = its group's lr)."""
+        """x ← prox_{η·λ·R}(x) for every regularized parameter (η = the regularizer's own
+        step if it has one, else its group's lr)."""
         lr = self._lr_of()
-        for params, reg in self.regularizers:
+        for params, reg, step in self.regularizers:
+            eta = step() if step is not None else None
             for p in params:
-                reg.prox(p, lr[id(p)])
+                reg.prox(p, lr[id(p)] if eta is None else eta)
 
     def step(self, closure=None):
         """``base.step(closure)``, then the prox (then the FISTA extrapolation)."""
