@@ -100,3 +100,33 @@ def normalized_advantages(adv: torch.Tensor, moments) -> torch.Tensor:
     """Minibatch advantages normalised with the sampler's global moments (or locally)."""
     mean, std = moments if moments is not None else (None, None)
     return objectives.normalize(adv, mean=mean, std=std)
+
+
+def rollout_stats(rollout, steps_per_env: int, elapsed: float, explained_variance: float) -> dict:
+    """An env trainer's ``iteration_stats``: env steps, steps/s, value quality and the
+    rollout's episode statistics (reduced across processes as ``GymRollout.REDUCTIONS``)."""
+    stats = {
+        "progress/env_steps": rollout.env_steps,
+        "perf/sps": steps_per_env * rollout.num_envs * rollout.world / max(elapsed, 1e-9),
+        "value/explained_variance": explained_variance,
+    }
+    stats.update(rollout.episode_stats())
+    return stats
+
+
+def evaluate_snapshot(env_cfg, snapshot, request, obs_rms, goals, deterministic_default: bool):
+    """An env trainer's ``evaluate``: episodes of a numpy policy snapshot (``act(obs, rng,
+    deterministic)`` returning the action first) on fresh envs, with its own RNG and
+    frozen normalisation statistics (training is never perturbed); goal envs add the
+    goals reached and a trajectory plot (``rlprox.gymenv.evaluate_policy``)."""
+    from rlprox.gymenv import evaluate_policy
+
+    deterministic = deterministic_default if request.deterministic is None else request.deterministic
+    rng = np.random.default_rng([request.seed, 10_000 + request.rank])
+
+    def act(obs):
+        return snapshot.act(obs, rng, deterministic=deterministic)[0]
+
+    shard = evaluate_policy(env_cfg, act, request, obs_rms, goals)
+    shard.info["deterministic"] = deterministic
+    return shard

@@ -148,6 +148,19 @@ def test_two_processes_lora_with_frozen_encoder(tmp_path, grad_sync):
     assert (tmp_path / "toy" / "params-rank0.json").read_text() == (tmp_path / "toy" / "params-rank1.json").read_text()
 
 
+def dist_run(tmp_path, recipe: dict, iterations: int = 2):
+    """Run tests/dist_run.py under torchrun with 2 processes; each rank's parameters and
+    first sample."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), str(iterations)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+
+
 @pytest.mark.parametrize("advantage", ["loo", "ddpo_tracker"])
 def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage):
     pytest.importorskip("peft")
@@ -156,15 +169,7 @@ def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_pat
 
     pipe_dir = tmp_path / "tiny-sd"
     untrained_pipeline(seed=0).save_pretrained(str(pipe_dir))
-    recipe = loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), "2"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
+    r0, r1 = dist_run(tmp_path, loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1))
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # per-rank generators
     params = [k for k in r0 if k.startswith("param.")]
     assert params and all("lora" in k for k in params)
@@ -175,14 +180,19 @@ def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_pat
 def test_two_processes_policyflow_keep_identical_parameters(tmp_path):
     from tests.test_policyflow import pf_recipe
 
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(pf_recipe(tmp_path)))
-    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), "2"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
+    r0, r1 = dist_run(tmp_path, pf_recipe(tmp_path))
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own envs and noise
+    for k in (k for k in r0 if k.startswith("param.")):
+        assert torch.equal(r0[k], r1[k]), k
+
+
+def test_two_processes_vapi_keep_identical_parameters(tmp_path):
+    from tests.test_vapi import tiny_models, vapi_recipe
+
+    gpt, vq = tiny_models()
+    torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    r0, r1 = dist_run(tmp_path, vapi_recipe(tmp_path, (tmp_path,)))
+    assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own images
     for k in (k for k in r0 if k.startswith("param.")):
         assert torch.equal(r0[k], r1[k]), k

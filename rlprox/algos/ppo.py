@@ -21,9 +21,9 @@ import torch
 
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
-from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, gae_targets, normalized_advantages
+from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, evaluate_snapshot, gae_targets, normalized_advantages, rollout_stats
 from rlprox.errors import RecipeError
-from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, env_goals, evaluate_policy, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
+from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, env_goals, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
 from rlprox.gymenv import RewardScaler, RunningMeanStd
 
 if TYPE_CHECKING:
@@ -181,30 +181,13 @@ class PPO:
 
     # ------------------------------------------------------------------ LOG
     def iteration_stats(self, elapsed: float) -> dict:
-        stats = {
-            "progress/env_steps": self.rollout.env_steps,
-            "perf/sps": self.cfg.num_steps * self.rollout.num_envs * self.world / max(elapsed, 1e-9),
-            "value/explained_variance": self._explained_variance,
-        }
-        stats.update(self.rollout.episode_stats())
-        return stats
+        return rollout_stats(self.rollout, self.cfg.num_steps, elapsed, self._explained_variance)
 
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodic returns of the current policy on fresh envs (this process's share
-        of the episodes); for goal envs also the goals reached and a trajectory plot.
-        Uses its own RNG and frozen normalisation statistics, so it never perturbs
-        training."""
-        deterministic = self.cfg.eval_deterministic if request.deterministic is None else request.deterministic
-        rng = np.random.default_rng([request.seed, 10_000 + request.rank])
-        policy = self._unwrapped().snapshot()
-
-        def act(obs):
-            return policy.act(obs, rng, deterministic=deterministic)[0]
-
-        shard = evaluate_policy(self.env_cfg, act, request, self.obs_rms, self.goals)
-        shard.info["deterministic"] = deterministic
-        return shard
+        of the episodes); for goal envs also the goals reached and a trajectory plot."""
+        return evaluate_snapshot(self.env_cfg, self._unwrapped().snapshot(), request, self.obs_rms, self.goals, self.cfg.eval_deterministic)
 
     def summarize_eval(self, values: dict) -> dict:
         return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
