@@ -7,7 +7,7 @@ Continuous actions: diagonal Gaussian with a state-independent learned log-std.
 The rollout does not call torch per env step: ``snapshot()`` copies the weights into
 numpy once per iteration and ``NumpyPolicy.act`` runs the small forward pass and the
 sampling there, which removes most of the per-step overhead on CPU
-(notes/ppo-cpu-throughput.md). The update uses the torch modules and autograd.
+(docs/notes/ppo-cpu-throughput.md). The update uses the torch modules and autograd.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ dtype of ``v``; scalar root solves (SEF / WGSEF) run in float64. Group operators
 2-D ``v`` whose rows are the groups (callers pass ``W.view(C_out, -1)``: one group per
 output neuron / channel).
 
-The sparse-envelope family follows notes/sef-prox.md:
+The sparse-envelope family follows docs/notes/sef-prox.md:
 SEF_k is the convex envelope of ½‖x‖² + ι{‖x‖₀ ≤ k}, i.e. the half-squared k-support
 norm; WGSEF_k(x) = SEF_k(u) with u_j = √d_j·‖x_{G_j}‖.
 """
@@ -162,7 +162,7 @@ def _sef_of_magnitudes(z: torch.Tensor, k: int) -> torch.Tensor:
     With z sorted decreasingly (1-based) and T_j = Σ_{i≥j} z_i, for every j ∈ 1..k with
     T_j/(k−j+1) ≥ z_j the choice θ_i = 1 (i < j), θ_i = (k−j+1)·z_i/T_j (i ≥ j) is
     feasible in (‖x‖^sp_k)² = min_{0≤θ≤1, Σθ≤k} Σ z_i²/θ_i, giving the value
-    Σ_{i<j} z_i² + T_j²/(k−j+1). The optimum (the unique r = k−j of notes/sef-prox.md) is
+    Σ_{i<j} z_i² + T_j²/(k−j+1). The optimum (the unique r = k−j of docs/notes/sef-prox.md) is
     among them, so SEF_k = ½·min over the feasible j. No tie-sensitive equality test.
     """
     d = z.shape[-1]
