@@ -196,3 +196,19 @@ def test_two_processes_vapi_keep_identical_parameters(tmp_path):
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own images
     for k in (k for k in r0 if k.startswith("param.")):
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_eval_under_two_processes_shards_the_episodes(tmp_path, tiny_recipe):
+    import json
+
+    engine = Engine(load_recipe(tiny_recipe(run={"iterations": 1})))
+    engine.fit()
+    engine.close()
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "rlprox", "eval", str(engine.run_dir), "--episodes", "5"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("written") == 1  # the main process reports
+    result = json.loads((engine.run_dir / "checkpoints" / "iter-000001" / "eval.json").read_text())
+    assert result["eval/count"] == 5 and len(result["values"]["return"]) == 5  # 3 + 2 episodes, gathered
