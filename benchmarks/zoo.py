@@ -102,6 +102,9 @@ def main() -> int:
         evaluate("digits-gpt", f"cfg {cfg:g}, temperature 1", images,
                  1000 * (time.perf_counter() - t) / args.n)
     evaluate("real train images", "same classes = the floor", real, 0.0)
+    with torch.no_grad():
+        real_recon = vq.decode_code(encode_tokens(vq, real))
+    evaluate("digits-vq reconstructions", "of those real images: the tokenizer floor", real_recon, 0.0)
 
     # ------------------------------------------------------------------ REPORT
     clf_info = build_info(paths["digits-classifier"])["heldout"]
@@ -122,7 +125,7 @@ def main() -> int:
         f"colour acc {clf_info['colour_acc']:.4f} |",
         f"| digits-sd | {seconds['digits-sd']} | VAE recon MSE {sd_info['vae_heldout_mse']:.5f} |",
         f"| digits-vq | {seconds['digits-vq']} | recon MSE {vq_info['heldout_recon_mse']:.5f}, "
-        f"{vq_info['codes_used_heldout']}/128 codes used, "
+        f"{vq_info['codes_used_heldout']}/{vq.config['codebook_size']} codes used, "
         f"classifier digit acc on reconstructions {vq_recon_acc:.3f} |",
         f"| digits-gpt | {seconds['digits-gpt']} | (below) |",
         f"| **all** | **{sum(seconds.values()):.0f}** | "
