@@ -81,7 +81,7 @@ def main() -> None:
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
         f"`python benchmarks/vapi.py --seeds {args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` ({args.parallel} runs at a time).",
         "",
-        "recipes/vapi/digits.yaml: B = 32 images × G = 8 sequences per round, one AdamW step per round (lr 1e-4), ε = 0.2, reward −MSE(D(ẑ), x). "
+        "recipes/vapi/digits.yaml: B = 32 images × G = 8 sequences per round, one AdamW step per round (lr 1e-5; the update in train mode, as VA-π's code), ε = 0.2, reward −MSE(D(ẑ), x). "
         f"Evaluation: {args.samples} samples (cfg 1.5) per model, same seeds for base and tuned; FID/IS proxies on the digits classifier's features "
         f"against the held-out split. **Tokenizer floor** (FID proxy of held-out images' own VQ reconstructions): {floor:.1f}.",
         "",
