@@ -83,7 +83,7 @@ def main() -> None:
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
         f"`python benchmarks/multigoal.py --seeds {args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` ({args.parallel} runs at a time).",
         "",
-        f"Same budget for every run ({runs[0]['env_steps']:,} env steps: 8 envs × 256 steps × iterations, 4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). "
+        f"Same budget for every run ({int(runs[0]['env_steps']):,} env steps: 8 envs × 256 steps × iterations, 4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). "
         f"Evaluation: {args.episodes} episodes with sampled actions on fresh envs. Competent = success ≥ 0.9 and return within 10% of the best PPO run ({ppo_best:.1f}); "
         "multimodal = competent and normalised goal entropy ≥ 0.5. Time per iteration relative to PPO's median.",
         "",
