@@ -54,7 +54,7 @@ def main() -> None:
         "# PolicyFlow vs PPO on Hopper-v5",
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, {args.parallel} runs at a time), python {platform.python_version()}; "
-        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds}`: {int(runs[0]["steps"]):,} env steps per run.",
+        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds}`: {int(runs[0]['steps']):,} env steps per run.",
         "",
         "| method | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
         "|---|---|---|---|",
