@@ -165,7 +165,7 @@ def test_eval_cli_on_a_sparse_checkpoint(tmp_path, capsys):
     engine.close()
     assert main(["eval", str(recipe.run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "accuracy" in out and "compact/param_compression" in out
+    assert "accuracy" in out and "compact/param_compression" in out and "pruning" in out and "none (dense)" in out
     result = json.loads((checkpoint.find_latest(recipe.run_dir) / "eval.json").read_text())
     assert result["unit"] == "examples" and result["eval/count"] == 360 and 0.1 < result["eval/accuracy"] <= 1.0
     assert main(["eval", str(recipe.run_dir), "--episodes", "3"]) == 2
@@ -178,3 +178,10 @@ def test_hooks_outside_the_contract_are_refused():
     assert {"frozen", "evaluate", "param_groups", "stat_reductions", "export", "state_dict"} <= OPTIONAL_HOOKS
     with pytest.raises(AttributeError, match="not a hook of the algorithm contract"):
         hook(object(), "secret_hook")
+
+
+def test_describe_pruning_names_what_sets_the_sparsity():
+    from rlprox.prox.attach import describe_pruning
+
+    assert describe_pruning([{"type": "wgsef", "k": 96, "lam": 1.0, "exact_k": True}]) == "wgsef λ=1.0 + hard top-k (k=96): the top-k projection sets the sparsity"
+    assert describe_pruning([{"type": "wgsef", "k": 96, "lam": 10.0, "prox_lr": 0.01}]) == "wgsef λ=10.0, prox step 0.01: the regularizer alone"

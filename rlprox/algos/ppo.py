@@ -202,7 +202,10 @@ class PPO:
         hidden = [m for m in self._unwrapped().actor if isinstance(m, torch.nn.Linear)][:-1]
         zero = [int(m.weight.abs().sum(1).eq(0).sum()) for m in hidden]
         total = [m.out_features for m in hidden]
-        stats = {f"sparsity/actor_layer{i}_zero_neurons": z for i, z in enumerate(zero)}
+        from rlprox.prox.attach import describe_pruning
+
+        stats = {"pruning": describe_pruning(self.recipe.regularizers)}
+        stats.update({f"sparsity/actor_layer{i}_zero_neurons": z for i, z in enumerate(zero)})
         stats["sparsity/actor_hidden_neurons_zero_fraction"] = sum(zero) / sum(total)
         return stats
 

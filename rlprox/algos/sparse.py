@@ -192,7 +192,10 @@ class SparseClassifier:
         small = compact(net)
         dense_logits, small_logits = net(self.x_test), small(self.x_test)
         zero = zero_neurons(net)
-        stats = {f"compact/hidden{l}_kept": w for l, w in enumerate(small.hidden_sizes)}
+        from rlprox.prox.attach import describe_pruning
+
+        stats = {"pruning": describe_pruning(self.recipe.regularizers)}
+        stats.update({f"compact/hidden{l}_kept": w for l, w in enumerate(small.hidden_sizes)})
         stats["compact/hidden_removed_fraction"] = sum(zero) / sum(self.cfg.hidden_sizes)
         stats["compact/params_dense"] = num_params(net)
         stats["compact/params_compact"] = num_params(small)

@@ -171,3 +171,21 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
         if mode == "prox":
             prox_pairs.append((list(entry.named.values()), reg, entry.prox_step if entry.prox_lr is not None else None))
     return ProxOptimizer(optimizer, regularizers=prox_pairs), attached
+
+
+def describe_pruning(specs: list[dict]) -> str:
+    """What sets the sparsity of a recipe's regularizers, in one line (``rlprox eval``
+    prints it): a hard top-k (``exact_k``, or a ``topk`` projection) decides it whatever λ
+    is; otherwise the regularizers themselves do."""
+    if not specs:
+        return "none (dense)"
+    parts = []
+    for spec in specs:
+        kind = spec.get("type", "?")
+        lam = spec.get("lam", "schedule" if "schedule" in spec else 0)
+        if kind == "topk" or spec.get("exact_k"):
+            parts.append(f"{kind} λ={lam} + hard top-k (k={spec.get('k')}): the top-k projection sets the sparsity")
+        else:
+            step = f", prox step {spec['prox_lr']}" if "prox_lr" in spec else ""
+            parts.append(f"{kind} λ={lam}{step}: the regularizer alone")
+    return "; ".join(parts)
