@@ -150,3 +150,28 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
     for key in ("eval/fid_proxy", "eval/base_fid_proxy", "eval/is_proxy", "eval/digit_acc", "eval/base_digit_acc", "eval/tf_mse", "eval/tokenizer_floor_fid_proxy"):
         assert key in result, key
     assert "fid_proxy" in out and (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["folder", "hf"])
+def test_image_folder_and_datasets_sources(tmp_path, llamagen_files, kind):
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    arrays = [(g.random((16, 16, 3)) * 255).astype(np.uint8) for _ in range(6)]
+    if kind == "folder":
+        for i, a in enumerate(arrays):
+            (tmp_path / "imgs" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(tmp_path / "imgs" / f"class{i % 2}" / f"{i}.png")
+        data = str(tmp_path / "imgs")
+    else:
+        datasets = pytest.importorskip("datasets")
+        ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays], "label": [i % 2 for i in range(6)]},
+                                        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cats", "dogs"])}))
+        ds.save_to_disk(str(tmp_path / "ds"))
+        data = f"hf:{tmp_path / 'ds'}"
+    engine = Engine(load_recipe(vapi_recipe(tmp_path, llamagen_files, data=data)))
+    assert len(engine.algo.data) == 6 and engine.algo.data.class_names[:2] in (["class0", "class1"], ["cats", "dogs"])
+    batch = engine.algo.collect()
+    assert batch["x"].shape == (4, 3, 16, 16) and set(batch["classes"].tolist()) <= {0, 1}
+    engine.close()

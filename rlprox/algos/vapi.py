@@ -66,7 +66,7 @@ class ModelSpec:
 class VapiConfig:
     """VA-π hyperparameters ("per process" counts are multiplied by the process count)."""
 
-    data: str = "digits"  # "digits" (the digits world's training split), or an image folder with one sub-folder per class
+    data: str = "digits"  # "digits" (the digits world's training split), an image folder with one sub-folder per class, or "hf:PATH" (a datasets.save_to_disk folder with image and label columns)
     images_per_iteration: int = 32  # B, per process
     group_size: int = 8  # G, token sequences sampled per image
     noise_prob: float = 0.0  # ξ: probability of replacing each context token by a random code
@@ -108,8 +108,15 @@ def validate(recipe: "Recipe") -> None:
             raise RecipeError("model.config", f"must be one of {', '.join(GPT_CONFIGS)} for a LlamaGen checkpoint (got {model.config!r})")
         if model.vq_config not in VQ_CONFIGS:
             raise RecipeError("model.vq_config", f"must be one of {', '.join(VQ_CONFIGS)} (got {model.vq_config!r})")
-    if cfg.data != "digits" and not Path(cfg.data).is_dir():
-        raise RecipeError("vapi.data", f"not 'digits' nor an image folder: {cfg.data!r}")
+    if cfg.data.startswith("hf:"):
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:
+            raise RecipeError("vapi.data", "hf: sources need the datasets package (pip install datasets)")
+        if not Path(cfg.data[3:]).is_dir():
+            raise RecipeError("vapi.data", f"not a datasets.save_to_disk folder: {cfg.data[3:]!r}")
+    elif cfg.data != "digits" and not Path(cfg.data).is_dir():
+        raise RecipeError("vapi.data", f"not 'digits', an image folder nor hf:PATH: {cfg.data!r}")
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
@@ -123,11 +130,24 @@ class ImageSource:
     """Training images with classes: ``len``, ``class_names`` and ``take(indices) ->
     (images (n, 3, S, S) in [0, 1], classes (n,))``. "digits" is the digits world's
     training split in memory (class = digit·5 + colour); a folder with one sub-folder
-    per class (sorted names = class ids, ImageNet's layout) is read lazily, each image
-    resized to ``image_size``."""
+    per class (sorted names = class ids, ImageNet's layout) and a ``datasets`` folder
+    ("hf:PATH", ``image`` and ``label`` columns) are read lazily, each image resized to
+    ``image_size``."""
 
     def __init__(self, spec: str, image_size: int):
-        self.image_size = image_size
+        self.image_size, self.dataset = image_size, None
+        if spec.startswith("hf:"):
+            import datasets
+
+            self.dataset = datasets.load_from_disk(spec[3:])
+            missing = [c for c in ("image", "label") if c not in self.dataset.column_names]
+            if missing:
+                raise RecipeError("vapi.data", f"{spec[3:]} has no {missing[0]!r} column (columns: {', '.join(self.dataset.column_names)})")
+            labels = self.dataset.features["label"]
+            self.classes = torch.tensor(self.dataset["label"])
+            self.class_names = list(labels.names) if hasattr(labels, "names") else [str(c) for c in range(int(self.classes.max()) + 1)]
+            self.files = None
+            return
         if spec == "digits":
             from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, load_digits_world, prompt_for
 
@@ -147,13 +167,14 @@ class ImageSource:
         return len(self.classes)
 
     def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.files is None:
+        if self.files is None and self.dataset is None:
             return self.images[indices], self.classes[indices]
         from PIL import Image
 
         out = []
         for i in indices.tolist():
-            img = Image.open(self.files[i]).convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            img = self.dataset[i]["image"] if self.dataset is not None else Image.open(self.files[i])
+            img = (img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8))).convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
             out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0)
         return torch.stack(out), self.classes[indices]
 
