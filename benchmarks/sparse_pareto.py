@@ -71,7 +71,8 @@ def score(task: str, ev: dict) -> tuple[float, float]:
 
 def run(task: str, method: str, setting: str, regs: list[dict], seed: int, out: Path) -> dict:
     t = TASKS[task]
-    name = f"{task}-{method.split(',')[0].replace(' ', '_')}-{setting.replace(' ', '')}-s{seed}"
+    row = [(m, st) for m, st, _ in methods(task)].index((method, setting))
+    name = f"{task}-m{row:02d}-s{seed}"
     overrides = [f"seed={seed}", f"regularizers={json.dumps(regs)}", "run.eval_size=0"]
     _, ev = train_and_eval(t["recipe"], overrides, out, name, t["eval"])
     quality, removed = score(task, ev)
