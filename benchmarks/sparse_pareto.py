@@ -17,8 +17,10 @@ Methods (every one with the recipe's own budget and optimizer):
 - WGSEF + exact_k (the shipped recipes);
 - WGSEF without exact_k, prox step = the optimizer's lr (Adam: the step the paper's
   theory does not cover), over a λ sweep;
-- WGSEF without exact_k, decoupled prox step (``prox_lr``), over a λ sweep;
-- group-L2 (group lasso) with the same decoupled prox step, over a λ sweep;
+- WGSEF without exact_k, decoupled prox step (``prox_lr`` 0.01, constant), over a λ sweep;
+- group-L2 (group lasso), both ways, over λ sweeps;
+(each sweep spans from almost no pruning to almost all: a first run with λ ∈ {1..30} for
+the decoupled path pruned everything, so its range moved down, as the table says);
 - magnitude pruning after dense training: the dense runs' hidden neurons with the
   smallest incoming-weight norms zeroed (keeping k, and other budgets), no fine-tuning.
 Writes benchmarks/results/sparse_pareto.md and sparse_pareto.png.
@@ -56,9 +58,12 @@ def methods(task: str) -> list[tuple[str, str, list[dict]]]:
         ("top-k projection alone", "λ 0 + exact_k", [{**base, "lam": 0.0, "exact_k": True}]),
         ("WGSEF + exact_k", "λ 1", [{**base, "lam": 1.0, "exact_k": True}]),
     ]
-    rows += [("WGSEF, prox step = Adam lr", f"λ {lam:g}", [{**base, "lam": lam}]) for lam in (1.0, 10.0, 100.0)]
-    rows += [("WGSEF, prox_lr 0.01", f"λ {lam:g}", [{**base, "lam": lam, "prox_lr": PROX_LR}]) for lam in (1.0, 3.0, 10.0, 30.0)]
-    rows += [("group-L2, prox_lr 0.01", f"λ {lam:g}", [{"type": "group_l2", "params": t["params"], "lam": lam, "prox_lr": PROX_LR}]) for lam in (0.1, 0.3, 1.0, 3.0)]
+    group = {"type": "group_l2", "params": t["params"]}
+    # λ sweeps wide enough to go from (almost) no pruning to (almost) all, for every method
+    rows += [("WGSEF, prox step = Adam lr", f"λ {lam:g}", [{**base, "lam": lam}]) for lam in (1.0, 10.0, 30.0, 100.0)]
+    rows += [("WGSEF, prox_lr 0.01", f"λ {lam:g}", [{**base, "lam": lam, "prox_lr": PROX_LR}]) for lam in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    rows += [("group-L2, prox step = Adam lr", f"λ {lam:g}", [{**group, "lam": lam}]) for lam in (0.05, 0.5, 5.0)]
+    rows += [("group-L2, prox_lr 0.01", f"λ {lam:g}", [{**group, "lam": lam, "prox_lr": PROX_LR}]) for lam in (0.001, 0.003, 0.01, 0.03)]
     return rows
 
 
