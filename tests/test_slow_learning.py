@@ -19,7 +19,7 @@ def test_cartpole_recipe_reaches_475_within_100k_steps(tmp_path, seed, capsys):
     assert rows[-1]["progress/env_steps"] <= 100_000
     assert main(["eval", str(tmp_path / "cp"), "--episodes", "20", "--deterministic"]) == 0
     result = json.loads(next((tmp_path / "cp" / "checkpoints").glob("iter-*/eval.json")).read_text())
-    assert result["eval/episodes"] == 20
+    assert result["unit"] == "episodes" and result["eval/count"] == 20
     assert result["eval/return"] >= 475, result["eval/return"]
 
 
