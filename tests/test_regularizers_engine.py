@@ -44,6 +44,9 @@ def test_penalty_mode_adds_to_loss_and_schedule_sets_lambda(tiny_recipe):
     ([{"type": "l1", "lam": 1.0}], "regularizers[0].params: a glob"),
     ([{"type": "l1", "params": "policy.*", "lam": 1.0, "schedule": {"type": "linear"}}], "regularizers[0].lam: give either lam or schedule"),
     ([{"type": "l1", "params": "policy.*", "mode": "both"}], "regularizers[0].mode: must be prox or penalty"),
+    ([{"type": "l1", "params": "policy.*", "lam": 1.0, "mode": "penalty", "prox_lr": 0.01}], "regularizers[0].prox_lr: only a prox-mode regularizer has a prox step"),
+    ([{"type": "l1", "params": "policy.*", "lam": 1.0, "prox_lr": -0.1}], "regularizers[0].prox_lr: must be >= 0"),
+    ([{"type": "l1", "params": "policy.*", "lam": 1.0, "prox_lr": {"type": "lineer"}}], "regularizers[0].prox_lr: "),
 ])
 def test_bad_regularizer_specs_one_line(tmp_path, tiny_recipe, capsys, regs, message):
     import yaml
