@@ -96,8 +96,8 @@ def target_check(seeds: int, out_path: Path) -> None:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
         metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         last = metrics[-1]
-        evals = [(r["progress/images"], r["eval/reward"] - r["eval/base_reward"]) for r in metrics if "eval/reward" in r]
-        rows.append({"seed": seed, "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60, "images": last["progress/images"],
+        evals = [(int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"]) for r in metrics if "eval/reward" in r]
+        rows.append({"seed": seed, "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60, "images": int(last["progress/images"]),
                      "base": last["eval/base_reward"], "tuned": last["eval/reward"], "base0": last["eval/base_reward_eta0"], "tuned0": last["eval/reward_eta0"], "evals": evals})
         print(f"seed {seed}: {rows[-1]['base']:.3f} -> {rows[-1]['tuned']:.3f} in {rows[-1]['minutes']:.1f} min", flush=True)
     lines = [
