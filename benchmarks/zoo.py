@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlprox.zoo.build import MODELS, build, build_info, model_dir  # noqa: E402
+from rlprox.zoo.build import build, build_info, build_order, model_dir  # noqa: E402
 from rlprox.zoo.classifier import DigitsClassifier  # noqa: E402
 from rlprox.zoo.data import load_digits_world  # noqa: E402
 from rlprox.models.llamagen import Transformer, VQModel, generate  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> int:
     # ------------------------------------------------------------------ BUILD
     paths, seconds = {}, {}
     total_start = time.perf_counter()
-    for name in MODELS:
+    for name in build_order():  # dependencies first (digits-vq before digits-gpt)
         cached = model_dir(name, args.seed, args.micro).is_dir()
         paths[name] = build(name, seed=args.seed, micro=args.micro, force=not args.reuse)
         seconds[name] = build_info(paths[name])["build_seconds"]

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,23 @@ def test_build_is_deterministic_for_a_seed(name, tmp_path, monkeypatch, capsys):
         weights.append(load_file(str(path / "model.safetensors")))
         assert f"rlprox zoo: building {name} (seed 3, micro)" in capsys.readouterr().err
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_build_all_builds_dependencies_first(monkeypatch, capsys):
+    """`rlprox zoo build all --force` must rebuild digits-vq before the digits-gpt trained
+    on its tokens (alphabetical order would train the GPT on the old tokenizer)."""
+    from rlprox.zoo.cli import add_zoo_parser, run_zoo
+
+    assert zoo_build.MODELS.names().index("digits-gpt") < zoo_build.MODELS.names().index("digits-vq")
+    order = zoo_build.build_order()
+    assert sorted(order) == zoo_build.MODELS.names() and order.index("digits-vq") < order.index("digits-gpt")
+    assert zoo_build.build_order(["digits-gpt"]) == ["digits-gpt"]  # a single rebuild reuses the cached vq
+    built = []
+    monkeypatch.setattr(zoo_build, "build", lambda name, **kw: built.append(name) or Path(name))
+    parser = argparse.ArgumentParser(prog="rlprox")
+    add_zoo_parser(parser.add_subparsers(dest="command"))
+    assert run_zoo(parser.parse_args(["zoo", "build", "all", "--force", "--micro"])) == 0
+    assert built == order
 
 
 def test_cli_list_and_build_errors(micro_models, capsys):

@@ -264,3 +264,20 @@ MODELS.register("digits-classifier", _build_classifier, "CNN digit+colour classi
 MODELS.register("digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image")
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register("digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)")
+DEPENDS = {"digits-gpt": ("digits-vq",)}  # built on the other's outputs: build those first
+
+
+def build_order(names: list[str] | None = None) -> list[str]:
+    """``names`` (default: every zoo model) with each model's dependencies before it, so
+    that a forced rebuild of all never trains a model on an old build of its dependency."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            for dep in DEPENDS.get(name, ()):
+                visit(dep)
+            order.append(name)
+
+    for name in names if names is not None else MODELS.names():
+        visit(name)
+    return [n for n in order if names is None or n in names]

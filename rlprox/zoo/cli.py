@@ -28,7 +28,7 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_zoo(args: argparse.Namespace) -> int:
-    from rlprox.zoo.build import MODELS, build, cache_root, model_dir
+    from rlprox.zoo.build import MODELS, build, build_order, cache_root, model_dir
 
     command = getattr(args, "zoo_command", None)
     if command in (None, "list"):
@@ -37,7 +37,7 @@ def run_zoo(args: argparse.Namespace) -> int:
             state = "built" if model_dir(name, 0).is_dir() else "not built"
             print(f"  {name:<18} {description} [seed 0: {state}]")
         return 0
-    names = MODELS.names() if args.name == "all" else [args.name]
+    names = build_order() if args.name == "all" else [args.name]
     try:
         for name in names:
             path = build(name, seed=args.seed, micro=args.micro, force=args.force,
