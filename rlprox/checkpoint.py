@@ -8,8 +8,10 @@ Layout of ``<run_dir>/checkpoints/iter-000010/``::
                           module, keys "<module>.<param>" (a LoRA run: the adapter only;
                           frozen modules and frozen base weights are rebuilt from the
                           recipe, never saved)
-    optimizer.pt          optimizer state   (loaded with torch.load(weights_only=True))
-    scheduler.pt          lr-schedule state (idem)
+    optimizer.safetensors optimizer state tensors, keys "state/<module>.<param>/<key>"
+                          (e.g. Adam's exp_avg), whole even when FSDP shards them
+    optimizer.json        its param groups (parameter names, not indices) and numbers
+    scheduler.json        lr-schedule state
     rank-<r>.json         per-process: RNG states (global and the engine's per-rank
                           sampling streams), algorithm state (normalisers, env replay)
     rank-<r>.safetensors  per-process tensors of the same
@@ -18,7 +20,12 @@ Writes go to ``iter-000010.tmp/`` and the folder is renamed when every file is i
 place, so a crash mid-save leaves only a ``.tmp`` folder, which is never loaded and is
 removed by the next save. Old checkpoints are pruned the same way round: renamed to
 ``iter-000010.del.tmp`` first, then deleted, so a folder named like a checkpoint is
-always complete. Loading never unpickles arbitrary objects.
+always complete. Nothing is pickled: tensors go to safetensors, everything else to
+JSON or YAML.
+
+Under FSDP (``run.grad_sync: fsdp``) every process takes part in gathering the sharded
+weights and optimizer tensors, rank 0 writes them whole, and loading splits them again
+over the processes of the resuming run: the files look the same as without FSDP.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from rlprox.prox.regularizers import full_tensor
 
 PREFIX = "iter-"
 
@@ -85,23 +94,81 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
 
 
-def _torch_save(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps of a trained module: its trainable parameters and its
-    persistent buffers. Frozen parameters inside it (a LoRA base model) are left out."""
+    persistent buffers. Frozen parameters inside it (a LoRA base model) are left out.
+    FSDP-sharded parameters come as DTensors (``module_weights`` gathers them)."""
     state = module.state_dict()
     params = dict(module.named_parameters(remove_duplicate=False))
     return {k: v for k, v in state.items() if k not in params or params[k].requires_grad}
 
 
 def module_weights(modules: dict, unwrap=lambda m: m) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for name, m in modules.items() for k, v in trained_state(unwrap(m)).items()}
+    """Every trained module's ``trained_state``, keys "<module>.<name>", whole tensors
+    (FSDP shards are gathered: every process must call this, in the same order)."""
+    return {f"{name}.{k}": full_tensor(v) for name, m in modules.items() for k, v in trained_state(unwrap(m)).items()}
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A whole saved tensor laid out like ``target``: split into this process's shard
+    when ``target`` is an FSDP-sharded DTensor (no communication: every process holds
+    the whole tensor), else unchanged."""
+    mesh = getattr(target, "device_mesh", None)
+    if mesh is None or tuple(value.shape) != tuple(target.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.device, target.dtype), mesh, target.placements, src_data_rank=None)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def parameter_names(modules: dict, unwrap=lambda m: m) -> dict[int, str]:
+    """id(parameter) -> "<module>.<param>" for every trainable parameter."""
+    return {id(p): f"{name}.{pname}" for name, m in modules.items() for pname, p in unwrap(m).named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A torch optimizer's state keyed by parameter names, without pickle: (tensors
+    "state/<param>/<key>", gathered whole from FSDP shards — every process must call
+    this — and JSON: the param groups with parameter names, and non-tensor state)."""
+    tensors: dict[str, torch.Tensor] = {}
+    numbers: dict[str, dict] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"state/{names[id(p)]}/{key}"] = full_tensor(value)
+                else:
+                    numbers.setdefault(names[id(p)], {})[key] = value
+    return tensors, {"param_groups": groups, "state": numbers}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], state: dict, file: Path) -> None:
+    """Restore ``optimizer_state``'s output into ``optimizer`` (whose parameters must have
+    the same names, in the same groups), re-sharding tensors of FSDP parameters."""
+    saved = [g["params"] for g in state["param_groups"]]
+    current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+    if saved != current:
+        first = next((a, b) for a, b in zip([n for g in saved for n in g] + ["<none>"], [n for g in current for n in g] + ["<none>"]) if a != b) if sum(map(len, saved)) == sum(map(len, current)) else None
+        why = f"saved {first[0]!r} where this run has {first[1]!r}" if first else f"{sum(map(len, saved))} saved parameters, {sum(map(len, current))} here"
+        raise CheckpointError(file, f"does not match this recipe's parameters ({why})")
+    index, params = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index[names[id(p)]] = len(index)
+            params[names[id(p)]] = p
+    per_param: dict[int, dict] = {index[n]: dict(v) for n, v in state["state"].items()}
+    for key, value in tensors.items():
+        name, slot = key[len("state/") :].rsplit("/", 1)
+        if name not in index:
+            raise CheckpointError(file, f"holds state of an unknown parameter {name!r}")
+        per_param.setdefault(index[name], {})[slot] = _like(value, params[name])
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -190,14 +257,16 @@ def save(engine) -> Path:
     tensors.update({f"algo.{k}": v for k, v in algo_tensors.items()})
     _save_tensors(tmp / f"rank-{rank}.safetensors", tensors)
     _write_json(tmp / f"rank-{rank}.json", {"rng": rng["json"], "engine": runtime_json, "algo": algo_json})
+    # collectives under FSDP: every process gathers, rank 0 writes
     weights = module_weights(engine.algo.modules, acc.unwrap_model)
-    optim_state = engine.optimizer.state_dict()
+    optim_tensors, optim_json = optimizer_state(_base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model))
     acc.wait_for_everyone()
 
     if acc.is_main_process:
         _save_tensors(tmp / "model.safetensors", weights)
-        _torch_save(tmp / "optimizer.pt", optim_state)
-        _torch_save(tmp / "scheduler.pt", engine.scheduler.state_dict())
+        _save_tensors(tmp / "optimizer.safetensors", optim_tensors)
+        _write_json(tmp / "optimizer.json", optim_json)
+        _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
         (tmp / "recipe.yaml").write_text(dump_recipe(engine.recipe))
         frozen_params = {name: sum(1 for _, p in acc.unwrap_model(m).named_parameters() if not p.requires_grad) for name, m in engine.algo.modules.items()}
         _write_json(
@@ -272,15 +341,6 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(path, f"corrupt or truncated safetensors file ({str(err).splitlines()[0][:80]})") from None
 
 
-def read_torch(path: Path):
-    try:
-        return torch.load(_require(path), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # torch raises many types for a truncated zip/pickle
-        raise CheckpointError(path, f"corrupt or truncated file ({err.__class__.__name__})") from None
-
-
 def read_recipe(path: Path, overrides: list[str] | None = None):
     from rlprox.recipe import load_recipe
 
@@ -302,7 +362,8 @@ def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda 
         sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         names |= {prefix + k for k in sub}
         module = unwrap(module)
-        expected = set(trained_state(module))
+        expected = trained_state(module)
+        sub = {k: _like(v, expected[k]) if k in expected else v for k, v in sub.items()}  # FSDP: this process's shards
         try:
             result = module.load_state_dict(sub, strict=False)
         except RuntimeError as err:
@@ -324,11 +385,16 @@ def load(engine, path: Path) -> None:
     if state.get("num_processes", 1) != acc.num_processes:
         raise CheckpointError(path, f"saved with {state.get('num_processes')} processes, resuming with {acc.num_processes}")
     load_weights(path, engine.algo.modules, acc.unwrap_model)
+    file = path / "optimizer.safetensors"
+    tensors, optim_json = read_tensors(file), read_json(path / "optimizer.json")
     try:
-        engine.optimizer.load_state_dict(read_torch(path / "optimizer.pt"))
-        engine.scheduler.load_state_dict(read_torch(path / "scheduler.pt"))
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(path / "optimizer.pt", f"does not match this recipe's parameters ({err})") from None
+        load_optimizer_state(_base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model), tensors, optim_json, file)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(file, f"does not match this recipe's parameters ({str(err).splitlines()[0][:120]})") from None
+    try:
+        engine.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(path / "scheduler.json", f"does not match this recipe's schedule ({err})") from None
     rank = acc.process_index
     rank_json = read_json(path / f"rank-{rank}.json")
     tensors = read_tensors(path / f"rank-{rank}.safetensors")
@@ -360,6 +426,12 @@ def resolve_checkpoint(path: Path) -> Path:
         if latest is not None:
             return latest
     return path
+
+
+def _base_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's and the prox wrappers (they share its state)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return getattr(optimizer, "base", optimizer)
 
 
 def _prefixed(tensors: dict, prefix: str) -> dict:

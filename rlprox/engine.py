@@ -36,6 +36,7 @@ from torch import nn
 
 from rlprox import checkpoint, tracking
 from rlprox.errors import RecipeError
+from rlprox.prox.regularizers import full_tensor
 from rlprox.recipe import Recipe
 from rlprox.runtime import EvalRequest, EvalShard, Runtime, make_runtime, shard  # noqa: F401  (the contract types, re-exported)
 
@@ -449,7 +450,7 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
         if sync is not None:
             sync()
         if max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm, foreach=True)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm, foreach=True))
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.step()
         if sync is not None:
@@ -458,6 +459,9 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
             inner.zero_grad(set_to_none=True)
         return grad_norm
     with accelerator.accumulate(*modules):
+        for module in modules:  # FSDP: reduce-scatter gradients on real steps only
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(accelerator.sync_gradients)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             if sync is not None:
@@ -465,7 +469,7 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
             if max_grad_norm > 0:
                 with_grad = [p for p in params if p.grad is not None]
                 if _plain_clip_ok(accelerator):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm, foreach=True)
+                    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm, foreach=True))
                 else:  # fp16 loss scaling needs accelerate's version (unscales first)
                     grad_norm = accelerator.clip_grad_norm_(with_grad, max_grad_norm)
         optimizer.step()
@@ -585,9 +589,10 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
     from accelerate.utils import DistributedDataParallelKwargs
 
     use_cpu = run.cpu or not torch.cuda.is_available()
-    requested = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and "FSDP" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and "DeepSpeed" or None
-    if requested:
-        raise RecipeError("run", f"{requested} is not supported by the rlprox engine yet; use DDP (recipes/accelerate/multi_gpu.yaml) — LoRA adapters and the digits-world models fit on every GPU")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise RecipeError("run", "accelerate's FSDP launch config is not used: launch with recipes/accelerate/multi_gpu.yaml (or multi_cpu.yaml) and set run.grad_sync=fsdp; the engine shards the trained modules itself (torch FSDP2)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise RecipeError("run", "DeepSpeed is not supported by the rlprox engine; use run.grad_sync=fsdp to shard parameters, gradients and optimizer state")
     # A process may build several engines (tests, notebooks, benchmarks) with different
     # precision settings: start from a clean accelerator state each time, keeping the
     # distributed one (PartialState).
@@ -637,6 +642,82 @@ def place_modules(algo, runtime: Runtime) -> None:
                     p.data = p.data.to(dtype)
 
 
+# Library classes whose public methods are not forward passes of a trained module (a
+# diffusers UNet's set_attn_processor, peft's save_pretrained, ...).
+_LIBRARY_PACKAGES = frozenset({"torch", "peft", "diffusers", "transformers", "accelerate", "huggingface_hub"})
+
+
+def forward_methods(module: nn.Module) -> list[str]:
+    """Public methods a trained module's own classes define besides ``forward`` (a
+    policy's ``act``/``value``, a GPT's ``sample``): under FSDP they gather the
+    module's parameters the way ``forward`` does."""
+    import inspect
+
+    names = set()
+    for cls in type(module).__mro__:
+        if cls is nn.Module or cls.__module__.split(".")[0] in _LIBRARY_PACKAGES:
+            continue
+        names |= {name for name, value in vars(cls).items() if inspect.isfunction(value) and not name.startswith("_") and name != "forward"}
+    return sorted(names)
+
+
+def shard_modules(algo, run, accelerator: Accelerator) -> bool:
+    """``run.grad_sync: fsdp`` with several processes: shard every trained module with
+    torch FSDP2 (``fully_shard``) over all processes, submodules whose class is named in
+    ``run.fsdp.wrap`` as units of their own. Parameters, gradients and optimizer state
+    are then split across processes; forward passes (and ``forward_methods``) gather
+    the parameters, backward reduce-scatters the mean gradient. Works on gloo (CPU) and
+    NCCL alike. The modules stay the same objects (FSDP2 changes them in place).
+    Returns whether anything was sharded."""
+    if run.grad_sync != "fsdp" or accelerator.num_processes == 1:
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    wrap = set(run.fsdp.wrap)
+    found = set()
+    for module in algo.modules.values():
+        methods = forward_methods(module)
+        for sub in reversed(list(module.modules())[1:]):  # FSDP2 shards bottom-up
+            if type(sub).__name__ in wrap:
+                found.add(type(sub).__name__)
+                fully_shard(sub, mesh=mesh, reshard_after_forward=run.fsdp.reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=run.fsdp.reshard_after_forward)
+        for name in methods:
+            register_fsdp_forward_method(module, name)
+    missing = sorted(wrap - found)
+    if missing:
+        raise RecipeError("run.fsdp.wrap", f"no trained submodule has class {missing[0]!r}")
+    return True
+
+
+@contextlib.contextmanager
+def gathered(modules: Iterable[nn.Module], reshard_after_forward: bool = True):
+    """FSDP-sharded modules hold their whole parameters inside the block, and forward
+    passes run without collectives: what sampling and sharded evaluation need, where
+    processes may make different numbers of forward passes (episodes of different
+    lengths, uneven eval shares). Afterwards the wrapped units reshard after forward
+    again as ``reshard_after_forward`` says (the roots never do: FSDP2's default). A
+    no-op for modules that are not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    roots = list(modules)
+    units = [(u, any(u is r for r in roots)) for m in roots for u in m.modules() if isinstance(u, FSDPModule)]
+    if not units:
+        yield
+        return
+    for unit, _ in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, is_root in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(False if is_root else reshard_after_forward, recurse=False)
+
+
 class Engine:
     """Builds the accelerator, the algorithm, optimizer and schedule from a recipe and
     runs the loop. ``algo_builder(recipe, runtime) -> algorithm`` defaults to the
@@ -659,6 +740,7 @@ class Engine:
         with acc.main_process_first():  # zoo builds and model loading: once, by rank 0 first
             self.algo = builder(recipe, self.runtime)
         place_modules(self.algo, self.runtime)
+        self.fsdp = shard_modules(self.algo, run, acc)
         acc.gradient_accumulation_steps = run.gradient_accumulation_steps * hook(self.algo, "micro_steps", 1)
         self.names = list(self.algo.modules)
         self.frozen = hook(self.algo, "frozen") or {}
@@ -676,7 +758,7 @@ class Engine:
             self.optimizer = acc.prepare(self.optimizer)
         self.params = [p for n in self.names for p in self.algo.modules[n].parameters() if p.requires_grad]
         self._sync = None
-        if not self.ddp and acc.num_processes > 1:
+        if not self.ddp and not self.fsdp and acc.num_processes > 1:
             use_shm = run.grad_sync == "shm" or (run.grad_sync == "auto" and SharedMemoryAverager.usable(self.params, acc.num_processes))
             if run.grad_sync == "shm" and not SharedMemoryAverager.usable(self.params, acc.num_processes):
                 raise RecipeError("run.grad_sync", "shm needs every process on one x86-64 host with CPU parameters; use auto or allreduce")
@@ -695,7 +777,7 @@ class Engine:
         named = {f"{name}.{pname}": p for name, m in self.algo.modules.items() for pname, p in m.named_parameters() if p.requires_grad}
         frozen_names = [f"{name}.{pname}" for name, m in self.algo.modules.items() for pname, p in m.named_parameters() if not p.requires_grad]
         frozen_names += [f"{name}.{pname}" for name, m in self.frozen.items() for pname, _ in m.named_parameters()]
-        optimizer, self.regularizers = attach_regularizers(optimizer, named, self.recipe.regularizers, frozen_names)
+        optimizer, self.regularizers = attach_regularizers(optimizer, named, self.recipe.regularizers, frozen_names, sharded=self.fsdp)
         return optimizer
 
     # ------------------------------------------------------------------ the loop
@@ -736,8 +818,13 @@ class Engine:
         out["loss/epochs"] = epoch + 1
         return out
 
+    def gathered(self):
+        """Whole parameters for sampling (``gathered``); a no-op unless FSDP shards them."""
+        return gathered(self.algo.modules.values(), self.recipe.run.fsdp.reshard_after_forward) if self.fsdp else contextlib.nullcontext()
+
     def evaluate(self, total: int, step: int | None = None) -> dict[str, float]:
-        stats, _, images, info = run_evaluation(self.algo, self.accelerator, total, self.recipe.seed)
+        with self.gathered():
+            stats, _, images, info = run_evaluation(self.algo, self.accelerator, total, self.recipe.seed)
         if images and step is not None:
             self.tracker.log_images(images, step, cols=info.get("grid_cols", 0))
         return stats
@@ -770,7 +857,7 @@ class Engine:
             for reg in self.regularizers:  # λ schedules are per iteration
                 reg.set_iteration(it - 1)
             # ---- COLLECT / ADVANTAGE (no grad)
-            with torch.no_grad():
+            with torch.no_grad(), self.gathered():
                 batch = algo.collect()
                 if advantages is not None:
                     batch = advantages(batch)

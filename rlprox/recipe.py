@@ -48,6 +48,14 @@ class DDPConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Parameter sharding (torch FSDP2), used when ``run.grad_sync: fsdp``."""
+
+    wrap: list[str] = field(default_factory=list)  # class names of submodules sharded as their own units (e.g. transformer blocks); the rest of each trained module is one unit
+    reshard_after_forward: bool = True  # free gathered parameters after each unit's forward (less memory, one more all-gather in backward)
+
+
+@dataclass
 class RunConfig:
     """Where and how long a run goes, and how it runs. Iteration = one collect + one update."""
 
@@ -64,8 +72,9 @@ class RunConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for collect's and the loss's forward passes, via accelerate
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
-    grad_sync: Literal["auto", "shm", "allreduce", "ddp"] = "auto"  # multi-process gradient averaging: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce
+    grad_sync: Literal["auto", "shm", "allreduce", "ddp", "fsdp"] = "auto"  # how processes share the trained modules: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce; fsdp shards parameters, gradients and optimizer state over the processes (torch FSDP2)
     ddp: DDPConfig = field(default_factory=DDPConfig)  # options for grad_sync: ddp
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options for grad_sync: fsdp
     cpu: bool = False  # force CPU even when a GPU is present
     torch_threads: int = 1  # intra-op threads; 1 is fastest for small policies on shared CPUs
     progress: bool = True  # progress bar on stderr
@@ -307,6 +316,8 @@ def validate(recipe: Recipe, spec=None) -> None:
     positive("run.gradient_accumulation_steps", run.gradient_accumulation_steps)
     positive("run.torch_threads", run.torch_threads)
     positive("run.ddp.bucket_cap_mb", run.ddp.bucket_cap_mb)
+    if run.grad_sync == "fsdp" and run.mixed_precision == "fp16":
+        raise RecipeError("run.mixed_precision", "fp16 loss scaling is not supported with run.grad_sync: fsdp; use bf16")
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
     for tracker in run.log_with:

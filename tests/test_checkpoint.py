@@ -1,12 +1,13 @@
 """Crash safety: SIGKILL + resume is exact, saves are atomic, corrupt files fail in one line."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 import yaml
+
+from safetensors.torch import load_file
 
 from rlprox import checkpoint
 from rlprox.cli import main
@@ -30,11 +31,15 @@ def test_crash_during_save_leaves_no_complete_checkpoint(tmp_path, tiny_recipe, 
     good = checkpoint.find_latest(recipe.run_dir)
     assert good.name == "iter-000002"
 
+    write_json = checkpoint._write_json
+
     def boom(path, obj):
+        if path.name != "optimizer.json":
+            return write_json(path, obj)
         path.write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_torch_save", boom)
+    monkeypatch.setattr(checkpoint, "_write_json", boom)
     engine.state.iteration = 3
     with pytest.raises(OSError):
         checkpoint.save(engine)
@@ -54,7 +59,7 @@ def test_keep_last(tmp_path, tiny_recipe):
     assert [p.name for p in checkpoint.list_checkpoints(recipe.run_dir)] == ["iter-000004", "iter-000005"]
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "rank-0.safetensors", "optimizer.pt", "state.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "rank-0.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "state.json"])
 def test_corrupt_checkpoint_one_line_error(tmp_path, tiny_recipe, capsys, victim):
     recipe = load_recipe(tiny_recipe(run={"iterations": 1}))
     engine = Engine(recipe)
@@ -78,20 +83,33 @@ def test_eval_of_missing_checkpoint(capsys, tmp_path):
     assert capsys.readouterr().err.startswith("checkpoint error: ")
 
 
-def test_checkpoint_loading_never_unpickles(tmp_path, tiny_recipe):
+def test_checkpoint_files_are_never_pickles(tmp_path, tiny_recipe):
     recipe = load_recipe(tiny_recipe(run={"iterations": 1}))
     engine = Engine(recipe)
     engine.fit()
     engine.close()
     ckpt = checkpoint.find_latest(recipe.run_dir)
+    for f in ckpt.iterdir():
+        assert f.suffix in (".json", ".safetensors", ".yaml"), f.name
+    state = json.loads((ckpt / "optimizer.json").read_text())
+    assert state["param_groups"][0]["params"][0].startswith("policy.")  # named, not indexed
+    assert any(k.endswith("/exp_avg_sq") for k in load_file(str(ckpt / "optimizer.safetensors")))
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
 
-    torch.save({"state": {}, "param_groups": [], "x": Evil()}, ckpt / "optimizer.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt"):
-        checkpoint.read_torch(ckpt / "optimizer.pt")
+def test_optimizer_state_of_other_parameters_is_refused_in_one_line(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 1}))
+    engine = Engine(recipe)
+    engine.fit()
+    engine.close()
+    ckpt = checkpoint.find_latest(recipe.run_dir)
+    state = json.loads((ckpt / "optimizer.json").read_text())
+    state["param_groups"][0]["params"][0] = "policy.renamed.weight"
+    (ckpt / "optimizer.json").write_text(json.dumps(state))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("checkpoint error: ") and "optimizer.safetensors: does not match this recipe's parameters (saved 'policy.renamed.weight'" in err and "\n" not in err
 
 
 def test_resume_after_kill_mid_metrics_line(tmp_path, tiny_recipe):

@@ -40,7 +40,7 @@ def launch(tmp_path, recipe: dict, *overrides):
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)], path
 
 
-@pytest.mark.parametrize("grad_sync", ["shm", "allreduce", "ddp"])
+@pytest.mark.parametrize("grad_sync", ["shm", "allreduce", "ddp", "fsdp"])
 def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_recipe, grad_sync):
     # one minibatch per epoch (the whole local batch) and 2 epochs: the 1-process
     # minibatch is then exactly the union of the two ranks' minibatches
@@ -120,7 +120,7 @@ def torchrun(tmp_path, recipe: dict, *args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("grad_sync", ["auto", "allreduce", "ddp"])
+@pytest.mark.parametrize("grad_sync", ["auto", "allreduce", "ddp", "fsdp"])
 def test_two_processes_lora_with_frozen_encoder(tmp_path, grad_sync):
     """No DDP error with a frozen module and a peft model; identical adapters on both
     ranks; different sampling noise per rank; logged stats = mean (or sum) over ranks."""
@@ -161,15 +161,17 @@ def dist_run(tmp_path, recipe: dict, iterations: int = 2):
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
 
-@pytest.mark.parametrize("advantage", ["loo", "ddpo_tracker"])
-def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage):
+@pytest.mark.parametrize("advantage,grad_sync", [("loo", "auto"), ("ddpo_tracker", "auto"), ("loo", "fsdp")])
+def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage, grad_sync):
     pytest.importorskip("peft")
     from rlprox.zoo.sd import untrained_pipeline
     from tests.test_loop import loop_recipe
 
     pipe_dir = tmp_path / "tiny-sd"
     untrained_pipeline(seed=0).save_pretrained(str(pipe_dir))
-    r0, r1 = dist_run(tmp_path, loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1))
+    recipe = loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1)
+    recipe["run"]["grad_sync"] = grad_sync
+    r0, r1 = dist_run(tmp_path, recipe)
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # per-rank generators
     params = [k for k in r0 if k.startswith("param.")]
     assert params and all("lora" in k for k in params)
@@ -186,13 +188,16 @@ def test_two_processes_policyflow_keep_identical_parameters(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
-def test_two_processes_vapi_keep_identical_parameters(tmp_path):
+@pytest.mark.parametrize("grad_sync", ["auto", "fsdp"])
+def test_two_processes_vapi_keep_identical_parameters(tmp_path, grad_sync):
     from tests.test_vapi import tiny_models, vapi_recipe
 
     gpt, vq = tiny_models()
     torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
     torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
-    r0, r1 = dist_run(tmp_path, vapi_recipe(tmp_path, (tmp_path,)))
+    recipe = vapi_recipe(tmp_path, (tmp_path,))
+    recipe["run"].update(grad_sync=grad_sync, fsdp={"wrap": ["TransformerBlock"]})  # the fsdp options, used only by fsdp
+    r0, r1 = dist_run(tmp_path, recipe)
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own images
     for k in (k for k in r0 if k.startswith("param.")):
         assert torch.equal(r0[k], r1[k]), k

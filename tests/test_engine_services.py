@@ -141,13 +141,14 @@ def test_pruning_never_leaves_a_checkpoint_shaped_folder_half_deleted(tiny_recip
     assert any(name.endswith("iter-000001.del.tmp") for name in deleted)
 
 
-def test_fsdp_and_deepspeed_requests_are_refused_in_one_line(tiny_recipe, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("env,says", [("ACCELERATE_USE_FSDP", "set run.grad_sync=fsdp"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed is not supported")])
+def test_accelerate_fsdp_and_deepspeed_launch_configs_are_refused_in_one_line(tiny_recipe, monkeypatch, tmp_path, capsys, env, says):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe()))
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(env, "true")
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("recipe error: run: FSDP is not supported by the rlprox engine yet") and "\n" not in err
+    assert err.startswith("recipe error: run: ") and says in err and "\n" not in err
 
 
 def test_a_world_accelerate_did_not_join_is_refused(tiny_recipe, monkeypatch):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlprox.algos import TrainerSpec, register_trainer
+from rlprox.prox.regularizers import full_tensor
 from rlprox.runtime import EvalShard
 
 
@@ -68,7 +69,7 @@ class ToyLoRA:
             run_dir, rank = self.recipe.run_dir, self.runtime.rank
             with open(run_dir / f"toy-rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps(self._local) + "\n")
-            trained = {n: p.detach().flatten().tolist() for n, p in self.runtime.unwrap(self.policy).named_parameters() if p.requires_grad}
+            trained = {n: full_tensor(p.detach()).flatten().tolist() for n, p in self.runtime.unwrap(self.policy).named_parameters() if p.requires_grad}
             (run_dir / f"params-rank{rank}.json").write_text(json.dumps(trained))
         return dict(self._local)
 

@@ -71,13 +71,19 @@ class ActorCritic(nn.Module):
         return out if deterministic else out + torch.exp(self.log_std) * torch.randn_like(out)
 
     def snapshot(self) -> "NumpyPolicy":
-        log_std = self.log_std.detach().cpu().numpy().copy() if not self.discrete else None
+        log_std = to_numpy(self.log_std) if not self.discrete else None
         return NumpyPolicy(numpy_layers(self.actor), numpy_layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy. Never a view: a parameter's storage shared with numpy can
+    no longer be resized, which FSDP does to free gathered parameters."""
+    return t.detach().to("cpu", torch.float32, copy=True).numpy()
 
 
 def numpy_layers(seq: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
     """(W as (in, out), b) of every Linear of ``seq``, copied to numpy."""
-    return [(m.weight.detach().float().cpu().numpy().T.copy(), m.bias.detach().float().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
+    return [(np.ascontiguousarray(to_numpy(m.weight).T), to_numpy(m.bias)) for m in seq if isinstance(m, nn.Linear)]
 
 
 def numpy_mlp(layers: list, x: np.ndarray, act_fn) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlprox.models.actor_critic import ACTIVATIONS, LOG_2PI, mlp, numpy_layers, numpy_mlp
+from rlprox.models.actor_critic import ACTIVATIONS, LOG_2PI, mlp, numpy_layers, numpy_mlp, to_numpy
 
 
 def fourier_features(t: torch.Tensor, num: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ class FlowPolicy(nn.Module):
         grid = np.array([[k / steps, (k + 0.5) / steps] for k in range(steps)], np.float32).reshape(-1)
         t_part = fourier_features(torch.from_numpy(grid), self.time_features).numpy() @ w_t  # (2K, H): the time part of layer 1
         return NumpyFlow(numpy_layers(self.embed)[0], w_x, w_e, b1, t_part.reshape(steps, 2, -1), vel[1:], numpy_layers(self.critic),
-                         ACTIVATIONS[self.activation][1], self.log_std().detach().cpu().numpy().astype(np.float32), steps)
+                         ACTIVATIONS[self.activation][1], to_numpy(self.log_std()), steps)
 
 
 class NumpyFlow:

@@ -27,7 +27,7 @@ import torch
 
 from rlprox.errors import RecipeError
 from rlprox.prox.optim import ProxOptimizer
-from rlprox.prox.regularizers import LossRegularizer, build_regularizer
+from rlprox.prox.regularizers import LossRegularizer, build_regularizer, full_tensor
 from rlprox.prox.schedules import build_schedule
 
 ENGINE_KEYS = ("params", "mode", "schedule", "prox_lr")
@@ -124,8 +124,9 @@ class AttachedRegularizer:
     def stats(self) -> dict[str, float]:
         if self.mode == "loss":
             return {f"penalty/{self.label}.lam": self.reg.lam}
-        out = {f"sparsity/{name}": float(self.reg.sparsity(p)) for name, p in self.named.items()}
-        penalty = sum(float(self.reg.penalty(p)) for p in self.named.values())
+        whole = {name: full_tensor(p.detach()) for name, p in self.named.items()}  # FSDP shards gathered
+        out = {f"sparsity/{name}": float(self.reg.sparsity(p)) for name, p in whole.items()}
+        penalty = sum(float(self.reg.penalty(p)) for p in whole.values())
         out[f"penalty/{self.label}"] = penalty
         out[f"penalty/{self.label}.lam"] = self.reg.lam
         if self.prox_lr is not None:
@@ -133,11 +134,12 @@ class AttachedRegularizer:
         return out
 
 
-def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict], frozen_names: list[str] = ()):
+def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict], frozen_names: list[str] = (), sharded: bool = False):
     """Wrap ``optimizer`` in a ProxOptimizer carrying the recipe's prox-mode
     regularizers; return (optimizer, [AttachedRegularizer]). ``named_params`` are the
     trainable parameters; a glob that matches any of ``frozen_names`` is an error
-    (regularizers act on trained parameters only)."""
+    (regularizers act on trained parameters only). ``sharded``: the parameters are FSDP
+    shards, so only elementwise prox-mode regularizers can act on them."""
     attached = []
     prox_pairs = []
     claimed: dict[str, int] = {}
@@ -147,6 +149,10 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
         if mode == "loss":
             attached.append(AttachedRegularizer(i, spec, reg, schedule, mode, {}))
             continue
+        if sharded and mode == "penalty":
+            raise RecipeError(f"regularizers[{i}].mode", f"{spec['type']} in mode penalty is not supported on FSDP-sharded parameters (run.grad_sync: fsdp); use mode: prox")
+        if sharded and not getattr(reg, "elementwise", False):
+            raise RecipeError(f"regularizers[{i}].type", f"{spec['type']} needs whole parameters (groups, top-k or SVD) and cannot act on FSDP shards (run.grad_sync: fsdp); use l1, l0 or elastic_net, or run.grad_sync: ddp")
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
         frozen = [n for n in frozen_names if fnmatch.fnmatchcase(n, spec["params"])]
         if frozen:

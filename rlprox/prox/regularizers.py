@@ -12,6 +12,10 @@ operator applied is the prox of η·λ·R, exactly the proximal-gradient step
 x ← prox_{ηλR}(x − η∇f(x)). Group types view a parameter as
 ``param.view(param.shape[0], -1)``: one group per row (output neuron / channel).
 
+``elementwise`` types (l1, l0, elastic_net) act on each entry alone, so their prox runs
+on a parameter's local shard under FSDP (``run.grad_sync: fsdp``); the others need the
+whole parameter and are refused there.
+
 Types are registered by name in ``REGULARIZERS`` (an ``rlprox.registry.Registry``);
 ``build_regularizer`` builds one from a recipe entry such as
 ``{"type": "wgsef", "k": 16, "lam": 1e-3}``; a custom type is given as ``"module:Class"``.
@@ -59,15 +63,29 @@ def register_regularizer(name: str):
     return REGULARIZERS.register(name)
 
 
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (an FSDP-sharded parameter), else ``x``."""
+    to_local = getattr(x, "to_local", None)
+    return to_local() if to_local is not None else x
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every process must call it), else ``x``."""
+    full = getattr(x, "full_tensor", None)
+    return full() if full is not None else x
+
+
 def _rows(param: torch.Tensor) -> torch.Tensor:
     return param.view(param.shape[0], -1) if param.dim() > 0 else param.view(1, 1)
 
 
 class Regularizer(abc.ABC):
     """Base class. Subclasses implement ``value(x)`` (R without λ) and
-    ``_prox(x, t)`` (prox of t·R on the raw tensor); ``grouped`` selects the row view."""
+    ``_prox(x, t)`` (prox of t·R on the raw tensor); ``grouped`` selects the row view;
+    ``elementwise`` says the prox acts on each entry alone (it may run on a shard)."""
 
     grouped = False
+    elementwise = False
 
     def __init__(self, lam: float = 0.0):
         if lam < 0:
@@ -91,8 +109,9 @@ class Regularizer(abc.ABC):
 
     @torch.no_grad()
     def prox(self, param: torch.Tensor, step: float) -> torch.Tensor:
-        """param ← prox_{step·λ·R}(param), in place on ``param.data``; returns param."""
-        data = param.data
+        """param ← prox_{step·λ·R}(param), in place on ``param.data``; returns param.
+        On an FSDP-sharded parameter it runs on the local shard (elementwise types only)."""
+        data = local_tensor(param.data)
         out = self._prox(self._view(data), float(step) * self.lam)
         data.copy_(out.view_as(data))
         return param
@@ -100,7 +119,7 @@ class Regularizer(abc.ABC):
     @torch.no_grad()
     def sparsity(self, param: torch.Tensor) -> float:
         """Fraction of all-zero groups (rows) for group types, of zero entries otherwise."""
-        x = self._view(param.detach())
+        x = self._view(full_tensor(param.detach()))
         if self.grouped:
             return float((x != 0).sum(1).eq(0).float().mean())
         return float(x.eq(0).float().mean())
@@ -113,6 +132,8 @@ class Regularizer(abc.ABC):
 @register_regularizer("l1")
 class L1(Regularizer):
     """R(x) = ‖x‖₁; prox is the soft threshold at ηλ."""
+
+    elementwise = True
 
     def value(self, x):
         return x.abs().sum()
@@ -159,6 +180,8 @@ class GroupL2(Regularizer):
 class L0(Regularizer):
     """R(x) = ‖x‖₀; prox is the hard threshold at √(2ηλ). Penalty is not differentiable."""
 
+    elementwise = True
+
     def value(self, x):
         return (x != 0).sum().to(x.dtype)
 
@@ -194,6 +217,8 @@ class TopK(Regularizer):
 @register_regularizer("elastic_net")
 class ElasticNet(Regularizer):
     """R(x) = ρ‖x‖₁ + ((1−ρ)/2)‖x‖², ρ = ``l1_ratio`` (scikit-learn's convention)."""
+
+    elementwise = True
 
     def __init__(self, lam: float = 0.0, l1_ratio: float = 0.5):
         super().__init__(lam)
