@@ -3,14 +3,18 @@
     python benchmarks/policyflow_hopper.py                       # 300k env steps, seeds 1-3
     python benchmarks/policyflow_hopper.py --iterations 20 --seeds 1   # quicker
     python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --parallel 2  # the same lr sweep for both
+    python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --explore 1,0.37  # and the same exploration sweep
 
 recipes/policyflow/hopper.yaml and recipes/ppo/hopper.yaml share every setting the two
 trainers have in common (1 env × 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 linear,
 obs/reward normalisation); both are cut to ``--iterations`` (146 ≈ 300k steps: a budget
 that fits a 2-core machine; the recipes' own is 1M). Greedy evaluation: 10 episodes of
 the final checkpoint. Time per iteration: median of the logged ``perf/iteration_s``.
-``--lrs`` gives both methods the same lr sweep (``optim.lr``, actor and critic); the
-target compares each method's best lr.
+``--lrs`` gives both methods the same lr sweep (``optim.lr``, actor and critic);
+``--explore`` the same sweep of the initial exploration noise, as factors on its std:
+PPO's σ (``ppo.init_log_std`` + log f) and PolicyFlow's base noise and σ together
+(``policyflow.noise_scale`` × f, ``policyflow.init_log_std`` + log f). The target
+compares each method's best setting.
 Writes benchmarks/results/policyflow_hopper.md.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -26,16 +31,29 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ROOT, train_and_eval  # noqa: E402
 
 RECIPES = {"PPO": "recipes/ppo/hopper.yaml", "PolicyFlow": "recipes/policyflow/hopper.yaml"}
 
 
-def run(method: str, lr: float, seed: int, iterations: int, out: Path) -> dict:
-    rows, ev = train_and_eval(RECIPES[method], [f"seed={seed}", f"run.iterations={iterations}", "run.eval_size=0", f"optim.lr={lr}"], out,
-                              f"{method}-lr{lr:g}-s{seed}", ["--episodes", "10", "--deterministic"])
-    return {"method": method, "lr": lr, "seed": seed, "steps": rows[-1]["progress/env_steps"], "return": ev["eval/return"],
+def explore_overrides(method: str, factor: float) -> list[str]:
+    """Scale the initial exploration std by ``factor`` (the recipes' values at 1)."""
+    if factor == 1.0:
+        return []
+    recipe = yaml.safe_load((ROOT / RECIPES[method]).read_text())
+    if method == "PPO":
+        return [f"ppo.init_log_std={recipe['ppo'].get('init_log_std', 0.0) + math.log(factor)}"]
+    section = recipe["policyflow"]
+    return [f"policyflow.noise_scale={section.get('noise_scale', 1.0) * factor}", f"policyflow.init_log_std={section['init_log_std'] + math.log(factor)}"]
+
+
+def run(method: str, lr: float, factor: float, seed: int, iterations: int, out: Path) -> dict:
+    rows, ev = train_and_eval(RECIPES[method], [f"seed={seed}", f"run.iterations={iterations}", "run.eval_size=0", f"optim.lr={lr}", *explore_overrides(method, factor)], out,
+                              f"{method}-lr{lr:g}-x{factor:g}-s{seed}", ["--episodes", "10", "--deterministic"])
+    return {"method": method, "lr": lr, "explore": factor, "seed": seed, "steps": rows[-1]["progress/env_steps"], "return": ev["eval/return"],
             "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows)}
 
 
@@ -45,33 +63,38 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--lrs", default="3e-4", help="comma-separated optim.lr values, the same for both methods")
+    parser.add_argument("--explore", default="1", help="comma-separated factors on the initial exploration std, the same for both methods")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policyflow_hopper.md"))
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="pf_hopper_"))
     lrs = [float(x) for x in args.lrs.split(",")]
-    jobs = [(m, lr, s) for s in range(1, args.seeds + 1) for lr in lrs for m in RECIPES]
+    factors = [float(x) for x in args.explore.split(",")]
+    settings = [(lr, f) for lr in lrs for f in factors]
+    jobs = [(m, lr, f, s) for s in range(1, args.seeds + 1) for lr, f in settings for m in RECIPES]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda j: run(*j, args.iterations, out), jobs))
-    by = {(m, lr): [r for r in runs if r["method"] == m and r["lr"] == lr] for lr in lrs for m in RECIPES}
+    by = {(m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f] for lr, f in settings for m in RECIPES}
     mean_return = {key: statistics.mean(r["return"] for r in rs) for key, rs in by.items()}
-    best = {m: max(lrs, key=lambda lr: mean_return[(m, lr)]) for m in RECIPES}
+    best = {m: max(((m, lr, f) for lr, f in settings), key=lambda k: mean_return[k]) for m in RECIPES}
     ppo_time = statistics.median(r["iteration_s"] for r in runs if r["method"] == "PPO")
     lines = [
         "# PolicyFlow vs PPO on Hopper-v5",
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, {args.parallel} runs at a time), python {platform.python_version()}; "
-        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs}`: {int(runs[0]['steps']):,} env steps per run.",
+        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}`: {int(runs[0]['steps']):,} env steps per run.",
+        "Exploration factor f scales the initial exploration std: PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
         "",
-        "| method | lr | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
-        "|---|---|---|---|---|",
+        "| method | lr | exploration f | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
+        "|---|---|---|---|---|---|",
     ]
-    for (m, lr), rs in by.items():
+    for (m, lr, f), rs in by.items():
         rets = [r["return"] for r in rs]
         sd = f" ± {statistics.stdev(rets):.0f}" if len(rets) > 1 else ""
-        lines.append(f"| {m} | {lr:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
+        lines.append(f"| {m} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
                      f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |")
-    ratio = mean_return[("PolicyFlow", best["PolicyFlow"])] / mean_return[("PPO", best["PPO"])]
-    lines += ["", f"PolicyFlow / PPO mean return, each at its best lr (PolicyFlow {best['PolicyFlow']:g}, PPO {best['PPO']:g}): "
+    ratio = mean_return[best["PolicyFlow"]] / mean_return[best["PPO"]]
+    name = {m: f"lr {best[m][1]:g}, f {best[m][2]:g}" for m in RECIPES}
+    lines += ["", f"PolicyFlow / PPO mean return, each at its best setting (PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
               f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).", ""]
     text = "\n".join(lines) + "\n"
     print(text)

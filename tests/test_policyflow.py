@@ -74,6 +74,10 @@ def test_ode_sampler_step_count_determinism_and_numpy_equals_torch():
     np.testing.assert_allclose(action, phi_np + delta, rtol=1e-6)
     std = np.exp(snap.log_std)
     np.testing.assert_allclose(logp, (-0.5 * (delta / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1), rtol=1e-5)
+    # the base noise scale: z ~ N(0, s² I), the same draws scaled
+    scaled = policy.snapshot(7, noise_scale=0.25).act(obs.numpy(), np.random.default_rng(3))
+    np.testing.assert_allclose(scaled[1], 0.25 * z_np, rtol=1e-6)
+    np.testing.assert_allclose(scaled[2], snap.flow(obs.numpy(), 0.25 * z_np), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ratio", ["velocity", "fpo"])

@@ -59,6 +59,7 @@ class PolicyFlowConfig:
     target_kl: float = 0.0  # stop the epochs once the epoch's approx-KL exceeds this; 0 disables
     ratio: Literal["velocity", "fpo"] = "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
     flow_steps: int = 10  # K midpoint (RK2) steps from noise to action
+    noise_scale: float = 1.0  # std of the flow's base noise, z ~ N(0, s² I); the flow starts near the identity, so the initial action spread is ≈ s (plus σ)
     t_sampling: Literal["grid", "uniform"] = "grid"  # t per sample: the K-point grid {k/K}, or U(0, 1)
     fpo_samples: int = 8  # ratio fpo: N (τ, ε) pairs per sample
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # velocity MLP widths
@@ -80,6 +81,8 @@ def validate(recipe: "Recipe") -> None:
     for key in ("num_steps", "minibatch_size", "update_epochs", "flow_steps", "fpo_samples", "time_features", "obs_embed"):
         if getattr(cfg, key) <= 0:
             raise RecipeError(f"policyflow.{key}", f"must be > 0 (got {getattr(cfg, key)})")
+    if cfg.noise_scale <= 0:
+        raise RecipeError("policyflow.noise_scale", f"must be > 0 (got {cfg.noise_scale})")
     if not 0.0 < cfg.gamma <= 1.0:
         raise RecipeError("policyflow.gamma", f"must be in (0, 1] (got {cfg.gamma})")
     if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
@@ -148,7 +151,7 @@ class PolicyFlow:
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
         cfg, rollout = self.cfg, self.rollout
-        policy = self._unwrapped().snapshot(cfg.flow_steps)
+        policy = self._unwrapped().snapshot(cfg.flow_steps, cfg.noise_scale)
         T, N, D, A = cfg.num_steps, rollout.num_envs, self.obs_dim, self.action_dim
         buf = {k: np.zeros((T, N, D if k == "obs" else A), np.float32) for k in ("obs", "z", "phi", "delta")}
         logp_buf, val_buf, next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(6))
@@ -251,7 +254,7 @@ class PolicyFlow:
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodes of the current policy (sampled unless deterministic) on fresh envs;
         for goal envs the goals reached and a trajectory plot."""
-        return evaluate_snapshot(self.env_cfg, self._unwrapped().snapshot(self.cfg.flow_steps), request, self.obs_rms, self.goals, self.cfg.eval_deterministic)
+        return evaluate_snapshot(self.env_cfg, self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale), request, self.obs_rms, self.goals, self.cfg.eval_deterministic)
 
     def summarize_eval(self, values: dict) -> dict:
         return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}

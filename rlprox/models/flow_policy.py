@@ -85,7 +85,7 @@ class FlowPolicy(nn.Module):
         return x
 
     # ------------------------------------------------------------------ numpy rollout
-    def snapshot(self, steps: int) -> "NumpyFlow":
+    def snapshot(self, steps: int, noise_scale: float = 1.0) -> "NumpyFlow":
         vel = numpy_layers(self.velocity)
         w1, b1 = vel[0]
         A, F = self.action_dim, 2 * self.time_features
@@ -93,15 +93,16 @@ class FlowPolicy(nn.Module):
         grid = np.array([[k / steps, (k + 0.5) / steps] for k in range(steps)], np.float32).reshape(-1)
         t_part = fourier_features(torch.from_numpy(grid), self.time_features).numpy() @ w_t  # (2K, H): the time part of layer 1
         return NumpyFlow(numpy_layers(self.embed)[0], w_x, w_e, b1, t_part.reshape(steps, 2, -1), vel[1:], numpy_layers(self.critic),
-                         ACTIVATIONS[self.activation][1], to_numpy(self.log_std()), steps)
+                         ACTIVATIONS[self.activation][1], to_numpy(self.log_std()), steps, noise_scale)
 
 
 class NumpyFlow:
     """Frozen numpy copy of a FlowPolicy for the rollout (same computations)."""
 
-    def __init__(self, embed, w_x, w_e, b1, t_part, rest, critic, act_fn, log_std, steps):
+    def __init__(self, embed, w_x, w_e, b1, t_part, rest, critic, act_fn, log_std, steps, noise_scale: float = 1.0):
         self.embed, self.w_x, self.w_e, self.b1, self.t_part = embed, w_x, w_e, b1, t_part
         self.rest, self.critic, self.act_fn, self.log_std, self.steps = rest, critic, act_fn, log_std, steps
+        self.noise_scale = np.float32(noise_scale)  # z ~ N(0, noise_scale² I)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         return numpy_mlp(self.critic, obs, self.act_fn)[:, 0]
@@ -123,7 +124,7 @@ class NumpyFlow:
         """(action, z, φ̂₁, δ, log N(δ; 0, σ̂²), V(s)) for a batch of observations; the
         action is φ̂₁ + δ before any env clipping. Deterministic: z = 0, δ = 0."""
         n, a = len(obs), self.log_std.shape[0]
-        z = np.zeros((n, a), np.float32) if deterministic else rng.standard_normal((n, a)).astype(np.float32)
+        z = np.zeros((n, a), np.float32) if deterministic else self.noise_scale * rng.standard_normal((n, a)).astype(np.float32)
         phi = self.flow(obs, z).astype(np.float32)
         std = np.exp(self.log_std)
         delta = np.zeros_like(phi) if deterministic else (std * rng.standard_normal((n, a))).astype(np.float32)
