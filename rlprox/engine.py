@@ -666,8 +666,8 @@ def shard_modules(algo, run, accelerator: Accelerator) -> bool:
     torch FSDP2 (``fully_shard``) over all processes, submodules whose class is named in
     ``run.fsdp.wrap`` as units of their own. Parameters, gradients and optimizer state
     are then split across processes; forward passes (and ``forward_methods``) gather
-    the parameters, backward reduce-scatters the mean gradient. Works on gloo (CPU) and
-    NCCL alike. The modules stay the same objects (FSDP2 changes them in place).
+    the parameters, backward reduce-scatters the mean gradient. Device-neutral (tested on
+    gloo, CPU). The modules stay the same objects (FSDP2 changes them in place).
     Returns whether anything was sharded."""
     if run.grad_sync != "fsdp" or accelerator.num_processes == 1:
         return False
