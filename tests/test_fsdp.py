@@ -76,6 +76,17 @@ def test_fsdp_checkpoints_whole_adapters_without_pickle_and_resumes_exactly(tmp_
     assert json.loads((ckpt / "eval.json").read_text())["eval/count"] == 3
 
 
+def test_fsdp_shards_a_trained_module_with_a_bf16_frozen_base(tmp_path):
+    """LoRA adapters in float32 next to a bfloat16 base in one FSDP unit."""
+    pytest.importorskip("peft")
+    from tests.toy_lora import toy_recipe
+
+    out = train(tmp_path, toy_recipe(tmp_path, name="bf16", iterations=2, grad_sync="fsdp", frozen_dtype="bfloat16", mixed_precision="bf16"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    weights = load_file(str(tmp_path / "bf16" / "checkpoints" / "iter-000002" / "model.safetensors"))
+    assert weights and all("lora" in k and v.dtype == torch.float32 for k, v in weights.items())
+
+
 def test_fsdp_with_wrapped_submodules_equals_one_process(tmp_path, tiny_recipe):
     """Each Sequential (actor, critic) a unit of its own: still the 1-process update on
     the concatenated batch (the same check as every other grad_sync)."""
