@@ -153,8 +153,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
     saved = [g["params"] for g in state["param_groups"]]
     current = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
     if saved != current:
-        first = next((a, b) for a, b in zip([n for g in saved for n in g] + ["<none>"], [n for g in current for n in g] + ["<none>"]) if a != b) if sum(map(len, saved)) == sum(map(len, current)) else None
-        why = f"saved {first[0]!r} where this run has {first[1]!r}" if first else f"{sum(map(len, saved))} saved parameters, {sum(map(len, current))} here"
+        flat_saved, flat_current = [n for g in saved for n in g], [n for g in current for n in g]
+        first = next(((a, b) for a, b in zip(flat_saved, flat_current) if a != b), None)
+        if first:
+            why = f"saved {first[0]!r} where this run has {first[1]!r}"
+        elif len(flat_saved) != len(flat_current):
+            why = f"{len(flat_saved)} saved parameters, {len(flat_current)} here"
+        else:
+            why = "the same parameters in other param groups"
         raise CheckpointError(file, f"does not match this recipe's parameters ({why})")
     index, params = {}, {}
     for group in optimizer.param_groups:

@@ -55,7 +55,9 @@ class Algorithm(Protocol):
     ``requires_grad=False`` inside them (a LoRA base model) are cast to
     ``run.frozen_dtype`` and never saved. After the engine is built, an entry may be
     replaced by its DDP wrapper (``run.grad_sync: ddp``): call the entry for forward
-    passes, and ``runtime.unwrap(module)`` to reach the module itself."""
+    passes, and ``runtime.unwrap(module)`` to reach the module itself. Under
+    ``run.grad_sync: fsdp`` entries stay the same objects, sharded in place (their
+    parameters are DTensor shards outside ``collect``, ``advantages`` and ``evaluate``)."""
 
     def collect(self) -> Any:
         """Experience for one iteration (any type); runs under ``torch.no_grad``."""
@@ -649,7 +651,7 @@ _LIBRARY_PACKAGES = frozenset({"torch", "peft", "diffusers", "transformers", "ac
 
 def forward_methods(module: nn.Module) -> list[str]:
     """Public methods a trained module's own classes define besides ``forward`` (a
-    policy's ``act``/``value``, a GPT's ``sample``): under FSDP they gather the
+    policy's ``act``/``value``, a GPT's ``setup_caches``): under FSDP they gather the
     module's parameters the way ``forward`` does."""
     import inspect
 
