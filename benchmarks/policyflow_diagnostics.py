@@ -2,6 +2,7 @@
 
     python benchmarks/policyflow_diagnostics.py                  # 146 iterations (300k env steps), lr 3e-4
     python benchmarks/policyflow_diagnostics.py --iterations 20 --at 1,10,19
+    python benchmarks/policyflow_diagnostics.py --set policyflow.noise_scale=1 policyflow.init_log_std=-0.5  # other recipe values
 
 Trains recipes/policyflow/hopper.yaml with a checkpoint every iteration, then for
 checkpoints k and k + 1 at the ``--at`` iterations, on 2048 (observation, z) pairs
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=146)
     parser.add_argument("--at", default="1,10,50,100,145")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policyflow_diagnostics.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -72,7 +74,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "rlprox", "train", str(ROOT / "recipes/policyflow/hopper.yaml"), f"run.iterations={args.iterations}", f"optim.lr={args.lr}",
            "run.save_every=1", f"run.keep_last={args.iterations}", "run.eval_size=0", f"run.output_dir={out}", "run.name=pf",
-           "run.log_with=[]", "run.progress=false", "run.plot=false"]
+           "run.log_with=[]", "run.progress=false", "run.plot=false", *args.set]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     ckpts = out / "pf" / "checkpoints"
     rows = []
@@ -83,7 +85,8 @@ def main() -> None:
         "# PolicyFlow on Hopper-v5: what the velocity-difference ratio sees",
         "",
         f"{datetime.date.today()}, {platform.node()}, python {platform.python_version()}; "
-        f"`python benchmarks/policyflow_diagnostics.py --iterations {args.iterations} --at {args.at} --lr {args.lr:g}` "
+        f"`python benchmarks/policyflow_diagnostics.py --iterations {args.iterations} --at {args.at} --lr {args.lr:g}"
+        + (f" --set {' '.join(args.set)}" if args.set else "") + "` "
         "(recipes/policyflow/hopper.yaml, seed 1, a checkpoint every iteration).",
         "",
         "| iteration k | ‖Δφ₁‖ (real change of the flow output, k → k+1) | ‖δv‖ (the ratio's estimate) | cos(Δφ₁, δv) | spread of φ₁ over z | learned σ |",

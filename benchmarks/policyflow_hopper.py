@@ -4,6 +4,8 @@
     python benchmarks/policyflow_hopper.py --iterations 20 --seeds 1   # quicker
     python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --parallel 2  # the same lr sweep for both
     python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --explore 1,0.37  # and the same exploration sweep
+    python benchmarks/policyflow_hopper.py --ablate policyflow.noise_scale=1  # plus a PolicyFlow-only ablation row
+    python benchmarks/policyflow_hopper.py --lrs 3e-4,5e-4 --reuse /tmp/pf_hopper_x  # add cells to an earlier call's runs
 
 recipes/policyflow/hopper.yaml and recipes/ppo/hopper.yaml share every setting the two
 trainers have in common (1 env × 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 linear,
@@ -14,8 +16,11 @@ the final checkpoint. Time per iteration: median of the logged ``perf/iteration_
 ``--explore`` the same sweep of the initial exploration noise, as factors on its std:
 PPO's σ (``ppo.init_log_std`` + log f) and PolicyFlow's base noise and σ together
 (``policyflow.noise_scale`` × f, ``policyflow.init_log_std`` + log f). The target
-compares each method's best setting.
-Writes benchmarks/results/policyflow_hopper.md.
+compares each method's best setting. ``--ablate`` adds PolicyFlow rows with extra recipe
+overrides (at the first lr, f 1) that explain a setting; they do not compete for "best".
+Writes benchmarks/results/policyflow_hopper.md and a learning-curve PNG beside it
+(training episodic return vs env steps, mean over seeds, each method's best setting,
+the first lr at f 1 (the recipes' own setting at the default --lrs) and the ablations).
 """
 
 from __future__ import annotations
@@ -50,11 +55,39 @@ def explore_overrides(method: str, factor: float) -> list[str]:
     return [f"policyflow.noise_scale={section.get('noise_scale', 1.0) * factor}", f"policyflow.init_log_std={section['init_log_std'] + math.log(factor)}"]
 
 
-def run(method: str, lr: float, factor: float, seed: int, iterations: int, out: Path) -> dict:
-    rows, ev = train_and_eval(RECIPES[method], [f"seed={seed}", f"run.iterations={iterations}", "run.eval_size=0", f"optim.lr={lr}", *explore_overrides(method, factor)], out,
-                              f"{method}-lr{lr:g}-x{factor:g}-s{seed}", ["--episodes", "10", "--deterministic"])
-    return {"method": method, "lr": lr, "explore": factor, "seed": seed, "steps": rows[-1]["progress/env_steps"], "return": ev["eval/return"],
-            "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows)}
+def run(method: str, lr: float, factor: float, seed: int, iterations: int, out: Path, ablation: str = "", reuse: bool = False) -> dict:
+    extra = ablation.split() if ablation else []
+    tag = "-".join(o.replace("=", "") for o in extra)
+    rows, ev = train_and_eval(RECIPES[method], [f"seed={seed}", f"run.iterations={iterations}", "run.eval_size=0", f"optim.lr={lr}", *explore_overrides(method, factor), *extra], out,
+                              f"{method}-lr{lr:g}-x{factor:g}{'-' + tag if tag else ''}-s{seed}", ["--episodes", "10", "--deterministic"], reuse)
+    curve = [(r["progress/env_steps"], r["reward/episodic_return"]) for r in rows if "reward/episodic_return" in r]
+    return {"method": method, "lr": lr, "explore": factor, "ablation": ablation, "seed": seed, "steps": rows[-1]["progress/env_steps"], "return": ev["eval/return"],
+            "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows), "curve": curve}
+
+
+def plot(groups: dict[str, list[dict]], path: Path) -> None:
+    """Training episodic return vs env steps, mean over seeds (binned), one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, rs in groups.items():
+        top = min(max(s for s, _ in r["curve"]) for r in rs)
+        edges = np.linspace(0, top, 31)
+        means = []
+        for r in rs:
+            steps, rets = np.array(r["curve"]).T
+            means.append([rets[(steps > lo) & (steps <= hi)].mean() if ((steps > lo) & (steps <= hi)).any() else np.nan for lo, hi in zip(edges[:-1], edges[1:])])
+        ax.plot(edges[1:], np.nanmean(np.array(means), 0), label=label)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("training episodic return (mean over seeds)")
+    ax.set_title("Hopper-v5: PolicyFlow vs PPO")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -64,16 +97,20 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--lrs", default="3e-4", help="comma-separated optim.lr values, the same for both methods")
     parser.add_argument("--explore", default="1", help="comma-separated factors on the initial exploration std, the same for both methods")
+    parser.add_argument("--ablate", action="append", default=[], help="extra PolicyFlow overrides (space-separated) for an ablation row at the first lr, f 1; repeatable")
+    parser.add_argument("--reuse", metavar="DIR", help="run in DIR and read back the runs an earlier call finished there with the same arguments")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policyflow_hopper.md"))
     args = parser.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="pf_hopper_"))
+    out = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="pf_hopper_"))
     lrs = [float(x) for x in args.lrs.split(",")]
     factors = [float(x) for x in args.explore.split(",")]
     settings = [(lr, f) for lr in lrs for f in factors]
-    jobs = [(m, lr, f, s) for s in range(1, args.seeds + 1) for lr, f in settings for m in RECIPES]
+    jobs = [(m, lr, f, s, "") for s in range(1, args.seeds + 1) for lr, f in settings for m in RECIPES]
+    jobs += [("PolicyFlow", lrs[0], 1.0, s, a) for s in range(1, args.seeds + 1) for a in args.ablate]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(lambda j: run(*j, args.iterations, out), jobs))
-    by = {(m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f] for lr, f in settings for m in RECIPES}
+        runs = list(pool.map(lambda j: run(*j[:4], args.iterations, out, j[4], bool(args.reuse)), jobs))
+    by = {(m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f and not r["ablation"]] for lr, f in settings for m in RECIPES}
+    ablations = {a: [r for r in runs if r["ablation"] == a] for a in args.ablate}
     mean_return = {key: statistics.mean(r["return"] for r in rs) for key, rs in by.items()}
     best = {m: max(((m, lr, f) for lr, f in settings), key=lambda k: mean_return[k]) for m in RECIPES}
     ppo_time = statistics.median(r["iteration_s"] for r in runs if r["method"] == "PPO")
@@ -81,13 +118,16 @@ def main() -> None:
         "# PolicyFlow vs PPO on Hopper-v5",
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, {args.parallel} runs at a time), python {platform.python_version()}; "
-        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}`: {int(runs[0]['steps']):,} env steps per run.",
+        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
+        + "".join(f" --ablate '{a}'" for a in args.ablate) + (" --reuse DIR" if args.reuse else "") + f"`: {int(runs[0]['steps']):,} env steps per run"
+        + (" (with --reuse, runs an earlier call finished in DIR with the same arguments are read back, not rerun)." if args.reuse else "."),
         "Exploration factor f scales the initial exploration std: PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
         "",
         "| method | lr | exploration f | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
         "|---|---|---|---|---|---|",
     ]
-    for (m, lr, f), rs in by.items():
+    rows = [(m, lr, f, rs) for (m, lr, f), rs in by.items()] + [(f"PolicyFlow, ablation: `{a}`", lrs[0], 1.0, rs) for a, rs in ablations.items()]
+    for m, lr, f, rs in rows:
         rets = [r["return"] for r in rs]
         sd = f" ± {statistics.stdev(rets):.0f}" if len(rets) > 1 else ""
         lines.append(f"| {m} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
@@ -96,6 +136,12 @@ def main() -> None:
     name = {m: f"lr {best[m][1]:g}, f {best[m][2]:g}" for m in RECIPES}
     lines += ["", f"PolicyFlow / PPO mean return, each at its best setting (PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
               f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).", ""]
+    png = Path(args.out).with_suffix(".png")
+    groups = {f"{m}, best (lr {best[m][1]:g}, f {best[m][2]:g})": by[best[m]] for m in RECIPES}
+    groups |= {f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0)] for m in RECIPES if (m, lrs[0], 1.0) in by and best[m] != (m, lrs[0], 1.0)}
+    groups |= {f"PolicyFlow, {a}": rs for a, rs in ablations.items()}
+    plot(groups, png)
+    lines += [f"Learning curves: `{png.name}` (training episodic return with exploration noise, mean over seeds).", ""]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
