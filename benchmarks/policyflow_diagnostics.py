@@ -87,7 +87,7 @@ def main() -> None:
         f"{datetime.date.today()}, {platform.node()}, python {platform.python_version()}; "
         f"`python benchmarks/policyflow_diagnostics.py --iterations {args.iterations} --at {args.at} --lr {args.lr:g}"
         + (f" --set {' '.join(args.set)}" if args.set else "") + "` "
-        "(recipes/policyflow/hopper.yaml, seed 1, a checkpoint every iteration).",
+        f"(recipes/policyflow/hopper.yaml{' with those overrides' if args.set else ''}, seed 1, a checkpoint every iteration).",
         "",
         "| iteration k | ‖Δφ₁‖ (real change of the flow output, k → k+1) | ‖δv‖ (the ratio's estimate) | cos(Δφ₁, δv) | spread of φ₁ over z | learned σ |",
         "|---|---|---|---|---|---|",
