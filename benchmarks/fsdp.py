@@ -53,7 +53,14 @@ class TeacherForcing:
 
         cfg = self.cfg = recipe.gpt_bench
         self.runtime = runtime
-        self.gpt = Transformer(dim=cfg.dim, n_layer=cfg.layers, n_head=cfg.heads, vocab_size=cfg.vocab, block_size=cfg.tokens, num_classes=10)
+        self.gpt = Transformer(
+            dim=cfg.dim,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            vocab_size=cfg.vocab,
+            block_size=cfg.tokens,
+            num_classes=10,
+        )
         self.modules = {"gpt": self.gpt}
 
     def collect(self):
@@ -73,7 +80,14 @@ class TeacherForcing:
 def spec():
     from rlprox.algos import TrainerSpec, register_trainer
 
-    return register_trainer(TrainerSpec(name="gpt_bench", build=TeacherForcing, sections={"gpt_bench": GPTBenchConfig}, description="benchmark: GPT teacher forcing"))
+    return register_trainer(
+        TrainerSpec(
+            name="gpt_bench",
+            build=TeacherForcing,
+            sections={"gpt_bench": GPTBenchConfig},
+            description="benchmark: GPT teacher forcing",
+        )
+    )
 
 
 def held_bytes(tensors) -> int:
@@ -91,10 +105,25 @@ def worker(recipe_path: str, out_dir: str) -> None:
     engine = Engine(load_recipe(recipe_path))
     stats = engine.fit()
     params = [p for m in engine.algo.modules.values() for p in m.parameters()]
-    state = [v for s in _base_optimizer(engine.optimizer).state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-    rows = [json.loads(line) for line in (engine.run_dir / "metrics.jsonl").read_text().splitlines()] if engine.accelerator.is_main_process else []
-    report = {"param_bytes": held_bytes(params), "optim_bytes": held_bytes(state), "numel": sum(p.numel() for p in params), "final": stats["loss/ce"],
-              "losses": [r["loss/ce"] for r in rows], "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows) if rows else None}
+    state = [
+        v
+        for s in _base_optimizer(engine.optimizer).state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.ndim > 0
+    ]
+    rows = (
+        [json.loads(line) for line in (engine.run_dir / "metrics.jsonl").read_text().splitlines()]
+        if engine.accelerator.is_main_process
+        else []
+    )
+    report = {
+        "param_bytes": held_bytes(params),
+        "optim_bytes": held_bytes(state),
+        "numel": sum(p.numel() for p in params),
+        "final": stats["loss/ce"],
+        "losses": [r["loss/ce"] for r in rows],
+        "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows) if rows else None,
+    }
     Path(out_dir, f"rank{engine.accelerator.process_index}.json").write_text(json.dumps(report))
     engine.close()
 
@@ -103,8 +132,16 @@ def launch(grad_sync: str, args, out: Path) -> list[dict]:
     recipe = {
         "algo": "benchmarks.fsdp:SPEC",
         "seed": 0,
-        "run": {"name": grad_sync, "output_dir": str(out), "iterations": args.iterations, "log_with": [], "progress": False, "plot": False,
-                "grad_sync": grad_sync, "fsdp": {"wrap": ["TransformerBlock"]}},
+        "run": {
+            "name": grad_sync,
+            "output_dir": str(out),
+            "iterations": args.iterations,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+            "grad_sync": grad_sync,
+            "fsdp": {"wrap": ["TransformerBlock"]},
+        },
         "optim": {"name": "adamw", "lr": 1e-3, "max_grad_norm": 1.0},
         "gpt_bench": {"layers": args.layers, "dim": args.dim},
     }
@@ -116,8 +153,23 @@ def launch(grad_sync: str, args, out: Path) -> list[dict]:
         port = sock.getsockname()[1]
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([exe, "--nproc_per_node", "2", "--master_port", str(port), __file__, "--worker", str(path), str(out / grad_sync)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            exe,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            __file__,
+            "--worker",
+            str(path),
+            str(out / grad_sync),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"{grad_sync}: {done.stderr[-3000:]}")
     return [json.loads((out / grad_sync / f"rank{r}.json").read_text()) for r in range(2)]
@@ -147,15 +199,22 @@ def main() -> None:
         "| run.grad_sync | parameters held, rank 0 / rank 1 (MB) | Adam state, rank 0 / rank 1 (MB) | final loss | time / iteration (× allreduce) |",
         "|---|---|---|---|---|",
     ]
+
     def megabytes(ranks, key):
         return " / ".join(f"{r[key] / 2**20:.1f}" for r in ranks)
 
     for mode, ranks in result.items():
-        lines.append(f"| {mode} | {megabytes(ranks, 'param_bytes')} | {megabytes(ranks, 'optim_bytes')} | "
-                     f"{ranks[0]['final']:.4f} | {ranks[0]['iteration_s'] / base['iteration_s']:.2f} |")
-    lines += ["", f"Loss over the {len(base['losses'])} iterations: {base['losses'][0]:.4f} → {base['losses'][-1]:.4f}; largest difference between the two modes' logged losses: {diff:.2e}.",
-              "FSDP on CPU pays one all-gather per block in forward and backward and one reduce-scatter per block, over gloo; "
-              "the time column says what that costs here, not on GPUs with NCCL.", ""]
+        lines.append(
+            f"| {mode} | {megabytes(ranks, 'param_bytes')} | {megabytes(ranks, 'optim_bytes')} | "
+            f"{ranks[0]['final']:.4f} | {ranks[0]['iteration_s'] / base['iteration_s']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Loss over the {len(base['losses'])} iterations: {base['losses'][0]:.4f} → {base['losses'][-1]:.4f}; largest difference between the two modes' logged losses: {diff:.2e}.",
+        "FSDP on CPU pays one all-gather per block in forward and backward and one reduce-scatter per block, over gloo; "
+        "the time column says what that costs here, not on GPUs with NCCL.",
+        "",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

@@ -89,10 +89,19 @@ def run_one(precision: str, iterations: int, on_cpu: bool, out_dir: str) -> dict
     engine.close()
     if not math.isfinite(loss):
         raise SystemExit(f"{precision}: last loss is not finite ({loss})")
-    return dict(precision=precision, device=str(device), mixed_precision=engine.accelerator.mixed_precision,
-                iterations=iterations, steps=steps, wall=wall, overall_sps=steps / wall,
-                steady_sps=statistics.median(steady), loss=loss, ret=stats.get("reward/episodic_return"),
-                peak_mem_mb=peak_mem)
+    return dict(
+        precision=precision,
+        device=str(device),
+        mixed_precision=engine.accelerator.mixed_precision,
+        iterations=iterations,
+        steps=steps,
+        wall=wall,
+        overall_sps=steps / wall,
+        steady_sps=statistics.median(steady),
+        loss=loss,
+        ret=stats.get("reward/episodic_return"),
+        peak_mem_mb=peak_mem,
+    )
 
 
 def random_sd_pipeline(out: Path, size: str) -> Path:
@@ -106,17 +115,68 @@ def random_sd_pipeline(out: Path, size: str) -> Path:
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     if size == "tiny":
-        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=8))
-        vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=8,
+            )
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+        )
     else:
-        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=8))
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_KWARGS),
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(str(out))
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=8,
+            )
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+        )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_KWARGS),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(str(out))
     return out
 
 
@@ -127,10 +187,14 @@ def random_llamagen(out: Path, size: str) -> list[str]:
 
     torch.manual_seed(0)
     image = 32 if size == "tiny" else 256
-    vq_kwargs = dict(ch=16, num_res_blocks=1, z_channels=32, norm_groups=8, codebook_size=256) if size == "tiny" else {}
+    vq_kwargs = (
+        dict(ch=16, num_res_blocks=1, z_channels=32, norm_groups=8, codebook_size=256) if size == "tiny" else {}
+    )
     gpt_kwargs = dict(n_layer=2, n_head=2, dim=64, multiple_of=32) if size == "tiny" else {}
     vq = llamagen.VQModel(**llamagen.vq_config("VQ-16", image, **vq_kwargs))
-    gpt = llamagen.Transformer(**llamagen.gpt_config("GPT-B", image, 16, num_classes=4, vocab_size=vq.config["codebook_size"], **gpt_kwargs))
+    gpt = llamagen.Transformer(
+        **llamagen.gpt_config("GPT-B", image, 16, num_classes=4, vocab_size=vq.config["codebook_size"], **gpt_kwargs)
+    )
     torch.save({"model": gpt.state_dict()}, out / "gpt.pt")
     torch.save({"model": vq.state_dict()}, out / "vq.pt")
     from PIL import Image
@@ -143,8 +207,16 @@ def random_llamagen(out: Path, size: str) -> list[str]:
             Image.fromarray(pixels).save(out / "images" / f"class{c}" / f"{i}.png")
     import json as _json
 
-    return [f"model.gpt={out / 'gpt.pt'}", f"model.vq={out / 'vq.pt'}", "model.config=GPT-B", f"model.image_size={image}", "model.num_classes=4",
-            f"model.gpt_kwargs={_json.dumps(gpt_kwargs)}", f"model.vq_kwargs={_json.dumps(vq_kwargs)}", f"vapi.data={out / 'images'}"]
+    return [
+        f"model.gpt={out / 'gpt.pt'}",
+        f"model.vq={out / 'vq.pt'}",
+        "model.config=GPT-B",
+        f"model.image_size={image}",
+        "model.num_classes=4",
+        f"model.gpt_kwargs={_json.dumps(gpt_kwargs)}",
+        f"model.vq_kwargs={_json.dumps(vq_kwargs)}",
+        f"vapi.data={out / 'images'}",
+    ]
 
 
 def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
@@ -153,18 +225,42 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
     from rlprox.recipe import load_recipe
 
     out = Path(out_dir)
-    common = [f"run.iterations={iterations}", f"run.output_dir={out}", f"run.name=gpu-{case}", "run.log_with=[]", "run.progress=false", "run.plot=false",
-              "run.eval_size=0", "run.save_every=0", f"run.cpu={'true' if on_cpu else 'false'}",
-              f'run.mixed_precision="{"no" if on_cpu else "bf16"}"', f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}"]
+    common = [
+        f"run.iterations={iterations}",
+        f"run.output_dir={out}",
+        f"run.name=gpu-{case}",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.plot=false",
+        "run.eval_size=0",
+        "run.save_every=0",
+        f"run.cpu={'true' if on_cpu else 'false'}",
+        f'run.mixed_precision="{"no" if on_cpu else "bf16"}"',
+        f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}",
+    ]
     if case == "loop":
         pipe = random_sd_pipeline(out / "pipeline", size)
         steps = 5 if size == "tiny" else 50
-        overrides = [f"loop.pipeline={pipe}", "loop.prompts=digits", f"loop.num_steps={steps}", "loop.prompts_per_iteration=8", "loop.num_samples_per_prompt=4",
-                     "loop.sample_batch_size=16", "loop.train_batch_size=16", "loop.timestep_fraction=1.0", "loop.eval_base=false",
-                     "reward=jpeg_compressibility"]
+        overrides = [
+            f"loop.pipeline={pipe}",
+            "loop.prompts=digits",
+            f"loop.num_steps={steps}",
+            "loop.prompts_per_iteration=8",
+            "loop.num_samples_per_prompt=4",
+            "loop.sample_batch_size=16",
+            "loop.train_batch_size=16",
+            "loop.timestep_fraction=1.0",
+            "loop.eval_base=false",
+            "reward=jpeg_compressibility",
+        ]
         recipe = load_recipe(ROOT / "recipes" / "loop" / "sd15-aesthetic.yaml", common + overrides)
     else:
-        overrides = random_llamagen(out, size) + ["vapi.images_per_iteration=16", "vapi.group_size=8", "vapi.micro_batch_size=8", "vapi.eval_base=false"]
+        overrides = random_llamagen(out, size) + [
+            "vapi.images_per_iteration=16",
+            "vapi.group_size=8",
+            "vapi.micro_batch_size=8",
+            "vapi.eval_base=false",
+        ]
         recipe = load_recipe(ROOT / "recipes" / "vapi" / "digits.yaml", common + overrides + ["model.vq_config=VQ-16"])
     engine = Engine(recipe)
     if not on_cpu:
@@ -176,18 +272,37 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
     loss = stats.get("loss/total", float("nan"))
     if not math.isfinite(loss):
         raise SystemExit(f"{case}: last loss is not finite ({loss})")
-    return dict(case=case, size=size, iterations=iterations, images_per_round=rows[-1]["progress/images"] // iterations,
-                images_per_s=statistics.median(per_round[1:] or per_round), loss=loss,
-                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None)
+    return dict(
+        case=case,
+        size=size,
+        iterations=iterations,
+        images_per_round=rows[-1]["progress/images"] // iterations,
+        images_per_s=statistics.median(per_round[1:] or per_round),
+        loss=loss,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
+    )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=["ppo", "loop", "vapi"], default="ppo")
-    p.add_argument("--size", choices=["full", "tiny"], default="full", help="loop/vapi: real-scale models (full) or toy ones to check the script (tiny)")
-    p.add_argument("--iterations", type=int, default=None, help="iterations per precision (default 4 on CUDA, 1 on CPU)")
-    p.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the same path on CPU (1 iteration) instead of skipping")
-    p.add_argument("--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}, CUDA only)")
+    p.add_argument(
+        "--size",
+        choices=["full", "tiny"],
+        default="full",
+        help="loop/vapi: real-scale models (full) or toy ones to check the script (tiny)",
+    )
+    p.add_argument(
+        "--iterations", type=int, default=None, help="iterations per precision (default 4 on CUDA, 1 on CPU)"
+    )
+    p.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="without CUDA, run the same path on CPU (1 iteration) instead of skipping",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}, CUDA only)"
+    )
     p.add_argument("--worker", choices=list(PRECISIONS), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -204,11 +319,17 @@ def main() -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
         device = torch.cuda.get_device_name(0) if cuda else "CPU"
         mem = "–" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        body = (f"# GPU smoke test: {args.case} ({args.size}, random weights)\n\nDate {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}. "
-                f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`\n\n| case | size | rounds | images per round | images/s (median round after the first) | last loss | peak GiB |\n|---|---|---|---|---|---|---|\n"
-                f"| {r['case']} | {r['size']} | {r['iterations']} | {r['images_per_round']} | {r['images_per_s']:.2f} | {r['loss']:.4f} | {mem} |\n")
+        body = (
+            f"# GPU smoke test: {args.case} ({args.size}, random weights)\n\nDate {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}. "
+            f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`\n\n| case | size | rounds | images per round | images/s (median round after the first) | last loss | peak GiB |\n|---|---|---|---|---|---|---|\n"
+            f"| {r['case']} | {r['size']} | {r['iterations']} | {r['images_per_round']} | {r['images_per_s']:.2f} | {r['loss']:.4f} | {mem} |\n"
+        )
         print(body)
-        out = args.out if args.out is not None else (RESULTS.with_name(f"gpu_smoke_{args.case}.md") if cuda and args.size == "full" else None)
+        out = (
+            args.out
+            if args.out is not None
+            else (RESULTS.with_name(f"gpu_smoke_{args.case}.md") if cuda and args.size == "full" else None)
+        )
         if out is not None:
             out.write_text(body)
             print(f"wrote {out}")
@@ -230,7 +351,11 @@ def main() -> int:
         return 0
     on_cpu = not cuda
     iterations = args.iterations or (1 if on_cpu else 4)
-    device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device_name = (
+        torch.cuda.get_device_name(0)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
 
     results = []
     for precision in PRECISIONS:
@@ -244,10 +369,13 @@ def main() -> int:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
             print(f"{precision}: FAILED (rc {proc.returncode})")
             return 1
-        r = json.loads(found[-1][len("RESULT "):])
+        r = json.loads(found[-1][len("RESULT ") :])
         results.append(r)
-        print(f"  {precision}: {r['steady_sps']:,.0f} steps/s steady, {r['overall_sps']:,.0f} overall, "
-              f"loss {r['loss']:.4f}", flush=True)
+        print(
+            f"  {precision}: {r['steady_sps']:,.0f} steps/s steady, {r['overall_sps']:,.0f} overall, "
+            f"loss {r['loss']:.4f}",
+            flush=True,
+        )
 
     import gymnasium
 
@@ -269,8 +397,10 @@ def main() -> int:
     ]
     for r in results:
         mem = "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        lines.append(f"| {r['precision']} | {r['device']} | {r['mixed_precision']} | {r['iterations']} | {r['steps']:,} "
-                     f"| {r['steady_sps']:,.0f} | {r['overall_sps']:,.0f} | {r['loss']:.4f} | {mem} |")
+        lines.append(
+            f"| {r['precision']} | {r['device']} | {r['mixed_precision']} | {r['iterations']} | {r['steps']:,} "
+            f"| {r['steady_sps']:,.0f} | {r['overall_sps']:,.0f} | {r['loss']:.4f} | {mem} |"
+        )
     body = "\n".join(lines) + "\n"
     print()
     print(body)

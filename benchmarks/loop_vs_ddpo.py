@@ -55,10 +55,24 @@ def worker(argv: list[str]) -> None:
 
 def run(recipe: str, lr: float, seed: int, iterations: int, out: Path) -> dict:
     name = f"{Path(recipe).stem}-lr{lr:g}-s{seed}"
-    args = [str(ROOT / recipe), f"seed={seed}", f"optim.lr={lr}", f"run.iterations={iterations}", f"run.output_dir={out}", f"run.name={name}",
-            "run.log_with=[]", "run.progress=false", "run.plot=false", f"run.eval_every={iterations}", "run.eval_size=100", "run.save_every=0"]
+    args = [
+        str(ROOT / recipe),
+        f"seed={seed}",
+        f"optim.lr={lr}",
+        f"run.iterations={iterations}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.plot=false",
+        f"run.eval_every={iterations}",
+        "run.eval_size=100",
+        "run.save_every=0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, __file__, "--worker", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines or json.loads(lines[-1][7:])["code"]:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -67,10 +81,18 @@ def run(recipe: str, lr: float, seed: int, iterations: int, out: Path) -> dict:
     images = last["progress/images"]
     wall = sum(r["perf/iteration_s"] for r in rows)
     return {
-        "name": name, "recipe": recipe, "lr": lr, "seed": seed, "images": images, "wall_s": wall, "images_per_s": images / wall,
+        "name": name,
+        "recipe": recipe,
+        "lr": lr,
+        "seed": seed,
+        "images": images,
+        "wall_s": wall,
+        "images_per_s": images / wall,
         "rss_mb": json.loads(lines[-1][7:])["rss_mb"],
-        "base_eta1": last["eval/base_reward"], "tuned_eta1": last["eval/reward"],
-        "base_eta0": last["eval/base_reward_eta0"], "tuned_eta0": last["eval/reward_eta0"],
+        "base_eta1": last["eval/base_reward"],
+        "tuned_eta1": last["eval/reward"],
+        "base_eta0": last["eval/base_reward_eta0"],
+        "tuned_eta0": last["eval/reward_eta0"],
         "curve": [(r["progress/images"], r["reward/mean"]) for r in rows],
     }
 
@@ -89,17 +111,49 @@ def target_check(seeds: int, out_path: Path) -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         name = f"loop-target-s{seed}"
-        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "rlprox", "train", str(ROOT / "recipes/loop/digits-alignment.yaml"),
-               f"seed={seed}", f"run.output_dir={out}", f"run.name={name}", "run.log_with=[]", "run.progress=false", "run.plot=false"]
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "rlprox",
+            "train",
+            str(ROOT / "recipes/loop/digits-alignment.yaml"),
+            f"seed={seed}",
+            f"run.output_dir={out}",
+            f"run.name={name}",
+            "run.log_with=[]",
+            "run.progress=false",
+            "run.plot=false",
+        ]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
         metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         last = metrics[-1]
-        evals = [(int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"]) for r in metrics if "eval/reward" in r]
-        rows.append({"seed": seed, "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60, "images": int(last["progress/images"]),
-                     "base": last["eval/base_reward"], "tuned": last["eval/reward"], "base0": last["eval/base_reward_eta0"], "tuned0": last["eval/reward_eta0"], "evals": evals})
-        print(f"seed {seed}: {rows[-1]['base']:.3f} -> {rows[-1]['tuned']:.3f} in {rows[-1]['minutes']:.1f} min", flush=True)
+        evals = [
+            (int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"])
+            for r in metrics
+            if "eval/reward" in r
+        ]
+        rows.append(
+            {
+                "seed": seed,
+                "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60,
+                "images": int(last["progress/images"]),
+                "base": last["eval/base_reward"],
+                "tuned": last["eval/reward"],
+                "base0": last["eval/base_reward_eta0"],
+                "tuned0": last["eval/reward_eta0"],
+                "evals": evals,
+            }
+        )
+        print(
+            f"seed {seed}: {rows[-1]['base']:.3f} -> {rows[-1]['tuned']:.3f} in {rows[-1]['minutes']:.1f} min",
+            flush=True,
+        )
     lines = [
         "# LOOP, the shipped recipe on 2 CPU processes: does η = 1 alignment rise by ≥ 0.15 within 20 minutes?",
         "",
@@ -111,10 +165,16 @@ def target_check(seeds: int, out_path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} → {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
-                     f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) | {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |")
+        lines.append(
+            f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} → {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
+            f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) | {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
+        )
     met = sum(r["tuned"] - r["base"] >= 0.15 and r["minutes"] <= 20 for r in rows)
-    lines += ["", f"Target (≥ +0.15 at η = 1 within 20 minutes, 3 of 3 seeds): **{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).", ""]
+    lines += [
+        "",
+        f"Target (≥ +0.15 at η = 1 within 20 minutes, 3 of 3 seeds): **{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
+        "",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     out_path.write_text(text)
@@ -133,7 +193,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100, help="rounds per run (64 images each)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", default=str(RESULTS / "loop_vs_ddpo.md"))
-    parser.add_argument("--target", action="store_true", help="run the shipped LOOP recipe on 2 processes instead (writes loop_target.md)")
+    parser.add_argument(
+        "--target",
+        action="store_true",
+        help="run the shipped LOOP recipe on 2 processes instead (writes loop_target.md)",
+    )
     args = parser.parse_args()
     if args.target:
         target_check(args.seeds, RESULTS / "loop_target.md")
@@ -147,7 +211,10 @@ def main() -> None:
         for fut in concurrent.futures.as_completed(futures):
             res = fut.result()
             results.setdefault(futures[fut], []).append(res)
-            print(f"{res['name']}: eta1 {res['base_eta1']:.3f} -> {res['tuned_eta1']:.3f}, eta0 {res['base_eta0']:.3f} -> {res['tuned_eta0']:.3f}, {res['images_per_s']:.1f} images/s", flush=True)
+            print(
+                f"{res['name']}: eta1 {res['base_eta1']:.3f} -> {res['tuned_eta1']:.3f}, eta0 {res['base_eta0']:.3f} -> {res['tuned_eta0']:.3f}, {res['images_per_s']:.1f} images/s",
+                flush=True,
+            )
     lines = [
         "# LOOP vs DDPO vs REINFORCE-LOO: digits alignment (digits-sd, cfg 1)",
         "",
@@ -173,7 +240,13 @@ def main() -> None:
         )
     lines += ["", "Per run (Δ η = 1, Δ η = 0, minutes):", ""]
     for (method, lr), runs in sorted(results.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
-        lines.append(f"- {method}, lr {lr:g}: " + ", ".join(f"seed {r['seed']}: {r['tuned_eta1'] - r['base_eta1']:+.3f} / {r['tuned_eta0'] - r['base_eta0']:+.3f} / {r['wall_s'] / 60:.1f} min" for r in sorted(runs, key=lambda r: r["seed"])))
+        lines.append(
+            f"- {method}, lr {lr:g}: "
+            + ", ".join(
+                f"seed {r['seed']}: {r['tuned_eta1'] - r['base_eta1']:+.3f} / {r['tuned_eta0'] - r['base_eta0']:+.3f} / {r['wall_s'] / 60:.1f} min"
+                for r in sorted(runs, key=lambda r: r["seed"])
+            )
+        )
     png = Path(args.out).with_suffix(".png")
     plot(results, png)
     lines += ["", f"![training reward vs images sampled]({png.name})", ""]

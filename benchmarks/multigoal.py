@@ -36,7 +36,15 @@ from harness import ROOT, train_and_eval  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 SETTINGS = [  # (method, label, recipe, overrides)
-    *[("PolicyFlow", f"w_b {w:g}", "recipes/policyflow/multigoal.yaml", [f"regularizers=[{{type: brownian, lam: {w}}}]"]) for w in (0.0, 0.1, 0.2, 0.5)],
+    *[
+        (
+            "PolicyFlow",
+            f"w_b {w:g}",
+            "recipes/policyflow/multigoal.yaml",
+            [f"regularizers=[{{type: brownian, lam: {w}}}]"],
+        )
+        for w in (0.0, 0.1, 0.2, 0.5)
+    ],
     ("FPO ratio", "w_b 0", "recipes/policyflow/multigoal-fpo.yaml", []),
     *[("Gaussian PPO", f"ent {e:g}", "recipes/ppo/multigoal.yaml", [f"ppo.ent_coef={e}"]) for e in (0.0, 0.01, 0.05)],
 ]
@@ -45,14 +53,25 @@ SETTINGS = [  # (method, label, recipe, overrides)
 def run(setting, seed: int, iterations: int, episodes: int, out: Path) -> dict:
     method, label, recipe, overrides = setting
     name = f"{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}-s{seed}"
-    overrides = [*overrides, f"seed={seed}", "run.eval_size=0", *([f"run.iterations={iterations}"] if iterations else [])]
+    overrides = [
+        *overrides,
+        f"seed={seed}",
+        "run.eval_size=0",
+        *([f"run.iterations={iterations}"] if iterations else []),
+    ]
     rows, ev = train_and_eval(recipe, overrides, out, name, ["--episodes", str(episodes), "--seed", "12345"])
     ckpt = Path(ev["checkpoint"])
     return {
-        "method": method, "label": label, "seed": seed, "env_steps": rows[-1]["progress/env_steps"],
+        "method": method,
+        "label": label,
+        "seed": seed,
+        "env_steps": rows[-1]["progress/env_steps"],
         "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows),
-        "success": ev["eval/success_rate"], "return": ev["eval/return"], "entropy": ev["eval/goal_entropy_normalized"],
-        "coverage": ev["eval/goal_coverage"], "goals": [ev[f"eval/goal{g}_frac"] for g in range(4)],
+        "success": ev["eval/success_rate"],
+        "return": ev["eval/return"],
+        "entropy": ev["eval/goal_entropy_normalized"],
+        "coverage": ev["eval/goal_coverage"],
+        "goals": [ev[f"eval/goal{g}_frac"] for g in range(4)],
         "plot": str(ckpt / "eval_trajectories.png"),
     }
 
@@ -60,7 +79,9 @@ def run(setting, seed: int, iterations: int, episodes: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=0, help="override the recipes' iterations (0: theirs, 200k env steps)")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="override the recipes' iterations (0: theirs, 200k env steps)"
+    )
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "multigoal.md"))
@@ -71,7 +92,10 @@ def main() -> None:
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         for res in pool.map(lambda job: run(job[0], job[1], args.iterations, args.episodes, out), jobs):
             runs.append(res)
-            print(f"{res['method']} {res['label']} seed {res['seed']}: success {res['success']:.2f}, return {res['return']:.1f}, entropy {res['entropy']:.2f}, coverage {res['coverage']:.0f}", flush=True)
+            print(
+                f"{res['method']} {res['label']} seed {res['seed']}: success {res['success']:.2f}, return {res['return']:.1f}, entropy {res['entropy']:.2f}, coverage {res['coverage']:.0f}",
+                flush=True,
+            )
     ppo_best = max(r["return"] for r in runs if r["method"] == "Gaussian PPO")
     for r in runs:
         r["competent"] = r["success"] >= 0.9 and r["return"] >= ppo_best - 0.1 * abs(ppo_best)
@@ -92,16 +116,24 @@ def main() -> None:
     ]
 
     def ms(values):
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+        return (
+            f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+            if len(values) > 1
+            else f"{values[0]:.2f}"
+        )
 
     for method, label, _, _ in SETTINGS:
         rs = [r for r in runs if r["method"] == method and r["label"] == label]
-        lines.append(f"| {method} | {label} | {ms([r['success'] for r in rs])} | {statistics.mean(r['return'] for r in rs):.1f} | {ms([r['entropy'] for r in rs])} | "
-                     f"{ms([r['coverage'] for r in rs])} | {sum(r['competent'] for r in rs)}/{len(rs)} | **{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
-                     f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |")
+        lines.append(
+            f"| {method} | {label} | {ms([r['success'] for r in rs])} | {statistics.mean(r['return'] for r in rs):.1f} | {ms([r['entropy'] for r in rs])} | "
+            f"{ms([r['coverage'] for r in rs])} | {sum(r['competent'] for r in rs)}/{len(rs)} | **{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
+            f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |"
+        )
     lines += ["", "Per run (success, return, normalised entropy, goal fractions):", ""]
     for r in runs:
-        lines.append(f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, {r['return']:.1f}, {r['entropy']:.2f}, [{', '.join(f'{g:.2f}' for g in r['goals'])}]")
+        lines.append(
+            f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, {r['return']:.1f}, {r['entropy']:.2f}, [{', '.join(f'{g:.2f}' for g in r['goals'])}]"
+        )
     png = Path(args.out).with_suffix(".png")
     plot(runs, png)
     traj = Path(args.out).with_name(Path(args.out).stem + "_trajectories.png")
@@ -124,7 +156,15 @@ def plot(runs: list[dict], path: Path) -> None:
     labels = sorted({(r["method"], r["label"]) for r in runs}, key=lambda ml: [s[:2] for s in SETTINGS].index(ml))
     for i, (method, label) in enumerate(labels):
         rs = [r for r in runs if (r["method"], r["label"]) == (method, label)]
-        ax.scatter([r["success"] for r in rs], [r["entropy"] for r in rs], marker=markers[method], color=f"C{i}", label=f"{method}, {label}", s=40, alpha=0.8)
+        ax.scatter(
+            [r["success"] for r in rs],
+            [r["entropy"] for r in rs],
+            marker=markers[method],
+            color=f"C{i}",
+            label=f"{method}, {label}",
+            s=40,
+            alpha=0.8,
+        )
     ax.axvline(0.9, color="grey", lw=0.8, ls="--")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("success rate (sampled actions)")
@@ -152,7 +192,9 @@ def trajectories(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.2), dpi=100)
     for ax, r in zip(axes if len(picks) > 1 else [axes], picks):
         ax.imshow(mpimg.imread(r["plot"]))
-        ax.set_title(f"{r['method']} ({r['label']})\nsuccess {r['success']:.2f}, entropy {r['entropy']:.2f}", fontsize=9)
+        ax.set_title(
+            f"{r['method']} ({r['label']})\nsuccess {r['success']:.2f}, entropy {r['entropy']:.2f}", fontsize=9
+        )
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)

@@ -56,9 +56,13 @@ def measure(old, new, seed: int, n: int = 2048) -> dict:
     states = torch.randn(64, old.obs_dim, generator=gen).repeat_interleave(256, 0)
     zs = old.cfg.noise_scale * torch.randn(len(states), old.action_dim, generator=gen)
     spread = old.policy.flow(states, zs, steps).view(64, 256, -1).std(1).mean()
-    return {"dphi": float(dphi.norm(dim=1).mean()), "dv": float(dv.norm(dim=1).mean()),
-            "cos": float(torch.nn.functional.cosine_similarity(dphi, dv, dim=1).mean()),
-            "spread": float(spread), "sigma": float(old.policy.log_std().exp().mean())}
+    return {
+        "dphi": float(dphi.norm(dim=1).mean()),
+        "dv": float(dv.norm(dim=1).mean()),
+        "cos": float(torch.nn.functional.cosine_similarity(dphi, dv, dim=1).mean()),
+        "spread": float(spread),
+        "sigma": float(old.policy.log_std().exp().mean()),
+    }
 
 
 def main() -> None:
@@ -72,9 +76,24 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="pf_diag_"))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "rlprox", "train", str(ROOT / "recipes/policyflow/hopper.yaml"), f"run.iterations={args.iterations}", f"optim.lr={args.lr}",
-           "run.save_every=1", f"run.keep_last={args.iterations}", "run.eval_size=0", f"run.output_dir={out}", "run.name=pf",
-           "run.log_with=[]", "run.progress=false", "run.plot=false", *args.set]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlprox",
+        "train",
+        str(ROOT / "recipes/policyflow/hopper.yaml"),
+        f"run.iterations={args.iterations}",
+        f"optim.lr={args.lr}",
+        "run.save_every=1",
+        f"run.keep_last={args.iterations}",
+        "run.eval_size=0",
+        f"run.output_dir={out}",
+        "run.name=pf",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.plot=false",
+        *args.set,
+    ]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     ckpts = out / "pf" / "checkpoints"
     rows = []
@@ -86,14 +105,17 @@ def main() -> None:
         "",
         f"{datetime.date.today()}, {platform.node()}, python {platform.python_version()}; "
         f"`python benchmarks/policyflow_diagnostics.py --iterations {args.iterations} --at {args.at} --lr {args.lr:g}"
-        + (f" --set {' '.join(args.set)}" if args.set else "") + "` "
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + "` "
         f"(recipes/policyflow/hopper.yaml{' with those overrides' if args.set else ''}, seed 1, a checkpoint every iteration).",
         "",
         "| iteration k | ‖Δφ₁‖ (real change of the flow output, k → k+1) | ‖δv‖ (the ratio's estimate) | cos(Δφ₁, δv) | spread of φ₁ over z | learned σ |",
         "|---|---|---|---|---|---|",
     ]
     for k, m in rows:
-        lines.append(f"| {k} | {m['dphi']:.4f} | {m['dv']:.4f} | {m['cos']:.2f} | {m['spread']:.3f} | {m['sigma']:.3f} |")
+        lines.append(
+            f"| {k} | {m['dphi']:.4f} | {m['dv']:.4f} | {m['cos']:.2f} | {m['spread']:.3f} | {m['sigma']:.3f} |"
+        )
     lines += ["", "Spread and σ are per action dimension (averaged); Hopper's actions are clipped to [−1, 1].", ""]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -52,17 +52,51 @@ def explore_overrides(method: str, factor: float) -> list[str]:
     if method == "PPO":
         return [f"ppo.init_log_std={recipe['ppo'].get('init_log_std', 0.0) + math.log(factor)}"]
     section = recipe["policyflow"]
-    return [f"policyflow.noise_scale={section.get('noise_scale', 1.0) * factor}", f"policyflow.init_log_std={section['init_log_std'] + math.log(factor)}"]
+    return [
+        f"policyflow.noise_scale={section.get('noise_scale', 1.0) * factor}",
+        f"policyflow.init_log_std={section['init_log_std'] + math.log(factor)}",
+    ]
 
 
-def run(method: str, lr: float, factor: float, seed: int, iterations: int, out: Path, ablation: str = "", reuse: bool = False) -> dict:
+def run(
+    method: str,
+    lr: float,
+    factor: float,
+    seed: int,
+    iterations: int,
+    out: Path,
+    ablation: str = "",
+    reuse: bool = False,
+) -> dict:
     extra = ablation.split() if ablation else []
     tag = "-".join(o.replace("=", "") for o in extra)
-    rows, ev = train_and_eval(RECIPES[method], [f"seed={seed}", f"run.iterations={iterations}", "run.eval_size=0", f"optim.lr={lr}", *explore_overrides(method, factor), *extra], out,
-                              f"{method}-lr{lr:g}-x{factor:g}{'-' + tag if tag else ''}-s{seed}", ["--episodes", "10", "--deterministic"], reuse)
+    rows, ev = train_and_eval(
+        RECIPES[method],
+        [
+            f"seed={seed}",
+            f"run.iterations={iterations}",
+            "run.eval_size=0",
+            f"optim.lr={lr}",
+            *explore_overrides(method, factor),
+            *extra,
+        ],
+        out,
+        f"{method}-lr{lr:g}-x{factor:g}{'-' + tag if tag else ''}-s{seed}",
+        ["--episodes", "10", "--deterministic"],
+        reuse,
+    )
     curve = [(r["progress/env_steps"], r["reward/episodic_return"]) for r in rows if "reward/episodic_return" in r]
-    return {"method": method, "lr": lr, "explore": factor, "ablation": ablation, "seed": seed, "steps": rows[-1]["progress/env_steps"], "return": ev["eval/return"],
-            "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows), "curve": curve}
+    return {
+        "method": method,
+        "lr": lr,
+        "explore": factor,
+        "ablation": ablation,
+        "seed": seed,
+        "steps": rows[-1]["progress/env_steps"],
+        "return": ev["eval/return"],
+        "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows),
+        "curve": curve,
+    }
 
 
 def plot(groups: dict[str, list[dict]], path: Path) -> None:
@@ -80,7 +114,12 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
         means = []
         for r in rs:
             steps, rets = np.array(r["curve"]).T
-            means.append([rets[(steps > lo) & (steps <= hi)].mean() if ((steps > lo) & (steps <= hi)).any() else np.nan for lo, hi in zip(edges[:-1], edges[1:])])
+            means.append(
+                [
+                    rets[(steps > lo) & (steps <= hi)].mean() if ((steps > lo) & (steps <= hi)).any() else np.nan
+                    for lo, hi in zip(edges[:-1], edges[1:])
+                ]
+            )
         ax.plot(edges[1:], np.nanmean(np.array(means), 0), label=label)
     ax.set_xlabel("env steps")
     ax.set_ylabel("training episodic return (mean over seeds)")
@@ -96,9 +135,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--lrs", default="3e-4", help="comma-separated optim.lr values, the same for both methods")
-    parser.add_argument("--explore", default="1", help="comma-separated factors on the initial exploration std, the same for both methods")
-    parser.add_argument("--ablate", action="append", default=[], help="extra PolicyFlow overrides (space-separated) for an ablation row at the first lr, f 1; repeatable")
-    parser.add_argument("--reuse", metavar="DIR", help="run in DIR and read back the runs an earlier call finished there with the same arguments")
+    parser.add_argument(
+        "--explore",
+        default="1",
+        help="comma-separated factors on the initial exploration std, the same for both methods",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        help="extra PolicyFlow overrides (space-separated) for an ablation row at the first lr, f 1; repeatable",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="DIR",
+        help="run in DIR and read back the runs an earlier call finished there with the same arguments",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "policyflow_hopper.md"))
     args = parser.parse_args()
     out = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="pf_hopper_"))
@@ -109,7 +161,11 @@ def main() -> None:
     jobs += [("PolicyFlow", lrs[0], 1.0, s, a) for s in range(1, args.seeds + 1) for a in args.ablate]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda j: run(*j[:4], args.iterations, out, j[4], bool(args.reuse)), jobs))
-    by = {(m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f and not r["ablation"]] for lr, f in settings for m in RECIPES}
+    by = {
+        (m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f and not r["ablation"]]
+        for lr, f in settings
+        for m in RECIPES
+    }
     ablations = {a: [r for r in runs if r["ablation"] == a] for a in args.ablate}
     mean_return = {key: statistics.mean(r["return"] for r in rs) for key, rs in by.items()}
     best = {m: max(((m, lr, f) for lr, f in settings), key=lambda k: mean_return[k]) for m in RECIPES}
@@ -119,26 +175,44 @@ def main() -> None:
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, {args.parallel} runs at a time), python {platform.python_version()}; "
         f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
-        + "".join(f" --ablate '{a}'" for a in args.ablate) + (" --reuse DIR" if args.reuse else "") + f"`: {int(runs[0]['steps']):,} env steps per run"
-        + (" (with --reuse, runs an earlier call finished in DIR with the same arguments are read back, not rerun)." if args.reuse else "."),
+        + "".join(f" --ablate '{a}'" for a in args.ablate)
+        + (" --reuse DIR" if args.reuse else "")
+        + f"`: {int(runs[0]['steps']):,} env steps per run"
+        + (
+            " (with --reuse, runs an earlier call finished in DIR with the same arguments are read back, not rerun)."
+            if args.reuse
+            else "."
+        ),
         "Exploration factor f scales the initial exploration std: PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
         "",
         "| method | lr | exploration f | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
         "|---|---|---|---|---|---|",
     ]
-    rows = [(m, lr, f, rs) for (m, lr, f), rs in by.items()] + [(f"PolicyFlow, ablation: `{a}`", lrs[0], 1.0, rs) for a, rs in ablations.items()]
+    rows = [(m, lr, f, rs) for (m, lr, f), rs in by.items()] + [
+        (f"PolicyFlow, ablation: `{a}`", lrs[0], 1.0, rs) for a, rs in ablations.items()
+    ]
     for m, lr, f, rs in rows:
         rets = [r["return"] for r in rs]
         sd = f" ± {statistics.stdev(rets):.0f}" if len(rets) > 1 else ""
-        lines.append(f"| {m} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
-                     f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |")
+        lines.append(
+            f"| {m} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
+            f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |"
+        )
     ratio = mean_return[best["PolicyFlow"]] / mean_return[best["PPO"]]
     name = {m: f"lr {best[m][1]:g}, f {best[m][2]:g}" for m in RECIPES}
-    lines += ["", f"PolicyFlow / PPO mean return, each at its best setting (PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
-              f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).", ""]
+    lines += [
+        "",
+        f"PolicyFlow / PPO mean return, each at its best setting (PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
+        f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).",
+        "",
+    ]
     png = Path(args.out).with_suffix(".png")
     groups = {f"{m}, best (lr {best[m][1]:g}, f {best[m][2]:g})": by[best[m]] for m in RECIPES}
-    groups |= {f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0)] for m in RECIPES if (m, lrs[0], 1.0) in by and best[m] != (m, lrs[0], 1.0)}
+    groups |= {
+        f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0)]
+        for m in RECIPES
+        if (m, lrs[0], 1.0) in by and best[m] != (m, lrs[0], 1.0)
+    }
     groups |= {f"PolicyFlow, {a}": rs for a, rs in ablations.items()}
     plot(groups, png)
     lines += [f"Learning curves: `{png.name}` (training episodic return with exploration noise, mean over seeds).", ""]

@@ -38,7 +38,17 @@ RUNS = [
 def run_one(recipe: str, seed: int, extra: list[str], out: str) -> dict:
     from rlprox.cli import main
 
-    args = ["train", str(ROOT / recipe), f"seed={seed}", f"run.output_dir={out}", "run.name=r", "run.log_with=[]", "run.progress=false", "run.eval_size=0", *extra]
+    args = [
+        "train",
+        str(ROOT / recipe),
+        f"seed={seed}",
+        f"run.output_dir={out}",
+        "run.name=r",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.eval_size=0",
+        *extra,
+    ]
     start = time.perf_counter()
     assert main(args) == 0, args
     train_s = time.perf_counter() - start
@@ -51,7 +61,9 @@ def run_one(recipe: str, seed: int, extra: list[str], out: str) -> dict:
         "train_s": train_s,
         "eval": result["eval/return"],
         "eval_std": result["eval/return_std"],
-        "train_return": next((r["reward/episodic_return"] for r in reversed(rows) if "reward/episodic_return" in r), float("nan")),
+        "train_return": next(
+            (r["reward/episodic_return"] for r in reversed(rows) if "reward/episodic_return" in r), float("nan")
+        ),
         "zero_neurons": result.get("sparsity/actor_hidden_neurons_zero_fraction"),
     }
 
@@ -64,7 +76,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = [("CartPole", "recipes/ppo/cartpole.yaml", (1,), [])] if args.quick else RUNS
-    lines = ["| recipe | seed | env steps | greedy eval return (20 ep.) | last training return | actor hidden neurons zero | train s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | seed | env steps | greedy eval return (20 ep.) | last training return | actor hidden neurons zero | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     verdicts = []
     for label, recipe, seeds, extra in runs:
         results = []
@@ -73,13 +88,18 @@ def main() -> int:
                 r = run_one(recipe, seed, extra, out)
             results.append(r)
             zero = "–" if r["zero_neurons"] is None else f"{100 * r['zero_neurons']:.0f}%"
-            lines.append(f"| {label} (`{recipe}`) | {seed} | {r['env_steps']:,} | {r['eval']:.1f} ± {r['eval_std']:.1f} | {r['train_return']:.1f} | {zero} | {r['train_s']:.0f} |")
+            lines.append(
+                f"| {label} (`{recipe}`) | {seed} | {r['env_steps']:,} | {r['eval']:.1f} ± {r['eval_std']:.1f} | {r['train_return']:.1f} | {zero} | {r['train_s']:.0f} |"
+            )
             print(lines[-1], flush=True)
         if recipe.endswith("cartpole.yaml") or recipe.endswith("cartpole-sparse.yaml"):
             ok = all(r["eval"] >= 475 and r["env_steps"] <= 100_000 for r in results)
             if recipe.endswith("sparse.yaml"):
                 ok = ok and all((r["zero_neurons"] or 0) >= 0.5 for r in results)
-            verdicts.append(f"- **{'PASS' if ok else 'FAIL'}**: `{recipe}` greedy return >= 475 within 100k env steps on {sum(r['eval'] >= 475 for r in results)}/{len(results)} seeds" + (" with >= 50% of actor hidden neurons exactly zero" if recipe.endswith("sparse.yaml") else ""))
+            verdicts.append(
+                f"- **{'PASS' if ok else 'FAIL'}**: `{recipe}` greedy return >= 475 within 100k env steps on {sum(r['eval'] >= 475 for r in results)}/{len(results)} seeds"
+                + (" with >= 50% of actor hidden neurons exactly zero" if recipe.endswith("sparse.yaml") else "")
+            )
     import gymnasium
 
     header = [

@@ -36,8 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ppo_scaling.md"
 
 CONFIGS = {
-    "cleanrl": ["env.num_envs=8", "ppo.num_steps=128", "ppo.minibatch_size=256", "ppo.update_epochs=4", "ppo.gamma=0.99",
-                "ppo.gae_lambda=0.95", "ppo.ent_coef=0.01", "optim.lr=2.5e-4", "optim.schedule=linear"],
+    "cleanrl": [
+        "env.num_envs=8",
+        "ppo.num_steps=128",
+        "ppo.minibatch_size=256",
+        "ppo.update_epochs=4",
+        "ppo.gamma=0.99",
+        "ppo.gae_lambda=0.95",
+        "ppo.ent_coef=0.01",
+        "optim.lr=2.5e-4",
+        "optim.schedule=linear",
+    ],
     "recipe": [],
 }
 
@@ -51,13 +60,34 @@ def free_port() -> int:
 def run(config: str, procs: int, iterations: int, seed: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="ppo_scaling_"))
     try:
-        args = ["train", str(ROOT / "recipes/ppo/cartpole.yaml"), *CONFIGS[config], f"run.iterations={iterations}", f"seed={seed}",
-                f"run.output_dir={out}", "run.name=r", "run.log_with=[]", "run.progress=false", "run.plot=false", "run.eval_size=0", "run.save_every=0"]
+        args = [
+            "train",
+            str(ROOT / "recipes/ppo/cartpole.yaml"),
+            *CONFIGS[config],
+            f"run.iterations={iterations}",
+            f"seed={seed}",
+            f"run.output_dir={out}",
+            "run.name=r",
+            "run.log_with=[]",
+            "run.progress=false",
+            "run.plot=false",
+            "run.eval_size=0",
+            "run.save_every=0",
+        ]
         bindir = os.path.dirname(sys.executable)
         if procs == 1:
             cmd = [sys.executable, "-m", "rlprox", *args]
         else:
-            cmd = [shutil.which("torchrun", path=bindir), "--nproc_per_node", str(procs), "--master_port", str(free_port()), "-m", "rlprox", *args]
+            cmd = [
+                shutil.which("torchrun", path=bindir),
+                "--nproc_per_node",
+                str(procs),
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "rlprox",
+                *args,
+            ]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode:
@@ -66,7 +96,12 @@ def run(config: str, procs: int, iterations: int, seed: int) -> dict:
         state = json.loads((ckpt / "state.json").read_text())
         rows = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
         steps = rows[-1]["progress/env_steps"]
-        return {"steps": steps, "wall": state["wall_time"], "sps": steps / state["wall_time"], "return_last": rows[-1].get("reward/episodic_return")}
+        return {
+            "steps": steps,
+            "wall": state["wall_time"],
+            "sps": steps / state["wall_time"],
+            "return_last": rows[-1].get("reward/episodic_return"),
+        }
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -74,7 +109,9 @@ def run(config: str, procs: int, iterations: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=0, help="iterations per run (default: 48 for cleanrl, 390 for recipe)")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="iterations per run (default: 48 for cleanrl, 390 for recipe)"
+    )
     parser.add_argument("--configs", default="cleanrl,recipe")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -101,8 +138,14 @@ def main() -> None:
         one = [x["sps"] for x in by[1]]
         two = [x["sps"] for x in by[2]]
         ratios = [b / a for a, b in zip(one, two)]
-        rollout = "8 envs × 128 steps, 4 minibatches × 4 epochs" if config == "cleanrl" else "8 envs × 32 steps, 1 minibatch × 20 epochs"
-        lines.append(f"| {config} | {rollout} | {statistics.median(one):,.0f} | {statistics.median(two):,.0f} | **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) |")
+        rollout = (
+            "8 envs × 128 steps, 4 minibatches × 4 epochs"
+            if config == "cleanrl"
+            else "8 envs × 32 steps, 1 minibatch × 20 epochs"
+        )
+        lines.append(
+            f"| {config} | {rollout} | {statistics.median(one):,.0f} | {statistics.median(two):,.0f} | **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) |"
+        )
     lines += ["", "Per round (steps/s, 1 process / 2 processes):", ""]
     for config, by in results.items():
         lines.append(f"- {config}: " + ", ".join(f"{a['sps']:,.0f} / {b['sps']:,.0f}" for a, b in zip(by[1], by[2])))

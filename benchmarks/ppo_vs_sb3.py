@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+for _var in (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+):
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
@@ -46,14 +52,40 @@ RESULTS = ROOT / "benchmarks" / "results" / "ppo_vs_sb3.md"
 # One dict per task; both trainers are configured from it (rlprox recipe / SB3 kwargs).
 TASKS = {
     "cartpole": dict(
-        env_id="CartPole-v1", num_envs=8, num_steps=128, minibatch_size=256, update_epochs=4,
-        lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip=0.2, ent_coef=0.01, vf_coef=0.5,
-        max_grad_norm=0.5, normalize=False, iterations=48, last_k=5, eval_size=20,
+        env_id="CartPole-v1",
+        num_envs=8,
+        num_steps=128,
+        minibatch_size=256,
+        update_epochs=4,
+        lr=2.5e-4,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip=0.2,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        normalize=False,
+        iterations=48,
+        last_k=5,
+        eval_size=20,
     ),
     "hopper": dict(
-        env_id="Hopper-v5", num_envs=1, num_steps=2048, minibatch_size=64, update_epochs=10,
-        lr=3e-4, gamma=0.99, gae_lambda=0.95, clip=0.2, ent_coef=0.0, vf_coef=0.5,
-        max_grad_norm=0.5, normalize=True, iterations=3, last_k=1, eval_size=5,
+        env_id="Hopper-v5",
+        num_envs=1,
+        num_steps=2048,
+        minibatch_size=64,
+        update_epochs=10,
+        lr=3e-4,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip=0.2,
+        ent_coef=0.0,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        normalize=True,
+        iterations=3,
+        last_k=1,
+        eval_size=5,
     ),
 }
 
@@ -93,18 +125,45 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         env = {"id": task["env_id"], "num_envs": task["num_envs"]}
         if task["normalize"]:
             env.update(normalize_obs=True, normalize_reward=True)
-        recipe = load_recipe({
-            "algo": "ppo", "seed": seed,
-            "run": {"name": "bench", "output_dir": out, "iterations": iterations, "log_with": [],
-                    "progress": False, "plot": False, "eval_size": 0, "save_every": 0, "torch_threads": 1},
-            "env": env,
-            "ppo": {"num_steps": task["num_steps"], "minibatch_size": task["minibatch_size"],
-                    "update_epochs": task["update_epochs"], "gamma": task["gamma"], "gae_lambda": task["gae_lambda"],
-                    "clip_coef": task["clip"], "clip_vloss": True, "ent_coef": task["ent_coef"],
-                    "vf_coef": task["vf_coef"], "norm_adv": True, "hidden_sizes": [64, 64], "activation": "tanh"},
-            "optim": {"name": "adam", "lr": task["lr"], "eps": 1e-5, "schedule": "linear",
-                      "max_grad_norm": task["max_grad_norm"]},
-        })
+        recipe = load_recipe(
+            {
+                "algo": "ppo",
+                "seed": seed,
+                "run": {
+                    "name": "bench",
+                    "output_dir": out,
+                    "iterations": iterations,
+                    "log_with": [],
+                    "progress": False,
+                    "plot": False,
+                    "eval_size": 0,
+                    "save_every": 0,
+                    "torch_threads": 1,
+                },
+                "env": env,
+                "ppo": {
+                    "num_steps": task["num_steps"],
+                    "minibatch_size": task["minibatch_size"],
+                    "update_epochs": task["update_epochs"],
+                    "gamma": task["gamma"],
+                    "gae_lambda": task["gae_lambda"],
+                    "clip_coef": task["clip"],
+                    "clip_vloss": True,
+                    "ent_coef": task["ent_coef"],
+                    "vf_coef": task["vf_coef"],
+                    "norm_adv": True,
+                    "hidden_sizes": [64, 64],
+                    "activation": "tanh",
+                },
+                "optim": {
+                    "name": "adam",
+                    "lr": task["lr"],
+                    "eps": 1e-5,
+                    "schedule": "linear",
+                    "max_grad_norm": task["max_grad_norm"],
+                },
+            }
+        )
         engine = Engine(recipe)
         steps = iterations * task["num_envs"] * task["num_steps"]
         t0, c0 = time.perf_counter(), time.process_time()
@@ -113,7 +172,9 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         rss = _peak_rss_mb()
         # training return: episodes finished in the last `last_k` rollouts (exact mean,
         # per-iteration means weighted by their episode counts)
-        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
         rows = [r for r in rows if "progress/env_steps" in r]
         first_step = steps - task["last_k"] * task["num_envs"] * task["num_steps"]
         tot = n = 0.0
@@ -126,8 +187,17 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
         if do_eval:
             eval_return = float(engine.evaluate(task["eval_size"])["eval/return"])
         engine.close()
-        return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
-                    train_episodes=n, eval_return=eval_return)
+        return dict(
+            steps=steps,
+            wall=wall,
+            sps=steps / wall,
+            cpu=cpu,
+            cpu_sps=steps / cpu,
+            rss_mb=rss,
+            train_return=train_return,
+            train_episodes=n,
+            eval_return=eval_return,
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -154,12 +224,29 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
         return lr0 * min(1.0, progress_remaining + shift)
 
     model = PPO(
-        "MlpPolicy", env, n_steps=task["num_steps"], batch_size=task["minibatch_size"], n_epochs=task["update_epochs"],
-        learning_rate=lr_schedule, gamma=task["gamma"], gae_lambda=task["gae_lambda"], clip_range=task["clip"],
-        clip_range_vf=task["clip"], normalize_advantage=True, ent_coef=task["ent_coef"], vf_coef=task["vf_coef"],
-        max_grad_norm=task["max_grad_norm"], seed=seed, device="cpu", verbose=0,
-        policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh, ortho_init=True,
-                           optimizer_kwargs=dict(eps=1e-5)),
+        "MlpPolicy",
+        env,
+        n_steps=task["num_steps"],
+        batch_size=task["minibatch_size"],
+        n_epochs=task["update_epochs"],
+        learning_rate=lr_schedule,
+        gamma=task["gamma"],
+        gae_lambda=task["gae_lambda"],
+        clip_range=task["clip"],
+        clip_range_vf=task["clip"],
+        normalize_advantage=True,
+        ent_coef=task["ent_coef"],
+        vf_coef=task["vf_coef"],
+        max_grad_norm=task["max_grad_norm"],
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        policy_kwargs=dict(
+            net_arch=dict(pi=[64, 64], vf=[64, 64]),
+            activation_fn=nn.Tanh,
+            ortho_init=True,
+            optimizer_kwargs=dict(eps=1e-5),
+        ),
     )
     steps = iterations * task["num_envs"] * task["num_steps"]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -185,8 +272,17 @@ def worker_sb3(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
             eval_env.obs_rms = env.obs_rms
         mean, _ = evaluate_policy(model, eval_env, n_eval_episodes=task["eval_size"], deterministic=True)
         eval_return = float(mean)
-    return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=rss, train_return=train_return,
-                train_episodes=len(rets), eval_return=eval_return)
+    return dict(
+        steps=steps,
+        wall=wall,
+        sps=steps / wall,
+        cpu=cpu,
+        cpu_sps=steps / cpu,
+        rss_mb=rss,
+        train_return=train_return,
+        train_episodes=len(rets),
+        eval_return=eval_return,
+    )
 
 
 def worker_raw(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
@@ -194,8 +290,9 @@ def worker_raw(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
     import numpy as np
 
     n = task["num_envs"]
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(task["env_id"]) for _ in range(n)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(task["env_id"]) for _ in range(n)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     rng = np.random.default_rng(seed)
     space = envs.single_action_space
     T = iterations * task["num_steps"]
@@ -210,8 +307,17 @@ def worker_raw(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     envs.close()
     steps = T * n
-    return dict(steps=steps, wall=wall, sps=steps / wall, cpu=cpu, cpu_sps=steps / cpu, rss_mb=_peak_rss_mb(), train_return=None,
-                train_episodes=None, eval_return=None)
+    return dict(
+        steps=steps,
+        wall=wall,
+        sps=steps / wall,
+        cpu=cpu,
+        cpu_sps=steps / cpu,
+        rss_mb=_peak_rss_mb(),
+        train_return=None,
+        train_episodes=None,
+        eval_return=None,
+    )
 
 
 def worker_torch_only(task: dict, seed: int, iterations: int, do_eval: bool) -> dict:
@@ -226,8 +332,18 @@ EXTRA_WORKERS = {"torch-only": worker_torch_only}
 
 # ----------------------------------------------------------------------------- driver
 def run_worker(kind: str, task: str, seed: int, iterations: int, do_eval: bool) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--task", task,
-           "--seed", str(seed), "--iterations", str(iterations)] + (["--eval"] if do_eval else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--task",
+        task,
+        "--seed",
+        str(seed),
+        "--iterations",
+        str(iterations),
+    ] + (["--eval"] if do_eval else [])
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = "1"
@@ -237,7 +353,7 @@ def run_worker(kind: str, task: str, seed: int, iterations: int, do_eval: bool) 
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"worker {kind} {task} seed {seed} failed (rc {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def source_state() -> tuple[str, str]:
@@ -250,8 +366,12 @@ def source_state() -> tuple[str, str]:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "rlprox"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rlprox"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
         desc = f"commit {commit or '?'}" + (", rlprox/ has uncommitted changes" if dirty else ", rlprox/ clean")
     except OSError:
         desc = "commit unknown"
@@ -288,14 +408,19 @@ def bench_task(task_name: str, rounds: int, seeds: int, iterations: int) -> dict
             res[kind].append(r)
             ret = "" if r["train_return"] is None else f"  train {r['train_return']:.1f}"
             ev = "" if r["eval_return"] is None else f"  eval {r['eval_return']:.1f}"
-            print(f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} {r['sps']:9.0f} steps/s ({r['cpu_sps']:.0f}/CPU-s)"
-                  f"  rss {r['rss_mb']:.0f} MB{ret}{ev}", flush=True)
+            print(
+                f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} {r['sps']:9.0f} steps/s ({r['cpu_sps']:.0f}/CPU-s)"
+                f"  rss {r['rss_mb']:.0f} MB{ret}{ev}",
+                flush=True,
+            )
     return res
 
 
 def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
-    head = ("| task | trainer | training SPS (median) | × SB3, paired (min–max) | × raw env, paired (min–max) "
-            "| greedy eval return (mean ± std over seeds) | training return, last rollouts (mean ± std) | peak RSS MB (median) |")
+    head = (
+        "| task | trainer | training SPS (median) | × SB3, paired (min–max) | × raw env, paired (min–max) "
+        "| greedy eval return (mean ± std over seeds) | training return, last rollouts (mean ± std) | peak RSS MB (median) |"
+    )
     lines = [head, "|" + "---|" * 8]
     verdicts = []
     for task_name, res in all_res.items():
@@ -309,8 +434,10 @@ def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
                 vs_sb3 = "1"
             ev = _mean_std([r["eval_return"] for r in res[kind]]) if kind != "raw" else "–"
             tr = _mean_std([r["train_return"] for r in res[kind]]) if kind != "raw" else "–"
-            lines.append(f"| {label} | {name} | {_med(sps[kind]):,.0f} | {vs_sb3} | {vs_raw} | {ev} | {tr} "
-                         f"| {_med([r['rss_mb'] for r in res[kind]]):.0f} |")
+            lines.append(
+                f"| {label} | {name} | {_med(sps[kind]):,.0f} | {vs_sb3} | {vs_raw} | {ev} | {tr} "
+                f"| {_med([r['rss_mb'] for r in res[kind]]):.0f} |"
+            )
         if task_name == "cartpole":
             _, r_sb3 = _ratio(sps["rlprox"], sps["sb3"])
             _, r_raw = _ratio(sps["rlprox"], sps["raw"])
@@ -318,52 +445,69 @@ def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
             verdicts.append(
                 f"**{'PASS' if ok else 'FAIL'}: rlprox ≥ 2× SB3 SPS on CartPole** — median paired ratio "
                 f"{_med(r_sb3):.2f}× (min {min(r_sb3):.2f}, max {max(r_sb3):.2f}; "
-                f"{sum(x >= 2.0 for x in r_sb3)}/{len(r_sb3)} rounds ≥ 2×).")
+                f"{sum(x >= 2.0 for x in r_sb3)}/{len(r_sb3)} rounds ≥ 2×)."
+            )
             verdicts.append(
                 f"**Raw-env fraction on CartPole: {_med(r_raw):.2f}×** (min {min(r_raw):.2f}, max {max(r_raw):.2f}); "
-                f"goal ≥ 0.5×: {'MET' if _med(r_raw) >= 0.5 else 'NOT MET'}.")
+                f"goal ≥ 0.5×: {'MET' if _med(r_raw) >= 0.5 else 'NOT MET'}."
+            )
             cpu = {k: [r["cpu_sps"] for r in v] for k, v in res.items()}
             _, c_sb3 = _ratio(cpu["rlprox"], cpu["sb3"])
             _, c_raw = _ratio(cpu["rlprox"], cpu["raw"])
             verdicts.append(
                 f"Cross-check by CPU time (steps per CPU-second of the training call, much less sensitive to the "
                 f"other jobs than wall-clock): rlprox/SB3 {_med(c_sb3):.2f}× ({min(c_sb3):.2f}–{max(c_sb3):.2f}), "
-                f"rlprox/raw {_med(c_raw):.2f}× ({min(c_raw):.2f}–{max(c_raw):.2f}).")
-    cpu_lines = ["| task | trainer | steps per CPU-second (median) | × SB3, paired (min–max) | × raw env, paired (min–max) |",
-                 "|" + "---|" * 5]
+                f"rlprox/raw {_med(c_raw):.2f}× ({min(c_raw):.2f}–{max(c_raw):.2f})."
+            )
+    cpu_lines = [
+        "| task | trainer | steps per CPU-second (median) | × SB3, paired (min–max) | × raw env, paired (min–max) |",
+        "|" + "---|" * 5,
+    ]
     for task_name, res in all_res.items():
         cpu = {k: [r["cpu_sps"] for r in v] for k, v in res.items()}
         for kind, name in (("rlprox", "rlprox PPO"), ("sb3", "SB3 PPO"), ("raw", "raw env, random actions")):
             vs_sb3 = "1" if kind == "sb3" else ("–" if kind == "raw" else _ratio(cpu[kind], cpu["sb3"])[0])
             vs_raw = "1" if kind == "raw" else _ratio(cpu[kind], cpu["raw"])[0]
-            cpu_lines.append(f"| {TASKS[task_name]['env_id']} | {name} | {_med(cpu[kind]):,.0f} | {vs_sb3} | {vs_raw} |")
+            cpu_lines.append(
+                f"| {TASKS[task_name]['env_id']} | {name} | {_med(cpu[kind]):,.0f} | {vs_sb3} | {vs_raw} |"
+            )
     return "\n".join(lines), verdicts, "\n".join(cpu_lines)
 
 
 def per_round(all_res: dict) -> str:
-    out = ["| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw | rlprox/SB3 (CPU time) | rlprox eval | SB3 eval | rlprox train | SB3 train |",
-           "|" + "---|" * 12]
+    out = [
+        "| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw | rlprox/SB3 (CPU time) | rlprox eval | SB3 eval | rlprox train | SB3 train |",
+        "|" + "---|" * 12,
+    ]
 
     def f(x):
         return "–" if x is None else f"{x:.1f}"
 
     for task_name, res in all_res.items():
         for a, b, c in zip(res["rlprox"], res["sb3"], res["raw"]):
-            out.append(f"| {task_name} | {a['seed']} | {a['sps']:,.0f} | {b['sps']:,.0f} | {c['sps']:,.0f} "
-                       f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | {a['cpu_sps'] / b['cpu_sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
-                       f"| {f(a['train_return'])} | {f(b['train_return'])} |")
+            out.append(
+                f"| {task_name} | {a['seed']} | {a['sps']:,.0f} | {b['sps']:,.0f} | {c['sps']:,.0f} "
+                f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | {a['cpu_sps'] / b['cpu_sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
+                f"| {f(a['train_return'])} | {f(b['train_return'])} |"
+            )
     return "\n".join(out)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="alternated CartPole rounds (SPS)")
-    p.add_argument("--seeds", type=int, default=3, help="CartPole seeds with a greedy evaluation (seeds 1..N = rounds 1..N)")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="CartPole seeds with a greedy evaluation (seeds 1..N = rounds 1..N)"
+    )
     p.add_argument("--hopper-rounds", type=int, default=3, help="alternated Hopper rounds (0: skip Hopper)")
     p.add_argument("--hopper-iters", type=int, default=3, help="Hopper iterations of 2048 steps")
     p.add_argument("--cartpole-iters", type=int, default=48, help="CartPole iterations of 8×128 steps")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 round, 1 seed, 8 CartPole / 1 Hopper iterations")
-    p.add_argument("--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: 1 round, 1 seed, 8 CartPole / 1 Hopper iterations"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)"
+    )
     # worker mode (internal)
     p.add_argument("--worker", choices=list(WORKERS) + list(EXTRA_WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--task", choices=list(TASKS), help=argparse.SUPPRESS)
@@ -377,7 +521,9 @@ def main() -> int:
 
         warnings.filterwarnings("ignore")
         task = dict(TASKS[args.task])
-        result = {**WORKERS, **EXTRA_WORKERS}[args.worker](task, args.seed, args.iterations or task["iterations"], args.eval)
+        result = {**WORKERS, **EXTRA_WORKERS}[args.worker](
+            task, args.seed, args.iterations or task["iterations"], args.eval
+        )
         result["vm_hwm_mb"] = _vm_hwm_mb()
         print("RESULT " + json.dumps(result), flush=True)
         return 0
@@ -394,10 +540,15 @@ def main() -> int:
     start = time.perf_counter()
     torch_rss = run_worker("torch-only", "cartpole", 1, 0, False)["rss_mb"]
     all_res = {}
-    print(f"CartPole-v1: {max(args.rounds, args.seeds)} rounds × (rlprox, SB3, raw), {args.cartpole_iters} iterations", flush=True)
+    print(
+        f"CartPole-v1: {max(args.rounds, args.seeds)} rounds × (rlprox, SB3, raw), {args.cartpole_iters} iterations",
+        flush=True,
+    )
     all_res["cartpole"] = bench_task("cartpole", args.rounds, args.seeds, args.cartpole_iters)
     if args.hopper_rounds > 0:
-        print(f"Hopper-v5: {args.hopper_rounds} rounds × (rlprox, SB3, raw), {args.hopper_iters} iterations", flush=True)
+        print(
+            f"Hopper-v5: {args.hopper_rounds} rounds × (rlprox, SB3, raw), {args.hopper_iters} iterations", flush=True
+        )
         all_res["hopper"] = bench_task("hopper", args.hopper_rounds, args.hopper_rounds, args.hopper_iters)
     total = time.perf_counter() - start
     src_after = source_state()
@@ -420,9 +571,12 @@ def main() -> int:
         f"that only imports torch peaks at {torch_rss:.0f} MB.",
         "",
         f"rlprox source: {src_after[0]}; rlprox/*.py sha256 {src_after[1]}"
-        + ("." if src_before == src_after else
-           f". **WARNING: the rlprox source changed during this run (before: {src_before[0]}, {src_before[1]}); "
-           "the rounds mix code versions, rerun.**"),
+        + (
+            "."
+            if src_before == src_after
+            else f". **WARNING: the rlprox source changed during this run (before: {src_before[0]}, {src_before[1]}); "
+            "the rounds mix code versions, rerun.**"
+        ),
         "",
         "Command: `" + " ".join(["python benchmarks/ppo_vs_sb3.py"] + sys.argv[1:]) + "`",
         "",
@@ -447,13 +601,23 @@ def main() -> int:
             f"(rlprox `normalize_obs/normalize_reward`, SB3 `VecNormalize(gamma=0.99)`); {args.hopper_rounds} rounds "
             f"(seeds 1..{args.hopper_rounds}) of only {args.hopper_iters} iterations ({args.hopper_iters * 2048:,} steps; "
             "the recipe's budget is 1M) for speed. **Hopper returns at this budget are a sanity number only** "
-            "(greedy eval: 5 episodes; training return: episodes ended in the last rollout).")
+            "(greedy eval: 5 episodes; training return: episodes ended in the last rollout)."
+        )
     if args.quick:
         header.append("- **--quick smoke test: 1 round, 1 seed, shortened runs; not a benchmark.**")
-    body = "\n".join(header) + "\n\n" + tab + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + \
-        "\n\n## CPU-time view (same runs)\n\nEach worker is single-threaded, so on an idle machine CPU time ≈ wall time; " \
-        "on this shared one, CPU time leaves out the time the process waited for a core.\n\n" + cpu_tab + \
-        "\n\n## Per round\n\n" + per_round(all_res) + "\n"
+    body = (
+        "\n".join(header)
+        + "\n\n"
+        + tab
+        + "\n\n"
+        + "\n".join(f"- {v}" for v in verdicts)
+        + "\n\n## CPU-time view (same runs)\n\nEach worker is single-threaded, so on an idle machine CPU time ≈ wall time; "
+        "on this shared one, CPU time leaves out the time the process waited for a core.\n\n"
+        + cpu_tab
+        + "\n\n## Per round\n\n"
+        + per_round(all_res)
+        + "\n"
+    )
     print()
     print(body)
     if out_path is not None:

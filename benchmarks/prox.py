@@ -7,8 +7,8 @@ Single thread (torch.set_num_threads(1)), CPU, median of several repeats.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import platform
 import statistics
 import sys
@@ -199,8 +199,9 @@ def fista_prox_optimizer(X, y, alpha, f_target, max_iter=5000):
     t_start = time.perf_counter()
     L = _power_L(X, 30)
     w = torch.nn.Parameter(torch.zeros(p, dtype=X.dtype))
-    opt = ProxOptimizer(torch.optim.SGD([w], lr=1 / L),
-                        [([w], build_regularizer({"type": "l1", "lam": alpha}))], fista=True)
+    opt = ProxOptimizer(
+        torch.optim.SGD([w], lr=1 / L), [([w], build_regularizer({"type": "l1", "lam": alpha}))], fista=True
+    )
     for it in range(max_iter):
         opt.zero_grad()
         (0.5 / n * ((X @ w - y) ** 2).sum()).backward()
@@ -233,8 +234,11 @@ def lasso_rows():
         model.fit(X, y)
         if obj(model.coef_) <= target:
             sk_tol = tol
-            sk_time = median_time(lambda: Lasso(alpha=alpha, fit_intercept=False, tol=tol,
-                                                max_iter=100_000).fit(X, y), repeats=3, warmup=0)
+            sk_time = median_time(
+                lambda: Lasso(alpha=alpha, fit_intercept=False, tol=tol, max_iter=100_000).fit(X, y),
+                repeats=3,
+                warmup=0,
+            )
             break
     fd = [fista_direct(Xt, yt, alpha, target) for _ in range(3)]
     fw = [fista_working_set(Xt, yt, alpha, target) for _ in range(3)]
@@ -243,9 +247,18 @@ def lasso_rows():
     fo_t, fo_it = statistics.median(t for t, _ in fo), fo[0][1]
     fw_t, fw_ws = statistics.median(t for t, _ in fw), fw[0][1]
     power_t = median_time(lambda: _power_L(Xt, 30), repeats=3, warmup=0)
-    return dict(sk_time=sk_time, sk_tol=sk_tol, fd_t=fd_t, fd_it=fd_it, fo_t=fo_t, fo_it=fo_it,
-                fw_t=fw_t, fw_ws=fw_ws, power_t=power_t,
-                support=int((Lasso(alpha=alpha, fit_intercept=False, tol=1e-10).fit(X, y).coef_ != 0).sum()))
+    return dict(
+        sk_time=sk_time,
+        sk_tol=sk_tol,
+        fd_t=fd_t,
+        fd_it=fd_it,
+        fo_t=fo_t,
+        fo_it=fo_it,
+        fw_t=fw_t,
+        fw_ws=fw_ws,
+        power_t=power_t,
+        support=int((Lasso(alpha=alpha, fit_intercept=False, tol=1e-10).fit(X, y).coef_ != 0).sum()),
+    )
 
 
 def main():
@@ -259,38 +272,55 @@ def main():
         "",
     ]
     base, rows = operator_rows()
-    lines += [f"`tensor.clone()` baseline: {base * 1e3:.3f} ms", "",
-              "| operator | time (ms) | throughput vs clone | target |",
-              "|---|---:|---:|---|"]
+    lines += [
+        f"`tensor.clone()` baseline: {base * 1e3:.3f} ms",
+        "",
+        "| operator | time (ms) | throughput vs clone | target |",
+        "|---|---:|---:|---|",
+    ]
     for name, t, ratio, elementwise in rows:
         target = ">= 0.5 " + ("met" if ratio >= 0.5 else "**missed**") if elementwise else "-"
         lines.append(f"| {name} | {t * 1e3:.3f} | {ratio:.2f} | {target} |")
     t1, t10 = wgsef_scaling()
     r = t10 / t1
-    lines += ["", "## prox_wgsef scaling (groups of 16, k = m/20)", "",
-              "| m groups | time (ms) |", "|---:|---:|",
-              f"| 10,000 | {t1 * 1e3:.2f} |", f"| 100,000 | {t10 * 1e3:.2f} |", "",
-              f"ratio 10·m / m = {r:.2f} (target <= 12: {'met' if r <= 12 else '**missed**'})"]
+    lines += [
+        "",
+        "## prox_wgsef scaling (groups of 16, k = m/20)",
+        "",
+        "| m groups | time (ms) |",
+        "|---:|---:|",
+        f"| 10,000 | {t1 * 1e3:.2f} |",
+        f"| 100,000 | {t10 * 1e3:.2f} |",
+        "",
+        f"ratio 10·m / m = {r:.2f} (target <= 12: {'met' if r <= 12 else '**missed**'})",
+    ]
     L = lasso_rows()
-    lines += ["", "## Lasso 2000 x 5000, alpha = 0.1 alpha_max, float64: time to 1e-8 relative objective gap",
-              "", f"Solution support: {L['support']} of 5000 coefficients.", "",
-              "| solver | time (s) | iterations | vs scikit-learn |", "|---|---:|---:|---:|",
-              f"| scikit-learn Lasso (coordinate descent, loosest tol reaching the gap: {L['sk_tol']:g}) "
-              f"| {L['sk_time']:.3f} | - | 1.00 |",
-              f"| torch FISTA + restart, direct loop (support-sparse X·x) | {L['fd_t']:.3f} | {L['fd_it']} "
-              f"| {L['fd_t'] / L['sk_time']:.2f} |",
-              f"| torch FISTA + restart on a working set (final |W| = {L['fw_ws']}) | {L['fw_t']:.3f} | - "
-              f"| {L['fw_t'] / L['sk_time']:.2f} |",
-              f"| ProxOptimizer(SGD, fista=True) + autograd | {L['fo_t']:.3f} | {L['fo_it']} "
-              f"| {L['fo_t'] / L['sk_time']:.2f} |",
-              "", "Target: torch FISTA <= 1.5x scikit-learn.", "",
-              f"Notes: the full-matrix FISTA rows spend {L['power_t']:.3f} s of their time in the 30 "
-              "power iterations that give the step 1/L (60 passes over X, vs ~30 passes for the "
-              "FISTA iterations themselves); they miss the target. Coordinate descent on a "
-              "problem this sparse needs only a handful of epochs. The working-set FISTA (FISTA "
-              "on the columns that violate the KKT conditions, one full pass per round) meets it. "
-              "ProxOptimizer adds autograd and a second dense matvec per iteration.",
-              ]
+    lines += [
+        "",
+        "## Lasso 2000 x 5000, alpha = 0.1 alpha_max, float64: time to 1e-8 relative objective gap",
+        "",
+        f"Solution support: {L['support']} of 5000 coefficients.",
+        "",
+        "| solver | time (s) | iterations | vs scikit-learn |",
+        "|---|---:|---:|---:|",
+        f"| scikit-learn Lasso (coordinate descent, loosest tol reaching the gap: {L['sk_tol']:g}) "
+        f"| {L['sk_time']:.3f} | - | 1.00 |",
+        f"| torch FISTA + restart, direct loop (support-sparse X·x) | {L['fd_t']:.3f} | {L['fd_it']} "
+        f"| {L['fd_t'] / L['sk_time']:.2f} |",
+        f"| torch FISTA + restart on a working set (final |W| = {L['fw_ws']}) | {L['fw_t']:.3f} | - "
+        f"| {L['fw_t'] / L['sk_time']:.2f} |",
+        f"| ProxOptimizer(SGD, fista=True) + autograd | {L['fo_t']:.3f} | {L['fo_it']} "
+        f"| {L['fo_t'] / L['sk_time']:.2f} |",
+        "",
+        "Target: torch FISTA <= 1.5x scikit-learn.",
+        "",
+        f"Notes: the full-matrix FISTA rows spend {L['power_t']:.3f} s of their time in the 30 "
+        "power iterations that give the step 1/L (60 passes over X, vs ~30 passes for the "
+        "FISTA iterations themselves); they miss the target. Coordinate descent on a "
+        "problem this sparse needs only a handful of epochs. The working-set FISTA (FISTA "
+        "on the columns that violate the KKT conditions, one full pass per round) meets it. "
+        "ProxOptimizer adds autograd and a second dense matvec per iteration.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(__file__).resolve().parent / "results" / "prox.md"

@@ -37,7 +37,14 @@ SEEDS = (1, 2, 3)
 
 
 def train(overrides: list[str], seed: int, out: str) -> dict:
-    quiet = [f"run.output_dir={out}", f"run.name=seed{seed}", f"seed={seed}", "run.log_with=[]", "run.progress=false", "run.plot=false"]
+    quiet = [
+        f"run.output_dir={out}",
+        f"run.name=seed{seed}",
+        f"seed={seed}",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.plot=false",
+    ]
     recipe = load_recipe(RECIPE, [*overrides, *quiet])
     start = time.perf_counter()
     engine = Engine(recipe)
@@ -64,7 +71,9 @@ def main() -> int:
     acc_sparse = [100 * r["compact/dense_accuracy"] for r in sparse]
     acc_compact = [100 * r["compact/compact_accuracy"] for r in sparse]
     removed = [100 * r["compact/hidden_removed_fraction"] for r in sparse]
-    kept = " / ".join(mean_std(r[f"compact/hidden{l}_kept"] for r in sparse).replace(".00", "") + f" of {widths[l]}" for l in layers)
+    kept = " / ".join(
+        mean_std(r[f"compact/hidden{l}_kept"] for r in sparse).replace(".00", "") + f" of {widths[l]}" for l in layers
+    )
 
     def lat(key):
         return mean_std(r[key] for r in sparse)
@@ -79,14 +88,26 @@ def main() -> int:
         ("accuracy gap dense − sparse (points)", f"{gap:.2f}"),
         ("hidden neurons kept per layer", kept),
         ("hidden neurons removed (%)", mean_std(removed)),
-        ("parameters dense → compacted", f"{sparse[0]['compact/params_dense']:,} → {statistics.mean(r['compact/params_compact'] for r in sparse):,.0f}"),
+        (
+            "parameters dense → compacted",
+            f"{sparse[0]['compact/params_dense']:,} → {statistics.mean(r['compact/params_compact'] for r in sparse):,.0f}",
+        ),
         ("parameter compression (×)", mean_std(r["compact/param_compression"] for r in sparse)),
-        ("compacted == masked dense (allclose)", f"{all(r['compact/outputs_match'] for r in sparse)} (max abs logit difference {max(r['compact/max_abs_logit_diff'] for r in sparse):.1e})"),
+        (
+            "compacted == masked dense (allclose)",
+            f"{all(r['compact/outputs_match'] for r in sparse)} (max abs logit difference {max(r['compact/max_abs_logit_diff'] for r in sparse):.1e})",
+        ),
         ("latency batch 1, dense / compacted (µs)", f"{lat('latency/dense_b1_us')} / {lat('latency/compact_b1_us')}"),
         ("speed-up batch 1 (×)", mean_std(speed1)),
-        ("latency batch 256, dense / compacted (µs)", f"{lat('latency/dense_b256_us')} / {lat('latency/compact_b256_us')}"),
+        (
+            "latency batch 256, dense / compacted (µs)",
+            f"{lat('latency/dense_b256_us')} / {lat('latency/compact_b256_us')}",
+        ),
         ("speed-up batch 256 (×)", mean_std(speed256)),
-        ("training time per run, dense / sparse (s)", f"{mean_std(r['train_s'] for r in dense)} / {mean_std(r['train_s'] for r in sparse)}"),
+        (
+            "training time per run, dense / sparse (s)",
+            f"{mean_std(r['train_s'] for r in dense)} / {mean_std(r['train_s'] for r in sparse)}",
+        ),
     ]
     spec = ", ".join(f"{k}: {v}" for k, v in recipe.regularizers[0].items())
     lines = [

@@ -45,7 +45,13 @@ from harness import ROOT, train_and_eval  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {
     "digits": dict(recipe="recipes/sparse/digits-wgsef.yaml", params="net.hidden.*.weight", k=96, width=256, eval=[]),
-    "cartpole": dict(recipe="recipes/ppo/cartpole-sparse.yaml", params="policy.actor.[02].weight", k=16, width=64, eval=["--episodes", "20", "--deterministic"]),
+    "cartpole": dict(
+        recipe="recipes/ppo/cartpole-sparse.yaml",
+        params="policy.actor.[02].weight",
+        k=16,
+        width=64,
+        eval=["--episodes", "20", "--deterministic"],
+    ),
 }
 PROX_LR = 0.01  # the decoupled prox step (the same for every method that uses one)
 
@@ -61,9 +67,15 @@ def methods(task: str) -> list[tuple[str, str, list[dict]]]:
     group = {"type": "group_l2", "params": t["params"]}
     # λ sweeps wide enough to go from (almost) no pruning to (almost) all, for every method
     rows += [("WGSEF, prox step = Adam lr", f"λ {lam:g}", [{**base, "lam": lam}]) for lam in (1.0, 10.0, 30.0, 100.0)]
-    rows += [("WGSEF, prox_lr 0.01", f"λ {lam:g}", [{**base, "lam": lam, "prox_lr": PROX_LR}]) for lam in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    rows += [
+        ("WGSEF, prox_lr 0.01", f"λ {lam:g}", [{**base, "lam": lam, "prox_lr": PROX_LR}])
+        for lam in (0.01, 0.03, 0.1, 0.3, 1.0)
+    ]
     rows += [("group-L2, prox step = Adam lr", f"λ {lam:g}", [{**group, "lam": lam}]) for lam in (0.05, 0.5, 5.0)]
-    rows += [("group-L2, prox_lr 0.01", f"λ {lam:g}", [{**group, "lam": lam, "prox_lr": PROX_LR}]) for lam in (0.001, 0.003, 0.01, 0.03)]
+    rows += [
+        ("group-L2, prox_lr 0.01", f"λ {lam:g}", [{**group, "lam": lam, "prox_lr": PROX_LR}])
+        for lam in (0.001, 0.003, 0.01, 0.03)
+    ]
     return rows
 
 
@@ -81,7 +93,15 @@ def run(task: str, method: str, setting: str, regs: list[dict], seed: int, out: 
     overrides = [f"seed={seed}", f"regularizers={json.dumps(regs)}", "run.eval_size=0"]
     _, ev = train_and_eval(t["recipe"], overrides, out, name, t["eval"])
     quality, removed = score(task, ev)
-    return {"task": task, "method": method, "setting": setting, "seed": seed, "quality": quality, "removed": removed, "checkpoint": ev["checkpoint"]}
+    return {
+        "task": task,
+        "method": method,
+        "setting": setting,
+        "seed": seed,
+        "quality": quality,
+        "removed": removed,
+        "checkpoint": ev["checkpoint"],
+    }
 
 
 def magnitude_pruning(task: str, dense: dict, keep: int) -> dict:
@@ -109,7 +129,14 @@ def magnitude_pruning(task: str, dense: dict, keep: int) -> dict:
     else:
         stats, _, _, _ = run_evaluation(algo, accelerator, 20, recipe.seed, deterministic=True)
         quality = stats["eval/return"]
-    return {"task": task, "method": "magnitude pruning (dense, no fine-tune)", "setting": f"keep {keep}", "seed": dense["seed"], "quality": quality, "removed": removed}
+    return {
+        "task": task,
+        "method": "magnitude pruning (dense, no fine-tune)",
+        "setting": f"keep {keep}",
+        "seed": dense["seed"],
+        "quality": quality,
+        "removed": removed,
+    }
 
 
 def main() -> None:
@@ -121,11 +148,16 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="sparse_pareto_"))
     tasks = args.tasks.split(",")
-    jobs = [(task, m, s, regs, seed) for task in tasks for seed in range(1, args.seeds + 1) for m, s, regs in methods(task)]
+    jobs = [
+        (task, m, s, regs, seed) for task in tasks for seed in range(1, args.seeds + 1) for m, s, regs in methods(task)
+    ]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda j: run(*j, out), jobs))
     for r in runs:
-        print(f"{r['task']} {r['method']} {r['setting']} seed {r['seed']}: {r['quality']:.2f} at {r['removed']:.1%} removed", flush=True)
+        print(
+            f"{r['task']} {r['method']} {r['setting']} seed {r['seed']}: {r['quality']:.2f} at {r['removed']:.1%} removed",
+            flush=True,
+        )
     for task in tasks:
         width, k = TASKS[task]["width"], TASKS[task]["k"]
         for dense in [r for r in runs if r["task"] == task and r["method"] == "dense"]:
@@ -151,17 +183,26 @@ def main() -> None:
         for (method, setting), rs in groups.items():
             q, rm = [r["quality"] for r in rs], [r["removed"] for r in rs]
             sd = f" ± {statistics.stdev(q):.2f}" if len(q) > 1 else ""
-            lines.append(f"| {method} | {setting} | {statistics.mean(q):.2f}{sd} | {statistics.mean(rm):.1%} | {len(rs)} |")
+            lines.append(
+                f"| {method} | {setting} | {statistics.mean(q):.2f}{sd} | {statistics.mean(rm):.1%} | {len(rs)} |"
+            )
         dense_quality[task] = statistics.mean(r["quality"] for r in groups[("dense", "–")])
         lines.append("")
     if "digits" in tasks:
         target = []
-        for (method, setting), rs in {(r["method"], r["setting"]): None for r in runs if r["task"] == "digits" and "WGSEF" in r["method"] and "exact_k" not in r["method"]}.items():
+        for (method, setting), rs in {
+            (r["method"], r["setting"]): None
+            for r in runs
+            if r["task"] == "digits" and "WGSEF" in r["method"] and "exact_k" not in r["method"]
+        }.items():
             rs = [r for r in runs if r["task"] == "digits" and (r["method"], r["setting"]) == (method, setting)]
             ok = [r["removed"] >= 0.6 and r["quality"] >= dense_quality["digits"] - 1.0 for r in rs]
             target.append(f"{method} {setting}: {sum(ok)}/{len(ok)} seeds")
-        lines += ["**Target** (WGSEF without the hard top-k removes ≥ 60% of hidden neurons on digits within 1 point of dense accuracy, 3 of 3 seeds): "
-                  + "; ".join(target), ""]
+        lines += [
+            "**Target** (WGSEF without the hard top-k removes ≥ 60% of hidden neurons on digits within 1 point of dense accuracy, 3 of 3 seeds): "
+            + "; ".join(target),
+            "",
+        ]
     png = Path(args.out).with_suffix(".png")
     plot(runs, tasks, png)
     lines += [f"![Pareto fronts]({png.name})", ""]
@@ -181,7 +222,9 @@ def plot(runs: list[dict], tasks: list[str], path: Path) -> None:
         names = list(dict.fromkeys(r["method"] for r in runs if r["task"] == task))
         for i, method in enumerate(names):
             rs = [r for r in runs if r["task"] == task and r["method"] == method]
-            ax.scatter([r["removed"] for r in rs], [r["quality"] for r in rs], s=22, color=f"C{i}", label=method, alpha=0.8)
+            ax.scatter(
+                [r["removed"] for r in rs], [r["quality"] for r in rs], s=22, color=f"C{i}", label=method, alpha=0.8
+            )
         ax.set_xlabel("hidden neurons removed")
         ax.set_ylabel("held-out accuracy (%)" if task == "digits" else "greedy return")
         ax.set_title(task)

@@ -46,8 +46,14 @@ def run(label: str, overrides: list[str], seed: int, iterations: int, samples: i
     extra = [f"seed={seed}", "run.eval_size=0", *([f"run.iterations={iterations}"] if iterations else []), *overrides]
     rows, ev = train_and_eval(RECIPE, extra, out, name, ["--num-samples", str(samples), "--seed", "777"])
     wall = sum(r["perf/iteration_s"] for r in rows)
-    return {"label": label, "seed": seed, "minutes": wall / 60, **{k[5:]: v for k, v in ev.items() if k.startswith("eval/")},
-            "reward_first": rows[0]["reward/mean"], "reward_last": rows[-1]["reward/mean"]}
+    return {
+        "label": label,
+        "seed": seed,
+        "minutes": wall / 60,
+        **{k[5:]: v for k, v in ev.items() if k.startswith("eval/")},
+        "reward_first": rows[0]["reward/mean"],
+        "reward_last": rows[-1]["reward/mean"],
+    }
 
 
 def main() -> None:
@@ -60,18 +66,33 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "vapi.md"))
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="vapi_"))
-    jobs = [(label, seed) for label in ROWS for seed in range(1, (args.seeds if label.startswith("VA") else args.ablation_seeds) + 1)]
+    jobs = [
+        (label, seed)
+        for label in ROWS
+        for seed in range(1, (args.seeds if label.startswith("VA") else args.ablation_seeds) + 1)
+    ]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda job: run(job[0], ROWS[job[0]], job[1], args.iterations, args.samples, out), jobs))
     for r in runs:
-        print(f"{r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} -> {r['fid_proxy']:.1f}, digit acc {r['base_digit_acc']:.3f} -> {r['digit_acc']:.3f}, "
-              f"tf MSE {r['base_tf_mse']:.4f} -> {r['tf_mse']:.4f}", flush=True)
+        print(
+            f"{r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} -> {r['fid_proxy']:.1f}, digit acc {r['base_digit_acc']:.3f} -> {r['digit_acc']:.3f}, "
+            f"tf MSE {r['base_tf_mse']:.4f} -> {r['tf_mse']:.4f}",
+            flush=True,
+        )
 
     def ms(values):
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+        return (
+            f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+            if len(values) > 1
+            else f"{values[0]:.3f}"
+        )
 
     def mf(values):
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+        return (
+            f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+            if len(values) > 1
+            else f"{values[0]:.1f}"
+        )
 
     base = [r for r in runs if r["label"].startswith("VA")]
     floor = statistics.mean(r["tokenizer_floor_fid_proxy"] for r in runs)
@@ -92,8 +113,10 @@ def main() -> None:
     ]
     for label in ROWS:
         rs = [r for r in runs if r["label"] == label]
-        lines.append(f"| {label} | {len(rs)} | {mf([r['fid_proxy'] for r in rs])} | {mf([r['is_proxy'] for r in rs])} | {ms([r['digit_acc'] for r in rs])} | "
-                     f"{ms([r['colour_acc'] for r in rs])} | {ms([r['tf_mse'] for r in rs])} | {statistics.mean(r['minutes'] for r in rs):.1f} |")
+        lines.append(
+            f"| {label} | {len(rs)} | {mf([r['fid_proxy'] for r in rs])} | {mf([r['is_proxy'] for r in rs])} | {ms([r['digit_acc'] for r in rs])} | "
+            f"{ms([r['colour_acc'] for r in rs])} | {ms([r['tf_mse'] for r in rs])} | {statistics.mean(r['minutes'] for r in rs):.1f} |"
+        )
     drop = [1 - r["fid_proxy"] / r["base_fid_proxy"] for r in base]
     acc_ok = [r["digit_acc"] >= r["base_digit_acc"] for r in base]
     lines += [
@@ -105,9 +128,11 @@ def main() -> None:
         "",
     ]
     for r in runs:
-        lines.append(f"- {r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} → {r['fid_proxy']:.1f}, IS {r['base_is_proxy']:.2f} → {r['is_proxy']:.2f}, "
-                     f"digit acc {r['base_digit_acc']:.3f} → {r['digit_acc']:.3f}, tf MSE {r['base_tf_mse']:.4f} → {r['tf_mse']:.4f}, "
-                     f"training reward {r['reward_first']:.4f} → {r['reward_last']:.4f}, {r['minutes']:.1f} min")
+        lines.append(
+            f"- {r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} → {r['fid_proxy']:.1f}, IS {r['base_is_proxy']:.2f} → {r['is_proxy']:.2f}, "
+            f"digit acc {r['base_digit_acc']:.3f} → {r['digit_acc']:.3f}, tf MSE {r['base_tf_mse']:.4f} → {r['tf_mse']:.4f}, "
+            f"training reward {r['reward_first']:.4f} → {r['reward_last']:.4f}, {r['minutes']:.1f} min"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

@@ -24,12 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from rlprox.models.llamagen import Transformer, VQModel, generate  # noqa: E402
 from rlprox.zoo.build import build, build_info, build_order, model_dir  # noqa: E402
 from rlprox.zoo.classifier import DigitsClassifier  # noqa: E402
 from rlprox.zoo.data import load_digits_world  # noqa: E402
-from rlprox.models.llamagen import Transformer, VQModel, generate  # noqa: E402
 from rlprox.zoo.metrics import (  # noqa: E402
-    conditional_accuracy, fid_floor, fid_proxy, is_proxy, kid_proxy, real_like,
+    conditional_accuracy,
+    fid_floor,
+    fid_proxy,
+    is_proxy,
+    kid_proxy,
+    real_like,
 )
 from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
 from rlprox.zoo.vq import encode_tokens  # noqa: E402
@@ -55,8 +60,7 @@ def main() -> int:
         cached = model_dir(name, args.seed, args.micro).is_dir()
         paths[name] = build(name, seed=args.seed, micro=args.micro, force=not args.reuse)
         seconds[name] = build_info(paths[name])["build_seconds"]
-        print(f"{name}: {'reused' if args.reuse and cached else 'built'} "
-              f"({seconds[name]} s)", flush=True)
+        print(f"{name}: {'reused' if args.reuse and cached else 'built'} ({seconds[name]} s)", flush=True)
     wall = time.perf_counter() - total_start
 
     # ------------------------------------------------------------------ EVALUATE
@@ -75,20 +79,26 @@ def main() -> int:
 
     def evaluate(model: str, setting: str, images: torch.Tensor, ms_per_image: float):
         acc = conditional_accuracy(images, digits, colours, clf)
-        rows.append((
-            model, setting, f"{acc['alignment']:.3f}", f"{acc['digit_acc']:.3f}",
-            f"{acc['colour_acc']:.3f}", f"{fid_proxy(held.images, images, clf):.1f}",
-            f"{kid_proxy(held.images, images, clf):.3f}", f"{is_proxy(images, clf):.2f}",
-            f"{ms_per_image:.1f}",
-        ))
+        rows.append(
+            (
+                model,
+                setting,
+                f"{acc['alignment']:.3f}",
+                f"{acc['digit_acc']:.3f}",
+                f"{acc['colour_acc']:.3f}",
+                f"{fid_proxy(held.images, images, clf):.1f}",
+                f"{kid_proxy(held.images, images, clf):.3f}",
+                f"{is_proxy(images, clf):.2f}",
+                f"{ms_per_image:.1f}",
+            )
+        )
         print(" | ".join(rows[-1]), flush=True)
 
     pipe = load_sd_pipeline(paths["digits-sd"])
     for cfg in args.sd_cfg:
         t = time.perf_counter()
         images = sample_sd(pipe, prompts, seed=args.seed, guidance_scale=cfg)
-        evaluate("digits-sd", f"cfg {cfg:g}, 20 DDIM steps", images,
-                 1000 * (time.perf_counter() - t) / args.n)
+        evaluate("digits-sd", f"cfg {cfg:g}, 20 DDIM steps", images, 1000 * (time.perf_counter() - t) / args.n)
 
     vq = VQModel.from_pretrained(paths["digits-vq"])
     gpt = Transformer.from_pretrained(paths["digits-gpt"])
@@ -99,8 +109,7 @@ def main() -> int:
         t = time.perf_counter()
         g = torch.Generator().manual_seed(args.seed)
         images = vq.decode_code(generate(gpt, classes, cfg_scale=cfg, generator=g))
-        evaluate("digits-gpt", f"cfg {cfg:g}, temperature 1", images,
-                 1000 * (time.perf_counter() - t) / args.n)
+        evaluate("digits-gpt", f"cfg {cfg:g}, temperature 1", images, 1000 * (time.perf_counter() - t) / args.n)
     evaluate("real train images", "same classes = the floor", real, 0.0)
     with torch.no_grad():
         real_recon = vq.decode_code(encode_tokens(vq, real))
@@ -129,8 +138,12 @@ def main() -> int:
         f"classifier digit acc on reconstructions {vq_recon_acc:.3f} |",
         f"| digits-gpt | {seconds['digits-gpt']} | (below) |",
         f"| **all** | **{sum(seconds.values()):.0f}** | "
-        + ("(cached builds reused; this run built nothing)" if args.reuse and wall < 60
-           else f"wall for this run's builds: {wall:.0f} s") + " |",
+        + (
+            "(cached builds reused; this run built nothing)"
+            if args.reuse and wall < 60
+            else f"wall for this run's builds: {wall:.0f} s"
+        )
+        + " |",
         "",
         f"## Generators (N = {args.n} held-out prompts/classes)",
         "",

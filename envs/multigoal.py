@@ -27,7 +27,17 @@ def ring(n: int, radius: float = 5.0) -> tuple[tuple[float, float], ...]:
 class MultiGoal(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, goals=FOUR_GOALS, action_cost: float = 30.0, distance_cost: float = 1.0, goal_reward: float = 10.0, goal_radius: float = 1.0, horizon: int = 30, bound: float = 7.0, init_std: float = 0.1):
+    def __init__(
+        self,
+        goals=FOUR_GOALS,
+        action_cost: float = 30.0,
+        distance_cost: float = 1.0,
+        goal_reward: float = 10.0,
+        goal_radius: float = 1.0,
+        horizon: int = 30,
+        bound: float = 7.0,
+        init_std: float = 0.1,
+    ):
         self.goals = np.asarray(goals, np.float64).reshape(-1, 2)
         if len(self.goals) == 0:
             raise ValueError("MultiGoal needs at least one goal")

@@ -126,7 +126,12 @@ def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def parameter_names(modules: dict, unwrap=lambda m: m) -> dict[int, str]:
     """id(parameter) -> "<module>.<param>" for every trainable parameter."""
-    return {id(p): f"{name}.{pname}" for name, m in modules.items() for pname, p in unwrap(m).named_parameters() if p.requires_grad}
+    return {
+        id(p): f"{name}.{pname}"
+        for name, m in modules.items()
+        for pname, p in unwrap(m).named_parameters()
+        if p.requires_grad
+    }
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -137,7 +142,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> 
     numbers: dict[str, dict] = {}
     groups = []
     for group in optimizer.param_groups:
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
+        groups.append(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+        )
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value):
@@ -147,7 +154,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> 
     return tensors, {"param_groups": groups, "state": numbers}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], state: dict, file: Path) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], state: dict, file: Path
+) -> None:
     """Restore ``optimizer_state``'s output into ``optimizer`` (whose parameters must have
     the same names, in the same groups), re-sharding tensors of FSDP parameters."""
     saved = [g["params"] for g in state["param_groups"]]
@@ -200,7 +209,12 @@ def set_rng_state(json_state: dict, tensors: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))]
+        states = [
+            tensors[k]
+            for k in sorted(
+                (k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1])
+            )
+        ]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
 
@@ -265,7 +279,9 @@ def save(engine) -> Path:
     _write_json(tmp / f"rank-{rank}.json", {"rng": rng["json"], "engine": runtime_json, "algo": algo_json})
     # collectives under FSDP: every process gathers, rank 0 writes
     weights = module_weights(engine.algo.modules, acc.unwrap_model)
-    optim_tensors, optim_json = optimizer_state(_base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model))
+    optim_tensors, optim_json = optimizer_state(
+        _base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model)
+    )
     acc.wait_for_everyone()
 
     if acc.is_main_process:
@@ -274,7 +290,10 @@ def save(engine) -> Path:
         _write_json(tmp / "optimizer.json", optim_json)
         _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
         (tmp / "recipe.yaml").write_text(dump_recipe(engine.recipe))
-        frozen_params = {name: sum(1 for _, p in acc.unwrap_model(m).named_parameters() if not p.requires_grad) for name, m in engine.algo.modules.items()}
+        frozen_params = {
+            name: sum(1 for _, p in acc.unwrap_model(m).named_parameters() if not p.requires_grad)
+            for name, m in engine.algo.modules.items()
+        }
         _write_json(
             tmp / "state.json",
             {
@@ -344,7 +363,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(_require(path)))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(path, f"corrupt or truncated safetensors file ({str(err).splitlines()[0][:80]})") from None
+        raise CheckpointError(
+            path, f"corrupt or truncated safetensors file ({str(err).splitlines()[0][:80]})"
+        ) from None
 
 
 def read_recipe(path: Path, overrides: list[str] | None = None):
@@ -373,11 +394,16 @@ def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda 
         try:
             result = module.load_state_dict(sub, strict=False)
         except RuntimeError as err:
-            raise CheckpointError(file, f"weights do not match module {name!r} ({str(err).splitlines()[0][:120]})") from None
+            raise CheckpointError(
+                file, f"weights do not match module {name!r} ({str(err).splitlines()[0][:120]})"
+            ) from None
         missing = [k for k in result.missing_keys if k in expected]
         if missing or result.unexpected_keys:
             problem = f"missing {missing[0]!r}" if missing else f"unexpected {result.unexpected_keys[0]!r}"
-            raise CheckpointError(file, f"weights do not match module {name!r} ({problem}; {len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+            raise CheckpointError(
+                file,
+                f"weights do not match module {name!r} ({problem}; {len(missing)} missing, {len(result.unexpected_keys)} unexpected)",
+            )
     stray = sorted(set(weights) - names)
     if stray:
         raise CheckpointError(file, f"holds weights of a module this recipe does not build ({stray[0]!r})")
@@ -389,14 +415,24 @@ def load(engine, path: Path) -> None:
     acc = engine.accelerator
     state = read_json(path / "state.json")
     if state.get("num_processes", 1) != acc.num_processes:
-        raise CheckpointError(path, f"saved with {state.get('num_processes')} processes, resuming with {acc.num_processes}")
+        raise CheckpointError(
+            path, f"saved with {state.get('num_processes')} processes, resuming with {acc.num_processes}"
+        )
     load_weights(path, engine.algo.modules, acc.unwrap_model)
     file = path / "optimizer.safetensors"
     tensors, optim_json = read_tensors(file), read_json(path / "optimizer.json")
     try:
-        load_optimizer_state(_base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model), tensors, optim_json, file)
+        load_optimizer_state(
+            _base_optimizer(engine.optimizer),
+            parameter_names(engine.algo.modules, acc.unwrap_model),
+            tensors,
+            optim_json,
+            file,
+        )
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(file, f"does not match this recipe's parameters ({str(err).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            file, f"does not match this recipe's parameters ({str(err).splitlines()[0][:120]})"
+        ) from None
     try:
         engine.scheduler.load_state_dict(read_json(path / "scheduler.json"))
     except (ValueError, KeyError, TypeError) as err:

@@ -41,7 +41,11 @@ def cmd_train(args) -> int:
         summary = f"done: {recipe.run.name}, {engine.state.iteration} iterations"
         if "progress/env_steps" in stats:
             summary += f", {int(stats['progress/env_steps'])} env steps"
-        shown = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith("eval/") and not k.endswith(("_std", "/count"))}
+        shown = {
+            k.split("/", 1)[1]: v
+            for k, v in stats.items()
+            if k.startswith("eval/") and not k.endswith(("_std", "/count"))
+        }
         if not shown and "reward/episodic_return" in stats:
             shown = {"training return": stats["reward/episodic_return"]}
         summary += "".join(f", {k} {v:.4g}" for k, v in shown.items())
@@ -93,12 +97,37 @@ def cmd_eval(args) -> int:
         for name, batch in images.items():
             from rlprox.images import save_image_grid
 
-            written.append(save_image_grid(batch, path / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0)))
-        scalar_values = {k.lstrip("_"): v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)}
-        result = {"checkpoint": str(path), "algo": spec.name, "unit": spec.eval_unit, "seed": seed, **info, **stats, **extra, "values": scalar_values, "images": [str(p) for p in written]}
+            written.append(
+                save_image_grid(batch, path / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0))
+            )
+        scalar_values = {
+            k.lstrip("_"): v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)
+        }
+        result = {
+            "checkpoint": str(path),
+            "algo": spec.name,
+            "unit": spec.eval_unit,
+            "seed": seed,
+            **info,
+            **stats,
+            **extra,
+            "values": scalar_values,
+            "images": [str(p) for p in written],
+        }
         result.pop("grid_cols", None)
         (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        rows = [("checkpoint", str(path)), (spec.eval_unit, str(int(stats.get("eval/count", 0))) + (f" ({'deterministic' if info['deterministic'] else 'stochastic'})" if "deterministic" in info else ""))]
+        rows = [
+            ("checkpoint", str(path)),
+            (
+                spec.eval_unit,
+                str(int(stats.get("eval/count", 0)))
+                + (
+                    f" ({'deterministic' if info['deterministic'] else 'stochastic'})"
+                    if "deterministic" in info
+                    else ""
+                ),
+            ),
+        ]
         for key in values:
             if f"eval/{key}" in stats and f"eval/{key}_std" in stats:
                 rows.append((key, f"{stats[f'eval/{key}']:.4g} ± {stats[f'eval/{key}_std']:.3g}"))
@@ -155,43 +184,88 @@ def cmd_rewards(args) -> int:
     width = max((len(n) for n in found), default=0)
     for name, description in found.items():
         print(f"{name:<{width}}  {description}")
-    print("custom rewards: \"module:function\" with fn(images, prompts, metadata) -> Tensor[B]")
+    print('custom rewards: "module:function" with fn(images, prompts, metadata) -> Tensor[B]')
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from rlprox.algos import TRAINERS
 
-    parser = argparse.ArgumentParser(prog="rlprox", description=f"Policy-optimization training on one accelerate engine. Trainers (recipe `algo:`): {', '.join(TRAINERS.names())}. Also the offline digits model zoo.")
+    parser = argparse.ArgumentParser(
+        prog="rlprox",
+        description=f"Policy-optimization training on one accelerate engine. Trainers (recipe `algo:`): {', '.join(TRAINERS.names())}. Also the offline digits model zoo.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train from a YAML recipe", description="Train from a YAML recipe. Any field can be overridden: rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50")
+    train = sub.add_parser(
+        "train",
+        help="train from a YAML recipe",
+        description="Train from a YAML recipe. Any field can be overridden: rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50",
+    )
     train.add_argument("recipe", help="path to a recipe YAML (see `rlprox recipes`)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (values are YAML)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of the run (same as run.resume=auto)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint of the run (same as run.resume=auto)",
+    )
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (any trainer)", description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo) take --episodes and --deterministic/--stochastic; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.")
-    ev.add_argument("checkpoint", help="checkpoint folder (…/checkpoints/iter-000097) or a run folder (its newest checkpoint)")
-    ev.add_argument("--episodes", type=int, default=None, help="env trainers: number of episodes (default: the recipe's run.eval_size, else 10)")
-    ev.add_argument("--num-samples", type=int, default=None, help="generative trainers: number of samples (default: the recipe's run.eval_size)")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (any trainer)",
+        description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo) take --episodes and --deterministic/--stochastic; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.",
+    )
+    ev.add_argument(
+        "checkpoint", help="checkpoint folder (…/checkpoints/iter-000097) or a run folder (its newest checkpoint)"
+    )
+    ev.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="env trainers: number of episodes (default: the recipe's run.eval_size, else 10)",
+    )
+    ev.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="generative trainers: number of samples (default: the recipe's run.eval_size)",
+    )
     ev.add_argument("--prompts", default=None, help="generative trainers: a text file with one prompt per line")
     mode = ev.add_mutually_exclusive_group()
-    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=None, help="env trainers: take the mode of the policy (default: the recipe's setting)")
+    mode.add_argument(
+        "--deterministic",
+        dest="deterministic",
+        action="store_true",
+        default=None,
+        help="env trainers: take the mode of the policy (default: the recipe's setting)",
+    )
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="env trainers: sample actions")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the recipe's seed)")
     ev.set_defaults(func=cmd_eval)
 
-    ex = sub.add_parser("export", help="export a checkpoint in its ecosystem's format", description="Write the trained model of a checkpoint in the format its ecosystem loads (trainers that define one).")
+    ex = sub.add_parser(
+        "export",
+        help="export a checkpoint in its ecosystem's format",
+        description="Write the trained model of a checkpoint in the format its ecosystem loads (trainers that define one).",
+    )
     ex.add_argument("checkpoint", help="checkpoint folder or run folder")
     ex.add_argument("out_dir", help="output folder")
     ex.set_defaults(func=cmd_export)
 
-    rec = sub.add_parser("recipes", help="list recipes with one-line descriptions", description="List the YAML recipes shipped in recipes/.")
+    rec = sub.add_parser(
+        "recipes",
+        help="list recipes with one-line descriptions",
+        description="List the YAML recipes shipped in recipes/.",
+    )
     rec.add_argument("--root", default=None, help="recipes folder (default: the project's recipes/)")
     rec.set_defaults(func=cmd_recipes)
 
-    rew = sub.add_parser("rewards", help="list registered reward functions", description="List the registered reward functions (for the generative trainers).")
+    rew = sub.add_parser(
+        "rewards",
+        help="list registered reward functions",
+        description="List the registered reward functions (for the generative trainers).",
+    )
     rew.set_defaults(func=cmd_rewards)
 
     from rlprox.zoo.cli import add_zoo_parser
@@ -227,10 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as err:
-        extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get((err.name or "").split(".")[0])
+        extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get(
+            (err.name or "").split(".")[0]
+        )
         if extra is None:
             raise
-        print(f"error: this needs the optional package {err.name.split('.')[0]!r}: pip install 'rlprox[{extra}]'", file=sys.stderr)
+        print(
+            f"error: this needs the optional package {err.name.split('.')[0]!r}: pip install 'rlprox[{extra}]'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except Exception as err:
         if type(err).__name__ != "DependencyNotInstalled":  # gymnasium: e.g. MuJoCo envs without mujoco

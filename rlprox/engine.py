@@ -40,7 +40,6 @@ from rlprox.prox.regularizers import full_tensor
 from rlprox.recipe import Recipe
 from rlprox.runtime import EvalRequest, EvalShard, Runtime, make_runtime, shard  # noqa: F401  (the contract types, re-exported)
 
-
 # ============================================================================ the contract
 
 
@@ -150,7 +149,14 @@ def hook(algo: Any, name: str, default: Any = None) -> Any:
     return getattr(algo, name, default)
 
 
-def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, deterministic: bool | None = None, prompts: list[str] | None = None):
+def run_evaluation(
+    algo,
+    accelerator: Accelerator,
+    total: int,
+    seed: int,
+    deterministic: bool | None = None,
+    prompts: list[str] | None = None,
+):
     """Sharded evaluation: every process evaluates its share, shards are gathered;
     returns (stats with "eval/" keys, per-item values, images, info) on every rank.
     Scalar values become ``eval/<key>`` (mean) and ``eval/<key>_std``, except keys that
@@ -158,13 +164,27 @@ def run_evaluation(algo, accelerator: Accelerator, total: int, seed: int, determ
     evaluate = hook(algo, "evaluate")
     rank, world = accelerator.process_index, accelerator.num_processes
     start, num = shard(total, rank, world)
-    request = EvalRequest(total=total, num=num, start=start, seed=seed, rank=rank, world=world, deterministic=deterministic, prompts=prompts)
+    request = EvalRequest(
+        total=total,
+        num=num,
+        start=start,
+        seed=seed,
+        rank=rank,
+        world=world,
+        deterministic=deterministic,
+        prompts=prompts,
+    )
     result = evaluate(request) if num > 0 else EvalShard()
     shards = [result]
     if world > 1:
         from accelerate.utils import gather_object
 
-        payload = {"values": result.values, "images": {k: v.detach().cpu() for k, v in result.images.items()}, "info": result.info, "grid_cols": result.grid_cols}
+        payload = {
+            "values": result.values,
+            "images": {k: v.detach().cpu() for k, v in result.images.items()},
+            "info": result.info,
+            "grid_cols": result.grid_cols,
+        }
         shards = [EvalShard(**s) for s in gather_object([payload])]
     values: dict[str, list] = {}
     images: dict[str, list] = {}
@@ -195,11 +215,19 @@ def build_optimizer(groups, optim) -> torch.optim.Optimizer:
     parameters or of param-group dicts)."""
     groups = list(groups)
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = {"fused": True} if params and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) else {}
+    fused = (
+        {"fused": True}
+        if params and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+        else {}
+    )
     if optim.name == "adam":
-        return torch.optim.Adam(groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused)
+        return torch.optim.Adam(
+            groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused
+        )
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused)
+        return torch.optim.AdamW(
+            groups, lr=optim.lr, eps=optim.eps, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **fused
+        )
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
@@ -210,7 +238,13 @@ def _no_decay_ids(modules: Iterable[nn.Module]) -> set[int]:
         for sub in module.modules():
             kind = type(sub).__name__
             for name, p in sub.named_parameters(recurse=False):
-                if p.ndim < 2 or name.endswith("bias") or isinstance(sub, nn.Embedding) or "Norm" in kind or "Embedding" in kind:
+                if (
+                    p.ndim < 2
+                    or name.endswith("bias")
+                    or isinstance(sub, nn.Embedding)
+                    or "Norm" in kind
+                    or "Embedding" in kind
+                ):
                     out.add(id(p))
     return out
 
@@ -231,7 +265,9 @@ def optimizer_groups(algo, optim) -> list[dict]:
             seen[id(p)] = i
     missing = [p for p in trainable if id(p) not in seen]
     if missing or len(seen) != len({id(p) for p in trainable}):
-        raise ValueError(f"param_groups(): the groups must hold exactly the trainable parameters ({len(missing)} missing)")
+        raise ValueError(
+            f"param_groups(): the groups must hold exactly the trainable parameters ({len(missing)} missing)"
+        )
     if optim.decay_all:
         return groups
     no_decay = _no_decay_ids(modules)
@@ -342,8 +378,9 @@ class SharedMemoryAverager(GradientAverager):
 
     def __init__(self, params: list[torch.nn.Parameter], world: int, rank: int, timeout: float = 600.0):
         super().__init__(params, world, bucket_numel=1 << 62)
-        import torch.distributed as dist
         from multiprocessing import shared_memory
+
+        import torch.distributed as dist
 
         self.rank, self.timeout = rank, timeout
         numel = [flat.numel() for flat in self.buffers]
@@ -410,7 +447,9 @@ class SharedMemoryAverager(GradientAverager):
                     if start is None:
                         start = time.monotonic()
                     elif spins % 4096 == 0 and time.monotonic() - start > self.timeout:
-                        raise RuntimeError(f"process {j} did not reach gradient step {k} within {self.timeout:.0f} s (it died or hangs)")
+                        raise RuntimeError(
+                            f"process {j} did not reach gradient step {k} within {self.timeout:.0f} s (it died or hangs)"
+                        )
 
     def close(self) -> None:
         self.slots_shared, self.seq = [], None
@@ -431,7 +470,15 @@ def _untrack(shm) -> None:
         pass
 
 
-def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimizer, max_grad_norm: float, params: list | None = None, sync: GradientAverager | None = None) -> torch.Tensor | None:
+def optimizer_step(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    modules,
+    optimizer,
+    max_grad_norm: float,
+    params: list | None = None,
+    sync: GradientAverager | None = None,
+) -> torch.Tensor | None:
     """The one place that does backward + gradient sync + grad clipping + optimizer step.
 
     Runs under ``accelerator.accumulate``: with N accumulation steps, N calls make one
@@ -452,7 +499,9 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, modules, optimi
         if sync is not None:
             sync()
         if max_grad_norm > 0:
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm, foreach=True))
+            grad_norm = full_tensor(
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm, foreach=True)
+            )
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.step()
         if sync is not None:
@@ -513,7 +562,12 @@ class StatSums:
         if not self.values:
             return {}
         keys = sorted(self.values)
-        vec = torch.stack([torch.stack([torch.as_tensor(x, device=device).float().reshape(()) for x in self.values[k]]).mean() for k in keys])
+        vec = torch.stack(
+            [
+                torch.stack([torch.as_tensor(x, device=device).float().reshape(()) for x in self.values[k]]).mean()
+                for k in keys
+            ]
+        )
         return dict(zip(keys, vec.tolist()))
 
 
@@ -551,7 +605,9 @@ def reduce_stats(stats: dict[str, float], reductions: dict[str, str], accelerato
         device = accelerator.device
         sums_t = accelerator.reduce(sums_t.to(device), reduction="sum").cpu()
         if world * float(sums_t[-1]) != float(sums_t[-2]) ** 2:
-            raise RuntimeError("iteration stats differ in their keys across processes; every process must return the same keys (NaN where it has no value)")
+            raise RuntimeError(
+                "iteration stats differ in their keys across processes; every process must return the same keys (NaN where it has no value)"
+            )
         if ext_keys:
             ext_t = ext_t.to(device)
             dist.all_reduce(ext_t, op=dist.ReduceOp.MAX)
@@ -592,9 +648,15 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
 
     use_cpu = run.cpu or not torch.cuda.is_available()
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise RecipeError("run", "accelerate's FSDP launch config is not used: launch with recipes/accelerate/multi_gpu.yaml (or multi_cpu.yaml) and set run.grad_sync=fsdp; the engine shards the trained modules itself (torch FSDP2)")
+        raise RecipeError(
+            "run",
+            "accelerate's FSDP launch config is not used: launch with recipes/accelerate/multi_gpu.yaml (or multi_cpu.yaml) and set run.grad_sync=fsdp; the engine shards the trained modules itself (torch FSDP2)",
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise RecipeError("run", "DeepSpeed is not supported by the rlprox engine; use run.grad_sync=fsdp to shard parameters, gradients and optimizer state")
+        raise RecipeError(
+            "run",
+            "DeepSpeed is not supported by the rlprox engine; use run.grad_sync=fsdp to shard parameters, gradients and optimizer state",
+        )
     # A process may build several engines (tests, notebooks, benchmarks) with different
     # precision settings: start from a clean accelerator state each time, keeping the
     # distributed one (PartialState).
@@ -605,7 +667,14 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
     kwargs = {}
     if run.grad_sync == "ddp":
         ddp = run.ddp
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=ddp.find_unused_parameters, bucket_cap_mb=ddp.bucket_cap_mb, static_graph=ddp.static_graph, gradient_as_bucket_view=ddp.gradient_as_bucket_view)]
+        kwargs["kwargs_handlers"] = [
+            DistributedDataParallelKwargs(
+                find_unused_parameters=ddp.find_unused_parameters,
+                bucket_cap_mb=ddp.bucket_cap_mb,
+                static_graph=ddp.static_graph,
+                gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+            )
+        ]
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -613,12 +682,17 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
         # (MULTI_CPU, gloo); otherwise every process would train alone
         cpu=use_cpu,
         log_with=list(run.log_with) or None,
-        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")) if project_dir else None,
+        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs"))
+        if project_dir
+        else None,
         **kwargs,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise RecipeError("run", f"{launched} processes were launched but accelerate joined {accelerator.num_processes} (distributed type {accelerator.distributed_type.value}); use recipes/accelerate/multi_cpu.yaml or multi_gpu.yaml")
+        raise RecipeError(
+            "run",
+            f"{launched} processes were launched but accelerate joined {accelerator.num_processes} (distributed type {accelerator.distributed_type.value}); use recipes/accelerate/multi_cpu.yaml or multi_gpu.yaml",
+        )
     return accelerator
 
 
@@ -659,7 +733,11 @@ def forward_methods(module: nn.Module) -> list[str]:
     for cls in type(module).__mro__:
         if cls is nn.Module or cls.__module__.split(".")[0] in _LIBRARY_PACKAGES:
             continue
-        names |= {name for name, value in vars(cls).items() if inspect.isfunction(value) and not name.startswith("_") and name != "forward"}
+        names |= {
+            name
+            for name, value in vars(cls).items()
+            if inspect.isfunction(value) and not name.startswith("_") and name != "forward"
+        }
     return sorted(names)
 
 
@@ -749,7 +827,9 @@ class Engine:
         self.base_optimizer = build_optimizer(optimizer_groups(self.algo, recipe.optim), recipe.optim)
         self.optimizer = self._wrap_regularizers(self.base_optimizer)
         self.runtime.loss_regularizers = [r for r in self.regularizers if r.mode == "loss"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.optim.schedule, run.iterations, recipe.optim.warmup_iterations))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(recipe.optim.schedule, run.iterations, recipe.optim.warmup_iterations)
+        )
         self.ddp = run.grad_sync == "ddp" and acc.num_processes > 1
         if self.ddp:
             prepared = acc.prepare(*[self.algo.modules[n] for n in self.names], self.optimizer)
@@ -761,10 +841,19 @@ class Engine:
         self.params = [p for n in self.names for p in self.algo.modules[n].parameters() if p.requires_grad]
         self._sync = None
         if not self.ddp and not self.fsdp and acc.num_processes > 1:
-            use_shm = run.grad_sync == "shm" or (run.grad_sync == "auto" and SharedMemoryAverager.usable(self.params, acc.num_processes))
+            use_shm = run.grad_sync == "shm" or (
+                run.grad_sync == "auto" and SharedMemoryAverager.usable(self.params, acc.num_processes)
+            )
             if run.grad_sync == "shm" and not SharedMemoryAverager.usable(self.params, acc.num_processes):
-                raise RecipeError("run.grad_sync", "shm needs every process on one x86-64 host with CPU parameters; use auto or allreduce")
-            self._sync = SharedMemoryAverager(self.params, acc.num_processes, acc.process_index) if use_shm else GradientAverager(self.params, acc.num_processes)
+                raise RecipeError(
+                    "run.grad_sync",
+                    "shm needs every process on one x86-64 host with CPU parameters; use auto or allreduce",
+                )
+            self._sync = (
+                SharedMemoryAverager(self.params, acc.num_processes, acc.process_index)
+                if use_shm
+                else GradientAverager(self.params, acc.num_processes)
+            )
         self.state = TrainState()
         self.tracker = tracking.Tracker(acc, self.run_dir, recipe, curve=hook(self.algo, "curve"))
 
@@ -776,10 +865,22 @@ class Engine:
             return optimizer
         from rlprox.prox.attach import attach_regularizers
 
-        named = {f"{name}.{pname}": p for name, m in self.algo.modules.items() for pname, p in m.named_parameters() if p.requires_grad}
-        frozen_names = [f"{name}.{pname}" for name, m in self.algo.modules.items() for pname, p in m.named_parameters() if not p.requires_grad]
+        named = {
+            f"{name}.{pname}": p
+            for name, m in self.algo.modules.items()
+            for pname, p in m.named_parameters()
+            if p.requires_grad
+        }
+        frozen_names = [
+            f"{name}.{pname}"
+            for name, m in self.algo.modules.items()
+            for pname, p in m.named_parameters()
+            if not p.requires_grad
+        ]
         frozen_names += [f"{name}.{pname}" for name, m in self.frozen.items() for pname, _ in m.named_parameters()]
-        optimizer, self.regularizers = attach_regularizers(optimizer, named, self.recipe.regularizers, frozen_names, sharded=self.fsdp)
+        optimizer, self.regularizers = attach_regularizers(
+            optimizer, named, self.recipe.regularizers, frozen_names, sharded=self.fsdp
+        )
         return optimizer
 
     # ------------------------------------------------------------------ the loop
@@ -803,7 +904,9 @@ class Engine:
                         penalty = reg.loss_penalty()
                         if penalty is not None:
                             loss = loss + penalty
-                grad_norm = optimizer_step(acc, loss, modules, self.optimizer, self.recipe.optim.max_grad_norm, self.params, self._sync)
+                grad_norm = optimizer_step(
+                    acc, loss, modules, self.optimizer, self.recipe.optim.max_grad_norm, self.params, self._sync
+                )
                 if acc.sync_gradients:
                     self.state.optimizer_steps += 1
                 stats = dict(stats)
@@ -822,7 +925,11 @@ class Engine:
 
     def gathered(self):
         """Whole parameters for sampling (``gathered``); a no-op unless FSDP shards them."""
-        return gathered(self.algo.modules.values(), self.recipe.run.fsdp.reshard_after_forward) if self.fsdp else contextlib.nullcontext()
+        return (
+            gathered(self.algo.modules.values(), self.recipe.run.fsdp.reshard_after_forward)
+            if self.fsdp
+            else contextlib.nullcontext()
+        )
 
     def evaluate(self, total: int, step: int | None = None) -> dict[str, float]:
         with self.gathered():
@@ -917,11 +1024,18 @@ def _claim_run_dir(recipe: Recipe) -> None:
     import shutil
 
     run_dir = recipe.run_dir
-    holds_run = bool(checkpoint.list_checkpoints(run_dir)) or (run_dir / "metrics.jsonl").exists() or (run_dir / "logs").exists()
+    holds_run = (
+        bool(checkpoint.list_checkpoints(run_dir))
+        or (run_dir / "metrics.jsonl").exists()
+        or (run_dir / "logs").exists()
+    )
     if recipe.run.resume != "never" or not holds_run:
         return
     if not recipe.run.overwrite:
-        raise RecipeError("run.name", f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), start another with run.name=NEW, or replace it with run.overwrite=true")
+        raise RecipeError(
+            "run.name",
+            f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), start another with run.name=NEW, or replace it with run.overwrite=true",
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(checkpoint.checkpoint_dir(run_dir), ignore_errors=True)
         shutil.rmtree(run_dir / "logs", ignore_errors=True)

@@ -34,7 +34,9 @@ class EnvConfig:
     """A gymnasium vector env. Each process steps its own ``num_envs`` copies."""
 
     id: str = "CartPole-v1"  # gymnasium id, or "module:Class" / "module:function" returning an Env
-    imports: list[str] = field(default_factory=list)  # modules to import first so they register their envs (e.g. gymnasium_robotics)
+    imports: list[str] = field(
+        default_factory=list
+    )  # modules to import first so they register their envs (e.g. gymnasium_robotics)
     num_envs: int = 8  # envs per process
     vectorization: Literal["sync", "async"] = "sync"
     kwargs: dict = field(default_factory=dict)  # passed to gym.make / the class
@@ -82,7 +84,9 @@ def validate_env(env: EnvConfig, key: str = "env") -> None:
         import rlprox.envs  # noqa: F401  registers the rlprox/ namespace
 
         if env.id not in gym.registry:
-            raise RecipeError(f"{key}.id", f"unknown gymnasium env {env.id!r}{did_you_mean(env.id, gym.registry.keys())}")
+            raise RecipeError(
+                f"{key}.id", f"unknown gymnasium env {env.id!r}{did_you_mean(env.id, gym.registry.keys())}"
+            )
     for i, wrapper in enumerate(env.wrappers):
         _resolve(wrapper, f"{key}.wrappers[{i}]")
 
@@ -157,7 +161,9 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
     return make
 
 
-def make_vec_env(cfg: EnvConfig, num_envs: int | None = None, vectorization: str | None = None) -> gym.vector.VectorEnv:
+def make_vec_env(
+    cfg: EnvConfig, num_envs: int | None = None, vectorization: str | None = None
+) -> gym.vector.VectorEnv:
     n = num_envs or cfg.num_envs
     fns = [_env_factory(cfg, i) for i in range(n)]
     mode = gym.vector.AutoresetMode.SAME_STEP
@@ -201,7 +207,9 @@ class RunningMeanStd:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
-        self.d_mean, self.d_var, self.d_count = self.merge(self.d_mean, self.d_var, self.d_count, x.mean(0), x.var(0), x.shape[0])
+        self.d_mean, self.d_var, self.d_count = self.merge(
+            self.d_mean, self.d_var, self.d_count, x.mean(0), x.var(0), x.shape[0]
+        )
 
     def stats(self):
         return self.merge(self.mean, self.var, self.count, self.d_mean, self.d_var, self.d_count)
@@ -215,7 +223,11 @@ class RunningMeanStd:
         order on every rank, so every rank ends with identical statistics)."""
         size = self.mean.size
         for vec in deltas:
-            m, v, c = vec[:size].reshape(self.mean.shape), vec[size : 2 * size].reshape(self.mean.shape), float(vec[-1])
+            m, v, c = (
+                vec[:size].reshape(self.mean.shape),
+                vec[size : 2 * size].reshape(self.mean.shape),
+                float(vec[-1]),
+            )
             self.mean, self.var, self.count = self.merge(self.mean, self.var, self.count, m, v, c)
         self._reset_delta()
 
@@ -391,7 +403,11 @@ class GymRollout:
             "reward/episodic_length": float(np.mean([l for _, l in self.finished])) if n else float("nan"),
         }
 
-    REDUCTIONS = {"reward/episodes": "sum", "reward/episodic_return": "mean:reward/episodes", "reward/episodic_length": "mean:reward/episodes"}
+    REDUCTIONS = {
+        "reward/episodes": "sum",
+        "reward/episodic_return": "mean:reward/episodes",
+        "reward/episodic_length": "mean:reward/episodes",
+    }
 
     def state_dict(self) -> tuple[dict, dict]:
         import torch
@@ -418,7 +434,9 @@ class GymRollout:
         self.envs.close()
 
 
-def normalize_observation(rms: RunningMeanStd | None, obs: np.ndarray, clip: float, update: bool = False) -> np.ndarray:
+def normalize_observation(
+    rms: RunningMeanStd | None, obs: np.ndarray, clip: float, update: bool = False
+) -> np.ndarray:
     if rms is None:
         return obs
     if update:
@@ -433,7 +451,15 @@ def load_normalisers(obs_rms: RunningMeanStd | None, reward_scaler: RewardScaler
         reward_scaler.load_state_dict(state["reward_scaler"])
 
 
-def run_episodes(cfg: EnvConfig, act, episodes: int, seed: int, obs_rms: RunningMeanStd | None = None, info_keys: tuple[str, ...] = (), record_paths: int = 0) -> list[dict]:
+def run_episodes(
+    cfg: EnvConfig,
+    act,
+    episodes: int,
+    seed: int,
+    obs_rms: RunningMeanStd | None = None,
+    info_keys: tuple[str, ...] = (),
+    record_paths: int = 0,
+) -> list[dict]:
     """Run ``episodes`` complete episodes of ``act(obs_normalised) -> action`` on up to
     8 fresh envs (reset from ``seed``), with frozen observation statistics; returns
     one dict per episode: ``return``, ``length``, each of ``info_keys`` taken from the
@@ -489,7 +515,9 @@ def env_goals(cfg: EnvConfig) -> np.ndarray | None:
     return None if goals is None else np.asarray(goals, np.float64)
 
 
-def evaluate_policy(cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None, goals: np.ndarray | None, paths: int = 24):
+def evaluate_policy(
+    cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None, goals: np.ndarray | None, paths: int = 24
+):
     """This process's share of an evaluation of ``act`` (an ``EvalShard``): per-episode
     return and length; for goal envs also the goal each episode reached (``_goal``,
     −1 for none; ``goal_metrics`` summarises them) and a plot of the first ``paths``
@@ -498,7 +526,9 @@ def evaluate_policy(cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None
 
     seed = request.seed + 1_000_003 + 7919 * request.rank
     keys = ("goal",) if goals is not None else ()
-    episodes = run_episodes(cfg, act, request.num, seed, obs_rms, info_keys=keys, record_paths=paths if goals is not None else 0)
+    episodes = run_episodes(
+        cfg, act, request.num, seed, obs_rms, info_keys=keys, record_paths=paths if goals is not None else 0
+    )
     values = {"return": [e["return"] for e in episodes], "length": [e["length"] for e in episodes]}
     images = {}
     if goals is not None:

@@ -37,7 +37,9 @@ def make_grid(images: torch.Tensor, rows: int = 0, scale: int = 0, pad: int = 1,
     return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, rows: int = 0, scale: int = 0, cols: int = 0) -> Path:
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, rows: int = 0, scale: int = 0, cols: int = 0
+) -> Path:
     """Save ``make_grid(images, rows, scale, cols=cols)`` as a PNG (written to a temp name, then renamed)."""
     from PIL import Image
 

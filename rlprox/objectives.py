@@ -47,7 +47,9 @@ def gae(
 
 def gae_torch(rewards, values, next_values, terminated, done, gamma: float, lam: float):
     """``gae`` on tensors (same formula, same shapes (T, N))."""
-    out = gae(*(x.detach().cpu().double().numpy() for x in (rewards, values, next_values, terminated, done)), gamma, lam)
+    out = gae(
+        *(x.detach().cpu().double().numpy() for x in (rewards, values, next_values, terminated, done)), gamma, lam
+    )
     return tuple(torch.from_numpy(a).to(rewards) for a in out)
 
 
@@ -76,7 +78,9 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return -torch.min(unclipped, clipped).mean(), ratio
 
 
-def value_loss(values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None, clip: float | None = None):
+def value_loss(
+    values: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor | None = None, clip: float | None = None
+):
     """½·E[(V − R)²]; with ``clip`` the PPO2 clipped variant
     ½·E[max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)]."""
     err = (values - returns) ** 2
@@ -140,7 +144,9 @@ def group_normalize(rewards: torch.Tensor, eps: float = 1e-8, clip: float | None
 LOG_2PI = float(np.log(2.0 * np.pi))
 
 
-def flow_log_ratio(delta: torch.Tensor, dv: torch.Tensor, log_std: torch.Tensor, log_std_old: torch.Tensor) -> torch.Tensor:
+def flow_log_ratio(
+    delta: torch.Tensor, dv: torch.Tensor, log_std: torch.Tensor, log_std_old: torch.Tensor
+) -> torch.Tensor:
     """PolicyFlow's velocity-difference log importance ratio (sum over action dims):
 
         log ρ = Σ_i log N(δ_i; δv_i, σ_i²) − Σ_i log N(δ_i; 0, σ̂_i²)

@@ -11,7 +11,9 @@ import torch
 from rlprox import objectives
 
 
-def bootstrap_next_values(values: np.ndarray, done: np.ndarray, next_values: np.ndarray, last_value: np.ndarray) -> np.ndarray:
+def bootstrap_next_values(
+    values: np.ndarray, done: np.ndarray, next_values: np.ndarray, last_value: np.ndarray
+) -> np.ndarray:
     """V(s_{t+1}) for every step of a (T, N) rollout: the next step's value, except
     where an episode ended (``next_values`` already holds V(final obs) of truncated
     steps, 0 for terminated ones); after the last step, ``last_value`` unless done."""
@@ -23,7 +25,9 @@ def bootstrap_next_values(values: np.ndarray, done: np.ndarray, next_values: np.
 
 def gae_targets(batch: dict, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
     """(advantages, returns, explained variance of the values) of a (T, N) rollout."""
-    adv, ret = objectives.gae(batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], gamma, lam)
+    adv, ret = objectives.gae(
+        batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], gamma, lam
+    )
     var_ret = ret.var()
     explained = float("nan") if var_ret == 0 else float(1.0 - (ret - batch["values"]).var() / var_ret)
     return adv, ret, explained
@@ -47,7 +51,9 @@ class Columns:
         """Every field (any shape whose size is B × its width) as one (B, cols) tensor."""
         first = next(iter(self.slices))
         n = np.asarray(arrays[first]).size // (self.slices[first].stop - self.slices[first].start)
-        parts = [np.asarray(arrays[name], np.float32).reshape(n, sl.stop - sl.start) for name, sl in self.slices.items()]
+        parts = [
+            np.asarray(arrays[name], np.float32).reshape(n, sl.stop - sl.start) for name, sl in self.slices.items()
+        ]
         return torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
 
     def __call__(self, mb: torch.Tensor, name: str) -> torch.Tensor:
@@ -87,7 +93,9 @@ class MinibatchSampler:
         adv64 = adv.double()
         counts = torch.tensor([float(len(i)) for i in chunks], dtype=torch.float64, device=adv.device)
         picked = [adv64.index_select(0, i) for i in chunks]
-        sums = torch.stack([torch.stack([x.sum() for x in picked]), torch.stack([(x * x).sum() for x in picked]), counts], 1)
+        sums = torch.stack(
+            [torch.stack([x.sum() for x in picked]), torch.stack([(x * x).sum() for x in picked]), counts], 1
+        )
         sums = self.runtime.accelerator.reduce(sums, reduction="sum")  # (n_minibatches, 3), all epochs
         n = sums[:, 2]
         mean = sums[:, 0] / n

@@ -31,7 +31,17 @@ import yaml
 
 from rlprox.errors import RecipeError, did_you_mean
 
-__all__ = ["RecipeError", "RunConfig", "OptimConfig", "DDPConfig", "Recipe", "load_recipe", "dump_recipe", "parse_section", "list_recipes"]
+__all__ = [
+    "RecipeError",
+    "RunConfig",
+    "OptimConfig",
+    "DDPConfig",
+    "Recipe",
+    "load_recipe",
+    "dump_recipe",
+    "parse_section",
+    "list_recipes",
+]
 
 
 # ----------------------------------------------------------------------------- sections
@@ -51,8 +61,12 @@ class DDPConfig:
 class FSDPConfig:
     """Parameter sharding (torch FSDP2), used when ``run.grad_sync: fsdp``."""
 
-    wrap: list[str] = field(default_factory=list)  # class names of submodules sharded as their own units (e.g. transformer blocks); the rest of each trained module is one unit
-    reshard_after_forward: bool = True  # free gathered parameters after each unit's forward (less memory, one more all-gather in backward)
+    wrap: list[str] = field(
+        default_factory=list
+    )  # class names of submodules sharded as their own units (e.g. transformer blocks); the rest of each trained module is one unit
+    reshard_after_forward: bool = (
+        True  # free gathered parameters after each unit's forward (less memory, one more all-gather in backward)
+    )
 
 
 @dataclass
@@ -67,12 +81,22 @@ class RunConfig:
     save_every: int = 0  # checkpoint every N iterations (0: only at the end)
     keep_last: int = 3  # keep the newest N checkpoints
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in the run folder) | path to a checkpoint
-    overwrite: bool = False  # start fresh in a run folder that already holds a run, deleting it (otherwise that is an error)
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers: tensorboard, wandb, ...; [] for none
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast for collect's and the loss's forward passes, via accelerate
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
+    overwrite: bool = (
+        False  # start fresh in a run folder that already holds a run, deleting it (otherwise that is an error)
+    )
+    log_with: list[str] = field(
+        default_factory=lambda: ["tensorboard"]
+    )  # accelerate trackers: tensorboard, wandb, ...; [] for none
+    mixed_precision: Literal["no", "fp16", "bf16"] = (
+        "no"  # autocast for collect's and the loss's forward passes, via accelerate
+    )
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
+    )
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
-    grad_sync: Literal["auto", "shm", "allreduce", "ddp", "fsdp"] = "auto"  # how processes share the trained modules: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce; fsdp shards parameters, gradients and optimizer state over the processes (torch FSDP2)
+    grad_sync: Literal["auto", "shm", "allreduce", "ddp", "fsdp"] = (
+        "auto"  # how processes share the trained modules: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce; fsdp shards parameters, gradients and optimizer state over the processes (torch FSDP2)
+    )
     ddp: DDPConfig = field(default_factory=DDPConfig)  # options for grad_sync: ddp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options for grad_sync: fsdp
     cpu: bool = False  # force CPU even when a GPU is present
@@ -89,10 +113,14 @@ class OptimConfig:
     lr: float = 3e-4  # base learning rate (a trainer's parameter groups may scale it per group)
     eps: float = 1e-5  # Adam epsilon (CleanRL/SB3 PPO use 1e-5)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0  # decoupled under adamw; never applied to biases, norm weights or embeddings unless decay_all
+    weight_decay: float = (
+        0.0  # decoupled under adamw; never applied to biases, norm weights or embeddings unless decay_all
+    )
     decay_all: bool = False  # apply weight_decay to every parameter, biases and norms included
     momentum: float = 0.0  # SGD only
-    schedule: Literal["constant", "linear", "cosine"] = "constant"  # "linear": anneal to 0 over the run (PPO's lr annealing)
+    schedule: Literal["constant", "linear", "cosine"] = (
+        "constant"  # "linear": anneal to 0 over the run (PPO's lr annealing)
+    )
     warmup_iterations: int = 0  # linear lr warm-up from 0 over the first N iterations, then the schedule
     max_grad_norm: float = 0.5  # global grad-norm clip; 0 disables
 
@@ -117,7 +145,9 @@ class Recipe:
         sections = self.__dict__.get("sections", {})
         if name in sections:
             return sections[name]
-        raise AttributeError(f"recipe has no section {name!r} (algo {self.__dict__.get('algo')!r} declares: {', '.join(sections) or 'none'})")
+        raise AttributeError(
+            f"recipe has no section {name!r} (algo {self.__dict__.get('algo')!r} declares: {', '.join(sections) or 'none'})"
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -258,7 +288,9 @@ def _read_yaml(path: Path) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(str(path), f"not valid YAML{where}") from None
     if data is None:
-        raise RecipeError(str(path), "the recipe file is empty (a recipe needs at least `algo:`; see `rlprox recipes`)")
+        raise RecipeError(
+            str(path), "the recipe file is empty (a recipe needs at least `algo:`; see `rlprox recipes`)"
+        )
     if not isinstance(data, dict):
         raise RecipeError(str(path), "a recipe must be a YAML mapping")
     return data
@@ -276,7 +308,10 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
     known = set(ENGINE_SECTIONS) | set(spec.sections)
     for key in data:
         if key not in known:
-            raise RecipeError(str(key), f"unknown key{did_you_mean(str(key), known)} (algo {spec.name} takes: {', '.join(sorted(known))})")
+            raise RecipeError(
+                str(key),
+                f"unknown key{did_you_mean(str(key), known)} (algo {spec.name} takes: {', '.join(sorted(known))})",
+            )
     engine_part = {k: v for k, v in data.items() if k in ENGINE_SECTIONS}
     recipe = Recipe(
         algo=data["algo"],
@@ -317,15 +352,21 @@ def validate(recipe: Recipe, spec=None) -> None:
     positive("run.torch_threads", run.torch_threads)
     positive("run.ddp.bucket_cap_mb", run.ddp.bucket_cap_mb)
     if run.grad_sync == "fsdp" and run.mixed_precision == "fp16":
-        raise RecipeError("run.mixed_precision", "fp16 loss scaling is not supported with run.grad_sync: fsdp; use bf16")
+        raise RecipeError(
+            "run.mixed_precision", "fp16 loss scaling is not supported with run.grad_sync: fsdp; use bf16"
+        )
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
     for tracker in run.log_with:
         if tracker in KNOWN_TRACKERS:
             if importlib.util.find_spec(tracker) is None:
-                raise RecipeError("run.log_with", f"tracker {tracker!r} is not installed (pip install {tracker.replace('_', '-')})")
+                raise RecipeError(
+                    "run.log_with", f"tracker {tracker!r} is not installed (pip install {tracker.replace('_', '-')})"
+                )
         elif tracker not in ("tensorboard", "all"):
-            raise RecipeError("run.log_with", f"unknown tracker {tracker!r}; use tensorboard, wandb, comet_ml, mlflow, ...")
+            raise RecipeError(
+                "run.log_with", f"unknown tracker {tracker!r}; use tensorboard, wandb, comet_ml, mlflow, ..."
+            )
     optim = recipe.optim
     positive("optim.lr", optim.lr)
     positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)
@@ -342,7 +383,10 @@ def validate(recipe: Recipe, spec=None) -> None:
             missing = [k for k in getattr(reg, "inputs", ()) if k not in spec.loss_inputs] if mode == "loss" else []
             if missing:
                 offered = f"it offers {', '.join(spec.loss_inputs)}" if spec.loss_inputs else "it offers none"
-                raise RecipeError(f"regularizers[{i}]", f"{entry['type']} needs {', '.join(missing)} from the loss, which algo {spec.name} does not provide ({offered})")
+                raise RecipeError(
+                    f"regularizers[{i}]",
+                    f"{entry['type']} needs {', '.join(missing)} from the loss, which algo {spec.name} does not provide ({offered})",
+                )
     if spec.validate is not None:
         spec.validate(recipe)
 
@@ -362,5 +406,7 @@ def list_recipes(root: str | os.PathLike) -> list[tuple[str, str]]:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
             data = {}
-        out.append((str(path.relative_to(root.parent) if root.name == "recipes" else path), str(data.get("description", ""))))
+        out.append(
+            (str(path.relative_to(root.parent) if root.name == "recipes" else path), str(data.get("description", "")))
+        )
     return out

@@ -36,7 +36,9 @@ def resolve_object(spec: str, kind: str = "object") -> Any:
     return obj
 
 
-def check_kwargs(target: Callable, kwargs: dict, label: str, reserved: tuple[str, ...] = (), require: bool = True) -> None:
+def check_kwargs(
+    target: Callable, kwargs: dict, label: str, reserved: tuple[str, ...] = (), require: bool = True
+) -> None:
     """Raise ``RegistryError`` when ``target`` does not take every key of ``kwargs``
     (``reserved`` parameters are supplied by the caller, never by the user) or, with
     ``require``, when a parameter without a default is missing."""
@@ -48,9 +50,13 @@ def check_kwargs(target: Callable, kwargs: dict, label: str, reserved: tuple[str
     accepted = [k for k, p in params.items() if k not in reserved and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for key in kwargs:
         if key in reserved or (not takes_any and key not in params):
-            raise RegistryError(f"{label}: unknown option {key!r}{did_you_mean(key, accepted)}; options: {', '.join(accepted) or 'none'}")
+            raise RegistryError(
+                f"{label}: unknown option {key!r}{did_you_mean(key, accepted)}; options: {', '.join(accepted) or 'none'}"
+            )
     if require:
-        missing = [k for k in accepted if params[k].default is inspect.Parameter.empty and k not in kwargs and k != "self"]
+        missing = [
+            k for k in accepted if params[k].default is inspect.Parameter.empty and k not in kwargs and k != "self"
+        ]
         if missing:
             raise RegistryError(f"{label}: missing required option {missing[0]!r}")
 
@@ -71,7 +77,9 @@ class Registry:
         def add(target):
             if name in self._entries and self._entries[name] is not target:
                 existing = self._entries[name]
-                raise RegistryError(f"{self.kind} {name!r} is already registered ({getattr(existing, '__module__', existing)})")
+                raise RegistryError(
+                    f"{self.kind} {name!r} is already registered ({getattr(existing, '__module__', existing)})"
+                )
             self._entries[name] = target
             if description is not None:
                 self._descriptions[name] = description
@@ -126,7 +134,9 @@ class Registry:
         if spec in self:
             return self[spec]
         known = self.names()
-        raise RegistryError(f"unknown {self.kind} {spec!r}{did_you_mean(spec, known)}; known: {', '.join(known)}, or 'module:attr'")
+        raise RegistryError(
+            f"unknown {self.kind} {spec!r}{did_you_mean(spec, known)}; known: {', '.join(known)}, or 'module:attr'"
+        )
 
     def build(self, spec: str, kwargs: dict | None = None, reserved: tuple[str, ...] = ()) -> Any:
         """``get(spec)(**kwargs)`` after checking ``kwargs`` against its signature."""

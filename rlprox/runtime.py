@@ -117,5 +117,3 @@ def shard(total: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(total, world)
     start = rank * base + min(rank, extra)
     return start, base + (rank < extra)
-
-

@@ -50,7 +50,16 @@ class Tracker:
         if self.main and self.recipe.run.progress:
             # redirected to a file (CI, nohup): a line every 30 s instead of a redraw per iteration
             interval = 0.1 if sys.stderr.isatty() else 30.0
-            self.bar = tqdm(total=total, initial=initial, desc=self.recipe.run.name, unit="it", file=sys.stderr, dynamic_ncols=True, leave=True, mininterval=interval)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=self.recipe.run.name,
+                unit="it",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=interval,
+            )
 
     def truncate(self, iteration: int) -> None:
         """After a resume: drop lines a killed run logged past its last checkpoint,

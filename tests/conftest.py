@@ -16,7 +16,14 @@ def tiny_ppo(tmp_path, **sections) -> dict:
     recipe = {
         "algo": "ppo",
         "seed": 3,
-        "run": {"name": "t", "output_dir": str(tmp_path), "iterations": 3, "log_with": [], "progress": False, "plot": False},
+        "run": {
+            "name": "t",
+            "output_dir": str(tmp_path),
+            "iterations": 3,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+        },
         "env": {"id": "CartPole-v1", "num_envs": 2},
         "ppo": {"num_steps": 16, "minibatch_size": 8, "update_epochs": 2},
         "optim": {"lr": 1e-3},

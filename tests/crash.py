@@ -41,7 +41,9 @@ def kill_resume_equals_uninterrupted(tmp_path, make_recipe, iterations: int, tim
     subprocess.run(train_cmd(paths["full"]), check=True, cwd=ROOT, env=env, capture_output=True)
 
     kill_after = random.Random().randint(2, iterations - 3)
-    proc = subprocess.Popen(train_cmd(paths["killed"]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(paths["killed"]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     run_dir = tmp_path / "killed"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

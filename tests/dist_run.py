@@ -20,9 +20,18 @@ for _ in range(iterations):
     with torch.no_grad(), engine.gathered():
         batch = algo.advantages(algo.collect())
     if first is None:  # this rank's first sampled tensor (LOOP's latents, VA-π's images) or packed rollout row
-        first = (next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point()) if isinstance(batch, dict) else batch)[0].clone()
+        first = (
+            next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point())
+            if isinstance(batch, dict)
+            else batch
+        )[0].clone()
     engine.update(batch)
-tensors = {f"param.{n}": full_tensor(p.detach()).clone() for name, m in algo.modules.items() for n, p in acc.unwrap_model(m).named_parameters() if p.requires_grad}
+tensors = {
+    f"param.{n}": full_tensor(p.detach()).clone()
+    for name, m in algo.modules.items()
+    for n, p in acc.unwrap_model(m).named_parameters()
+    if p.requires_grad
+}
 tensors["first_noise"] = first
 save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{acc.process_index}.safetensors")
 acc.wait_for_everyone()

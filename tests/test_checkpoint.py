@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from safetensors.torch import load_file
 
 from rlprox import checkpoint
@@ -15,11 +14,15 @@ from rlprox.engine import Engine
 from rlprox.recipe import load_recipe
 from tests.crash import kill_resume_equals_uninterrupted
 
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_recipe):
     iterations = 40
 
     def make(name):
-        return tiny_recipe(run={"name": name, "iterations": iterations, "save_every": 1, "keep_last": 2}, env={"normalize_obs": True, "normalize_reward": True})
+        return tiny_recipe(
+            run={"name": name, "iterations": iterations, "save_every": 1, "keep_last": 2},
+            env={"normalize_obs": True, "normalize_reward": True},
+        )
 
     kill_resume_equals_uninterrupted(tmp_path, make, iterations)
 
@@ -59,7 +62,17 @@ def test_keep_last(tmp_path, tiny_recipe):
     assert [p.name for p in checkpoint.list_checkpoints(recipe.run_dir)] == ["iter-000004", "iter-000005"]
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "rank-0.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "state.json"])
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "model.safetensors",
+        "rank-0.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "state.json",
+    ],
+)
 def test_corrupt_checkpoint_one_line_error(tmp_path, tiny_recipe, capsys, victim):
     recipe = load_recipe(tiny_recipe(run={"iterations": 1}))
     engine = Engine(recipe)
@@ -109,7 +122,11 @@ def test_optimizer_state_of_other_parameters_is_refused_in_one_line(tmp_path, ti
     path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
     assert main(["train", str(path), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("checkpoint error: ") and "optimizer.safetensors: does not match this recipe's parameters (saved 'policy.renamed.weight'" in err and "\n" not in err
+    assert (
+        err.startswith("checkpoint error: ")
+        and "optimizer.safetensors: does not match this recipe's parameters (saved 'policy.renamed.weight'" in err
+        and "\n" not in err
+    )
 
 
 def test_resume_after_kill_mid_metrics_line(tmp_path, tiny_recipe):
@@ -143,7 +160,9 @@ def test_resume_from_older_path_sets_newer_aside_and_eval_still_works(tmp_path, 
     import shutil
 
     shutil.copytree(recipe.run_dir / "checkpoints" / "iter-000002", old)
-    engine = Engine(load_recipe(tiny_recipe(run={"iterations": 3, "save_every": 1, "keep_last": 10, "resume": str(old)})))
+    engine = Engine(
+        load_recipe(tiny_recipe(run={"iterations": 3, "save_every": 1, "keep_last": 10, "resume": str(old)}))
+    )
     engine.fit()
     names = [p.name for p in checkpoint.list_checkpoints(recipe.run_dir)]
     assert names == ["iter-000001", "iter-000002", "iter-000003"]

@@ -12,8 +12,17 @@ from rlprox.models.diffusion import ddim_step_with_logprob  # noqa: E402
 
 
 def scheduler(prediction_type, **kw):
-    s = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, **kw)
+    s = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        **kw,
+    )
     s.set_timesteps(10)
     return s
 
@@ -49,7 +58,9 @@ def test_log_prob_is_the_averaged_gaussian_density_and_batch_t_matches_scalar():
     sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     mean = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
-    expected = (-((prev - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).mean(dim=(1, 2, 3))
+    expected = (-((prev - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).mean(
+        dim=(1, 2, 3)
+    )
     torch.testing.assert_close(logp, expected, rtol=1e-4, atol=1e-4)
     # a (B,) timestep gives the per-sample result
     _, logp_b = ddim_step_with_logprob(s, eps, torch.tensor([t, t]), x, 1.0, prev_sample=prev)

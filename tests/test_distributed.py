@@ -29,8 +29,18 @@ def launch(tmp_path, recipe: dict, *overrides):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [accelerate, "launch", "--config_file", f"{ROOT}/recipes/accelerate/multi_cpu.yaml", "--main_process_port", str(free_port()),
-           f"{ROOT}/tests/dist_update.py", str(tmp_path), str(path), *overrides]
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        f"{ROOT}/recipes/accelerate/multi_cpu.yaml",
+        "--main_process_port",
+        str(free_port()),
+        f"{ROOT}/tests/dist_update.py",
+        str(tmp_path),
+        str(path),
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0 and "address already in use" in (out.stdout + out.stderr).lower():
@@ -46,7 +56,12 @@ def test_two_processes_equal_one_process_on_concatenated_batch(tmp_path, tiny_re
     # minibatch is then exactly the union of the two ranks' minibatches
     # SGD: Adam's m/√v turns float-summation-order differences in near-zero gradient
     # components into ±lr steps, which would hide a real mismatch behind the tolerance
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, env={"normalize_obs": True}, optim={"name": "sgd", "lr": 0.05}, run={"grad_sync": grad_sync})
+    recipe = tiny_recipe(
+        ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2},
+        env={"normalize_obs": True},
+        optim={"name": "sgd", "lr": 0.05},
+        run={"grad_sync": grad_sync},
+    )
     ranks, path = launch(tmp_path, recipe)
     r0, r1 = ranks
     assert not torch.equal(r0["packed"], r1["packed"])  # each rank stepped its own envs
@@ -77,15 +92,18 @@ def test_torchrun_train_checkpoints_every_rank_and_resumes(tmp_path, tiny_recipe
     assert (ckpt / "rank-0.json").exists() and (ckpt / "rank-1.json").exists()
     assert out.stdout.count("done:") == 1  # only the main process reports
     base[4] = str(free_port())
-    out = subprocess.run(base + ["run.iterations=3", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        base + ["run.iterations=3", "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "t" / "checkpoints" / "iter-000003" / "rank-1.safetensors").exists()
 
 
 def test_two_processes_with_regularizer_keep_identical_parameters_and_masks(tmp_path, tiny_recipe):
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 8, "update_epochs": 2},
-                         regularizers=None)
-    recipe["regularizers"] = [{"type": "wgsef", "params": "policy.actor.[02].weight", "k": 8, "lam": 0.5, "exact_k": True}]
+    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 8, "update_epochs": 2}, regularizers=None)
+    recipe["regularizers"] = [
+        {"type": "wgsef", "params": "policy.actor.[02].weight", "k": 8, "lam": 0.5, "exact_k": True}
+    ]
     (r0, r1), _ = launch(tmp_path, recipe)
     for k in r0:
         if k.startswith("param."):
@@ -155,7 +173,17 @@ def dist_run(tmp_path, recipe: dict, iterations: int = 2):
     path.write_text(yaml.safe_dump(recipe))
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), f"{ROOT}/tests/dist_run.py", str(tmp_path), str(path), str(iterations)]
+    cmd = [
+        exe,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        f"{ROOT}/tests/dist_run.py",
+        str(tmp_path),
+        str(path),
+        str(iterations),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
@@ -196,7 +224,9 @@ def test_two_processes_vapi_keep_identical_parameters(tmp_path, grad_sync):
     torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
     torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
     recipe = vapi_recipe(tmp_path, (tmp_path,))
-    recipe["run"].update(grad_sync=grad_sync, fsdp={"wrap": ["TransformerBlock"]})  # the fsdp options, used only by fsdp
+    recipe["run"].update(
+        grad_sync=grad_sync, fsdp={"wrap": ["TransformerBlock"]}
+    )  # the fsdp options, used only by fsdp
     r0, r1 = dist_run(tmp_path, recipe)
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # each rank its own images
     for k in (k for k in r0 if k.startswith("param.")):
@@ -211,7 +241,19 @@ def test_eval_under_two_processes_shards_the_episodes(tmp_path, tiny_recipe):
     engine.close()
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [exe, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "rlprox", "eval", str(engine.run_dir), "--episodes", "5"]
+    cmd = [
+        exe,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "rlprox",
+        "eval",
+        str(engine.run_dir),
+        "--episodes",
+        "5",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("written") == 1  # the main process reports

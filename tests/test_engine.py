@@ -71,8 +71,20 @@ if "bandit" not in TRAINERS:
 
 
 def bandit_recipe(tmp_path, **run):
-    return load_recipe({"algo": "bandit", "optim": {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0},
-                        "run": {"name": "bandit", "output_dir": str(tmp_path), "iterations": 60, "log_with": [], "progress": False, **run}})
+    return load_recipe(
+        {
+            "algo": "bandit",
+            "optim": {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0},
+            "run": {
+                "name": "bandit",
+                "output_dir": str(tmp_path),
+                "iterations": 60,
+                "log_with": [],
+                "progress": False,
+                **run,
+            },
+        }
+    )
 
 
 def test_bandit_learns_best_arm(tmp_path):
@@ -108,7 +120,11 @@ def test_accumulation_invariance(optim_name):
         model = nn.Linear(3, 1)
         model.load_state_dict(init.state_dict())
         acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1) if optim_name == "sgd" else torch.optim.Adam(model.parameters(), lr=0.1)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.1)
+            if optim_name == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=0.1)
+        )
         model, opt = acc.prepare(model, opt)
         grads = []
         original_step = opt.optimizer.step

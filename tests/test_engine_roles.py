@@ -116,7 +116,9 @@ def test_regularizer_on_frozen_parameters_is_a_recipe_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("recipe error: regularizers[0].params: 'policy.*base_layer.weight' matches frozen parameter 'policy.base_model.model.inp.base_layer.weight'"), err
+    assert err.startswith(
+        "recipe error: regularizers[0].params: 'policy.*base_layer.weight' matches frozen parameter 'policy.base_model.model.inp.base_layer.weight'"
+    ), err
     assert "\n" not in err
 
 

@@ -32,7 +32,10 @@ def test_registry_names_plugins_options_and_errors():
     assert reg.get("math:sqrt")(9.0) == 3.0  # "module:attr" plugin
     cases = [
         (lambda: reg.get("sqare"), "unknown widget 'sqare' (did you mean 'square'?)"),
-        (lambda: reg.build("square", {"x": 1, "sacle": 2}), "widget 'square': unknown option 'sacle' (did you mean 'scale'?)"),
+        (
+            lambda: reg.build("square", {"x": 1, "sacle": 2}),
+            "widget 'square': unknown option 'sacle' (did you mean 'scale'?)",
+        ),
         (lambda: reg.build("square", {}), "widget 'square': missing required option 'x'"),
         (lambda: reg.bind("square", {"x": 1}, reserved=("x",)), "unknown option 'x'"),
         (lambda: reg.get("no_such_module_q:f"), "cannot import module 'no_such_module_q'"),
@@ -57,7 +60,9 @@ def test_lazy_entries_import_their_module_on_first_lookup():
 
 
 def test_check_kwargs_ignores_reserved_and_var_kwargs():
-    check_kwargs(lambda images, prompts, metadata, **kw: 0, {"anything": 1}, "r", reserved=("images", "prompts", "metadata"))
+    check_kwargs(
+        lambda images, prompts, metadata, **kw: 0, {"anything": 1}, "r", reserved=("images", "prompts", "metadata")
+    )
     with pytest.raises(RegistryError, match="unknown option 'images'"):
         check_kwargs(lambda images, k=1: 0, {"images": 1}, "r", reserved=("images",))
 
@@ -101,11 +106,16 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     groups = optimizer_groups(algo, OptimConfig(name="adamw", weight_decay=0.1))
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(algo.net[1].weight)}
-    assert optimizer_groups(algo, OptimConfig(name="adamw", weight_decay=0.1, decay_all=True))[0]["params"] == list(algo.net.parameters())
+    assert optimizer_groups(algo, OptimConfig(name="adamw", weight_decay=0.1, decay_all=True))[0]["params"] == list(
+        algo.net.parameters()
+    )
 
     class TwoRates(Algo):
         def param_groups(self):
-            return [{"params": list(self.net[0].parameters()), "lr": 1e-2}, {"params": list(self.net[1:].parameters())}]
+            return [
+                {"params": list(self.net[0].parameters()), "lr": 1e-2},
+                {"params": list(self.net[1:].parameters())},
+            ]
 
     groups = optimizer_groups(TwoRates(), OptimConfig(weight_decay=0.0))
     assert [g.get("lr") for g in groups] == [1e-2, None]
@@ -127,7 +137,9 @@ def test_pruning_never_leaves_a_checkpoint_shaped_folder_half_deleted(tiny_recip
     def rmtree_dies_midway(path, ignore_errors=False):
         deleted.append(str(path))
         if str(path).endswith(".del.tmp") and len(deleted) < 3:
-            (checkpoint.Path(path) / "model.safetensors").unlink(missing_ok=True)  # deletion got this far, then the kill
+            (checkpoint.Path(path) / "model.safetensors").unlink(
+                missing_ok=True
+            )  # deletion got this far, then the kill
             return None
         return real_rmtree(path, ignore_errors=ignore_errors)
 
@@ -141,8 +153,13 @@ def test_pruning_never_leaves_a_checkpoint_shaped_folder_half_deleted(tiny_recip
     assert any(name.endswith("iter-000001.del.tmp") for name in deleted)
 
 
-@pytest.mark.parametrize("env,says", [("ACCELERATE_USE_FSDP", "set run.grad_sync=fsdp"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed is not supported")])
-def test_accelerate_fsdp_and_deepspeed_launch_configs_are_refused_in_one_line(tiny_recipe, monkeypatch, tmp_path, capsys, env, says):
+@pytest.mark.parametrize(
+    "env,says",
+    [("ACCELERATE_USE_FSDP", "set run.grad_sync=fsdp"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed is not supported")],
+)
+def test_accelerate_fsdp_and_deepspeed_launch_configs_are_refused_in_one_line(
+    tiny_recipe, monkeypatch, tmp_path, capsys, env, says
+):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe()))
     monkeypatch.setenv(env, "true")
@@ -159,8 +176,21 @@ def test_a_world_accelerate_did_not_join_is_refused(tiny_recipe, monkeypatch):
 
 # ----------------------------------------------------------------------------- eval
 def test_eval_cli_on_a_sparse_checkpoint(tmp_path, capsys):
-    recipe = load_recipe({"algo": "sparse", "seed": 1, "sparse": {"hidden_sizes": [16]},
-                          "run": {"name": "s", "output_dir": str(tmp_path), "iterations": 2, "log_with": [], "progress": False, "plot": False}})
+    recipe = load_recipe(
+        {
+            "algo": "sparse",
+            "seed": 1,
+            "sparse": {"hidden_sizes": [16]},
+            "run": {
+                "name": "s",
+                "output_dir": str(tmp_path),
+                "iterations": 2,
+                "log_with": [],
+                "progress": False,
+                "plot": False,
+            },
+        }
+    )
     engine = Engine(recipe)
     engine.fit()
     engine.close()
@@ -184,5 +214,11 @@ def test_hooks_outside_the_contract_are_refused():
 def test_describe_pruning_names_what_sets_the_sparsity():
     from rlprox.prox.attach import describe_pruning
 
-    assert describe_pruning([{"type": "wgsef", "k": 96, "lam": 1.0, "exact_k": True}]) == "wgsef λ=1.0 + hard top-k (k=96): the top-k projection sets the sparsity"
-    assert describe_pruning([{"type": "wgsef", "k": 96, "lam": 10.0, "prox_lr": 0.01}]) == "wgsef λ=10.0, prox step 0.01: the regularizer alone"
+    assert (
+        describe_pruning([{"type": "wgsef", "k": 96, "lam": 1.0, "exact_k": True}])
+        == "wgsef λ=1.0 + hard top-k (k=96): the top-k projection sets the sparsity"
+    )
+    assert (
+        describe_pruning([{"type": "wgsef", "k": 96, "lam": 10.0, "prox_lr": 0.01}])
+        == "wgsef λ=10.0, prox step 0.01: the regularizer alone"
+    )

@@ -48,7 +48,9 @@ def test_fsdp_checkpoints_whole_adapters_without_pickle_and_resumes_exactly(tmp_
     from rlprox.engine import Engine
     from rlprox.recipe import load_recipe
 
-    engine = Engine(load_recipe(str(ckpt / "recipe.yaml"), ["run.grad_sync=auto", f"run.output_dir={tmp_path / 'one'}"]))
+    engine = Engine(
+        load_recipe(str(ckpt / "recipe.yaml"), ["run.grad_sync=auto", f"run.output_dir={tmp_path / 'one'}"])
+    )
     shapes = {f"policy.{n}": tuple(p.shape) for n, p in engine.algo.policy.named_parameters() if p.requires_grad}
     engine.close()
     weights = load_file(str(ckpt / "model.safetensors"))
@@ -81,7 +83,12 @@ def test_fsdp_shards_a_trained_module_with_a_bf16_frozen_base(tmp_path):
     pytest.importorskip("peft")
     from tests.toy_lora import toy_recipe
 
-    out = train(tmp_path, toy_recipe(tmp_path, name="bf16", iterations=2, grad_sync="fsdp", frozen_dtype="bfloat16", mixed_precision="bf16"))
+    out = train(
+        tmp_path,
+        toy_recipe(
+            tmp_path, name="bf16", iterations=2, grad_sync="fsdp", frozen_dtype="bfloat16", mixed_precision="bf16"
+        ),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     weights = load_file(str(tmp_path / "bf16" / "checkpoints" / "iter-000002" / "model.safetensors"))
     assert weights and all("lora" in k and v.dtype == torch.float32 for k, v in weights.items())
@@ -93,7 +100,11 @@ def test_fsdp_with_wrapped_submodules_equals_one_process(tmp_path, tiny_recipe):
     from rlprox.engine import Engine
     from rlprox.recipe import load_recipe
 
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, optim={"name": "sgd", "lr": 0.05}, run={"grad_sync": "fsdp", "fsdp": {"wrap": ["Sequential"]}})
+    recipe = tiny_recipe(
+        ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2},
+        optim={"name": "sgd", "lr": 0.05},
+        run={"grad_sync": "fsdp", "fsdp": {"wrap": ["Sequential"]}},
+    )
     (r0, r1), path = launch(tmp_path, recipe)
     engine = Engine(load_recipe(str(path), ["run.grad_sync=allreduce"]))
     engine.algo.sampler.size = 64
@@ -105,12 +116,16 @@ def test_fsdp_with_wrapped_submodules_equals_one_process(tmp_path, tiny_recipe):
 
 
 def test_fsdp_l1_prox_on_shards_equals_the_unsharded_prox(tmp_path, tiny_recipe):
-    recipe = tiny_recipe(ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, optim={"name": "sgd", "lr": 0.05})
+    recipe = tiny_recipe(
+        ppo={"num_steps": 16, "minibatch_size": 32, "update_epochs": 2}, optim={"name": "sgd", "lr": 0.05}
+    )
     recipe["regularizers"] = [{"type": "l1", "params": "policy.actor.0.weight", "lam": 2.0}]
     runs = {}
     for grad_sync in ("fsdp", "allreduce"):
         (tmp_path / grad_sync).mkdir()
-        runs[grad_sync], _ = launch(tmp_path / grad_sync, {**recipe, "run": {**recipe["run"], "grad_sync": grad_sync, "name": grad_sync}})
+        runs[grad_sync], _ = launch(
+            tmp_path / grad_sync, {**recipe, "run": {**recipe["run"], "grad_sync": grad_sync, "name": grad_sync}}
+        )
     sharded, plain = runs["fsdp"], runs["allreduce"]
     w = sharded[0]["param.actor.0.weight"]
     assert 0.2 < float(w.eq(0).float().mean()) < 1.0  # the prox zeroed entries of both shards' rows
@@ -120,19 +135,32 @@ def test_fsdp_l1_prox_on_shards_equals_the_unsharded_prox(tmp_path, tiny_recipe)
         assert torch.equal(sharded[0][k], sharded[1][k])
 
 
-@pytest.mark.parametrize("spec,field,says", [
-    ({"type": "wgsef", "params": "p.w", "k": 2, "lam": 1.0}, "regularizers[0].type", "wgsef needs whole parameters"),
-    ({"type": "topk", "params": "p.w", "k": 2}, "regularizers[0].type", "topk needs whole parameters"),
-    ({"type": "group_l2", "params": "p.w", "lam": 1.0}, "regularizers[0].type", "group_l2 needs whole parameters"),
-    ({"type": "l1", "params": "p.w", "lam": 1.0, "mode": "penalty"}, "regularizers[0].mode", "mode penalty is not supported on FSDP"),
-])
+@pytest.mark.parametrize(
+    "spec,field,says",
+    [
+        (
+            {"type": "wgsef", "params": "p.w", "k": 2, "lam": 1.0},
+            "regularizers[0].type",
+            "wgsef needs whole parameters",
+        ),
+        ({"type": "topk", "params": "p.w", "k": 2}, "regularizers[0].type", "topk needs whole parameters"),
+        ({"type": "group_l2", "params": "p.w", "lam": 1.0}, "regularizers[0].type", "group_l2 needs whole parameters"),
+        (
+            {"type": "l1", "params": "p.w", "lam": 1.0, "mode": "penalty"},
+            "regularizers[0].mode",
+            "mode penalty is not supported on FSDP",
+        ),
+    ],
+)
 def test_structured_regularizers_are_refused_on_shards(spec, field, says):
     w = torch.nn.Parameter(torch.randn(4, 3))
     opt = torch.optim.SGD([w], lr=0.1)
     attach_regularizers(opt, {"p.w": w}, [spec])  # fine unsharded
     with pytest.raises(RecipeError) as err:
         attach_regularizers(opt, {"p.w": w}, [spec], sharded=True)
-    assert str(err.value).startswith(f"recipe error: {field}: ") and says in str(err.value) and "\n" not in str(err.value)
+    assert (
+        str(err.value).startswith(f"recipe error: {field}: ") and says in str(err.value) and "\n" not in str(err.value)
+    )
     for ok in ("l1", "l0", "elastic_net"):
         attach_regularizers(opt, {"p.w": w}, [{"type": ok, "params": "p.w", "lam": 0.1}], sharded=True)
 

@@ -45,7 +45,9 @@ def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
@@ -65,7 +67,7 @@ def find_cycle(graph: dict[str, set[str]]):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if state.get(nxt) is None:
                 cycle = visit(nxt)
                 if cycle:
@@ -103,7 +105,16 @@ def test_each_module_imports_alone_in_a_fresh_interpreter():
     names = sorted(m for m in module_files() if m != "rlprox.__main__")
     failed = {}
     for start in range(0, len(names), 4):  # four interpreters at a time
-        procs = {n: subprocess.Popen([sys.executable, "-c", f"import {n}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for n in names[start : start + 4]}
+        procs = {
+            n: subprocess.Popen(
+                [sys.executable, "-c", f"import {n}"],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in names[start : start + 4]
+        }
         for n, proc in procs.items():
             _, err = proc.communicate(timeout=120)
             if proc.returncode:

@@ -26,11 +26,28 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def loop_recipe(tmp_path, pipeline, **loop):
-    cfg = {"pipeline": str(pipeline), "num_samples_per_prompt": 2, "prompts_per_iteration": 2, "num_steps": 3,
-           "sample_batch_size": 4, "train_batch_size": 2, "guidance_scale": 2.0, "clip_range": 0.2, **loop}
+    cfg = {
+        "pipeline": str(pipeline),
+        "num_samples_per_prompt": 2,
+        "prompts_per_iteration": 2,
+        "num_steps": 3,
+        "sample_batch_size": 4,
+        "train_batch_size": 2,
+        "guidance_scale": 2.0,
+        "clip_range": 0.2,
+        **loop,
+    }
     return {
-        "algo": "loop", "seed": 2,
-        "run": {"name": "l", "output_dir": str(tmp_path), "iterations": 2, "log_with": [], "progress": False, "plot": False},
+        "algo": "loop",
+        "seed": 2,
+        "run": {
+            "name": "l",
+            "output_dir": str(tmp_path),
+            "iterations": 2,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+        },
         "optim": {"name": "adamw", "lr": 1e-3, "max_grad_norm": 1.0},
         "loop": cfg,
         "reward": "brightness",
@@ -45,7 +62,15 @@ def test_loop_lora_runs_and_saves_the_adapter_only(tmp_path, tiny_pipeline):
     assert lora and all(p.requires_grad for n, p in unet.named_parameters() if "lora" in n)
     stats = engine.fit()
     engine.close()
-    for key in ("reward/mean", "reward/std", "reward/zero_std_group_frac", "policy/approx_kl", "policy/clip_frac", "policy/ratio_max", "loss/policy"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "reward/zero_std_group_frac",
+        "policy/approx_kl",
+        "policy/clip_frac",
+        "policy/ratio_max",
+        "loss/policy",
+    ):
         assert key in stats and stats[key] == stats[key], key
     assert stats["progress/images"] == 2 * 4
     changed = [n for n, p in unet.named_parameters() if "lora" in n and not torch.equal(p, lora[n])]
@@ -68,12 +93,20 @@ def test_ratio_is_one_before_the_first_update(tmp_path, tiny_pipeline):
     engine.close()
 
 
-@pytest.mark.parametrize("plugin,message", [
-    ("raises_on_second_call", "reward error: reward 'tests.reward_plugins:raises_on_second_call' raised RuntimeError: scorer crashed"),
-    ("wrong_shape", "returned shape (4, 3) for 4 images; expected (4,)"),
-    ("all_nan", "returned no finite value for 4 images (all NaN/inf)"),
-])
-def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, tiny_pipeline, capsys, plugin, message):
+@pytest.mark.parametrize(
+    "plugin,message",
+    [
+        (
+            "raises_on_second_call",
+            "reward error: reward 'tests.reward_plugins:raises_on_second_call' raised RuntimeError: scorer crashed",
+        ),
+        ("wrong_shape", "returned shape (4, 3) for 4 images; expected (4,)"),
+        ("all_nan", "returned no finite value for 4 images (all NaN/inf)"),
+    ],
+)
+def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(
+    tmp_path, tiny_pipeline, capsys, plugin, message
+):
     from tests import reward_plugins
 
     reward_plugins.CALLS["n"] = 0
@@ -88,7 +121,9 @@ def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(tmp_path, 
     saved = checkpoint.list_checkpoints(tmp_path / "l")
     if plugin == "raises_on_second_call":  # the first iteration's checkpoint is intact and loads
         assert [p.name for p in saved] == ["iter-000001"]
-        assert main(["eval", str(tmp_path / "l"), "--num-samples", "2", "--prompts", str(tmp_path / "p.txt")]) == 2  # a missing prompts file: one line
+        assert (
+            main(["eval", str(tmp_path / "l"), "--num-samples", "2", "--prompts", str(tmp_path / "p.txt")]) == 2
+        )  # a missing prompts file: one line
     else:
         assert saved == []
 
@@ -126,7 +161,9 @@ def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline)
     iterations = 8
 
     def make(name):
-        recipe = loop_recipe(tmp_path, tiny_pipeline, advantage="ddpo_tracker", tracker_min_count=2, timestep_fraction=0.67)
+        recipe = loop_recipe(
+            tmp_path, tiny_pipeline, advantage="ddpo_tracker", tracker_min_count=2, timestep_fraction=0.67
+        )
         recipe["run"].update(name=name, iterations=iterations, save_every=1, keep_last=2)
         return recipe
 
@@ -146,7 +183,14 @@ def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tin
 
     def sample(pipe):
         g = torch.Generator().manual_seed(7)
-        return pipe(["a red seven", "a blue two"], num_inference_steps=3, guidance_scale=2.0, eta=1.0, generator=g, output_type="pt").images
+        return pipe(
+            ["a red seven", "a blue two"],
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            eta=1.0,
+            generator=g,
+            output_type="pt",
+        ).images
 
     tuned = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
     tuned.unet = engine.algo.unet  # the trained adapter, in place

@@ -98,7 +98,9 @@ def test_leave_one_out_and_group_normalize():
 
 def test_normalize_with_given_moments():
     x = torch.tensor([1.0, 3.0])
-    assert torch.allclose(objectives.normalize(x, mean=torch.tensor(1.0), std=torch.tensor(2.0), eps=0.0), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(
+        objectives.normalize(x, mean=torch.tensor(1.0), std=torch.tensor(2.0), eps=0.0), torch.tensor([0.0, 1.0])
+    )
 
 
 def test_leave_one_out_identities_and_nan_rule():
@@ -107,7 +109,9 @@ def test_leave_one_out_identities_and_nan_rule():
     a = objectives.leave_one_out(r)
     torch.testing.assert_close(a.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)  # Σ_k A = 0
     torch.testing.assert_close(a, 4 / 3 * (r - r.mean(-1, keepdim=True)))  # A = K/(K−1)(r − r̄)
-    r_nan = torch.tensor([[1.0, float("nan"), 3.0, 5.0], [float("nan"), 2.0, float("nan"), float("nan")], [float("inf"), 1.0, 1.0, 4.0]])
+    r_nan = torch.tensor(
+        [[1.0, float("nan"), 3.0, 5.0], [float("nan"), 2.0, float("nan"), float("nan")], [float("inf"), 1.0, 1.0, 4.0]]
+    )
     a = objectives.leave_one_out(r_nan)
     # group 0: finite {1, 3, 5}, c = 3: A = 3/2 (r − 3); the NaN sample gets 0
     torch.testing.assert_close(a[0], torch.tensor([-3.0, 0.0, 0.0, 3.0]))

@@ -17,8 +17,16 @@ from rlprox.recipe import load_recipe
 
 def pf_recipe(tmp_path, **pf):
     return {
-        "algo": "policyflow", "seed": 4,
-        "run": {"name": "pf", "output_dir": str(tmp_path), "iterations": 3, "log_with": [], "progress": False, "plot": False},
+        "algo": "policyflow",
+        "seed": 4,
+        "run": {
+            "name": "pf",
+            "output_dir": str(tmp_path),
+            "iterations": 3,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+        },
         "env": {"id": "rlprox/MultiGoal-v0", "num_envs": 2, "normalize_reward": True},
         "policyflow": {"num_steps": 16, "minibatch_size": 16, "update_epochs": 2, "flow_steps": 4, **pf},
         "regularizers": [{"type": "brownian", "lam": 0.1}],
@@ -44,7 +52,9 @@ def test_flow_log_ratio_hand_case():
     dv = torch.tensor([[0.25, 0.0]])
     log_std = torch.log(torch.tensor([0.5, 2.0]))
     log_std_old = torch.log(torch.tensor([1.0, 1.0]))
-    expected = (-0.5 * (0.25 / 0.5) ** 2 - np.log(0.5) + 0.5 * 0.25) + (-0.5 * (1.0 / 2.0) ** 2 - np.log(2.0) + 0.5 * 1.0)
+    expected = (-0.5 * (0.25 / 0.5) ** 2 - np.log(0.5) + 0.5 * 0.25) + (
+        -0.5 * (1.0 / 2.0) ** 2 - np.log(2.0) + 0.5 * 1.0
+    )
     assert objectives.flow_log_ratio(delta, dv, log_std, log_std_old).item() == pytest.approx(expected, rel=1e-6)
     assert objectives.flow_log_ratio(delta, torch.zeros_like(dv), log_std_old, log_std_old).item() == 0.0
 
@@ -73,7 +83,9 @@ def test_ode_sampler_step_count_determinism_and_numpy_equals_torch():
     action, z_np, phi_np, delta, logp, _ = a1
     np.testing.assert_allclose(action, phi_np + delta, rtol=1e-6)
     std = np.exp(snap.log_std)
-    np.testing.assert_allclose(logp, (-0.5 * (delta / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        logp, (-0.5 * (delta / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1), rtol=1e-5
+    )
     # the base noise scale: z ~ N(0, s² I), the same draws scaled
     scaled = policy.snapshot(7, noise_scale=0.25).act(obs.numpy(), np.random.default_rng(3))
     np.testing.assert_allclose(scaled[1], 0.25 * z_np, rtol=1e-6)
@@ -112,7 +124,10 @@ def test_brownian_on_a_trainer_that_does_not_offer_its_inputs_is_a_recipe_error(
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
-    assert capsys.readouterr().err.strip() == "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t from the loss, which algo ppo does not provide (it offers none)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t from the loss, which algo ppo does not provide (it offers none)"
+    )
 
 
 def test_policyflow_resume_after_sigkill_equals_uninterrupted(tmp_path):
@@ -135,8 +150,18 @@ def test_policyflow_eval_reports_goal_metrics(tmp_path, capsys):
     for key in ("success_rate", "goal0_frac", "goal_entropy_normalized", "goal_coverage", "trajectories"):
         assert key in out, key
     fresh = load_recipe(pf_recipe(tmp_path))
-    algo = __import__("rlprox.algos.policyflow", fromlist=["PolicyFlow"]).PolicyFlow(fresh, make_runtime(Accelerator(cpu=True), 4, train=False))
-    assert algo.summarize_eval({"_goal": [0, 0, 1, -1]}) == pytest.approx({
-        "success_rate": 0.75, "goal0_frac": 0.5, "goal1_frac": 0.25, "goal2_frac": 0.0, "goal3_frac": 0.0,
-        "goal_entropy": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)), "goal_entropy_normalized": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)) / np.log(4),
-        "goal_coverage": 2.0})
+    algo = __import__("rlprox.algos.policyflow", fromlist=["PolicyFlow"]).PolicyFlow(
+        fresh, make_runtime(Accelerator(cpu=True), 4, train=False)
+    )
+    assert algo.summarize_eval({"_goal": [0, 0, 1, -1]}) == pytest.approx(
+        {
+            "success_rate": 0.75,
+            "goal0_frac": 0.5,
+            "goal1_frac": 0.25,
+            "goal2_frac": 0.0,
+            "goal3_frac": 0.0,
+            "goal_entropy": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)),
+            "goal_entropy_normalized": -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)) / np.log(4),
+            "goal_coverage": 2.0,
+        }
+    )

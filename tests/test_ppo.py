@@ -17,6 +17,7 @@ def make_ppo(recipe, train=True):
     """A PPO algorithm outside the engine (its own runtime: accelerator and streams)."""
     return PPO(recipe, make_runtime(Accelerator(cpu=True), recipe.seed, train=train))
 
+
 REQUIRED = ["loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/clip_frac", "perf/sps"]
 
 
@@ -36,7 +37,9 @@ def test_ppo_discrete_runs_and_changes_parameters(tiny_recipe):
 
 
 def test_ppo_continuous_normalisation_saved_and_used_by_eval(tiny_recipe, tmp_path, capsys):
-    recipe = load_recipe(tiny_recipe(env={"id": "Pendulum-v1", "normalize_obs": True, "normalize_reward": True}, run={"iterations": 2}))
+    recipe = load_recipe(
+        tiny_recipe(env={"id": "Pendulum-v1", "normalize_obs": True, "normalize_reward": True}, run={"iterations": 2})
+    )
     engine = Engine(recipe)
     engine.fit()
     engine.close()
@@ -59,7 +62,12 @@ def test_ppo_continuous_normalisation_saved_and_used_by_eval(tiny_recipe, tmp_pa
 
 
 def test_truncation_bootstraps_from_final_observation(tiny_recipe):
-    recipe = load_recipe(tiny_recipe(env={"id": "tests.envs_fixture:Counter", "max_episode_steps": 3, "num_envs": 1}, ppo={"num_steps": 8, "minibatch_size": 8}))
+    recipe = load_recipe(
+        tiny_recipe(
+            env={"id": "tests.envs_fixture:Counter", "max_episode_steps": 3, "num_envs": 1},
+            ppo={"num_steps": 8, "minibatch_size": 8},
+        )
+    )
     algo = make_ppo(recipe)
     batch = algo.collect()
     snap = algo.policy.snapshot()
@@ -76,7 +84,12 @@ def test_truncation_bootstraps_from_final_observation(tiny_recipe):
 
 
 def test_termination_does_not_bootstrap(tiny_recipe):
-    recipe = load_recipe(tiny_recipe(env={"id": "tests.envs_fixture:Counter", "kwargs": {"terminate_at": 2}, "num_envs": 1}, ppo={"num_steps": 4, "minibatch_size": 4, "gamma": 0.5, "gae_lambda": 1.0}))
+    recipe = load_recipe(
+        tiny_recipe(
+            env={"id": "tests.envs_fixture:Counter", "kwargs": {"terminate_at": 2}, "num_envs": 1},
+            ppo={"num_steps": 4, "minibatch_size": 4, "gamma": 0.5, "gae_lambda": 1.0},
+        )
+    )
     algo = make_ppo(recipe)
     batch = algo.collect()
     assert list(np.flatnonzero(batch["terminated"][:, 0])) == [1, 3]
@@ -88,7 +101,17 @@ def test_termination_does_not_bootstrap(tiny_recipe):
 
 
 def test_custom_env_wrapper_and_async(tiny_recipe):
-    recipe = load_recipe(tiny_recipe(env={"id": "tests.envs_fixture:Counter", "wrappers": ["tests.envs_fixture:ScaleReward"], "vectorization": "async", "max_episode_steps": 5}, run={"iterations": 1}))
+    recipe = load_recipe(
+        tiny_recipe(
+            env={
+                "id": "tests.envs_fixture:Counter",
+                "wrappers": ["tests.envs_fixture:ScaleReward"],
+                "vectorization": "async",
+                "max_episode_steps": 5,
+            },
+            run={"iterations": 1},
+        )
+    )
     engine = Engine(recipe)
     stats = engine.fit()
     engine.close()

@@ -152,11 +152,9 @@ def test_sef_definitions(dtype):
         torch.testing.assert_close(sef(xs, k), 0.5 * (xs * xs).sum())
     assert sef(xs, 2) > 0.5 * (xs * xs).sum() * (1 + 1e-4)
     # hand value: z = (3, 1, 1), k = 2 -> r = 0 (3 > T_0 = 2 ≥ 1), SEF = ½[9 + 2²] = 6.5
-    torch.testing.assert_close(sef(torch.tensor([1.0, -3.0, 1.0], dtype=dtype), 2),
-                               torch.tensor(6.5, dtype=dtype))
+    torch.testing.assert_close(sef(torch.tensor([1.0, -3.0, 1.0], dtype=dtype), 2), torch.tensor(6.5, dtype=dtype))
     # z = (3, 2, 1), k = 2 -> r = 1 (T_1 = 6, 6/2 = 3 ≥ z_1), SEF = ½·6²/2 = 9
-    torch.testing.assert_close(sef(torch.tensor([1.0, -3.0, 2.0], dtype=dtype), 2),
-                               torch.tensor(9.0, dtype=dtype))
+    torch.testing.assert_close(sef(torch.tensor([1.0, -3.0, 2.0], dtype=dtype), 2), torch.tensor(9.0, dtype=dtype))
 
 
 def test_sef_batched_matches_rows():
@@ -176,10 +174,15 @@ def _sef_by_box_norm(x, k):
     d = len(z)
     if d <= k:
         return 0.5 * float((z * z).sum())
-    res = minimize(lambda th: float((z * z / th).sum()), np.full(d, k / d),
-                   jac=lambda th: -(z * z) / th**2, bounds=[(1e-9, 1.0)] * d,
-                   constraints=[{"type": "ineq", "fun": lambda th: k - th.sum(), "jac": lambda th: -np.ones(d)}],
-                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+    res = minimize(
+        lambda th: float((z * z / th).sum()),
+        np.full(d, k / d),
+        jac=lambda th: -(z * z) / th**2,
+        bounds=[(1e-9, 1.0)] * d,
+        constraints=[{"type": "ineq", "fun": lambda th: k - th.sum(), "jac": lambda th: -np.ones(d)}],
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
     return 0.5 * res.fun
 
 
@@ -221,8 +224,7 @@ def test_prox_sef_optimality_random():
         t = float(10 ** (torch.rand(1, generator=g) * 3 - 2))
         v = torch.randn(d, generator=g, dtype=torch.float64) * 2
         p = prox_sef(v, k, t)
-        _assert_prox_optimal(lambda x: t * sef(x, k) + 0.5 * ((x - v) ** 2).sum(), p,
-                             n_pert=60, seed=trial)
+        _assert_prox_optimal(lambda x: t * sef(x, k) + 0.5 * ((x - v) ** 2).sum(), p, n_pert=60, seed=trial)
 
 
 def test_prox_sef_batched_and_float32():
@@ -263,8 +265,7 @@ def test_prox_wgsef_optimality_random():
         d = torch.rand(m, generator=g, dtype=torch.float64) + 0.5
         v = torch.randn(m, n, generator=g, dtype=torch.float64)
         p = prox_wgsef(v, k, t, d=d)
-        _assert_prox_optimal(lambda x: t * wgsef(x, k, d) + 0.5 * ((x - v) ** 2).sum(), p,
-                             n_pert=60, seed=trial)
+        _assert_prox_optimal(lambda x: t * wgsef(x, k, d) + 0.5 * ((x - v) ** 2).sum(), p, n_pert=60, seed=trial)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -320,8 +321,7 @@ def test_prox_group_l2_elastic_net_nuclear_optimality():
     p = prox_elastic_net(v, t1, t2)
     _assert_prox_optimal(lambda x: t1 * x.abs().sum() + 0.5 * t2 * (x * x).sum() + 0.5 * ((x - v) ** 2).sum(), p)
     p = prox_nuclear(v, t)
-    _assert_prox_optimal(lambda x: t * torch.linalg.svdvals(x).sum() + 0.5 * ((x - v) ** 2).sum(), p,
-                         n_pert=60)
+    _assert_prox_optimal(lambda x: t * torch.linalg.svdvals(x).sum() + 0.5 * ((x - v) ** 2).sum(), p, n_pert=60)
 
 
 # ------------------------------------------------------------------ pyproximal reference
@@ -351,16 +351,28 @@ def test_against_pyproximal(dtype):
     torch.testing.assert_close(project_abs_topk(v.reshape(-1), 7).double(), torch.from_numpy(ref), **tol)
     # nuclear norm
     ref = pyprox.Nuclear(dim=(6, 5), sigma=t).prox(vn.ravel(), 1.0).reshape(6, 5)
-    torch.testing.assert_close(prox_nuclear(v, t).double(), torch.from_numpy(ref),
-                               **(tol if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)))
+    torch.testing.assert_close(
+        prox_nuclear(v, t).double(),
+        torch.from_numpy(ref),
+        **(tol if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)),
+    )
 
 
 def test_operators_do_not_modify_input_and_keep_device():
     v = torch.randn(8, 4, generator=_gen(15))
     v0 = v.clone()
-    for out in (prox_l1(v, 0.1), prox_l0(v, 0.1), prox_group_l2(v, 0.1), prox_elastic_net(v, 0.1, 0.1),
-                prox_nuclear(v, 0.1), prox_sef(v, 3, 0.1), prox_wgsef(v, 3, 0.1), clip_outliers(v),
-                project_topk(v, 2), project_abs_topk(v, 2)):
+    for out in (
+        prox_l1(v, 0.1),
+        prox_l0(v, 0.1),
+        prox_group_l2(v, 0.1),
+        prox_elastic_net(v, 0.1, 0.1),
+        prox_nuclear(v, 0.1),
+        prox_sef(v, 3, 0.1),
+        prox_wgsef(v, 3, 0.1),
+        clip_outliers(v),
+        project_topk(v, 2),
+        project_abs_topk(v, 2),
+    ):
         assert out.shape == v.shape and out.device == v.device and out.dtype == v.dtype
     assert torch.equal(v, v0)
 

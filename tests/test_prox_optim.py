@@ -66,14 +66,17 @@ def test_group_regularizers_use_row_view():
     assert torch.isfinite(W.grad).all()
 
 
-@pytest.mark.parametrize("spec", [
-    {"type": "group_l2", "lam": 0.1},
-    {"type": "l0", "lam": 0.1},
-    {"type": "topk", "k": 5},
-    {"type": "elastic_net", "lam": 0.1, "l1_ratio": 0.3},
-    {"type": "nuclear", "lam": 0.5},
-    {"type": "rlprox.prox.regularizers:L1", "lam": 0.1},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "group_l2", "lam": 0.1},
+        {"type": "l0", "lam": 0.1},
+        {"type": "topk", "k": 5},
+        {"type": "elastic_net", "lam": 0.1, "l1_ratio": 0.3},
+        {"type": "nuclear", "lam": 0.5},
+        {"type": "rlprox.prox.regularizers:L1", "lam": 0.1},
+    ],
+)
 def test_all_types_run(spec):
     reg = build_regularizer(spec)
     p = torch.nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(1)))
@@ -84,14 +87,17 @@ def test_all_types_run(spec):
         assert (p.data != 0).sum() == 5
 
 
-@pytest.mark.parametrize("spec,field", [
-    ({"type": "wgsf", "k": 2}, "'type'"),
-    ({"type": "wgsef", "kk": 2}, "'kk'"),
-    ({"type": "l1", "lam": -1.0}, "'lam'"),
-    ({"type": "wgsef", "k": 0}, "'k'"),
-    ({"lam": 1.0}, "'type'"),
-    ({"type": "no_such_module_xyz:Cls"}, "'type'"),
-])
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        ({"type": "wgsf", "k": 2}, "'type'"),
+        ({"type": "wgsef", "kk": 2}, "'kk'"),
+        ({"type": "l1", "lam": -1.0}, "'lam'"),
+        ({"type": "wgsef", "k": 0}, "'k'"),
+        ({"lam": 1.0}, "'type'"),
+        ({"type": "no_such_module_xyz:Cls"}, "'type'"),
+    ],
+)
 def test_build_regularizer_errors_name_the_field(spec, field):
     with pytest.raises(ValueError) as e:
         build_regularizer(spec)
@@ -137,8 +143,9 @@ def test_ista_fista_match_sklearn_lasso(fista):
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     L = np.linalg.norm(X, 2) ** 2 / n
     w = torch.nn.Parameter(torch.zeros(p, dtype=torch.float64))
-    opt = ProxOptimizer(torch.optim.SGD([w], lr=1 / L),
-                        [([w], build_regularizer({"type": "l1", "lam": alpha}))], fista=fista)
+    opt = ProxOptimizer(
+        torch.optim.SGD([w], lr=1 / L), [([w], build_regularizer({"type": "l1", "lam": alpha}))], fista=fista
+    )
     f = math.inf
     for it in range(20_000):
         opt.zero_grad()
@@ -179,8 +186,7 @@ def test_prox_optimizer_with_lambdalr_and_state_dict():
     opt2 = ProxOptimizer(torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=0.5))
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["lr"] == 0.01
-    torch.testing.assert_close(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"],
-                               opt.state[adam_w]["exp_avg"])
+    torch.testing.assert_close(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"], opt.state[adam_w]["exp_avg"])
 
 
 def test_prox_optimizer_unregistered_param_and_fista_base_checks():
@@ -235,8 +241,11 @@ def test_build_schedule():
     assert build_schedule({"type": "linear", "start": 0.0, "end": 1.0, "steps": 4})(1) == 0.25
     assert build_schedule(0.7)(99) == 0.7
     assert build_schedule({"type": "piecewise_sine", "peaks": [1.0], "ends": [2]})(1) == pytest.approx(0.5)
-    for spec, field in [({"type": "lineer"}, "'type'"), ({"type": "linear", "start": 0, "end": 1}, "'steps'"),
-                        ({"type": "cosine", "start": 0, "end": 1, "step": 3}, "'step'")]:
+    for spec, field in [
+        ({"type": "lineer"}, "'type'"),
+        ({"type": "linear", "start": 0, "end": 1}, "'steps'"),
+        ({"type": "cosine", "start": 0, "end": 1, "step": 3}, "'step'"),
+    ]:
         with pytest.raises(ValueError, match=field):
             build_schedule(spec)
 
@@ -272,7 +281,9 @@ def test_prox_after_adam_uses_its_own_step_not_the_adam_lr():
     opt.step()
     torch.testing.assert_close(w.detach(), torch.tensor([0.5, 0.0, -0.2]))  # soft threshold at 0.5·1, not 1e-3
     default = torch.nn.Parameter(torch.tensor([1.0, 0.2, -0.7]))
-    opt2 = ProxOptimizer(torch.optim.Adam([default], lr=1e-3), [([default], build_regularizer({"type": "l1", "lam": 1.0}))])
+    opt2 = ProxOptimizer(
+        torch.optim.Adam([default], lr=1e-3), [([default], build_regularizer({"type": "l1", "lam": 1.0}))]
+    )
     default.grad = torch.zeros(3)
     opt2.step()
     torch.testing.assert_close(default.detach(), torch.tensor([0.999, 0.199, -0.699]))  # the group lr
@@ -284,7 +295,9 @@ def test_sgd_with_prox_is_exactly_proximal_gradient_descent():
     eta, lam = 0.01, 0.3
     for own_step in (None, lambda: eta):  # the group lr, or the same value as prox_lr
         w = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
-        opt = ProxOptimizer(torch.optim.SGD([w], lr=eta), [([w], build_regularizer({"type": "l1", "lam": lam}), own_step)])
+        opt = ProxOptimizer(
+            torch.optim.SGD([w], lr=eta), [([w], build_regularizer({"type": "l1", "lam": lam}), own_step)]
+        )
         ref = torch.zeros(5, dtype=torch.float64)
         for _ in range(30):
             opt.zero_grad()
@@ -301,9 +314,19 @@ def test_prox_lr_schedule_in_a_recipe_is_logged_and_survives_resume(tmp_path, ti
     from rlprox.recipe import load_recipe
 
     def recipe(name, iterations, resume="never"):
-        data = tiny_recipe(run={"name": name, "iterations": iterations, "save_every": 1, "resume": resume}, optim={"name": "adam", "lr": 1e-3})
-        data["regularizers"] = [{"type": "wgsef", "params": "policy.actor.[02].weight", "k": 8, "lam": 1.0,
-                                 "prox_lr": {"type": "linear", "start": 0.05, "end": 0.0, "steps": 6}}]
+        data = tiny_recipe(
+            run={"name": name, "iterations": iterations, "save_every": 1, "resume": resume},
+            optim={"name": "adam", "lr": 1e-3},
+        )
+        data["regularizers"] = [
+            {
+                "type": "wgsef",
+                "params": "policy.actor.[02].weight",
+                "k": 8,
+                "lam": 1.0,
+                "prox_lr": {"type": "linear", "start": 0.05, "end": 0.0, "steps": 6},
+            }
+        ]
         return load_recipe(data)
 
     full = Engine(recipe("full", 6))

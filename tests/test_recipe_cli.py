@@ -27,11 +27,19 @@ BAD = [
     ({"ppo": {"minibatch_size": 5}}, [], "ppo.minibatch_size: 5 does not divide the rollout"),
     ({"env": {"id": "CartPol-v1"}}, [], "env.id: unknown gymnasium env 'CartPol-v1' (did you mean 'CartPole-v1'?)"),
     ({"env": {"id": "nosuchmodule:Env"}}, [], "env.id: cannot import module 'nosuchmodule'"),
-    ({"env": {"wrappers": ["gymnasium.wrappers:NoSuchWrapper"]}}, [], "env.wrappers[0]: module 'gymnasium.wrappers' has no attribute"),
+    (
+        {"env": {"wrappers": ["gymnasium.wrappers:NoSuchWrapper"]}},
+        [],
+        "env.wrappers[0]: module 'gymnasium.wrappers' has no attribute",
+    ),
     ({"algo": "ppx"}, [], "algo: unknown algorithm 'ppx' (did you mean 'ppo'?)"),
     ({"run": {"resume": "/no/such/checkpoint"}}, [], "run.resume: checkpoint not found"),
     ({"optim": {"name": "adamx"}}, [], "optim.name: must be one of adam, adamw, sgd"),
-    ({"run": {"gradient_accumulation_steps": 3}}, [], "run.gradient_accumulation_steps: 3 does not divide the 4 minibatches"),
+    (
+        {"run": {"gradient_accumulation_steps": 3}},
+        [],
+        "run.gradient_accumulation_steps: 3 does not divide the 4 minibatches",
+    ),
     ({}, ["ppo.update_epochs=0"], "ppo.update_epochs: must be > 0"),
     ({}, ["ppo.nope=1"], "ppo.nope: unknown key"),
     ({}, ["run.iterations"], "run.iterations: override must look like key.sub=value"),
@@ -39,7 +47,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("patch,overrides,message", BAD, ids=[m.split(":")[0] + "-" + str(i) for i, (_, _, m) in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "patch,overrides,message", BAD, ids=[m.split(":")[0] + "-" + str(i) for i, (_, _, m) in enumerate(BAD)]
+)
 def test_bad_input_one_line_exit_2(tmp_path, tiny_recipe, capsys, patch, overrides, message):
     data = tiny_recipe()
     for key, value in patch.items():
@@ -69,7 +79,9 @@ def test_invalid_yaml(tmp_path, capsys):
 
 def test_subprocess_no_traceback(tmp_path, tiny_recipe):
     data = tiny_recipe(env={"id": "NoSuchEnv-v0"})
-    out = subprocess.run([sys.executable, "-m", "rlprox", "train", write(tmp_path, data)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "rlprox", "train", write(tmp_path, data)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["recipe error: env.id: unknown gymnasium env 'NoSuchEnv-v0'"] or (
         len(out.stderr.strip().splitlines()) == 1 and "env.id: unknown gymnasium env" in out.stderr
@@ -77,7 +89,9 @@ def test_subprocess_no_traceback(tmp_path, tiny_recipe):
 
 
 def test_overrides_and_types(tiny_recipe):
-    recipe = load_recipe(tiny_recipe(), ["ppo.clip_coef=0.1", "optim.lr=3e-4", "env.kwargs={}", "run.log_with=[tensorboard]"])
+    recipe = load_recipe(
+        tiny_recipe(), ["ppo.clip_coef=0.1", "optim.lr=3e-4", "env.kwargs={}", "run.log_with=[tensorboard]"]
+    )
     assert recipe.ppo.clip_coef == 0.1 and recipe.optim.lr == 3e-4 and recipe.run.log_with == ["tensorboard"]
     assert isinstance(load_recipe(tiny_recipe(optim={"lr": 1}), []).optim.lr, float)
 
@@ -91,11 +105,17 @@ def test_shipped_recipes_validate(monkeypatch):
     assert len(paths) >= 12
     for path in paths:
         if path.endswith("llamagen-c2i.yaml"):  # the user's local LlamaGen files: one line naming the missing one
-            with pytest.raises(RecipeError, match=r"^recipe error: model.gpt: LlamaGen checkpoint file not found: '/path/to/c2i_XXL_384.pt'$"):
+            with pytest.raises(
+                RecipeError,
+                match=r"^recipe error: model.gpt: LlamaGen checkpoint file not found: '/path/to/c2i_XXL_384.pt'$",
+            ):
                 load_recipe(path)
             continue
         if "pointmaze" in path and importlib.util.find_spec("gymnasium_robotics") is None:
-            with pytest.raises(RecipeError, match=r"env.imports\[0\]: cannot import 'gymnasium_robotics' \(pip install 'rlprox\[robotics\]'\)"):
+            with pytest.raises(
+                RecipeError,
+                match=r"env.imports\[0\]: cannot import 'gymnasium_robotics' \(pip install 'rlprox\[robotics\]'\)",
+            ):
                 load_recipe(path)  # an optional extra: one line naming it
             continue
         load_recipe(path)
@@ -110,7 +130,9 @@ def test_recipes_command_lists_descriptions(capsys):
 def test_error_is_recipe_error():
     with pytest.raises(RecipeError) as info:
         load_recipe({"algo": "ppo", "bogus": 1})
-    assert str(info.value).startswith("recipe error: bogus: unknown key (algo ppo takes: algo, description, env, optim, ppo, regularizers, run, seed)")
+    assert str(info.value).startswith(
+        "recipe error: bogus: unknown key (algo ppo takes: algo, description, env, optim, ppo, regularizers, run, seed)"
+    )
 
 
 def test_rewards_command(capsys):
@@ -118,7 +140,17 @@ def test_rewards_command(capsys):
     assert "digits_alignment" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["eval", "--help"], ["recipes", "--help"], ["zoo", "--help"], ["rewards", "--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["recipes", "--help"],
+        ["zoo", "--help"],
+        ["rewards", "--help"],
+    ],
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main(command)

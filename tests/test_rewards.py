@@ -17,8 +17,7 @@ def micro_classifier(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RLPROX_CACHE", str(tmp_path_factory.mktemp("rlprox_cache")))
-        yield build("digits-classifier", micro=True, classifier_steps=60, batch_size=32,
-                    progress=False)
+        yield build("digits-classifier", micro=True, classifier_steps=60, batch_size=32, progress=False)
 
 
 def test_list_rewards_has_builtins_with_one_line_descriptions():
@@ -102,12 +101,23 @@ def test_aesthetic_loads_local_weights_only_and_says_what_is_missing(tmp_path):
 
     with pytest.raises(ValueError, match="reward 'aesthetic': clip_path '/no/clip' is not a local CLIP model folder"):
         build_reward({"name": "aesthetic", "kwargs": {"clip_path": "/no/clip", "mlp_path": "/no/mlp.pth"}})
-    config = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-                        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                        projection_dim=12)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=12,
+    )
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     torch.save(AestheticMLP(12).state_dict(), tmp_path / "mlp.pth")
-    reward = build_reward({"name": "aesthetic", "kwargs": {"clip_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}})
+    reward = build_reward(
+        {"name": "aesthetic", "kwargs": {"clip_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}}
+    )
     scores, _ = reward(torch.rand(3, 3, 16, 16), ["a", "b", "c"], [{}] * 3)
     assert scores.shape == (3,) and torch.isfinite(scores).all()
 

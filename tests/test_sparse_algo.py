@@ -12,7 +12,16 @@ def sparse_recipe(tmp_path, overrides=(), **run):
     data = {
         "algo": "sparse",
         "seed": 4,
-        "run": {"name": "s", "output_dir": str(tmp_path), "iterations": 2, "eval_size": 1, "log_with": [], "progress": False, "plot": False, **run},
+        "run": {
+            "name": "s",
+            "output_dir": str(tmp_path),
+            "iterations": 2,
+            "eval_size": 1,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+            **run,
+        },
         "sparse": {"hidden_sizes": [24, 16], "batch_size": 64},
         "optim": {"lr": 3e-3, "max_grad_norm": 0.0},
         "regularizers": [{"type": "wgsef", "params": "net.hidden.*.weight", "k": 8, "lam": 1.0, "exact_k": True}],
@@ -31,7 +40,9 @@ def test_few_iterations_prune_neurons(tmp_path):
     assert zero_neurons(net) == [24 - 8, 16 - 8]  # exact_k: exactly k rows survive per layer
     assert stats["sparsity/hidden0_kept"] == 8 and stats["eval/compact_accuracy"] == stats["eval/accuracy"]
     report = engine.algo.model_stats(measure_latency=False)
-    assert report["compact/outputs_match"] and report["compact/hidden0_kept"] == 8 and report["compact/hidden1_kept"] == 8
+    assert (
+        report["compact/outputs_match"] and report["compact/hidden0_kept"] == 8 and report["compact/hidden1_kept"] == 8
+    )
     assert report["compact/param_compression"] > 1.5
 
 
@@ -90,5 +101,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     second = Engine(sparse_recipe(tmp_path / "b", iterations=3, resume="auto"))
     second.fit()
     assert second.state.iteration == 3
-    for (name, a), b in zip(full.algo.modules["net"].state_dict().items(), second.algo.modules["net"].state_dict().values()):
+    for (name, a), b in zip(
+        full.algo.modules["net"].state_dict().items(), second.algo.modules["net"].state_dict().values()
+    ):
         assert torch.equal(a, b), name

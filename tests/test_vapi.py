@@ -15,7 +15,9 @@ from rlprox.prox.regularizers import PriorCE
 from rlprox.recipe import load_recipe
 
 TINY_GPT = dict(n_layer=2, n_head=2, dim=32, multiple_of=16)
-TINY_VQ = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, norm_groups=4, codebook_size=32, codebook_embed_dim=4)
+TINY_VQ = dict(
+    ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=16, norm_groups=4, codebook_size=32, codebook_embed_dim=4
+)
 
 
 def tiny_models(seed=0):
@@ -43,10 +45,26 @@ def llamagen_files(tmp_path_factory):
 def vapi_recipe(tmp_path, files, **vapi):
     root = files[0]
     return {
-        "algo": "vapi", "seed": 3,
-        "run": {"name": "v", "output_dir": str(tmp_path), "iterations": 2, "log_with": [], "progress": False, "plot": False},
-        "model": {"gpt": str(root / "gpt.pt"), "vq": str(root / "vq.pt"), "config": "GPT-B", "vq_config": "VQ-16", "image_size": 16, "num_classes": 50,
-                  "gpt_kwargs": TINY_GPT, "vq_kwargs": TINY_VQ},
+        "algo": "vapi",
+        "seed": 3,
+        "run": {
+            "name": "v",
+            "output_dir": str(tmp_path),
+            "iterations": 2,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+        },
+        "model": {
+            "gpt": str(root / "gpt.pt"),
+            "vq": str(root / "vq.pt"),
+            "config": "GPT-B",
+            "vq_config": "VQ-16",
+            "image_size": 16,
+            "num_classes": 50,
+            "gpt_kwargs": TINY_GPT,
+            "vq_kwargs": TINY_VQ,
+        },
         "vapi": {"images_per_iteration": 4, "group_size": 4, "micro_batch_size": 2, "eval_base": False, **vapi},
         "reward": {"name": "pixel_reconstruction", "kwargs": {"mse_weight": 1.0, "ssim_weight": 0.5}},
         "regularizers": [{"type": "prior_ce", "lam": 0.1}],
@@ -57,15 +75,24 @@ def vapi_recipe(tmp_path, files, **vapi):
 def test_llamagen_layout_round_trip(llamagen_files):
     root, gpt, vq = llamagen_files
     state = llamagen.read_llamagen_state_dict(root / "vq.pt")
-    assert "quantize.codebook_used" not in state and "encoder.conv_blocks.2.attn.0.q.weight" in state  # LlamaGen's attention at the lowest level
-    loaded_gpt = llamagen.load_gpt(root / "gpt.pt", llamagen.gpt_config("GPT-B", 16, 4, num_classes=50, vocab_size=32, **TINY_GPT))
+    assert (
+        "quantize.codebook_used" not in state and "encoder.conv_blocks.2.attn.0.q.weight" in state
+    )  # LlamaGen's attention at the lowest level
+    loaded_gpt = llamagen.load_gpt(
+        root / "gpt.pt", llamagen.gpt_config("GPT-B", 16, 4, num_classes=50, vocab_size=32, **TINY_GPT)
+    )
     loaded_vq = llamagen.load_vq(root / "vq.pt", llamagen.vq_config("VQ-16", 16, **TINY_VQ))
     tokens, classes = torch.randint(0, 32, (2, 16)), torch.tensor([3, 7])
     gpt.eval()
     torch.testing.assert_close(loaded_gpt(tokens[:, :-1], classes)[0], gpt(tokens[:, :-1], classes)[0])
     torch.testing.assert_close(loaded_vq.decode_code(tokens), vq.eval().decode_code(tokens))
     with pytest.raises(RuntimeError):
-        llamagen.load_gpt(root / "gpt.pt", llamagen.gpt_config("GPT-B", 16, 4, num_classes=50, vocab_size=32, n_layer=3, n_head=2, dim=32, multiple_of=16))
+        llamagen.load_gpt(
+            root / "gpt.pt",
+            llamagen.gpt_config(
+                "GPT-B", 16, 4, num_classes=50, vocab_size=32, n_layer=3, n_head=2, dim=32, multiple_of=16
+            ),
+        )
 
 
 def test_group_sampling_draws_each_position_from_its_own_logits():
@@ -77,7 +104,9 @@ def test_group_sampling_draws_each_position_from_its_own_logits():
     for t in range(3):
         freq = torch.bincount(samples[0, :, t], minlength=5).float() / 6000
         assert (freq - probs[t]).abs().max() < 0.03, (t, freq, probs[t])
-    torch.testing.assert_close(logp, torch.log_softmax(logits, -1)[0].gather(-1, samples[0].T).T[None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        logp, torch.log_softmax(logits, -1)[0].gather(-1, samples[0].T).T[None], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_prior_term_equals_the_llamagen_training_loss():
@@ -101,7 +130,14 @@ def test_ratio_is_one_before_the_first_update_and_training_runs(tmp_path, llamag
     out = engine.fit()
     engine.close()
     assert any(not torch.equal(before[k], v) for k, v in algo.gpt.state_dict().items())
-    for key in ("reward/mean", "reward/mse", "reward/ssim", "reward/tokenizer_floor_mse", "policy/approx_kl", "loss/policy"):
+    for key in (
+        "reward/mean",
+        "reward/mse",
+        "reward/ssim",
+        "reward/tokenizer_floor_mse",
+        "policy/approx_kl",
+        "loss/policy",
+    ):
         assert key in out, key
 
 
@@ -132,7 +168,9 @@ def test_checkpoint_that_does_not_match_the_config_is_a_recipe_error(tmp_path, l
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
-    assert capsys.readouterr().err.startswith("recipe error: model: the checkpoints do not match model.config GPT-B / VQ-16")
+    assert capsys.readouterr().err.startswith(
+        "recipe error: model: the checkpoints do not match model.config GPT-B / VQ-16"
+    )
 
 
 def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, capsys, monkeypatch):
@@ -147,7 +185,15 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
     assert main(["eval", str(engine.run_dir), "--num-samples", "24"]) == 0
     out = capsys.readouterr().out
     result = json.loads((checkpoint.find_latest(engine.run_dir) / "eval.json").read_text())
-    for key in ("eval/fid_proxy", "eval/base_fid_proxy", "eval/is_proxy", "eval/digit_acc", "eval/base_digit_acc", "eval/tf_mse", "eval/tokenizer_floor_fid_proxy"):
+    for key in (
+        "eval/fid_proxy",
+        "eval/base_fid_proxy",
+        "eval/is_proxy",
+        "eval/digit_acc",
+        "eval/base_digit_acc",
+        "eval/tf_mse",
+        "eval/tokenizer_floor_fid_proxy",
+    ):
         assert key in result, key
     assert "fid_proxy" in out and (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
 
@@ -166,8 +212,12 @@ def test_image_folder_and_datasets_sources(tmp_path, llamagen_files, kind):
         data = str(tmp_path / "imgs")
     else:
         datasets = pytest.importorskip("datasets")
-        ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays], "label": [i % 2 for i in range(6)]},
-                                        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cats", "dogs"])}))
+        ds = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a) for a in arrays], "label": [i % 2 for i in range(6)]},
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cats", "dogs"])}
+            ),
+        )
         ds.save_to_disk(str(tmp_path / "ds"))
         data = f"hf:{tmp_path / 'ds'}"
     engine = Engine(load_recipe(vapi_recipe(tmp_path, llamagen_files, data=data)))

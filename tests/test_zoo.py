@@ -20,15 +20,23 @@ import torch
 
 from rlprox.zoo import build as zoo_build
 from rlprox.zoo.data import (
-    COLOUR_NAMES, load_digits_world, parse_prompt, prompt_for,
+    COLOUR_NAMES,
+    load_digits_world,
+    parse_prompt,
+    prompt_for,
 )
 
 torch.set_num_threads(1)
 
 # micro=True keeps 5 % of each step count; these bases leave 2–3 steps per model.
 TINY = dict(
-    classifier_steps=60, vae_steps=40, unet_steps=40, vq_steps=40, gpt_steps=60,
-    batch_size=32, progress=False,
+    classifier_steps=60,
+    vae_steps=40,
+    unet_steps=40,
+    vq_steps=40,
+    gpt_steps=60,
+    batch_size=32,
+    progress=False,
 )
 
 
@@ -76,8 +84,11 @@ def test_tokenizer_keeps_every_prompt_word_one_token():
         assert len(ids) == 3 and tok.convert_ids_to_tokens(ids[1]) == word + "</w>", word
     word_id = {w: tok(w).input_ids[1] for w in ("a", "red", "seven")}
     ids = tok("A Red Seven", padding="max_length", max_length=8).input_ids
-    assert ids == [tok.bos_token_id, word_id["a"], word_id["red"], word_id["seven"],
-                   tok.eos_token_id] + [tok.pad_token_id] * 3
+    assert (
+        ids
+        == [tok.bos_token_id, word_id["a"], word_id["red"], word_id["seven"], tok.eos_token_id]
+        + [tok.pad_token_id] * 3
+    )
 
 
 # ----------------------------------------------------------------------------- build + cache
@@ -181,10 +192,8 @@ def test_sd_pipeline_loads_in_fresh_offline_process(micro_models):
         assert 0 <= out.min() and out.max() <= 1
         print("OK", type(pipe.tokenizer).__name__)
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK" in res.stdout
 
@@ -205,11 +214,18 @@ def test_vq_round_trip_names_and_straight_through(micro_models):
 
     vq = VQModel.from_pretrained(micro_models["digits-vq"])
     keys = set(vq.state_dict())
-    for key in ("quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.weight",
-                "encoder.conv_in.weight", "encoder.conv_blocks.0.res.0.conv1.weight",
-                "encoder.conv_blocks.0.downsample.conv.weight", "encoder.mid.1.q.weight",
-                "encoder.conv_blocks.1.attn.0.q.weight",  # LlamaGen's attention at the lowest resolution
-                "decoder.conv_blocks.0.upsample.conv.weight", "decoder.conv_out.weight"):
+    for key in (
+        "quantize.embedding.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+        "encoder.conv_in.weight",
+        "encoder.conv_blocks.0.res.0.conv1.weight",
+        "encoder.conv_blocks.0.downsample.conv.weight",
+        "encoder.mid.1.q.weight",
+        "encoder.conv_blocks.1.attn.0.q.weight",  # LlamaGen's attention at the lowest resolution
+        "decoder.conv_blocks.0.upsample.conv.weight",
+        "decoder.conv_out.weight",
+    ):
         assert key in keys, key
     images = load_digits_world("heldout").images[:4]
     tokens = encode_tokens(vq, images)
@@ -226,8 +242,7 @@ def _random_gpt(seed=0, **kw):
     from rlprox.models.llamagen import Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=6,
-                        block_size=16, **kw)
+    model = Transformer(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=6, block_size=16, **kw)
     torch.nn.init.normal_(model.output.weight, std=0.5)  # zero-init would make sampling trivial
     return model.eval()
 
@@ -237,11 +252,19 @@ def test_gpt_state_dict_follows_llamagen_names(micro_models):
 
     model = Transformer.from_pretrained(micro_models["digits-gpt"])
     keys = set(model.state_dict())
-    for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight",
-                "layers.0.attention.wqkv.weight", "layers.0.attention.wo.weight",
-                "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w2.weight",
-                "layers.0.feed_forward.w3.weight", "layers.0.attention_norm.weight",
-                "layers.0.ffn_norm.weight", "norm.weight", "output.weight"):
+    for key in (
+        "tok_embeddings.weight",
+        "cls_embedding.embedding_table.weight",
+        "layers.0.attention.wqkv.weight",
+        "layers.0.attention.wo.weight",
+        "layers.0.feed_forward.w1.weight",
+        "layers.0.feed_forward.w2.weight",
+        "layers.0.feed_forward.w3.weight",
+        "layers.0.attention_norm.weight",
+        "layers.0.ffn_norm.weight",
+        "norm.weight",
+        "output.weight",
+    ):
         assert key in keys, key
     assert not any("freqs_cis" in k or "cache" in k for k in keys)
     assert model.cls_embedding.embedding_table.num_embeddings == 51  # 50 classes + null
@@ -269,8 +292,15 @@ def test_gpt_kv_cache_sampling_equals_no_cache_sampling(cfg_scale, top_k):
     model = _random_gpt(seed=1)
     cond = torch.tensor([0, 1, 2, 5])
     runs = [
-        generate(model, cond, cfg_scale=cfg_scale, top_k=top_k, temperature=0.9,
-                 generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        generate(
+            model,
+            cond,
+            cfg_scale=cfg_scale,
+            top_k=top_k,
+            temperature=0.9,
+            generator=torch.Generator().manual_seed(7),
+            use_cache=use_cache,
+        )
         for use_cache in (True, False)
     ]
     assert runs[0].shape == (4, 16)
@@ -278,12 +308,11 @@ def test_gpt_kv_cache_sampling_equals_no_cache_sampling(cfg_scale, top_k):
 
 
 def test_gpt_loads_with_its_vq(micro_models):
-    from rlprox.zoo.build import load_gpt_and_vq
     from rlprox.models.llamagen import generate
+    from rlprox.zoo.build import load_gpt_and_vq
 
     gpt, vq = load_gpt_and_vq(micro_models["digits-gpt"])
-    tokens = generate(gpt, torch.tensor([0, 49]), cfg_scale=1.5,
-                      generator=torch.Generator().manual_seed(0))
+    tokens = generate(gpt, torch.tensor([0, 49]), cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
     assert vq.decode_code(tokens).shape == (2, 3, 16, 16)
 
 
@@ -338,8 +367,7 @@ def test_is_proxy_and_conditional_accuracy_on_known_cases():
     images = torch.zeros(30, 3, 16, 16)
     assert is_proxy(images, _OneHotClassifier(digits)) == pytest.approx(10.0)
     assert is_proxy(images, _OneHotClassifier(torch.zeros(30, dtype=torch.long))) == pytest.approx(1.0)
-    acc = conditional_accuracy(images, digits, torch.zeros(30, dtype=torch.long),
-                               _OneHotClassifier(digits))
+    acc = conditional_accuracy(images, digits, torch.zeros(30, dtype=torch.long), _OneHotClassifier(digits))
     assert acc["digit_acc"] == 1.0 and acc["alignment"] == pytest.approx(0.2)
 
 
@@ -356,19 +384,17 @@ def test_fid_proxy_on_classifier_features(micro_models):
     real = real_like(train, classes)
     assert real.shape == (50, 3, 16, 16)
     assert torch.equal(real_like(train, classes), real)  # seeded
-    assert fid_floor(clf, held, train, classes=classes) == pytest.approx(
-        fid_proxy(held.images, real, clf))
+    assert fid_floor(clf, held, train, classes=classes) == pytest.approx(fid_proxy(held.images, real, clf))
 
 
 # ----------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     """Full builds (≈8–15 CPU-min): the quality bars the issue sets for the base models."""
+    from rlprox.models.llamagen import Transformer, VQModel, generate
     from rlprox.zoo.classifier import DigitsClassifier
-    from rlprox.models.llamagen import Transformer, generate
     from rlprox.zoo.metrics import conditional_accuracy
     from rlprox.zoo.sd import load_sd_pipeline, sample_sd
-    from rlprox.models.llamagen import VQModel
 
     monkeypatch.setenv("RLPROX_CACHE", os.environ.get("RLPROX_TEST_CACHE", str(tmp_path)))
     paths = {name: zoo_build.resolve(name, progress=False) for name in zoo_build.MODELS}
@@ -385,7 +411,6 @@ def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     assert 0.3 <= sd["alignment"] and sd["colour_acc"] >= 0.9  # decent-but-imperfect
     vq = VQModel.from_pretrained(paths["digits-vq"])
     gpt = Transformer.from_pretrained(paths["digits-gpt"])
-    tokens = generate(gpt, digits * 5 + colours, cfg_scale=1.5,
-                      generator=torch.Generator().manual_seed(0))
+    tokens = generate(gpt, digits * 5 + colours, cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
     ar = conditional_accuracy(vq.decode_code(tokens), digits, colours, clf)
     assert 0.3 <= ar["alignment"] and ar["colour_acc"] >= 0.9

@@ -41,7 +41,15 @@ class ToyLoRA:
         self.recipe, self.runtime = recipe, runtime
         self.encoder = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.Tanh())
         base = nn.Sequential(OrderedDict(inp=nn.Linear(cfg.dim, 16), act=nn.Tanh(), out=nn.Linear(16, cfg.dim)))
-        self.policy = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=["inp", "out"], init_lora_weights="gaussian"))
+        self.policy = get_peft_model(
+            base,
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=2 * cfg.lora_rank,
+                target_modules=["inp", "out"],
+                init_lora_weights="gaussian",
+            ),
+        )
         self.modules = {"policy": self.policy}
         self.frozen = {"encoder": self.encoder}
         self.perm = torch.arange(cfg.dim).flip(0)
@@ -53,7 +61,11 @@ class ToyLoRA:
         x = torch.randn(self.cfg.batch, self.cfg.dim, generator=self.runtime.generator, device=self.runtime.device)
         with self.runtime.autocast():
             err = (self.modules["policy"](self._encode(x)).float() - x[:, self.perm]).pow(2).mean(1)
-        self._local = {"reward/mean": float(-err.mean()), "toy/first_noise": float(x[0, 0]), "toy/samples": self.cfg.batch}
+        self._local = {
+            "reward/mean": float(-err.mean()),
+            "toy/first_noise": float(x[0, 0]),
+            "toy/samples": self.cfg.batch,
+        }
         return x
 
     def minibatches(self, x, epoch):
@@ -69,7 +81,11 @@ class ToyLoRA:
             run_dir, rank = self.recipe.run_dir, self.runtime.rank
             with open(run_dir / f"toy-rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps(self._local) + "\n")
-            trained = {n: full_tensor(p.detach()).flatten().tolist() for n, p in self.runtime.unwrap(self.policy).named_parameters() if p.requires_grad}
+            trained = {
+                n: full_tensor(p.detach()).flatten().tolist()
+                for n, p in self.runtime.unwrap(self.policy).named_parameters()
+                if p.requires_grad
+            }
             (run_dir / f"params-rank{rank}.json").write_text(json.dumps(trained))
         return dict(self._local)
 
@@ -87,14 +103,30 @@ class ToyLoRA:
         return [out_dir]
 
 
-SPEC = register_trainer(TrainerSpec(name="toy_lora", build=ToyLoRA, sections={"toy": ToyConfig}, eval_unit="samples", description="test trainer: frozen encoder + LoRA"))
+SPEC = register_trainer(
+    TrainerSpec(
+        name="toy_lora",
+        build=ToyLoRA,
+        sections={"toy": ToyConfig},
+        eval_unit="samples",
+        description="test trainer: frozen encoder + LoRA",
+    )
+)
 
 
 def toy_recipe(tmp_path, **run) -> dict:
     return {
         "algo": "tests.toy_lora:SPEC",
         "seed": 5,
-        "run": {"name": "toy", "output_dir": str(tmp_path), "iterations": 4, "log_with": [], "progress": False, "plot": False, **run},
+        "run": {
+            "name": "toy",
+            "output_dir": str(tmp_path),
+            "iterations": 4,
+            "log_with": [],
+            "progress": False,
+            "plot": False,
+            **run,
+        },
         "optim": {"name": "adam", "lr": 1e-2, "max_grad_norm": 1.0},
         "toy": {},
     }

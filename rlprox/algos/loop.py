@@ -47,7 +47,14 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError, RegistryError
-from rlprox.models.diffusion import decode_latents, ddim_step_with_logprob, denoise_with_noise, encode_prompts, guided_noise, sample_trajectories
+from rlprox.models.diffusion import (
+    ddim_step_with_logprob,
+    decode_latents,
+    denoise_with_noise,
+    encode_prompts,
+    guided_noise,
+    sample_trajectories,
+)
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
@@ -68,7 +75,9 @@ class LoraSpec:
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
-    pipeline: str = "zoo:digits-sd"  # diffusers StableDiffusionPipeline: local folder, hub id (offline cache) or zoo:NAME
+    pipeline: str = (
+        "zoo:digits-sd"  # diffusers StableDiffusionPipeline: local folder, hub id (offline cache) or zoo:NAME
+    )
     prompts: str = "digits"  # "digits" (the 50 digits-world prompts), a .txt file (one per line), or "module:function" returning (prompts, metadata)
     eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
@@ -101,12 +110,25 @@ def trained_timesteps(cfg: LoopConfig) -> int:
 def validate(recipe: "Recipe") -> None:
     cfg = recipe.loop
     if cfg.num_samples_per_prompt < 2 and cfg.advantage in ("loo", "group_norm"):
-        raise RecipeError("loop.num_samples_per_prompt", f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} (got {cfg.num_samples_per_prompt})")
-    for key in ("num_samples_per_prompt", "prompts_per_iteration", "num_steps", "sample_batch_size", "num_inner_epochs", "train_batch_size", "tracker_buffer_size"):
+        raise RecipeError(
+            "loop.num_samples_per_prompt",
+            f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} (got {cfg.num_samples_per_prompt})",
+        )
+    for key in (
+        "num_samples_per_prompt",
+        "prompts_per_iteration",
+        "num_steps",
+        "sample_batch_size",
+        "num_inner_epochs",
+        "train_batch_size",
+        "tracker_buffer_size",
+    ):
         if getattr(cfg, key) <= 0:
             raise RecipeError(f"loop.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if cfg.eta <= 0:
-        raise RecipeError("loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {cfg.eta})")
+        raise RecipeError(
+            "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {cfg.eta})"
+        )
     if not 0 < cfg.timestep_fraction <= 1:
         raise RecipeError("loop.timestep_fraction", f"must be in (0, 1] (got {cfg.timestep_fraction})")
     if cfg.clip_range <= 0 or cfg.adv_clip <= 0:
@@ -115,10 +137,16 @@ def validate(recipe: "Recipe") -> None:
         raise RecipeError("loop.guidance_scale", f"must be >= 1 (got {cfg.guidance_scale})")
     samples = cfg.num_samples_per_prompt * cfg.prompts_per_iteration
     if samples % cfg.train_batch_size:
-        raise RecipeError("loop.train_batch_size", f"{cfg.train_batch_size} does not divide the {samples} samples per iteration (num_samples_per_prompt × prompts_per_iteration)")
+        raise RecipeError(
+            "loop.train_batch_size",
+            f"{cfg.train_batch_size} does not divide the {samples} samples per iteration (num_samples_per_prompt × prompts_per_iteration)",
+        )
     minibatches = samples // cfg.train_batch_size
     if minibatches % recipe.run.gradient_accumulation_steps:
-        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {minibatches} minibatches per epoch")
+        raise RecipeError(
+            "run.gradient_accumulation_steps",
+            f"{recipe.run.gradient_accumulation_steps} does not divide the {minibatches} minibatches per epoch",
+        )
     if cfg.finetune == "lora" and (cfg.lora.rank <= 0 or not cfg.lora.target_modules):
         raise RecipeError("loop.lora", "rank must be > 0 and target_modules non-empty")
     if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
@@ -207,7 +235,10 @@ class LOOP:
         try:
             pipe = load_sd_pipeline(self.path)
         except (OSError, ValueError) as err:
-            raise RecipeError("loop.pipeline", f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} ({str(err).strip().splitlines()[0][:160]}); no downloads at run time: give a local folder or a hub id already in the cache") from None
+            raise RecipeError(
+                "loop.pipeline",
+                f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} ({str(err).strip().splitlines()[0][:160]}); no downloads at run time: give a local folder or a hub id already in the cache",
+            ) from None
         self.tokenizer = pipe.tokenizer
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -215,7 +246,14 @@ class LOOP:
         if cfg.finetune == "lora":
             from peft import LoraConfig
 
-            self.unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=list(cfg.lora.target_modules), init_lora_weights="gaussian"))
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=cfg.lora.rank,
+                    lora_alpha=cfg.lora.alpha,
+                    target_modules=list(cfg.lora.target_modules),
+                    init_lora_weights="gaussian",
+                )
+            )
         else:
             self.unet.requires_grad_(True)
         self.modules = {"unet": self.unet}
@@ -232,7 +270,11 @@ class LOOP:
         self.images_seen = 0  # all processes
         self.micro_steps = trained_timesteps(cfg)
         self.update_epochs = cfg.num_inner_epochs
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score") if cfg.score_in_background else None
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score")
+            if cfg.score_in_background
+            else None
+        )
         self._negative = None
 
     # ------------------------------------------------------------------ helpers
@@ -272,7 +314,18 @@ class LOOP:
         batches, pending = [], []
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
-            traj = sample_trajectories(unet, self.scheduler, embeds[sl], self._negative_embeds(len(prompts[sl])), cfg.num_steps, cfg.guidance_scale, cfg.eta, self.runtime.generator, self.latent_shape, autocast=self.runtime.autocast)
+            traj = sample_trajectories(
+                unet,
+                self.scheduler,
+                embeds[sl],
+                self._negative_embeds(len(prompts[sl])),
+                cfg.num_steps,
+                cfg.guidance_scale,
+                cfg.eta,
+                self.runtime.generator,
+                self.latent_shape,
+                autocast=self.runtime.autocast,
+            )
             batches.append(traj)
             final = traj.latents[:, -1]
             if self._pool is not None:  # score this batch while the next one denoises
@@ -344,7 +397,9 @@ class LOOP:
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
         for start in range(0, B, cfg.train_batch_size):
             idx = order[start : start + cfg.train_batch_size]
-            steps = torch.stack([torch.randperm(T, generator=gen, device=gen.device) for _ in range(len(idx))]).to(self.device)
+            steps = torch.stack([torch.randperm(T, generator=gen, device=gen.device) for _ in range(len(idx))]).to(
+                self.device
+            )
             for j in range(self.micro_steps):
                 yield batch, idx, steps[:, j]
 
@@ -355,7 +410,14 @@ class LOOP:
         x_prev = batch["latents"][idx, step + 1]
         t = batch["timesteps"][step]  # (b,) per-sample timesteps
         embeds = batch["embeds"][idx]
-        eps = guided_noise(self.modules["unet"], self.scheduler.scale_model_input(x_t, t), t, embeds, self._negative_embeds(len(idx)), cfg.guidance_scale)
+        eps = guided_noise(
+            self.modules["unet"],
+            self.scheduler.scale_model_input(x_t, t),
+            t,
+            embeds,
+            self._negative_embeds(len(idx)),
+            cfg.guidance_scale,
+        )
         _, logp = ddim_step_with_logprob(self.scheduler, eps.float(), t, x_t, cfg.eta, prev_sample=x_prev)
         old = batch["log_probs"][idx, step]
         adv = batch["advantages"][idx]
@@ -397,7 +459,9 @@ class LOOP:
         from rlprox.runtime import EvalShard
 
         cfg = self.cfg
-        prompts, metadata = (request.prompts, [{} for _ in request.prompts]) if request.prompts else self.eval_prompt_list
+        prompts, metadata = (
+            (request.prompts, [{} for _ in request.prompts]) if request.prompts else self.eval_prompt_list
+        )
         items = range(request.start, request.start + request.num)
         chosen_prompts = [prompts[i % len(prompts)] for i in items]
         chosen_meta = [metadata[i % len(prompts)] for i in items]
@@ -430,10 +494,22 @@ class LOOP:
         if shown:
             pairs = [images["base_"][shown], images["tuned"][shown]] if "base_" in images else [images["tuned"][shown]]
             grid["base_vs_tuned" if len(pairs) == 2 else "tuned"] = torch.stack(pairs, 1).flatten(0, 1)
-        return EvalShard(values=values, images=grid, grid_cols=2 if cfg.eval_base else 0, info={"prompts": len(prompts)})
+        return EvalShard(
+            values=values, images=grid, grid_cols=2 if cfg.eval_base else 0, info={"prompts": len(prompts)}
+        )
 
     def _sample_with_noise(self, unet, embeds, noise, eta):
-        return denoise_with_noise(unet, self.scheduler, embeds, self._negative_embeds(len(embeds)), self.cfg.num_steps, self.cfg.guidance_scale, eta, noise, autocast=self.runtime.autocast)
+        return denoise_with_noise(
+            unet,
+            self.scheduler,
+            embeds,
+            self._negative_embeds(len(embeds)),
+            self.cfg.num_steps,
+            self.cfg.guidance_scale,
+            eta,
+            noise,
+            autocast=self.runtime.autocast,
+        )
 
     def _base_model(self):
         """The base UNet: the LoRA model with its adapters off, or (full fine-tuning) a
@@ -453,7 +529,12 @@ class LOOP:
         if self.base_unet is None:
             from diffusers import UNet2DConditionModel
 
-            self.base_unet = UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet").to(self.device, self.runtime.frozen_dtype).eval().requires_grad_(False)
+            self.base_unet = (
+                UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet")
+                .to(self.device, self.runtime.frozen_dtype)
+                .eval()
+                .requires_grad_(False)
+            )
         return contextlib.nullcontext(self.base_unet)
 
     # ------------------------------------------------------------------ EXPORT
@@ -472,7 +553,9 @@ class LOOP:
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             metadata = unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            StableDiffusionPipeline.save_lora_weights(
+                str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+            )
             return [out_dir / "pytorch_lora_weights.safetensors"]
         pipe = load_sd_pipeline(self.path)
         pipe.unet = copy.deepcopy(unet).float()
@@ -492,12 +575,14 @@ class LOOP:
             self._pool.shutdown(wait=True)
 
 
-register_trainer(TrainerSpec(
-    name="loop",
-    build=LOOP,
-    sections={"loop": LoopConfig, "reward": RewardSpec},
-    validate=validate,
-    description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
-    eval_unit="samples",
-    eval_flags=("prompts",),
-))
+register_trainer(
+    TrainerSpec(
+        name="loop",
+        build=LOOP,
+        sections={"loop": LoopConfig, "reward": RewardSpec},
+        validate=validate,
+        description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
+        eval_unit="samples",
+        eval_flags=("prompts",),
+    )
+)

@@ -34,8 +34,27 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError
-from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, RunningMeanStd, env_goals, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
-from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, evaluate_snapshot, gae_targets, normalized_advantages, rollout_stats
+from rlprox.gymenv import (
+    ActionSpace,
+    EnvConfig,
+    GymRollout,
+    RunningMeanStd,
+    env_goals,
+    goal_metrics,
+    load_normalisers,
+    make_vec_env,
+    observation_dim,
+    validate_env,
+)
+from rlprox.onpolicy import (
+    Columns,
+    MinibatchSampler,
+    bootstrap_next_values,
+    evaluate_snapshot,
+    gae_targets,
+    normalized_advantages,
+    rollout_stats,
+)
 
 if TYPE_CHECKING:
     from rlprox.recipe import Recipe
@@ -57,7 +76,9 @@ class PolicyFlowConfig:
     ent_coef: float = 0.0  # w_g: entropy bonus of the Gaussian head N(0, σ²)
     norm_adv: bool = True  # normalise advantages per minibatch (over all processes)
     target_kl: float = 0.0  # stop the epochs once the epoch's approx-KL exceeds this; 0 disables
-    ratio: Literal["velocity", "fpo"] = "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
+    ratio: Literal["velocity", "fpo"] = (
+        "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
+    )
     flow_steps: int = 10  # K midpoint (RK2) steps from noise to action
     noise_scale: float = 1.0  # std of the flow's base noise, z ~ N(0, s² I); the flow starts near the identity, so the initial action spread is ≈ s (plus σ)
     t_sampling: Literal["grid", "uniform"] = "grid"  # t per sample: the K-point grid {k/K}, or U(0, 1)
@@ -72,13 +93,23 @@ class PolicyFlowConfig:
     log_std_max: float = 0.5
     last_layer_scale: float = 0.01  # init gain of the velocity MLP's last layer (flow ≈ identity at start)
     critic_lr: float = 0.0  # the critic's lr (0: optim.lr)
-    eval_deterministic: bool = False  # evaluate with z = 0 and no Gaussian noise (False: sample, as multimodality needs)
+    eval_deterministic: bool = (
+        False  # evaluate with z = 0 and no Gaussian noise (False: sample, as multimodality needs)
+    )
 
 
 def validate(recipe: "Recipe") -> None:
     cfg, env = recipe.policyflow, recipe.env
     validate_env(env)
-    for key in ("num_steps", "minibatch_size", "update_epochs", "flow_steps", "fpo_samples", "time_features", "obs_embed"):
+    for key in (
+        "num_steps",
+        "minibatch_size",
+        "update_epochs",
+        "flow_steps",
+        "fpo_samples",
+        "time_features",
+        "obs_embed",
+    ):
         if getattr(cfg, key) <= 0:
             raise RecipeError(f"policyflow.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if cfg.noise_scale <= 0:
@@ -86,12 +117,21 @@ def validate(recipe: "Recipe") -> None:
     if not 0.0 < cfg.gamma <= 1.0:
         raise RecipeError("policyflow.gamma", f"must be in (0, 1] (got {cfg.gamma})")
     if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
-        raise RecipeError("policyflow.init_log_std", f"must lie strictly between log_std_min {cfg.log_std_min} and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})")
+        raise RecipeError(
+            "policyflow.init_log_std",
+            f"must lie strictly between log_std_min {cfg.log_std_min} and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})",
+        )
     rollout = env.num_envs * cfg.num_steps
     if rollout % cfg.minibatch_size or cfg.minibatch_size > rollout:
-        raise RecipeError("policyflow.minibatch_size", f"{cfg.minibatch_size} must divide the rollout (env.num_envs × policyflow.num_steps = {rollout})")
+        raise RecipeError(
+            "policyflow.minibatch_size",
+            f"{cfg.minibatch_size} must divide the rollout (env.num_envs × policyflow.num_steps = {rollout})",
+        )
     if (rollout // cfg.minibatch_size) % recipe.run.gradient_accumulation_steps:
-        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {rollout // cfg.minibatch_size} minibatches per epoch")
+        raise RecipeError(
+            "run.gradient_accumulation_steps",
+            f"{recipe.run.gradient_accumulation_steps} does not divide the {rollout // cfg.minibatch_size} minibatches per epoch",
+        )
 
 
 class PolicyFlow:
@@ -111,7 +151,9 @@ class PolicyFlow:
         if cfg.target_kl <= 0:
             self.early_stop = None
         if runtime.train:
-            self.rollout = GymRollout(self.env_cfg, recipe.seed, runtime.rank, runtime.world, cfg.gamma, runtime.accelerator)
+            self.rollout = GymRollout(
+                self.env_cfg, recipe.seed, runtime.rank, runtime.world, cfg.gamma, runtime.accelerator
+            )
             obs_dim, space = self.rollout.obs_dim, self.rollout.action_space
             self.obs_rms = self.rollout.obs_rms
         else:
@@ -124,13 +166,34 @@ class PolicyFlow:
             raise RecipeError("env.id", "PolicyFlow needs a continuous (Box) action space")
         self.obs_dim, self.action_dim = obs_dim, space.dim
         self.goals = env_goals(self.env_cfg)
-        self.policy = FlowPolicy(obs_dim, space.dim, cfg.hidden_sizes, cfg.activation, cfg.time_features, cfg.obs_embed, cfg.critic_sizes,
-                                 cfg.init_log_std, (cfg.log_std_min, cfg.log_std_max), cfg.last_layer_scale)
+        self.policy = FlowPolicy(
+            obs_dim,
+            space.dim,
+            cfg.hidden_sizes,
+            cfg.activation,
+            cfg.time_features,
+            cfg.obs_embed,
+            cfg.critic_sizes,
+            cfg.init_log_std,
+            (cfg.log_std_min, cfg.log_std_max),
+            cfg.last_layer_scale,
+        )
         if cfg.ratio == "fpo":
             self.policy.log_std_param.requires_grad_(False)  # σ is not part of FPO's ratio
         self.modules = {"policy": self.policy}
         A, N = space.dim, cfg.fpo_samples
-        widths = {"obs": obs_dim, "delta": A, "log_std_old": A, "logp": 0, "values": 0, "advantages": 0, "returns": 0, "t": 0, "x_t": A, "v_hat": A}
+        widths = {
+            "obs": obs_dim,
+            "delta": A,
+            "log_std_old": A,
+            "logp": 0,
+            "values": 0,
+            "advantages": 0,
+            "returns": 0,
+            "t": 0,
+            "x_t": A,
+            "v_hat": A,
+        }
         if cfg.ratio == "fpo":
             widths.update({"action": A, "tau": N, "eps": N * A, "cfm_old": N})
         self.columns = Columns(widths)
@@ -167,7 +230,15 @@ class PolicyFlow:
         bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
         rollout.end_iteration(T)
         self._log_std = policy.log_std
-        return {**buf, "logp": logp_buf, "values": val_buf, "next_values": next_val, "rewards": rew_buf, "terminated": term_buf, "done": done_buf}
+        return {
+            **buf,
+            "logp": logp_buf,
+            "values": val_buf,
+            "next_values": next_val,
+            "rewards": rew_buf,
+            "terminated": term_buf,
+            "done": done_buf,
+        }
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
@@ -183,16 +254,42 @@ class PolicyFlow:
         policy = self._unwrapped()
         obs_t = torch.from_numpy(obs).to(self.device)
         with torch.no_grad():
-            v_hat = policy.velocity_field(torch.from_numpy(x_t).to(self.device), torch.from_numpy(t).to(self.device), obs_t).cpu().numpy()
-        fields = {"obs": obs, "delta": delta, "log_std_old": np.broadcast_to(self._log_std, (B, A)), "logp": batch["logp"], "values": batch["values"],
-                  "advantages": adv, "returns": ret, "t": t, "x_t": x_t, "v_hat": v_hat}
+            v_hat = (
+                policy.velocity_field(
+                    torch.from_numpy(x_t).to(self.device), torch.from_numpy(t).to(self.device), obs_t
+                )
+                .cpu()
+                .numpy()
+            )
+        fields = {
+            "obs": obs,
+            "delta": delta,
+            "log_std_old": np.broadcast_to(self._log_std, (B, A)),
+            "logp": batch["logp"],
+            "values": batch["values"],
+            "advantages": adv,
+            "returns": ret,
+            "t": t,
+            "x_t": x_t,
+            "v_hat": v_hat,
+        }
         if cfg.ratio == "fpo":
             n = cfg.fpo_samples
             action = phi + delta
             tau = self.rng.random((B, n)).astype(np.float32)
             eps = self.rng.standard_normal((B, n, A)).astype(np.float32)
             with torch.no_grad():
-                cfm_old = self._cfm_losses(policy, obs_t, torch.from_numpy(action).to(self.device), torch.from_numpy(tau).to(self.device), torch.from_numpy(eps).to(self.device)).cpu().numpy()
+                cfm_old = (
+                    self._cfm_losses(
+                        policy,
+                        obs_t,
+                        torch.from_numpy(action).to(self.device),
+                        torch.from_numpy(tau).to(self.device),
+                        torch.from_numpy(eps).to(self.device),
+                    )
+                    .cpu()
+                    .numpy()
+                )
             fields.update(action=action, tau=tau, eps=eps, cfm_old=cfm_old)
         return self.columns.pack(fields, self.device)
 
@@ -219,14 +316,23 @@ class PolicyFlow:
         else:
             B, N, A = len(mb), cfg.fpo_samples, self.action_dim
             policy = self._unwrapped()
-            cfm = self._cfm_losses(policy, obs, col(mb, "action"), col(mb, "tau"), col(mb, "eps").reshape(B, N, A), velocity=lambda x, tt, s: self.modules["policy"](x, tt, s)[0])
+            cfm = self._cfm_losses(
+                policy,
+                obs,
+                col(mb, "action"),
+                col(mb, "tau"),
+                col(mb, "eps").reshape(B, N, A),
+                velocity=lambda x, tt, s: self.modules["policy"](x, tt, s)[0],
+            )
             log_rho = (col(mb, "cfm_old") - cfm).mean(-1)
         adv = col(mb, "advantages")
         if cfg.norm_adv:
             adv = normalized_advantages(adv, moments)
         zeros = torch.zeros_like(log_rho)
         pg_loss, ratio = objectives.clipped_surrogate(log_rho, zeros, adv, cfg.clip_coef)
-        v_loss = objectives.value_loss(values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None)
+        v_loss = objectives.value_loss(
+            values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None
+        )
         entropy = objectives.gaussian_entropy(log_std)
         penalty, penalty_stats = self.runtime.loss_penalties(v=v, v_hat=v_hat, x_t=x_t, t=t)
         loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss + penalty
@@ -254,7 +360,14 @@ class PolicyFlow:
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodes of the current policy (sampled unless deterministic) on fresh envs;
         for goal envs the goals reached and a trajectory plot."""
-        return evaluate_snapshot(self.env_cfg, self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale), request, self.obs_rms, self.goals, self.cfg.eval_deterministic)
+        return evaluate_snapshot(
+            self.env_cfg,
+            self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale),
+            request,
+            self.obs_rms,
+            self.goals,
+            self.cfg.eval_deterministic,
+        )
 
     def summarize_eval(self, values: dict) -> dict:
         return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
@@ -274,13 +387,15 @@ class PolicyFlow:
             self.rollout.close()
 
 
-register_trainer(TrainerSpec(
-    name="policyflow",
-    build=PolicyFlow,
-    sections={"env": EnvConfig, "policyflow": PolicyFlowConfig},
-    validate=validate,
-    description="PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer",
-    eval_unit="episodes",
-    eval_flags=("deterministic",),
-    loss_inputs=("v", "v_hat", "x_t", "t"),
-))
+register_trainer(
+    TrainerSpec(
+        name="policyflow",
+        build=PolicyFlow,
+        sections={"env": EnvConfig, "policyflow": PolicyFlowConfig},
+        validate=validate,
+        description="PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer",
+        eval_unit="episodes",
+        eval_flags=("deterministic",),
+        loss_inputs=("v", "v_hat", "x_t", "t"),
+    )
+)

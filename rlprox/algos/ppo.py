@@ -21,14 +21,33 @@ import torch
 
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
-from rlprox.onpolicy import Columns, MinibatchSampler, bootstrap_next_values, evaluate_snapshot, gae_targets, normalized_advantages, rollout_stats
 from rlprox.errors import RecipeError
-from rlprox.gymenv import ActionSpace, EnvConfig, GymRollout, env_goals, goal_metrics, load_normalisers, make_vec_env, observation_dim, validate_env
-from rlprox.gymenv import RewardScaler, RunningMeanStd
+from rlprox.gymenv import (
+    ActionSpace,
+    EnvConfig,
+    GymRollout,
+    RewardScaler,
+    RunningMeanStd,
+    env_goals,
+    goal_metrics,
+    load_normalisers,
+    make_vec_env,
+    observation_dim,
+    validate_env,
+)
+from rlprox.onpolicy import (
+    Columns,
+    MinibatchSampler,
+    bootstrap_next_values,
+    evaluate_snapshot,
+    gae_targets,
+    normalized_advantages,
+    rollout_stats,
+)
 
 if TYPE_CHECKING:
-    from rlprox.runtime import EvalRequest, EvalShard, Runtime
     from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
 
 @dataclass
@@ -70,12 +89,21 @@ def validate(recipe: "Recipe") -> None:
         raise RecipeError("ppo.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})")
     rollout = env.num_envs * cfg.num_steps
     if cfg.minibatch_size > rollout:
-        raise RecipeError("ppo.minibatch_size", f"{cfg.minibatch_size} is larger than the rollout (env.num_envs × ppo.num_steps = {rollout})")
+        raise RecipeError(
+            "ppo.minibatch_size",
+            f"{cfg.minibatch_size} is larger than the rollout (env.num_envs × ppo.num_steps = {rollout})",
+        )
     if rollout % cfg.minibatch_size:
-        raise RecipeError("ppo.minibatch_size", f"{cfg.minibatch_size} does not divide the rollout (env.num_envs × ppo.num_steps = {rollout})")
+        raise RecipeError(
+            "ppo.minibatch_size",
+            f"{cfg.minibatch_size} does not divide the rollout (env.num_envs × ppo.num_steps = {rollout})",
+        )
     n_mb = rollout // cfg.minibatch_size
     if n_mb % recipe.run.gradient_accumulation_steps:
-        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {n_mb} minibatches per epoch")
+        raise RecipeError(
+            "run.gradient_accumulation_steps",
+            f"{recipe.run.gradient_accumulation_steps} does not divide the {n_mb} minibatches per epoch",
+        )
 
 
 class PPO:
@@ -96,7 +124,9 @@ class PPO:
         if self.cfg.target_kl <= 0:
             self.early_stop = None  # never fires: no per-epoch stat reduction
         if runtime.train:
-            self.rollout = GymRollout(self.env_cfg, recipe.seed, self.rank, self.world, self.cfg.gamma, runtime.accelerator)
+            self.rollout = GymRollout(
+                self.env_cfg, recipe.seed, self.rank, self.world, self.cfg.gamma, runtime.accelerator
+            )
             obs_dim, space = self.rollout.obs_dim, self.rollout.action_space
             self.obs_rms, self.reward_scaler = self.rollout.obs_rms, self.rollout.reward_scaler
         else:  # evaluation / export: spaces from one throwaway env, normalisers loaded from the checkpoint
@@ -109,9 +139,20 @@ class PPO:
         self.obs_dim, self.space = obs_dim, space
         self.goals = env_goals(self.env_cfg)
         self.discrete, self.action_cols = space.discrete, space.columns
-        self.policy = ActorCritic(obs_dim, space.dim, space.discrete, self.cfg.hidden_sizes, self.cfg.activation, self.cfg.init_log_std)
+        self.policy = ActorCritic(
+            obs_dim, space.dim, space.discrete, self.cfg.hidden_sizes, self.cfg.activation, self.cfg.init_log_std
+        )
         self.modules = {"policy": self.policy}
-        self.columns = Columns({"obs": obs_dim, "actions": 0 if space.discrete else space.columns, "logp": 0, "values": 0, "advantages": 0, "returns": 0})
+        self.columns = Columns(
+            {
+                "obs": obs_dim,
+                "actions": 0 if space.discrete else space.columns,
+                "logp": 0,
+                "values": 0,
+                "advantages": 0,
+                "returns": 0,
+            }
+        )
         self.sampler = MinibatchSampler(runtime, self.cfg.minibatch_size, self.cfg.update_epochs, self.cfg.norm_adv)
 
     def _unwrapped(self):
@@ -142,12 +183,31 @@ class PPO:
                 next_val[t, truncated] = policy.value(final_obs)
         bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
         rollout.end_iteration(T)
-        return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf, "next_values": next_val, "rewards": rew_buf, "terminated": term_buf, "done": done_buf}
+        return {
+            "obs": obs_buf,
+            "actions": act_buf,
+            "logp": logp_buf,
+            "values": val_buf,
+            "next_values": next_val,
+            "rewards": rew_buf,
+            "terminated": term_buf,
+            "done": done_buf,
+        }
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
         adv, ret, self._explained_variance = gae_targets(batch, self.cfg.gamma, self.cfg.gae_lambda)
-        return self.columns.pack({"obs": batch["obs"], "actions": batch["actions"], "logp": batch["logp"], "values": batch["values"], "advantages": adv, "returns": ret}, self.device)
+        return self.columns.pack(
+            {
+                "obs": batch["obs"],
+                "actions": batch["actions"],
+                "logp": batch["logp"],
+                "values": batch["values"],
+                "advantages": adv,
+                "returns": ret,
+            },
+            self.device,
+        )
 
     def minibatches(self, packed: torch.Tensor, epoch: int):
         """(minibatch, advantage moments): see ``rlprox.onpolicy.MinibatchSampler``."""
@@ -157,12 +217,16 @@ class PPO:
     def loss(self, minibatch):
         mb, moments = minibatch
         col = self.columns
-        obs, actions, old_logp, old_values, adv, returns = (col(mb, k) for k in ("obs", "actions", "logp", "values", "advantages", "returns"))
+        obs, actions, old_logp, old_values, adv, returns = (
+            col(mb, k) for k in ("obs", "actions", "logp", "values", "advantages", "returns")
+        )
         logp, entropy, values = self.modules["policy"](obs, actions)
         if self.cfg.norm_adv:
             adv = normalized_advantages(adv, moments)
         pg_loss, ratio = objectives.clipped_surrogate(logp, old_logp, adv, self.cfg.clip_coef)
-        v_loss = objectives.value_loss(values, returns, old_values, self.cfg.clip_coef if self.cfg.clip_vloss else None)
+        v_loss = objectives.value_loss(
+            values, returns, old_values, self.cfg.clip_coef if self.cfg.clip_vloss else None
+        )
         entropy = entropy.mean()
         loss = pg_loss - self.cfg.ent_coef * entropy + self.cfg.vf_coef * v_loss
         with torch.no_grad():
@@ -187,7 +251,9 @@ class PPO:
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodic returns of the current policy on fresh envs (this process's share
         of the episodes); for goal envs also the goals reached and a trajectory plot."""
-        return evaluate_snapshot(self.env_cfg, self._unwrapped().snapshot(), request, self.obs_rms, self.goals, self.cfg.eval_deterministic)
+        return evaluate_snapshot(
+            self.env_cfg, self._unwrapped().snapshot(), request, self.obs_rms, self.goals, self.cfg.eval_deterministic
+        )
 
     def summarize_eval(self, values: dict) -> dict:
         return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
@@ -227,12 +293,14 @@ class PPO:
             self.rollout.close()
 
 
-register_trainer(TrainerSpec(
-    name="ppo",
-    build=PPO,
-    sections={"env": EnvConfig, "ppo": PPOConfig},
-    validate=validate,
-    description="PPO on any gymnasium env (discrete or continuous actions)",
-    eval_unit="episodes",
-    eval_flags=("deterministic",),
-))
+register_trainer(
+    TrainerSpec(
+        name="ppo",
+        build=PPO,
+        sections={"env": EnvConfig, "ppo": PPOConfig},
+        validate=validate,
+        description="PPO on any gymnasium env (discrete or continuous actions)",
+        eval_unit="episodes",
+        eval_flags=("deterministic",),
+    )
+)

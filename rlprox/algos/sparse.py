@@ -35,8 +35,8 @@ from rlprox.errors import RecipeError
 from rlprox.models.sparse_mlp import SparseMLP, compact, latency, num_params, zero_neurons
 
 if TYPE_CHECKING:
-    from rlprox.runtime import EvalRequest, EvalShard, Runtime
     from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
 NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 64, 10, 1797
 
@@ -45,7 +45,9 @@ NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 64, 10, 1797
 class SparseConfig:
     """The classifier and its minibatch schedule."""
 
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])  # hidden widths; every hidden neuron is a prunable group
+    hidden_sizes: list[int] = field(
+        default_factory=lambda: [256, 256]
+    )  # hidden widths; every hidden neuron is a prunable group
     activation: Literal["relu", "tanh"] = "relu"  # hidden nonlinearity σ
     batch_size: int = 64  # examples per minibatch, all processes together (each process takes every world-th one)
     epochs_per_iteration: int = 1  # passes over the training split per engine iteration
@@ -61,9 +63,13 @@ def train_size(cfg: SparseConfig) -> int:
 def validate(recipe: "Recipe") -> None:
     cfg = recipe.sparse
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
-        raise RecipeError("sparse.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})")
+        raise RecipeError(
+            "sparse.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})"
+        )
     if cfg.holdout_every < 2:
-        raise RecipeError("sparse.holdout_every", f"must be >= 2 so that both splits are non-empty (got {cfg.holdout_every})")
+        raise RecipeError(
+            "sparse.holdout_every", f"must be >= 2 so that both splits are non-empty (got {cfg.holdout_every})"
+        )
     if cfg.epochs_per_iteration <= 0:
         raise RecipeError("sparse.epochs_per_iteration", f"must be > 0 (got {cfg.epochs_per_iteration})")
     if not 0.0 <= cfg.label_smoothing < 1.0:
@@ -72,10 +78,16 @@ def validate(recipe: "Recipe") -> None:
     if cfg.batch_size <= 0:
         raise RecipeError("sparse.batch_size", f"must be > 0 (got {cfg.batch_size})")
     if cfg.batch_size > n:
-        raise RecipeError("sparse.batch_size", f"{cfg.batch_size} is larger than the training split ({n} examples with sparse.holdout_every={cfg.holdout_every})")
+        raise RecipeError(
+            "sparse.batch_size",
+            f"{cfg.batch_size} is larger than the training split ({n} examples with sparse.holdout_every={cfg.holdout_every})",
+        )
     per_epoch = -(-n // cfg.batch_size)
     if per_epoch % recipe.run.gradient_accumulation_steps:
-        raise RecipeError("run.gradient_accumulation_steps", f"{recipe.run.gradient_accumulation_steps} does not divide the {per_epoch} minibatches per epoch")
+        raise RecipeError(
+            "run.gradient_accumulation_steps",
+            f"{recipe.run.gradient_accumulation_steps} does not divide the {per_epoch} minibatches per epoch",
+        )
 
 
 @lru_cache(maxsize=4)
@@ -171,11 +183,13 @@ class SparseClassifier:
         logits = net(x)
         net.train(was_training)
         small = compact(net)
-        return EvalShard(values={
-            "accuracy": (logits.argmax(1) == y).float().tolist(),
-            "loss": F.cross_entropy(logits, y, reduction="none").tolist(),
-            "compact_accuracy": (small(x).argmax(1) == y).float().tolist(),
-        })
+        return EvalShard(
+            values={
+                "accuracy": (logits.argmax(1) == y).float().tolist(),
+                "loss": F.cross_entropy(logits, y, reduction="none").tolist(),
+                "compact_accuracy": (small(x).argmax(1) == y).float().tolist(),
+            }
+        )
 
     def summarize_eval(self, values: dict) -> dict:
         zero = zero_neurons(self._unwrapped())
@@ -228,11 +242,13 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-register_trainer(TrainerSpec(
-    name="sparse",
-    build=SparseClassifier,
-    sections={"sparse": SparseConfig},
-    validate=validate,
-    description="structured-sparse supervised MLP on scikit-learn's digits, compacted after training",
-    eval_unit="examples",
-))
+register_trainer(
+    TrainerSpec(
+        name="sparse",
+        build=SparseClassifier,
+        sections={"sparse": SparseConfig},
+        validate=validate,
+        description="structured-sparse supervised MLP on scikit-learn's digits, compacted after training",
+        eval_unit="examples",
+    )
+)

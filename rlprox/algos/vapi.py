@@ -58,7 +58,9 @@ class ModelSpec:
     vq_config: str = "VQ-16"  # LlamaGen VQ config: VQ-16 | VQ-8
     image_size: int = 256  # LlamaGen checkpoints: image side in pixels
     num_classes: int = 1000  # LlamaGen checkpoints: classes of the class-conditional GPT
-    gpt_kwargs: dict = field(default_factory=dict)  # overrides of the GPT config's constructor keywords (dropouts, sizes)
+    gpt_kwargs: dict = field(
+        default_factory=dict
+    )  # overrides of the GPT config's constructor keywords (dropouts, sizes)
     vq_kwargs: dict = field(default_factory=dict)  # overrides of the VQ config's
 
 
@@ -81,7 +83,9 @@ class VapiConfig:
     eval_top_k: int = 0
     eval_base: bool = True  # evaluation also samples the base model (same seeds)
     eval_grid_size: int = 20  # items in the base-vs-tuned grid
-    eval_classifier: str = "zoo:digits-classifier"  # digits world: the classifier behind the FID/IS proxies and accuracies
+    eval_classifier: str = (
+        "zoo:digits-classifier"  # digits world: the classifier behind the FID/IS proxies and accuracies
+    )
 
 
 def validate(recipe: "Recipe") -> None:
@@ -92,7 +96,10 @@ def validate(recipe: "Recipe") -> None:
     if cfg.group_size < 2:
         raise RecipeError("vapi.group_size", f"must be >= 2 for the group-normalised advantage (got {cfg.group_size})")
     if cfg.images_per_iteration % cfg.micro_batch_size:
-        raise RecipeError("vapi.micro_batch_size", f"{cfg.micro_batch_size} does not divide vapi.images_per_iteration ({cfg.images_per_iteration})")
+        raise RecipeError(
+            "vapi.micro_batch_size",
+            f"{cfg.micro_batch_size} does not divide vapi.images_per_iteration ({cfg.images_per_iteration})",
+        )
     if not 0 <= cfg.noise_prob < 1:
         raise RecipeError("vapi.noise_prob", f"must be in [0, 1) (got {cfg.noise_prob})")
     if model.gpt.startswith("zoo:"):
@@ -105,7 +112,10 @@ def validate(recipe: "Recipe") -> None:
             if not value or not Path(value).is_file():
                 raise RecipeError(key, f"LlamaGen checkpoint file not found: {value!r}")
         if model.config not in GPT_CONFIGS:
-            raise RecipeError("model.config", f"must be one of {', '.join(GPT_CONFIGS)} for a LlamaGen checkpoint (got {model.config!r})")
+            raise RecipeError(
+                "model.config",
+                f"must be one of {', '.join(GPT_CONFIGS)} for a LlamaGen checkpoint (got {model.config!r})",
+            )
         if model.vq_config not in VQ_CONFIGS:
             raise RecipeError("model.vq_config", f"must be one of {', '.join(VQ_CONFIGS)} (got {model.vq_config!r})")
     if cfg.data.startswith("hf:"):
@@ -142,10 +152,17 @@ class ImageSource:
             self.dataset = datasets.load_from_disk(spec[3:])
             missing = [c for c in ("image", "label") if c not in self.dataset.column_names]
             if missing:
-                raise RecipeError("vapi.data", f"{spec[3:]} has no {missing[0]!r} column (columns: {', '.join(self.dataset.column_names)})")
+                raise RecipeError(
+                    "vapi.data",
+                    f"{spec[3:]} has no {missing[0]!r} column (columns: {', '.join(self.dataset.column_names)})",
+                )
             labels = self.dataset.features["label"]
             self.classes = torch.tensor(self.dataset["label"])
-            self.class_names = list(labels.names) if hasattr(labels, "names") else [str(c) for c in range(int(self.classes.max()) + 1)]
+            self.class_names = (
+                list(labels.names)
+                if hasattr(labels, "names")
+                else [str(c) for c in range(int(self.classes.max()) + 1)]
+            )
             self.files = None
             return
         if spec == "digits":
@@ -153,11 +170,19 @@ class ImageSource:
 
             train = load_digits_world("train")
             self.images, self.classes, self.files = train.images, train.classes, None
-            self.class_names = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) for c in range(len(DIGIT_WORDS) * len(COLOUR_NAMES))]
+            self.class_names = [
+                prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES))
+                for c in range(len(DIGIT_WORDS) * len(COLOUR_NAMES))
+            ]
             return
         root = Path(spec)
         self.class_names = sorted(p.name for p in root.iterdir() if p.is_dir())
-        files = [(path, c) for c, name in enumerate(self.class_names) for path in sorted((root / name).iterdir()) if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")]
+        files = [
+            (path, c)
+            for c, name in enumerate(self.class_names)
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+        ]
         if not files:
             raise RecipeError("vapi.data", f"no images under {root}/<class>/*.png|jpg")
         self.files = [f for f, _ in files]
@@ -174,7 +199,11 @@ class ImageSource:
         out = []
         for i in indices.tolist():
             img = self.dataset[i]["image"] if self.dataset is not None else Image.open(self.files[i])
-            img = (img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8))).convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            img = (
+                (img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8)))
+                .convert("RGB")
+                .resize((self.image_size, self.image_size), Image.BICUBIC)
+            )
             out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0)
         return torch.stack(out), self.classes[indices]
 
@@ -220,12 +249,22 @@ class VAPi:
             return gpt.train(), vq, vq.config["image_size"]
         vq_kwargs = llamagen.vq_config(spec.vq_config, spec.image_size, **spec.vq_kwargs)
         downsample = 2 ** (len(vq_kwargs["ch_mult"]) - 1)
-        gpt_kwargs = llamagen.gpt_config(spec.config, spec.image_size, downsample, num_classes=spec.num_classes, vocab_size=vq_kwargs["codebook_size"], **spec.gpt_kwargs)
+        gpt_kwargs = llamagen.gpt_config(
+            spec.config,
+            spec.image_size,
+            downsample,
+            num_classes=spec.num_classes,
+            vocab_size=vq_kwargs["codebook_size"],
+            **spec.gpt_kwargs,
+        )
         try:
             gpt = llamagen.load_gpt(spec.gpt, gpt_kwargs)
             vq = llamagen.load_vq(spec.vq, vq_kwargs)
         except RuntimeError as err:  # a state dict of another config
-            raise RecipeError("model", f"the checkpoints do not match model.config {spec.config} / {spec.vq_config} ({str(err).splitlines()[0][:160]})") from None
+            raise RecipeError(
+                "model",
+                f"the checkpoints do not match model.config {spec.config} / {spec.vq_config} ({str(err).splitlines()[0][:160]})",
+            ) from None
         return gpt.train(), vq, spec.image_size
 
     def _gpt(self):
@@ -258,7 +297,9 @@ class VAPi:
             return context
         gen = self.runtime.generator
         swap = torch.rand(context.shape, generator=gen, device=gen.device).to(context.device) < self.cfg.noise_prob
-        random = torch.randint(0, self.gpt.tok_embeddings.num_embeddings, context.shape, generator=gen, device=gen.device).to(context.device)
+        random = torch.randint(
+            0, self.gpt.tok_embeddings.num_embeddings, context.shape, generator=gen, device=gen.device
+        ).to(context.device)
         return torch.where(swap, random, context)
 
     # ------------------------------------------------------------------ COLLECT
@@ -276,12 +317,22 @@ class VAPi:
         images = self._decode(samples.reshape(B * G, -1))
         reference = x.float().repeat_interleave(G, 0)
         names = [self.data.class_names[int(k)] for k in c.repeat_interleave(G).tolist()]
-        metadata = [{"reference": reference[i], "class": int(k)} for i, k in enumerate(c.repeat_interleave(G).tolist())]
+        metadata = [
+            {"reference": reference[i], "class": int(k)} for i, k in enumerate(c.repeat_interleave(G).tolist())
+        ]
         rewards, info = self.reward(images, names, metadata)
         rewards = rewards.to(self.device).view(B, G)
         self.images_seen += B * self.runtime.world
         self._last = {"rewards": rewards, "info": info, "tf_mse": float(((self._decode(z) - x.float()) ** 2).mean())}
-        return {"x": x, "classes": c, "z": z, "context": context, "samples": samples, "old_logp": old_logp, "rewards": rewards}
+        return {
+            "x": x,
+            "classes": c,
+            "z": z,
+            "context": context,
+            "samples": samples,
+            "old_logp": old_logp,
+            "rewards": rewards,
+        }
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
@@ -327,7 +378,9 @@ class VAPi:
             "reward/mean": float(r.mean()),
             "reward/std": float(r.std()),
             "reward/zero_std_group_frac": float((spread == 0).float().mean()),
-            "reward/tokenizer_floor_mse": self._last["tf_mse"],  # MSE of D(z*): the best any token sequence of this VQ reaches
+            "reward/tokenizer_floor_mse": self._last[
+                "tf_mse"
+            ],  # MSE of D(z*): the best any token sequence of this VQ reaches
             "progress/images": self.images_seen,
             "perf/images_per_s": r.shape[0] * self.runtime.world / max(elapsed, 1e-9),
         }
@@ -363,15 +416,28 @@ class VAPi:
                 tokens = []
                 for i, c in zip(items, classes):
                     g = torch.Generator(device=self.device).manual_seed(request.seed * 1_000_003 + i)
-                    tokens.append(generate(gpt, c[None], cfg_scale=cfg.eval_cfg_scale, temperature=cfg.eval_temperature, top_k=cfg.eval_top_k, generator=g))
+                    tokens.append(
+                        generate(
+                            gpt,
+                            c[None],
+                            cfg_scale=cfg.eval_cfg_scale,
+                            temperature=cfg.eval_temperature,
+                            top_k=cfg.eval_top_k,
+                            generator=g,
+                        )
+                    )
                 samples = self._decode(torch.cat(tokens))
                 images[prefix] = samples.cpu()
                 if digits:
                     values.update(self._digits_values(prefix, samples, classes, COLOUR_NAMES))
                     g = torch.Generator(device=self.device).manual_seed(request.seed + request.start)
                     logits, _ = gpt(self._encode(held_x)[:, :-1], held_c)
-                    drawn = torch.multinomial(logits.float().softmax(-1).reshape(-1, logits.shape[-1]), 1, generator=g).view(len(items), -1)
-                    values[f"{prefix}tf_mse"] = ((self._decode(drawn) - held_x.float()) ** 2).mean(dim=(1, 2, 3)).tolist()
+                    drawn = torch.multinomial(
+                        logits.float().softmax(-1).reshape(-1, logits.shape[-1]), 1, generator=g
+                    ).view(len(items), -1)
+                    values[f"{prefix}tf_mse"] = (
+                        ((self._decode(drawn) - held_x.float()) ** 2).mean(dim=(1, 2, 3)).tolist()
+                    )
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
@@ -427,7 +493,9 @@ class VAPi:
             from rlprox.zoo.data import load_digits_world
             from rlprox.zoo.metrics import classifier_features
 
-            self._held_features = classifier_features(self._classifier, load_digits_world("heldout").images.to(self.device)).cpu()
+            self._held_features = classifier_features(
+                self._classifier, load_digits_world("heldout").images.to(self.device)
+            ).cpu()
         return self._held_features
 
     def _base(self):
@@ -444,12 +512,14 @@ class VAPi:
         self.images_seen = int(state.get("images_seen", 0))
 
 
-register_trainer(TrainerSpec(
-    name="vapi",
-    build=VAPi,
-    sections={"model": ModelSpec, "vapi": VapiConfig, "reward": RewardSpec},
-    validate=validate,
-    description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
-    eval_unit="samples",
-    loss_inputs=("logits", "targets", "logp", "ref_logp"),
-))
+register_trainer(
+    TrainerSpec(
+        name="vapi",
+        build=VAPi,
+        sections={"model": ModelSpec, "vapi": VapiConfig, "reward": RewardSpec},
+        validate=validate,
+        description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
+        eval_unit="samples",
+        loss_inputs=("logits", "targets", "logp", "ref_logp"),
+    )
+)

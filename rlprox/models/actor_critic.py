@@ -37,7 +37,15 @@ def mlp(sizes: list[int], activation: str, out_gain: float) -> nn.Sequential:
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, discrete: bool, hidden_sizes=(64, 64), activation: str = "tanh", init_log_std: float = 0.0):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        discrete: bool,
+        hidden_sizes=(64, 64),
+        activation: str = "tanh",
+        init_log_std: float = 0.0,
+    ):
         super().__init__()
         self.obs_dim, self.action_dim, self.discrete = obs_dim, action_dim, discrete
         self.activation = activation
@@ -72,7 +80,13 @@ class ActorCritic(nn.Module):
 
     def snapshot(self) -> "NumpyPolicy":
         log_std = to_numpy(self.log_std) if not self.discrete else None
-        return NumpyPolicy(numpy_layers(self.actor), numpy_layers(self.critic), ACTIVATIONS[self.activation][1], self.discrete, log_std)
+        return NumpyPolicy(
+            numpy_layers(self.actor),
+            numpy_layers(self.critic),
+            ACTIVATIONS[self.activation][1],
+            self.discrete,
+            log_std,
+        )
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -45,7 +45,9 @@ def _ddim_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) first")
     if getattr(scheduler.config, "thresholding", False):
-        raise ValueError("dynamic thresholding makes x̂0 a non-Gaussian function of the noise; use a scheduler with thresholding=False")
+        raise ValueError(
+            "dynamic thresholding makes x̂0 a non-Gaussian function of the noise; use a scheduler with thresholding=False"
+        )
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alphas = scheduler.alphas_cumprod.to(x_t.device)
     t = torch.as_tensor(t, device=x_t.device).long()
@@ -74,7 +76,15 @@ def _ddim_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float
     return mean, std
 
 
-def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float, prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+def ddim_step_with_logprob(
+    scheduler,
+    eps: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+):
     """One DDIM step as a Gaussian policy: ``(x_prev, log_prob)``.
 
     ``eps`` is the model output (ε, v or x0 as the scheduler's ``prediction_type``
@@ -112,21 +122,41 @@ class Trajectories:
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
     """Text-encoder hidden states (B, L, D) for ``prompts`` (padded to the tokenizer's max length)."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return text_encoder(ids.to(device))[0]
 
 
-def guided_noise(unet, x: torch.Tensor, t, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+def guided_noise(
+    unet, x: torch.Tensor, t, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float
+) -> torch.Tensor:
     """ε̂ = ε_u + g·(ε_c − ε_u) (classifier-free guidance; g = 1 or no negative: ε_c only)."""
     if negative_embeds is None or guidance_scale == 1.0:
         return unet(x, t, encoder_hidden_states=prompt_embeds).sample
-    both = unet(torch.cat([x, x]), torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t, encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    both = unet(
+        torch.cat([x, x]),
+        torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t,
+        encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
+    ).sample
     uncond, cond = both.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 
 @torch.no_grad()
-def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, num_steps: int, guidance_scale: float, eta: float, generator: torch.Generator | None, latent_shape: tuple[int, int, int], initial: torch.Tensor | None = None, autocast=None) -> Trajectories:
+def sample_trajectories(
+    unet,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator: torch.Generator | None,
+    latent_shape: tuple[int, int, int],
+    initial: torch.Tensor | None = None,
+    autocast=None,
+) -> Trajectories:
     """Denoise B = len(prompt_embeds) samples from x_T ~ N(0, I) (``initial`` if given)
     with DDIM(η), recording every latent and log-prob. ``latent_shape`` = (C, H, W)."""
     import contextlib
@@ -135,12 +165,18 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     scheduler.set_timesteps(num_steps, device=device)
     timesteps = scheduler.timesteps
     B = prompt_embeds.shape[0]
-    x = initial.to(device) if initial is not None else torch.randn((B, *latent_shape), generator=generator, device=device)
+    x = (
+        initial.to(device)
+        if initial is not None
+        else torch.randn((B, *latent_shape), generator=generator, device=device)
+    )
     x = x * scheduler.init_noise_sigma
     latents, log_probs = [x], []
     for t in timesteps:
         with autocast() if autocast is not None else contextlib.nullcontext():
-            eps = guided_noise(unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale)
+            eps = guided_noise(
+                unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale
+            )
         x, logp = ddim_step_with_logprob(scheduler, eps.float(), t, x.float(), eta, generator=generator)
         latents.append(x)
         log_probs.append(logp)
@@ -157,7 +193,17 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise_with_noise(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, num_steps: int, guidance_scale: float, eta: float, noise: torch.Tensor, autocast=None) -> torch.Tensor:
+def denoise_with_noise(
+    unet,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    noise: torch.Tensor,
+    autocast=None,
+) -> torch.Tensor:
     """Final latents from given noise ``noise`` (B, T+1, C, H, W): x_T = noise[:, 0] and
     step k's z = noise[:, k+1], so a sample depends only on its own noise (evaluation
     items are reproducible however they are batched or sharded)."""
@@ -167,7 +213,9 @@ def denoise_with_noise(unet, scheduler, prompt_embeds: torch.Tensor, negative_em
     x = noise[:, 0] * scheduler.init_noise_sigma
     for k, t in enumerate(scheduler.timesteps):
         with autocast() if autocast is not None else contextlib.nullcontext():
-            eps = guided_noise(unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale)
+            eps = guided_noise(
+                unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale
+            )
         mean, std = _ddim_moments(scheduler, eps.float(), t, x.float(), eta)
         x = mean + std * noise[:, k + 1] if eta > 0 else mean
     return x

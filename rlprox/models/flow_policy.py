@@ -37,13 +37,28 @@ def fourier_features(t: torch.Tensor, num: int) -> torch.Tensor:
 
 
 class FlowPolicy(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes=(64, 64), activation: str = "tanh", time_features: int = 4, obs_embed: int = 32,
-                 critic_sizes=(64, 64), init_log_std: float = -1.0, log_std_bounds=(-5.0, 0.5), last_layer_scale: float = 0.01):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden_sizes=(64, 64),
+        activation: str = "tanh",
+        time_features: int = 4,
+        obs_embed: int = 32,
+        critic_sizes=(64, 64),
+        init_log_std: float = -1.0,
+        log_std_bounds=(-5.0, 0.5),
+        last_layer_scale: float = 0.01,
+    ):
         super().__init__()
         self.obs_dim, self.action_dim, self.activation = obs_dim, action_dim, activation
         self.time_features = time_features
-        self.embed = mlp([obs_dim, obs_embed], activation, math.sqrt(2.0))  # one Linear; its activation is applied in forward
-        self.velocity = mlp([action_dim + 2 * time_features + obs_embed, *hidden_sizes, action_dim], activation, last_layer_scale)
+        self.embed = mlp(
+            [obs_dim, obs_embed], activation, math.sqrt(2.0)
+        )  # one Linear; its activation is applied in forward
+        self.velocity = mlp(
+            [action_dim + 2 * time_features + obs_embed, *hidden_sizes, action_dim], activation, last_layer_scale
+        )
         self.critic = mlp([obs_dim, *critic_sizes, 1], activation, 1.0)
         lo, hi = float(log_std_bounds[0]), float(log_std_bounds[1])
         if not lo < init_log_std < hi:
@@ -60,7 +75,9 @@ class FlowPolicy(nn.Module):
     def obs_embedding(self, obs: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation][0]()(self.embed(obs))
 
-    def velocity_field(self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def velocity_field(
+        self, x: torch.Tensor, t: torch.Tensor, obs: torch.Tensor | None = None, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """v_θ(x, t, s): x (B, A), t (B,) or scalar, obs (B, obs_dim) -> (B, A)."""
         e = self.obs_embedding(obs) if embedding is None else embedding
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
@@ -91,9 +108,22 @@ class FlowPolicy(nn.Module):
         A, F = self.action_dim, 2 * self.time_features
         w_x, w_t, w_e = w1[:A], w1[A : A + F], w1[A + F :]
         grid = np.array([[k / steps, (k + 0.5) / steps] for k in range(steps)], np.float32).reshape(-1)
-        t_part = fourier_features(torch.from_numpy(grid), self.time_features).numpy() @ w_t  # (2K, H): the time part of layer 1
-        return NumpyFlow(numpy_layers(self.embed)[0], w_x, w_e, b1, t_part.reshape(steps, 2, -1), vel[1:], numpy_layers(self.critic),
-                         ACTIVATIONS[self.activation][1], to_numpy(self.log_std()), steps, noise_scale)
+        t_part = (
+            fourier_features(torch.from_numpy(grid), self.time_features).numpy() @ w_t
+        )  # (2K, H): the time part of layer 1
+        return NumpyFlow(
+            numpy_layers(self.embed)[0],
+            w_x,
+            w_e,
+            b1,
+            t_part.reshape(steps, 2, -1),
+            vel[1:],
+            numpy_layers(self.critic),
+            ACTIVATIONS[self.activation][1],
+            to_numpy(self.log_std()),
+            steps,
+            noise_scale,
+        )
 
 
 class NumpyFlow:
@@ -124,7 +154,11 @@ class NumpyFlow:
         """(action, z, φ̂₁, δ, log N(δ; 0, σ̂²), V(s)) for a batch of observations; the
         action is φ̂₁ + δ before any env clipping. Deterministic: z = 0, δ = 0."""
         n, a = len(obs), self.log_std.shape[0]
-        z = np.zeros((n, a), np.float32) if deterministic else self.noise_scale * rng.standard_normal((n, a)).astype(np.float32)
+        z = (
+            np.zeros((n, a), np.float32)
+            if deterministic
+            else self.noise_scale * rng.standard_normal((n, a)).astype(np.float32)
+        )
         phi = self.flow(obs, z).astype(np.float32)
         std = np.exp(self.log_std)
         delta = np.zeros_like(phi) if deterministic else (std * rng.standard_normal((n, a))).astype(np.float32)

@@ -30,6 +30,7 @@ from torch import nn
 
 from rlprox.models.pretrained import ZooModule
 
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels, eps=1e-6, affine=True)
 
@@ -132,8 +133,11 @@ class Encoder(nn.Module):
             attn = [AttnBlock(out_ch, groups) for _ in res] if last else []
             self.conv_blocks.append(_Stage(res, attn, None if last else Downsample(in_ch), "downsample"))
         self.mid = nn.ModuleList(
-            [ResnetBlock(in_ch, in_ch, groups, dropout), AttnBlock(in_ch, groups),
-             ResnetBlock(in_ch, in_ch, groups, dropout)]
+            [
+                ResnetBlock(in_ch, in_ch, groups, dropout),
+                AttnBlock(in_ch, groups),
+                ResnetBlock(in_ch, in_ch, groups, dropout),
+            ]
         )
         self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
@@ -153,8 +157,11 @@ class Decoder(nn.Module):
         in_ch = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
         self.mid = nn.ModuleList(
-            [ResnetBlock(in_ch, in_ch, groups, dropout), AttnBlock(in_ch, groups),
-             ResnetBlock(in_ch, in_ch, groups, dropout)]
+            [
+                ResnetBlock(in_ch, in_ch, groups, dropout),
+                AttnBlock(in_ch, groups),
+                ResnetBlock(in_ch, in_ch, groups, dropout),
+            ]
         )
         self.conv_blocks = nn.ModuleList()
         for level, mult in enumerate(reversed(ch_mult)):
@@ -231,16 +238,21 @@ class VQModel(ZooModule):
         super().__init__()
         ch_mult = tuple(ch_mult)
         self.config = dict(
-            codebook_size=codebook_size, codebook_embed_dim=codebook_embed_dim,
-            codebook_l2_norm=codebook_l2_norm, commit_loss_beta=commit_loss_beta, ch=ch,
-            ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-            norm_groups=norm_groups, dropout=dropout, image_size=image_size,
+            codebook_size=codebook_size,
+            codebook_embed_dim=codebook_embed_dim,
+            codebook_l2_norm=codebook_l2_norm,
+            commit_loss_beta=commit_loss_beta,
+            ch=ch,
+            ch_mult=list(ch_mult),
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+            norm_groups=norm_groups,
+            dropout=dropout,
+            image_size=image_size,
         )
         self.encoder = Encoder(3, ch, ch_mult, num_res_blocks, z_channels, norm_groups, dropout)
         self.decoder = Decoder(3, ch, ch_mult, num_res_blocks, z_channels, norm_groups, dropout)
-        self.quantize = VectorQuantizer(
-            codebook_size, codebook_embed_dim, commit_loss_beta, codebook_l2_norm
-        )
+        self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, commit_loss_beta, codebook_l2_norm)
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, 1)
 
@@ -323,8 +335,7 @@ def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     f = freqs[None, :, None]  # (1,T,1,D/2,2)
     out = torch.stack(
-        [xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
-         xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]],
+        [xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1], xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]],
         dim=-1,
     )
     return out.flatten(3).type_as(x)
@@ -365,7 +376,18 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim, n_head, n_kv_head, multiple_of, ffn_dim_multiplier, norm_eps, attn_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0):
+    def __init__(
+        self,
+        dim,
+        n_head,
+        n_kv_head,
+        multiple_of,
+        ffn_dim_multiplier,
+        norm_eps,
+        attn_dropout=0.0,
+        resid_dropout=0.0,
+        ffn_dropout=0.0,
+    ):
         super().__init__()
         self.attention = Attention(dim, n_head, n_kv_head, attn_dropout, resid_dropout)
         self.feed_forward = FeedForward(dim, multiple_of, ffn_dim_multiplier, ffn_dropout)
@@ -422,12 +444,24 @@ class Transformer(ZooModule):
         super().__init__()
         n_kv_head = n_kv_head or n_head
         self.config = dict(
-            dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-            multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
-            rope_base=rope_base, norm_eps=norm_eps, initializer_range=initializer_range,
-            num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-            vocab_size=vocab_size, cls_token_num=cls_token_num, block_size=block_size,
-            token_dropout_p=token_dropout_p, attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
+            dim=dim,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            multiple_of=multiple_of,
+            ffn_dim_multiplier=ffn_dim_multiplier,
+            rope_base=rope_base,
+            norm_eps=norm_eps,
+            initializer_range=initializer_range,
+            num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob,
+            vocab_size=vocab_size,
+            cls_token_num=cls_token_num,
+            block_size=block_size,
+            token_dropout_p=token_dropout_p,
+            attn_dropout_p=attn_dropout_p,
+            resid_dropout_p=resid_dropout_p,
+            ffn_dropout_p=ffn_dropout_p,
         )
         head_dim = dim // n_head
         if dim % n_head or head_dim % 4:
@@ -440,7 +474,17 @@ class Transformer(ZooModule):
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.tok_dropout = nn.Dropout(token_dropout_p)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_head, n_kv_head, multiple_of, ffn_dim_multiplier, norm_eps, attn_dropout_p, resid_dropout_p, ffn_dropout_p)
+            TransformerBlock(
+                dim,
+                n_head,
+                n_kv_head,
+                multiple_of,
+                ffn_dim_multiplier,
+                norm_eps,
+                attn_dropout_p,
+                resid_dropout_p,
+                ffn_dropout_p,
+            )
             for _ in range(n_layer)
         )
         self.norm = RMSNorm(dim, norm_eps)
@@ -463,7 +507,10 @@ class Transformer(ZooModule):
         for layer in self.layers:
             att = layer.attention
             shape = (max_batch_size, att.n_kv_head, seq, att.head_dim)
-            att.kv_cache = (torch.zeros(shape, device=weight.device, dtype=weight.dtype), torch.zeros(shape, device=weight.device, dtype=weight.dtype))
+            att.kv_cache = (
+                torch.zeros(shape, device=weight.device, dtype=weight.dtype),
+                torch.zeros(shape, device=weight.device, dtype=weight.dtype),
+            )
 
     def clear_caches(self) -> None:
         for layer in self.layers:
@@ -575,7 +622,14 @@ def generate(
 # ----------------------------------------------------------------------------- teacher forcing
 
 
-def teacher_forced_logits(model: Transformer, tokens: torch.Tensor, cond_idx: torch.Tensor, noise_prob: float = 0.0, vocab_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def teacher_forced_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cond_idx: torch.Tensor,
+    noise_prob: float = 0.0,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Logits (B, T, V) of every position of ``tokens`` (B, T) given its ground-truth
     prefix in ONE forward pass (position i sees the class token and tokens < i).
 
@@ -600,7 +654,9 @@ def token_logp(logp_all: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_sample(logits: torch.Tensor, group_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_sample(
+    logits: torch.Tensor, group_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VA-π's teacher-forced group sampling: G sequences per row of ``logits`` (B, T, V),
     every position drawn independently from its own categorical softmax(logits[b, t]).
     Returns (samples (B, G, T), their per-token log-probs (B, G, T))."""
@@ -608,7 +664,9 @@ def group_sample(logits: torch.Tensor, group_size: int, generator: torch.Generat
     logp_all = torch.log_softmax(logits.float(), -1)
     probs = logp_all.exp().reshape(B * T, V)
     device = generator.device if generator is not None else probs.device
-    draws = torch.multinomial(probs.to(device), group_size, replacement=True, generator=generator).to(logits.device)  # (B·T, G)
+    draws = torch.multinomial(probs.to(device), group_size, replacement=True, generator=generator).to(
+        logits.device
+    )  # (B·T, G)
     samples = draws.view(B, T, group_size).permute(0, 2, 1).contiguous()
     return samples, token_logp(logp_all, samples)
 
@@ -621,13 +679,32 @@ GPT_CONFIGS = {  # LlamaGen's GPT_models (c2i): depth, heads, width
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
     "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
 }
-GPT_DEFAULTS = dict(multiple_of=256, norm_eps=1e-5, rope_base=10000.0, num_classes=1000, class_dropout_prob=0.1, vocab_size=16384,
-                    cls_token_num=1, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
+GPT_DEFAULTS = dict(
+    multiple_of=256,
+    norm_eps=1e-5,
+    rope_base=10000.0,
+    num_classes=1000,
+    class_dropout_prob=0.1,
+    vocab_size=16384,
+    cls_token_num=1,
+    token_dropout_p=0.1,
+    resid_dropout_p=0.1,
+    ffn_dropout_p=0.1,
+)
 VQ_CONFIGS = {  # LlamaGen's VQ_models: channel multipliers (downsampling 2^(len − 1))
     "VQ-16": dict(ch_mult=[1, 1, 2, 2, 4]),
     "VQ-8": dict(ch_mult=[1, 2, 2, 4]),
 }
-VQ_DEFAULTS = dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, commit_loss_beta=0.25, ch=128, num_res_blocks=2, z_channels=256, norm_groups=32)
+VQ_DEFAULTS = dict(
+    codebook_size=16384,
+    codebook_embed_dim=8,
+    codebook_l2_norm=True,
+    commit_loss_beta=0.25,
+    ch=128,
+    num_res_blocks=2,
+    z_channels=256,
+    norm_groups=32,
+)
 IGNORED_KEYS = ("quantize.codebook_used", "freqs_cis")  # usage statistics / recomputed tables
 
 
@@ -651,7 +728,7 @@ def read_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
         for prefix in ("module.", "_orig_mod."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
+            k = k[len(prefix) :] if k.startswith(prefix) else k
         if not k.endswith(IGNORED_KEYS):
             out[k] = v
     return out

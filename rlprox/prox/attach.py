@@ -60,13 +60,20 @@ def parse_spec(spec: dict, index: int):
         raise RecipeError(key, str(err)) from None
     if isinstance(reg, LossRegularizer):
         if "params" in spec:
-            raise RecipeError(f"{key}.params", f"{spec['type']} acts on what the trainer computes ({', '.join(reg.inputs)}), not on parameters; remove params")
+            raise RecipeError(
+                f"{key}.params",
+                f"{spec['type']} acts on what the trainer computes ({', '.join(reg.inputs)}), not on parameters; remove params",
+            )
         mode = spec.get("mode", "loss")
         if mode != "loss":
-            raise RecipeError(f"{key}.mode", f"{spec['type']} is a loss-side regularizer: mode must be loss (got {mode!r})")
+            raise RecipeError(
+                f"{key}.mode", f"{spec['type']} is a loss-side regularizer: mode must be loss (got {mode!r})"
+            )
     else:
         if not isinstance(spec.get("params"), str) or not spec["params"]:
-            raise RecipeError(f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'")
+            raise RecipeError(
+                f"{key}.params", "a glob over '<module>.<parameter>' names is required, e.g. 'policy.actor.*.weight'"
+            )
         mode = spec.get("mode", "prox")
         if mode not in ("prox", "penalty"):
             raise RecipeError(f"{key}.mode", f"must be prox or penalty (got {mode!r})")
@@ -134,7 +141,13 @@ class AttachedRegularizer:
         return out
 
 
-def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter], specs: list[dict], frozen_names: list[str] = (), sharded: bool = False):
+def attach_regularizers(
+    optimizer: torch.optim.Optimizer,
+    named_params: dict[str, torch.nn.Parameter],
+    specs: list[dict],
+    frozen_names: list[str] = (),
+    sharded: bool = False,
+):
     """Wrap ``optimizer`` in a ProxOptimizer carrying the recipe's prox-mode
     regularizers; return (optimizer, [AttachedRegularizer]). ``named_params`` are the
     trainable parameters; a glob that matches any of ``frozen_names`` is an error
@@ -150,19 +163,34 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
             attached.append(AttachedRegularizer(i, spec, reg, schedule, mode, {}))
             continue
         if sharded and mode == "penalty":
-            raise RecipeError(f"regularizers[{i}].mode", f"{spec['type']} in mode penalty is not supported on FSDP-sharded parameters (run.grad_sync: fsdp); use mode: prox")
+            raise RecipeError(
+                f"regularizers[{i}].mode",
+                f"{spec['type']} in mode penalty is not supported on FSDP-sharded parameters (run.grad_sync: fsdp); use mode: prox",
+            )
         if sharded and not getattr(reg, "elementwise", False):
-            raise RecipeError(f"regularizers[{i}].type", f"{spec['type']} needs whole parameters (groups, top-k or SVD) and cannot act on FSDP shards (run.grad_sync: fsdp); use l1, l0 or elastic_net, or run.grad_sync: ddp")
+            raise RecipeError(
+                f"regularizers[{i}].type",
+                f"{spec['type']} needs whole parameters (groups, top-k or SVD) and cannot act on FSDP shards (run.grad_sync: fsdp); use l1, l0 or elastic_net, or run.grad_sync: ddp",
+            )
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
         frozen = [n for n in frozen_names if fnmatch.fnmatchcase(n, spec["params"])]
         if frozen:
-            raise RecipeError(f"regularizers[{i}].params", f"{spec['params']!r} matches frozen parameter {frozen[0]!r} ({len(frozen)} in all); regularizers act on trained parameters only")
+            raise RecipeError(
+                f"regularizers[{i}].params",
+                f"{spec['params']!r} matches frozen parameter {frozen[0]!r} ({len(frozen)} in all); regularizers act on trained parameters only",
+            )
         if not names:
             shown = ", ".join(list(named_params)[:12])
-            raise RecipeError(f"regularizers[{i}].params", f"{spec['params']!r} matches no parameter; parameters are: {shown}{', ...' if len(named_params) > 12 else ''}")
+            raise RecipeError(
+                f"regularizers[{i}].params",
+                f"{spec['params']!r} matches no parameter; parameters are: {shown}{', ...' if len(named_params) > 12 else ''}",
+            )
         for n in names:
             if mode == "prox" and n in claimed:
-                raise RecipeError(f"regularizers[{i}].params", f"{n} already has a prox regularizer (regularizers[{claimed[n]}]); combine them into one")
+                raise RecipeError(
+                    f"regularizers[{i}].params",
+                    f"{n} already has a prox regularizer (regularizers[{claimed[n]}]); combine them into one",
+                )
             if mode == "prox":
                 claimed[n] = i
         for n in names:  # a dry run on each parameter: shape problems fail now, not mid-training
@@ -171,11 +199,16 @@ def attach_regularizers(optimizer: torch.optim.Optimizer, named_params: dict[str
                     reg.penalty(named_params[n].detach().clone())
                     reg.prox(named_params[n].detach().clone(), 0.0)
             except (ValueError, TypeError, RuntimeError, IndexError) as err:
-                raise RecipeError(f"regularizers[{i}]", f"cannot apply to {n} {tuple(named_params[n].shape)}: {str(err).splitlines()[0]}") from None
+                raise RecipeError(
+                    f"regularizers[{i}]",
+                    f"cannot apply to {n} {tuple(named_params[n].shape)}: {str(err).splitlines()[0]}",
+                ) from None
         entry = AttachedRegularizer(i, spec, reg, schedule, mode, {n: named_params[n] for n in names})
         attached.append(entry)
         if mode == "prox":
-            prox_pairs.append((list(entry.named.values()), reg, entry.prox_step if entry.prox_lr is not None else None))
+            prox_pairs.append(
+                (list(entry.named.values()), reg, entry.prox_step if entry.prox_lr is not None else None)
+            )
     return ProxOptimizer(optimizer, regularizers=prox_pairs), attached
 
 

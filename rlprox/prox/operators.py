@@ -88,7 +88,7 @@ def prox_l0(v: torch.Tensor, t) -> torch.Tensor:
 def project_topk(v: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """Keep the k largest values along ``dim`` then ReLU (the rest set to zero).
 
-        x = max(v ⊙ 1{v_i among the k largest}, 0)
+    x = max(v ⊙ 1{v_i among the k largest}, 0)
     """
     n = v.shape[dim]
     if k >= n:
@@ -135,7 +135,7 @@ def prox_group_l2(v: torch.Tensor, t, weights=None) -> torch.Tensor:
 def prox_elastic_net(v: torch.Tensor, t1, t2) -> torch.Tensor:
     """Prox of R(x) = t1·‖x‖₁ + (t2/2)·‖x‖² (both step sizes already folded in):
 
-        x = soft(v, t1) / (1 + t2)
+    x = soft(v, t1) / (1 + t2)
     """
     out = prox_l1(v, t1)
     return out if _is_scalar(t2) and _as_float(t2) == 0.0 else out.mul_(1.0 / (1.0 + t2))

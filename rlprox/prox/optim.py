@@ -50,18 +50,15 @@ class ProxOptimizer(torch.optim.Optimizer):
     once per micro-batch).
     """
 
-    def __init__(self, base: torch.optim.Optimizer, regularizers=None, fista: bool = False,
-                 restart: bool = True):
+    def __init__(self, base: torch.optim.Optimizer, regularizers=None, fista: bool = False, restart: bool = True):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"ProxOptimizer: base must be a torch Optimizer (got {type(base).__name__})")
         if fista:
             ok = isinstance(base, torch.optim.SGD) and all(
-                g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
-                for g in base.param_groups
+                g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in base.param_groups
             )
             if not ok:
-                raise ValueError("ProxOptimizer: fista=True needs a plain SGD base "
-                                 "(momentum=0, weight_decay=0)")
+                raise ValueError("ProxOptimizer: fista=True needs a plain SGD base (momentum=0, weight_decay=0)")
         # Optimizer.__init__ would build new param groups; set up the hook machinery
         # ourselves and share the base's containers instead.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -113,8 +110,7 @@ class ProxOptimizer(torch.optim.Optimizer):
         known = {id(p) for g in self.param_groups for p in g["params"]}
         for p in params:
             if id(p) not in known:
-                raise ValueError("ProxOptimizer: a regularized parameter is not in the "
-                                 "base optimizer's param groups")
+                raise ValueError("ProxOptimizer: a regularized parameter is not in the base optimizer's param groups")
         self.regularizers.append((params, regularizer, step))
 
     def add_param_group(self, param_group: dict) -> None:

@@ -154,7 +154,9 @@ class GroupL2(Regularizer):
             try:
                 weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(f"regularizer 'group_l2': field 'weights' must be a number or a list of numbers (got {weights!r})") from None
+                raise ValueError(
+                    f"regularizer 'group_l2': field 'weights' must be a number or a list of numbers (got {weights!r})"
+                ) from None
             if (weights < 0).any():
                 raise ValueError("regularizer 'group_l2': field 'weights' must be >= 0")
         self.weights = weights
@@ -366,8 +368,14 @@ def build_regularizer(spec: dict):
     except RegistryError as err:
         raise ValueError(f"regularizer field 'type': {err}") from None
     is_loss = isinstance(cls, type) and issubclass(cls, LossRegularizer)
-    if ":" in name and not is_loss and not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None))):
-        raise ValueError(f"regularizer field 'type': {name!r} has no penalty()/prox() methods (nor is it a LossRegularizer)")
+    if (
+        ":" in name
+        and not is_loss
+        and not (callable(getattr(cls, "penalty", None)) and callable(getattr(cls, "prox", None)))
+    ):
+        raise ValueError(
+            f"regularizer field 'type': {name!r} has no penalty()/prox() methods (nor is it a LossRegularizer)"
+        )
     try:
         return REGULARIZERS.build(name, kwargs)
     except RegistryError as err:

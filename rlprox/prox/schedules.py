@@ -70,8 +70,9 @@ class piecewise_sine:
     def __init__(self, peaks, ends, start: float = 0.0):
         peaks, ends = [float(p) for p in peaks], [int(e) for e in ends]
         if len(peaks) != len(ends) or not peaks:
-            raise ValueError(f"piecewise_sine: 'peaks' and 'ends' need the same non-zero "
-                             f"length (got {len(peaks)} and {len(ends)})")
+            raise ValueError(
+                f"piecewise_sine: 'peaks' and 'ends' need the same non-zero length (got {len(peaks)} and {len(ends)})"
+            )
         if any(b <= a for a, b in zip([0] + ends, ends)):
             raise ValueError(f"piecewise_sine: 'ends' must be positive and increasing (got {ends})")
         self.peaks, self.ends, self.start = peaks, ends, float(start)
@@ -93,7 +94,12 @@ class piecewise_sine:
 
 
 SCHEDULES = Registry("schedule")
-for _name, _cls in (("constant", constant), ("linear", linear), ("cosine", cosine), ("piecewise_sine", piecewise_sine)):
+for _name, _cls in (
+    ("constant", constant),
+    ("linear", linear),
+    ("cosine", cosine),
+    ("piecewise_sine", piecewise_sine),
+):
     SCHEDULES.register(_name, _cls)
 
 

@@ -30,8 +30,23 @@ RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
 REWARDS = Registry("reward")
 CALL_ARGS = ("images", "prompts", "metadata")
 
-__all__ = ["REWARDS", "register_reward", "get_reward", "list_rewards", "digits_alignment", "brightness", "jpeg_compressibility",
-           "jpeg_incompressibility", "aesthetic", "pixel_reconstruction", "ssim", "RewardTerm", "RewardSpec", "WeightedReward", "build_reward"]
+__all__ = [
+    "REWARDS",
+    "register_reward",
+    "get_reward",
+    "list_rewards",
+    "digits_alignment",
+    "brightness",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "aesthetic",
+    "pixel_reconstruction",
+    "ssim",
+    "RewardTerm",
+    "RewardSpec",
+    "WeightedReward",
+    "build_reward",
+]
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -91,8 +106,9 @@ def digits_alignment(
     for prompt, meta in zip(prompts, metadata or [{}] * len(prompts)):
         if meta and "digit" in meta and "colour" in meta:
             colour = meta["colour"]
-            targets.append((int(meta["digit"]),
-                            COLOUR_NAMES.index(colour) if isinstance(colour, str) else int(colour)))
+            targets.append(
+                (int(meta["digit"]), COLOUR_NAMES.index(colour) if isinstance(colour, str) else int(colour))
+            )
         else:
             targets.append(parse_prompt(prompt))
     digits = torch.tensor([d for d, _ in targets])
@@ -109,13 +125,17 @@ def digits_alignment(
 
 
 @register_reward("jpeg_compressibility")
-def jpeg_compressibility(images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95) -> torch.Tensor:
+def jpeg_compressibility(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95
+) -> torch.Tensor:
     """−(JPEG size in kB) of each image at the given quality: smaller files score higher (DDPO's compressibility)."""
     return -_jpeg_kilobytes(images, quality).to(images.device)
 
 
 @register_reward("jpeg_incompressibility")
-def jpeg_incompressibility(images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95) -> torch.Tensor:
+def jpeg_incompressibility(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict], quality: int = 95
+) -> torch.Tensor:
     """JPEG size in kB of each image at the given quality: larger files score higher (DDPO's incompressibility)."""
     return _jpeg_kilobytes(images, quality).to(images.device)
 
@@ -146,8 +166,14 @@ class AestheticMLP(torch.nn.Module):
     def __init__(self, dim: int = 768):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+            torch.nn.Linear(dim, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
         )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -180,7 +206,9 @@ def _aesthetic_models(clip_path: str, mlp_path: str):
 
 
 @register_reward("aesthetic")
-def aesthetic(images: torch.Tensor, prompts: list[str], metadata: list[dict], clip_path: str = "", mlp_path: str = "") -> torch.Tensor:
+def aesthetic(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict], clip_path: str = "", mlp_path: str = ""
+) -> torch.Tensor:
     """LAION improved-aesthetic score: an MLP on CLIP image embeddings (weights from local paths only)."""
     import torch.nn.functional as F
 
@@ -228,7 +256,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 
 
 @register_reward("pixel_reconstruction")
-def pixel_reconstruction(images: torch.Tensor, prompts: list[str], metadata: list[dict], mse_weight: float = 1.0, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def pixel_reconstruction(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict], mse_weight: float = 1.0, ssim_weight: float = 0.0
+) -> tuple[torch.Tensor, dict]:
     """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward)."""
     reference = torch.stack([m["reference"] for m in metadata]).to(images.device).float()
     mse = ((images.float() - reference) ** 2).mean(dim=(1, 2, 3))
@@ -239,6 +269,8 @@ def pixel_reconstruction(images: torch.Tensor, prompts: list[str], metadata: lis
         reward = reward - ssim_weight * (1.0 - similarity)
         info["ssim"] = float(similarity.mean())
     return reward, info
+
+
 digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)
 
 
@@ -291,9 +323,13 @@ class WeightedReward:
             try:
                 values = torch.as_tensor(values).detach().float().cpu()
             except (TypeError, ValueError, RuntimeError):
-                raise RewardError(f"reward {name!r} returned a {type(values).__name__}, not a tensor of {n} rewards") from None
+                raise RewardError(
+                    f"reward {name!r} returned a {type(values).__name__}, not a tensor of {n} rewards"
+                ) from None
             if tuple(values.shape) != (n,):
-                raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)} for {n} images; expected ({n},)")
+                raise RewardError(
+                    f"reward {name!r} returned shape {tuple(values.shape)} for {n} images; expected ({n},)"
+                )
             if not torch.isfinite(values).any():
                 raise RewardError(f"reward {name!r} returned no finite value for {n} images (all NaN/inf)")
             total = total + weight * values

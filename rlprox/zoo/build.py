@@ -140,8 +140,11 @@ def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **
         start = time.perf_counter()
         info = MODELS[name](tmp, seed, opts)
         info.update(
-            name=name, seed=seed, build_seconds=round(time.perf_counter() - start, 1),
-            options=dataclasses.asdict(opts), torch_version=torch.__version__,
+            name=name,
+            seed=seed,
+            build_seconds=round(time.perf_counter() - start, 1),
+            options=dataclasses.asdict(opts),
+            torch_version=torch.__version__,
         )
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():  # only with force: replace the old build
@@ -169,8 +172,11 @@ def _build_classifier(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.zoo.data import load_digits_world
 
     model = train_classifier(
-        load_digits_world("train"), opts.steps("classifier_steps"), opts.batch_size,
-        seed=seed, progress=opts.progress,
+        load_digits_world("train"),
+        opts.steps("classifier_steps"),
+        opts.batch_size,
+        seed=seed,
+        progress=opts.progress,
     )
     model.save_pretrained(out)
     return {"heldout": accuracy(model, load_digits_world("heldout"))}
@@ -180,13 +186,20 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.images import save_image_grid
     from rlprox.zoo.data import grid_prompts, load_digits_world
     from rlprox.zoo.sd import (
-        RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, sample_sd, train_sd_pipeline,
+        RECOMMENDED_GUIDANCE,
+        RECOMMENDED_STEPS,
+        sample_sd,
+        train_sd_pipeline,
         vae_reconstruction_mse,
     )
 
     pipe = train_sd_pipeline(
-        load_digits_world("train"), opts.steps("vae_steps"), opts.steps("unet_steps"),
-        opts.batch_size, seed=seed, progress=opts.progress,
+        load_digits_world("train"),
+        opts.steps("vae_steps"),
+        opts.steps("unet_steps"),
+        opts.batch_size,
+        seed=seed,
+        progress=opts.progress,
     )
     pipe.save_pretrained(str(out))
     prompts = grid_prompts()
@@ -206,7 +219,10 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.zoo.vq import encode_tokens, reconstruction_mse, train_vq
 
     model = train_vq(
-        load_digits_world("train"), opts.steps("vq_steps"), opts.batch_size, seed=seed,
+        load_digits_world("train"),
+        opts.steps("vq_steps"),
+        opts.batch_size,
+        seed=seed,
         progress=opts.progress,
     )
     model.save_pretrained(out)
@@ -227,21 +243,28 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.images import save_image_grid
-    from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
     from rlprox.models.llamagen import VQModel, generate
+    from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
     from rlprox.zoo.gpt import train_gpt
     from rlprox.zoo.vq import encode_tokens
 
     vq_path = resolve(
-        "zoo:digits-vq", seed=seed, micro=opts.micro,
+        "zoo:digits-vq",
+        seed=seed,
+        micro=opts.micro,
         **{k: v for k, v in dataclasses.asdict(opts).items() if k != "micro"},
     )
     vq = VQModel.from_pretrained(vq_path)
     train = load_digits_world("train")
     tokens = encode_tokens(vq, train.images)  # (N, 16)
     model = train_gpt(
-        tokens, train.classes, opts.steps("gpt_steps"), opts.batch_size, seed=seed,
-        progress=opts.progress, vocab_size=vq.config["codebook_size"],
+        tokens,
+        train.classes,
+        opts.steps("gpt_steps"),
+        opts.batch_size,
+        seed=seed,
+        progress=opts.progress,
+        vocab_size=vq.config["codebook_size"],
     )
     model.save_pretrained(out)
     prompts = grid_prompts()
@@ -260,10 +283,16 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-MODELS.register("digits-classifier", _build_classifier, "CNN digit+colour classifier: reward model and FID-proxy features")
-MODELS.register("digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image")
+MODELS.register(
+    "digits-classifier", _build_classifier, "CNN digit+colour classifier: reward model and FID-proxy features"
+)
+MODELS.register(
+    "digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image"
+)
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
-MODELS.register("digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)")
+MODELS.register(
+    "digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)"
+)
 DEPENDS = {"digits-gpt": ("digits-vq",)}  # built on the other's outputs: build those first
 
 

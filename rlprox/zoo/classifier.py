@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
 from rlprox.models.pretrained import ZooModule
+from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
 
 
 class DigitsClassifier(ZooModule):
@@ -23,14 +23,19 @@ class DigitsClassifier(ZooModule):
         self.config = {"width": width, "feature_dim": feature_dim}
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 16 -> 8
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8 -> 4
             nn.Flatten(),
-            nn.Linear(2 * w * 16, feature_dim), nn.ReLU(),
+            nn.Linear(2 * w * 16, feature_dim),
+            nn.ReLU(),
         )
         self.digit_head = nn.Linear(feature_dim, len(DIGIT_WORDS))
         self.colour_head = nn.Linear(feature_dim, len(COLOUR_NAMES))
@@ -99,9 +104,7 @@ def train_classifier(
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
         images = augment(train.images[idx], gen)
         digit_logits, colour_logits = model(images)
-        loss = F.cross_entropy(digit_logits, train.digits[idx]) + F.cross_entropy(
-            colour_logits, train.colours[idx]
-        )
+        loss = F.cross_entropy(digit_logits, train.digits[idx]) + F.cross_entropy(colour_logits, train.colours[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

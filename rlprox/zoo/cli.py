@@ -12,7 +12,8 @@ import sys
 
 def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "zoo", help="offline digits-world base models (build, list)",
+        "zoo",
+        help="offline digits-world base models (build, list)",
         description="Tiny offline base models trained from scikit-learn's digits.",
     )
     zoo_sub = parser.add_subparsers(dest="zoo_command", metavar="{list,build}")
@@ -40,8 +41,7 @@ def run_zoo(args: argparse.Namespace) -> int:
     names = build_order() if args.name == "all" else [args.name]
     try:
         for name in names:
-            path = build(name, seed=args.seed, micro=args.micro, force=args.force,
-                         threads=args.threads)
+            path = build(name, seed=args.seed, micro=args.micro, force=args.force, threads=args.threads)
             print(path)
     except ValueError as err:
         print(f"zoo error: {err}", file=sys.stderr)

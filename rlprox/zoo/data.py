@@ -27,7 +27,16 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 DIGIT_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
 )
 NUM_CLASSES = len(DIGIT_WORDS) * len(COLOUR_NAMES)  # 50 (digit, colour) classes
 IMAGE_SIZE = 16
@@ -125,4 +134,3 @@ def load_digits_world(split: str = "train") -> DigitsData:
 def grid_prompts() -> list[str]:
     """Ten prompts, one per digit, cycling through the colours: the sample-grid rows."""
     return [prompt_for(d, d % len(COLOUR_NAMES)) for d in range(len(DIGIT_WORDS))]
-

@@ -11,8 +11,16 @@ from rlprox.models.llamagen import Transformer
 __all__ = ["train_gpt"]
 
 
-def train_gpt(tokens, classes, steps: int, batch_size: int = 128, lr: float = 1e-3,
-              seed: int = 0, progress: bool = True, **config) -> Transformer:
+def train_gpt(
+    tokens,
+    classes,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    **config,
+) -> Transformer:
     """Next-token cross-entropy on (class, tokens) pairs; AdamW (wd 0.01) one-cycle."""
     from tqdm.auto import tqdm
 
@@ -23,7 +31,8 @@ def train_gpt(tokens, classes, steps: int, batch_size: int = 128, lr: float = 1e
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+        lr=lr,
+        betas=(0.9, 0.95),
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     model.train()

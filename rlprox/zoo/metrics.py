@@ -59,8 +59,9 @@ def fid_proxy(real: torch.Tensor, fake: torch.Tensor, classifier=None) -> float:
     return float(max(fid, 0.0))
 
 
-def kid_proxy(real: torch.Tensor, fake: torch.Tensor, classifier=None, subsets: int = 10,
-              subset_size: int = 200, seed: int = 0) -> float:
+def kid_proxy(
+    real: torch.Tensor, fake: torch.Tensor, classifier=None, subsets: int = 10, subset_size: int = 200, seed: int = 0
+) -> float:
     """Mean over random subsets of the unbiased MMD² with the cubic polynomial kernel.
 
     Both feature sets are divided by the real set's RMS feature value, so that xᵀy/d is
@@ -97,8 +98,9 @@ def is_proxy(images: torch.Tensor, classifier) -> float:
 
 
 @torch.no_grad()
-def conditional_accuracy(images: torch.Tensor, digits: torch.Tensor, colours: torch.Tensor,
-                         classifier) -> dict[str, float]:
+def conditional_accuracy(
+    images: torch.Tensor, digits: torch.Tensor, colours: torch.Tensor, classifier
+) -> dict[str, float]:
     """How often generated images show what was asked for.
 
     Returns digit_acc, colour_acc, joint_acc (both argmaxes right) and alignment, the
@@ -131,8 +133,14 @@ def real_like(pool: DigitsData, classes: torch.Tensor, seed: int = 0) -> torch.T
     return pool.images[torch.tensor(out)]
 
 
-def fid_floor(classifier, reference: DigitsData, pool: DigitsData, n: int | None = None,
-              classes: torch.Tensor | None = None, seed: int = 0) -> float:
+def fid_floor(
+    classifier,
+    reference: DigitsData,
+    pool: DigitsData,
+    n: int | None = None,
+    classes: torch.Tensor | None = None,
+    seed: int = 0,
+) -> float:
     """Real-vs-real FID proxy at the same N: ``pool`` images against ``reference``.
 
     With ``classes`` (the generator's conditioning, N entries) the pool images match

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
 
 PROMPT_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "digit", "number", "of", "in", "on", *COLOUR_NAMES, *DIGIT_WORDS,
+    "a",
+    "an",
+    "the",
+    "digit",
+    "number",
+    "of",
+    "in",
+    "on",
+    *COLOUR_NAMES,
+    *DIGIT_WORDS,
 )
 MAX_PROMPT_TOKENS = 8  # <sot> + up to 6 words + <eot>
 RECOMMENDED_GUIDANCE = 2.0
@@ -158,16 +167,16 @@ def untrained_pipeline(seed: int = 0):
 
     tokenizer = build_tokenizer()
     parts = build_components(tokenizer, seed=seed)
-    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe = StableDiffusionPipeline(
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def _one_cycle(params, lr: float, steps: int, pct_start: float = 0.3):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)
     return opt, sched
 
 
@@ -189,31 +198,36 @@ def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress
         sched.step()
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(x * 2 - 1).latent_dist.mean for x in train.images.split(512)]
-        )
+        latents = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in train.images.split(512)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return latents * vae.config.scaling_factor  # (N, 4, 8, 8) scaled latents
 
 
 def train_unet(
-    unet, text_encoder, tokenizer, latents, prompts, steps, batch_size, gen, progress,
+    unet,
+    text_encoder,
+    tokenizer,
+    latents,
+    prompts,
+    steps,
+    batch_size,
+    gen,
+    progress,
     cfg_dropout: float = 0.1,
 ):
     """ε-MSE on the UNet and text encoder jointly; returns the EMA copies."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    noise_sched = DDPMScheduler(
-        **{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",)}
-    )
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k not in ("set_alpha_to_one",)})
     ids_all = tokenizer(
-        list(prompts), padding="max_length", max_length=MAX_PROMPT_TOKENS,
-        truncation=True, return_tensors="pt",
+        list(prompts),
+        padding="max_length",
+        max_length=MAX_PROMPT_TOKENS,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
-    ids_empty = tokenizer(
-        [""], padding="max_length", max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
-    ).input_ids
+    ids_empty = tokenizer([""], padding="max_length", max_length=MAX_PROMPT_TOKENS, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt, sched = _one_cycle(params, 1e-3, steps, pct_start=0.05)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -261,8 +275,15 @@ def train_sd_pipeline(
     gen = torch.Generator().manual_seed(seed)
     latents = train_vae(parts["vae"], train, vae_steps, batch_size, gen, progress)
     unet, text_encoder = train_unet(
-        parts["unet"], parts["text_encoder"], tokenizer, latents, train.prompts,
-        unet_steps, batch_size, gen, progress,
+        parts["unet"],
+        parts["text_encoder"],
+        tokenizer,
+        latents,
+        train.prompts,
+        unet_steps,
+        batch_size,
+        gen,
+        progress,
     )
     pipe = StableDiffusionPipeline(
         vae=parts["vae"],

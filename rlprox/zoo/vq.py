@@ -19,11 +19,15 @@ from rlprox.models.llamagen import VQModel
 __all__ = ["train_vq", "encode_tokens", "reconstruction_mse"]
 
 
-DIGITS_VQ_CONFIG = dict(codebook_size=128, codebook_embed_dim=8, ch=16, ch_mult=[1, 2], z_channels=32, norm_groups=8, image_size=16)
+DIGITS_VQ_CONFIG = dict(
+    codebook_size=128, codebook_embed_dim=8, ch=16, ch_mult=[1, 2], z_channels=32, norm_groups=8, image_size=16
+)
 
 
 @torch.no_grad()
-def kmeans_codebook(vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+def kmeans_codebook(
+    vectors: torch.Tensor, k: int, iterations: int = 10, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """k spherical k-means centres (unit norm) of unit-norm ``vectors`` (N, d)."""
     centres = vectors[torch.randperm(len(vectors), generator=generator)[:k]].clone()
     for _ in range(iterations):
@@ -35,8 +39,16 @@ def kmeans_codebook(vectors: torch.Tensor, k: int, iterations: int = 10, generat
     return centres
 
 
-def train_vq(train, steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-             progress: bool = True, restart_every: int = 25, **config) -> VQModel:
+def train_vq(
+    train,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+    restart_every: int = 25,
+    **config,
+) -> VQModel:
     """MSE reconstruction + VQ loss, AdamW one-cycle; k-means codebook init and
     dead-code restarts (module doc)."""
     from tqdm.auto import tqdm
@@ -81,6 +93,5 @@ def encode_tokens(model: VQModel, images: torch.Tensor, batch_size: int = 512) -
 
 @torch.no_grad()
 def reconstruction_mse(model: VQModel, images: torch.Tensor) -> float:
-    errs = [((model.decode_code(encode_tokens(model, x)) - x) ** 2).mean(dim=(1, 2, 3))
-            for x in images.split(512)]
+    errs = [((model.decode_code(encode_tokens(model, x)) - x) ** 2).mean(dim=(1, 2, 3)) for x in images.split(512)]
     return torch.cat(errs).mean().item()
