@@ -32,7 +32,7 @@ def gae(
     with ``returns = advantages + values`` (the λ-return, the value target).
 
     Vectorised over envs (N); the loop over time is unavoidable. Works on numpy
-    arrays (the rollout lives in numpy); see ``gae_torch`` for tensors.
+    arrays (the rollout lives in numpy).
     """
     steps = rewards.shape[0]
     advantages = np.zeros_like(rewards)
@@ -43,14 +43,6 @@ def gae(
         last = delta[t] + carry[t] * last
         advantages[t] = last
     return advantages, advantages + values
-
-
-def gae_torch(rewards, values, next_values, terminated, done, gamma: float, lam: float):
-    """``gae`` on tensors (same formula, same shapes (T, N))."""
-    out = gae(
-        *(x.detach().cpu().double().numpy() for x in (rewards, values, next_values, terminated, done)), gamma, lam
-    )
-    return tuple(torch.from_numpy(a).to(rewards) for a in out)
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-8, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
@@ -90,10 +82,16 @@ def value_loss(
     return 0.5 * err.mean()
 
 
-def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π_old ‖ π_θ): E[(r − 1) − log r], r = π_θ/π_old."""
-    log_ratio = logp - old_logp
-    return ((torch.exp(log_ratio) - 1.0) - log_ratio).mean()
+def kl_k3(sample_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(p ‖ q) from samples drawn from p: with
+    r = q(a)/p(a), k3 = (r − 1) − log r (unbiased, always ≥ 0); mean over samples.
+
+    ``sample_logp`` = log p(a) of the distribution the samples came from, ``other_logp`` =
+    log q(a). PPO's approx-KL(π_old ‖ π_θ) is ``kl_k3(old_logp, logp)``; a KL penalty
+    toward a reference on on-policy samples, KL(π_θ ‖ π_ref), is ``kl_k3(logp, ref_logp)``.
+    """
+    log_r = other_logp - sample_logp
+    return (torch.expm1(log_r) - log_r).mean()
 
 
 def clip_fraction(ratio: torch.Tensor, clip: float) -> torch.Tensor:

@@ -189,7 +189,7 @@ def dist_run(tmp_path, recipe: dict, iterations: int = 2):
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
 
-@pytest.mark.parametrize("advantage,grad_sync", [("loo", "auto"), ("ddpo_tracker", "auto"), ("loo", "fsdp")])
+@pytest.mark.parametrize("advantage,grad_sync", [("loo", "auto"), ("prompt_stats", "auto"), ("loo", "fsdp")])
 def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage, grad_sync):
     pytest.importorskip("peft")
     from rlprox.zoo.sd import untrained_pipeline
@@ -197,7 +197,7 @@ def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_pat
 
     pipe_dir = tmp_path / "tiny-sd"
     untrained_pipeline(seed=0).save_pretrained(str(pipe_dir))
-    recipe = loop_recipe(tmp_path, pipe_dir, advantage=advantage, tracker_min_count=1)
+    recipe = loop_recipe(tmp_path, pipe_dir, advantage=advantage, prompt_stats_min_count=1)
     recipe["run"]["grad_sync"] = grad_sync
     r0, r1 = dist_run(tmp_path, recipe)
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # per-rank generators

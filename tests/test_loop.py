@@ -140,19 +140,19 @@ def test_individual_nan_rewards_get_zero_advantage_and_are_counted(tmp_path, tin
     engine.close()
 
 
-def test_ddpo_tracker_uses_batch_stats_until_min_count():
+def test_prompt_stats_uses_batch_stats_until_min_count():
     import numpy as np
 
-    from rlprox.algos.loop import PromptTracker
+    from rlprox.algos.loop import PromptStats
 
-    tracker = PromptTracker(buffer_size=4, min_count=3)
-    mean, std = tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+    prompt_stats = PromptStats(buffer_size=4, min_count=3)
+    mean, std = prompt_stats.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
     assert np.allclose(mean, 3.0) and np.allclose(std, np.std([1.0, 3.0, 5.0]))  # too few: batch statistics
-    mean, std = tracker.update(["a", "b"], np.array([5.0, 7.0]))
+    mean, std = prompt_stats.update(["a", "b"], np.array([5.0, 7.0]))
     assert mean[0] == pytest.approx(3.0) and std[0] == pytest.approx(np.std([1.0, 3.0, 5.0]))  # "a" has 3 now
     assert mean[1] == pytest.approx(6.0)  # "b" has 2: the batch's
-    tracker.update(["a"] * 3, np.array([9.0, 9.0, 9.0]))
-    assert list(tracker.stats["a"]) == [5.0, 9.0, 9.0, 9.0]  # a deque of the last 4
+    prompt_stats.update(["a"] * 3, np.array([9.0, 9.0, 9.0]))
+    assert list(prompt_stats.stats["a"]) == [5.0, 9.0, 9.0, 9.0]  # a deque of the last 4
 
 
 def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline):
@@ -162,7 +162,7 @@ def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline)
 
     def make(name):
         recipe = loop_recipe(
-            tmp_path, tiny_pipeline, advantage="ddpo_tracker", tracker_min_count=2, timestep_fraction=0.67
+            tmp_path, tiny_pipeline, advantage="prompt_stats", prompt_stats_min_count=2, timestep_fraction=0.67
         )
         recipe["run"].update(name=name, iterations=iterations, save_every=1, keep_last=2)
         return recipe

@@ -112,7 +112,7 @@ def test_group_sampling_draws_each_position_from_its_own_logits():
 def test_prior_term_equals_the_llamagen_training_loss():
     gpt, _ = tiny_models()
     tokens, classes = torch.randint(0, 32, (3, 16)), torch.tensor([1, 2, 3])
-    logits = llamagen.teacher_forced_logits(gpt.eval(), tokens, classes)
+    logits, _ = gpt.eval()(llamagen.noisy_context(tokens, 0.0, 32), classes)
     _, llamagen_loss = gpt(tokens[:, :-1], classes, targets=tokens)
     torch.testing.assert_close(PriorCE(lam=1.0).penalty(logits=logits, targets=tokens), llamagen_loss)
 
@@ -225,3 +225,12 @@ def test_image_folder_and_datasets_sources(tmp_path, llamagen_files, kind):
     batch = engine.algo.collect()
     assert batch["x"].shape == (4, 3, 16, 16) and set(batch["classes"].tolist()) <= {0, 1}
     engine.close()
+
+
+def test_noisy_context_replaces_a_fraction_xi_of_the_context():
+    tokens = torch.randint(0, 32, (64, 65), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(llamagen.noisy_context(tokens, 0.0, 32), tokens[:, :-1])
+    noisy = llamagen.noisy_context(tokens, 0.5, 32, torch.Generator().manual_seed(1))
+    changed = (noisy != tokens[:, :-1]).float().mean().item()
+    assert noisy.shape == (64, 64) and int(noisy.max()) < 32
+    assert changed == pytest.approx(0.5 * 31 / 32, abs=0.03)  # a swap to the same code is no change

@@ -11,7 +11,7 @@ Per iteration, each process:
                is denoised.
     ADVANTAGE  leave-one-out within each prompt's K samples (LOOP eq. 5):
                    A_{p,k} = r_{p,k} − 1/(K−1)·Σ_{j≠k} r_{p,j}
-               or DDPO's per-prompt stat tracker, group normalisation (GRPO) or batch
+               or DDPO's per-prompt reward statistics, group normalisation (GRPO) or batch
                normalisation; optionally normalised over the batch; clipped to ±adv_clip.
     UPDATE     num_inner_epochs × minibatches × a random subset of the T steps
                (timestep_fraction): the PPO clipped surrogate on the per-step ratio
@@ -22,12 +22,12 @@ Per iteration, each process:
                (``micro_steps``) by the engine's one step helper.
 
 Settings of this one trainer reach the related methods: DDPO = ``advantage:
-ddpo_tracker``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
+prompt_stats``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
 optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
 
 The UNet is trained (LoRA through peft by default, or fully); the VAE and text encoder
 are frozen. The K copies of a prompt stay on the process that sampled them, so the
-leave-one-out baseline needs no communication; DDPO's tracker and batch normalisation
+leave-one-out baseline needs no communication; DDPO's per-prompt statistics and batch normalisation
 gather the rewards of all processes.
 """
 
@@ -39,7 +39,7 @@ import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -86,15 +86,15 @@ class LoopConfig:
     eta: float = 1.0  # DDIM η (> 0: a stochastic policy with a log-prob)
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     sample_batch_size: int = 16  # samples denoised together, per process
-    advantage: Literal["loo", "ddpo_tracker", "group_norm", "batch_norm"] = "loo"
+    advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip
     clip_range: float = 1e-4  # PPO ε on the per-step ratio
     num_inner_epochs: int = 1  # passes over each round's samples
     train_batch_size: int = 16  # samples per minibatch, per process
     timestep_fraction: float = 1.0  # fraction of the T steps trained per sample (a random subset each minibatch)
-    tracker_buffer_size: int = 32  # ddpo_tracker: rewards kept per prompt
-    tracker_min_count: int = 16  # ddpo_tracker: below this many, use the batch's mean/std
+    prompt_stats_buffer_size: int = 32  # prompt_stats: rewards kept per prompt
+    prompt_stats_min_count: int = 16  # prompt_stats: below this many, use the batch's mean/std
     finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every UNet weight
     lora: LoraSpec = field(default_factory=LoraSpec)
     score_in_background: bool = True  # decode and score batch b while batch b+1 is denoised
@@ -121,7 +121,7 @@ def validate(recipe: "Recipe") -> None:
         "sample_batch_size",
         "num_inner_epochs",
         "train_batch_size",
-        "tracker_buffer_size",
+        "prompt_stats_buffer_size",
     ):
         if getattr(cfg, key) <= 0:
             raise RecipeError(f"loop.{key}", f"must be > 0 (got {getattr(cfg, key)})")
@@ -181,7 +181,15 @@ def load_prompts(spec: str) -> tuple[list[str], list[dict]]:
     return prompts, [{} for _ in prompts]
 
 
-class PromptTracker:
+class TimestepSlice(NamedTuple):
+    """What one ``loss`` call trains: denoising step ``step[i]`` of sample ``samples[i]``."""
+
+    batch: dict  # the round's samples (latents (B, T+1, C, H, W), log_probs (B, T), ...)
+    samples: torch.Tensor  # (b,) indices into the batch: this minibatch's samples
+    step: torch.Tensor  # (b,) the denoising step trained for each of them
+
+
+class PromptStats:
     """DDPO's per-prompt reward statistics: a deque of the last ``buffer_size`` rewards
     per prompt; a prompt with fewer than ``min_count`` uses the whole batch's mean/std."""
 
@@ -266,7 +274,7 @@ class LOOP:
         self.prompts, self.metadata = load_prompts(cfg.prompts)
         self.eval_prompt_list = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (self.prompts, self.metadata)
         self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        self.tracker = PromptTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
+        self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
         self.micro_steps = trained_timesteps(cfg)
         self.update_epochs = cfg.num_inner_epochs
@@ -355,15 +363,15 @@ class LOOP:
             adv = objectives.leave_one_out(rewards.view(-1, K)).view(-1)
         elif cfg.advantage == "group_norm":
             adv = objectives.group_normalize(rewards.view(-1, K)).view(-1)
-        elif cfg.advantage == "ddpo_tracker":
+        elif cfg.advantage == "prompt_stats":
             prompts, all_rewards = batch["prompts"], rewards.cpu().numpy()
-            if self.runtime.world > 1:  # the tracker sees every process's prompts, in rank order
+            if self.runtime.world > 1:  # the statistics see every process's prompts, in rank order
                 from accelerate.utils import gather_object
 
                 pairs = gather_object([(batch["prompts"], all_rewards.tolist())])
                 prompts = [p for ps, _ in pairs for p in ps]
                 all_rewards = np.asarray([r for _, rs in pairs for r in rs])
-            mean, std = self.tracker.update(prompts, all_rewards)
+            mean, std = self.prompt_stats.update(prompts, all_rewards)
             start = self.runtime.rank * len(batch["prompts"])
             mine = slice(start, start + len(batch["prompts"]))
             adv = (rewards.cpu().numpy() - mean[mine]) / (std[mine] + 1e-6)
@@ -389,9 +397,10 @@ class LOOP:
 
     # ------------------------------------------------------------------ UPDATE
     def minibatches(self, batch, epoch: int):
-        """(batch, sample indices, per-sample step indices) for every trained step of
-        every minibatch; the engine accumulates ``micro_steps`` = trained steps per
-        minibatch into one optimizer step (times run.gradient_accumulation_steps)."""
+        """One ``TimestepSlice`` per trained denoising step of each minibatch of samples:
+        a minibatch of ``train_batch_size`` samples with T' = ``micro_steps`` trained steps
+        each is T' ``loss`` calls, whose gradients the engine sums into one optimizer step
+        (times run.gradient_accumulation_steps)."""
         cfg, gen = self.cfg, self.runtime.generator
         B, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
@@ -401,9 +410,9 @@ class LOOP:
                 self.device
             )
             for j in range(self.micro_steps):
-                yield batch, idx, steps[:, j]
+                yield TimestepSlice(batch, idx, steps[:, j])
 
-    def loss(self, item):
+    def loss(self, item: "TimestepSlice"):
         batch, idx, step = item
         cfg = self.cfg
         x_t = batch["latents"][idx, step]  # (b, C, H, W)
@@ -425,7 +434,7 @@ class LOOP:
         with torch.no_grad():
             stats = {
                 "loss/policy": loss.detach(),
-                "policy/approx_kl": objectives.approx_kl(logp, old),
+                "policy/approx_kl": objectives.kl_k3(old, logp),
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
                 "policy/ratio_max": ratio.max(),
                 "policy/ratio_mean": ratio.mean(),
@@ -564,10 +573,10 @@ class LOOP:
 
     # ------------------------------------------------------------------ STATE
     def state_dict(self):
-        return {}, {"tracker": self.tracker.state_dict(), "images_seen": self.images_seen}
+        return {}, {"prompt_stats": self.prompt_stats.state_dict(), "images_seen": self.images_seen}
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
-        self.tracker.load_state_dict(state.get("tracker", {}))
+        self.prompt_stats.load_state_dict(state.get("prompt_stats", {}))
         self.images_seen = int(state.get("images_seen", 0))
 
     def close(self):

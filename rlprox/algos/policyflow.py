@@ -342,7 +342,7 @@ class PolicyFlow:
                 "loss/value": v_loss.detach(),
                 "policy/entropy": entropy.detach(),
                 "policy/std_mean": log_std.exp().mean().detach(),
-                "policy/approx_kl": objectives.approx_kl(log_rho, zeros),
+                "policy/approx_kl": objectives.kl_k3(zeros, log_rho),
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
                 **penalty_stats,

@@ -234,7 +234,7 @@ class PPO:
                 "loss/policy": pg_loss.detach(),
                 "loss/value": v_loss.detach(),
                 "policy/entropy": entropy.detach(),
-                "policy/approx_kl": objectives.approx_kl(logp, old_logp),
+                "policy/approx_kl": objectives.kl_k3(old_logp, logp),
                 "policy/clip_frac": objectives.clip_fraction(ratio, self.cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
             }

@@ -40,7 +40,7 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError, RegistryError
-from rlprox.models.llamagen import group_sample, token_logp
+from rlprox.models.llamagen import group_sample, noisy_context, token_logp
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
@@ -292,15 +292,8 @@ class VAPi:
     def _context(self, tokens: torch.Tensor) -> torch.Tensor:
         """The (noisy) context the teacher-forced passes see: tokens[:, :-1] with each
         entry replaced by a uniform random code with probability ξ."""
-        context = tokens[:, :-1]
-        if self.cfg.noise_prob <= 0:
-            return context
-        gen = self.runtime.generator
-        swap = torch.rand(context.shape, generator=gen, device=gen.device).to(context.device) < self.cfg.noise_prob
-        random = torch.randint(
-            0, self.gpt.tok_embeddings.num_embeddings, context.shape, generator=gen, device=gen.device
-        ).to(context.device)
-        return torch.where(swap, random, context)
+        vocab = self.gpt.tok_embeddings.num_embeddings
+        return noisy_context(tokens, self.cfg.noise_prob, vocab, self.runtime.generator)
 
     # ------------------------------------------------------------------ COLLECT
     @torch.no_grad()
@@ -362,7 +355,7 @@ class VAPi:
         with torch.no_grad():
             stats = {
                 "loss/policy": pg_loss.detach(),
-                "policy/approx_kl": objectives.approx_kl(logp, mb["old_logp"]),
+                "policy/approx_kl": objectives.kl_k3(mb["old_logp"], logp),
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
                 "policy/ratio_max": ratio.max(),
                 "policy/token_entropy": -(logp_all.exp() * logp_all).sum(-1).mean(),

@@ -71,13 +71,6 @@ class ActorCritic(nn.Module):
             entropy = (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
         return logp, entropy, self.value(obs)
 
-    @torch.no_grad()
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        out = self.actor(obs)
-        if self.discrete:
-            return out.argmax(-1) if deterministic else torch.distributions.Categorical(logits=out).sample()
-        return out if deterministic else out + torch.exp(self.log_std) * torch.randn_like(out)
-
     def snapshot(self) -> "NumpyPolicy":
         log_std = to_numpy(self.log_std) if not self.discrete else None
         return NumpyPolicy(

@@ -622,29 +622,23 @@ def generate(
 # ----------------------------------------------------------------------------- teacher forcing
 
 
-def teacher_forced_logits(
-    model: Transformer,
-    tokens: torch.Tensor,
-    cond_idx: torch.Tensor,
-    noise_prob: float = 0.0,
-    vocab_size: int | None = None,
-    generator: torch.Generator | None = None,
+def noisy_context(
+    tokens: torch.Tensor, noise_prob: float, vocab_size: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Logits (B, T, V) of every position of ``tokens`` (B, T) given its ground-truth
-    prefix in ONE forward pass (position i sees the class token and tokens < i).
+    """The context (B, T − 1) of a teacher-forced pass over ``tokens`` (B, T): one
+    forward pass on it gives the logits of every position given its prefix (position i
+    sees the class token and tokens < i).
 
     ``noise_prob`` = ξ > 0 is VA-π's "noisy context": each context token is replaced by
-    a uniform random code with probability ξ before the pass (the targets stay clean).
+    a uniform random code in [0, ``vocab_size``) with probability ξ (the targets stay clean).
     """
     context = tokens[:, :-1]
-    if noise_prob > 0:
-        vocab = vocab_size or model.tok_embeddings.num_embeddings
-        device = generator.device if generator is not None else tokens.device
-        swap = torch.rand(context.shape, generator=generator, device=device).to(tokens.device) < noise_prob
-        random = torch.randint(0, vocab, context.shape, generator=generator, device=device).to(tokens.device)
-        context = torch.where(swap, random, context)
-    logits, _ = model(context, cond_idx)
-    return logits
+    if noise_prob <= 0:
+        return context
+    device = generator.device if generator is not None else tokens.device
+    swap = torch.rand(context.shape, generator=generator, device=device).to(tokens.device) < noise_prob
+    random = torch.randint(0, vocab_size, context.shape, generator=generator, device=device).to(tokens.device)
+    return torch.where(swap, random, context)
 
 
 def token_logp(logp_all: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,6 @@ from rlprox.prox.regularizers import (
     REGULARIZERS,
     Regularizer,
     build_regularizer,
-    entropy_bonus,
-    kl_k1,
-    kl_k3,
     register_regularizer,
 )
 from rlprox.prox.schedules import (
@@ -53,9 +50,6 @@ __all__ = [
     "REGULARIZERS",
     "register_regularizer",
     "build_regularizer",
-    "kl_k1",
-    "kl_k3",
-    "entropy_bonus",
     "ProxOptimizer",
     "constant",
     "linear",

@@ -30,6 +30,7 @@ import abc
 import torch
 
 from rlprox.errors import RegistryError
+from rlprox.objectives import kl_k3
 from rlprox.prox import operators as ops
 from rlprox.registry import Registry
 
@@ -50,9 +51,6 @@ __all__ = [
     "REGULARIZERS",
     "register_regularizer",
     "build_regularizer",
-    "kl_k1",
-    "kl_k3",
-    "entropy_bonus",
 ]
 
 REGULARIZERS = Registry("regularizer type")
@@ -383,21 +381,3 @@ def build_regularizer(spec: dict):
 
 
 # ------------------------------------------------------------------ loss-side regularizers
-
-
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k1 estimator of KL(π ‖ π_ref) for samples drawn from π:
-    k1 = log π(a) − log π_ref(a) (unbiased, high variance, can be negative); mean."""
-    return (logp - ref_logp).mean()
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π ‖ π_ref): with r = π_ref(a)/π(a),
-    k3 = (r − 1) − log r (unbiased, always ≥ 0); mean over samples."""
-    log_r = ref_logp - logp
-    return (torch.expm1(log_r) - log_r).mean()
-
-
-def entropy_bonus(entropy: torch.Tensor) -> torch.Tensor:
-    """Loss term −mean(H): adding c·entropy_bonus(H) to a minimised loss rewards entropy."""
-    return -entropy.mean()

@@ -70,11 +70,6 @@ def class_index(digit: int, colour: int) -> int:
     return digit * len(COLOUR_NAMES) + colour
 
 
-def split_class(cls: int) -> tuple[int, int]:
-    """Inverse of :func:`class_index`."""
-    return divmod(int(cls), len(COLOUR_NAMES))
-
-
 def colourize(gray: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """gray (N,16,16) in [0,1], colour ids (N,) -> images (N,3,16,16) in [0,1]."""
     rgb = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=gray.dtype)[colours]
