@@ -226,25 +226,44 @@ def test_eval_video_on_a_generative_trainer_is_one_line_exit_2(vapi_run, tmp_pat
 # ----------------------------------------------------------------------------- video
 
 
+@pytest.fixture(scope="module")
+def counter_run(tmp_path_factory):
+    env = {"id": "tests.envs_fixture:RenderedCounter", "kwargs": {"terminate_at": 5}}
+    return train(tiny_ppo(tmp_path_factory.mktemp("counter"), env=env, run={"iterations": 1}))
+
+
 @pytest.mark.parametrize("fmt", ["gif", "mp4"])
-def test_eval_video_writes_one_file_per_episode(ppo_run, tmp_path, capsys, monkeypatch, fmt):
-    pytest.importorskip("imageio")
-    pytest.importorskip("pygame", reason="CartPole renders with pygame (pip install 'rlprox[video]')")
+@pytest.mark.parametrize("env", ["counter", "cartpole"])
+def test_eval_video_writes_one_file_per_episode(request, tmp_path, capsys, monkeypatch, env, fmt):
+    imageio = pytest.importorskip("imageio")
     import rlprox.video
 
+    if env == "cartpole":
+        pytest.importorskip("pygame", reason="CartPole renders with pygame (pip install 'rlprox[video]')")
     if fmt == "mp4":
         pytest.importorskip("imageio_ffmpeg")
     else:
         monkeypatch.setattr(rlprox.video, "has_ffmpeg", lambda: False)
-    recipe, ckpt = ppo_run
+    _, ckpt = request.getfixturevalue("ppo_run" if env == "cartpole" else "counter_run")
     videos = tmp_path / "videos"
     args = ["eval", str(ckpt), "--episodes", "3", "--video", str(videos), "--video-episodes", "3"]
     assert main(args) == 0
     out = capsys.readouterr().out
     files = sorted(videos.iterdir())
     assert [f.name for f in files] == [f"episode-{i:03d}.{fmt}" for i in range(3)]
-    assert all(f.stat().st_size > 1000 for f in files)
-    assert all(str(f) in out for f in files)
+    assert all(f.stat().st_size > 0 and str(f) in out for f in files)
     reported = json.loads((ckpt / "eval.json").read_text())
-    # the videos replay the evaluation's seeds: the same episodes, the same returns
+    # the videos replay the evaluation's seeds: the same episodes, the same returns and lengths
     assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
+    frames = sorted(len(imageio.mimread(f, memtest=False)) for f in files)
+    if fmt == "mp4":  # the reset frame, then one per step (GIF writers merge identical frames)
+        assert [n - 1 for n in frames] == sorted(reported["values"]["length"])
+    assert min(frames) > 1
+
+
+def test_eval_video_without_a_renderer_is_one_line_exit_2(ppo_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("imageio")
+    monkeypatch.setitem(sys.modules, "pygame", None)  # as if gymnasium's classic-control renderer were missing
+    assert main(["eval", str(ppo_run[1]), "--video", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --video: ") and "rlprox[video]" in err[0]
