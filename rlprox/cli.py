@@ -170,7 +170,7 @@ def _record_videos(args, algo, recipe, seed: int) -> list:
     from rlprox.engine import hook
     from rlprox.gymenv import eval_seed
     from rlprox.policy import is_policy_folder, load_policy
-    from rlprox.video import record_episodes
+    from rlprox.video import VideoError, record_episodes
 
     export = hook(algo, "export")
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,11 +182,13 @@ def _record_videos(args, algo, recipe, seed: int) -> list:
     try:
         return record_episodes(
             recipe.env,
-            lambda obs: policy.act(obs, deterministic=deterministic, rng=rng),
+            lambda obs: policy.act(np.ravel(obs), deterministic=deterministic, rng=rng),
             args.video_episodes,
             eval_seed(seed),
             args.video,
         )
+    except VideoError as err:
+        raise UsageError(f"--video: {err}") from None
     except Exception as err:
         if type(err).__name__ != "DependencyNotInstalled":  # gymnasium: e.g. pygame for classic control
             raise

@@ -19,6 +19,10 @@ from rlprox.gymenv import EnvConfig, make_env
 DEFAULT_FPS = 30
 
 
+class VideoError(ValueError):
+    """The env cannot be filmed (no ``rgb_array`` rendering)."""
+
+
 def has_ffmpeg() -> bool:
     return importlib.util.find_spec("imageio_ffmpeg") is not None
 
@@ -36,18 +40,18 @@ def record_episodes(
     suffix = "mp4" if has_ffmpeg() else "gif"
     written = []
     for i in range(episodes):
-        env = make_env(cfg, render_mode="rgb_array")
+        env = _render_env(cfg)
         fps = int(env.metadata.get("render_fps") or DEFAULT_FPS)
         obs, _ = env.reset(seed=seed + i)
         frames, total, done = [env.render()], 0.0, False
+        if not isinstance(frames[0], np.ndarray):
+            raise VideoError(f"env {cfg.id} renders no rgb_array frames (render() gave {type(frames[0]).__name__})")
         while not done:
             obs, reward, terminated, truncated, _ = env.step(act(obs))
             frames.append(env.render())
             total += float(reward)
             done = terminated or truncated
         env.close()
-        if frames[0] is None:
-            raise ValueError(f"env {cfg.id} renders no rgb_array frames")
         path = out / f"{prefix}-{i:03d}.{suffix}"
         frames = [np.asarray(f, np.uint8) for f in frames]
         if suffix == "mp4":  # yuv420p needs even sides: pad rather than let ffmpeg rescale
@@ -57,3 +61,12 @@ def record_episodes(
             imageio.mimwrite(path, frames, duration=1000.0 / fps, loop=0)
         written.append((path, total))
     return written
+
+
+def _render_env(cfg: EnvConfig):
+    try:
+        return make_env(cfg, render_mode="rgb_array")
+    except TypeError as err:
+        if "render_mode" not in str(err):
+            raise
+        raise VideoError(f"env {cfg.id} takes no render_mode: it cannot render frames") from None

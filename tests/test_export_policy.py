@@ -146,6 +146,27 @@ def test_stochastic_actions_sample_and_respect_bounds(pf_run, tmp_path):
         policy.act(np.zeros((2, 5), np.float32))
 
 
+def test_continuous_actor_critic_round_trip_with_unbounded_dimensions(tmp_path):
+    from rlprox.models.actor_critic import ActorCritic
+    from rlprox.policy import action_space_config, save_policy
+
+    torch.manual_seed(0)
+    model = ActorCritic(3, 2, False, [8], "relu")
+    torch.nn.init.normal_(model.actor[-1].weight)  # outputs well beyond the bound
+    low, high = np.array([-0.5, -np.inf], np.float32), np.array([0.5, np.inf], np.float32)
+    action = action_space_config(False, 2, low, high)
+    assert action["low"] == [-0.5, None] and action["high"] == [0.5, None]
+    save_policy(tmp_path, model, "actor_critic", {"hidden_sizes": [8], "activation": "relu"}, 3, action, "mean")
+    policy = rlprox.load_policy(tmp_path)
+    obs = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32) * 3
+    expected = model.act(torch.from_numpy(obs), deterministic=True).numpy()
+    got = policy.act(obs)
+    np.testing.assert_allclose(got, np.clip(expected, low, high), rtol=1e-5, atol=1e-6)
+    assert np.abs(got[:, 0]).max() == 0.5 and np.abs(got[:, 1]).max() > 0.5
+    with pytest.raises(FileNotFoundError, match="not an exported rlprox policy"):
+        rlprox.load_policy(tmp_path / "missing")
+
+
 def test_load_policy_needs_no_gymnasium_or_trainer(ppo_run, tmp_path):
     out = tmp_path / "p"
     assert main(["export", str(ppo_run[1]), str(out)]) == 0
@@ -267,3 +288,11 @@ def test_eval_video_without_a_renderer_is_one_line_exit_2(ppo_run, tmp_path, cap
     assert main(["eval", str(ppo_run[1]), "--video", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --video: ") and "rlprox[video]" in err[0]
+
+
+def test_eval_video_of_an_env_without_rendering_is_one_line_exit_2(tmp_path, capsys):
+    pytest.importorskip("imageio")
+    _, ckpt = train(tiny_ppo(tmp_path, env={"id": "rlprox/MultiGoal-v0"}, run={"iterations": 1}))
+    assert main(["eval", str(ckpt), "--episodes", "1", "--video", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --video: env rlprox/MultiGoal-v0 takes no render_mode: it cannot render frames"]
