@@ -84,6 +84,8 @@ def cmd_eval(args) -> int:
         prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
         if not prompts:
             raise UsageError(f"--prompts: {prompts_file} holds no prompt (one per line)")
+    if args.video is not None:
+        _check_video_args(args, spec)
     recipe, accelerator, _, algo = build_for_eval(path)
     total = given.get(wanted) or recipe.run.eval_size or (len(prompts) if prompts else 10)
     if total <= 0:
@@ -93,6 +95,7 @@ def cmd_eval(args) -> int:
     model_stats = hook(algo, "model_stats")
     extra = model_stats() if model_stats is not None else {}
     if accelerator.is_main_process:
+        videos = _record_videos(args, algo, recipe, seed) if args.video is not None else []
         written = []
         for name, batch in images.items():
             from rlprox.images import save_image_grid
@@ -114,6 +117,8 @@ def cmd_eval(args) -> int:
             "values": scalar_values,
             "images": [str(p) for p in written],
         }
+        if videos:
+            result["videos"] = [{"path": str(p), "return": r} for p, r in videos]
         result.pop("grid_cols", None)
         (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         rows = [
@@ -135,12 +140,59 @@ def cmd_eval(args) -> int:
         rows += [(k.split("/", 1)[-1], _fmt(v)) for k, v in stats.items() if k not in shown]
         rows += [(k, _fmt(v)) for k, v in extra.items()]
         rows += [("image", str(p)) for p in written]
+        rows += [("video", f"{p} (return {r:.4g})") for p, r in videos]
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
         print(f"{'written':<{width}}  {path / 'eval.json'}")
     hook(algo, "close", lambda: None)()
     return 0
+
+
+def _check_video_args(args, spec) -> None:
+    import importlib.util
+
+    if spec.eval_unit != "episodes":
+        raise UsageError(f"--video records env episodes; algo {spec.name} evaluates {spec.eval_unit}")
+    if args.video_episodes <= 0:
+        raise UsageError(f"--video-episodes must be > 0 (got {args.video_episodes})")
+    if importlib.util.find_spec("imageio") is None:
+        raise UsageError("--video needs the optional package 'imageio': pip install 'rlprox[video]'")
+
+
+def _record_videos(args, algo, recipe, seed: int) -> list:
+    """Videos of the exported policy (what ``rlprox.load_policy`` gives) on the recipe's
+    env, one per episode, from the seeds of the first evaluation episodes."""
+    import tempfile
+
+    import numpy as np
+
+    from rlprox.engine import hook
+    from rlprox.gymenv import eval_seed
+    from rlprox.policy import is_policy_folder, load_policy
+    from rlprox.video import VideoError, record_episodes
+
+    export = hook(algo, "export")
+    with tempfile.TemporaryDirectory() as tmp:
+        if export is None or not (export(Path(tmp)) and is_policy_folder(tmp)):
+            raise UsageError(f"--video: algo {recipe.algo} exports no policy folder (rlprox.load_policy)")
+        policy = load_policy(tmp)
+    deterministic = True if args.deterministic is None else args.deterministic  # greedy unless --stochastic
+    rng = np.random.default_rng([seed, 20_000])
+    try:
+        return record_episodes(
+            recipe.env,
+            lambda obs: policy.act(np.ravel(obs), deterministic=deterministic, rng=rng),
+            args.video_episodes,
+            eval_seed(seed),
+            args.video,
+        )
+    except VideoError as err:
+        raise UsageError(f"--video: {err}") from None
+    except Exception as err:
+        if type(err).__name__ != "DependencyNotInstalled":  # gymnasium: e.g. pygame for classic control
+            raise
+        raise UsageError(f"--video: {str(err).splitlines()[0]} (pip install 'rlprox[video]')") from None
 
 
 def _fmt(v) -> str:
@@ -157,9 +209,16 @@ def cmd_export(args) -> int:
     if export is None:
         raise UsageError(f"algo {recipe.algo} has no export format; its checkpoint's model.safetensors is the model")
     out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output folder {out} exists and is not a folder")
     if accelerator.is_main_process:
+        from rlprox.policy import is_policy_folder
+
         for written in export(out):
             print(written)
+        if is_policy_folder(out):
+            print(f"load with: rlprox.load_policy({str(out)!r}).act(obs)")
+    hook(algo, "close", lambda: None)()
     return 0
 
 
@@ -214,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (any trainer)",
-        description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo) take --episodes and --deterministic/--stochastic; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.",
+        description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.",
     )
     ev.add_argument(
         "checkpoint", help="checkpoint folder (…/checkpoints/iter-000097) or a run folder (its newest checkpoint)"
@@ -242,15 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="env trainers: sample actions")
     ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the recipe's seed)")
+    ev.add_argument(
+        "--video",
+        metavar="DIR",
+        default=None,
+        help="env trainers: also record episodes of the exported policy to DIR, greedy unless --stochastic (MP4 with imageio-ffmpeg, else GIF; pip install 'rlprox[video]'); they replay the first evaluation episodes' seeds",
+    )
+    ev.add_argument(
+        "--video-episodes", type=int, default=2, metavar="N", help="with --video: episodes to record (default 2)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser(
         "export",
-        help="export a checkpoint in its ecosystem's format",
-        description="Write the trained model of a checkpoint in the format its ecosystem loads (trainers that define one).",
+        help="export a checkpoint's model for use outside training",
+        description="Write the trained model of a checkpoint in a self-contained format. ppo, policyflow: a policy folder (config.json + model.safetensors with the observation statistics) that rlprox.load_policy(OUT_DIR).act(obs) runs without gymnasium or a recipe; vapi: the GPT as config.json + model.safetensors and llamagen_gpt.pt in LlamaGen's checkpoint layout; loop: the LoRA adapter (diffusers format) or the whole pipeline.",
     )
-    ex.add_argument("checkpoint", help="checkpoint folder or run folder")
-    ex.add_argument("out_dir", help="output folder")
+    ex.add_argument("checkpoint", help="checkpoint folder or run folder (its newest checkpoint)")
+    ex.add_argument("out_dir", help="output folder (created; files of the same names are overwritten)")
     ex.set_defaults(func=cmd_export)
 
     rec = sub.add_parser(
@@ -301,9 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as err:
-        extra = {"diffusers": "zoo", "transformers": "zoo", "scipy": "zoo", "mujoco": "mujoco"}.get(
-            (err.name or "").split(".")[0]
-        )
+        extra = {
+            "diffusers": "zoo",
+            "transformers": "zoo",
+            "scipy": "zoo",
+            "mujoco": "mujoco",
+            "imageio": "video",
+        }.get((err.name or "").split(".")[0])
         if extra is None:
             raise
         print(

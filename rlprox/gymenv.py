@@ -161,6 +161,12 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
     return make
 
 
+def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
+    """One env of the recipe, as each vector env copy is built; ``render_mode`` (e.g.
+    ``"rgb_array"``) is passed to the env's constructor."""
+    return _env_factory(cfg, 0, render_mode)()
+
+
 def make_vec_env(
     cfg: EnvConfig, num_envs: int | None = None, vectorization: str | None = None
 ) -> gym.vector.VectorEnv:
@@ -515,6 +521,12 @@ def env_goals(cfg: EnvConfig) -> np.ndarray | None:
     return None if goals is None else np.asarray(goals, np.float64)
 
 
+def eval_seed(seed: int, rank: int = 0) -> int:
+    """The reset seed of process ``rank``'s evaluation envs (``run_episodes`` resets env
+    i from it + i): away from the training envs' seeds, the same for every evaluation."""
+    return seed + 1_000_003 + 7919 * rank
+
+
 def evaluate_policy(
     cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None, goals: np.ndarray | None, paths: int = 24
 ):
@@ -524,7 +536,7 @@ def evaluate_policy(
     trajectories over the goals."""
     from rlprox.runtime import EvalShard
 
-    seed = request.seed + 1_000_003 + 7919 * request.rank
+    seed = eval_seed(request.seed, request.rank)
     keys = ("goal",) if goals is not None else ()
     episodes = run_episodes(
         cfg, act, request.num, seed, obs_rms, info_keys=keys, record_paths=paths if goals is not None else 0

@@ -138,3 +138,38 @@ def evaluate_snapshot(env_cfg, snapshot, request, obs_rms, goals, deterministic_
     shard = evaluate_policy(env_cfg, act, request, obs_rms, goals)
     shard.info["deterministic"] = deterministic
     return shard
+
+
+def export_env_policy(
+    out_dir,
+    module,
+    kind: str,
+    architecture: dict,
+    deterministic_action: str,
+    algo: str,
+    env_cfg,
+    obs_dim: int,
+    space,
+    obs_rms,
+    eval_deterministic: bool,
+) -> list:
+    """An env trainer's ``export``: the policy folder ``rlprox.load_policy`` reads
+    (``rlprox.policy``): weights, observation statistics, action space and the rule of
+    its deterministic action; the env is recorded for reference."""
+    from rlprox.policy import action_space_config, save_policy
+
+    env = {"id": env_cfg.id, "kwargs": env_cfg.kwargs, "wrappers": env_cfg.wrappers}
+    if env_cfg.max_episode_steps:
+        env["max_episode_steps"] = env_cfg.max_episode_steps
+    return save_policy(
+        out_dir,
+        module,
+        kind,
+        architecture,
+        obs_dim,
+        action_space_config(space.discrete, space.dim, space.low, space.high),
+        deterministic_action,
+        obs_rms.stats() if obs_rms is not None else None,
+        env_cfg.clip_obs,
+        extra={"algo": algo, "env": env, "eval_deterministic": eval_deterministic},
+    )

@@ -28,3 +28,19 @@ class Counter(gym.Env):
 class ScaleReward(gym.RewardWrapper):
     def reward(self, reward):
         return 2.0 * reward
+
+
+class RenderedCounter(Counter):
+    """Counter with rgb_array frames (a bar one pixel longer per step): video tests
+    that need no renderer package."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, terminate_at: int = 0, render_mode: str | None = None):
+        super().__init__(terminate_at)
+        self.render_mode = render_mode
+
+    def render(self):
+        frame = np.zeros((16, 32, 3), np.uint8)
+        frame[4:12, : min(self.t + 1, 32)] = 255
+        return frame

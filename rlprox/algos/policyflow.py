@@ -57,6 +57,8 @@ from rlprox.onpolicy import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
@@ -371,6 +373,45 @@ class PolicyFlow:
 
     def summarize_eval(self, values: dict) -> dict:
         return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
+
+    # ------------------------------------------------------------------ EXPORT
+    def export(self, out_dir: Path) -> list[Path]:
+        """A policy folder for ``rlprox.load_policy`` (rlprox/policy.py): the flow policy's
+        weights (velocity field, σ head, critic) and the observation statistics."""
+        from rlprox.gymenv import make_env
+        from rlprox.onpolicy import export_env_policy
+
+        cfg, policy = self.cfg, self._unwrapped()
+        probe = make_env(self.env_cfg)  # the action bounds (PolicyFlow keeps only the width)
+        space = ActionSpace.of(probe.action_space)
+        probe.close()
+        architecture = {
+            "hidden_sizes": list(cfg.hidden_sizes),
+            "critic_sizes": list(cfg.critic_sizes),
+            "activation": cfg.activation,
+            "time_features": cfg.time_features,
+            "obs_embed": cfg.obs_embed,
+            "log_std_bounds": list(policy.log_std_bounds),
+            "flow_steps": cfg.flow_steps,
+            "noise_scale": cfg.noise_scale,
+        }
+        rule = (
+            f"phi_1(z = 0; s): {cfg.flow_steps} midpoint (RK2) steps of the velocity field from z = 0 at t = 0 "
+            "to t = 1, no Gaussian noise; clipped to [low, high]"
+        )
+        return export_env_policy(
+            out_dir,
+            policy,
+            "flow",
+            architecture,
+            rule,
+            "policyflow",
+            self.env_cfg,
+            self.obs_dim,
+            space,
+            self.obs_rms,
+            cfg.eval_deterministic,
+        )
 
     # ------------------------------------------------------------------ STATE
     def state_dict(self):

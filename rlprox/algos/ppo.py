@@ -46,6 +46,8 @@ from rlprox.onpolicy import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
@@ -274,6 +276,33 @@ class PPO:
         stats.update({f"sparsity/actor_layer{i}_zero_neurons": z for i, z in enumerate(zero)})
         stats["sparsity/actor_hidden_neurons_zero_fraction"] = sum(zero) / sum(total)
         return stats
+
+    # ------------------------------------------------------------------ EXPORT
+    def export(self, out_dir: Path) -> list[Path]:
+        """A policy folder for ``rlprox.load_policy`` (rlprox/policy.py): the actor-critic's
+        weights and the observation statistics; greedy actions as ``evaluate`` takes them."""
+        from rlprox.onpolicy import export_env_policy
+
+        cfg, space = self.cfg, self.space
+        rule = (
+            "argmax of the actor's logits"
+            if space.discrete
+            else "the Gaussian mean (the actor's output), clipped to [low, high]"
+        )
+        architecture = {"hidden_sizes": list(cfg.hidden_sizes), "activation": cfg.activation}
+        return export_env_policy(
+            out_dir,
+            self._unwrapped(),
+            "actor_critic",
+            architecture,
+            rule,
+            "ppo",
+            self.env_cfg,
+            self.obs_dim,
+            space,
+            self.obs_rms,
+            cfg.eval_deterministic,
+        )
 
     # ------------------------------------------------------------------ STATE
     def state_dict(self):

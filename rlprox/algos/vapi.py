@@ -497,6 +497,33 @@ class VAPi:
             self.base_gpt = base.to(self.device).eval().requires_grad_(False)
         return self.base_gpt
 
+    # ------------------------------------------------------------------ EXPORT
+    def export(self, out_dir: Path) -> list[Path]:
+        """The tuned GPT twice: ``config.json`` + ``model.safetensors``
+        (``rlprox.models.llamagen.Transformer.from_pretrained(out_dir)``), and
+        ``llamagen_gpt.pt`` in LlamaGen's checkpoint layout (``{"model": state dict}``,
+        tensors only) for LlamaGen's sampling scripts, ``llamagen.load_gpt`` or a recipe's
+        ``model.gpt``. The VQ tokenizer is frozen and is not exported."""
+        import json
+
+        from rlprox.models.llamagen import save_llamagen_checkpoint
+
+        out, gpt, spec = Path(out_dir), self._gpt(), self.recipe.model
+        gpt.save_pretrained(out)
+        config_file = out / "config.json"
+        config = json.loads(config_file.read_text())
+        config["llamagen"] = {
+            "checkpoint": "llamagen_gpt.pt",
+            "tuned_from": spec.gpt,
+            "gpt_config": spec.config or None,
+            "vq": spec.vq or None,
+            "vq_config": spec.vq_config if spec.vq else None,
+            "image_size": self.vq.config["image_size"],
+        }
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        pt = save_llamagen_checkpoint(gpt, out / "llamagen_gpt.pt")
+        return [config_file, out / "model.safetensors", pt]
+
     # ------------------------------------------------------------------ STATE
     def state_dict(self):
         return {}, {"images_seen": self.images_seen}

@@ -728,6 +728,28 @@ def read_llamagen_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def llamagen_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of ``read_llamagen_state_dict``: the model's persistent tensors under
+    LlamaGen's parameter names (this module uses them unchanged, so the reader's mapping
+    is stripping prefixes, and its inverse adds none), detached, contiguous, on the CPU.
+    The rotary table stays out, as LlamaGen recomputes it."""
+    return {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not k.endswith(IGNORED_KEYS)
+    }
+
+
+def save_llamagen_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """``torch.save({"model": state dict})``: the layout LlamaGen's training scripts
+    write and its sampling scripts (``--gpt-ckpt`` / ``--vq-ckpt``) and
+    ``read_llamagen_state_dict`` read. Tensors only: loadable with ``weights_only=True``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": llamagen_state_dict(model)}, path)
+    return path
+
+
 def gpt_config(name: str, image_size: int = 256, downsample: int = 16, **overrides) -> dict:
     """Constructor keywords of a LlamaGen GPT config for images of ``image_size``."""
     if name not in GPT_CONFIGS:

@@ -1,0 +1,204 @@
+"""Trained env policies outside the trainers: the folder ``rlprox export`` writes for
+PPO and PolicyFlow, and ``load_policy`` to act with it.
+
+A policy folder holds
+
+- ``config.json``: ``"format": "rlprox-policy"``, the policy kind (``actor_critic`` or
+  ``flow``), its architecture, the observation width and normaliser clip, the action
+  space (Discrete n, or a Box with its low/high bounds; ``null`` is unbounded), the
+  rule that maps the network to the deterministic action, and the env id the policy
+  was trained on (for reference: loading never builds the env);
+- ``model.safetensors``: the policy module's state dict under ``policy.``, and, when
+  the run normalised observations, the running statistics ``obs_norm.mean``,
+  ``obs_norm.var`` (float64, (obs_dim,)) and ``obs_norm.count`` ((1,)).
+
+Acting is the trainer's greedy evaluation step for step:
+
+    ŝ = clip((s − mean) / sqrt(var + 1e-8), −clip, clip)      (when normalised)
+    a = π(ŝ)                                                  (the kind's rule)
+    a ← clip(a, low, high)                                    (Box actions; no squashing)
+
+computed by the same numpy snapshot of the model the trainer evaluates with, so
+actions (and the returns of seeded episodes) match ``rlprox eval`` exactly. This module
+needs torch, numpy and safetensors only: no gymnasium, accelerate, recipes or trainers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "rlprox-policy"
+VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+OBS_EPSILON = 1e-8  # as rlprox.gymenv.RunningMeanStd.normalize
+
+
+def _bounds(values: np.ndarray) -> list:
+    """A Box bound for JSON: floats, ``None`` where unbounded."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64).ravel()]
+
+
+def _unbounds(values: list, sign: float) -> np.ndarray:
+    return np.array([sign * np.inf if v is None else v for v in values], np.float32)
+
+
+def action_space_config(discrete: bool, dim: int, low=None, high=None) -> dict:
+    """The ``action`` entry of config.json."""
+    if discrete:
+        return {"type": "discrete", "n": int(dim)}
+    return {
+        "type": "box",
+        "dim": int(dim),
+        "low": _bounds(low),
+        "high": _bounds(high),
+        "postprocess": "clip",  # actions are clipped to [low, high] before the env sees them; never squashed
+    }
+
+
+def save_policy(
+    out_dir: str | Path,
+    module,
+    kind: str,
+    architecture: dict,
+    obs_dim: int,
+    action: dict,
+    deterministic_action: str,
+    obs_stats: tuple | None = None,
+    clip_obs: float = 10.0,
+    extra: dict | None = None,
+) -> list[Path]:
+    """Write ``config.json`` and ``model.safetensors`` of a policy folder; returns both
+    paths. ``obs_stats``: (mean, var, count) of the observation normaliser, or None."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"policy.{k}": v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    if obs_stats is not None:
+        mean, var, count = obs_stats
+        tensors["obs_norm.mean"] = torch.from_numpy(np.asarray(mean, np.float64).copy())
+        tensors["obs_norm.var"] = torch.from_numpy(np.asarray(var, np.float64).copy())
+        tensors["obs_norm.count"] = torch.tensor([float(count)], dtype=torch.float64)
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "architecture": architecture,
+        "observation": {"dim": int(obs_dim), "normalize": obs_stats is not None, "clip": float(clip_obs)},
+        "action": action,
+        "deterministic_action": deterministic_action,
+        **(extra or {}),
+    }
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return [out / CONFIG_NAME, out / WEIGHTS_NAME]
+
+
+def is_policy_folder(path: str | Path) -> bool:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _build_module(config: dict):
+    """The torch module of ``config["kind"]`` with the exported architecture."""
+    arch, obs_dim, action = config["architecture"], config["observation"]["dim"], config["action"]
+    discrete = action["type"] == "discrete"
+    action_dim = action["n"] if discrete else action["dim"]
+    if config["kind"] == "actor_critic":
+        from rlprox.models.actor_critic import ActorCritic
+
+        return ActorCritic(obs_dim, action_dim, discrete, arch["hidden_sizes"], arch["activation"])
+    if config["kind"] == "flow":
+        from rlprox.models.flow_policy import FlowPolicy
+
+        lo, hi = arch["log_std_bounds"]
+        return FlowPolicy(
+            obs_dim,
+            action_dim,
+            arch["hidden_sizes"],
+            arch["activation"],
+            arch["time_features"],
+            arch["obs_embed"],
+            arch["critic_sizes"],
+            0.5 * (lo + hi),  # any σ inside the bounds: the weights set it
+            (lo, hi),
+        )
+    raise ValueError(f"unknown policy kind {config['kind']!r} (known: actor_critic, flow)")
+
+
+class Policy:
+    """An exported policy: ``act(obs)`` maps raw env observations to env actions."""
+
+    def __init__(self, config: dict, module, obs_stats: tuple | None):
+        self.config, self.module = config, module.eval()
+        self.obs_dim = int(config["observation"]["dim"])
+        self.clip_obs = float(config["observation"]["clip"])
+        self.obs_mean, self.obs_var = (obs_stats[0], obs_stats[1]) if obs_stats is not None else (None, None)
+        action = config["action"]
+        self.discrete = action["type"] == "discrete"
+        self.low = None if self.discrete else _unbounds(action["low"], -1.0)
+        self.high = None if self.discrete else _unbounds(action["high"], 1.0)
+        if config["kind"] == "flow":
+            arch = config["architecture"]
+            self.snapshot = module.snapshot(arch["flow_steps"], arch["noise_scale"])
+        else:
+            self.snapshot = module.snapshot()
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        """The observation the network sees: (N, obs_dim) float32."""
+        if self.obs_mean is None:
+            return obs
+        return np.clip(
+            (obs - self.obs_mean) / np.sqrt(self.obs_var + OBS_EPSILON), -self.clip_obs, self.clip_obs
+        ).astype(np.float32)
+
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+        """Env actions for raw observations: a batch (N, obs_dim) gives (N,) ints
+        (Discrete) or (N, dim) floats clipped to the Box; a single observation
+        (obs_dim,) gives one int or a (dim,) array. ``deterministic=False`` samples
+        from the policy with ``rng`` (a fresh generator when None)."""
+        obs = np.asarray(obs, np.float32)
+        single = obs.ndim == 1
+        batch = obs.reshape(1 if single else len(obs), -1)
+        if batch.shape[1] != self.obs_dim:
+            raise ValueError(
+                f"observations must be (N, {self.obs_dim}) or ({self.obs_dim},) (got shape {tuple(obs.shape)})"
+            )
+        rng = np.random.default_rng() if rng is None else rng
+        action = self.snapshot.act(self.normalize(batch), rng, deterministic=deterministic)[0]
+        if not self.discrete:
+            action = np.clip(action, self.low, self.high)
+        if single:
+            return int(action[0]) if self.discrete else action[0]
+        return action
+
+    __call__ = act
+
+
+def load_policy(path: str | Path) -> Policy:
+    """The policy of a folder written by ``rlprox export`` (PPO, PolicyFlow)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_policy_folder(path):
+        raise FileNotFoundError(f"{path} is not an exported rlprox policy (no {CONFIG_NAME} with format {FORMAT!r})")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    if config.get("version", VERSION) > VERSION:
+        raise ValueError(f"{path}: policy format version {config['version']} is newer than this rlprox reads")
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    module = _build_module(config)
+    module.load_state_dict({k[len("policy.") :]: v for k, v in tensors.items() if k.startswith("policy.")})
+    obs_stats = None
+    if "obs_norm.mean" in tensors:
+        obs_stats = tuple(tensors[f"obs_norm.{k}"].numpy() for k in ("mean", "var", "count"))
+    return Policy(config, module, obs_stats)
