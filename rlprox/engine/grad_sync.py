@@ -79,9 +79,8 @@ class SharedMemoryAverager(GradientAverager):
     """``GradientAverager`` for processes on one x86-64 host, CPU tensors: each process
     writes its gradient into its slot of a shared-memory buffer and publishes a step
     counter; every process then sums the slots in rank order (identical results on
-    every rank). A gloo all-reduce of a small policy's gradient costs ~1–1.7 ms when
-    interleaved with compute on a 2-core machine, this ~0.1–0.3 ms
-    (benchmarks/ppo_scaling.py). Slots are double-buffered: a process can only start
+    every rank). For a small policy on a few cores this is several times faster than a
+    gloo all-reduce interleaved with compute (benchmarks/ppo_scaling.py). Slots are double-buffered: a process can only start
     writing step k + 2 after every process has published step k + 1, i.e. finished
     reading step k. Publishing relies on x86's ordered stores; other CPUs use
     ``GradientAverager``. The segment is unlinked as soon as every process has mapped

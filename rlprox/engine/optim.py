@@ -137,8 +137,8 @@ def optimizer_step(
     grad_norm = None
     if accelerator.gradient_accumulation_steps == 1 and _plain_clip_ok(accelerator):
         # No accumulation, no loss scaling: accelerate's wrappers reduce to exactly
-        # these calls, minus ~2 ms of bookkeeping per step that dominates small-policy
-        # updates on CPU.
+        # these calls, minus per-step bookkeeping that dominates small-policy updates
+        # on CPU.
         loss.backward()
         if sync is not None:
             sync()
