@@ -107,3 +107,15 @@ def test_eval_and_save_at_one_iteration_saves_first_then_resumes(tmp_path, monke
     # one row per iteration; the evaluation's stats are in its iteration's row
     assert [r["progress/iteration"] for r in rows] == [1, 2, 3, 4]
     assert "eval/neg_error" in rows[3] and "loss/total" in rows[3] and "eval/count" not in rows[1]
+
+
+def test_checkpoint_with_the_old_scheduler_json_still_resumes(tmp_path):
+    engine = Engine(load_recipe(flaky_recipe(tmp_path, iterations=2)))
+    engine.fit()
+    engine.close()
+    latest = checkpoint.find_latest(tmp_path / "flaky")
+    (latest / "lr_schedule.json").rename(latest / "scheduler.json")  # the name before lr_schedule
+    engine = Engine(load_recipe(flaky_recipe(tmp_path, iterations=3, resume="auto")))
+    engine.fit()
+    engine.close()
+    assert engine.state.iteration == 3 and engine.lr_schedule.last_epoch == 3
