@@ -11,7 +11,7 @@ Layout of ``<run_dir>/checkpoints/iter-000010/``::
     optimizer.safetensors optimizer state tensors, keys "state/<module>.<param>/<key>"
                           (e.g. Adam's exp_avg), whole even when FSDP shards them
     optimizer.json        its param groups (parameter names, not indices) and numbers
-    scheduler.json        lr-schedule state
+    lr_schedule.json      lr-schedule state (``scheduler.json`` in older checkpoints)
     rank-<r>.json         per-process: RNG states (global and the engine's per-rank
                           sampling streams), algorithm state (normalisers, env replay)
     rank-<r>.safetensors  per-process tensors of the same
@@ -21,7 +21,8 @@ place, so a crash mid-save leaves only a ``.tmp`` folder, which is never loaded 
 removed by the next save. Old checkpoints are pruned the same way round: renamed to
 ``iter-000010.del.tmp`` first, then deleted, so a folder named like a checkpoint is
 always complete. Nothing is pickled: tensors go to safetensors, everything else to
-JSON or YAML.
+JSON or YAML. Everything saved is named by one dataclass, ``TrainState``: ``save`` and
+``load`` read and restore that object, never the engine.
 
 Under FSDP (``run.grad_sync: fsdp``) every process takes part in gathering the sharded
 weights and optimizer tensors, rank 0 writes them whole, and loading splits them again
@@ -34,7 +35,10 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +48,36 @@ from safetensors.torch import load_file, save_file
 from rlprox.prox.regularizers import full_tensor
 
 PREFIX = "iter-"
+LR_SCHEDULE_FILE = "lr_schedule.json"
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and a resume restores, in one place: the engine
+    builds one (references to its live objects) and advances the counters; ``save`` and
+    ``load`` read and restore only this.
+
+    Written whole by rank 0: the weights of ``modules``, ``optimizer`` state,
+    ``lr_schedule``, the counters, ``recipe``, the module names. Written by every
+    process: the global RNGs, ``runtime``'s sampling streams, the algorithm's state.
+    Not written: frozen modules (rebuilt from ``recipe``; only their names go to
+    state.json) and the regularizers' λ and prox steps (functions of ``iteration``,
+    set again at the start of every iteration)."""
+
+    recipe: Any  # rlprox.recipe.Recipe, saved as recipe.yaml; run.keep_last prunes
+    run_dir: Path
+    accelerator: Any  # rank, number of processes, barriers, unwrapping DDP
+    runtime: Any  # rlprox.runtime.Runtime: its per-process ``generator`` and ``np_rng``
+    modules: dict[str, torch.nn.Module]  # trained modules (the algorithm's own dict)
+    frozen_modules: list[str]  # names only
+    optimizer: torch.optim.Optimizer  # the torch optimizer under the prox/accelerate wrappers
+    lr_schedule: Any  # torch.optim.lr_scheduler.LRScheduler
+    algo_state: Callable[[], tuple[dict, dict]] | None = None  # the algorithm's state_dict hook
+    load_algo_state: Callable[[dict, dict], None] | None = None  # its load_state_dict hook
+    iteration: int = 0  # completed iterations
+    optimizer_steps: int = 0
+    wall_time: float = 0.0  # seconds spent in iterations, over all resumes
+    extra: dict = field(default_factory=dict)
 
 
 class CheckpointError(RuntimeError):
@@ -252,13 +286,14 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save(engine) -> Path:
-    """Checkpoint the engine at its current iteration; returns the final folder."""
+def save(state: TrainState) -> Path:
+    """Checkpoint ``state`` at its current iteration; every process calls it. Returns
+    the final folder."""
     from rlprox.recipe import dump_recipe
 
-    acc = engine.accelerator
-    root = checkpoint_dir(engine.run_dir)
-    final = root / f"{PREFIX}{engine.state.iteration:06d}"
+    acc = state.accelerator
+    root = checkpoint_dir(state.run_dir)
+    final = root / f"{PREFIX}{state.iteration:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -270,41 +305,39 @@ def save(engine) -> Path:
     # per-process: RNG + sampling streams + algorithm state
     rank = acc.process_index
     rng = rng_state()
-    runtime_tensors, runtime_json = _runtime_state(engine.runtime)
-    algo_tensors, algo_json = engine.algo_state()
+    runtime_tensors, runtime_json = _runtime_state(state.runtime)
+    algo_tensors, algo_json = state.algo_state() if state.algo_state is not None else ({}, {})
     tensors = {f"rng.{k}": v for k, v in rng["tensors"].items()}
     tensors.update({f"engine.{k}": v for k, v in runtime_tensors.items()})
     tensors.update({f"algo.{k}": v for k, v in algo_tensors.items()})
     _save_tensors(tmp / f"rank-{rank}.safetensors", tensors)
     _write_json(tmp / f"rank-{rank}.json", {"rng": rng["json"], "engine": runtime_json, "algo": algo_json})
     # collectives under FSDP: every process gathers, rank 0 writes
-    weights = module_weights(engine.algo.modules, acc.unwrap_model)
-    optim_tensors, optim_json = optimizer_state(
-        _base_optimizer(engine.optimizer), parameter_names(engine.algo.modules, acc.unwrap_model)
-    )
+    weights = module_weights(state.modules, acc.unwrap_model)
+    optim_tensors, optim_json = optimizer_state(state.optimizer, parameter_names(state.modules, acc.unwrap_model))
     acc.wait_for_everyone()
 
     if acc.is_main_process:
         _save_tensors(tmp / "model.safetensors", weights)
         _save_tensors(tmp / "optimizer.safetensors", optim_tensors)
         _write_json(tmp / "optimizer.json", optim_json)
-        _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
-        (tmp / "recipe.yaml").write_text(dump_recipe(engine.recipe))
+        _write_json(tmp / LR_SCHEDULE_FILE, state.lr_schedule.state_dict())
+        (tmp / "recipe.yaml").write_text(dump_recipe(state.recipe))
         frozen_params = {
             name: sum(1 for _, p in acc.unwrap_model(m).named_parameters() if not p.requires_grad)
-            for name, m in engine.algo.modules.items()
+            for name, m in state.modules.items()
         }
         _write_json(
             tmp / "state.json",
             {
-                "iteration": engine.state.iteration,
-                "optimizer_steps": engine.state.optimizer_steps,
-                "wall_time": engine.state.wall_time,
-                "extra": engine.state.extra,
+                "iteration": state.iteration,
+                "optimizer_steps": state.optimizer_steps,
+                "wall_time": state.wall_time,
+                "extra": state.extra,
                 "num_processes": acc.num_processes,
-                "modules": list(engine.algo.modules),
+                "modules": list(state.modules),
                 # rebuilt from recipe.yaml, never saved:
-                "frozen_modules": list(engine.frozen),
+                "frozen_modules": list(state.frozen_modules),
                 "frozen_parameters": {k: v for k, v in frozen_params.items() if v},
             },
         )
@@ -317,7 +350,7 @@ def save(engine) -> Path:
         else:
             tmp.rename(final)
         _fsync_dir(root)
-        for stale in list_checkpoints(engine.run_dir)[: -engine.recipe.run.keep_last]:
+        for stale in list_checkpoints(state.run_dir)[: -state.recipe.run.keep_last]:
             _remove(stale)
         _fsync_dir(root)
     acc.wait_for_everyone()
@@ -409,44 +442,45 @@ def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda 
         raise CheckpointError(file, f"holds weights of a module this recipe does not build ({stray[0]!r})")
 
 
-def load(engine, path: Path) -> None:
-    """Restore everything ``save`` wrote into a freshly built engine."""
+def load(state: TrainState, path: Path) -> None:
+    """Restore everything ``save`` wrote into ``state`` (built by a fresh engine for
+    the same recipe and number of processes)."""
     path = Path(path)
-    acc = engine.accelerator
-    state = read_json(path / "state.json")
-    if state.get("num_processes", 1) != acc.num_processes:
+    acc = state.accelerator
+    saved = read_json(path / "state.json")
+    if saved.get("num_processes", 1) != acc.num_processes:
         raise CheckpointError(
-            path, f"saved with {state.get('num_processes')} processes, resuming with {acc.num_processes}"
+            path, f"saved with {saved.get('num_processes')} processes, resuming with {acc.num_processes}"
         )
-    load_weights(path, engine.algo.modules, acc.unwrap_model)
+    load_weights(path, state.modules, acc.unwrap_model)
     file = path / "optimizer.safetensors"
     tensors, optim_json = read_tensors(file), read_json(path / "optimizer.json")
     try:
         load_optimizer_state(
-            _base_optimizer(engine.optimizer),
-            parameter_names(engine.algo.modules, acc.unwrap_model),
-            tensors,
-            optim_json,
-            file,
+            state.optimizer, parameter_names(state.modules, acc.unwrap_model), tensors, optim_json, file
         )
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(
             file, f"does not match this recipe's parameters ({str(err).splitlines()[0][:120]})"
         ) from None
+    schedule_file = path / LR_SCHEDULE_FILE
+    if not schedule_file.exists() and (path / "scheduler.json").exists():  # written before the rename
+        schedule_file = path / "scheduler.json"
     try:
-        engine.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+        state.lr_schedule.load_state_dict(read_json(schedule_file))
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(path / "scheduler.json", f"does not match this recipe's schedule ({err})") from None
+        raise CheckpointError(schedule_file, f"does not match this recipe's schedule ({err})") from None
     rank = acc.process_index
     rank_json = read_json(path / f"rank-{rank}.json")
     tensors = read_tensors(path / f"rank-{rank}.safetensors")
     set_rng_state(rank_json["rng"], _prefixed(tensors, "rng."))
-    _load_runtime_state(engine.runtime, _prefixed(tensors, "engine."), rank_json["engine"])
-    engine.load_algo_state(_prefixed(tensors, "algo."), rank_json["algo"])
-    engine.state.iteration = int(state["iteration"])
-    engine.state.optimizer_steps = int(state["optimizer_steps"])
-    engine.state.wall_time = float(state["wall_time"])
-    engine.state.extra = dict(state.get("extra", {}))
+    _load_runtime_state(state.runtime, _prefixed(tensors, "engine."), rank_json["engine"])
+    if state.load_algo_state is not None:
+        state.load_algo_state(_prefixed(tensors, "algo."), rank_json["algo"])
+    state.iteration = int(saved["iteration"])
+    state.optimizer_steps = int(saved["optimizer_steps"])
+    state.wall_time = float(saved["wall_time"])
+    state.extra = dict(saved.get("extra", {}))
 
 
 def load_for_eval(path: Path, modules: dict, loader=None) -> None:

@@ -28,7 +28,9 @@ class Runtime:
     np_rng: np.random.Generator
     frozen_dtype: torch.dtype = torch.float32
     train: bool = True  # False when built for `rlprox eval` / export (no training envs, no data)
-    loss_regularizers: list = field(default_factory=list)  # the recipe's loss-side regularizers (set by the engine)
+    loss_side_regularizers: list = field(
+        default_factory=list
+    )  # the recipe's mode-loss regularizers (set by the engine)
 
     @property
     def device(self) -> torch.device:
@@ -53,12 +55,14 @@ class Runtime:
         """The recipe's mixed precision for forward passes (also in collect)."""
         return self.accelerator.autocast()
 
-    def loss_penalties(self, **tensors) -> tuple[torch.Tensor | float, dict]:
-        """Σ λ·R(tensors) over the recipe's loss-side regularizers (e.g. PolicyFlow's
-        Brownian term), and their values as ``penalty/<index>.<type>`` stats. A trainer
-        passes every tensor it offers (its ``TrainerSpec.loss_inputs``)."""
+    def loss_side_penalties(self, **tensors) -> tuple[torch.Tensor | float, dict]:
+        """Σ λ·R(tensors) over the recipe's loss-side regularizers, which act on tensors
+        the trainer's loss computes (e.g. PolicyFlow's Brownian term on velocities), and
+        their values as ``penalty/<index>.<type>`` stats. A trainer adds the sum to its
+        loss and passes every tensor it offers (its ``TrainerSpec.loss_inputs``).
+        Penalties on parameters (``mode: penalty``) are the engine's, not this."""
         total, stats = 0.0, {}
-        for entry in self.loss_regularizers:
+        for entry in self.loss_side_regularizers:
             value = entry.reg.penalty(**tensors)
             total = total + value
             stats[f"penalty/{entry.label}"] = value.detach()

@@ -2,7 +2,8 @@
 
 Every logged step goes to the accelerate trackers named by ``run.log_with``
 (TensorBoard by default) and, on the main process, to ``<run_dir>/metrics.jsonl``
-(one JSON object per iteration). Sample images go to the trackers (TensorBoard
+(one JSON object per iteration; an evaluation, run after its iteration's checkpoint,
+adds its stats to that iteration's row with ``amend``). Sample images go to the trackers (TensorBoard
 ``add_image``, W&B ``wandb.Image``) and to ``<run_dir>/samples/<name>-<step>.png``.
 At the end, ``learning_curve.png`` plots the algorithm's ``curve = (x_key, y_key)``
 from metrics.jsonl.
@@ -37,6 +38,7 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.bar = None
         self.last_checkpoint = None
+        self._last_row: tuple[int, int, dict] | None = None  # (file offset, step, row) for amend
         self._trackers_started = False
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,12 +85,33 @@ class Tracker:
             self.accelerator.log(clean, step=step)
         if not self.main:
             return
+        offset = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
+        self._last_row = (offset, step, clean)
         if self.bar is not None:
             shown = {label: _short(clean[key]) for label, key in PROGRESS_FIELDS.items() if key in clean}
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
+
+    def amend(self, stats: dict, step: int) -> None:
+        """Add ``stats`` to the row of ``step``, the last one logged (an evaluation that
+        runs after its iteration was logged and checkpointed): the trackers get them at
+        the same step, metrics.jsonl keeps one row per iteration."""
+        clean = {k: float(v) for k, v in stats.items() if _is_scalar(v)}
+        if self.recipe.run.log_with:
+            self.accelerator.log(clean, step=step)
+        if not self.main:
+            return
+        if self._last_row is None or self._last_row[1] != step:
+            raise ValueError(f"amend: step {step} is not the last logged step")
+        offset, _, row = self._last_row
+        row = {**row, **clean}
+        with open(self.metrics_path, "r+") as f:
+            f.seek(offset)
+            f.truncate()
+            f.write(json.dumps(row) + "\n")
+        self._last_row = (offset, step, row)
 
     def log_images(self, images: dict, step: int, cols: int = 0) -> list[Path]:
         """Grids of (N, 3, H, W) images in [0, 1], one per name: a PNG in the run

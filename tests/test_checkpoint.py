@@ -45,12 +45,12 @@ def test_crash_during_save_leaves_no_complete_checkpoint(tmp_path, tiny_recipe, 
     monkeypatch.setattr(checkpoint, "_write_json", boom)
     engine.state.iteration = 3
     with pytest.raises(OSError):
-        checkpoint.save(engine)
+        checkpoint.save(engine.state)
     engine.close()
     assert checkpoint.find_latest(recipe.run_dir) == good  # the partial one is invisible
     assert (recipe.run_dir / "checkpoints" / "iter-000003.tmp").exists()
     monkeypatch.undo()
-    checkpoint.save(engine)  # the next save cleans the stale temp folder
+    checkpoint.save(engine.state)  # the next save cleans the stale temp folder
     assert not (recipe.run_dir / "checkpoints" / "iter-000003.tmp").exists()
 
 
@@ -69,7 +69,7 @@ def test_keep_last(tmp_path, tiny_recipe):
         "rank-0.safetensors",
         "optimizer.safetensors",
         "optimizer.json",
-        "scheduler.json",
+        "lr_schedule.json",
         "state.json",
     ],
 )

@@ -47,7 +47,7 @@ class TrainerSpec:
     description: str = ""  # one line for `rlprox --help` / docs
     eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
     eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours
-    loss_inputs: tuple[str, ...] = ()  # tensors its loss offers to loss-side regularizers (runtime.loss_penalties)
+    loss_inputs: tuple[str, ...] = ()  # what its loss offers loss-side regularizers (runtime.loss_side_penalties)
 
     def __post_init__(self):
         unknown = set(self.eval_flags) - set(EVAL_FLAGS)

@@ -336,7 +336,7 @@ class PolicyFlow:
             values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None
         )
         entropy = objectives.gaussian_entropy(log_std)
-        penalty, penalty_stats = self.runtime.loss_penalties(v=v, v_hat=v_hat, x_t=x_t, t=t)
+        penalty, penalty_stats = self.runtime.loss_side_penalties(v=v, v_hat=v_hat, x_t=x_t, t=t)
         loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss + penalty
         with torch.no_grad():
             stats = {

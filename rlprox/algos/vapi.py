@@ -351,7 +351,7 @@ class VAPi:
             with torch.no_grad():
                 ref_logits, _ = self.reference(mb["context"], mb["classes"])
             tensors["ref_logp"] = token_logp(torch.log_softmax(ref_logits.float(), -1), mb["samples"])
-        penalty, penalty_stats = self.runtime.loss_penalties(**tensors)
+        penalty, penalty_stats = self.runtime.loss_side_penalties(**tensors)
         with torch.no_grad():
             stats = {
                 "loss/policy": pg_loss.detach(),

@@ -15,7 +15,7 @@ number or a schedule over iterations — use it with Adam/AdamW, whose lr is no 
 step size; with ``optim.name: sgd`` leave it out and the step is proximal SGD's own). mode "penalty": λ·R(param) is
 added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brownian
 term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
-the trainer computes, and the trainer adds them with ``runtime.loss_penalties``. ``schedule`` gives λ per iteration (then omit ``lam``).
+the trainer computes, and the trainer adds them with ``runtime.loss_side_penalties``. ``schedule`` gives λ per iteration (then omit ``lam``).
 This is the one place where every trainer gets its regularizers from.
 """
 
@@ -122,7 +122,9 @@ class AttachedRegularizer:
         """The configured prox step η (``prox_lr`` at the current iteration)."""
         return self.prox_lr
 
-    def loss_penalty(self) -> torch.Tensor | None:
+    def parameter_penalty(self) -> torch.Tensor | None:
+        """λ·Σ R(param) over this entry's parameters, which the engine adds to the loss
+        (``mode: penalty``); None in the other modes."""
         if self.mode != "penalty":
             return None
         return sum(self.reg.penalty(p) for p in self.named.values())
