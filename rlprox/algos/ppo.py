@@ -7,7 +7,7 @@ entropy bonus, orthogonal init, observation and reward normalisation, linear lr
 annealing (``optim.schedule: linear``), global grad-norm clipping
 (``optim.max_grad_norm``), optional approx-KL early stop.
 
-The engine (rlprox/engine.py) runs the loop; this file only says how to COLLECT,
+The engine (rlprox/engine/) runs the fit loop; this file only says how to COLLECT,
 how to compute ADVANTAGES, and what the LOSS is.
 """
 
