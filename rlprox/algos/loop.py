@@ -533,12 +533,11 @@ class LOOP:
         if self.base_unet is None:
             from diffusers import UNet2DConditionModel
 
-            self.base_unet = (
-                UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet")
-                .to(self.device, self.runtime.frozen_dtype)
-                .eval()
-                .requires_grad_(False)
-            )
+            with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
+                unet = UNet2DConditionModel.from_pretrained(
+                    str(self.path), subfolder="unet", torch_dtype=self.runtime.frozen_dtype
+                )
+            self.base_unet = unet.to(self.device).eval().requires_grad_(False)
         return contextlib.nullcontext(self.base_unet)
 
     # ------------------------------------------------------------------ EXPORT
