@@ -196,6 +196,11 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
     ):
         assert key in result, key
     assert "fid_proxy" in out and (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
+    from PIL import Image
+
+    with Image.open(checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png") as grid:
+        assert grid.width > grid.height  # 20 captioned pairs in 5 columns, not a 20 × 2 strip
+    assert len(result["values"]["base_class_prob"]) == 24
 
 
 def test_eval_classifier_is_built_with_the_trainer_not_in_evaluate(tmp_path, llamagen_files, monkeypatch):

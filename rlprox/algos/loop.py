@@ -460,6 +460,7 @@ class LOOP:
         sampled by the tuned model with the trained sampler (DDIM η) and, per the
         config, with deterministic DDIM (η = 0) and by the base model with the same
         noise. Values: reward, reward_eta0, base_reward, base_reward_eta0."""
+        from rlprox.images import grid_columns
         from rlprox.runtime import EvalShard
 
         cfg = self.cfg
@@ -496,10 +497,21 @@ class LOOP:
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
-            pairs = [images["base_"][shown], images["tuned"][shown]] if "base_" in images else [images["tuned"][shown]]
-            grid["base_vs_tuned" if len(pairs) == 2 else "tuned"] = torch.stack(pairs, 1).flatten(0, 1)
+            from rlprox.images import caption_cells
+
+            prefixes = ["base_", ""] if cfg.eval_base else [""]
+            columns = [images[p or "tuned"][shown] for p in prefixes]
+            captions = [
+                [chosen_prompts[k], "reward " + " | ".join(f"{values[f'{p}reward'][k]:.3g}" for p in prefixes)]
+                for k in shown
+            ]
+            name = "base_vs_tuned" if cfg.eval_base else "tuned"
+            grid[name] = caption_cells(columns, [p.rstrip("_") or "tuned" for p in prefixes], captions)
         return EvalShard(
-            values=values, images=grid, grid_cols=2 if cfg.eval_base else 0, info={"prompts": len(prompts)}
+            values=values,
+            images=grid,
+            grid_cols=grid_columns(min(cfg.eval_grid_size, request.total)),
+            info={"prompts": len(prompts)},
         )
 
     def _sample_with_noise(self, unet, embeds, noise, eta):

@@ -442,7 +442,7 @@ class VAPi:
         digits = cfg.data == "digits"
         values, images = {}, {}
         if digits:
-            from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
+            from rlprox.zoo.data import COLOUR_NAMES, load_digits_world, prompt_for
 
             held = load_digits_world("heldout")
             idx = torch.tensor([i % len(held) for i in items])
@@ -477,9 +477,21 @@ class VAPi:
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
-            pairs = [images["base_"][shown], images[""][shown]] if "base_" in images else [images[""][shown]]
-            grid["base_vs_tuned" if len(pairs) == 2 else "samples"] = torch.stack(pairs, 1).flatten(0, 1)
-        return EvalShard(values=values, images=grid, grid_cols=2 if cfg.eval_base else 0)
+            from rlprox.images import caption_cells, grid_columns
+
+            prefixes = ["base_", ""] if cfg.eval_base else [""]
+            captions = []
+            for k in shown:
+                c = int(classes[k])
+                lines = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) if digits else f"class {c}"]
+                if digits:  # P(digit)·P(colour) of the asked class under the classifier
+                    lines.append("P(class) " + " | ".join(f"{values[f'_{p}class_prob'][k]:.2f}" for p in prefixes))
+                captions.append(lines)
+            name = "base_vs_tuned" if cfg.eval_base else "samples"
+            header = [p.rstrip("_") or "tuned" for p in prefixes]
+            grid[name] = caption_cells([images[p][shown] for p in prefixes], header, captions)
+        cols = grid_columns(min(cfg.eval_grid_size, request.total)) if cfg.eval_grid_size > 0 else 0
+        return EvalShard(values=values, images=grid, grid_cols=cols)
 
     def _digits_values(self, prefix, samples, classes, colour_names):
         from rlprox.zoo.metrics import classifier_features
@@ -493,6 +505,10 @@ class VAPi:
             f"_{prefix}p_digit": p_digit.cpu().tolist(),
         }
         out[f"_{prefix}features"] = feats.cpu().tolist()
+        asked = p_digit.gather(1, digit[:, None].to(p_digit.device)) * p_colour.gather(
+            1, colour[:, None].to(p_colour.device)
+        )
+        out[f"_{prefix}class_prob"] = asked[:, 0].cpu().tolist()
         return out
 
     def summarize_eval(self, values: dict) -> dict:
