@@ -142,10 +142,11 @@ def _cli_train(tmp_path, recipe):
 
 
 def test_a_run_prints_no_library_noise(tmp_path, tiny_pipeline):
-    """Full fine-tuning with a final base-vs-tuned evaluation: no transformers
-    torchvision fallback notice, no diffusers "kept in float32: []" notice."""
+    """Full fine-tuning with bf16 frozen modules and a final base-vs-tuned evaluation
+    (its base UNet loaded late, as the tuned one runs): no transformers torchvision
+    fallback notice, no diffusers "kept in float32: []" notice."""
     recipe = loop_recipe(tmp_path, tiny_pipeline, finetune="full")
-    recipe["run"]["eval_size"] = 2
+    recipe["run"].update(eval_size=2, frozen_dtype="bfloat16")
     out = _cli_train(tmp_path, recipe)
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr and "float32" not in out.stderr, out.stderr

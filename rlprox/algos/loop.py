@@ -545,11 +545,12 @@ class LOOP:
         if self.base_unet is None:
             from diffusers import UNet2DConditionModel
 
+            # the tuned UNet's dtype: the base runs exactly as the tuned one does (under run.frozen_dtype
+            # bfloat16 without autocast, a bf16 copy met fp32 latents)
+            dtype = next(unet.parameters()).dtype
             with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
-                unet = UNet2DConditionModel.from_pretrained(
-                    str(self.path), subfolder="unet", torch_dtype=self.runtime.frozen_dtype
-                )
-            self.base_unet = unet.to(self.device).eval().requires_grad_(False)
+                base = UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet", torch_dtype=dtype)
+            self.base_unet = base.to(self.device).eval().requires_grad_(False)
         return contextlib.nullcontext(self.base_unet)
 
     # ------------------------------------------------------------------ EXPORT
