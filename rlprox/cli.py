@@ -342,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> int:
+    """Print a one-line error as the last thing on the terminal: progress bars still
+    open (a run stopped mid-iteration) are closed first, so none redraws after it."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    print(message, file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlprox.checkpoint import CheckpointError
     from rlprox.errors import RecipeError, RewardError
@@ -360,14 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (RecipeError, CheckpointError) as err:
-        print(str(err), file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(err))
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(f"error: {err}")
     except RewardError as err:
-        print(f"reward error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(f"reward error: {err}")
     except ModuleNotFoundError as err:
         extra = {
             "diffusers": "zoo",
@@ -378,16 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         }.get((err.name or "").split(".")[0])
         if extra is None:
             raise
-        print(
-            f"error: this needs the optional package {err.name.split('.')[0]!r}: pip install 'rlprox[{extra}]'",
-            file=sys.stderr,
+        return _error(
+            f"error: this needs the optional package {err.name.split('.')[0]!r}: pip install 'rlprox[{extra}]'"
         )
-        return EXIT_USAGE
     except Exception as err:
         if type(err).__name__ != "DependencyNotInstalled":  # gymnasium: e.g. MuJoCo envs without mujoco
             raise
-        print(f"error: {str(err).splitlines()[0]} (pip install 'rlprox[mujoco]' for MuJoCo envs)", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(f"error: {str(err).splitlines()[0]} (pip install 'rlprox[mujoco]' for MuJoCo envs)")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,8 @@
 """Image grids: one picture of many samples (run folders, TensorBoard, the zoo).
 
-A leaf module: tensors in, a uint8 array or a PNG file out.
+A leaf module: tensors in, a uint8 array or a PNG file out. ``caption_cells`` makes
+the cells of a grid a person can read (base | tuned side by side, the prompt and the
+rewards under them); ``make_grid`` lays any cells out.
 """
 
 from __future__ import annotations
@@ -49,3 +51,68 @@ def save_image_grid(
     Image.fromarray(make_grid(images, rows, scale, cols=cols)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def grid_columns(n: int) -> int:
+    """Columns of a near-square grid of ``n`` cells (wider than tall when not square)."""
+    return max(1, min(n, math.ceil(math.sqrt(n))))
+
+
+def caption_cells(
+    columns: list[torch.Tensor], header: list[str], captions: list[list[str]], lines: int = 3
+) -> torch.Tensor:
+    """One readable cell per item: the ``header`` labels (e.g. "base", "tuned") over the
+    item's images side by side, one image per entry of ``columns``, then its caption
+    lines (prompt or class, the rewards) in PIL's default font, wrapped to the cell and
+    cut or padded to ``lines`` so that every cell of every process has one size.
+
+    columns: each (N, 3, H, W) in [0, 1]; images are resized to a side of 64..256 px
+    (nearest when enlarged). captions: N lists of lines. Returns (N, 3, H', W') in
+    [0, 1], to lay out with ``make_grid(cells, cols=grid_columns(N))``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    n, (h, w) = columns[0].shape[0], columns[0].shape[-2:]
+    side = min(max(h, w, 64), 256)
+    pad, line_h = 3, font.getbbox("Ag")[3] + 3
+    width = len(columns) * (side + pad) + pad
+    height = line_h + side + pad + lines * line_h + pad
+    cells = []
+    for i in range(n):
+        canvas = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(canvas)
+        for j, (images, label) in enumerate(zip(columns, header)):
+            x = pad + j * (side + pad)
+            draw.text((x + max(0, (side - draw.textlength(label, font=font)) / 2), 1), label, fill="black", font=font)
+            array = (images[i].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+            resample = Image.NEAREST if side >= max(h, w) else Image.BILINEAR
+            canvas.paste(Image.fromarray(array.numpy()).resize((side, side), resample), (x, line_h))
+        text = [piece for line in captions[i] for piece in _wrap(line, font, width - 2 * pad)]
+        if len(text) > lines:
+            text = text[: lines - 1] + [_fit(" ".join(text[lines - 1 :]), font, width - 2 * pad)]
+        for k, line in enumerate(text):
+            draw.text((pad, line_h + side + pad + k * line_h), line, fill="black", font=font)
+        cells.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(cells)
+
+
+def _wrap(line: str, font, width: int) -> list[str]:
+    out, current = [], ""
+    for word in line.split():
+        trial = f"{current} {word}".strip()
+        if current and font.getlength(trial) > width:
+            out.append(current)
+            current = word
+        else:
+            current = trial
+    return [_fit(piece, font, width) for piece in out + [current]]
+
+
+def _fit(line: str, font, width: int) -> str:
+    """``line`` cut to ``width`` pixels, ending in "..." when cut."""
+    if font.getlength(line) <= width:
+        return line
+    while line and font.getlength(line + "...") > width:
+        line = line[:-1]
+    return line + "..."

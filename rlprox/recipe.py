@@ -387,8 +387,19 @@ def validate(recipe: Recipe, spec=None) -> None:
                     f"regularizers[{i}]",
                     f"{entry['type']} needs {', '.join(missing)} from the loss, which algo {spec.name} does not provide ({offered})",
                 )
+    for key in spec.counts:
+        section, name = key.split(".", 1)
+        positive(key, getattr(recipe.sections[section], name))
     if spec.validate is not None:
         spec.validate(recipe)
+    if spec.minibatches_per_epoch is not None:
+        steps, per_epoch = run.gradient_accumulation_steps, spec.minibatches_per_epoch(recipe)
+        if per_epoch % steps:
+            raise RecipeError(
+                "run.gradient_accumulation_steps",
+                f"{steps} does not divide the {per_epoch} minibatch{'es' if per_epoch != 1 else ''} per epoch"
+                " (an optimizer step would span epochs)",
+            )
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -128,6 +128,51 @@ def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(
         assert saved == []
 
 
+def _cli_train(tmp_path, recipe):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return subprocess.run(
+        [sys.executable, "-m", "rlprox", "train", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_a_run_prints_no_library_noise(tmp_path, tiny_pipeline):
+    """Full fine-tuning with bf16 frozen modules and a final base-vs-tuned evaluation
+    (its base UNet loaded late, as the tuned one runs): no transformers torchvision
+    fallback notice, no diffusers "kept in float32: []" notice."""
+    recipe = loop_recipe(tmp_path, tiny_pipeline, finetune="full")
+    recipe["run"].update(eval_size=2, frozen_dtype="bfloat16")
+    out = _cli_train(tmp_path, recipe)
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr and "float32" not in out.stderr, out.stderr
+
+
+def test_a_failing_reward_is_the_last_line_under_a_progress_bar(tmp_path, tiny_pipeline):
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["reward"] = "tests.reward_plugins:raises_on_second_call"
+    recipe["run"].update(iterations=3, progress=True)
+    out = _cli_train(tmp_path, recipe)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines[-1].startswith("reward error: reward 'tests.reward_plugins:raises_on_second_call' raised"), lines
+    assert sum("error" in line for line in lines) == 1, lines
+
+
+def test_a_prompt_source_that_gives_nothing_is_a_recipe_error():
+    from rlprox.algos.loop import load_prompts
+    from rlprox.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^recipe error: loop.eval_prompts: builtins:list gives no prompt$"):
+        load_prompts("builtins:list", "loop.eval_prompts")
+    with pytest.raises(RecipeError, match=r"^recipe error: loop.prompts: module 'builtins' has no attribute 'nope'"):
+        load_prompts("builtins:nope")
+
+
 def test_individual_nan_rewards_get_zero_advantage_and_are_counted(tmp_path, tiny_pipeline):
     recipe = loop_recipe(tmp_path, tiny_pipeline)
     recipe["reward"] = "tests.reward_plugins:some_nan"

@@ -186,3 +186,68 @@ def test_missing_optional_package_is_one_line(monkeypatch, tmp_path, capsys):
     assert main(["zoo", "build", "digits-sd", "--micro"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: this needs the optional package 'diffusers': pip install 'rlprox[zoo]'"
+
+
+SHIPPED = ["ppo/cartpole.yaml", "policyflow/multigoal.yaml", "loop/digits-alignment.yaml", "sparse/digits-wgsef.yaml"]
+
+
+@pytest.mark.parametrize("path", [*SHIPPED, "vapi/digits.yaml"])
+def test_every_trainer_checks_counts_and_accumulation_the_same_way(path, monkeypatch):
+    """One check for all trainers: run.gradient_accumulation_steps must divide the
+    minibatches per epoch (an optimizer step never spans epochs); counts are > 0."""
+    from rlprox.algos import trainer_spec
+
+    monkeypatch.chdir(ROOT)
+    path = f"recipes/{path}"
+    recipe = load_recipe(path)
+    spec = trainer_spec(recipe.algo)
+    n = spec.minibatches_per_epoch(recipe)
+    assert load_recipe(path, [f"run.gradient_accumulation_steps={n}"]).run.gradient_accumulation_steps == n
+    with pytest.raises(
+        RecipeError,
+        match=rf"^recipe error: run.gradient_accumulation_steps: {n + 1} does not divide the {n} minibatch",
+    ):
+        load_recipe(path, [f"run.gradient_accumulation_steps={n + 1}"])
+    for key in spec.counts:
+        with pytest.raises(RecipeError, match=rf"^recipe error: {key}: must be > 0 \(got 0\)$"):
+            load_recipe(path, [f"{key}=0"])
+
+
+BAD_FILES = [
+    ("loop/digits-alignment.yaml", ["loop.prompts=EMPTY"], "recipe error: loop.prompts: EMPTY holds no prompt"),
+    (
+        "loop/digits-alignment.yaml",
+        ["loop.pipeline=zoo:digits-foo"],
+        "recipe error: loop.pipeline: unknown zoo model 'digits-foo'",
+    ),
+    (
+        "loop/digits-alignment.yaml",
+        ["loop.pipeline=zoo:digits-gpt"],
+        "recipe error: loop.pipeline: zoo:digits-gpt is not a model this field takes; use zoo:digits-sd",
+    ),
+    (
+        "loop/digits-alignment.yaml",
+        ["reward.kwargs.classifier=zoo:digits-clasifier"],
+        "recipe error: reward: reward 'digits_alignment': classifier: unknown zoo model 'digits-clasifier'",
+    ),
+    ("vapi/digits.yaml", ["model.gpt=zoo:digits-sd"], "recipe error: model.gpt: zoo:digits-sd is not a model"),
+    ("vapi/digits.yaml", ["vapi.eval_classifier=no/such/dir"], "recipe error: vapi.eval_classifier: not a digits"),
+    ("vapi/digits.yaml", ["vapi.data=no/such/dir"], "recipe error: vapi.data: not 'digits', an image folder"),
+]
+
+
+@pytest.mark.parametrize("recipe,overrides,message", BAD_FILES, ids=[o[0] for _, o, _ in BAD_FILES])
+def test_bad_sources_and_zoo_names_end_in_one_line(tmp_path, recipe, overrides, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    overrides = [o.replace("EMPTY", str(empty)) for o in overrides]
+    out = subprocess.run(
+        [sys.executable, "-m", "rlprox", "train", f"recipes/{recipe}", *overrides, f"run.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and lines[-1].startswith(message.replace("EMPTY", str(empty))), lines
+    assert sum("error" in line for line in lines) == 1, lines

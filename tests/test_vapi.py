@@ -196,6 +196,49 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
     ):
         assert key in result, key
     assert "fid_proxy" in out and (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
+    from PIL import Image
+
+    with Image.open(checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png") as grid:
+        assert grid.width > grid.height  # 20 captioned pairs in 5 columns, not a 20 × 2 strip
+    assert len(result["values"]["base_class_prob"]) == 24
+
+
+def test_eval_classifier_is_built_with_the_trainer_not_in_evaluate(tmp_path, llamagen_files, monkeypatch):
+    """An empty zoo cache: the classifier is resolved (trained) when the trainer is
+    built, so the run's final evaluation (under no_grad) only uses it."""
+    from rlprox.zoo import build as zoo_build
+
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
+    real = zoo_build.resolve
+    builds = []
+
+    def micro_resolve(spec, seed=0, micro=False, **options):
+        builds.append((spec, torch.is_grad_enabled()))
+        return real(spec, seed, True, classifier_steps=40, batch_size=16, progress=False)
+
+    monkeypatch.setattr(zoo_build, "resolve", micro_resolve)
+    recipe = vapi_recipe(tmp_path, llamagen_files, eval_cfg_scale=1.0, eval_base=True)
+    recipe["run"]["eval_size"] = 4
+    engine = Engine(load_recipe(recipe))
+    assert builds == [("zoo:digits-classifier", True)] and engine.algo.classifier is not None
+    stats = engine.fit()  # ends with an evaluation
+    engine.close()
+    assert len(builds) == 1 and 0 <= stats["eval/digit_acc"] <= 1 and "eval/base_fid_proxy" in stats
+
+
+def test_accumulation_across_rounds_is_a_recipe_error(tmp_path, llamagen_files, capsys):
+    """One optimizer step per round: accumulating over rounds would silently halve the
+    steps (VA-π accumulates with vapi.micro_batch_size)."""
+    recipe = vapi_recipe(tmp_path, llamagen_files)
+    recipe["run"]["gradient_accumulation_steps"] = 2
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "recipe error: run.gradient_accumulation_steps: 2 does not divide the 1 minibatch per epoch"
+        " (an optimizer step would span epochs)"
+    ]
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize("kind", ["folder", "hf"])

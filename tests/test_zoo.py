@@ -117,6 +117,24 @@ def test_resolve_reuses_cache_and_names_unknown_models(micro_models, capsys):
         zoo_build.build("digits-sd", micro=True, force=True, unet_step=3)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_build_trains_whatever_mode_its_caller_is_in(mode, tmp_path, monkeypatch):
+    """An evaluate hook runs under no_grad: a zoo model it reaches must still train."""
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
+    with mode():
+        path = zoo_build.build("digits-classifier", micro=True, classifier_steps=40, batch_size=16, progress=False)
+    assert (path / "model.safetensors").is_file()
+
+
+def test_check_spec_names_the_models_a_field_takes():
+    zoo_build.check_spec("some/folder", ("digits-sd",))  # not a zoo spec: the loader's business
+    zoo_build.check_spec("zoo:digits-sd", ("digits-sd",))
+    with pytest.raises(ValueError, match=r"^unknown zoo model 'digits-sdd' \(did you mean 'digits-sd'\?\)"):
+        zoo_build.check_spec("zoo:digits-sdd", ("digits-sd",))
+    with pytest.raises(ValueError, match=r"^zoo:digits-gpt is not a model this field takes; use zoo:digits-sd$"):
+        zoo_build.check_spec("zoo:digits-gpt", ("digits-sd",))
+
+
 @pytest.mark.parametrize("name", ["digits-classifier", "digits-vq"])
 def test_build_is_deterministic_for_a_seed(name, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file

@@ -2,7 +2,12 @@
 
 Each trainer module registers a ``TrainerSpec`` when it is imported: its recipe
 sections (name -> config dataclass), its ``build(recipe, runtime)``, its
-``validate(recipe)`` and what its evaluation takes. ``rlprox.recipe`` and the CLI look
+``validate(recipe)``, the counts that must be positive, its minibatches per epoch
+(``rlprox.recipe.validate`` checks both, once for every trainer) and what its
+evaluation takes. ``build`` resolves everything the trainer will need (reward models,
+eval classifiers, reference models): the engine calls it under
+``main_process_first``, so a zoo model missing from the cache is built once, before
+any hook runs. ``rlprox.recipe`` and the CLI look
 trainers up here; the built-in ones are *lazy* (the registry knows which module
 registers each name and imports only the one a recipe asks for), so importing the
 recipe layer loads no trainer.
@@ -44,6 +49,10 @@ class TrainerSpec:
     build: Callable[..., Any]  # build(recipe, runtime) -> Algorithm (rlprox.engine.Algorithm)
     sections: dict[str, type] = field(default_factory=dict)  # recipe section -> config dataclass, in order
     validate: Callable[[Any], None] | None = None  # validate(recipe): cross-field checks, RecipeError
+    counts: tuple[str, ...] = ()  # "section.field" keys that must be > 0 (checked before validate)
+    # minibatches_per_epoch(recipe): optimizer steps per epoch at run.gradient_accumulation_steps 1, which
+    # run.gradient_accumulation_steps must divide (else a step would span epochs); None: not checked
+    minibatches_per_epoch: Callable[[Any], int] | None = None
     description: str = ""  # one line for `rlprox --help` / docs
     eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
     eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours

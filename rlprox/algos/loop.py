@@ -114,17 +114,6 @@ def validate(recipe: "Recipe") -> None:
             "loop.num_samples_per_prompt",
             f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} (got {cfg.num_samples_per_prompt})",
         )
-    for key in (
-        "num_samples_per_prompt",
-        "prompts_per_iteration",
-        "num_steps",
-        "sample_batch_size",
-        "num_inner_epochs",
-        "train_batch_size",
-        "prompt_stats_buffer_size",
-    ):
-        if getattr(cfg, key) <= 0:
-            raise RecipeError(f"loop.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if cfg.eta <= 0:
         raise RecipeError(
             "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {cfg.eta})"
@@ -141,31 +130,35 @@ def validate(recipe: "Recipe") -> None:
             "loop.train_batch_size",
             f"{cfg.train_batch_size} does not divide the {samples} samples per iteration (num_samples_per_prompt × prompts_per_iteration)",
         )
-    minibatches = samples // cfg.train_batch_size
-    if minibatches % recipe.run.gradient_accumulation_steps:
-        raise RecipeError(
-            "run.gradient_accumulation_steps",
-            f"{recipe.run.gradient_accumulation_steps} does not divide the {minibatches} minibatches per epoch",
-        )
     if cfg.finetune == "lora" and (cfg.lora.rank <= 0 or not cfg.lora.target_modules):
         raise RecipeError("loop.lora", "rank must be > 0 and target_modules non-empty")
     if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
         raise RecipeError("loop.pipeline", f"not a folder, a hub id or zoo:NAME: {cfg.pipeline!r}")
+    from rlprox.zoo.build import check_spec
+
+    try:
+        check_spec(cfg.pipeline, ("digits-sd",))
+    except ValueError as err:
+        raise RecipeError("loop.pipeline", str(err)) from None
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
         raise RecipeError("reward", str(err)) from None
     for key in ("prompts", "eval_prompts"):
         spec = getattr(cfg, key)
-        if spec and spec != "digits" and ":" not in spec and not Path(spec).is_file():
-            raise RecipeError(f"loop.{key}", f"prompt file not found: {spec}")
+        if spec and spec != "digits" and ":" not in spec:
+            if not Path(spec).is_file():
+                raise RecipeError(f"loop.{key}", f"prompt file not found: {spec}")
+            if not any(line.strip() for line in Path(spec).read_text().splitlines()):
+                raise RecipeError(f"loop.{key}", f"{spec} holds no prompt (one per line)")
 
 
 # ----------------------------------------------------------------------------- prompts
 
 
-def load_prompts(spec: str) -> tuple[list[str], list[dict]]:
-    """(prompts, metadata) from "digits", a text file, or "module:function"."""
+def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[dict]]:
+    """(prompts, metadata) from "digits", a text file, or "module:function"; a
+    RecipeError naming ``key`` when the source fails or gives no prompt."""
     if spec == "digits":
         from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, prompt_for
 
@@ -174,11 +167,20 @@ def load_prompts(spec: str) -> tuple[list[str], list[dict]]:
     if ":" in spec:
         from rlprox.registry import resolve_object
 
-        out = resolve_object(spec, "prompt source")()
+        try:
+            out = resolve_object(spec, "prompt source")()
+        except RegistryError as err:
+            raise RecipeError(key, str(err)) from None
         prompts, metadata = out if isinstance(out, tuple) else (out, [{} for _ in out])
-        return list(prompts), list(metadata)
-    prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-    return prompts, [{} for _ in prompts]
+        prompts, metadata = list(prompts), list(metadata)
+    else:
+        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        metadata = [{} for _ in prompts]
+    if not prompts:
+        raise RecipeError(key, f"{spec} gives no prompt")
+    if len(metadata) != len(prompts):
+        raise RecipeError(key, f"{spec} gives {len(prompts)} prompts but {len(metadata)} metadata dicts")
+    return prompts, metadata
 
 
 class TimestepSlice(NamedTuple):
@@ -272,7 +274,9 @@ class LOOP:
         except (ValueError, RegistryError) as err:
             raise RecipeError("reward", str(err)) from None
         self.prompts, self.metadata = load_prompts(cfg.prompts)
-        self.eval_prompt_list = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else (self.prompts, self.metadata)
+        self.eval_prompt_list = (
+            load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else (self.prompts, self.metadata)
+        )
         self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
@@ -465,6 +469,7 @@ class LOOP:
         sampled by the tuned model with the trained sampler (DDIM η) and, per the
         config, with deterministic DDIM (η = 0) and by the base model with the same
         noise. Values: reward, reward_eta0, base_reward, base_reward_eta0."""
+        from rlprox.images import grid_columns
         from rlprox.runtime import EvalShard
 
         cfg = self.cfg
@@ -501,10 +506,21 @@ class LOOP:
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
-            pairs = [images["base_"][shown], images["tuned"][shown]] if "base_" in images else [images["tuned"][shown]]
-            grid["base_vs_tuned" if len(pairs) == 2 else "tuned"] = torch.stack(pairs, 1).flatten(0, 1)
+            from rlprox.images import caption_cells
+
+            prefixes = ["base_", ""] if cfg.eval_base else [""]
+            columns = [images[p or "tuned"][shown] for p in prefixes]
+            captions = [
+                [chosen_prompts[k], "reward " + " | ".join(f"{values[f'{p}reward'][k]:.3g}" for p in prefixes)]
+                for k in shown
+            ]
+            name = "base_vs_tuned" if cfg.eval_base else "tuned"
+            grid[name] = caption_cells(columns, [p.rstrip("_") or "tuned" for p in prefixes], captions)
         return EvalShard(
-            values=values, images=grid, grid_cols=2 if cfg.eval_base else 0, info={"prompts": len(prompts)}
+            values=values,
+            images=grid,
+            grid_cols=grid_columns(min(cfg.eval_grid_size, request.total)),
+            info={"prompts": len(prompts)},
         )
 
     def _sample_with_noise(self, unet, embeds, noise, eta):
@@ -538,12 +554,12 @@ class LOOP:
         if self.base_unet is None:
             from diffusers import UNet2DConditionModel
 
-            self.base_unet = (
-                UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet")
-                .to(self.device, self.runtime.frozen_dtype)
-                .eval()
-                .requires_grad_(False)
-            )
+            # the tuned UNet's dtype: the base runs exactly as the tuned one does (under run.frozen_dtype
+            # bfloat16 without autocast, a bf16 copy met fp32 latents)
+            dtype = next(unet.parameters()).dtype
+            with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
+                base = UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet", torch_dtype=dtype)
+            self.base_unet = base.to(self.device).eval().requires_grad_(False)
         return contextlib.nullcontext(self.base_unet)
 
     # ------------------------------------------------------------------ EXPORT
@@ -590,6 +606,21 @@ register_trainer(
         build=LOOP,
         sections={"loop": LoopConfig, "reward": RewardSpec},
         validate=validate,
+        counts=tuple(
+            f"loop.{key}"
+            for key in (
+                "num_samples_per_prompt",
+                "prompts_per_iteration",
+                "num_steps",
+                "sample_batch_size",
+                "num_inner_epochs",
+                "train_batch_size",
+                "prompt_stats_buffer_size",
+            )
+        ),
+        minibatches_per_epoch=lambda recipe: (
+            recipe.loop.num_samples_per_prompt * recipe.loop.prompts_per_iteration // recipe.loop.train_batch_size
+        ),
         description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
         eval_unit="samples",
         eval_flags=("prompts",),

@@ -103,17 +103,6 @@ class PolicyFlowConfig:
 def validate(recipe: "Recipe") -> None:
     cfg, env = recipe.policyflow, recipe.env
     validate_env(env)
-    for key in (
-        "num_steps",
-        "minibatch_size",
-        "update_epochs",
-        "flow_steps",
-        "fpo_samples",
-        "time_features",
-        "obs_embed",
-    ):
-        if getattr(cfg, key) <= 0:
-            raise RecipeError(f"policyflow.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if cfg.noise_scale <= 0:
         raise RecipeError("policyflow.noise_scale", f"must be > 0 (got {cfg.noise_scale})")
     if not 0.0 < cfg.gamma <= 1.0:
@@ -129,11 +118,10 @@ def validate(recipe: "Recipe") -> None:
             "policyflow.minibatch_size",
             f"{cfg.minibatch_size} must divide the rollout (env.num_envs × policyflow.num_steps = {rollout})",
         )
-    if (rollout // cfg.minibatch_size) % recipe.run.gradient_accumulation_steps:
-        raise RecipeError(
-            "run.gradient_accumulation_steps",
-            f"{recipe.run.gradient_accumulation_steps} does not divide the {rollout // cfg.minibatch_size} minibatches per epoch",
-        )
+
+
+def minibatches_per_epoch(recipe: "Recipe") -> int:
+    return recipe.env.num_envs * recipe.policyflow.num_steps // recipe.policyflow.minibatch_size
 
 
 class PolicyFlow:
@@ -434,6 +422,19 @@ register_trainer(
         build=PolicyFlow,
         sections={"env": EnvConfig, "policyflow": PolicyFlowConfig},
         validate=validate,
+        counts=tuple(
+            f"policyflow.{key}"
+            for key in (
+                "num_steps",
+                "minibatch_size",
+                "update_epochs",
+                "flow_steps",
+                "fpo_samples",
+                "time_features",
+                "obs_embed",
+            )
+        ),
+        minibatches_per_epoch=minibatches_per_epoch,
         description="PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer",
         eval_unit="episodes",
         eval_flags=("deterministic",),

@@ -76,9 +76,6 @@ class PPOConfig:
 def validate(recipe: "Recipe") -> None:
     cfg, env = recipe.ppo, recipe.env
     validate_env(env)
-    for key in ("num_steps", "minibatch_size", "update_epochs"):
-        if getattr(cfg, key) <= 0:
-            raise RecipeError(f"ppo.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if not 0.0 < cfg.gamma <= 1.0:
         raise RecipeError("ppo.gamma", f"must be in (0, 1] (got {cfg.gamma})")
     if not 0.0 <= cfg.gae_lambda <= 1.0:
@@ -100,12 +97,10 @@ def validate(recipe: "Recipe") -> None:
             "ppo.minibatch_size",
             f"{cfg.minibatch_size} does not divide the rollout (env.num_envs × ppo.num_steps = {rollout})",
         )
-    n_mb = rollout // cfg.minibatch_size
-    if n_mb % recipe.run.gradient_accumulation_steps:
-        raise RecipeError(
-            "run.gradient_accumulation_steps",
-            f"{recipe.run.gradient_accumulation_steps} does not divide the {n_mb} minibatches per epoch",
-        )
+
+
+def minibatches_per_epoch(recipe: "Recipe") -> int:
+    return recipe.env.num_envs * recipe.ppo.num_steps // recipe.ppo.minibatch_size
 
 
 class PPO:
@@ -328,6 +323,8 @@ register_trainer(
         build=PPO,
         sections={"env": EnvConfig, "ppo": PPOConfig},
         validate=validate,
+        counts=("ppo.num_steps", "ppo.minibatch_size", "ppo.update_epochs"),
+        minibatches_per_epoch=minibatches_per_epoch,
         description="PPO on any gymnasium env (discrete or continuous actions)",
         eval_unit="episodes",
         eval_flags=("deterministic",),

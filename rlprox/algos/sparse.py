@@ -70,24 +70,18 @@ def validate(recipe: "Recipe") -> None:
         raise RecipeError(
             "sparse.holdout_every", f"must be >= 2 so that both splits are non-empty (got {cfg.holdout_every})"
         )
-    if cfg.epochs_per_iteration <= 0:
-        raise RecipeError("sparse.epochs_per_iteration", f"must be > 0 (got {cfg.epochs_per_iteration})")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise RecipeError("sparse.label_smoothing", f"must be in [0, 1) (got {cfg.label_smoothing})")
     n = train_size(cfg)
-    if cfg.batch_size <= 0:
-        raise RecipeError("sparse.batch_size", f"must be > 0 (got {cfg.batch_size})")
     if cfg.batch_size > n:
         raise RecipeError(
             "sparse.batch_size",
             f"{cfg.batch_size} is larger than the training split ({n} examples with sparse.holdout_every={cfg.holdout_every})",
         )
-    per_epoch = -(-n // cfg.batch_size)
-    if per_epoch % recipe.run.gradient_accumulation_steps:
-        raise RecipeError(
-            "run.gradient_accumulation_steps",
-            f"{recipe.run.gradient_accumulation_steps} does not divide the {per_epoch} minibatches per epoch",
-        )
+
+
+def minibatches_per_epoch(recipe: "Recipe") -> int:
+    return -(-train_size(recipe.sparse) // recipe.sparse.batch_size)
 
 
 @lru_cache(maxsize=4)
@@ -248,6 +242,8 @@ register_trainer(
         build=SparseClassifier,
         sections={"sparse": SparseConfig},
         validate=validate,
+        counts=("sparse.epochs_per_iteration", "sparse.batch_size"),
+        minibatches_per_epoch=minibatches_per_epoch,
         description="structured-sparse supervised MLP on scikit-learn's digits, compacted after training",
         eval_unit="examples",
     )

@@ -90,9 +90,6 @@ class VapiConfig:
 
 def validate(recipe: "Recipe") -> None:
     cfg, model = recipe.vapi, recipe.model
-    for key in ("images_per_iteration", "group_size", "num_inner_epochs", "micro_batch_size"):
-        if getattr(cfg, key) <= 0:
-            raise RecipeError(f"vapi.{key}", f"must be > 0 (got {getattr(cfg, key)})")
     if cfg.group_size < 2:
         raise RecipeError("vapi.group_size", f"must be >= 2 for the group-normalised advantage (got {cfg.group_size})")
     if cfg.images_per_iteration % cfg.micro_batch_size:
@@ -102,6 +99,20 @@ def validate(recipe: "Recipe") -> None:
         )
     if not 0 <= cfg.noise_prob < 1:
         raise RecipeError("vapi.noise_prob", f"must be in [0, 1) (got {cfg.noise_prob})")
+    from rlprox.zoo.build import check_spec
+
+    for key, spec, fits in (
+        ("model.gpt", model.gpt, ("digits-gpt",)),
+        ("vapi.eval_classifier", cfg.eval_classifier, ("digits-classifier",)),
+    ):
+        try:
+            check_spec(spec, fits)
+        except ValueError as err:
+            raise RecipeError(key, str(err)) from None
+    if cfg.data == "digits" and not cfg.eval_classifier.startswith("zoo:") and not Path(cfg.eval_classifier).is_dir():
+        raise RecipeError(
+            "vapi.eval_classifier", f"not a digits-classifier folder nor zoo:NAME: {cfg.eval_classifier!r}"
+        )
     if model.gpt.startswith("zoo:"):
         if model.vq:
             raise RecipeError("model.vq", "zoo:digits-gpt brings its own digits-vq; leave model.vq empty")
@@ -149,7 +160,12 @@ class ImageSource:
         if spec.startswith("hf:"):
             import datasets
 
-            self.dataset = datasets.load_from_disk(spec[3:])
+            try:
+                self.dataset = datasets.load_from_disk(spec[3:])
+            except (OSError, ValueError) as err:
+                raise RecipeError("vapi.data", f"cannot load {spec}: {str(err).splitlines()[0][:160]}") from None
+            if len(self.dataset) == 0:
+                raise RecipeError("vapi.data", f"{spec[3:]} holds no rows")
             missing = [c for c in ("image", "label") if c not in self.dataset.column_names]
             if missing:
                 raise RecipeError(
@@ -234,6 +250,14 @@ class VAPi:
         except (ValueError, RegistryError) as err:
             raise RecipeError("reward", str(err)) from None
         self.data = ImageSource(cfg.data, image_size) if runtime.train else None
+        if self.data is not None and len(self.data.class_names) > self.gpt.num_classes:
+            raise RecipeError(
+                "vapi.data",
+                f"{len(self.data.class_names)} classes, more than the generator's {self.gpt.num_classes}",
+            )
+        # resolved now (a zoo build trains; evaluate() runs under no_grad, and only on processes with items)
+        evaluates = recipe.run.eval_size > 0 or not runtime.train
+        self.classifier = self._load_classifier(cfg.eval_classifier) if cfg.data == "digits" and evaluates else None
         self.micro_steps = cfg.images_per_iteration // cfg.micro_batch_size
         self.update_epochs = cfg.num_inner_epochs
         self.images_seen = 0
@@ -266,6 +290,18 @@ class VAPi:
                 f"the checkpoints do not match model.config {spec.config} / {spec.vq_config} ({str(err).splitlines()[0][:160]})",
             ) from None
         return gpt.train(), vq, spec.image_size
+
+    def _load_classifier(self, spec: str):
+        from rlprox.zoo.build import resolve_path
+        from rlprox.zoo.classifier import DigitsClassifier
+
+        try:
+            classifier = DigitsClassifier.from_pretrained(resolve_path(spec))
+        except (OSError, ValueError) as err:
+            raise RecipeError(
+                "vapi.eval_classifier", f"cannot load a digits-classifier: {str(err).splitlines()[0]}"
+            ) from None
+        return classifier.to(self.device).eval().requires_grad_(False)
 
     def _gpt(self):
         return self.runtime.unwrap(self.modules["gpt"])
@@ -399,7 +435,7 @@ class VAPi:
         digits = cfg.data == "digits"
         values, images = {}, {}
         if digits:
-            from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
+            from rlprox.zoo.data import COLOUR_NAMES, load_digits_world, prompt_for
 
             held = load_digits_world("heldout")
             idx = torch.tensor([i % len(held) for i in items])
@@ -434,26 +470,38 @@ class VAPi:
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
-            pairs = [images["base_"][shown], images[""][shown]] if "base_" in images else [images[""][shown]]
-            grid["base_vs_tuned" if len(pairs) == 2 else "samples"] = torch.stack(pairs, 1).flatten(0, 1)
-        return EvalShard(values=values, images=grid, grid_cols=2 if cfg.eval_base else 0)
+            from rlprox.images import caption_cells, grid_columns
+
+            prefixes = ["base_", ""] if cfg.eval_base else [""]
+            captions = []
+            for k in shown:
+                c = int(classes[k])
+                lines = [prompt_for(c // len(COLOUR_NAMES), c % len(COLOUR_NAMES)) if digits else f"class {c}"]
+                if digits:  # P(digit)·P(colour) of the asked class under the classifier
+                    lines.append("P(class) " + " | ".join(f"{values[f'_{p}class_prob'][k]:.2f}" for p in prefixes))
+                captions.append(lines)
+            name = "base_vs_tuned" if cfg.eval_base else "samples"
+            header = [p.rstrip("_") or "tuned" for p in prefixes]
+            grid[name] = caption_cells([images[p][shown] for p in prefixes], header, captions)
+        cols = grid_columns(min(cfg.eval_grid_size, request.total)) if cfg.eval_grid_size > 0 else 0
+        return EvalShard(values=values, images=grid, grid_cols=cols)
 
     def _digits_values(self, prefix, samples, classes, colour_names):
-        from rlprox.zoo.build import resolve_path
-        from rlprox.zoo.classifier import DigitsClassifier
         from rlprox.zoo.metrics import classifier_features
 
-        if not hasattr(self, "_classifier"):
-            self._classifier = DigitsClassifier.from_pretrained(resolve_path(self.cfg.eval_classifier)).to(self.device)
-        p_digit, p_colour = self._classifier.predict_proba(samples)
+        p_digit, p_colour = self.classifier.predict_proba(samples)
         digit, colour = classes // len(colour_names), classes % len(colour_names)
-        feats = classifier_features(self._classifier, samples)
+        feats = classifier_features(self.classifier, samples)
         out = {
             f"{prefix}digit_acc": (p_digit.argmax(-1) == digit).float().tolist(),
             f"{prefix}colour_acc": (p_colour.argmax(-1) == colour).float().tolist(),
             f"_{prefix}p_digit": p_digit.cpu().tolist(),
         }
         out[f"_{prefix}features"] = feats.cpu().tolist()
+        asked = p_digit.gather(1, digit[:, None].to(p_digit.device)) * p_colour.gather(
+            1, colour[:, None].to(p_colour.device)
+        )
+        out[f"_{prefix}class_prob"] = asked[:, 0].cpu().tolist()
         return out
 
     def summarize_eval(self, values: dict) -> dict:
@@ -478,7 +526,7 @@ class VAPi:
         n = len(values["_features"])
         pick = torch.randperm(len(held_images), generator=torch.Generator().manual_seed(0))[:n]
         recon = self._decode(self._encode(held_images[pick].to(self.device)))
-        out["tokenizer_floor_fid_proxy"] = fid_proxy(held, classifier_features(self._classifier, recon).cpu())
+        out["tokenizer_floor_fid_proxy"] = fid_proxy(held, classifier_features(self.classifier, recon).cpu())
         return out
 
     def _heldout_features(self) -> torch.Tensor:
@@ -487,13 +535,14 @@ class VAPi:
             from rlprox.zoo.metrics import classifier_features
 
             self._held_features = classifier_features(
-                self._classifier, load_digits_world("heldout").images.to(self.device)
+                self.classifier, load_digits_world("heldout").images.to(self.device)
             ).cpu()
         return self._held_features
 
     def _base(self):
         if self.base_gpt is None:
-            base, _, _ = self._load_models(self.recipe.model)
+            with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
+                base, _, _ = self._load_models(self.recipe.model)
             self.base_gpt = base.to(self.device).eval().requires_grad_(False)
         return self.base_gpt
 
@@ -538,6 +587,10 @@ register_trainer(
         build=VAPi,
         sections={"model": ModelSpec, "vapi": VapiConfig, "reward": RewardSpec},
         validate=validate,
+        counts=tuple(
+            f"vapi.{key}" for key in ("images_per_iteration", "group_size", "num_inner_epochs", "micro_batch_size")
+        ),
+        minibatches_per_epoch=lambda recipe: 1,  # one optimizer step per epoch: accumulate with vapi.micro_batch_size
         description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
         eval_unit="samples",
         loss_inputs=("logits", "targets", "logp", "ref_logp"),

@@ -226,6 +226,7 @@ def aesthetic(
 
 
 aesthetic.preflight = _check_aesthetic_paths
+aesthetic.preload = lambda clip_path="", mlp_path="": _aesthetic_models(clip_path, mlp_path)
 
 
 # ----------------------------------------------------------------------------- pixel reconstruction
@@ -271,6 +272,24 @@ def pixel_reconstruction(
     return reward, info
 
 
+def _check_classifier_name(classifier: str = "zoo:digits-classifier", seed: int = 0) -> None:
+    from rlprox.zoo.build import check_spec
+
+    try:
+        check_spec(classifier, ("digits-classifier",))
+    except ValueError as err:
+        raise ValueError(f"reward 'digits_alignment': classifier: {err}") from None
+
+
+def _check_classifier_path(classifier: str = "zoo:digits-classifier", seed: int = 0) -> None:
+    if not str(classifier).startswith("zoo:") and not (Path(classifier) / "config.json").is_file():
+        raise ValueError(
+            f"reward 'digits_alignment': classifier {classifier!r} is not a digits-classifier folder nor zoo:NAME"
+        )
+
+
+digits_alignment.check = _check_classifier_name
+digits_alignment.preflight = _check_classifier_path
 digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)
 
 
@@ -340,17 +359,18 @@ class WeightedReward:
 
 def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward | None:
     """The recipe's reward section as a ``WeightedReward``. Names and options are
-    checked first (ValueError, one line); ``check_only`` stops there. Otherwise each
-    reward's own ``preflight`` check runs (e.g. that its local weight files exist) and
-    rewards with a ``preload`` load their models now (the engine builds trainers under
-    ``main_process_first``, so one process builds a missing zoo model)."""
+    checked first, with the reward's own ``check`` of its options if it has one
+    (ValueError, one line); ``check_only`` stops there. Otherwise each reward's
+    ``preflight`` runs (e.g. that its local weight files exist) and rewards with a
+    ``preload`` load their models now: the engine builds trainers under
+    ``main_process_first``, so one process builds a missing zoo model, before any hook
+    runs (a reward is called under ``no_grad``, maybe in a worker thread)."""
     terms = []
     for term in _terms(spec):
         fn = get_reward(term.name, **term.kwargs)
         base = REWARDS.get(term.name)
-        if not check_only:
-            for step in ("preflight", "preload"):
-                if getattr(base, step, None) is not None:
-                    getattr(base, step)(**term.kwargs)
+        for step in ("check",) if check_only else ("check", "preflight", "preload"):
+            if getattr(base, step, None) is not None:
+                getattr(base, step)(**term.kwargs)
         terms.append((term.name, float(term.weight), fn))
     return None if check_only else WeightedReward(terms)

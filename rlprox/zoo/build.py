@@ -11,7 +11,8 @@ is complete. Each model directory also holds ``build_info.json`` (steps, seconds
 held-out metrics) and, for the generators, ``samples.png`` (prompts × seeds).
 
 Builds are deterministic for a seed on CPU and default to one thread: on a shared
-2-core box, two OpenMP threads were measured ≈6× slower than one.
+2-core box, two OpenMP threads were measured ≈6× slower than one. A build trains with
+autograd on whatever mode its caller is in (``torch.no_grad``, ``inference_mode``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ def _check_name(name: str) -> None:
         raise ValueError(str(err).replace(", or 'module:attr'", "")) from None
 
 
+def check_spec(spec: str | Path, fits: tuple[str, ...] = ()) -> None:
+    """For recipe validation, building nothing: a one-line ValueError when ``spec`` is
+    ``zoo:NAME`` and NAME is no zoo model, or not one of ``fits`` (the models the field
+    takes). Anything else (a path, a hub id) passes."""
+    if not str(spec).startswith("zoo:"):
+        return
+    name = str(spec)[4:]
+    _check_name(name)
+    if fits and name not in fits:
+        raise ValueError(f"zoo:{name} is not a model this field takes; use {' or '.join('zoo:' + n for n in fits)}")
+
+
 def resolve(spec: str, seed: int = 0, micro: bool = False, **options) -> Path:
     """Local directory of a zoo model, building it on first use.
 
@@ -138,7 +151,9 @@ def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         start = time.perf_counter()
-        info = MODELS[name](tmp, seed, opts)
+        # builds train (backward): a caller inside no_grad / inference_mode (an eval hook) must not leak into them
+        with torch.inference_mode(False), torch.enable_grad():
+            info = MODELS[name](tmp, seed, opts)
         info.update(
             name=name,
             seed=seed,
