@@ -377,11 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"reward error: {err}")
     except ModuleNotFoundError as err:
         extra = {
-            "diffusers": "zoo",
-            "transformers": "zoo",
-            "scipy": "zoo",
+            "diffusers": "diffusion",
+            "transformers": "diffusion",
+            "peft": "diffusion",
             "mujoco": "mujoco",
+            "gymnasium_robotics": "robotics",
             "imageio": "video",
+            "pygame": "video",
         }.get((err.name or "").split(".")[0])
         if extra is None:
             raise

@@ -181,11 +181,11 @@ def test_unknown_tracker(tiny_recipe, capsys, tmp_path):
 def test_missing_optional_package_is_one_line(monkeypatch, tmp_path, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if rlprox[zoo] were not installed
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if rlprox[diffusion] were not installed
     monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
     assert main(["zoo", "build", "digits-sd", "--micro"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: this needs the optional package 'diffusers': pip install 'rlprox[zoo]'"
+    assert err[-1] == "error: this needs the optional package 'diffusers': pip install 'rlprox[diffusion]'"
 
 
 SHIPPED = ["ppo/cartpole.yaml", "policyflow/multigoal.yaml", "loop/digits-alignment.yaml", "sparse/digits-wgsef.yaml"]
