@@ -87,6 +87,8 @@ def cmd_eval(args) -> int:
     if args.video is not None:
         _check_video_args(args, spec)
     recipe, accelerator, _, algo = build_for_eval(path)
+    if hook(algo, "evaluate") is None:
+        raise UsageError(f"algo {spec.name} has no evaluate hook: its checkpoints cannot be evaluated")
     total = given.get(wanted) or recipe.run.eval_size or (len(prompts) if prompts else 10)
     if total <= 0:
         raise UsageError(f"{wanted}: must be > 0 (got {total})")

@@ -71,6 +71,12 @@ def test_custom_trainer_runs_and_is_named_by_a_recipe(scratch):
     result = run_block("", scratch, "-m", "rlprox", "train", "bandit.yaml", "bandit.pulls=8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: cli, 3 iterations" in result.stdout, result.stdout
+    # It has no evaluate hook: rlprox eval says so in one line.
+    result = run_block("", scratch, "-m", "rlprox", "eval", "runs/cli")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: algo bandit has no evaluate hook: its checkpoints cannot be evaluated"
+    ]
 
 
 def test_every_recipe_is_in_the_readme_table():
