@@ -192,11 +192,14 @@ def main() -> None:
     lines = [
         "# FSDP vs replicated training, 2 CPU processes (gloo)",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}; "
-        f"`python benchmarks/fsdp.py --layers {args.layers} --dim {args.dim} --iterations {args.iterations}`: a LlamaGen-style GPT with "
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, torch {torch.__version__}; "
+        f"`python benchmarks/fsdp.py --layers {args.layers} --dim {args.dim} "
+        f"--iterations {args.iterations}`: a LlamaGen-style GPT with "
         f"{base['numel'] / 1e6:.2f}M parameters, AdamW, 16 sequences × 64 tokens per process per iteration.",
         "",
-        "| run.grad_sync | parameters held, rank 0 / rank 1 (MB) | Adam state, rank 0 / rank 1 (MB) | final loss | time / iteration (× allreduce) |",
+        "| run.grad_sync | parameters held, rank 0 / rank 1 (MB) | Adam state, "
+        "rank 0 / rank 1 (MB) | final loss | time / iteration (× allreduce) |",
         "|---|---|---|---|---|",
     ]
 
@@ -210,8 +213,10 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Loss over the {len(base['losses'])} iterations: {base['losses'][0]:.4f} → {base['losses'][-1]:.4f}; largest difference between the two modes' logged losses: {diff:.2e}.",
-        "FSDP on CPU pays one all-gather per block in forward and backward and one reduce-scatter per block, over gloo; "
+        f"Loss over the {len(base['losses'])} iterations: {base['losses'][0]:.4f} → "
+        f"{base['losses'][-1]:.4f}; largest difference between the two modes' logged losses: {diff:.2e}.",
+        "FSDP on CPU pays one all-gather per block in forward and "
+        "backward and one reduce-scatter per block, over gloo; "
         "the time column says what that costs here, not on GPUs with NCCL.",
         "",
     ]

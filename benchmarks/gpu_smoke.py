@@ -4,7 +4,8 @@ and the generative trainers at real scale with random weights.
     python benchmarks/gpu_smoke.py                  # CUDA: 4 iterations per precision
     python benchmarks/gpu_smoke.py --iterations 2
     python benchmarks/gpu_smoke.py --allow-cpu      # no GPU: same code path on CPU, 1 iteration
-    python benchmarks/gpu_smoke.py --case loop      # LOOP on an SD-1.5-size pipeline (512 px, 50 DDIM steps, CFG, LoRA r4, bf16)
+    python benchmarks/gpu_smoke.py --case loop      # LOOP on an SD-1.5-size pipeline (512 px, 50 DDIM steps, CFG,
+                                                    # LoRA r4, bf16)
     python benchmarks/gpu_smoke.py --case vapi      # VA-π on GPT-B + VQ-16 (256 px, 16×16 tokens, bf16)
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
 
@@ -320,9 +321,13 @@ def main() -> int:
         device = torch.cuda.get_device_name(0) if cuda else "CPU"
         mem = "–" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
         body = (
-            f"# GPU smoke test: {args.case} ({args.size}, random weights)\n\nDate {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}. "
-            f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`\n\n| case | size | rounds | images per round | images/s (median round after the first) | last loss | peak GiB |\n|---|---|---|---|---|---|---|\n"
-            f"| {r['case']} | {r['size']} | {r['iterations']} | {r['images_per_round']} | {r['images_per_s']:.2f} | {r['loss']:.4f} | {mem} |\n"
+            f"# GPU smoke test: {args.case} ({args.size}, random weights)\n\nDate "
+            f"{datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}. "
+            f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`\n\n| "
+            "case | size | rounds | images per round | images/s (median round after "
+            "the first) | last loss | peak GiB |\n|---|---|---|---|---|---|---|\n"
+            f"| {r['case']} | {r['size']} | {r['iterations']} | {r['images_per_round']} "
+            f"| {r['images_per_s']:.2f} | {r['loss']:.4f} | {mem} |\n"
         )
         print(body)
         out = (

@@ -2,7 +2,8 @@
 
     python benchmarks/loop_vs_ddpo.py                      # 3 methods × lr sweep × 3 seeds
     python benchmarks/loop_vs_ddpo.py --seeds 1 --lrs 1e-4 --iterations 10   # smoke
-    python benchmarks/loop_vs_ddpo.py --target             # the shipped LOOP recipe on 2 processes (torchrun), seeds 1-3
+    python benchmarks/loop_vs_ddpo.py --target             # the shipped LOOP recipe on 2 processes (torchrun),
+                                                           # seeds 1-3
 
 Each method runs its shipped recipe (recipes/loop/digits-alignment.yaml,
 digits-ddpo.yaml, digits-reinforce-loo.yaml: the same pipeline, prompts, K = 4,
@@ -16,8 +17,9 @@ Alignment is measured by the trainer's own evaluation on a fixed set: all 50 pro
 Every run is a fresh ``rlprox train`` process (``--parallel`` at a time, 1 torch thread
 each). ``--target`` instead runs recipes/loop/digits-alignment.yaml as shipped (150 rounds
 of 16 prompts × K = 4 per process) with 2 processes on the 2 cores, the setting of the
-"+0.15 within 20 minutes on 2 CPU cores" target, and writes loop_target.md. Writes benchmarks/results/loop_vs_ddpo.md and loop_vs_ddpo.png (training reward
-vs images sampled, mean over seeds, per method and lr).
+"+0.15 within 20 minutes on 2 CPU cores" target, and writes loop_target.md. Writes
+benchmarks/results/loop_vs_ddpo.md and loop_vs_ddpo.png (training reward vs images
+sampled, mean over seeds, per method and lr).
 """
 
 from __future__ import annotations
@@ -157,22 +159,28 @@ def target_check(seeds: int, out_path: Path) -> None:
     lines = [
         "# LOOP, the shipped recipe on 2 CPU processes: does η = 1 alignment rise by ≥ 0.15 within 20 minutes?",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; `python benchmarks/loop_vs_ddpo.py --target --seeds {seeds}`: "
-        "recipes/loop/digits-alignment.yaml unchanged (150 rounds × 16 prompts × K = 4 per process, full UNet, lr 1e-4, clip 1e-4) under "
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}; `python benchmarks/loop_vs_ddpo.py --target --seeds {seeds}`: "
+        "recipes/loop/digits-alignment.yaml unchanged (150 rounds × 16 "
+        "prompts × K = 4 per process, full UNet, lr 1e-4, clip 1e-4) under "
         "`torchrun --nproc_per_node 2`; minutes = summed iteration wall time (training and the in-run evaluations).",
         "",
-        "| seed | images | minutes | η = 1: base → tuned (Δ) | η = 0: base → tuned (Δ) | Δ η = 1 at each evaluation (images) |",
+        "| seed | images | minutes | η = 1: base → tuned (Δ) | η = "
+        "0: base → tuned (Δ) | Δ η = 1 at each evaluation (images) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} → {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
-            f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) | {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
+            f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} "
+            f"→ {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
+            f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) "
+            f"| {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
         )
     met = sum(r["tuned"] - r["base"] >= 0.15 and r["minutes"] <= 20 for r in rows)
     lines += [
         "",
-        f"Target (≥ +0.15 at η = 1 within 20 minutes, 3 of 3 seeds): **{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
+        "Target (≥ +0.15 at η = 1 within 20 minutes, 3 of 3 seeds): "
+        f"**{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
         "",
     ]
     text = "\n".join(lines) + "\n"
@@ -212,38 +220,49 @@ def main() -> None:
             res = fut.result()
             results.setdefault(futures[fut], []).append(res)
             print(
-                f"{res['name']}: eta1 {res['base_eta1']:.3f} -> {res['tuned_eta1']:.3f}, eta0 {res['base_eta0']:.3f} -> {res['tuned_eta0']:.3f}, {res['images_per_s']:.1f} images/s",
+                f"{res['name']}: eta1 {res['base_eta1']:.3f} -> {res['tuned_eta1']:.3f}, eta0 "
+                f"{res['base_eta0']:.3f} -> {res['tuned_eta0']:.3f}, {res['images_per_s']:.1f} images/s",
                 flush=True,
             )
     lines = [
         "# LOOP vs DDPO vs REINFORCE-LOO: digits alignment (digits-sd, cfg 1)",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
-        f"`python benchmarks/loop_vs_ddpo.py --seeds {args.seeds} --lrs {args.lrs} --iterations {args.iterations} --parallel {args.parallel}`.",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
+        f"CPUs (shared), python {platform.python_version()}; "
+        f"`python benchmarks/loop_vs_ddpo.py --seeds {args.seeds} --lrs "
+        f"{args.lrs} --iterations {args.iterations} --parallel {args.parallel}`.",
         "",
-        f"Each run: {args.iterations} rounds × 16 prompts × K = 4 = {args.iterations * 64:,} images sampled, 20 DDIM steps (all trained), η = 1, cfg 1, "
-        "full UNet, AdamW, clip 1e-4, 1 torch thread, one process. Alignment = digits_alignment on the fixed evaluation set (50 prompts × 2 fixed noises), "
-        "base → tuned, with the trained sampler (DDIM η = 1) and with deterministic DDIM (η = 0); mean ± std over seeds. "
+        f"Each run: {args.iterations} rounds × 16 prompts × K = 4 = {args.iterations * 64:,} "
+        "images sampled, 20 DDIM steps (all trained), η = 1, cfg 1, "
+        "full UNet, AdamW, clip 1e-4, 1 torch thread, one process. Alignment = "
+        "digits_alignment on the fixed evaluation set (50 prompts × 2 fixed noises), "
+        "base → tuned, with the trained sampler (DDIM η = 1) and "
+        "with deterministic DDIM (η = 0); mean ± std over seeds. "
         "images/s counts sampled images per second of training (collect + update); runs shared the 2 cores "
         f"({args.parallel} at a time), so compare images/s within this table only.",
         "",
-        "| method | lr | seeds | η = 1: base → tuned | Δ η = 1 | seeds with Δ ≥ 0.15 | η = 0: base → tuned | Δ η = 0 | images/s | peak RSS MB |",
+        "| method | lr | seeds | η = 1: base → tuned | Δ η = 1 | seeds with "
+        "Δ ≥ 0.15 | η = 0: base → tuned | Δ η = 0 | images/s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, lr), runs in sorted(results.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
         d1 = [r["tuned_eta1"] - r["base_eta1"] for r in runs]
         d0 = [r["tuned_eta0"] - r["base_eta0"] for r in runs]
         lines.append(
-            f"| {method} | {lr:g} | {len(runs)} | {mean_sd([r['base_eta1'] for r in runs])} → {mean_sd([r['tuned_eta1'] for r in runs])} | "
-            f"**{mean_sd(d1)}** | {sum(d >= 0.15 for d in d1)}/{len(runs)} | {mean_sd([r['base_eta0'] for r in runs])} → {mean_sd([r['tuned_eta0'] for r in runs])} | "
-            f"{mean_sd(d0)} | {statistics.mean(r['images_per_s'] for r in runs):.1f} | {max(r['rss_mb'] for r in runs):.0f} |"
+            f"| {method} | {lr:g} | {len(runs)} | {mean_sd([r['base_eta1'] for r in runs])} "
+            f"→ {mean_sd([r['tuned_eta1'] for r in runs])} | "
+            f"**{mean_sd(d1)}** | {sum(d >= 0.15 for d in d1)}/{len(runs)} | "
+            f"{mean_sd([r['base_eta0'] for r in runs])} → {mean_sd([r['tuned_eta0'] for r in runs])} | "
+            f"{mean_sd(d0)} | {statistics.mean(r['images_per_s'] for r in runs):.1f} "
+            f"| {max(r['rss_mb'] for r in runs):.0f} |"
         )
     lines += ["", "Per run (Δ η = 1, Δ η = 0, minutes):", ""]
     for (method, lr), runs in sorted(results.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
         lines.append(
             f"- {method}, lr {lr:g}: "
             + ", ".join(
-                f"seed {r['seed']}: {r['tuned_eta1'] - r['base_eta1']:+.3f} / {r['tuned_eta0'] - r['base_eta0']:+.3f} / {r['wall_s'] / 60:.1f} min"
+                f"seed {r['seed']}: {r['tuned_eta1'] - r['base_eta1']:+.3f} / "
+                f"{r['tuned_eta0'] - r['base_eta0']:+.3f} / {r['wall_s'] / 60:.1f} min"
                 for r in sorted(runs, key=lambda r: r["seed"])
             )
         )

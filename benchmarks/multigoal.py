@@ -93,7 +93,8 @@ def main() -> None:
         for res in pool.map(lambda job: run(job[0], job[1], args.iterations, args.episodes, out), jobs):
             runs.append(res)
             print(
-                f"{res['method']} {res['label']} seed {res['seed']}: success {res['success']:.2f}, return {res['return']:.1f}, entropy {res['entropy']:.2f}, coverage {res['coverage']:.0f}",
+                f"{res['method']} {res['label']} seed {res['seed']}: success {res['success']:.2f}, return "
+                f"{res['return']:.1f}, entropy {res['entropy']:.2f}, coverage {res['coverage']:.0f}",
                 flush=True,
             )
     ppo_best = max(r["return"] for r in runs if r["method"] == "Gaussian PPO")
@@ -104,14 +105,20 @@ def main() -> None:
     lines = [
         "# Multimodality on MultiGoal (4 goals): PolicyFlow vs FPO ratio vs Gaussian PPO",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
-        f"`python benchmarks/multigoal.py --seeds {args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` ({args.parallel} runs at a time).",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
+        f"CPUs (shared), python {platform.python_version()}; "
+        "`python benchmarks/multigoal.py --seeds "
+        f"{args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` "
+        f"({args.parallel} runs at a time).",
         "",
-        f"Same budget for every run ({int(runs[0]['env_steps']):,} env steps: 8 envs × 256 steps × iterations, 4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). "
-        f"Evaluation: {args.episodes} episodes with sampled actions on fresh envs. Competent = success ≥ 0.9 and return within 10% of the best PPO run ({ppo_best:.1f}); "
+        f"Same budget for every run ({int(runs[0]['env_steps']):,} env steps: 8 envs × 256 steps "
+        "× iterations, 4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). "
+        f"Evaluation: {args.episodes} episodes with sampled actions on fresh envs. Competent "
+        f"= success ≥ 0.9 and return within 10% of the best PPO run ({ppo_best:.1f}); "
         "multimodal = competent and normalised goal entropy ≥ 0.5. Time per iteration relative to PPO's median.",
         "",
-        "| method | setting | success | return | goal entropy (norm.) | coverage | competent | multimodal | time / iteration (× PPO) |",
+        "| method | setting | success | return | goal entropy (norm.) | "
+        "coverage | competent | multimodal | time / iteration (× PPO) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -125,14 +132,17 @@ def main() -> None:
     for method, label, _, _ in SETTINGS:
         rs = [r for r in runs if r["method"] == method and r["label"] == label]
         lines.append(
-            f"| {method} | {label} | {ms([r['success'] for r in rs])} | {statistics.mean(r['return'] for r in rs):.1f} | {ms([r['entropy'] for r in rs])} | "
-            f"{ms([r['coverage'] for r in rs])} | {sum(r['competent'] for r in rs)}/{len(rs)} | **{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
+            f"| {method} | {label} | {ms([r['success'] for r in rs])} | "
+            f"{statistics.mean(r['return'] for r in rs):.1f} | {ms([r['entropy'] for r in rs])} | "
+            f"{ms([r['coverage'] for r in rs])} | {sum(r['competent'] for r in rs)}/{len(rs)} "
+            f"| **{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
             f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |"
         )
     lines += ["", "Per run (success, return, normalised entropy, goal fractions):", ""]
     for r in runs:
         lines.append(
-            f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, {r['return']:.1f}, {r['entropy']:.2f}, [{', '.join(f'{g:.2f}' for g in r['goals'])}]"
+            f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, "
+            f"{r['return']:.1f}, {r['entropy']:.2f}, [{', '.join(f'{g:.2f}' for g in r['goals'])}]"
         )
     png = Path(args.out).with_suffix(".png")
     plot(runs, png)

@@ -2,7 +2,8 @@
 
     python benchmarks/policyflow_diagnostics.py                  # 146 iterations (300k env steps), lr 3e-4
     python benchmarks/policyflow_diagnostics.py --iterations 20 --at 1,10,19
-    python benchmarks/policyflow_diagnostics.py --set policyflow.noise_scale=1 policyflow.init_log_std=-0.5  # other recipe values
+    # other recipe values
+    python benchmarks/policyflow_diagnostics.py --set policyflow.noise_scale=1 policyflow.init_log_std=-0.5
 
 Trains recipes/policyflow/hopper.yaml with a checkpoint every iteration, then for
 checkpoints k and k + 1 at the ``--at`` iterations, on 2048 (observation, z) pairs
@@ -107,9 +108,11 @@ def main() -> None:
         f"`python benchmarks/policyflow_diagnostics.py --iterations {args.iterations} --at {args.at} --lr {args.lr:g}"
         + (f" --set {' '.join(args.set)}" if args.set else "")
         + "` "
-        f"(recipes/policyflow/hopper.yaml{' with those overrides' if args.set else ''}, seed 1, a checkpoint every iteration).",
+        f"(recipes/policyflow/hopper.yaml{' with those overrides' if args.set else ''}, "
+        "seed 1, a checkpoint every iteration).",
         "",
-        "| iteration k | ‖Δφ₁‖ (real change of the flow output, k → k+1) | ‖δv‖ (the ratio's estimate) | cos(Δφ₁, δv) | spread of φ₁ over z | learned σ |",
+        "| iteration k | ‖Δφ₁‖ (real change of the flow output, k → k+1) | ‖δv‖ "
+        "(the ratio's estimate) | cos(Δφ₁, δv) | spread of φ₁ over z | learned σ |",
         "|---|---|---|---|---|---|",
     ]
     for k, m in rows:

@@ -5,7 +5,8 @@
     python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --parallel 2  # the same lr sweep for both
     python benchmarks/policyflow_hopper.py --lrs 3e-4,1e-3 --explore 1,0.37  # and the same exploration sweep
     python benchmarks/policyflow_hopper.py --ablate policyflow.noise_scale=1  # plus a PolicyFlow-only ablation row
-    python benchmarks/policyflow_hopper.py --lrs 3e-4,5e-4 --reuse /tmp/pf_hopper_x  # add cells to an earlier call's runs
+    python benchmarks/policyflow_hopper.py --lrs 3e-4,5e-4 --reuse /tmp/pf_hopper_x  # add cells to an earlier
+                                                                                     # call's runs
 
 recipes/policyflow/hopper.yaml and recipes/ppo/hopper.yaml share every setting the two
 trainers have in common (1 env × 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 linear,
@@ -173,8 +174,10 @@ def main() -> None:
     lines = [
         "# PolicyFlow vs PPO on Hopper-v5",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, {args.parallel} runs at a time), python {platform.python_version()}; "
-        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} --seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared, "
+        f"{args.parallel} runs at a time), python {platform.python_version()}; "
+        f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} "
+        f"--seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
         + "".join(f" --ablate '{a}'" for a in args.ablate)
         + (" --reuse DIR" if args.reuse else "")
         + f"`: {int(runs[0]['steps']):,} env steps per run"
@@ -183,9 +186,11 @@ def main() -> None:
             if args.reuse
             else "."
         ),
-        "Exploration factor f scales the initial exploration std: PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
+        "Exploration factor f scales the initial exploration std: "
+        "PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
         "",
-        "| method | lr | exploration f | greedy return (10 episodes, mean ± std over seeds) | per seed | time / iteration (× PPO) |",
+        "| method | lr | exploration f | greedy return (10 episodes, "
+        "mean ± std over seeds) | per seed | time / iteration (× PPO) |",
         "|---|---|---|---|---|---|",
     ]
     rows = [(m, lr, f, rs) for (m, lr, f), rs in by.items()] + [
@@ -202,7 +207,8 @@ def main() -> None:
     name = {m: f"lr {best[m][1]:g}, f {best[m][2]:g}" for m in RECIPES}
     lines += [
         "",
-        f"PolicyFlow / PPO mean return, each at its best setting (PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
+        "PolicyFlow / PPO mean return, each at its best setting "
+        f"(PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
         f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).",
         "",
     ]

@@ -77,7 +77,8 @@ def main() -> int:
     torch.set_num_threads(1)
     runs = [("CartPole", "recipes/ppo/cartpole.yaml", (1,), [])] if args.quick else RUNS
     lines = [
-        "| recipe | seed | env steps | greedy eval return (20 ep.) | last training return | actor hidden neurons zero | train s |",
+        "| recipe | seed | env steps | greedy eval return (20 ep.) | "
+        "last training return | actor hidden neurons zero | train s |",
         "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
@@ -89,7 +90,8 @@ def main() -> int:
             results.append(r)
             zero = "–" if r["zero_neurons"] is None else f"{100 * r['zero_neurons']:.0f}%"
             lines.append(
-                f"| {label} (`{recipe}`) | {seed} | {r['env_steps']:,} | {r['eval']:.1f} ± {r['eval_std']:.1f} | {r['train_return']:.1f} | {zero} | {r['train_s']:.0f} |"
+                f"| {label} (`{recipe}`) | {seed} | {r['env_steps']:,} | {r['eval']:.1f} ± "
+                f"{r['eval_std']:.1f} | {r['train_return']:.1f} | {zero} | {r['train_s']:.0f} |"
             )
             print(lines[-1], flush=True)
         if recipe.endswith("cartpole.yaml") or recipe.endswith("cartpole-sparse.yaml"):
@@ -97,7 +99,8 @@ def main() -> int:
             if recipe.endswith("sparse.yaml"):
                 ok = ok and all((r["zero_neurons"] or 0) >= 0.5 for r in results)
             verdicts.append(
-                f"- **{'PASS' if ok else 'FAIL'}**: `{recipe}` greedy return >= 475 within 100k env steps on {sum(r['eval'] >= 475 for r in results)}/{len(results)} seeds"
+                f"- **{'PASS' if ok else 'FAIL'}**: `{recipe}` greedy return >= 475 within 100k "
+                f"env steps on {sum(r['eval'] >= 475 for r in results)}/{len(results)} seeds"
                 + (" with >= 50% of actor hidden neurons exactly zero" if recipe.endswith("sparse.yaml") else "")
             )
     import gymnasium
@@ -105,7 +108,10 @@ def main() -> int:
     header = [
         "# PPO recipes: learning results",
         "",
-        f"`python benchmarks/ppo_recipes.py` — {datetime.date.today()}, torch {torch.__version__}, gymnasium {gymnasium.__version__}, 1 torch thread, 2-core CPU shared with other jobs (train times are indicative). Each run: `rlprox train RECIPE seed=S`, then `rlprox eval CHECKPOINT --episodes 20 --deterministic` on the final checkpoint.",
+        f"`python benchmarks/ppo_recipes.py` — {datetime.date.today()}, torch {torch.__version__}, "
+        f"gymnasium {gymnasium.__version__}, 1 torch thread, 2-core CPU shared with other jobs "
+        "(train times are indicative). Each run: `rlprox train RECIPE seed=S`, then `rlprox eval "
+        "CHECKPOINT --episodes 20 --deterministic` on the final checkpoint.",
         "",
     ]
     text = "\n".join(header + lines + [""] + verdicts) + "\n"

@@ -128,8 +128,10 @@ def main() -> None:
     lines = [
         "# PPO CartPole: 1 process vs 2 processes (torchrun, gloo)",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; `python benchmarks/ppo_scaling.py --rounds {args.rounds}`.",
-        "Training steps/s = env steps of all processes / summed iteration wall time. Ratio = median of per-round paired ratios (min–max).",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}; `python benchmarks/ppo_scaling.py --rounds {args.rounds}`.",
+        "Training steps/s = env steps of all processes / summed iteration "
+        "wall time. Ratio = median of per-round paired ratios (min–max).",
         "",
         "| config | per-process rollout | 1 process steps/s | 2 processes steps/s | 2 / 1 (paired, min–max) |",
         "|---|---|---|---|---|",
@@ -144,7 +146,8 @@ def main() -> None:
             else "8 envs × 32 steps, 1 minibatch × 20 epochs"
         )
         lines.append(
-            f"| {config} | {rollout} | {statistics.median(one):,.0f} | {statistics.median(two):,.0f} | **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) |"
+            f"| {config} | {rollout} | {statistics.median(one):,.0f} | {statistics.median(two):,.0f} "
+            f"| **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) |"
         )
     lines += ["", "Per round (steps/s, 1 process / 2 processes):", ""]
     for config, by in results.items():

@@ -409,7 +409,8 @@ def bench_task(task_name: str, rounds: int, seeds: int, iterations: int) -> dict
             ret = "" if r["train_return"] is None else f"  train {r['train_return']:.1f}"
             ev = "" if r["eval_return"] is None else f"  eval {r['eval_return']:.1f}"
             print(
-                f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} {r['sps']:9.0f} steps/s ({r['cpu_sps']:.0f}/CPU-s)"
+                f"  [{task_name} round {i + 1}/{n_rounds}] {kind:6s} "
+                f"{r['sps']:9.0f} steps/s ({r['cpu_sps']:.0f}/CPU-s)"
                 f"  rss {r['rss_mb']:.0f} MB{ret}{ev}",
                 flush=True,
             )
@@ -419,14 +420,18 @@ def bench_task(task_name: str, rounds: int, seeds: int, iterations: int) -> dict
 def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
     head = (
         "| task | trainer | training SPS (median) | × SB3, paired (min–max) | × raw env, paired (min–max) "
-        "| greedy eval return (mean ± std over seeds) | training return, last rollouts (mean ± std) | peak RSS MB (median) |"
+        "| greedy eval return (mean ± std over seeds) | training "
+        "return, last rollouts (mean ± std) | peak RSS MB (median) |"
     )
     lines = [head, "|" + "---|" * 8]
     verdicts = []
     for task_name, res in all_res.items():
         t = TASKS[task_name]
         sps = {k: [r["sps"] for r in v] for k, v in res.items()}
-        label = f"{t['env_id']} ({t['num_envs']}×{t['num_steps']}, {cfg[task_name]['iterations']} it = {res['raw'][0]['steps']:,} steps)"
+        label = (
+            f"{t['env_id']} ({t['num_envs']}×{t['num_steps']}, "
+            f"{cfg[task_name]['iterations']} it = {res['raw'][0]['steps']:,} steps)"
+        )
         for kind, name in (("rlprox", "rlprox PPO"), ("sb3", "SB3 PPO"), ("raw", "raw env, random actions")):
             vs_sb3 = _ratio(sps[kind], sps["sb3"])[0] if kind != "raw" else "–"
             vs_raw = _ratio(sps[kind], sps["raw"])[0] if kind != "raw" else "1"
@@ -476,7 +481,8 @@ def table(all_res: dict, cfg: dict) -> tuple[str, list[str]]:
 
 def per_round(all_res: dict) -> str:
     out = [
-        "| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw | rlprox/SB3 (CPU time) | rlprox eval | SB3 eval | rlprox train | SB3 train |",
+        "| task | round (seed) | rlprox SPS | SB3 SPS | raw SPS | rlprox/SB3 | rlprox/raw "
+        "| rlprox/SB3 (CPU time) | rlprox eval | SB3 eval | rlprox train | SB3 train |",
         "|" + "---|" * 12,
     ]
 
@@ -487,7 +493,8 @@ def per_round(all_res: dict) -> str:
         for a, b, c in zip(res["rlprox"], res["sb3"], res["raw"]):
             out.append(
                 f"| {task_name} | {a['seed']} | {a['sps']:,.0f} | {b['sps']:,.0f} | {c['sps']:,.0f} "
-                f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | {a['cpu_sps'] / b['cpu_sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
+                f"| {a['sps'] / b['sps']:.2f} | {a['sps'] / c['sps']:.2f} | "
+                f"{a['cpu_sps'] / b['cpu_sps']:.2f} | {f(a['eval_return'])} | {f(b['eval_return'])} "
                 f"| {f(a['train_return'])} | {f(b['train_return'])} |"
             )
     return "\n".join(out)
@@ -564,7 +571,8 @@ def main() -> int:
         "# rlprox PPO vs Stable-Baselines3 PPO (CPU)",
         "",
         f"Date {datetime.date.today().isoformat()}; torch {version('torch')}, gymnasium {version('gymnasium')}, "
-        f"stable-baselines3 {version('stable_baselines3')}, mujoco {version('mujoco')}, Python {platform.python_version()}, {platform.machine()}. "
+        f"stable-baselines3 {version('stable_baselines3')}, mujoco {version('mujoco')}, "
+        f"Python {platform.python_version()}, {platform.machine()}. "
         f"Machine: {cores} CPU cores, **shared with other jobs** ({load_s}), so absolute steps/s swing ±30%; "
         "read the paired ratios. Every process: 1 torch thread, OMP/MKL/OpenBLAS 1 thread. "
         f"Total benchmark wall time {total / 60:.1f} min. Peak RSS is dominated by the torch import: a process "
@@ -586,7 +594,8 @@ def main() -> int:
         "per-round paired ratios. Raw env = gymnasium `SyncVectorEnv` of plain `gym.make` envs, SAME_STEP "
         "autoreset, pre-drawn random actions, no policy.",
         "",
-        "Same hyperparameters for both trainers: separate 64-64 tanh actor and critic, orthogonal init, Adam eps 1e-5, "
+        "Same hyperparameters for both trainers: separate 64-64 "
+        "tanh actor and critic, orthogonal init, Adam eps 1e-5, "
         "lr annealed linearly to 0 (SB3's schedule shifted by one iteration so both use the same lr at every update), "
         "GAE, advantage normalisation per minibatch, clip 0.2, value clip 0.2, vf 0.5, grad-norm 0.5.",
         f"- CartPole-v1: 8 envs × 128 steps, 4 minibatches of 256, 4 epochs, lr 2.5e-4, γ 0.99, λ 0.95, ent 0.01; "
@@ -599,7 +608,8 @@ def main() -> int:
         header.append(
             f"- Hopper-v5: 1 env × 2048 steps, minibatch 64, 10 epochs, lr 3e-4, ent 0, obs + reward normalisation "
             f"(rlprox `normalize_obs/normalize_reward`, SB3 `VecNormalize(gamma=0.99)`); {args.hopper_rounds} rounds "
-            f"(seeds 1..{args.hopper_rounds}) of only {args.hopper_iters} iterations ({args.hopper_iters * 2048:,} steps; "
+            f"(seeds 1..{args.hopper_rounds}) of only {args.hopper_iters} "
+            f"iterations ({args.hopper_iters * 2048:,} steps; "
             "the recipe's budget is 1M) for speed. **Hopper returns at this budget are a sanity number only** "
             "(greedy eval: 5 episodes; training return: episodes ended in the last rollout)."
         )
@@ -611,7 +621,8 @@ def main() -> int:
         + tab
         + "\n\n"
         + "\n".join(f"- {v}" for v in verdicts)
-        + "\n\n## CPU-time view (same runs)\n\nEach worker is single-threaded, so on an idle machine CPU time ≈ wall time; "
+        + "\n\n## CPU-time view (same runs)\n\nEach worker is "
+        "single-threaded, so on an idle machine CPU time ≈ wall time; "
         "on this shared one, CPU time leaves out the time the process waited for a core.\n\n"
         + cpu_tab
         + "\n\n## Per round\n\n"

@@ -90,12 +90,14 @@ def main() -> int:
         ("hidden neurons removed (%)", mean_std(removed)),
         (
             "parameters dense → compacted",
-            f"{sparse[0]['compact/params_dense']:,} → {statistics.mean(r['compact/params_compact'] for r in sparse):,.0f}",
+            f"{sparse[0]['compact/params_dense']:,} → "
+            f"{statistics.mean(r['compact/params_compact'] for r in sparse):,.0f}",
         ),
         ("parameter compression (×)", mean_std(r["compact/param_compression"] for r in sparse)),
         (
             "compacted == masked dense (allclose)",
-            f"{all(r['compact/outputs_match'] for r in sparse)} (max abs logit difference {max(r['compact/max_abs_logit_diff'] for r in sparse):.1e})",
+            f"{all(r['compact/outputs_match'] for r in sparse)} (max abs logit "
+            f"difference {max(r['compact/max_abs_logit_diff'] for r in sparse):.1e})",
         ),
         ("latency batch 1, dense / compacted (µs)", f"{lat('latency/dense_b1_us')} / {lat('latency/compact_b1_us')}"),
         ("speed-up batch 1 (×)", mean_std(speed1)),
@@ -114,11 +116,13 @@ def main() -> int:
         "# Structured sparsity on digits: dense vs WGSEF-compacted MLP",
         "",
         f"`python benchmarks/sparse_digits.py` — recipe `recipes/sparse/digits-wgsef.yaml` "
-        f"(MLP 64-{'-'.join(map(str, widths))}-10, {recipe.run.iterations} epochs, {recipe.optim.name} lr {recipe.optim.lr:g} "
+        f"(MLP 64-{'-'.join(map(str, widths))}-10, {recipe.run.iterations} "
+        f"epochs, {recipe.optim.name} lr {recipe.optim.lr:g} "
         f"{recipe.optim.schedule}; regularizer `{spec}`) vs the same recipe with `regularizers=[]`; "
         f"seeds {', '.join(map(str, SEEDS))} (mean ± std). Held-out split: the 360 digits with index % 5 == 0. "
         f"Latency: one forward pass, CPU, 1 thread, median of timed blocks; dense = the full-width trained network "
-        f"(zero rows still computed). torch {torch.__version__}, {platform.processor() or platform.machine()}, shared CPU.",
+        f"(zero rows still computed). torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, shared CPU.",
         "",
         "| metric | value |",
         "|---|---|",

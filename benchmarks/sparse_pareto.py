@@ -155,7 +155,8 @@ def main() -> None:
         runs = list(pool.map(lambda j: run(*j, out), jobs))
     for r in runs:
         print(
-            f"{r['task']} {r['method']} {r['setting']} seed {r['seed']}: {r['quality']:.2f} at {r['removed']:.1%} removed",
+            f"{r['task']} {r['method']} {r['setting']} seed {r['seed']}: "
+            f"{r['quality']:.2f} at {r['removed']:.1%} removed",
             flush=True,
         )
     for task in tasks:
@@ -166,11 +167,14 @@ def main() -> None:
     lines = [
         "# Sparse core: WGSEF vs top-k projection, group lasso and magnitude pruning",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
-        f"`python benchmarks/sparse_pareto.py --tasks {args.tasks} --seeds {args.seeds}`. Decoupled prox step prox_lr = {PROX_LR}.",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
+        f"CPUs (shared), python {platform.python_version()}; "
+        f"`python benchmarks/sparse_pareto.py --tasks {args.tasks} "
+        f"--seeds {args.seeds}`. Decoupled prox step prox_lr = {PROX_LR}.",
         "",
         "Quality: digits = held-out accuracy (%) of the compacted network; CartPole = greedy return (20 episodes). "
-        "Removed = fraction of hidden neurons (digits: both layers; CartPole: the actor's) whose incoming weights are exactly zero. Mean ± std over seeds.",
+        "Removed = fraction of hidden neurons (digits: both layers; CartPole: the "
+        "actor's) whose incoming weights are exactly zero. Mean ± std over seeds.",
         "",
     ]
     dense_quality = {}
@@ -199,8 +203,8 @@ def main() -> None:
             ok = [r["removed"] >= 0.6 and r["quality"] >= dense_quality["digits"] - 1.0 for r in rs]
             target.append(f"{method} {setting}: {sum(ok)}/{len(ok)} seeds")
         lines += [
-            "**Target** (WGSEF without the hard top-k removes ≥ 60% of hidden neurons on digits within 1 point of dense accuracy, 3 of 3 seeds): "
-            + "; ".join(target),
+            "**Target** (WGSEF without the hard top-k removes ≥ 60% of hidden "
+            "neurons on digits within 1 point of dense accuracy, 3 of 3 seeds): " + "; ".join(target),
             "",
         ]
     png = Path(args.out).with_suffix(".png")

@@ -75,7 +75,8 @@ def main() -> None:
         runs = list(pool.map(lambda job: run(job[0], ROWS[job[0]], job[1], args.iterations, args.samples, out), jobs))
     for r in runs:
         print(
-            f"{r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} -> {r['fid_proxy']:.1f}, digit acc {r['base_digit_acc']:.3f} -> {r['digit_acc']:.3f}, "
+            f"{r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} -> "
+            f"{r['fid_proxy']:.1f}, digit acc {r['base_digit_acc']:.3f} -> {r['digit_acc']:.3f}, "
             f"tf MSE {r['base_tf_mse']:.4f} -> {r['tf_mse']:.4f}",
             flush=True,
         )
@@ -99,38 +100,52 @@ def main() -> None:
     lines = [
         "# VA-π on the digits world: base vs tuned digits-gpt",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python {platform.python_version()}; "
-        f"`python benchmarks/vapi.py --seeds {args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` ({args.parallel} runs at a time).",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
+        f"CPUs (shared), python {platform.python_version()}; "
+        "`python benchmarks/vapi.py --seeds "
+        f"{args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` "
+        f"({args.parallel} runs at a time).",
         "",
-        "recipes/vapi/digits.yaml: B = 32 images × G = 8 sequences per round, one AdamW step per round (lr 1e-5; the update in train mode, as VA-π's code), ε = 0.2, reward −MSE(D(ẑ), x). "
-        f"Evaluation: {args.samples} samples (cfg 1.5) per model, same seeds for base and tuned; FID/IS proxies on the digits classifier's features "
-        f"against the held-out split. **Tokenizer floor** (FID proxy of held-out images' own VQ reconstructions): {floor:.1f}.",
+        "recipes/vapi/digits.yaml: B = 32 images × G = 8 sequences per round, one AdamW step per "
+        "round (lr 1e-5; the update in train mode, as VA-π's code), ε = 0.2, reward −MSE(D(ẑ), x). "
+        f"Evaluation: {args.samples} samples (cfg 1.5) per model, same seeds for "
+        "base and tuned; FID/IS proxies on the digits classifier's features "
+        "against the held-out split. **Tokenizer floor** (FID proxy "
+        f"of held-out images' own VQ reconstructions): {floor:.1f}.",
         "",
-        "| model | seeds | FID proxy ↓ | IS proxy | digit acc | colour acc | teacher-forced recon MSE ↓ | CPU minutes |",
+        "| model | seeds | FID proxy ↓ | IS proxy | digit acc | "
+        "colour acc | teacher-forced recon MSE ↓ | CPU minutes |",
         "|---|---|---|---|---|---|---|---|",
-        f"| base digits-gpt | – | {mf([r['base_fid_proxy'] for r in base])} | {mf([r['base_is_proxy'] for r in base])} | {ms([r['base_digit_acc'] for r in base])} | "
+        f"| base digits-gpt | – | {mf([r['base_fid_proxy'] for r in base])} | "
+        f"{mf([r['base_is_proxy'] for r in base])} | {ms([r['base_digit_acc'] for r in base])} | "
         f"{ms([r['base_colour_acc'] for r in base])} | {ms([r['base_tf_mse'] for r in base])} | – |",
     ]
     for label in ROWS:
         rs = [r for r in runs if r["label"] == label]
         lines.append(
-            f"| {label} | {len(rs)} | {mf([r['fid_proxy'] for r in rs])} | {mf([r['is_proxy'] for r in rs])} | {ms([r['digit_acc'] for r in rs])} | "
-            f"{ms([r['colour_acc'] for r in rs])} | {ms([r['tf_mse'] for r in rs])} | {statistics.mean(r['minutes'] for r in rs):.1f} |"
+            f"| {label} | {len(rs)} | {mf([r['fid_proxy'] for r in rs])} | "
+            f"{mf([r['is_proxy'] for r in rs])} | {ms([r['digit_acc'] for r in rs])} | "
+            f"{ms([r['colour_acc'] for r in rs])} | {ms([r['tf_mse'] for r in rs])} "
+            f"| {statistics.mean(r['minutes'] for r in rs):.1f} |"
         )
     drop = [1 - r["fid_proxy"] / r["base_fid_proxy"] for r in base]
     acc_ok = [r["digit_acc"] >= r["base_digit_acc"] for r in base]
     lines += [
         "",
-        f"- FID proxy change, VA-π vs base: {', '.join(f'{-d:+.0%}' for d in drop)} (seeds 1..{len(base)}); target −30% or better with conditional accuracy not lower: "
-        f"**{'met' if all(d >= 0.30 for d in drop) and all(acc_ok) else 'not met'}** ({sum(d >= 0.30 and a for d, a in zip(drop, acc_ok))}/{len(base)} seeds).",
+        f"- FID proxy change, VA-π vs base: {', '.join(f'{-d:+.0%}' for d in drop)} (seeds "
+        f"1..{len(base)}); target −30% or better with conditional accuracy not lower: "
+        f"**{'met' if all(d >= 0.30 for d in drop) and all(acc_ok) else 'not met'}** "
+        f"({sum(d >= 0.30 and a for d, a in zip(drop, acc_ok))}/{len(base)} seeds).",
         "",
         "Per run:",
         "",
     ]
     for r in runs:
         lines.append(
-            f"- {r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} → {r['fid_proxy']:.1f}, IS {r['base_is_proxy']:.2f} → {r['is_proxy']:.2f}, "
-            f"digit acc {r['base_digit_acc']:.3f} → {r['digit_acc']:.3f}, tf MSE {r['base_tf_mse']:.4f} → {r['tf_mse']:.4f}, "
+            f"- {r['label']} seed {r['seed']}: FID {r['base_fid_proxy']:.1f} → "
+            f"{r['fid_proxy']:.1f}, IS {r['base_is_proxy']:.2f} → {r['is_proxy']:.2f}, "
+            f"digit acc {r['base_digit_acc']:.3f} → {r['digit_acc']:.3f}, "
+            f"tf MSE {r['base_tf_mse']:.4f} → {r['tf_mse']:.4f}, "
             f"training reward {r['reward_first']:.4f} → {r['reward_last']:.4f}, {r['minutes']:.1f} min"
         )
     text = "\n".join(lines) + "\n"

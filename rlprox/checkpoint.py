@@ -435,7 +435,8 @@ def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda 
             problem = f"missing {missing[0]!r}" if missing else f"unexpected {result.unexpected_keys[0]!r}"
             raise CheckpointError(
                 file,
-                f"weights do not match module {name!r} ({problem}; {len(missing)} missing, {len(result.unexpected_keys)} unexpected)",
+                f"weights do not match module {name!r} ({problem}; {len(missing)} "
+                f"missing, {len(result.unexpected_keys)} unexpected)",
             )
     stray = sorted(set(weights) - names)
     if stray:

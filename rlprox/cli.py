@@ -254,14 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="rlprox",
-        description=f"Policy-optimization training on one accelerate engine. Trainers (recipe `algo:`): {', '.join(TRAINERS.names())}. Also the offline digits model zoo.",
+        description=(
+            "Policy-optimization training on one accelerate engine. Trainers (recipe "
+            f"`algo:`): {', '.join(TRAINERS.names())}. Also the offline digits model zoo."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser(
         "train",
         help="train from a YAML recipe",
-        description="Train from a YAML recipe. Any field can be overridden: rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50",
+        description=(
+            "Train from a YAML recipe. Any field can be overridden: "
+            "rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50"
+        ),
     )
     train.add_argument("recipe", help="path to a recipe YAML (see `rlprox recipes`)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (values are YAML)")
@@ -275,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (any trainer)",
-        description="Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative trainers take --num-samples and --prompts; sparse always uses its whole held-out split.",
+        description=(
+            "Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over "
+            "processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for "
+            "generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env "
+            "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
+            "trainers take --num-samples and --prompts; sparse always uses its whole held-out split."
+        ),
     )
     ev.add_argument(
         "checkpoint", help="checkpoint folder (…/checkpoints/iter-000097) or a run folder (its newest checkpoint)"
@@ -307,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--video",
         metavar="DIR",
         default=None,
-        help="env trainers: also record episodes of the exported policy to DIR, greedy unless --stochastic (MP4 with imageio-ffmpeg, else GIF; pip install 'rlprox[video]'); they replay the first evaluation episodes' seeds",
+        help=(
+            "env trainers: also record episodes of the exported policy to DIR, greedy unless --stochastic (MP4 with "
+            "imageio-ffmpeg, else GIF; pip install 'rlprox[video]'); they replay the first evaluation episodes' seeds"
+        ),
     )
     ev.add_argument(
         "--video-episodes", type=int, default=2, metavar="N", help="with --video: episodes to record (default 2)"
@@ -317,7 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export",
         help="export a checkpoint's model for use outside training",
-        description="Write the trained model of a checkpoint in a self-contained format. ppo, policyflow: a policy folder (config.json + model.safetensors with the observation statistics) that rlprox.load_policy(OUT_DIR).act(obs) runs without gymnasium or a recipe; vapi: the GPT as config.json + model.safetensors and llamagen_gpt.pt in LlamaGen's checkpoint layout; loop: the LoRA adapter (diffusers format) or the whole pipeline.",
+        description=(
+            "Write the trained model of a checkpoint in a self-contained format. ppo, policyflow: "
+            "a policy folder (config.json + model.safetensors with the observation statistics) "
+            "that rlprox.load_policy(OUT_DIR).act(obs) runs without gymnasium or a recipe; vapi: "
+            "the GPT as config.json + model.safetensors and llamagen_gpt.pt in LlamaGen's "
+            "checkpoint layout; loop: the LoRA adapter (diffusers format) or the whole pipeline."
+        ),
     )
     ex.add_argument("checkpoint", help="checkpoint folder or run folder (its newest checkpoint)")
     ex.add_argument("out_dir", help="output folder (created; files of the same names are overwritten)")

@@ -61,9 +61,9 @@ class DDPConfig:
 class FSDPConfig:
     """Parameter sharding (torch FSDP2), used when ``run.grad_sync: fsdp``."""
 
-    wrap: list[str] = field(
-        default_factory=list
-    )  # class names of submodules sharded as their own units (e.g. transformer blocks); the rest of each trained module is one unit
+    # class names of submodules sharded as their own units (e.g.
+    # transformer blocks); the rest of each trained module is one unit
+    wrap: list[str] = field(default_factory=list)
     reshard_after_forward: bool = (
         True  # free gathered parameters after each unit's forward (less memory, one more all-gather in backward)
     )
@@ -77,7 +77,9 @@ class RunConfig:
     output_dir: str = "runs"  # parent folder of the run folder
     iterations: int = 10  # collect/update iterations (PPO env steps = iterations × num_envs × num_steps × processes)
     eval_every: int = 0  # evaluate every N iterations (0: only at the end, when eval_size > 0)
-    eval_size: int = 0  # episodes (env trainers) or samples (generative trainers) per evaluation, over all processes; 0 disables evaluation during training
+    # episodes (env trainers) or samples (generative trainers) per
+    # evaluation, over all processes; 0 disables evaluation during training
+    eval_size: int = 0
     save_every: int = 0  # checkpoint every N iterations (0: only at the end)
     keep_last: int = 3  # keep the newest N checkpoints
     resume: str = "never"  # "never" | "auto" (newest complete checkpoint in the run folder) | path to a checkpoint
@@ -90,13 +92,13 @@ class RunConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = (
         "no"  # autocast for collect's and the loss's forward passes, via accelerate
     )
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = (
-        "float32"  # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
-    )
+    # dtype of frozen modules and of the frozen (non-trained) parameters of trained ones, e.g. a LoRA base
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_accumulation_steps: int = 1  # minibatches accumulated per optimizer step
-    grad_sync: Literal["auto", "shm", "allreduce", "ddp", "fsdp"] = (
-        "auto"  # how processes share the trained modules: shm (shared memory, processes on one x86-64 CPU host), allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else allreduce; fsdp shards parameters, gradients and optimizer state over the processes (torch FSDP2)
-    )
+    # how processes share the trained modules: shm (shared memory, processes on one x86-64 CPU host),
+    # allreduce (one flat all-reduce per optimizer step), ddp (torch DDP); auto = shm where it applies, else
+    # allreduce; fsdp shards parameters, gradients and optimizer state over the processes (torch FSDP2)
+    grad_sync: Literal["auto", "shm", "allreduce", "ddp", "fsdp"] = "auto"
     ddp: DDPConfig = field(default_factory=DDPConfig)  # options for grad_sync: ddp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options for grad_sync: fsdp
     cpu: bool = False  # force CPU even when a GPU is present
@@ -146,7 +148,8 @@ class Recipe:
         if name in sections:
             return sections[name]
         raise AttributeError(
-            f"recipe has no section {name!r} (algo {self.__dict__.get('algo')!r} declares: {', '.join(sections) or 'none'})"
+            f"recipe has no section {name!r} (algo {self.__dict__.get('algo')!r} "
+            f"declares: {', '.join(sections) or 'none'})"
         )
 
     @property
@@ -385,7 +388,8 @@ def validate(recipe: Recipe, spec=None) -> None:
                 offered = f"it offers {', '.join(spec.loss_inputs)}" if spec.loss_inputs else "it offers none"
                 raise RecipeError(
                     f"regularizers[{i}]",
-                    f"{entry['type']} needs {', '.join(missing)} from the loss, which algo {spec.name} does not provide ({offered})",
+                    f"{entry['type']} needs {', '.join(missing)} from the "
+                    f"loss, which algo {spec.name} does not provide ({offered})",
                 )
     for key in spec.counts:
         section, name = key.split(".", 1)

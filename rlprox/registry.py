@@ -51,7 +51,8 @@ def check_kwargs(
     for key in kwargs:
         if key in reserved or (not takes_any and key not in params):
             raise RegistryError(
-                f"{label}: unknown option {key!r}{did_you_mean(key, accepted)}; options: {', '.join(accepted) or 'none'}"
+                f"{label}: unknown option {key!r}{did_you_mean(key, accepted)}; "
+                f"options: {', '.join(accepted) or 'none'}"
             )
     if require:
         missing = [

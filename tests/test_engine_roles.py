@@ -117,7 +117,8 @@ def test_regularizer_on_frozen_parameters_is_a_recipe_error(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(
-        "recipe error: regularizers[0].params: 'policy.*base_layer.weight' matches frozen parameter 'policy.base_model.model.inp.base_layer.weight'"
+        "recipe error: regularizers[0].params: 'policy.*base_layer.weight' "
+        "matches frozen parameter 'policy.base_model.model.inp.base_layer.weight'"
     ), err
     assert "\n" not in err
 

@@ -96,7 +96,10 @@ def test_no_import_circles():
 
 
 def test_recipe_layer_loads_no_trainer():
-    code = "import sys, rlprox.recipe, rlprox.registry, rlprox.errors, rlprox.algos; print(sorted(m for m in sys.modules if m.startswith('rlprox.algos.')))"
+    code = (
+        "import sys, rlprox.recipe, rlprox.registry, rlprox.errors, rlprox.algos; "
+        "print(sorted(m for m in sys.modules if m.startswith('rlprox.algos.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -124,9 +124,9 @@ def test_brownian_on_a_trainer_that_does_not_offer_its_inputs_is_a_recipe_error(
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
-    assert (
-        capsys.readouterr().err.strip()
-        == "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t from the loss, which algo ppo does not provide (it offers none)"
+    assert capsys.readouterr().err.strip() == (
+        "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t "
+        "from the loss, which algo ppo does not provide (it offers none)"
     )
 
 

@@ -131,7 +131,8 @@ def test_error_is_recipe_error():
     with pytest.raises(RecipeError) as info:
         load_recipe({"algo": "ppo", "bogus": 1})
     assert str(info.value).startswith(
-        "recipe error: bogus: unknown key (algo ppo takes: algo, description, env, optim, ppo, regularizers, run, seed)"
+        "recipe error: bogus: unknown key (algo ppo takes: algo, "
+        "description, env, optim, ppo, regularizers, run, seed)"
     )
 
 

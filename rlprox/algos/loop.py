@@ -78,7 +78,9 @@ class LoopConfig:
     pipeline: str = (
         "zoo:digits-sd"  # diffusers StableDiffusionPipeline: local folder, hub id (offline cache) or zoo:NAME
     )
-    prompts: str = "digits"  # "digits" (the 50 digits-world prompts), a .txt file (one per line), or "module:function" returning (prompts, metadata)
+    # "digits" (the 50 digits-world prompts), a .txt file (one per
+    # line), or "module:function" returning (prompts, metadata)
+    prompts: str = "digits"
     eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
     prompts_per_iteration: int = 16  # P, prompts sampled per iteration, per process
@@ -112,7 +114,8 @@ def validate(recipe: "Recipe") -> None:
     if cfg.num_samples_per_prompt < 2 and cfg.advantage in ("loo", "group_norm"):
         raise RecipeError(
             "loop.num_samples_per_prompt",
-            f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} (got {cfg.num_samples_per_prompt})",
+            f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} "
+            f"(got {cfg.num_samples_per_prompt})",
         )
     if cfg.eta <= 0:
         raise RecipeError(
@@ -128,7 +131,8 @@ def validate(recipe: "Recipe") -> None:
     if samples % cfg.train_batch_size:
         raise RecipeError(
             "loop.train_batch_size",
-            f"{cfg.train_batch_size} does not divide the {samples} samples per iteration (num_samples_per_prompt × prompts_per_iteration)",
+            f"{cfg.train_batch_size} does not divide the {samples} samples "
+            "per iteration (num_samples_per_prompt × prompts_per_iteration)",
         )
     if cfg.finetune == "lora" and (cfg.lora.rank <= 0 or not cfg.lora.target_modules):
         raise RecipeError("loop.lora", "rank must be > 0 and target_modules non-empty")
@@ -247,7 +251,9 @@ class LOOP:
         except (OSError, ValueError) as err:
             raise RecipeError(
                 "loop.pipeline",
-                f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} ({str(err).strip().splitlines()[0][:160]}); no downloads at run time: give a local folder or a hub id already in the cache",
+                f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} "
+                f"({str(err).strip().splitlines()[0][:160]}); no downloads at "
+                "run time: give a local folder or a hub id already in the cache",
             ) from None
         self.tokenizer = pipe.tokenizer
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

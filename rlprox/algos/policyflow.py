@@ -82,7 +82,9 @@ class PolicyFlowConfig:
         "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
     )
     flow_steps: int = 10  # K midpoint (RK2) steps from noise to action
-    noise_scale: float = 1.0  # std of the flow's base noise, z ~ N(0, s² I); the flow starts near the identity, so the initial action spread is ≈ s (plus σ)
+    # std of the flow's base noise, z ~ N(0, s² I); the flow starts
+    # near the identity, so the initial action spread is ≈ s (plus σ)
+    noise_scale: float = 1.0
     t_sampling: Literal["grid", "uniform"] = "grid"  # t per sample: the K-point grid {k/K}, or U(0, 1)
     fpo_samples: int = 8  # ratio fpo: N (τ, ε) pairs per sample
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # velocity MLP widths
@@ -110,7 +112,8 @@ def validate(recipe: "Recipe") -> None:
     if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
         raise RecipeError(
             "policyflow.init_log_std",
-            f"must lie strictly between log_std_min {cfg.log_std_min} and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})",
+            f"must lie strictly between log_std_min {cfg.log_std_min} "
+            f"and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})",
         )
     rollout = env.num_envs * cfg.num_steps
     if rollout % cfg.minibatch_size or cfg.minibatch_size > rollout:
@@ -435,7 +438,9 @@ register_trainer(
             )
         ),
         minibatches_per_epoch=minibatches_per_epoch,
-        description="PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer",
+        description=(
+            "PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer"
+        ),
         eval_unit="episodes",
         eval_flags=("deterministic",),
         loss_inputs=("v", "v_hat", "x_t", "t"),

@@ -76,7 +76,8 @@ def validate(recipe: "Recipe") -> None:
     if cfg.batch_size > n:
         raise RecipeError(
             "sparse.batch_size",
-            f"{cfg.batch_size} is larger than the training split ({n} examples with sparse.holdout_every={cfg.holdout_every})",
+            f"{cfg.batch_size} is larger than the training split ({n} "
+            f"examples with sparse.holdout_every={cfg.holdout_every})",
         )
 
 

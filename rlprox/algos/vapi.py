@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 class ModelSpec:
     """The generator and its tokenizer: the digits world, or LlamaGen checkpoints."""
 
-    gpt: str = "zoo:digits-gpt"  # zoo:digits-gpt (its digits-vq comes along), or a LlamaGen GPT checkpoint file (.pt / .safetensors)
+    # zoo:digits-gpt (its digits-vq comes along), or a LlamaGen GPT checkpoint file (.pt / .safetensors)
+    gpt: str = "zoo:digits-gpt"
     vq: str = ""  # LlamaGen VQ checkpoint file (not with zoo:digits-gpt)
     config: str = ""  # LlamaGen GPT config for checkpoint files: GPT-B | GPT-L | GPT-XL | GPT-XXL
     vq_config: str = "VQ-16"  # LlamaGen VQ config: VQ-16 | VQ-8
@@ -68,7 +69,9 @@ class ModelSpec:
 class VapiConfig:
     """VA-π hyperparameters ("per process" counts are multiplied by the process count)."""
 
-    data: str = "digits"  # "digits" (the digits world's training split), an image folder with one sub-folder per class, or "hf:PATH" (a datasets.save_to_disk folder with image and label columns)
+    # "digits" (the digits world's training split), an image folder with one sub-folder per
+    # class, or "hf:PATH" (a datasets.save_to_disk folder with image and label columns)
+    data: str = "digits"
     images_per_iteration: int = 32  # B, per process
     group_size: int = 8  # G, token sequences sampled per image
     noise_prob: float = 0.0  # ξ: probability of replacing each context token by a random code
@@ -287,7 +290,8 @@ class VAPi:
         except RuntimeError as err:  # a state dict of another config
             raise RecipeError(
                 "model",
-                f"the checkpoints do not match model.config {spec.config} / {spec.vq_config} ({str(err).splitlines()[0][:160]})",
+                f"the checkpoints do not match model.config {spec.config} "
+                f"/ {spec.vq_config} ({str(err).splitlines()[0][:160]})",
             ) from None
         return gpt.train(), vq, spec.image_size
 

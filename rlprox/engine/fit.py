@@ -255,7 +255,8 @@ def _claim_run_dir(recipe: Recipe) -> None:
     if not recipe.run.overwrite:
         raise RecipeError(
             "run.name",
-            f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), start another with run.name=NEW, or replace it with run.overwrite=true",
+            f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), "
+            "start another with run.name=NEW, or replace it with run.overwrite=true",
         )
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(checkpoint.checkpoint_dir(run_dir), ignore_errors=True)

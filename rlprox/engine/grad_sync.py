@@ -80,12 +80,12 @@ class SharedMemoryAverager(GradientAverager):
     writes its gradient into its slot of a shared-memory buffer and publishes a step
     counter; every process then sums the slots in rank order (identical results on
     every rank). For a small policy on a few cores this is several times faster than a
-    gloo all-reduce interleaved with compute (benchmarks/ppo_scaling.py). Slots are double-buffered: a process can only start
-    writing step k + 2 after every process has published step k + 1, i.e. finished
-    reading step k. Publishing relies on x86's ordered stores; other CPUs use
-    ``GradientAverager``. The segment is unlinked as soon as every process has mapped
-    it, so nothing is left in /dev/shm even after a crash. A process that waits more
-    than ``timeout`` seconds for the others raises.
+    gloo all-reduce interleaved with compute (benchmarks/ppo_scaling.py). Slots are
+    double-buffered: a process can only start writing step k + 2 after every process has
+    published step k + 1, i.e. finished reading step k. Publishing relies on x86's
+    ordered stores; other CPUs use ``GradientAverager``. The segment is unlinked as soon
+    as every process has mapped it, so nothing is left in /dev/shm even after a crash. A
+    process that waits more than ``timeout`` seconds for the others raises.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], world: int, rank: int, timeout: float = 600.0):
@@ -160,7 +160,8 @@ class SharedMemoryAverager(GradientAverager):
                         start = time.monotonic()
                     elif spins % 4096 == 0 and time.monotonic() - start > self.timeout:
                         raise RuntimeError(
-                            f"process {j} did not reach gradient step {k} within {self.timeout:.0f} s (it died or hangs)"
+                            f"process {j} did not reach gradient step {k} "
+                            f"within {self.timeout:.0f} s (it died or hangs)"
                         )
 
     def close(self) -> None:

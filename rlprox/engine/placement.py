@@ -30,12 +30,14 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         raise RecipeError(
             "run",
-            "accelerate's FSDP launch config is not used: launch with recipes/accelerate/multi_gpu.yaml (or multi_cpu.yaml) and set run.grad_sync=fsdp; the engine shards the trained modules itself (torch FSDP2)",
+            "accelerate's FSDP launch config is not used: launch with recipes/accelerate/multi_gpu.yaml (or "
+            "multi_cpu.yaml) and set run.grad_sync=fsdp; the engine shards the trained modules itself (torch FSDP2)",
         )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise RecipeError(
             "run",
-            "DeepSpeed is not supported by the rlprox engine; use run.grad_sync=fsdp to shard parameters, gradients and optimizer state",
+            "DeepSpeed is not supported by the rlprox engine; use "
+            "run.grad_sync=fsdp to shard parameters, gradients and optimizer state",
         )
     # A process may build several engines (tests, notebooks, benchmarks) with different
     # precision settings: start from a clean accelerator state each time, keeping the
@@ -71,7 +73,8 @@ def make_accelerator(run, project_dir: Path | None = None) -> Accelerator:
     if launched != accelerator.num_processes:
         raise RecipeError(
             "run",
-            f"{launched} processes were launched but accelerate joined {accelerator.num_processes} (distributed type {accelerator.distributed_type.value}); use recipes/accelerate/multi_cpu.yaml or multi_gpu.yaml",
+            f"{launched} processes were launched but accelerate joined {accelerator.num_processes} (distributed "
+            f"type {accelerator.distributed_type.value}); use recipes/accelerate/multi_cpu.yaml or multi_gpu.yaml",
         )
     return accelerator
 

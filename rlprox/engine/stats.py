@@ -78,7 +78,8 @@ def reduce_stats(stats: dict[str, float], reductions: dict[str, str], accelerato
         sums_t = accelerator.reduce(sums_t.to(device), reduction="sum").cpu()
         if world * float(sums_t[-1]) != float(sums_t[-2]) ** 2:
             raise RuntimeError(
-                "iteration stats differ in their keys across processes; every process must return the same keys (NaN where it has no value)"
+                "iteration stats differ in their keys across processes; every "
+                "process must return the same keys (NaN where it has no value)"
             )
         if ext_keys:
             ext_t = ext_t.to(device)

@@ -46,7 +46,8 @@ def _ddim_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float
         raise ValueError("call scheduler.set_timesteps(num_steps) first")
     if getattr(scheduler.config, "thresholding", False):
         raise ValueError(
-            "dynamic thresholding makes x̂0 a non-Gaussian function of the noise; use a scheduler with thresholding=False"
+            "dynamic thresholding makes x̂0 a non-Gaussian function "
+            "of the noise; use a scheduler with thresholding=False"
         )
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alphas = scheduler.alphas_cumprod.to(x_t.device)

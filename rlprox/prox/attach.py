@@ -15,8 +15,9 @@ number or a schedule over iterations — use it with Adam/AdamW, whose lr is no 
 step size; with ``optim.name: sgd`` leave it out and the step is proximal SGD's own). mode "penalty": λ·R(param) is
 added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brownian
 term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
-the trainer computes, and the trainer adds them with ``runtime.loss_side_penalties``. ``schedule`` gives λ per iteration (then omit ``lam``).
-This is the one place where every trainer gets its regularizers from.
+the trainer computes, and the trainer adds them with ``runtime.loss_side_penalties``.
+``schedule`` gives λ per iteration (then omit ``lam``). This is the one place where
+every trainer gets its regularizers from.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def parse_spec(spec: dict, index: int):
         if "params" in spec:
             raise RecipeError(
                 f"{key}.params",
-                f"{spec['type']} acts on what the trainer computes ({', '.join(reg.inputs)}), not on parameters; remove params",
+                f"{spec['type']} acts on what the trainer computes "
+                f"({', '.join(reg.inputs)}), not on parameters; remove params",
             )
         mode = spec.get("mode", "loss")
         if mode != "loss":
@@ -167,25 +169,29 @@ def attach_regularizers(
         if sharded and mode == "penalty":
             raise RecipeError(
                 f"regularizers[{i}].mode",
-                f"{spec['type']} in mode penalty is not supported on FSDP-sharded parameters (run.grad_sync: fsdp); use mode: prox",
+                f"{spec['type']} in mode penalty is not supported on "
+                "FSDP-sharded parameters (run.grad_sync: fsdp); use mode: prox",
             )
         if sharded and not getattr(reg, "elementwise", False):
             raise RecipeError(
                 f"regularizers[{i}].type",
-                f"{spec['type']} needs whole parameters (groups, top-k or SVD) and cannot act on FSDP shards (run.grad_sync: fsdp); use l1, l0 or elastic_net, or run.grad_sync: ddp",
+                f"{spec['type']} needs whole parameters (groups, top-k or SVD) and cannot act on "
+                "FSDP shards (run.grad_sync: fsdp); use l1, l0 or elastic_net, or run.grad_sync: ddp",
             )
         names = [n for n in named_params if fnmatch.fnmatchcase(n, spec["params"])]
         frozen = [n for n in frozen_names if fnmatch.fnmatchcase(n, spec["params"])]
         if frozen:
             raise RecipeError(
                 f"regularizers[{i}].params",
-                f"{spec['params']!r} matches frozen parameter {frozen[0]!r} ({len(frozen)} in all); regularizers act on trained parameters only",
+                f"{spec['params']!r} matches frozen parameter {frozen[0]!r} "
+                f"({len(frozen)} in all); regularizers act on trained parameters only",
             )
         if not names:
             shown = ", ".join(list(named_params)[:12])
             raise RecipeError(
                 f"regularizers[{i}].params",
-                f"{spec['params']!r} matches no parameter; parameters are: {shown}{', ...' if len(named_params) > 12 else ''}",
+                f"{spec['params']!r} matches no parameter; parameters "
+                f"are: {shown}{', ...' if len(named_params) > 12 else ''}",
             )
         for n in names:
             if mode == "prox" and n in claimed:

@@ -181,7 +181,10 @@ class AestheticMLP(torch.nn.Module):
 
 
 def _check_aesthetic_paths(clip_path: str = "", mlp_path: str = "") -> None:
-    hint = "download openai/clip-vit-large-patch14 and the LAION sac+logos+ava1-l14-linearMSE.pth once, then set reward kwargs clip_path / mlp_path to the local copies"
+    hint = (
+        "download openai/clip-vit-large-patch14 and the LAION sac+logos+ava1-l14-linearMSE.pth "
+        "once, then set reward kwargs clip_path / mlp_path to the local copies"
+    )
     if not clip_path or not Path(clip_path).is_dir():
         raise ValueError(f"reward 'aesthetic': clip_path {clip_path!r} is not a local CLIP model folder ({hint})")
     if not mlp_path or not Path(mlp_path).is_file():
