@@ -5,10 +5,61 @@ with advantage moments that are global over processes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from rlprox import objectives
+from rlprox.errors import RecipeError
+from rlprox.gymenv import validate_env
+
+if TYPE_CHECKING:
+    from rlprox.recipe import Recipe
+
+
+@dataclass
+class OnPolicyConfig:
+    """Rollout, GAE and clipped-update fields of every actor-critic trainer on gym envs
+    (symbols of Schulman et al. 2017); each trainer's config adds its policy's fields."""
+
+    num_steps: int = 128  # rollout length T per env per iteration
+    minibatch_size: int = 256  # samples per minibatch, per process
+    update_epochs: int = 4  # K epochs over each rollout
+    gamma: float = 0.99  # discount γ
+    gae_lambda: float = 0.95  # GAE λ
+    clip_coef: float = 0.2  # ratio clip range ε
+    clip_vloss: bool = True  # clip the value loss with the same ε (PPO2)
+    vf_coef: float = 0.5  # value loss coefficient c₁
+    ent_coef: float = 0.0  # entropy bonus coefficient c₂
+    norm_adv: bool = True  # normalise advantages per minibatch (moments over all processes)
+    target_kl: float = 0.0  # stop the epochs once the epoch's mean approx-KL exceeds this; 0 disables
+
+
+def validate_onpolicy(recipe: "Recipe", section: str) -> None:
+    """The env section and the ``OnPolicyConfig`` fields of recipe section ``section``."""
+    cfg, env = getattr(recipe, section), recipe.env
+    validate_env(env)
+    if not 0.0 < cfg.gamma <= 1.0:
+        raise RecipeError(f"{section}.gamma", f"must be in (0, 1] (got {cfg.gamma})")
+    if not 0.0 <= cfg.gae_lambda <= 1.0:
+        raise RecipeError(f"{section}.gae_lambda", f"must be in [0, 1] (got {cfg.gae_lambda})")
+    if cfg.clip_coef <= 0:
+        raise RecipeError(f"{section}.clip_coef", f"must be > 0 (got {cfg.clip_coef})")
+    if cfg.target_kl < 0:
+        raise RecipeError(f"{section}.target_kl", f"must be >= 0 (got {cfg.target_kl})")
+    rollout = env.num_envs * cfg.num_steps
+    if cfg.minibatch_size > rollout or rollout % cfg.minibatch_size:
+        raise RecipeError(
+            f"{section}.minibatch_size",
+            f"{cfg.minibatch_size} must divide the rollout (env.num_envs × {section}.num_steps = {rollout})",
+        )
+
+
+def minibatches_per_epoch(recipe: "Recipe", section: str) -> int:
+    cfg = getattr(recipe, section)
+    return recipe.env.num_envs * cfg.num_steps // cfg.minibatch_size
 
 
 def bootstrap_next_values(

@@ -23,8 +23,8 @@ BAD = [
     ({"run": {"progress": "yes"}}, [], "run.progress: expected true/false"),
     ({"ppo": {"gamma": 1.5}}, [], "ppo.gamma: must be in (0, 1]"),
     ({"optim": {"lr": -1}}, [], "optim.lr: must be > 0"),
-    ({"ppo": {"minibatch_size": 64}}, [], "ppo.minibatch_size: 64 is larger than the rollout"),
-    ({"ppo": {"minibatch_size": 5}}, [], "ppo.minibatch_size: 5 does not divide the rollout"),
+    ({"ppo": {"minibatch_size": 64}}, [], "ppo.minibatch_size: 64 must divide the rollout"),
+    ({"ppo": {"minibatch_size": 5}}, [], "ppo.minibatch_size: 5 must divide the rollout"),
     ({"env": {"id": "CartPol-v1"}}, [], "env.id: unknown gymnasium env 'CartPol-v1' (did you mean 'CartPole-v1'?)"),
     ({"env": {"id": "nosuchmodule:Env"}}, [], "env.id: cannot import module 'nosuchmodule'"),
     (

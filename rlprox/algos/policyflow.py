@@ -25,6 +25,7 @@ Actor and critic take separate learning rates through the engine's parameter gro
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -44,16 +45,18 @@ from rlprox.gymenv import (
     load_normalisers,
     make_vec_env,
     observation_dim,
-    validate_env,
 )
 from rlprox.onpolicy import (
     Columns,
     MinibatchSampler,
+    OnPolicyConfig,
     bootstrap_next_values,
     evaluate_snapshot,
     gae_targets,
+    minibatches_per_epoch,
     normalized_advantages,
     rollout_stats,
+    validate_onpolicy,
 )
 
 if TYPE_CHECKING:
@@ -64,20 +67,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PolicyFlowConfig:
-    """PolicyFlow hyperparameters (PPO's names where they are PPO's)."""
+class PolicyFlowConfig(OnPolicyConfig):
+    """PolicyFlow hyperparameters: PPO's rollout and update fields (``OnPolicyConfig``;
+    ``ent_coef`` is w_g, the entropy bonus of the Gaussian head N(0, σ²)), then the flow's."""
 
-    num_steps: int = 128  # rollout length T per env per iteration
-    minibatch_size: int = 256  # samples per minibatch, per process
-    update_epochs: int = 4  # epochs over each rollout
-    gamma: float = 0.99  # discount γ
-    gae_lambda: float = 0.95  # GAE λ
-    clip_coef: float = 0.2  # ratio clip ε
-    clip_vloss: bool = True  # clip the value loss with ε (PPO2)
-    vf_coef: float = 0.5  # c_v
-    ent_coef: float = 0.0  # w_g: entropy bonus of the Gaussian head N(0, σ²)
-    norm_adv: bool = True  # normalise advantages per minibatch (over all processes)
-    target_kl: float = 0.0  # stop the epochs once the epoch's approx-KL exceeds this; 0 disables
     ratio: Literal["velocity", "fpo"] = (
         "velocity"  # PolicyFlow's velocity-difference ratio, or FPO's flow-matching-loss ratio
     )
@@ -103,28 +96,16 @@ class PolicyFlowConfig:
 
 
 def validate(recipe: "Recipe") -> None:
-    cfg, env = recipe.policyflow, recipe.env
-    validate_env(env)
+    validate_onpolicy(recipe, "policyflow")
+    cfg = recipe.policyflow
     if cfg.noise_scale <= 0:
         raise RecipeError("policyflow.noise_scale", f"must be > 0 (got {cfg.noise_scale})")
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise RecipeError("policyflow.gamma", f"must be in (0, 1] (got {cfg.gamma})")
     if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
         raise RecipeError(
             "policyflow.init_log_std",
             f"must lie strictly between log_std_min {cfg.log_std_min} "
             f"and log_std_max {cfg.log_std_max} (got {cfg.init_log_std})",
         )
-    rollout = env.num_envs * cfg.num_steps
-    if rollout % cfg.minibatch_size or cfg.minibatch_size > rollout:
-        raise RecipeError(
-            "policyflow.minibatch_size",
-            f"{cfg.minibatch_size} must divide the rollout (env.num_envs × policyflow.num_steps = {rollout})",
-        )
-
-
-def minibatches_per_epoch(recipe: "Recipe") -> int:
-    return recipe.env.num_envs * recipe.policyflow.num_steps // recipe.policyflow.minibatch_size
 
 
 class PolicyFlow:
@@ -437,7 +418,7 @@ register_trainer(
                 "obs_embed",
             )
         ),
-        minibatches_per_epoch=minibatches_per_epoch,
+        minibatches_per_epoch=functools.partial(minibatches_per_epoch, section="policyflow"),
         description=(
             "PolicyFlow: PPO with a flow-matching policy, velocity-difference (or FPO) ratio, Brownian regularizer"
         ),

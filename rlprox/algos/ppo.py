@@ -13,6 +13,7 @@ how to compute ADVANTAGES, and what the LOSS is.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -33,16 +34,18 @@ from rlprox.gymenv import (
     load_normalisers,
     make_vec_env,
     observation_dim,
-    validate_env,
 )
 from rlprox.onpolicy import (
     Columns,
     MinibatchSampler,
+    OnPolicyConfig,
     bootstrap_next_values,
     evaluate_snapshot,
     gae_targets,
+    minibatches_per_epoch,
     normalized_advantages,
     rollout_stats,
+    validate_onpolicy,
 )
 
 if TYPE_CHECKING:
@@ -53,20 +56,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PPOConfig:
-    """PPO hyperparameters (symbols of Schulman et al. 2017)."""
+class PPOConfig(OnPolicyConfig):
+    """PPO hyperparameters (symbols of Schulman et al. 2017): the shared rollout and
+    update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
 
-    num_steps: int = 128  # rollout length T per env per iteration
-    minibatch_size: int = 256  # samples per minibatch, per process
-    update_epochs: int = 4  # K epochs over each rollout
-    gamma: float = 0.99  # discount γ
-    gae_lambda: float = 0.95  # GAE λ
-    clip_coef: float = 0.2  # surrogate clip range ε
-    clip_vloss: bool = True  # clip the value loss with the same ε (PPO2)
-    ent_coef: float = 0.0  # entropy bonus coefficient c₂
-    vf_coef: float = 0.5  # value loss coefficient c₁
-    norm_adv: bool = True  # normalise advantages per minibatch
-    target_kl: float = 0.0  # stop the epochs once the epoch's mean approx-KL exceeds this; 0 disables
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor and critic MLP widths
     activation: Literal["tanh", "relu"] = "tanh"
     init_log_std: float = 0.0  # continuous actions: initial log σ
@@ -74,33 +67,10 @@ class PPOConfig:
 
 
 def validate(recipe: "Recipe") -> None:
-    cfg, env = recipe.ppo, recipe.env
-    validate_env(env)
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise RecipeError("ppo.gamma", f"must be in (0, 1] (got {cfg.gamma})")
-    if not 0.0 <= cfg.gae_lambda <= 1.0:
-        raise RecipeError("ppo.gae_lambda", f"must be in [0, 1] (got {cfg.gae_lambda})")
-    if cfg.clip_coef <= 0:
-        raise RecipeError("ppo.clip_coef", f"must be > 0 (got {cfg.clip_coef})")
-    if cfg.target_kl < 0:
-        raise RecipeError("ppo.target_kl", f"must be >= 0 (got {cfg.target_kl})")
+    validate_onpolicy(recipe, "ppo")
+    cfg = recipe.ppo
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise RecipeError("ppo.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})")
-    rollout = env.num_envs * cfg.num_steps
-    if cfg.minibatch_size > rollout:
-        raise RecipeError(
-            "ppo.minibatch_size",
-            f"{cfg.minibatch_size} is larger than the rollout (env.num_envs × ppo.num_steps = {rollout})",
-        )
-    if rollout % cfg.minibatch_size:
-        raise RecipeError(
-            "ppo.minibatch_size",
-            f"{cfg.minibatch_size} does not divide the rollout (env.num_envs × ppo.num_steps = {rollout})",
-        )
-
-
-def minibatches_per_epoch(recipe: "Recipe") -> int:
-    return recipe.env.num_envs * recipe.ppo.num_steps // recipe.ppo.minibatch_size
 
 
 class PPO:
@@ -324,7 +294,7 @@ register_trainer(
         sections={"env": EnvConfig, "ppo": PPOConfig},
         validate=validate,
         counts=("ppo.num_steps", "ppo.minibatch_size", "ppo.update_epochs"),
-        minibatches_per_epoch=minibatches_per_epoch,
+        minibatches_per_epoch=functools.partial(minibatches_per_epoch, section="ppo"),
         description="PPO on any gymnasium env (discrete or continuous actions)",
         eval_unit="episodes",
         eval_flags=("deterministic",),

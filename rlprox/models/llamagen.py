@@ -132,13 +132,7 @@ class Encoder(nn.Module):
             last = level == len(ch_mult) - 1
             attn = [AttnBlock(out_ch, groups) for _ in res] if last else []
             self.conv_blocks.append(_Stage(res, attn, None if last else Downsample(in_ch), "downsample"))
-        self.mid = nn.ModuleList(
-            [
-                ResnetBlock(in_ch, in_ch, groups, dropout),
-                AttnBlock(in_ch, groups),
-                ResnetBlock(in_ch, in_ch, groups, dropout),
-            ]
-        )
+        self.mid = _mid_block(in_ch, groups, dropout)
         self.norm_out = _norm(in_ch, groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
 
@@ -151,18 +145,23 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def _mid_block(channels: int, groups: int, dropout: float) -> nn.ModuleList:
+    """The encoder's and decoder's middle: resnet, attention, resnet (LlamaGen's ``mid``)."""
+    return nn.ModuleList(
+        [
+            ResnetBlock(channels, channels, groups, dropout),
+            AttnBlock(channels, groups),
+            ResnetBlock(channels, channels, groups, dropout),
+        ]
+    )
+
+
 class Decoder(nn.Module):
     def __init__(self, out_channels, ch, ch_mult, num_res_blocks, z_channels, groups, dropout):
         super().__init__()
         in_ch = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
-        self.mid = nn.ModuleList(
-            [
-                ResnetBlock(in_ch, in_ch, groups, dropout),
-                AttnBlock(in_ch, groups),
-                ResnetBlock(in_ch, in_ch, groups, dropout),
-            ]
-        )
+        self.mid = _mid_block(in_ch, groups, dropout)
         self.conv_blocks = nn.ModuleList()
         for level, mult in enumerate(reversed(ch_mult)):
             out_ch = ch * mult
