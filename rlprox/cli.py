@@ -376,9 +376,6 @@ def _error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlprox.checkpoint import CheckpointError
-    from rlprox.errors import RecipeError, RewardError
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -390,6 +387,26 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value <= 0:
             print(f"error: --{flag.replace('_', '-')} must be > 0", file=sys.stderr)
             return EXIT_USAGE
+    try:
+        return _run(args)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A process started by torchrun or accelerate leaves its process group before the
+    interpreter exits (every command, ``eval`` and ``export`` included): gloo worker
+    threads still alive at interpreter shutdown abort the process after its work is done
+    ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(args) -> int:
+    from rlprox.checkpoint import CheckpointError
+    from rlprox.errors import RecipeError, RewardError
+
     try:
         return args.func(args)
     except (RecipeError, CheckpointError) as err:
