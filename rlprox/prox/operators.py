@@ -21,21 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "prox_l1",
-    "prox_group_l2",
-    "prox_l0",
-    "project_topk",
-    "project_abs_topk",
-    "prox_elastic_net",
-    "prox_nuclear",
-    "sef",
-    "prox_sef",
-    "wgsef",
-    "prox_wgsef",
-    "clip_outliers",
-]
-
 
 def _is_scalar(t) -> bool:
     return not isinstance(t, torch.Tensor) or t.numel() == 1
