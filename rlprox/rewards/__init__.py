@@ -28,7 +28,10 @@ from rlprox.registry import Registry
 
 RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
 # rewards in their own modules, imported on first lookup (a recipe that does not name them never loads them)
-REWARDS = Registry("reward", lazy={"http": "rlprox.rewards.remote"})
+REWARDS = Registry(
+    "reward",
+    lazy={"http": "rlprox.rewards.remote", "clip_score": "rlprox.rewards.clip", "pickscore": "rlprox.rewards.clip"},
+)
 CALL_ARGS = ("images", "prompts", "metadata")
 
 __all__ = [
