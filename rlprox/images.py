@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) images in [0, 1] -> (B, H, W, 3) uint8 array, round(255·x) of the clamped values."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def make_grid(images: torch.Tensor, rows: int = 0, scale: int = 0, pad: int = 1, cols: int = 0) -> np.ndarray:
     """(N, 3, H, W) images in [0, 1] -> one (H', W', 3) uint8 array, row major.
 

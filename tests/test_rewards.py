@@ -94,26 +94,32 @@ def test_jpeg_rewards_rank_flat_images_as_more_compressible():
     assert comp.shape == (2,) and comp[0] > comp[1] and incomp[1] > incomp[0] > 0
 
 
+def tiny_clip_config(tokenizer=None):
+    """A CLIP of width 16 (one layer per tower, 32×32 images, 12-d projection); with ``tokenizer``,
+    its text tower takes that tokenizer's ids."""
+    from transformers import CLIPConfig
+
+    layer = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = dict(layer)
+    if tokenizer is not None:
+        text.update(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return CLIPConfig(text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8}, projection_dim=12)
+
+
 def test_aesthetic_loads_local_weights_only_and_says_what_is_missing(tmp_path):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     from rlprox.rewards import AestheticMLP, build_reward
 
     with pytest.raises(ValueError, match="reward 'aesthetic': clip_path '/no/clip' is not a local CLIP model folder"):
         build_reward({"name": "aesthetic", "kwargs": {"clip_path": "/no/clip", "mlp_path": "/no/mlp.pth"}})
-    config = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=12,
-    )
-    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPModel(tiny_clip_config()).save_pretrained(tmp_path / "clip")
     torch.save(AestheticMLP(12).state_dict(), tmp_path / "mlp.pth")
     reward = build_reward(
         {"name": "aesthetic", "kwargs": {"clip_path": str(tmp_path / "clip"), "mlp_path": str(tmp_path / "mlp.pth")}}
@@ -135,3 +141,86 @@ def test_weighted_multi_reward_sums_terms_and_checks_each():
     bad = build_reward("tests.reward_plugins:wrong_shape")
     with pytest.raises(RewardError, match=r"returned shape \(2, 3\) for 2 images"):
         bad(images, ["", ""], [{}, {}])
+
+
+# ----------------------------------------------------------------------------- CLIP rewards
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A saved random CLIPModel + CLIPProcessor (digits-sd's offline tokenizer, 32×32 crops)."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from rlprox.zoo.sd import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    CLIPModel(tiny_clip_config(tokenizer)).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["clip_score", "pickscore"])
+def test_clip_rewards_equal_the_direct_computation(tiny_clip, name):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from rlprox.rewards import build_reward
+
+    images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red seven", "the digit one", "a blue two"]
+    scores, _ = build_reward({"name": name, "kwargs": {"model_path": str(tiny_clip)}})(images, prompts, [{}] * 3)
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    inputs = processor(text=prompts, images=list(images), do_rescale=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.diagonal()  # exp(τ)·cos(image_i, prompt_i)
+    expected = logits if name == "pickscore" else (100 * logits / model.logit_scale.exp()).clamp(min=0)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, expected.detach())
+
+
+def test_clip_rewards_load_once_when_built(tiny_clip, monkeypatch):
+    from rlprox.rewards import build_reward
+    from rlprox.rewards.clip import load_clip
+
+    load_clip.cache_clear()
+    reward = build_reward({"name": "pickscore", "kwargs": {"model_path": str(tiny_clip)}})
+    assert load_clip.cache_info().currsize == 1  # loaded at build, before any call
+    reward(torch.rand(2, 3, 32, 32), ["a red one", "a two"], [{}, {}])
+    reward(torch.rand(2, 3, 32, 32), ["a red one", "a two"], [{}, {}])
+    assert load_clip.cache_info().misses == 1
+
+
+def test_clip_rewards_say_what_is_missing_in_one_line(tiny_clip, tmp_path):
+    import shutil
+
+    from rlprox.rewards import build_reward
+
+    def error(**kwargs) -> str:
+        with pytest.raises(ValueError) as err:
+            build_reward({"name": "pickscore", "kwargs": kwargs})
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert error(model_path="") == "reward pickscore: model_path must be a local CLIP folder (got '')"
+    assert error(model_path="/no/x") == "reward pickscore: model_path /no/x: no CLIP model there (not a folder)"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        error(model_path=str(empty))
+        == f"reward pickscore: model_path {empty}: no CLIP model there (config.json missing)"
+    )
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    shutil.copy(tiny_clip / "config.json", weightless)
+    assert "no CLIP model there (no model.safetensors or pytorch_model.bin)" in error(model_path=str(weightless))
+    assert error(model_path=str(tiny_clip), processor_path=str(empty)) == (
+        f"reward pickscore: processor_path {empty}: no CLIP processor there (tokenizer.json or vocab.json missing)"
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    assert error(model_path=str(broken)).startswith(
+        f"reward pickscore: model_path {broken}: cannot load a CLIPModel ("
+    )

@@ -27,7 +27,11 @@ from rlprox.errors import RegistryError, RewardError
 from rlprox.registry import Registry
 
 RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
-REWARDS = Registry("reward")
+# rewards in their own modules, imported on first lookup (a recipe that does not name them never loads them)
+REWARDS = Registry(
+    "reward",
+    lazy={"http": "rlprox.rewards.remote", "clip_score": "rlprox.rewards.clip", "pickscore": "rlprox.rewards.clip"},
+)
 CALL_ARGS = ("images", "prompts", "metadata")
 
 __all__ = [
@@ -145,9 +149,10 @@ def _jpeg_kilobytes(images: torch.Tensor, quality: int) -> torch.Tensor:
 
     from PIL import Image
 
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    from rlprox.images import to_uint8
+
     sizes = []
-    for array in arrays:
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)
@@ -325,7 +330,8 @@ def _terms(spec) -> list[RewardTerm]:
 class WeightedReward:
     """Σ_i w_i·r_i(images, prompts, metadata), every term's output checked: a reward
     that raises, returns a wrong shape or nothing finite stops the run with one line
-    (``RewardError``) naming it and what it returned. Individual non-finite values
+    (``RewardError``) naming it and what it returned; a ``RewardError`` the reward raises
+    itself passes unchanged (it already names the reward). Individual non-finite values
     pass through (the advantage leaves them out and the stats count them)."""
 
     def __init__(self, terms: list[tuple[str, float, RewardFn]]):
@@ -338,6 +344,8 @@ class WeightedReward:
         for name, weight, fn in self.terms:
             try:
                 out = fn(images, prompts, metadata)
+            except RewardError:  # already one line naming the reward
+                raise
             except Exception as err:  # noqa: BLE001  (a plugin may raise anything)
                 first = (str(err).strip().splitlines() or [""])[0][:200]
                 raise RewardError(f"reward {name!r} raised {type(err).__name__}: {first}") from None
