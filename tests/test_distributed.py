@@ -25,6 +25,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def is_launch_accident(output: str) -> bool:
+    """Failures of a 2-process launch that are not the code under test, retried once:
+    losing the race for the free port, and gloo's abort at interpreter exit after the
+    script's work is done and its process group destroyed (std::terminate on a C++
+    thread, seen in one or two of a hundred launches on a loaded 2-core machine). The
+    script (tests/dist_update.py) only writes its outputs, so running it again is safe."""
+    return "address already in use" in output.lower() or "terminate called without an active exception" in output
+
+
 def launch(tmp_path, recipe: dict, *overrides):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -43,8 +52,8 @@ def launch(tmp_path, recipe: dict, *overrides):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if out.returncode != 0 and "address already in use" in (out.stdout + out.stderr).lower():
-        cmd[cmd.index("--main_process_port") + 1] = str(free_port())  # lost a port race: once more
+    if out.returncode != 0 and is_launch_accident(out.stdout + out.stderr):
+        cmd[cmd.index("--main_process_port") + 1] = str(free_port())  # once more, on a fresh port
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)], path
