@@ -2,8 +2,11 @@
 (Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
 Diffusion Fine-tuning", arXiv 2503.00897).
 
-Each DDIM step is a Gaussian policy π_θ(x_{t−1} | x_t, c) (rlprox/models/diffusion.py).
-Per iteration, each process:
+Each denoising step is a Gaussian policy π_θ(x_{t−1} | x_t, c): a DDIM(η) step for UNet
+pipelines (rlprox/models/diffusion.py), a flow-matching SDE or CPS step on ``sde_window``'s
+steps for SD3 (rlprox/models/flow_match.py; the other steps are ODE steps, not trained). A
+pipeline adapter per family (rlprox/models/pipelines.py) encodes prompts, samples, re-evaluates
+a step's log-prob and decodes; the trainer calls no pipeline class itself. Per iteration, each process:
 
     COLLECT    P prompts × K samples each, DDIM(η) with classifier-free guidance, noise
                from the engine's per-rank generator; every latent and log π_old kept.
@@ -25,8 +28,8 @@ Settings of this one trainer reach the related methods: DDPO = ``advantage:
 prompt_stats``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
 optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
 
-The UNet is trained (LoRA through peft by default, or fully); the VAE and text encoder
-are frozen. The K copies of a prompt stay on the process that sampled them, so the
+The denoiser (UNet or transformer) is trained (LoRA through peft by default, or fully); the
+VAE and text encoders are frozen. The K copies of a prompt stay on the process that sampled them, so the
 leave-one-out baseline needs no communication; DDPO's per-prompt statistics and batch normalisation
 gather the rewards of all processes.
 """
@@ -621,11 +624,7 @@ class LOOP:
         out_dir = Path(out_dir)
         denoiser = self._denoiser()
         if self.cfg.finetune == "lora":
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-            self.pipeline.save_lora(out_dir, layers, denoiser.peft_config["default"].to_dict())
+            self.pipeline.save_lora(out_dir, denoiser)
             return [out_dir / "pytorch_lora_weights.safetensors"]
         self.pipeline.save_full(out_dir, self.path, denoiser)
         return [out_dir]

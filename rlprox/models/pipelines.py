@@ -181,11 +181,15 @@ class StableDiffusionAdapter:
 
         return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
 
-    def save_lora(self, out_dir: Path, layers: dict, metadata: dict) -> None:
+    def save_lora(self, out_dir: Path, model) -> None:
+        """The adapter in the format ``StableDiffusionPipeline.load_lora_weights`` reads."""
         from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
 
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
         StableDiffusionPipeline.save_lora_weights(
-            str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+            str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=model.peft_config["default"].to_dict()
         )
 
     def save_full(self, out_dir: Path, path, model) -> None:
@@ -363,11 +367,17 @@ class StableDiffusion3Adapter:
 
         return SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", torch_dtype=dtype)
 
-    def save_lora(self, out_dir: Path, layers: dict, metadata: dict) -> None:
+    def save_lora(self, out_dir: Path, model) -> None:
+        """The adapter in the format ``StableDiffusion3Pipeline.load_lora_weights`` reads: peft's
+        lora_A / lora_B names (its loader drops the older lora.down / lora.up names that
+        ``convert_state_dict_to_diffusers`` would give the to_q / to_k / to_v / to_out.0 layers)."""
         from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
 
         StableDiffusion3Pipeline.save_lora_weights(
-            str(out_dir), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+            str(out_dir),
+            transformer_lora_layers=get_peft_model_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
         )
 
     def save_full(self, out_dir: Path, path, model) -> None:
