@@ -2,8 +2,11 @@
 (Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
 Diffusion Fine-tuning", arXiv 2503.00897).
 
-Each DDIM step is a Gaussian policy π_θ(x_{t−1} | x_t, c) (rlprox/models/diffusion.py).
-Per iteration, each process:
+Each denoising step is a Gaussian policy π_θ(x_{t−1} | x_t, c): a DDIM(η) step for UNet
+pipelines (rlprox/models/diffusion.py), a flow-matching SDE or CPS step on ``sde_window``'s
+steps for SD3 (rlprox/models/flow_match.py; the other steps are ODE steps, not trained). A
+pipeline adapter per family (rlprox/models/pipelines.py) encodes prompts, samples, re-evaluates
+a step's log-prob and decodes; the trainer calls no pipeline class itself. Per iteration, each process:
 
     COLLECT    P prompts × K samples each, DDIM(η) with classifier-free guidance, noise
                from the engine's per-rank generator; every latent and log π_old kept.
@@ -25,8 +28,8 @@ Settings of this one trainer reach the related methods: DDPO = ``advantage:
 prompt_stats``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
 optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
 
-The UNet is trained (LoRA through peft by default, or fully); the VAE and text encoder
-are frozen. The K copies of a prompt stay on the process that sampled them, so the
+The denoiser (UNet or transformer) is trained (LoRA through peft by default, or fully); the
+VAE and text encoders are frozen. The K copies of a prompt stay on the process that sampled them, so the
 leave-one-out baseline needs no communication; DDPO's per-prompt statistics and batch normalisation
 gather the rewards of all processes.
 """
@@ -36,7 +39,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -47,14 +49,7 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError, RegistryError
-from rlprox.models.diffusion import (
-    ddim_step_with_logprob,
-    decode_latents,
-    denoise_with_noise,
-    encode_prompts,
-    guided_noise,
-    sample_trajectories,
-)
+from rlprox.models.pipelines import Sampling, adapter_for_class, pipeline_class
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
@@ -64,28 +59,41 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoraSpec:
-    """LoRA adapters on the UNet (peft)."""
+    """LoRA adapters on the denoiser (UNet or transformer, peft)."""
 
     rank: int = 4  # r
     alpha: float = 4.0  # scale α/r
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # module names to adapt; empty: the family's attention projections (SD: to_q, to_k, to_v,
+    # to_out.0; SD3: those and the text stream's add_q_proj, add_k_proj, add_v_proj, to_add_out)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
-    pipeline: str = (
-        "zoo:digits-sd"  # diffusers StableDiffusionPipeline: local folder, hub id (offline cache) or zoo:NAME
-    )
+    # a diffusers StableDiffusionPipeline (UNet + DDIM) or StableDiffusion3Pipeline (transformer +
+    # flow matching): local folder, hub id (offline cache) or zoo:NAME
+    pipeline: str = "zoo:digits-sd"
     # "digits" (the 50 digits-world prompts), a .txt file (one per
     # line), or "module:function" returning (prompts, metadata)
     prompts: str = "digits"
     eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
     prompts_per_iteration: int = 16  # P, prompts sampled per iteration, per process
-    num_steps: int = 20  # DDIM steps T
-    eta: float = 1.0  # DDIM η (> 0: a stochastic policy with a log-prob)
+    num_steps: int = 20  # denoising steps T
+    # DDIM pipelines only: η (> 0: a stochastic policy with a log-prob); unset: 1.0
+    eta: float | None = None
+    # flow-matching pipelines only (SD3): the stochastic step, "sde" (Flow-GRPO) or "cps"
+    # (coefficients-preserving); unset: "sde". See docs/flow-matching.md
+    sampler: Literal["sde", "cps"] | None = None
+    # flow-matching pipelines only: the sampler's noise level a (> 0; cps: in (0, 1]); unset: 0.7
+    noise_level: float | None = None
+    # flow-matching pipelines only: [start, end), the steps sampled stochastically and trained
+    # (0 = the step from σ = 1); the others are ODE steps with no log-prob, never trained.
+    # Unset: every step (sde), every step but the last to σ = 0 (cps)
+    sde_window: list[int] | None = None
+    max_sequence_length: int = 256  # SD3: T5 tokens per prompt (ignored by SD pipelines)
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     sample_batch_size: int = 16  # samples denoised together, per process
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
@@ -94,19 +102,76 @@ class LoopConfig:
     clip_range: float = 1e-4  # PPO ε on the per-step ratio
     num_inner_epochs: int = 1  # passes over each round's samples
     train_batch_size: int = 16  # samples per minibatch, per process
-    timestep_fraction: float = 1.0  # fraction of the T steps trained per sample (a random subset each minibatch)
+    # fraction of the trained steps (all T, or the sde_window's) trained per sample, a random subset each minibatch
+    timestep_fraction: float = 1.0
     prompt_stats_buffer_size: int = 32  # prompt_stats: rewards kept per prompt
     prompt_stats_min_count: int = 16  # prompt_stats: below this many, use the batch's mean/std
-    finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every UNet weight
+    finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every denoiser weight
     lora: LoraSpec = field(default_factory=LoraSpec)
     score_in_background: bool = True  # decode and score batch b while batch b+1 is denoised
     eval_base: bool = True  # evaluation also samples the base model (same prompts and noise)
-    eval_deterministic: bool = True  # evaluation also samples with deterministic DDIM (η = 0)
+    eval_deterministic: bool = True  # evaluation also samples deterministically (DDIM η = 0 / the flow ODE)
     eval_grid_size: int = 16  # items shown in the base-vs-tuned sample grid
 
 
-def trained_timesteps(cfg: LoopConfig) -> int:
-    return max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+def trained_timesteps(num_trainable: int, fraction: float) -> int:
+    """Steps trained per sample and minibatch: ``fraction`` of the ``num_trainable`` steps, at least one."""
+    return max(1, int(round(num_trainable * fraction)))
+
+
+FLOW_OPTIONS = ("sampler", "noise_level", "sde_window")
+
+
+def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Sampling:
+    """The sampling options for a DDIM (``flow`` False) or flow-matching pipeline, unset ones
+    filled in; a RecipeError for an option of the other family or a value out of range."""
+    if not flow:
+        asked = [key for key in FLOW_OPTIONS if getattr(cfg, key) is not None]
+        if asked:
+            raise RecipeError(
+                f"loop.{asked[0]}",
+                f"a flow-matching option, but {pipeline_name} is a DDIM pipeline: set loop.eta instead",
+            )
+        eta = 1.0 if cfg.eta is None else cfg.eta
+        if eta <= 0:
+            raise RecipeError(
+                "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {eta})"
+            )
+        return Sampling(cfg.num_steps, cfg.guidance_scale, eta=eta)
+    if cfg.eta is not None:
+        raise RecipeError(
+            "loop.eta",
+            f"a DDIM option, but {pipeline_name} is a flow-matching pipeline: "
+            "set loop.sampler, loop.noise_level and loop.sde_window instead",
+        )
+    sampler = cfg.sampler or "sde"
+    noise_level = 0.7 if cfg.noise_level is None else cfg.noise_level
+    if not noise_level > 0 or (sampler == "cps" and noise_level > 1):
+        bound = "in (0, 1] for sampler cps" if sampler == "cps" else "> 0"
+        raise RecipeError("loop.noise_level", f"must be {bound} (got {noise_level})")
+    T = cfg.num_steps
+    if T == 1 and sampler == "cps":
+        raise RecipeError("loop.num_steps", "sampler cps needs >= 2 steps (the last one is an ODE step)")
+    window = cfg.sde_window
+    if window is None:
+        window = [0, T - 1] if sampler == "cps" else [0, T]
+    if len(window) != 2 or not 0 <= window[0] < window[1] <= T:
+        raise RecipeError(
+            "loop.sde_window", f"must be steps [start, end) with 0 <= start < end <= num_steps={T} (got {window})"
+        )
+    if sampler == "cps" and window[1] == T:
+        raise RecipeError(
+            "loop.sde_window",
+            f"sampler cps cannot sample the last step (to σ = 0, std 0): end the window by {T - 1} (got {window})",
+        )
+    return Sampling(
+        T,
+        cfg.guidance_scale,
+        sampler=sampler,
+        noise_level=noise_level,
+        sde_window=(window[0], window[1]),
+        max_sequence_length=cfg.max_sequence_length,
+    )
 
 
 def validate(recipe: "Recipe") -> None:
@@ -116,10 +181,6 @@ def validate(recipe: "Recipe") -> None:
             "loop.num_samples_per_prompt",
             f"must be >= 2 for the {'leave-one-out baseline' if cfg.advantage == 'loo' else 'group statistics'} "
             f"(got {cfg.num_samples_per_prompt})",
-        )
-    if cfg.eta <= 0:
-        raise RecipeError(
-            "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {cfg.eta})"
         )
     if not 0 < cfg.timestep_fraction <= 1:
         raise RecipeError("loop.timestep_fraction", f"must be in (0, 1] (got {cfg.timestep_fraction})")
@@ -134,16 +195,21 @@ def validate(recipe: "Recipe") -> None:
             f"{cfg.train_batch_size} does not divide the {samples} samples "
             "per iteration (num_samples_per_prompt × prompts_per_iteration)",
         )
-    if cfg.finetune == "lora" and (cfg.lora.rank <= 0 or not cfg.lora.target_modules):
-        raise RecipeError("loop.lora", "rank must be > 0 and target_modules non-empty")
+    if cfg.finetune == "lora" and cfg.lora.rank <= 0:
+        raise RecipeError("loop.lora", f"rank must be > 0 (got {cfg.lora.rank})")
+    if cfg.max_sequence_length < 1:
+        raise RecipeError("loop.max_sequence_length", f"must be >= 1 (got {cfg.max_sequence_length})")
     if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
         raise RecipeError("loop.pipeline", f"not a folder, a hub id or zoo:NAME: {cfg.pipeline!r}")
     from rlprox.zoo.build import check_spec
 
     try:
         check_spec(cfg.pipeline, ("digits-sd",))
+        # the zoo's pipelines are DDIM ones; a hub id's class is known once it loads (checked then)
+        family = adapter_for_class(None if cfg.pipeline.startswith("zoo:") else pipeline_class(cfg.pipeline))
     except ValueError as err:
         raise RecipeError("loop.pipeline", str(err)) from None
+    sampling_options(cfg, family.flow, cfg.pipeline)
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
@@ -237,44 +303,46 @@ class LOOP:
     stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum"}
 
     def __init__(self, recipe: "Recipe", runtime: "Runtime"):
-        from diffusers import DDIMScheduler
-
         from rlprox.zoo.build import resolve_path
-        from rlprox.zoo.sd import load_sd_pipeline
 
         cfg = self.cfg = recipe.loop
         self.recipe, self.runtime = recipe, runtime
         self.device = runtime.device
         self.path = resolve_path(cfg.pipeline)
         try:
-            pipe = load_sd_pipeline(self.path)
+            family = adapter_for_class(pipeline_class(self.path, hub=True))
+        except ValueError as err:
+            raise RecipeError("loop.pipeline", str(err)) from None
+        sampling = sampling_options(cfg, family.flow, cfg.pipeline)  # wrong options fail before the pipeline loads
+        try:
+            self.pipeline = family.load(self.path, sampling)
         except (OSError, ValueError) as err:
             raise RecipeError(
                 "loop.pipeline",
-                f"cannot load a StableDiffusionPipeline from {cfg.pipeline!r} "
+                f"cannot load a diffusers pipeline from {cfg.pipeline!r} "
                 f"({str(err).strip().splitlines()[0][:160]}); no downloads at "
                 "run time: give a local folder or a hub id already in the cache",
             ) from None
-        self.tokenizer = pipe.tokenizer
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        self.unet.requires_grad_(False)
+        denoiser = self.denoiser = self.pipeline.denoiser
+        if self.pipeline.denoiser_name == "unet":
+            self.unet = denoiser  # the name SD users and tests know
+        denoiser.requires_grad_(False)
         if cfg.finetune == "lora":
             from peft import LoraConfig
 
-            self.unet.add_adapter(
+            denoiser.add_adapter(
                 LoraConfig(
                     r=cfg.lora.rank,
                     lora_alpha=cfg.lora.alpha,
-                    target_modules=list(cfg.lora.target_modules),
+                    target_modules=list(cfg.lora.target_modules or self.pipeline.lora_targets),
                     init_lora_weights="gaussian",
                 )
             )
         else:
-            self.unet.requires_grad_(True)
-        self.modules = {"unet": self.unet}
-        self.frozen = {"vae": self.vae, "text_encoder": self.text_encoder}
-        self.base_unet = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
+            denoiser.requires_grad_(True)
+        self.modules = {self.pipeline.denoiser_name: denoiser}
+        self.frozen = dict(self.pipeline.frozen)
+        self.base_denoiser = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
         try:
             self.reward = build_reward(recipe.reward, device=self.device)
         except (ValueError, RegistryError) as err:
@@ -283,39 +351,33 @@ class LOOP:
         self.eval_prompt_list = (
             load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else (self.prompts, self.metadata)
         )
-        self.latent_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
-        self.micro_steps = trained_timesteps(cfg)
+        self.micro_steps = trained_timesteps(len(self.pipeline.trained_steps), cfg.timestep_fraction)
         self.update_epochs = cfg.num_inner_epochs
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score")
             if cfg.score_in_background
             else None
         )
-        self._negative = None
 
     # ------------------------------------------------------------------ helpers
-    def _unet(self):
-        return self.runtime.unwrap(self.modules["unet"])
+    def _denoiser(self):
+        return self.runtime.unwrap(self.modules[self.pipeline.denoiser_name])
 
     @torch.no_grad()
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder states, computed once per distinct prompt (frozen encoder)."""
+    def _embed(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning (tensors (B, ...)), computed once per distinct prompt (frozen encoders)."""
         unique = list(dict.fromkeys(prompts))
-        states = encode_prompts(self.tokenizer, self.text_encoder, unique, self.device).float()
+        cond = self.pipeline.encode(unique, self.device)
         index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        return states.index_select(0, index)
+        return {k: v.index_select(0, index) for k, v in cond.items()}
 
-    def _negative_embeds(self, n: int) -> torch.Tensor | None:
-        if self.cfg.guidance_scale == 1.0:
-            return None
-        if self._negative is None:
-            self._negative = self._embed([""])
-        return self._negative.expand(n, -1, -1)
+    def _negative(self, n: int) -> dict[str, torch.Tensor] | None:
+        return self.pipeline.negative(n, self.device)
 
     def _score(self, latents: torch.Tensor, prompts: list[str], metadata: list[dict]):
-        images = decode_latents(self.vae, latents)
+        images = self.pipeline.decode(latents)
         rewards, info = self.reward(images, prompts, metadata)
         return rewards.float().cpu(), info
 
@@ -327,25 +389,20 @@ class LOOP:
         chosen = rng.integers(len(self.prompts), size=P)
         prompts = [self.prompts[i] for i in chosen for _ in range(K)]  # group p = samples p·K .. p·K+K−1
         metadata = [self.metadata[i] for i in chosen for _ in range(K)]
-        embeds = self._embed(prompts)
-        unet = self.modules["unet"]
+        cond = self._embed(prompts)
+        denoiser = self.modules[self.pipeline.denoiser_name]
         batches, pending = [], []
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
-            traj = sample_trajectories(
-                unet,
-                self.scheduler,
-                embeds[sl],
-                self._negative_embeds(len(prompts[sl])),
-                cfg.num_steps,
-                cfg.guidance_scale,
-                cfg.eta,
+            traj = self.pipeline.sample(
+                denoiser,
+                {k: v[sl] for k, v in cond.items()},
+                self._negative(len(prompts[sl])),
                 self.runtime.generator,
-                self.latent_shape,
                 autocast=self.runtime.autocast,
             )
             batches.append(traj)
-            final = traj.latents[:, -1]
+            final = traj["latents"][:, -1]
             if self._pool is not None:  # score this batch while the next one denoises
                 pending.append(self._pool.submit(self._score, final, prompts[sl], metadata[sl]))
             else:
@@ -356,10 +413,10 @@ class LOOP:
         self.images_seen += len(prompts) * self.runtime.world
         self._last = {"rewards": rewards, "info": info}
         return {
-            "latents": torch.cat([b.latents for b in batches]),  # (B, T+1, C, H, W)
-            "log_probs": torch.cat([b.log_probs for b in batches]),  # (B, T)
-            "timesteps": batches[0].timesteps,  # (T,)
-            "embeds": embeds,  # (B, L, D)
+            "latents": torch.cat([b["latents"] for b in batches]),  # (B, T+1, C, H, W)
+            "log_probs": torch.cat([b["log_probs"] for b in batches]),  # (B, T); 0 at untrained ODE steps
+            "schedule": batches[0]["schedule"],  # DDIM timesteps (T,) or flow σ's (T+1,)
+            "cond": cond,  # the conditioning: embeds (B, L, D), pooled (B, D') for SD3
             "rewards": rewards,  # (B,)
             "prompts": prompts,
         }
@@ -410,15 +467,16 @@ class LOOP:
         """One ``TimestepSlice`` per trained denoising step of each minibatch of samples:
         a minibatch of ``train_batch_size`` samples with T' = ``micro_steps`` trained steps
         each is T' ``loss`` calls, whose gradients the engine sums into one optimizer step
-        (times run.gradient_accumulation_steps)."""
+        (times run.gradient_accumulation_steps). Each sample's steps are a random subset of
+        the pipeline's trained steps (all T for DDIM, the sde_window's for flow matching)."""
         cfg, gen = self.cfg, self.runtime.generator
-        B, T = batch["latents"].shape[0], batch["log_probs"].shape[1]
+        B = batch["latents"].shape[0]
+        trainable = self.pipeline.trained_steps.to(self.device)  # (T',)
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
         for start in range(0, B, cfg.train_batch_size):
             idx = order[start : start + cfg.train_batch_size]
-            steps = torch.stack([torch.randperm(T, generator=gen, device=gen.device) for _ in range(len(idx))]).to(
-                self.device
-            )
+            picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
+            steps = trainable[torch.stack(picks).to(self.device)]
             for j in range(self.micro_steps):
                 yield TimestepSlice(batch, idx, steps[:, j])
 
@@ -426,18 +484,16 @@ class LOOP:
         batch, idx, step = item
         cfg = self.cfg
         x_t = batch["latents"][idx, step]  # (b, C, H, W)
-        x_prev = batch["latents"][idx, step + 1]
-        t = batch["timesteps"][step]  # (b,) per-sample timesteps
-        embeds = batch["embeds"][idx]
-        eps = guided_noise(
-            self.modules["unet"],
-            self.scheduler.scale_model_input(x_t, t),
-            t,
-            embeds,
-            self._negative_embeds(len(idx)),
-            cfg.guidance_scale,
-        )
-        _, logp = ddim_step_with_logprob(self.scheduler, eps.float(), t, x_t, cfg.eta, prev_sample=x_prev)
+        x_next = batch["latents"][idx, step + 1]
+        logp = self.pipeline.step_log_prob(
+            self.modules[self.pipeline.denoiser_name],
+            {k: v[idx] for k, v in batch["cond"].items()},
+            self._negative(len(idx)),
+            batch["schedule"],
+            x_t,
+            x_next,
+            step,
+        )  # (b,)
         old = batch["log_probs"][idx, step]
         adv = batch["advantages"][idx]
         loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_range)
@@ -472,9 +528,10 @@ class LOOP:
     @torch.no_grad()
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Item i: prompt i mod #prompts with its own fixed noise (seeded by (seed, i)),
-        sampled by the tuned model with the trained sampler (DDIM η) and, per the
-        config, with deterministic DDIM (η = 0) and by the base model with the same
-        noise. Values: reward, reward_eta0, base_reward, base_reward_eta0."""
+        sampled by the tuned model with the trained sampler (DDIM η, or the flow sampler on
+        its window) and, per the config, deterministically (DDIM η = 0 / the flow ODE) and by
+        the base model with the same noise. Values: reward, base_reward and the deterministic
+        sampler's reward_eta0, base_reward_eta0 (DDIM) or reward_ode, base_reward_ode (flow)."""
         from rlprox.images import grid_columns
         from rlprox.runtime import EvalShard
 
@@ -485,26 +542,32 @@ class LOOP:
         items = range(request.start, request.start + request.num)
         chosen_prompts = [prompts[i % len(prompts)] for i in items]
         chosen_meta = [metadata[i % len(prompts)] for i in items]
-        T = cfg.num_steps
         noise = []
         for i in items:
             g = torch.Generator().manual_seed(request.seed * 1_000_003 + i)
-            noise.append(torch.randn((T + 1, *self.latent_shape), generator=g))
+            noise.append(torch.randn(self.pipeline.noise_shape(), generator=g))
         noise = torch.stack(noise).to(self.device)  # (n, T+1, C, H, W): x_T and each step's z
-        embeds = self._embed(chosen_prompts)
+        cond = self._embed(chosen_prompts)
         values, images = {}, {}
-        variants = [("", cfg.eta)] + ([("_eta0", 0.0)] if cfg.eval_deterministic else [])
-        models = [("", self._unet())] + ([("base_", None)] if cfg.eval_base else [])
-        for prefix, unet in models:
-            for suffix, eta in variants:
+        variants = [("", False)] + ([(self.pipeline.deterministic_suffix, True)] if cfg.eval_deterministic else [])
+        models = [("", self._denoiser())] + ([("base_", None)] if cfg.eval_base else [])
+        for prefix, denoiser in models:
+            for suffix, deterministic in variants:
                 finals = []
                 for start in range(0, len(items), cfg.sample_batch_size):
                     sl = slice(start, start + cfg.sample_batch_size)
-                    with self._base_model() if unet is None else contextlib.nullcontext(unet) as model:
-                        final = self._sample_with_noise(model, embeds[sl], noise[sl], eta)
+                    with self._base_model() if denoiser is None else contextlib.nullcontext(denoiser) as model:
+                        final = self.pipeline.sample_with_noise(
+                            model,
+                            {k: v[sl] for k, v in cond.items()},
+                            self._negative(len(noise[sl])),
+                            noise[sl],
+                            deterministic,
+                            autocast=self.runtime.autocast,
+                        )
                     finals.append(final)
                 latents = torch.cat(finals)
-                imgs = decode_latents(self.vae, latents)
+                imgs = self.pipeline.decode(latents)
                 rewards, _ = self.reward(imgs, chosen_prompts, chosen_meta)
                 values[f"{prefix}reward{suffix}"] = rewards.float().cpu().tolist()
                 if suffix == "":
@@ -529,68 +592,41 @@ class LOOP:
             info={"prompts": len(prompts)},
         )
 
-    def _sample_with_noise(self, unet, embeds, noise, eta):
-        return denoise_with_noise(
-            unet,
-            self.scheduler,
-            embeds,
-            self._negative_embeds(len(embeds)),
-            self.cfg.num_steps,
-            self.cfg.guidance_scale,
-            eta,
-            noise,
-            autocast=self.runtime.autocast,
-        )
-
     def _base_model(self):
-        """The base UNet: the LoRA model with its adapters off, or (full fine-tuning) a
+        """The base denoiser: the LoRA model with its adapters off, or (full fine-tuning) a
         frozen copy loaded from the pipeline folder on first use."""
-        unet = self._unet()
+        denoiser = self._denoiser()
         if self.cfg.finetune == "lora":
 
             @contextlib.contextmanager
             def adapters_off():
-                unet.disable_adapters()
+                denoiser.disable_adapters()
                 try:
-                    yield unet
+                    yield denoiser
                 finally:
-                    unet.enable_adapters()
+                    denoiser.enable_adapters()
 
             return adapters_off()
-        if self.base_unet is None:
-            from diffusers import UNet2DConditionModel
-
-            # the tuned UNet's dtype: the base runs exactly as the tuned one does (under run.frozen_dtype
+        if self.base_denoiser is None:
+            # the tuned denoiser's dtype: the base runs exactly as the tuned one does (under run.frozen_dtype
             # bfloat16 without autocast, a bf16 copy met fp32 latents)
-            dtype = next(unet.parameters()).dtype
+            dtype = next(denoiser.parameters()).dtype
             with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
-                base = UNet2DConditionModel.from_pretrained(str(self.path), subfolder="unet", torch_dtype=dtype)
-            self.base_unet = base.to(self.device).eval().requires_grad_(False)
-        return contextlib.nullcontext(self.base_unet)
+                base = self.pipeline.load_base_denoiser(self.path, dtype)
+            self.base_denoiser = base.to(self.device).eval().requires_grad_(False)
+        return contextlib.nullcontext(self.base_denoiser)
 
     # ------------------------------------------------------------------ EXPORT
     def export(self, out_dir: Path) -> list[Path]:
-        """LoRA: the adapter in the diffusers format that
-        ``StableDiffusionPipeline.load_lora_weights(out_dir)`` reads; full fine-tuning:
-        the whole pipeline with the tuned UNet (``save_pretrained``)."""
-        from rlprox.zoo.sd import load_sd_pipeline
-
+        """LoRA: the adapter in the diffusers format that the pipeline's
+        ``load_lora_weights(out_dir)`` reads; full fine-tuning: the whole pipeline with the
+        tuned denoiser (``save_pretrained``)."""
         out_dir = Path(out_dir)
-        unet = self._unet()
+        denoiser = self._denoiser()
         if self.cfg.finetune == "lora":
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            metadata = unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(
-                str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
-            )
+            self.pipeline.save_lora(out_dir, denoiser)
             return [out_dir / "pytorch_lora_weights.safetensors"]
-        pipe = load_sd_pipeline(self.path)
-        pipe.unet = copy.deepcopy(unet).float()
-        pipe.save_pretrained(str(out_dir))
+        self.pipeline.save_full(out_dir, self.path, denoiser)
         return [out_dir]
 
     # ------------------------------------------------------------------ STATE

@@ -312,3 +312,41 @@ def sample_flow_trajectories(
         latents.append(x)
         log_probs.append(logp)
     return FlowTrajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), sigmas, stochastic)
+
+
+@torch.no_grad()
+def denoise_flow_with_noise(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sigmas,
+    noise: torch.Tensor,
+    noise_level: float,
+    window: Sequence[int] | None = None,
+    sampler: str = "sde",
+) -> torch.Tensor:
+    """Final latents from given noise ``noise`` (B, T+1, ...): x at σ_0 is noise[:, 0] and a
+    stochastic step k draws x_next = μ + std·noise[:, k+1], so a sample depends only on its own
+    noise (evaluation items are reproducible however they are batched). ``sampler`` "ode" is the
+    deterministic ODE at every step (noise[:, 1:] unused); "sde" / "cps" are stochastic on
+    ``window`` as in ``sample_flow_trajectories``. Computed in float32."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(noise.device)
+    _check_schedule(sigmas)
+    stochastic = sde_window_mask(len(sigmas) - 1, window)
+    if sampler == "ode":
+        stochastic.fill_(False)
+    if sampler == "cps":
+        _check_cps_window(sigmas, stochastic.to(sigmas.device))
+    x = noise[:, 0].float()
+    for k, is_stochastic in enumerate(stochastic.tolist()):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        v = velocity(x, sigma.expand(x.shape[0]))
+        if not is_stochastic:
+            x = ode_step(v.float(), x, sigma, sigma_next)
+            continue
+        if sampler == "sde":
+            mean, std = _sde_moments(v, x, sigma, sigma_next, noise_level, None)
+        else:
+            mean, std = _cps_moments(v, x, sigma, sigma_next, noise_level)
+        x = mean + std * noise[:, k + 1].float()
+    return x
