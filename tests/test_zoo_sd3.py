@@ -136,7 +136,10 @@ def test_two_training_steps_move_the_weights():
 # ----------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_full_build_quality(tmp_path, monkeypatch):
-    """The full build (≈5 CPU-min) through the pipeline's own call at its defaults but guidance."""
+    """The full build (≈5 CPU-min; + the classifier's 35 s) through the pipeline's own call (20 Euler steps,
+    256 zero T5 tokens) at the recommended guidance. Seed 0 measured alignment 0.97, digit accuracy 0.98,
+    colour accuracy 1.0 at N = 500; the bars leave a margin, and a transformer that ignores the prompt
+    (alignment ≈ 0.02) or a broken VAE cannot pass them."""
     from rlprox.zoo.classifier import DigitsClassifier
     from rlprox.zoo.metrics import conditional_accuracy
     from rlprox.zoo.sd import sample_sd
@@ -145,10 +148,10 @@ def test_full_build_quality(tmp_path, monkeypatch):
     monkeypatch.setenv("RLPROX_CACHE", os.environ.get("RLPROX_TEST_CACHE", str(tmp_path)))
     path = zoo_build.resolve("digits-sd3", progress=False)
     info = zoo_build.build_info(path)
-    assert info["vae_heldout_mse"] < 0.005 and info["flow_loss_heldout"] < 0.5
+    assert info["vae_heldout_mse"] < 0.003 and info["flow_loss_heldout"] < 0.25
     clf = DigitsClassifier.from_pretrained(zoo_build.resolve("digits-classifier", progress=False))
     held = load_digits_world("heldout")
     pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[:200]
     images = sample_sd(load_sd3_pipeline(path), [held.prompts[i] for i in pick], guidance_scale=RECOMMENDED_GUIDANCE)
     acc = conditional_accuracy(images, held.digits[pick], held.colours[pick], clf)
-    assert acc["alignment"] >= 0.3 and acc["colour_acc"] >= 0.9
+    assert acc["alignment"] >= 0.85 and acc["digit_acc"] >= 0.85 and acc["colour_acc"] >= 0.95, acc

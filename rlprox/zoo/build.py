@@ -198,16 +198,21 @@ def _build_classifier(out: Path, seed: int, opts: BuildOptions) -> dict:
     return {"heldout": accuracy(model, load_digits_world("heldout"))}
 
 
-def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
+def _save_pipeline_grid(pipe, out: Path, guidance_scale: float) -> dict:
+    """``samples.png``: the grid prompts × GRID_SEEDS seeds through the pipeline's own call; returns its legend."""
     from rlprox.images import save_image_grid
-    from rlprox.zoo.data import grid_prompts, load_digits_world
-    from rlprox.zoo.sd import (
-        RECOMMENDED_GUIDANCE,
-        RECOMMENDED_STEPS,
-        sample_sd,
-        train_sd_pipeline,
-        vae_reconstruction_mse,
-    )
+    from rlprox.zoo.data import grid_prompts
+    from rlprox.zoo.sd import sample_sd
+
+    prompts = grid_prompts()
+    per_seed = [sample_sd(pipe, prompts, seed=s, guidance_scale=guidance_scale) for s in range(GRID_SEEDS)]
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
+    return {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]}
+
+
+def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.zoo.data import load_digits_world
+    from rlprox.zoo.sd import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, train_sd_pipeline, vae_reconstruction_mse
 
     pipe = train_sd_pipeline(
         load_digits_world("train"),
@@ -218,21 +223,18 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
         progress=opts.progress,
     )
     pipe.save_pretrained(str(out))
-    prompts = grid_prompts()
-    per_seed = [sample_sd(pipe, prompts, seed=s) for s in range(GRID_SEEDS)]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
+    grid = _save_pipeline_grid(pipe, out, RECOMMENDED_GUIDANCE)
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, load_digits_world("heldout")),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
         "recommended_num_inference_steps": RECOMMENDED_STEPS,
-        "grid": {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]},
+        "grid": grid,
     }
 
 
 def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
-    from rlprox.images import save_image_grid
-    from rlprox.zoo.data import grid_prompts, load_digits_world
-    from rlprox.zoo.sd import sample_sd, vae_reconstruction_mse
+    from rlprox.zoo.data import load_digits_world
+    from rlprox.zoo.sd import vae_reconstruction_mse
     from rlprox.zoo.sd3 import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, heldout_flow_loss, train_sd3_pipeline
 
     pipe, train_loss = train_sd3_pipeline(
@@ -244,9 +246,7 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
         progress=opts.progress,
     )
     pipe.save_pretrained(str(out))
-    prompts = grid_prompts()
-    per_seed = [sample_sd(pipe, prompts, seed=s, guidance_scale=RECOMMENDED_GUIDANCE) for s in range(GRID_SEEDS)]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
+    grid = _save_pipeline_grid(pipe, out, RECOMMENDED_GUIDANCE)
     held = load_digits_world("heldout")
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, held),
@@ -254,7 +254,7 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
         "flow_loss_heldout": round(heldout_flow_loss(pipe, held, seed=seed), 5),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
         "recommended_num_inference_steps": RECOMMENDED_STEPS,
-        "grid": {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]},
+        "grid": grid,
     }
 
 
