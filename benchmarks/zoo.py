@@ -1,6 +1,6 @@
-"""Build the four digits-world models and report their quality.
+"""Build the five digits-world models and report their quality.
 
-    python benchmarks/zoo.py            # build all four for real (≈8–15 min on 2 CPU cores)
+    python benchmarks/zoo.py            # build all five for real (≈13–20 min on 2 CPU cores)
     python benchmarks/zoo.py --reuse    # reuse cached builds, only evaluate
 
 Prints a markdown table and writes it to benchmarks/results/zoo.md; copies the sample
@@ -37,6 +37,7 @@ from rlprox.zoo.metrics import (  # noqa: E402
     real_like,
 )
 from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
+from rlprox.zoo.sd3 import load_sd3_pipeline  # noqa: E402
 from rlprox.zoo.vq import encode_tokens  # noqa: E402
 
 
@@ -47,6 +48,7 @@ def main() -> int:
     parser.add_argument("--micro", action="store_true", help="micro builds (smoke test only)")
     parser.add_argument("--n", type=int, default=500, help="samples per evaluation")
     parser.add_argument("--sd-cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--sd3-cfg", type=float, nargs="+", default=[1.0, 1.5, 3.0])
     parser.add_argument("--gpt-cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/zoo.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/zoo")
@@ -100,6 +102,13 @@ def main() -> int:
         images = sample_sd(pipe, prompts, seed=args.seed, guidance_scale=cfg)
         evaluate("digits-sd", f"cfg {cfg:g}, 20 DDIM steps", images, 1000 * (time.perf_counter() - t) / args.n)
 
+    pipe = load_sd3_pipeline(paths["digits-sd3"])
+    for cfg in args.sd3_cfg:  # the pipeline's defaults otherwise: 256 (zero) T5 tokens
+        t = time.perf_counter()
+        images = sample_sd(pipe, prompts, seed=args.seed, guidance_scale=cfg)
+        ms = 1000 * (time.perf_counter() - t) / args.n
+        evaluate("digits-sd3", f"cfg {cfg:g}, 20 flow-match Euler steps", images, ms)
+
     vq = VQModel.from_pretrained(paths["digits-vq"])
     gpt = Transformer.from_pretrained(paths["digits-gpt"])
     with torch.no_grad():
@@ -119,6 +128,7 @@ def main() -> int:
     clf_info = build_info(paths["digits-classifier"])["heldout"]
     vq_info = build_info(paths["digits-vq"])
     sd_info = build_info(paths["digits-sd"])
+    sd3_info = build_info(paths["digits-sd3"])
     lines = [
         "# digits world (rlprox.zoo)",
         "",
@@ -133,6 +143,8 @@ def main() -> int:
         f"| digits-classifier | {seconds['digits-classifier']} | digit acc {clf_info['digit_acc']:.4f}, "
         f"colour acc {clf_info['colour_acc']:.4f} |",
         f"| digits-sd | {seconds['digits-sd']} | VAE recon MSE {sd_info['vae_heldout_mse']:.5f} |",
+        f"| digits-sd3 | {seconds['digits-sd3']} | VAE recon MSE {sd3_info['vae_heldout_mse']:.5f}, "
+        f"held-out flow loss {sd3_info['flow_loss_heldout']:.4f} |",
         f"| digits-vq | {seconds['digits-vq']} | recon MSE {vq_info['heldout_recon_mse']:.5f}, "
         f"{vq_info['codes_used_heldout']}/{vq.config['codebook_size']} codes used, "
         f"classifier digit acc on reconstructions {vq_recon_acc:.3f} |",
@@ -166,7 +178,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.docs.mkdir(parents=True, exist_ok=True)
-    for name in ("digits-sd", "digits-vq", "digits-gpt"):
+    for name in ("digits-sd", "digits-sd3", "digits-vq", "digits-gpt"):
         shutil.copy(paths[name] / "samples.png", args.docs / f"{name}.png")
     return 0
 

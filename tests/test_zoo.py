@@ -33,6 +33,7 @@ TINY = dict(
     classifier_steps=60,
     vae_steps=40,
     unet_steps=40,
+    sd3_steps=40,
     vq_steps=40,
     gpt_steps=60,
     batch_size=32,
@@ -51,7 +52,7 @@ def zoo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro_models(zoo_cache):
-    """All four models, micro-built once for the module."""
+    """Every zoo model, micro-built once for the module."""
     return {name: zoo_build.build(name, micro=True, **TINY) for name in zoo_build.MODELS}
 
 
@@ -101,7 +102,7 @@ def test_build_writes_complete_dirs_atomically(micro_models, zoo_cache):
         assert path == cache / f"{name}{version}-seed0-micro"
         info = json.loads((path / "build_info.json").read_text())
         assert info["name"] == name and info["options"]["micro"] is True
-    for name in ("digits-sd", "digits-vq", "digits-gpt"):
+    for name in ("digits-sd", "digits-sd3", "digits-vq", "digits-gpt"):
         assert (micro_models[name] / "samples.png").stat().st_size > 0
 
 
@@ -415,7 +416,8 @@ def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     from rlprox.zoo.sd import load_sd_pipeline, sample_sd
 
     monkeypatch.setenv("RLPROX_CACHE", os.environ.get("RLPROX_TEST_CACHE", str(tmp_path)))
-    paths = {name: zoo_build.resolve(name, progress=False) for name in zoo_build.MODELS}
+    names = ("digits-classifier", "digits-sd", "digits-vq", "digits-gpt")  # digits-sd3: tests/test_zoo_sd3.py
+    paths = {name: zoo_build.resolve(name, progress=False) for name in names}
     acc = zoo_build.build_info(paths["digits-classifier"])["heldout"]
     assert acc["digit_acc"] >= 0.97 and acc["colour_acc"] >= 0.99
     assert zoo_build.build_info(paths["digits-vq"])["heldout_recon_mse"] < 0.01

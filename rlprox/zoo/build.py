@@ -1,7 +1,7 @@
 """Build, cache and resolve the digits-world models.
 
-Names: ``digits-classifier``, ``digits-sd``, ``digits-vq``, ``digits-gpt`` (the GPT is
-trained on digits-vq tokens of the same seed, which is built first if missing).
+Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-vq``, ``digits-gpt`` (the
+GPT is trained on digits-vq tokens of the same seed, which is built first if missing).
 
 A model lives in ``<cache>/<name>-seed<S>/`` (``-micro`` appended for micro builds),
 where ``<cache>`` is ``$RLPROX_CACHE/zoo``, else ``$XDG_CACHE_HOME/rlprox/zoo``, else
@@ -45,6 +45,7 @@ class BuildOptions:
     classifier_steps: int = 450  # ≈8 epochs of the 7,185 training images
     vae_steps: int = 200
     unet_steps: int = 600  # UNet + text encoder jointly
+    sd3_steps: int = 700  # digits-sd3: SD3 transformer + both CLIP text encoders jointly
     vq_steps: int = 300
     gpt_steps: int = 800
     batch_size: int = 128
@@ -197,16 +198,21 @@ def _build_classifier(out: Path, seed: int, opts: BuildOptions) -> dict:
     return {"heldout": accuracy(model, load_digits_world("heldout"))}
 
 
-def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
+def _save_pipeline_grid(pipe, out: Path, guidance_scale: float) -> dict:
+    """``samples.png``: the grid prompts × GRID_SEEDS seeds through the pipeline's own call; returns its legend."""
     from rlprox.images import save_image_grid
-    from rlprox.zoo.data import grid_prompts, load_digits_world
-    from rlprox.zoo.sd import (
-        RECOMMENDED_GUIDANCE,
-        RECOMMENDED_STEPS,
-        sample_sd,
-        train_sd_pipeline,
-        vae_reconstruction_mse,
-    )
+    from rlprox.zoo.data import grid_prompts
+    from rlprox.zoo.sd import sample_sd
+
+    prompts = grid_prompts()
+    per_seed = [sample_sd(pipe, prompts, seed=s, guidance_scale=guidance_scale) for s in range(GRID_SEEDS)]
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
+    return {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]}
+
+
+def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.zoo.data import load_digits_world
+    from rlprox.zoo.sd import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, train_sd_pipeline, vae_reconstruction_mse
 
     pipe = train_sd_pipeline(
         load_digits_world("train"),
@@ -217,14 +223,38 @@ def _build_sd(out: Path, seed: int, opts: BuildOptions) -> dict:
         progress=opts.progress,
     )
     pipe.save_pretrained(str(out))
-    prompts = grid_prompts()
-    per_seed = [sample_sd(pipe, prompts, seed=s) for s in range(GRID_SEEDS)]
-    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
+    grid = _save_pipeline_grid(pipe, out, RECOMMENDED_GUIDANCE)
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, load_digits_world("heldout")),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
         "recommended_num_inference_steps": RECOMMENDED_STEPS,
-        "grid": {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]},
+        "grid": grid,
+    }
+
+
+def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.zoo.data import load_digits_world
+    from rlprox.zoo.sd import vae_reconstruction_mse
+    from rlprox.zoo.sd3 import RECOMMENDED_GUIDANCE, RECOMMENDED_STEPS, heldout_flow_loss, train_sd3_pipeline
+
+    pipe, train_loss = train_sd3_pipeline(
+        load_digits_world("train"),
+        opts.steps("vae_steps"),
+        opts.steps("sd3_steps"),
+        opts.batch_size,
+        seed=seed,
+        progress=opts.progress,
+    )
+    pipe.save_pretrained(str(out))
+    grid = _save_pipeline_grid(pipe, out, RECOMMENDED_GUIDANCE)
+    held = load_digits_world("heldout")
+    return {
+        "vae_heldout_mse": vae_reconstruction_mse(pipe, held),
+        "flow_loss_train_last": round(train_loss, 5),
+        "flow_loss_heldout": round(heldout_flow_loss(pipe, held, seed=seed), 5),
+        "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
+        "recommended_num_inference_steps": RECOMMENDED_STEPS,
+        "grid": grid,
     }
 
 
@@ -303,6 +333,11 @@ MODELS.register(
 )
 MODELS.register(
     "digits-sd", _build_sd, "diffusers StableDiffusionPipeline (tiny CLIP, VAE, UNet, DDIM), 16×16 text-to-image"
+)
+MODELS.register(
+    "digits-sd3",
+    _build_sd3,
+    "diffusers StableDiffusion3Pipeline (tiny MM-DiT, 2 CLIP + zero T5, VAE, flow-match Euler), 16×16 text-to-image",
 )
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register(

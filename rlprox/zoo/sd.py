@@ -202,13 +202,21 @@ def _one_cycle(params, lr: float, steps: int, pct_start: float = 0.3):
     return opt, sched
 
 
-def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress: bool):
+@torch.no_grad()
+def ema_update(ema_params, params, step: int, max_decay: float = 0.999) -> None:
+    """EMA with warm-up: decay = min(max_decay, (1 + step) / (10 + step)), ema ← ema + (1 − decay)(θ − ema)."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema_params, params):
+        pe.lerp_(p, 1 - decay)
+
+
+def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress: bool, desc: str = "digits-sd vae"):
     """AutoencoderKL on MSE + 1e-6·KL; then scaling_factor = 1/std(train latents)."""
     from tqdm.auto import tqdm
 
     opt, sched = _one_cycle(vae.parameters(), 2e-3, steps)
     vae.train()
-    for _ in tqdm(range(steps), desc="digits-sd vae", disable=not progress, leave=False):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
         x = train.images[idx] * 2 - 1  # diffusers VAEs work in [-1, 1]
         posterior = vae.encode(x).latent_dist
@@ -273,10 +281,7 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema_params, params):
-                pe.lerp_(p, 1 - decay)
+        ema_update(ema_params, params, step)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return ema_unet, ema_text
 
@@ -358,14 +363,13 @@ def vae_reconstruction_mse(pipe, data: DigitsData) -> float:
     return torch.cat(errs).mean().item()
 
 
-def load_sd_pipeline(path: str | Path):
-    """``StableDiffusionPipeline.from_pretrained`` on a local path, progress bars off."""
+def load_sd_pipeline(path: str | Path, pipeline_class=None):
+    """``pipeline_class.from_pretrained`` (default ``StableDiffusionPipeline``) on a local path, progress bars off."""
     import diffusers
     import transformers
-    from diffusers import StableDiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()  # loading bars would drown a run's one-line errors
     transformers.utils.logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe = (pipeline_class or diffusers.StableDiffusionPipeline).from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
