@@ -28,28 +28,15 @@ def tiny_sd3_pipeline(seed: int = 0):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    from rlprox.zoo.sd import MAX_PROMPT_TOKENS, build_tokenizer
+    from rlprox.zoo.sd import build_tokenizer, clip_text_config
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
 
     def clip():
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=MAX_PROMPT_TOKENS,
-                projection_dim=16,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        return CLIPTextModelWithProjection(clip_text_config(tokenizer, 16))
 
     transformer = SD3Transformer2DModel(
         sample_size=8,

@@ -130,24 +130,32 @@ def build_tokenizer():
 
 
 # ----------------------------------------------------------------------------- components
-def build_components(tokenizer, seed: int = 0) -> dict:
-    """Untrained text encoder, VAE, UNet and the DDIM scheduler (configs from the notes)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text_config(tokenizer, width: int):
+    """A 2-layer, 2-head CLIP text encoder of ``width`` over the hand-built tokenizer's vocabulary
+    (the digits world's text encoders: digits-sd's, digits-sd3's two, the tests' tiny ones)."""
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=MAX_PROMPT_TOKENS,
-        projection_dim=64,
+        projection_dim=width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_components(tokenizer, seed: int = 0) -> dict:
+    """Untrained text encoder, VAE, UNet and the DDIM scheduler (configs from the notes)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_config = clip_text_config(tokenizer, 64)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -49,6 +49,7 @@ from rlprox.zoo.sd import (
     PROMPT_WORDS,
     _one_cycle,
     build_tokenizer,
+    clip_text_config,
     ema_update,
     load_sd_pipeline,
     train_vae,
@@ -84,21 +85,9 @@ def build_t5_tokenizer():
 
 
 def _clip_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_WIDTH,
-        intermediate_size=2 * CLIP_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_PROMPT_TOKENS,
-        projection_dim=CLIP_WIDTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config)
+    return CLIPTextModelWithProjection(clip_text_config(tokenizer, CLIP_WIDTH))
 
 
 def _zero_t5_encoder(tokenizer):
