@@ -79,7 +79,23 @@ def _with_autocast(autocast):
     return autocast() if autocast is not None else contextlib.nullcontext()
 
 
-class StableDiffusionAdapter:
+class _GuidedAdapter:
+    """What every adapter shares: the empty prompt's conditioning for classifier-free
+    guidance, encoded once (``encode`` is the family's own)."""
+
+    sampling: Sampling
+    _negative: dict[str, torch.Tensor] | None = None
+
+    def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
+        """The empty prompt's conditioning for ``n`` samples; None without guidance."""
+        if self.sampling.guidance_scale == 1.0:
+            return None
+        if self._negative is None:
+            self._negative = self.encode([""], device)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
+
+
+class StableDiffusionAdapter(_GuidedAdapter):
     """A ``StableDiffusionPipeline``: UNet + DDIM(η) as the Gaussian policy of
     rlprox.models.diffusion. The numbers are exactly those of the functions there."""
 
@@ -112,13 +128,6 @@ class StableDiffusionAdapter:
     def encode(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
         embeds = diffusion.encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts, device)
         return {"embeds": embeds.float()}
-
-    def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
-        if self.sampling.guidance_scale == 1.0:
-            return None
-        if self._negative is None:
-            self._negative = self.encode([""], device)
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
 
     # ------------------------------------------------------------------ sampling
     def noise_shape(self) -> tuple[int, ...]:
@@ -198,7 +207,7 @@ class StableDiffusionAdapter:
         pipe.save_pretrained(str(out_dir))
 
 
-class StableDiffusion3Adapter:
+class StableDiffusion3Adapter(_GuidedAdapter):
     """A ``StableDiffusion3Pipeline``: an SD3 transformer predicting the velocity v at
     timestep 1000·σ, classifier-free guidance v̂ = v_u + g·(v_c − v_u), and the flow-matching
     policy of rlprox.models.flow_match: ``sampler`` (SDE or CPS) on the steps of ``sde_window``,
@@ -271,13 +280,6 @@ class StableDiffusion3Adapter:
             max_sequence_length=self.sampling.max_sequence_length,
         )
         return {"embeds": embeds.float(), "pooled": pooled.float()}
-
-    def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
-        if self.sampling.guidance_scale == 1.0:
-            return None
-        if self._negative is None:
-            self._negative = self.encode([""], device)
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._negative.items()}
 
     def _velocity(self, model, cond, negative, autocast=None):
         """v̂(x, σ) with classifier-free guidance; σ (B,) maps to the timestep 1000·σ."""
