@@ -383,13 +383,15 @@ def validate(recipe: Recipe, spec=None) -> None:
 
         for i, entry in enumerate(recipe.regularizers):
             reg, _, mode = parse_spec(entry, i)
-            missing = [k for k in getattr(reg, "inputs", ()) if k not in spec.loss_inputs] if mode == "loss" else []
-            if missing:
+            if mode == "loss" and reg.usable_inputs(spec.loss_inputs) is None:
                 offered = f"it offers {', '.join(spec.loss_inputs)}" if spec.loss_inputs else "it offers none"
+                needed = " or ".join(
+                    ", ".join(k for k in names if k not in spec.loss_inputs) for names in reg.input_sets()
+                )
                 raise RecipeError(
                     f"regularizers[{i}]",
-                    f"{entry['type']} needs {', '.join(missing)} from the "
-                    f"loss, which algo {spec.name} does not provide ({offered})",
+                    f"{entry['type']} needs {needed} from the loss, "
+                    f"which algo {spec.name} does not provide ({offered})",
                 )
     for key in spec.counts:
         section, name = key.split(".", 1)

@@ -65,7 +65,7 @@ def test_loop_lora_runs_and_saves_the_adapter_only(tmp_path, tiny_pipeline):
     for key in (
         "reward/mean",
         "reward/std",
-        "reward/zero_std_group_frac",
+        "reward/zero_std_groups",
         "policy/approx_kl",
         "policy/clip_frac",
         "policy/ratio_max",

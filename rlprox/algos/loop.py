@@ -94,6 +94,7 @@ class LoopConfig:
     # Unset: every step (sde), every step but the last to σ = 0 (cps)
     sde_window: list[int] | None = None
     max_sequence_length: int = 256  # SD3: T5 tokens per prompt (ignored by SD pipelines)
+    resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     sample_batch_size: int = 16  # samples denoised together, per process
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
@@ -108,6 +109,11 @@ class LoopConfig:
     prompt_stats_min_count: int = 16  # prompt_stats: below this many, use the batch's mean/std
     finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every denoiser weight
     lora: LoraSpec = field(default_factory=LoraSpec)
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (memory for time)
+    # an EMA of the trained weights, updated after each round's update, θ̄ ← d·θ̄ + (1−d)·θ with
+    # d = min(ema_decay, (1+n)/(10+n)) at the n-th update; evaluation and export use it. 0: off.
+    # Rollouts always sample the live policy (the PPO ratio needs π_old = the sampler).
+    ema_decay: float = 0.0
     score_in_background: bool = True  # decode and score batch b while batch b+1 is denoised
     eval_base: bool = True  # evaluation also samples the base model (same prompts and noise)
     eval_deterministic: bool = True  # evaluation also samples deterministically (DDIM η = 0 / the flow ODE)
@@ -120,6 +126,8 @@ def trained_timesteps(num_trainable: int, fraction: float) -> int:
 
 
 FLOW_OPTIONS = ("sampler", "noise_level", "sde_window")
+# the zoo's pipelines and their classes (known before they are built)
+ZOO_PIPELINES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
 
 
 def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Sampling:
@@ -137,7 +145,7 @@ def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Samplin
             raise RecipeError(
                 "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {eta})"
             )
-        return Sampling(cfg.num_steps, cfg.guidance_scale, eta=eta)
+        return Sampling(cfg.num_steps, cfg.guidance_scale, eta=eta, resolution=cfg.resolution)
     if cfg.eta is not None:
         raise RecipeError(
             "loop.eta",
@@ -171,6 +179,7 @@ def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Samplin
         noise_level=noise_level,
         sde_window=(window[0], window[1]),
         max_sequence_length=cfg.max_sequence_length,
+        resolution=cfg.resolution,
     )
 
 
@@ -197,6 +206,12 @@ def validate(recipe: "Recipe") -> None:
         )
     if cfg.finetune == "lora" and cfg.lora.rank <= 0:
         raise RecipeError("loop.lora", f"rank must be > 0 (got {cfg.lora.rank})")
+    if not 0 <= cfg.ema_decay < 1:
+        raise RecipeError("loop.ema_decay", f"must be in [0, 1) (0: no EMA) (got {cfg.ema_decay})")
+    if cfg.ema_decay and recipe.run.grad_sync == "fsdp":
+        raise RecipeError("loop.ema_decay", "an EMA of FSDP-sharded weights is not supported; use grad_sync ddp")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        raise RecipeError("loop.resolution", f"must be >= 8 pixels (got {cfg.resolution})")
     if cfg.max_sequence_length < 1:
         raise RecipeError("loop.max_sequence_length", f"must be >= 1 (got {cfg.max_sequence_length})")
     if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
@@ -204,12 +219,16 @@ def validate(recipe: "Recipe") -> None:
     from rlprox.zoo.build import check_spec
 
     try:
-        check_spec(cfg.pipeline, ("digits-sd",))
-        # the zoo's pipelines are DDIM ones; a hub id's class is known once it loads (checked then)
-        family = adapter_for_class(None if cfg.pipeline.startswith("zoo:") else pipeline_class(cfg.pipeline))
+        check_spec(cfg.pipeline, tuple(ZOO_PIPELINES))
+        zoo = cfg.pipeline.startswith("zoo:")
+        class_name = ZOO_PIPELINES[cfg.pipeline[4:]] if zoo else pipeline_class(cfg.pipeline, hub=True)
+        family = adapter_for_class(class_name)
     except ValueError as err:
         raise RecipeError("loop.pipeline", str(err)) from None
-    sampling_options(cfg, family.flow, cfg.pipeline)
+    # a hub id not in this machine's cache: its family is checked when it loads; until then
+    # the options say which family the recipe means
+    flow = family.flow or (class_name is None and any(getattr(cfg, key) is not None for key in FLOW_OPTIONS))
+    sampling_options(cfg, flow, cfg.pipeline)
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
@@ -300,7 +319,7 @@ class LOOP:
     """collect / advantages / minibatches / loss / evaluate / export for the engine."""
 
     curve = ("progress/images", "reward/mean")
-    stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum"}
+    stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum", "reward/zero_std_groups": "sum"}
 
     def __init__(self, recipe: "Recipe", runtime: "Runtime"):
         from rlprox.zoo.build import resolve_path
@@ -316,6 +335,8 @@ class LOOP:
         sampling = sampling_options(cfg, family.flow, cfg.pipeline)  # wrong options fail before the pipeline loads
         try:
             self.pipeline = family.load(self.path, sampling)
+        except RecipeError:
+            raise
         except (OSError, ValueError) as err:
             raise RecipeError(
                 "loop.pipeline",
@@ -340,7 +361,18 @@ class LOOP:
             )
         else:
             denoiser.requires_grad_(True)
+        if cfg.finetune == "lora" and runtime.frozen_dtype != torch.float32:
+            # the frozen base in run.frozen_dtype, the adapters in float32
+            for p in denoiser.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(runtime.frozen_dtype)
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
         self.modules = {self.pipeline.denoiser_name: denoiser}
+        # the KL to the reference policy (a kl_ref regularizer): its step means are computed only then
+        self.kl_ref = any(r.get("type") == "kl_ref" and float(r.get("lam", 0)) > 0 for r in recipe.regularizers)
+        self.ema: dict[str, torch.Tensor] | None = None  # name -> θ̄, set by the first after_update
+        self.ema_updates = 0
         self.frozen = dict(self.pipeline.frozen)
         self.base_denoiser = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
         try:
@@ -445,10 +477,20 @@ class LOOP:
             adv = torch.as_tensor(np.where(np.isfinite(adv), adv, 0.0), dtype=torch.float32, device=self.device)
         else:  # batch_norm over all processes
             adv = self._batch_normalize(rewards)
+        if cfg.advantage in ("loo", "group_norm"):  # a group with no reward spread carries no signal: exactly 0
+            adv = torch.where(self._zero_spread(rewards).repeat_interleave(K), torch.zeros_like(adv), adv)
         if cfg.normalize_advantages and cfg.advantage != "batch_norm":
             adv = self._batch_normalize(adv, center=False)
         batch["advantages"] = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
         return batch
+
+    def _zero_spread(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(P,) True for the prompt groups whose K rewards are all equal (finite ones; NaNs ignored)."""
+        groups = rewards.view(-1, self.cfg.num_samples_per_prompt)
+        finite = torch.isfinite(groups)
+        high = torch.where(finite, groups, torch.full_like(groups, -torch.inf)).max(1).values
+        low = torch.where(finite, groups, torch.full_like(groups, torch.inf)).min(1).values
+        return ~(high > low)
 
     def _batch_normalize(self, x: torch.Tensor, center: bool = True) -> torch.Tensor:
         finite = torch.isfinite(x)
@@ -485,18 +527,21 @@ class LOOP:
         cfg = self.cfg
         x_t = batch["latents"][idx, step]  # (b, C, H, W)
         x_next = batch["latents"][idx, step + 1]
-        logp = self.pipeline.step_log_prob(
-            self.modules[self.pipeline.denoiser_name],
-            {k: v[idx] for k, v in batch["cond"].items()},
-            self._negative(len(idx)),
-            batch["schedule"],
-            x_t,
-            x_next,
-            step,
-        )  # (b,)
+        cond, negative = {k: v[idx] for k, v in batch["cond"].items()}, self._negative(len(idx))
+        model = self.modules[self.pipeline.denoiser_name]
+        logp, mean, std = self.pipeline.step_distribution(
+            model, cond, negative, batch["schedule"], x_t, x_next, step
+        )  # (b,), (b, ...), std
         old = batch["log_probs"][idx, step]
         adv = batch["advantages"][idx]
         loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_range)
+        tensors = {"mean": mean, "std": std}
+        if self.kl_ref:  # the reference's step mean at the same x: the base model (LoRA off), no gradient
+            with torch.no_grad(), self._base_model() as reference:
+                _, tensors["ref_mean"], _ = self.pipeline.step_distribution(
+                    reference, cond, negative, batch["schedule"], x_t, x_next, step
+                )
+        penalty, penalty_stats = self.runtime.loss_side_penalties(**tensors)
         with torch.no_grad():
             stats = {
                 "loss/policy": loss.detach(),
@@ -504,19 +549,19 @@ class LOOP:
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
                 "policy/ratio_max": ratio.max(),
                 "policy/ratio_mean": ratio.mean(),
+                **penalty_stats,
             }
-        return loss, stats
+        return loss + penalty, stats
 
     # ------------------------------------------------------------------ LOG
     def iteration_stats(self, elapsed: float) -> dict:
         r = self._last["rewards"].float()
         finite = torch.isfinite(r)
-        groups = r.view(-1, self.cfg.num_samples_per_prompt)
-        spread = (groups.max(1).values - groups.min(1).values).abs()
         stats = {
             "reward/mean": float(r[finite].mean()) if finite.any() else float("nan"),
             "reward/std": float(r[finite].std()) if finite.sum() > 1 else float("nan"),
-            "reward/zero_std_group_frac": float((spread == 0).float().mean()),
+            # prompt groups whose K rewards are all equal (zero advantage under loo / group_norm), all processes
+            "reward/zero_std_groups": int(self._zero_spread(r).sum()) if self.cfg.num_samples_per_prompt > 1 else 0,
             "reward/nan_count": int((~finite).sum()),
             "progress/images": self.images_seen,
             "perf/images_per_s": len(r) * self.runtime.world / max(elapsed, 1e-9),
@@ -556,7 +601,7 @@ class LOOP:
                 finals = []
                 for start in range(0, len(items), cfg.sample_batch_size):
                     sl = slice(start, start + cfg.sample_batch_size)
-                    with self._base_model() if denoiser is None else contextlib.nullcontext(denoiser) as model:
+                    with self._base_model() if denoiser is None else self._tuned_model() as model:
                         final = self.pipeline.sample_with_noise(
                             model,
                             {k: v[sl] for k, v in cond.items()},
@@ -592,6 +637,16 @@ class LOOP:
             info={"prompts": len(prompts)},
         )
 
+    def _tuned_model(self):
+        """The tuned denoiser for evaluation and export: with its EMA weights when there is an EMA."""
+
+        @contextlib.contextmanager
+        def tuned():
+            with self._ema_weights():
+                yield self._denoiser()
+
+        return tuned()
+
     def _base_model(self):
         """The base denoiser: the LoRA model with its adapters off, or (full fine-tuning) a
         frozen copy loaded from the pipeline folder on first use."""
@@ -622,20 +677,64 @@ class LOOP:
         ``load_lora_weights(out_dir)`` reads; full fine-tuning: the whole pipeline with the
         tuned denoiser (``save_pretrained``)."""
         out_dir = Path(out_dir)
-        denoiser = self._denoiser()
-        if self.cfg.finetune == "lora":
-            self.pipeline.save_lora(out_dir, denoiser)
-            return [out_dir / "pytorch_lora_weights.safetensors"]
-        self.pipeline.save_full(out_dir, self.path, denoiser)
+        with self._tuned_model() as denoiser:
+            if self.cfg.finetune == "lora":
+                self.pipeline.save_lora(out_dir, denoiser)
+                return [out_dir / "pytorch_lora_weights.safetensors"]
+            self.pipeline.save_full(out_dir, self.path, denoiser)
         return [out_dir]
+
+    # ------------------------------------------------------------------ EMA
+    def after_update(self) -> None:
+        """θ̄ ← d·θ̄ + (1−d)·θ over the trained weights, d = min(ema_decay, (1+n)/(10+n)) at the
+        n-th update (θ̄ starts at the weights after the first update); nothing without ema_decay."""
+        if not self.cfg.ema_decay:
+            return
+        params = self._trained_parameters()
+        if self.ema is None:
+            self.ema = {n: p.detach().float().clone() for n, p in params.items()}
+        else:
+            decay = min(self.cfg.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+            for name, p in params.items():
+                self.ema[name].lerp_(p.detach().float(), 1 - decay)
+        self.ema_updates += 1
+
+    def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self._denoiser().named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """The trained weights replaced by their EMA inside the block (when there is one), restored after."""
+        if self.ema is None:
+            yield
+            return
+        params = self._trained_parameters()
+        live = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.ema[name].to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(live[name])
 
     # ------------------------------------------------------------------ STATE
     def state_dict(self):
-        return {}, {"prompt_stats": self.prompt_stats.state_dict(), "images_seen": self.images_seen}
+        tensors = {f"ema.{n}": t for n, t in (self.ema or {}).items()}
+        return tensors, {
+            "prompt_stats": self.prompt_stats.state_dict(),
+            "images_seen": self.images_seen,
+            "ema_updates": self.ema_updates,
+        }
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
         self.prompt_stats.load_state_dict(state.get("prompt_stats", {}))
         self.images_seen = int(state.get("images_seen", 0))
+        self.ema_updates = int(state.get("ema_updates", 0))
+        ema = {n[len("ema.") :]: t.to(self.device) for n, t in tensors.items() if n.startswith("ema.")}
+        self.ema = ema or None
 
     def close(self):
         if self._pool is not None:
@@ -664,6 +763,7 @@ register_trainer(
             recipe.loop.num_samples_per_prompt * recipe.loop.prompts_per_iteration // recipe.loop.train_batch_size
         ),
         description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
+        loss_inputs=("mean", "ref_mean", "std"),
         eval_unit="samples",
         eval_flags=("prompts",),
     )

@@ -234,7 +234,7 @@ class VAPi:
     """collect / advantages / minibatches / loss / evaluate for the engine."""
 
     curve = ("progress/images", "reward/mean")
-    stat_reductions = {"progress/images": "mean"}
+    stat_reductions = {"progress/images": "mean", "reward/zero_std_groups": "sum"}
 
     def __init__(self, recipe: "Recipe", runtime: "Runtime"):
         cfg = self.cfg = recipe.vapi
@@ -410,7 +410,7 @@ class VAPi:
         stats = {
             "reward/mean": float(r.mean()),
             "reward/std": float(r.std()),
-            "reward/zero_std_group_frac": float((spread == 0).float().mean()),
+            "reward/zero_std_groups": int((spread == 0).sum()),  # images whose G rewards are all equal
             "reward/tokenizer_floor_mse": self._last[
                 "tf_mse"
             ],  # MSE of D(z*): the best any token sequence of this VQ reaches

@@ -71,6 +71,10 @@ class AlgorithmHooks(Protocol):
     def minibatches(self, batch: Any, epoch: int) -> Iterable[Any]:
         """Minibatches of one epoch (default: the whole batch once)."""
 
+    def after_update(self) -> None:
+        """Once per iteration after the update's last optimizer step, under
+        ``torch.no_grad`` (e.g. an EMA of the trained weights)."""
+
     def early_stop(self, epoch_stats: dict[str, float]) -> bool:
         """Stop the epochs after this one (e.g. PPO's target KL). ``epoch_stats`` are
         the epoch's update stats averaged over processes, so every rank agrees. Set

@@ -103,7 +103,7 @@ class Engine:
         # ---- RESUME
         self.resume()
         self.tracker.start(total=run.iterations, initial=state.iteration)
-        advantages = hook(algo, "advantages")
+        advantages, after_update = hook(algo, "advantages"), hook(algo, "after_update")
         can_evaluate = hook(algo, "evaluate") is not None and run.eval_size > 0
         stats: dict[str, float] = {}
         while state.iteration < run.iterations:
@@ -122,6 +122,9 @@ class Engine:
             # ---- UPDATE
             local = self.update(batch)
             self.lr_schedule.step()
+            if after_update is not None:
+                with torch.no_grad():
+                    after_update()
             elapsed = time.perf_counter() - start
             state.iteration = it
             state.wall_time += elapsed

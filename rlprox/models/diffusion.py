@@ -40,8 +40,8 @@ def _per_sample(values: torch.Tensor, t, like: torch.Tensor) -> torch.Tensor:
     return out.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _ddim_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float):
-    """(μ, σ_t) of π(x_{t−1} | x_t, c) for model output ``eps`` (float32, broadcastable)."""
+def ddim_step_moments(scheduler, eps: torch.Tensor, t, x_t: torch.Tensor, eta: float):
+    """(μ, σ_t) of the DDIM(η) step π(x_{t−1} | x_t, c) for model output ``eps`` (float32, broadcastable)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) first")
     if getattr(scheduler.config, "thresholding", False):
@@ -95,16 +95,16 @@ def ddim_step_with_logprob(
     is shaped (B,), averaged over latent dimensions; with η = 0 the step is the
     deterministic mean and log_prob is 0.
     """
-    mean, std = _ddim_moments(scheduler, eps, t, x_t, eta)
+    mean, std = ddim_step_moments(scheduler, eps, t, x_t, eta)
     if prev_sample is None:
         if eta <= 0:
             return mean.to(x_t.dtype), torch.zeros(x_t.shape[0], device=x_t.device)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
         prev_sample = mean + std * noise
-    return prev_sample.to(x_t.dtype), _gaussian_logprob(prev_sample, mean, std)
+    return prev_sample.to(x_t.dtype), gaussian_logprob(prev_sample, mean, std)
 
 
-def _gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
     """log N(x; μ, σ²) averaged over all but the batch dimension."""
     std = std.expand_as(mean) if torch.is_tensor(std) else torch.full_like(mean, float(std))
     log_prob = -((x.detach().float() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * LOG_2PI
@@ -129,10 +129,19 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch
     return text_encoder(ids.to(device))[0]
 
 
+def base_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a denoiser's own (non-LoRA) weights: what its inputs are cast to."""
+    return next((p.dtype for n, p in model.named_parameters() if "lora_" not in n), torch.float32)
+
+
 def guided_noise(
     unet, x: torch.Tensor, t, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float
 ) -> torch.Tensor:
-    """ε̂ = ε_u + g·(ε_c − ε_u) (classifier-free guidance; g = 1 or no negative: ε_c only)."""
+    """ε̂ = ε_u + g·(ε_c − ε_u) (classifier-free guidance; g = 1 or no negative: ε_c only).
+    Inputs are cast to the UNet's weights' dtype (a bf16 base under fp32 LoRA adapters)."""
+    dtype = base_dtype(unet)
+    x, prompt_embeds = x.to(dtype), prompt_embeds.to(dtype)
+    negative_embeds = negative_embeds.to(dtype) if negative_embeds is not None else None
     if negative_embeds is None or guidance_scale == 1.0:
         return unet(x, t, encoder_hidden_states=prompt_embeds).sample
     both = unet(
@@ -217,6 +226,6 @@ def denoise_with_noise(
             eps = guided_noise(
                 unet, scheduler.scale_model_input(x, t), t, prompt_embeds, negative_embeds, guidance_scale
             )
-        mean, std = _ddim_moments(scheduler, eps.float(), t, x.float(), eta)
+        mean, std = ddim_step_moments(scheduler, eps.float(), t, x.float(), eta)
         x = mean + std * noise[:, k + 1] if eta > 0 else mean
     return x

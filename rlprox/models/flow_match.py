@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlprox.models.diffusion import _gaussian_logprob
+from rlprox.models.diffusion import gaussian_logprob
 
 SAMPLERS = ("sde", "cps", "ode")
 
@@ -64,7 +64,7 @@ def _sample_or_score(mean, std, x: torch.Tensor, prev_sample, generator):
     if prev_sample is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         prev_sample = (mean + std * noise).to(x.dtype)
-    return prev_sample.to(x.dtype), _gaussian_logprob(prev_sample, mean, std)
+    return prev_sample.to(x.dtype), gaussian_logprob(prev_sample, mean, std)
 
 
 def _sde_moments(v, x, sigma, sigma_next, noise_level: float, sigma_max: float | None):
@@ -188,6 +188,18 @@ def cps_step_with_logprob(
     """
     mean, std = _cps_moments(v, x, sigma, sigma_next, noise_level)
     return _sample_or_score(mean, std, x, prev_sample, generator)
+
+
+def step_moments(sampler: str, v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float):
+    """(μ, std) of one stochastic step of ``sampler`` ("sde" or "cps"), float32: μ (B, ...) and
+    std broadcastable to it (a (B, 1, ...) tensor, or a float). The moments behind
+    ``sde_step_with_logprob`` / ``cps_step_with_logprob``; a trainer needs μ itself for the KL
+    to a reference policy (``rlprox.objectives.gaussian_mean_kl``)."""
+    if sampler == "sde":
+        return _sde_moments(v, x, sigma, sigma_next, noise_level, None)
+    if sampler == "cps":
+        return _cps_moments(v, x, sigma, sigma_next, noise_level)
+    raise ValueError(f"sampler must be 'sde' or 'cps' for a stochastic step (got {sampler!r})")
 
 
 def ode_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:

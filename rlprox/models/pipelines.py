@@ -6,6 +6,7 @@ One small class per family; the trainer (rlprox/algos/loop.py) calls only these 
     negative(n)              the empty prompt's conditioning for classifier-free guidance (g > 1)
     sample(...)              a batch of trajectories: every latent, every step's log π_old
     step_log_prob(...)       log π_θ of one stored step (the update's re-evaluation)
+    step_distribution(...)   that log-prob with the step's Gaussian mean and std (the KL to a reference)
     sample_with_noise(...)   final latents from fixed per-item noise (evaluation), stochastic or
                              deterministic (DDIM η = 0 / the flow ODE)
     decode(latents)          images (B, 3, H, W) in [0, 1]
@@ -46,6 +47,24 @@ class Sampling:
     noise_level: float = 0.7  # flow: the SDE's a, or CPS's a in (0, 1]
     sde_window: tuple[int, int] | None = None  # flow: stochastic steps [start, end); None: every step
     max_sequence_length: int = 256  # SD3: T5 tokens per prompt
+    resolution: int | None = None  # image side in pixels; None: the denoiser's default sample size
+
+
+def latent_side(pipe, sampling: Sampling, default: int, multiple: int = 1) -> int:
+    """The latent side for ``sampling.resolution`` pixels (``default`` when unset): pixels over the
+    VAE's downsampling factor, which must divide them (times ``multiple``, the patch size)."""
+    if sampling.resolution is None:
+        return default
+    from rlprox.errors import RecipeError
+
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if sampling.resolution % (scale * multiple):
+        raise RecipeError(
+            "loop.resolution",
+            f"{sampling.resolution} px is not a multiple of {scale * multiple} "
+            f"(the VAE's factor {scale}{f' × patch size {multiple}' if multiple > 1 else ''})",
+        )
+    return sampling.resolution // scale
 
 
 def pipeline_class(path, hub: bool = False) -> str | None:
@@ -113,7 +132,8 @@ class StableDiffusionAdapter(_GuidedAdapter):
         self.denoiser = pipe.unet
         self.frozen = {"vae": pipe.vae, "text_encoder": pipe.text_encoder}
         config = self.denoiser.config
-        self.latent_shape = (config.in_channels, config.sample_size, config.sample_size)  # (C, H, W)
+        side = latent_side(pipe, sampling, config.sample_size)
+        self.latent_shape = (config.in_channels, side, side)  # (C, H, W)
         self.trained_steps = torch.arange(sampling.num_steps)  # (T',) every DDIM step has a log-prob
         self._negative = None
 
@@ -152,8 +172,9 @@ class StableDiffusionAdapter(_GuidedAdapter):
         )
         return {"latents": traj.latents, "log_probs": traj.log_probs, "schedule": traj.timesteps}
 
-    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
-        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample."""
+    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+        """(log π_θ(x_next | x, c) (b,), μ (b, C, H, W), std (b, 1, 1, 1)) of step ``step`` (b,)
+        of each sample: the DDIM(η) step's Gaussian, float32."""
         t = schedule[step]  # (b,) per-sample timesteps
         eps = diffusion.guided_noise(
             model,
@@ -163,9 +184,12 @@ class StableDiffusionAdapter(_GuidedAdapter):
             negative["embeds"] if negative is not None else None,
             self.sampling.guidance_scale,
         )
-        eta = self.sampling.eta
-        _, logp = diffusion.ddim_step_with_logprob(self.scheduler, eps.float(), t, x, eta, prev_sample=x_next)
-        return logp
+        mean, std = diffusion.ddim_step_moments(self.scheduler, eps.float(), t, x, self.sampling.eta)
+        return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
+
+    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
+        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample."""
+        return self.step_distribution(model, cond, negative, schedule, x, x_next, step)[0]
 
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
         s = self.sampling
@@ -232,7 +256,8 @@ class StableDiffusion3Adapter(_GuidedAdapter):
             if (module := getattr(pipe, name, None)) is not None
         }
         config = self.denoiser.config
-        self.latent_shape = (config.in_channels, config.sample_size, config.sample_size)  # (C, H, W)
+        side = latent_side(pipe, sampling, config.sample_size, config.patch_size)
+        self.latent_shape = (config.in_channels, side, side)  # (C, H, W)
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         self.sigmas = self._schedule(pipe.scheduler, sampling.num_steps)  # (T+1,) float32, 1 ... 0
         stochastic = flow_match.sde_window_mask(sampling.num_steps, sampling.sde_window)
@@ -284,9 +309,13 @@ class StableDiffusion3Adapter(_GuidedAdapter):
     def _velocity(self, model, cond, negative, autocast=None):
         """v̂(x, σ) with classifier-free guidance; σ (B,) maps to the timestep 1000·σ."""
         g = self.sampling.guidance_scale
+        dtype = diffusion.base_dtype(model)  # a bf16 base under fp32 LoRA adapters takes bf16 inputs
+        cond = {k: v.to(dtype) for k, v in cond.items()}
+        negative = {k: v.to(dtype) for k, v in negative.items()} if negative is not None else None
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             t = sigma * self.num_train_timesteps
+            x = x.to(dtype)
             with _with_autocast(autocast):
                 if negative is None:
                     return model(
@@ -331,16 +360,18 @@ class StableDiffusion3Adapter(_GuidedAdapter):
         )
         return {"latents": traj.latents, "log_probs": traj.log_probs, "schedule": traj.sigmas}
 
-    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
-        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample: σ_step → σ_step+1."""
+    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+        """(log π_θ(x_next | x, c) (b,), μ (b, ...), std) of step ``step`` (b,) of each sample,
+        σ_step → σ_step+1: the sampler's Gaussian step, float32."""
         sigma, sigma_next = schedule[step], schedule[step + 1]  # (b,)
         v = self._velocity(model, cond, negative)(x, sigma)
         s = self.sampling
-        if s.sampler == "sde":
-            _, logp = flow_match.sde_step_with_logprob(v, x, sigma, sigma_next, s.noise_level, prev_sample=x_next)
-        else:
-            _, logp = flow_match.cps_step_with_logprob(v, x, sigma, sigma_next, s.noise_level, prev_sample=x_next)
-        return logp
+        mean, std = flow_match.step_moments(s.sampler, v, x, sigma, sigma_next, s.noise_level)
+        return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
+
+    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
+        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample: σ_step → σ_step+1."""
+        return self.step_distribution(model, cond, negative, schedule, x, x_next, step)[0]
 
     @torch.no_grad()
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:

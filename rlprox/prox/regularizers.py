@@ -30,7 +30,7 @@ import abc
 import torch
 
 from rlprox.errors import RegistryError
-from rlprox.objectives import kl_k3
+from rlprox.objectives import gaussian_mean_kl, kl_k3
 from rlprox.prox import operators as ops
 from rlprox.registry import Registry
 
@@ -288,6 +288,9 @@ class LossRegularizer(abc.ABC):
     without ``params``: ``regularizers: [{type: brownian, lam: 0.1}]``."""
 
     inputs: tuple[str, ...] = ()
+    # other sets of tensors that also define the term, tried in order (``inputs`` first);
+    # a trainer must offer one whole set
+    alternative_inputs: tuple[tuple[str, ...], ...] = ()
 
     def __init__(self, lam: float = 0.0):
         if lam < 0:
@@ -298,8 +301,22 @@ class LossRegularizer(abc.ABC):
     def value(self, **tensors) -> torch.Tensor:
         """The term without λ (a scalar tensor)."""
 
+    @classmethod
+    def input_sets(cls) -> tuple[tuple[str, ...], ...]:
+        """Every set of tensor names the term can be computed from, preferred first."""
+        return (cls.inputs, *cls.alternative_inputs)
+
+    @classmethod
+    def usable_inputs(cls, offered) -> tuple[str, ...] | None:
+        """The first input set that ``offered`` (names) covers; None when none is."""
+        return next((names for names in cls.input_sets() if all(k in offered for k in names)), None)
+
     def penalty(self, **tensors) -> torch.Tensor:
-        return self.lam * self.value(**{k: tensors[k] for k in self.inputs})
+        names = self.usable_inputs(tensors)
+        if names is None:
+            wanted = " or ".join("(" + ", ".join(names) + ")" for names in self.input_sets())
+            raise ValueError(f"{type(self).__name__} needs {wanted}; the loss gave ({', '.join(tensors)})")
+        return self.lam * self.value(**{k: tensors[k] for k in names})
 
 
 def brownian_residual(v: torch.Tensor, v_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -340,12 +357,25 @@ class PriorCE(LossRegularizer):
 
 @register_regularizer("kl_ref")
 class KLReference(LossRegularizer):
-    """λ·KL(π_θ ‖ π_ref) by Schulman's k3 estimator on the sampled tokens (``kl_k3``);
-    the trainer builds a frozen reference copy only when this is in the recipe."""
+    """λ·KL(π_θ ‖ π_ref), the KL to the reference (pre-fine-tuning) policy, from what the
+    trainer's loss offers:
 
-    inputs = ("logp", "ref_logp")
+    - Gaussian steps (LOOP's denoising steps: the flow SDE / CPS step, DDIM(η)): the step
+      means μ, μ_ref and the shared std, KL = mean (μ − μ_ref)²/(2·std²) over latent
+      elements and samples (``objectives.gaussian_mean_kl``, Flow-GRPO's KL term: its β
+      means the same here);
+    - sampled tokens (VA-π): log π_θ and log π_ref of the samples, Schulman's k3 estimator
+      (``objectives.kl_k3``).
 
-    def value(self, logp, ref_logp):
+    The reference is never trained (its tensors are detached). The trainer computes them
+    only when this is in the recipe: a LoRA model with its adapters off, else a frozen copy."""
+
+    inputs = ("mean", "ref_mean", "std")
+    alternative_inputs = (("logp", "ref_logp"),)
+
+    def value(self, mean=None, ref_mean=None, std=None, logp=None, ref_logp=None):
+        if mean is not None:
+            return gaussian_mean_kl(mean, ref_mean.detach(), std)
         return kl_k3(logp, ref_logp.detach())
 
 
