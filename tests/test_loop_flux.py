@@ -242,6 +242,23 @@ def test_flux_eval_and_exported_lora_reproduce_the_tuned_samples_in_stock_diffus
     torch.testing.assert_close(latents, tuned, rtol=0, atol=1e-5)
 
 
+def test_flux_full_fine_tuning_evaluates_the_base_and_exports_a_stock_pipeline(tmp_path, flux_pipeline):
+    recipe = flux_recipe(tmp_path, flux_pipeline, finetune="full")
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    engine.fit()
+    engine.close()
+    assert main(["eval", str(engine.run_dir), "--num-samples", "2"]) == 0  # the base transformer from the folder
+    result = json.loads((checkpoint.find_latest(engine.run_dir) / "eval.json").read_text())
+    assert "eval/base_reward_ode" in result
+    assert main(["export", str(engine.run_dir), str(tmp_path / "full")]) == 0
+    exported = stock_pipeline(tmp_path / "full").transformer.state_dict()
+    tuned = engine.algo.denoiser.state_dict()
+    assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in tuned)
+    base = stock_pipeline(flux_pipeline).transformer.state_dict()
+    assert any(not torch.equal(base[k], tuned[k]) for k in tuned)
+
+
 @pytest.mark.parametrize(
     "family,loop,message",
     [

@@ -72,8 +72,8 @@ class LoraSpec:
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
-    # a diffusers StableDiffusionPipeline (UNet + DDIM) or StableDiffusion3Pipeline (transformer +
-    # flow matching): local folder, hub id (offline cache) or zoo:NAME
+    # a diffusers StableDiffusionPipeline (UNet + DDIM), StableDiffusion3Pipeline or FluxPipeline
+    # (transformer + flow matching): local folder, hub id (offline cache) or zoo:NAME
     pipeline: str = "zoo:digits-sd"
     # "digits" (the 50 digits-world prompts), a .txt file (one per
     # line), or "module:function" returning (prompts, metadata)
