@@ -4,7 +4,7 @@ Diffusion Fine-tuning", arXiv 2503.00897).
 
 Each denoising step is a Gaussian policy π_θ(x_{t−1} | x_t, c): a DDIM(η) step for UNet
 pipelines (rlprox/models/diffusion.py), a flow-matching SDE or CPS step on ``sde_window``'s
-steps for SD3 (rlprox/models/flow_match.py; the other steps are ODE steps, not trained). A
+steps for SD3 / FLUX (rlprox/models/flow_match.py; the other steps are ODE steps, not trained). A
 pipeline adapter per family (rlprox/models/pipelines.py) encodes prompts, samples, re-evaluates
 a step's log-prob and decodes; the trainer calls no pipeline class itself. Per iteration, each process:
 
@@ -72,8 +72,8 @@ class LoraSpec:
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
-    # a diffusers StableDiffusionPipeline (UNet + DDIM) or StableDiffusion3Pipeline (transformer +
-    # flow matching): local folder, hub id (offline cache) or zoo:NAME
+    # a diffusers StableDiffusionPipeline (UNet + DDIM), StableDiffusion3Pipeline or FluxPipeline
+    # (transformer + flow matching): local folder, hub id (offline cache) or zoo:NAME
     pipeline: str = "zoo:digits-sd"
     # "digits" (the 50 digits-world prompts), a .txt file (one per
     # line), or "module:function" returning (prompts, metadata)
@@ -93,9 +93,12 @@ class LoopConfig:
     # (0 = the step from σ = 1); the others are ODE steps with no log-prob, never trained.
     # Unset: every step (sde), every step but the last to σ = 0 (cps)
     sde_window: list[int] | None = None
-    max_sequence_length: int = 256  # SD3: T5 tokens per prompt (ignored by SD pipelines)
+    max_sequence_length: int = 256  # SD3 / FLUX: T5 tokens per prompt (ignored by SD pipelines)
     resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
+    # FLUX only: the distilled guidance value fed to the transformer's guidance embedding; unset: 3.5
+    # (ignored by a transformer without one, FLUX.1-schnell)
+    guidance_embedding: float | None = None
     sample_batch_size: int = 16  # samples denoised together, per process
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
@@ -130,10 +133,22 @@ FLOW_OPTIONS = ("sampler", "noise_level", "sde_window")
 ZOO_PIPELINES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
 
 
-def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Sampling:
-    """The sampling options for a DDIM (``flow`` False) or flow-matching pipeline, unset ones
-    filled in; a RecipeError for an option of the other family or a value out of range."""
-    if not flow:
+def sampling_options(cfg: LoopConfig, family, pipeline_name: str) -> Sampling:
+    """The sampling options for a pipeline of adapter class ``family`` (DDIM, or flow matching:
+    ``family.flow``), unset ones filled in; a RecipeError for an option of another family or a
+    value out of range."""
+    if cfg.guidance_embedding is not None and not family.guidance_embedded:
+        raise RecipeError(
+            "loop.guidance_embedding",
+            f"a FLUX option, but {pipeline_name} is a {family.pipeline_classes[0]}: set loop.guidance_scale instead",
+        )
+    if family.guidance_embedded and cfg.guidance_scale != 1:
+        raise RecipeError(
+            "loop.guidance_scale",
+            f"FLUX uses a guidance embedding, not classifier-free guidance: set loop.guidance_embedding instead "
+            f"(got {cfg.guidance_scale})",
+        )
+    if not family.flow:
         asked = [key for key in FLOW_OPTIONS if getattr(cfg, key) is not None]
         if asked:
             raise RecipeError(
@@ -179,6 +194,7 @@ def sampling_options(cfg: LoopConfig, flow: bool, pipeline_name: str) -> Samplin
         noise_level=noise_level,
         sde_window=(window[0], window[1]),
         max_sequence_length=cfg.max_sequence_length,
+        guidance_embedding=3.5 if cfg.guidance_embedding is None else cfg.guidance_embedding,
         resolution=cfg.resolution,
     )
 
@@ -225,10 +241,14 @@ def validate(recipe: "Recipe") -> None:
         family = adapter_for_class(class_name)
     except ValueError as err:
         raise RecipeError("loop.pipeline", str(err)) from None
-    # a hub id not in this machine's cache: its family is checked when it loads; until then
-    # the options say which family the recipe means
-    flow = family.flow or (class_name is None and any(getattr(cfg, key) is not None for key in FLOW_OPTIONS))
-    sampling_options(cfg, flow, cfg.pipeline)
+    if (
+        class_name is None
+    ):  # a hub id not in this machine's cache: the options say which family is meant until it loads
+        if cfg.guidance_embedding is not None:
+            family = adapter_for_class("FluxPipeline")
+        elif any(getattr(cfg, key) is not None for key in FLOW_OPTIONS):
+            family = adapter_for_class("StableDiffusion3Pipeline")
+    sampling_options(cfg, family, cfg.pipeline)
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
@@ -332,7 +352,7 @@ class LOOP:
             family = adapter_for_class(pipeline_class(self.path, hub=True))
         except ValueError as err:
             raise RecipeError("loop.pipeline", str(err)) from None
-        sampling = sampling_options(cfg, family.flow, cfg.pipeline)  # wrong options fail before the pipeline loads
+        sampling = sampling_options(cfg, family, cfg.pipeline)  # wrong options fail before the pipeline loads
         try:
             self.pipeline = family.load(self.path, sampling)
         except RecipeError:

@@ -20,6 +20,8 @@ Families:
     StableDiffusion3Adapter   SD3: MMDiT transformer predicting the velocity v, flow-matching
                               SDE or CPS policy on a window of steps, ODE elsewhere
                               (rlprox.models.flow_match)
+    FluxAdapter               FLUX.1: SD3's policy on packed 2×2-patch latents, a distilled
+                              guidance embedding instead of classifier-free guidance
 
 ``load_adapter(path, sampling)`` picks the family from the folder's ``model_index.json``.
 """
@@ -46,8 +48,9 @@ class Sampling:
     sampler: str = "sde"  # flow: "sde" or "cps"
     noise_level: float = 0.7  # flow: the SDE's a, or CPS's a in (0, 1]
     sde_window: tuple[int, int] | None = None  # flow: stochastic steps [start, end); None: every step
-    max_sequence_length: int = 256  # SD3: T5 tokens per prompt
-    resolution: int | None = None  # image side in pixels; None: the denoiser's default sample size
+    max_sequence_length: int = 256  # SD3 / FLUX: T5 tokens per prompt
+    guidance_embedding: float = 3.5  # FLUX: the value fed to the transformer's guidance embedding
+    resolution: int | None = None  # image side in pixels; None: the model's default size
 
 
 def latent_side(pipe, sampling: Sampling, default: int, multiple: int = 1) -> int:
@@ -104,6 +107,7 @@ class _GuidedAdapter:
 
     sampling: Sampling
     _negative: dict[str, torch.Tensor] | None = None
+    guidance_embedded = False  # FLUX: a guidance embedding (loop.guidance_embedding) instead of guidance
 
     def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
         """The empty prompt's conditioning for ``n`` samples; None without guidance."""
@@ -255,16 +259,27 @@ class StableDiffusion3Adapter(_GuidedAdapter):
             for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
             if (module := getattr(pipe, name, None)) is not None
         }
-        config = self.denoiser.config
-        side = latent_side(pipe, sampling, config.sample_size, config.patch_size)
-        self.latent_shape = (config.in_channels, side, side)  # (C, H, W)
+        self.latent_shape = self._latent_shape()
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         self.sigmas = self._schedule(pipe.scheduler, sampling.num_steps)  # (T+1,) float32, 1 ... 0
         stochastic = flow_match.sde_window_mask(sampling.num_steps, sampling.sde_window)
         self.trained_steps = torch.nonzero(stochastic).flatten()  # (T',) the window's steps
         self._negative = None
 
+    def _latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent, (C, H, W): the transformer's sample size, or ``sampling.resolution``."""
+        config = self.denoiser.config
+        side = latent_side(self.pipe, self.sampling, config.sample_size, config.patch_size)
+        return (config.in_channels, side, side)
+
+    @staticmethod
+    def _pipeline_type():
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
     def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
+        """The σ's of ``num_steps`` steps as the pipeline sets them, (T+1,) float32, 1 ... 0."""
         scheduler = copy.deepcopy(scheduler)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
@@ -284,12 +299,12 @@ class StableDiffusion3Adapter(_GuidedAdapter):
 
     @classmethod
     def load(cls, path, sampling: Sampling) -> "StableDiffusion3Adapter":
-        from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+        from diffusers import DiffusionPipeline
 
         _quiet_loading()
         index = DiffusionPipeline.load_config(str(path))
         absent = {k: None for k, v in index.items() if isinstance(v, list) and list(v) == [None, None]}
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **absent)
+        pipe = cls._pipeline_type().from_pretrained(str(path), **absent)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, sampling)
 
@@ -339,7 +354,7 @@ class StableDiffusion3Adapter(_GuidedAdapter):
 
     # ------------------------------------------------------------------ sampling
     def noise_shape(self) -> tuple[int, ...]:
-        """One evaluation item's noise: x at σ = 1 and each step's z, (T+1, C, H, W)."""
+        """One evaluation item's noise: x at σ = 1 and each step's z, (T+1, C, H, W) (FLUX: (T+1, N, 4·C))."""
         return (self.sampling.num_steps + 1, *self.latent_shape)
 
     @torch.no_grad()
@@ -396,18 +411,16 @@ class StableDiffusion3Adapter(_GuidedAdapter):
 
     # ------------------------------------------------------------------ base model and export
     def load_base_denoiser(self, path, dtype):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer", torch_dtype=dtype)
+        return type(self.denoiser).from_pretrained(str(path), subfolder="transformer", torch_dtype=dtype)
 
     def save_lora(self, out_dir: Path, model) -> None:
-        """The adapter in the format ``StableDiffusion3Pipeline.load_lora_weights`` reads: peft's
-        lora_A / lora_B names (its loader drops the older lora.down / lora.up names that
-        ``convert_state_dict_to_diffusers`` would give the to_q / to_k / to_v / to_out.0 layers)."""
-        from diffusers import StableDiffusion3Pipeline
+        """The adapter in the format the pipeline class's ``load_lora_weights`` reads
+        (``StableDiffusion3Pipeline``'s, ``FluxPipeline``'s): peft's lora_A / lora_B names (its
+        loader drops the older lora.down / lora.up names that ``convert_state_dict_to_diffusers``
+        would give the to_q / to_k / to_v / to_out.0 layers)."""
         from peft.utils import get_peft_model_state_dict
 
-        StableDiffusion3Pipeline.save_lora_weights(
+        self._pipeline_type().save_lora_weights(
             str(out_dir),
             transformer_lora_layers=get_peft_model_state_dict(model),
             transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
@@ -419,7 +432,113 @@ class StableDiffusion3Adapter(_GuidedAdapter):
         pipe.save_pretrained(str(out_dir))
 
 
-ADAPTERS = (StableDiffusionAdapter, StableDiffusion3Adapter)
+class FluxAdapter(StableDiffusion3Adapter):
+    """A ``FluxPipeline`` (FLUX.1-dev / schnell): SD3's flow-matching policy (``sample``,
+    ``step_log_prob`` and ``sample_with_noise`` are SD3's) on FLUX's packed latents, 2×2 latent
+    patches as tokens, x (B, N, 4·C). The transformer gets σ itself as its timestep (the
+    pipeline's timestep / 1000), the rotary ids of the image tokens and of the text tokens (all
+    zero), and, when ``guidance_embeds``, the distilled guidance ``sampling.guidance_embedding``;
+    there is no classifier-free guidance. The conditioning is T5's sequence (``embeds`` (B, L, D))
+    and CLIP's pooled output (``pooled`` (B, D')), from the pipeline's own ``encode_prompt``. The
+    image is ``sampling.resolution`` or the VAE's ``sample_size`` square (1024 for FLUX.1); σ's are the pipeline's:
+    linspace(1, 1/T, T), shifted by μ of the image's token count."""
+
+    pipeline_classes = ("FluxPipeline",)
+    guidance_embedded = True  # a guidance embedding, not classifier-free guidance (loop.guidance_embedding)
+    # the attention projections of the double blocks' two streams (image: to_*, text: add_*) and
+    # of the single blocks (to_q, to_k, to_v; their output projection also carries the MLP)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def __init__(self, pipe, sampling: Sampling):
+        vae_scale = pipe.vae_scale_factor
+        default = 2 * (int(pipe.vae.config.sample_size) // (vae_scale * 2))
+        self.latent_size = latent_side(pipe, sampling, default, 2)  # the unpacked latent's H = W (2×2 patches)
+        self.image_size = self.latent_size * vae_scale  # pixels, square
+        self.img_ids = pipe._prepare_latent_image_ids(  # (N, 3) the image tokens' (0, row, column)
+            1, self.latent_size // 2, self.latent_size // 2, "cpu", torch.float32
+        )
+        super().__init__(pipe, sampling)
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        """One sample's packed latent: (N tokens, 4·C), N = (H/2)·(W/2)."""
+        return ((self.latent_size // 2) ** 2, self.denoiser.config.in_channels)
+
+    @staticmethod
+    def _pipeline_type():
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
+        """FluxPipeline's σ's, (T+1,) float32: linspace(1, 1/T, T) (the scheduler's own with
+        ``use_flow_sigmas``), shifted by μ = calculate_shift(N tokens), then 0."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler, c = copy.deepcopy(scheduler), scheduler.config
+        mu = calculate_shift(
+            self.latent_shape[0],
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", 1.15),
+        )
+        if c.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
+        return scheduler.sigmas.detach().float().cpu()
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
+        """T5's sequence ``embeds`` (B, L, D) and CLIP's pooled output ``pooled`` (B, D'), float32."""
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=torch.device(device),
+            max_sequence_length=self.sampling.max_sequence_length,
+        )
+        return {"embeds": embeds.float(), "pooled": pooled.float()}
+
+    def negative(self, n: int, device) -> None:
+        """None: FLUX has no classifier-free guidance (its guidance is an embedding)."""
+        return None
+
+    def _velocity(self, model, cond, negative, autocast=None):
+        """v(x, σ) on packed latents x (B, N, 4·C); σ (B,) is the transformer's timestep."""
+        guidance_value = self.sampling.guidance_embedding if self.denoiser.config.guidance_embeds else None
+        img_ids = self.img_ids.to(cond["embeds"].device)
+        txt_ids = torch.zeros(cond["embeds"].shape[1], 3, device=img_ids.device)  # (L, 3) text positions: zeros
+        dtype = diffusion.base_dtype(model)  # a bf16 base under fp32 LoRA adapters takes bf16 inputs
+        cond = {k: v.to(dtype) for k, v in cond.items()}
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            guidance = None if guidance_value is None else torch.full_like(sigma, guidance_value, dtype=torch.float32)
+            with _with_autocast(autocast):
+                return model(
+                    hidden_states=x.to(dtype),
+                    timestep=sigma,
+                    guidance=guidance,
+                    pooled_projections=cond["pooled"],
+                    encoder_hidden_states=cond["embeds"],
+                    txt_ids=txt_ids,
+                    img_ids=img_ids,
+                    return_dict=False,
+                )[0]
+
+        return velocity
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents (B, N, 4·C) to images (B, 3, H, W) in [0, 1], float32: unpacked, then
+        x / scaling_factor + shift_factor through the VAE."""
+        size = self.image_size
+        return super().decode(self.pipe._unpack_latents(latents, size, size, self.pipe.vae_scale_factor))
+
+
+ADAPTERS = (StableDiffusionAdapter, StableDiffusion3Adapter, FluxAdapter)
 
 
 def adapter_for_class(class_name: str | None):

@@ -90,14 +90,16 @@ def _clip_encoder(tokenizer):
     return CLIPTextModelWithProjection(clip_text_config(tokenizer, CLIP_WIDTH))
 
 
-def _zero_t5_encoder(tokenizer):
-    from transformers import T5Config, T5EncoderModel
+def t5_text_config(tokenizer, width: int = JOINT_WIDTH):
+    """A 1-layer, 2-head T5 encoder of ``width`` over ``build_t5_tokenizer``'s vocabulary
+    (digits-sd3's, the FLUX tests' tiny one)."""
+    from transformers import T5Config
 
-    config = T5Config(
+    return T5Config(
         vocab_size=len(tokenizer),
-        d_model=JOINT_WIDTH,
-        d_kv=32,
-        d_ff=JOINT_WIDTH,
+        d_model=width,
+        d_kv=width // 4,
+        d_ff=width,
         num_layers=1,
         num_heads=2,
         relative_attention_num_buckets=8,
@@ -107,7 +109,12 @@ def _zero_t5_encoder(tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    t5 = T5EncoderModel(config)
+
+
+def _zero_t5_encoder(tokenizer):
+    from transformers import T5EncoderModel
+
+    t5 = T5EncoderModel(t5_text_config(tokenizer))
     with torch.no_grad():
         t5.encoder.final_layer_norm.weight.zero_()  # every output exactly 0: SD3 with T5 dropped
     return t5.eval().requires_grad_(False)
