@@ -235,3 +235,12 @@ def test_resolution_sets_the_latent_size_and_a_bad_one_is_one_line(tmp_path, sd3
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["recipe error: loop.resolution: 26 px is not a multiple of 4 (the VAE's factor 2 × patch size 2)"]
+
+
+def test_a_flow_run_prints_no_library_noise(tmp_path, sd3_pipeline):  # noqa: F811
+    """Loading an SD3 pipeline (its processors import without torchvision) through the CLI."""
+    from tests.test_loop import _cli_train
+
+    out = _cli_train(tmp_path, flow_recipe(tmp_path, sd3_pipeline))
+    assert out.returncode == 0, out.stderr
+    assert "torchvision" not in out.stderr and "float32" not in out.stderr, out.stderr

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import rlprox.quiet  # noqa: F401  (two library notices dropped)
 from rlprox.models import diffusion, flow_match
 
 
@@ -84,7 +86,9 @@ def pipeline_class(path, hub: bool = False) -> str | None:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(str(path)).get("_class_name")
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
+            warnings.simplefilter("ignore")
+            return DiffusionPipeline.load_config(str(path)).get("_class_name")
     except (OSError, ValueError):
         return None
 

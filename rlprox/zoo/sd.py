@@ -17,12 +17,12 @@ EMA weights are the ones saved.
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import rlprox.quiet  # noqa: F401  (two library notices dropped)
 from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, DigitsData
 
 PROMPT_WORDS: tuple[str, ...] = (
@@ -51,27 +51,6 @@ SCHEDULER_KWARGS = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
-
-
-class _DropMessage(logging.Filter):
-    """Drops the records of one logger whose message contains ``fragment``."""
-
-    def __init__(self, fragment: str):
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-# Two warnings every LOOP run printed that ask nothing of the user: transformers' image
-# processors falling back to PIL without torchvision (no pipeline here uses them), and
-# diffusers' notice on a dtype cast of a model with no modules to keep in float32 (the
-# list it prints is empty). Only these two messages, on the loggers that emit them.
-logging.getLogger("transformers.utils.import_utils").addFilter(
-    _DropMessage("requires torchvision (not installed); falling back to")
-)
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessage("should be kept in float32: []."))
 
 
 # ----------------------------------------------------------------------------- tokenizer
