@@ -24,6 +24,10 @@ a step's log-prob and decodes; the trainer calls no pipeline class itself. Per i
                trained steps of a minibatch are accumulated into one optimizer step
                (``micro_steps``) by the engine's one step helper.
 
+Options of every family: a KL to the base model (the ``kl_ref`` regularizer on the step's
+Gaussian means, Flow-GRPO's term), an EMA of the trained weights for evaluation and export
+(``ema_decay``), gradient checkpointing, a ``run.frozen_dtype`` base under fp32 LoRA adapters.
+
 Settings of this one trainer reach the related methods: DDPO = ``advantage:
 prompt_stats``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
 optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
