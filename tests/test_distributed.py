@@ -216,8 +216,10 @@ def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_pat
         assert torch.equal(r0[k], r1[k]), k
 
 
-def test_two_processes_flow_loop_keep_identical_lora_and_draw_different_noise(tmp_path):
-    """SD3 (flow SDE on a window, group-normalised advantages, kl_ref to the LoRA-off model)."""
+@pytest.mark.parametrize("grad_sync", ["auto", "fsdp"])
+def test_two_processes_flow_loop_keep_identical_lora_and_draw_different_noise(tmp_path, grad_sync):
+    """SD3 (flow SDE on a window, group-normalised advantages, kl_ref to the LoRA-off model);
+    FSDP2 with the transformer's blocks as units."""
     pytest.importorskip("peft")
     from tests.test_loop_flow import flow_recipe, tiny_sd3_pipeline
 
@@ -225,6 +227,7 @@ def test_two_processes_flow_loop_keep_identical_lora_and_draw_different_noise(tm
     tiny_sd3_pipeline().save_pretrained(str(pipe_dir))
     recipe = flow_recipe(tmp_path, pipe_dir, advantage="group_norm", sde_window=[0, 3])
     recipe["regularizers"] = [{"type": "kl_ref", "lam": 0.1}]
+    recipe["run"].update(grad_sync=grad_sync, fsdp={"wrap": ["JointTransformerBlock"]})
     r0, r1 = dist_run(tmp_path, recipe)
     assert not torch.equal(r0["first_noise"], r1["first_noise"])  # per-rank generators
     params = [k for k in r0 if k.startswith("param.")]
