@@ -244,3 +244,29 @@ def test_a_flow_run_prints_no_library_noise(tmp_path, sd3_pipeline):  # noqa: F8
     out = _cli_train(tmp_path, flow_recipe(tmp_path, sd3_pipeline))
     assert out.returncode == 0, out.stderr
     assert "torchvision" not in out.stderr and "float32" not in out.stderr, out.stderr
+
+
+def test_steps_per_pass_gives_the_same_update_in_fewer_passes(tmp_path, sd3_pipeline, capsys):  # noqa: F811
+    params = []
+    for k in (1, 2):
+        recipe = flow_recipe(tmp_path / str(k), sd3_pipeline, steps_per_pass=k, clip_range=10.0)
+        recipe["optim"] = {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0}
+        recipe["run"]["iterations"] = 1
+        engine = Engine(load_recipe(recipe))
+        calls, loss = [], engine.algo.loss
+        engine.algo.loss = lambda item: calls.append(len(item.samples)) or loss(item)
+        engine.fit()
+        engine.close()
+        assert calls == [2 * k] * (2 * 4 // k)  # 2 minibatches of 2 samples × 4 steps, k steps per pass
+        params.append({n: p.detach().clone() for n, p in engine.algo.denoiser.named_parameters() if "lora" in n})
+    assert any(not torch.equal(v, params[0][n]) for n, v in params[1].items())  # not the same computation...
+    for name, value in params[0].items():
+        torch.testing.assert_close(params[1][name], value, rtol=1e-4, atol=1e-6)  # ...but the same update
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(flow_recipe(tmp_path, sd3_pipeline, steps_per_pass=3)))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "recipe error: loop.steps_per_pass: 3 does not divide the 4 steps trained per sample "
+        "(the sde_window's steps × timestep_fraction)"
+    ]

@@ -112,6 +112,9 @@ class LoopConfig:
     train_batch_size: int = 16  # samples per minibatch, per process
     # fraction of the trained steps (all T, or the sde_window's) trained per sample, a random subset each minibatch
     timestep_fraction: float = 1.0
+    # trained steps of a minibatch evaluated in one denoiser pass (a batch of train_batch_size × this):
+    # fewer, larger passes for the same gradient; must divide the steps trained per sample
+    steps_per_pass: int = 1
     prompt_stats_buffer_size: int = 32  # prompt_stats: rewards kept per prompt
     prompt_stats_min_count: int = 16  # prompt_stats: below this many, use the batch's mean/std
     finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every denoiser weight
@@ -409,7 +412,15 @@ class LOOP:
         )
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
-        self.micro_steps = trained_timesteps(len(self.pipeline.trained_steps), cfg.timestep_fraction)
+        per_sample = trained_timesteps(len(self.pipeline.trained_steps), cfg.timestep_fraction)
+        if per_sample % cfg.steps_per_pass:
+            raise RecipeError(
+                "loop.steps_per_pass",
+                f"{cfg.steps_per_pass} does not divide the {per_sample} steps trained per sample "
+                "(the sde_window's steps × timestep_fraction)",
+            )
+        self.steps_per_sample = per_sample
+        self.micro_steps = per_sample // cfg.steps_per_pass  # loss calls per minibatch
         self.update_epochs = cfg.num_inner_epochs
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score")
@@ -530,11 +541,12 @@ class LOOP:
 
     # ------------------------------------------------------------------ UPDATE
     def minibatches(self, batch, epoch: int):
-        """One ``TimestepSlice`` per trained denoising step of each minibatch of samples:
-        a minibatch of ``train_batch_size`` samples with T' = ``micro_steps`` trained steps
-        each is T' ``loss`` calls, whose gradients the engine sums into one optimizer step
-        (times run.gradient_accumulation_steps). Each sample's steps are a random subset of
-        the pipeline's trained steps (all T for DDIM, the sde_window's for flow matching)."""
+        """``TimestepSlice``s of each minibatch of samples: a minibatch of ``train_batch_size``
+        samples with T' trained steps each is T'/k ``loss`` calls of k = ``steps_per_pass``
+        steps per sample (one denoiser pass over b·k items), whose gradients the engine sums
+        into one optimizer step (times run.gradient_accumulation_steps). Each sample's steps
+        are a random subset of the pipeline's trained steps (all T for DDIM, the sde_window's
+        for flow matching)."""
         cfg, gen = self.cfg, self.runtime.generator
         B = batch["latents"].shape[0]
         trainable = self.pipeline.trained_steps.to(self.device)  # (T',)
@@ -543,8 +555,9 @@ class LOOP:
             idx = order[start : start + cfg.train_batch_size]
             picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
             steps = trainable[torch.stack(picks).to(self.device)]
-            for j in range(self.micro_steps):
-                yield TimestepSlice(batch, idx, steps[:, j])
+            k = self.cfg.steps_per_pass
+            for j in range(0, self.steps_per_sample, k):
+                yield TimestepSlice(batch, idx.repeat(k), steps[:, j : j + k].T.reshape(-1))
 
     def loss(self, item: "TimestepSlice"):
         batch, idx, step = item
@@ -781,6 +794,7 @@ register_trainer(
                 "num_inner_epochs",
                 "train_batch_size",
                 "prompt_stats_buffer_size",
+                "steps_per_pass",
             )
         ),
         minibatches_per_epoch=lambda recipe: (
