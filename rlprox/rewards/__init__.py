@@ -30,7 +30,12 @@ RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
 # rewards in their own modules, imported on first lookup (a recipe that does not name them never loads them)
 REWARDS = Registry(
     "reward",
-    lazy={"http": "rlprox.rewards.remote", "clip_score": "rlprox.rewards.clip", "pickscore": "rlprox.rewards.clip"},
+    lazy={
+        "http": "rlprox.rewards.remote",
+        "clip_score": "rlprox.rewards.clip",
+        "pickscore": "rlprox.rewards.clip",
+        "hpsv2": "rlprox.rewards.hps",
+    },
 )
 CALL_ARGS = ("images", "prompts", "metadata")
 
