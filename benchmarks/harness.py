@@ -49,7 +49,7 @@ def train_and_eval(
     ]
     evaluate = [sys.executable, "-m", "rlprox", "eval", str(out / name), *eval_args]
     if eval_overrides:
-        evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[4:]]
+        evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[3:]]
     record = out / name / "benchmark-run.json"
     if reuse and record.exists() and json.loads(record.read_text()) == {"train": train[3:], "eval": evaluate[3:]}:
         return _results(out / name)

@@ -680,9 +680,9 @@ def science_table(results: dict, best: dict, arms: list[str], lrs: list[float], 
         + "".join(f" --set {s}" for s in args.set)
         + "`.",
         "",
-        f"Each run: {args.iterations} rounds × 32 images = {first['images']:,} images sampled (DDPO: 32 prompts × "
-        "K = 1, the others 8 prompts × K = 4), zoo:digits-sd3, guidance 1, 10 steps, SDE (noise level 0.7) on every "
-        "step, full transformer, AdamW ε 1e-8, clip 1e-4, 1 torch thread, one process "
+        f"Each run: {args.iterations} rounds × 32 images = {int(first['images']):,} images sampled (DDPO: 32 "
+        "prompts × K = 1, the others 8 prompts × K = 4), zoo:digits-sd3, guidance 1, 10 steps, SDE (noise level 0.7) "
+        "on every step, full transformer, AdamW ε 1e-8, clip 1e-4, 1 torch thread, one process "
         f"({args.parallel} at a time). Alignment = digits_alignment on a fixed evaluation set ({args.eval_size} "
         "items: prompt i mod 50, noise seeded by i, the same for every run), base → tuned, with the trained SDE "
         "sampler and with the ODE; the control arm trains on uniform noise scores and is evaluated on "
