@@ -14,9 +14,10 @@ sampler with noise level 0.7 on every step, full fine-tuning of the transformer,
 (ε 1e-8), reward digits_alignment, 32 images per round (``BASE`` below: K = 4 × 8 prompts, sampled
 16 at a time, minibatches of 16 samples × all 10 steps, one inner epoch).
 
-``--speed`` runs in this one process, one torch thread, alternating blocks of ``--rounds`` timed
-rounds (after one warm-up round each) of (a) rlprox: ``Engine(load_recipe(BASE)).fit()``, and (b)
-``NaiveFlowGRPO``: a loop with the structure of Flow-GRPO's scripts/train_sd3.py (prompts
+``--speed`` runs in this one process, one torch thread, ``--repeats`` times: a fresh run of each of
+(a) rlprox: ``Engine(load_recipe(BASE)).fit()`` and (b) ``NaiveFlowGRPO``, ``--rounds`` timed rounds
+after one warm-up round, interleaved round by round (a, b, a, b, ...; every other repeat b first).
+``NaiveFlowGRPO`` is a loop with the structure of Flow-GRPO's scripts/train_sd3.py (prompts
 re-encoded per sampling batch through the pipeline's ``encode_prompt``, a pipeline-style sampling
 loop that decodes in the main thread, rewards submitted to a thread pool while the next batch
 samples, per-prompt advantages over the gathered rewards, then per minibatch and per timestep a
