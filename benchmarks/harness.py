@@ -1,12 +1,20 @@
 """Shared by the benchmark scripts: train a recipe in a fresh process, evaluate its last
-checkpoint with ``rlprox eval``, and hand back the logged rows and the eval results."""
+checkpoint with ``rlprox eval``, and hand back the logged rows and the eval results; run a
+shipped recipe under torchrun for seeds 1..N and write its "does it reach the target" table.
+
+``python benchmarks/harness.py eval-with OVERRIDE... -- CHECKPOINT EVAL_ARGS...`` is ``rlprox eval``
+with recipe overrides applied to the checkpoint's recipe (e.g. ``reward=digits_alignment``: a run
+trained on another reward evaluated on that one)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +22,19 @@ QUIET = ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.save_ev
 
 
 def train_and_eval(
-    recipe: str, overrides: list[str], out: Path, name: str, eval_args: list[str], reuse: bool = False
+    recipe: str,
+    overrides: list[str],
+    out: Path,
+    name: str,
+    eval_args: list[str],
+    reuse: bool = False,
+    eval_overrides: list[str] = (),
 ) -> tuple[list[dict], dict]:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
     ``reuse``: a run that finished both commands with these same arguments (recorded
-    in ``out/name/benchmark-run.json``) is read back instead of trained again."""
+    in ``out/name/benchmark-run.json``) is read back instead of trained again.
+    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     train = [
         sys.executable,
@@ -33,13 +48,15 @@ def train_and_eval(
         *QUIET,
     ]
     evaluate = [sys.executable, "-m", "rlprox", "eval", str(out / name), *eval_args]
+    if eval_overrides:
+        evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[3:]]
     record = out / name / "benchmark-run.json"
     if reuse and record.exists() and json.loads(record.read_text()) == {"train": train[3:], "eval": evaluate[3:]}:
         return _results(out / name)
     for cmd in (train, evaluate):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"{name}: rlprox {cmd[3]} failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{name}: rlprox {'train' if cmd is train else 'eval'} failed:\n{done.stderr[-3000:]}")
     record.write_text(json.dumps({"train": train[3:], "eval": evaluate[3:]}))
     return _results(out / name)
 
@@ -48,3 +65,125 @@ def _results(run: Path) -> tuple[list[dict], dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ckpt = sorted((run / "checkpoints").glob("iter-*"))[-1]
     return rows, json.loads((ckpt / "eval.json").read_text()) | {"checkpoint": str(ckpt)}
+
+
+def eval_with(argv: list[str]) -> int:
+    """``rlprox eval`` (the CLI, in this process) with ``OVERRIDE... --`` before its arguments
+    applied to the checkpoint's stored recipe: for the evaluation's rebuild only, nothing is written
+    back. For a run trained on another reward (a control) evaluated on the benchmark's reward."""
+    sys.path.insert(0, str(ROOT))  # this tree's rlprox and plugin modules, whatever is installed
+    split = argv.index("--")
+    overrides, args = argv[:split], argv[split + 1 :]
+    from rlprox import checkpoint
+    from rlprox.cli import main
+
+    read = checkpoint.read_recipe
+    checkpoint.read_recipe = lambda path, extra=None: read(path, [*(extra or []), *overrides])
+    return main(args)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_target(recipe: str, seeds: int, prefix: str, nproc: int = 2) -> list[tuple[int, list[dict]]]:
+    """``torchrun --nproc_per_node NPROC -m rlprox train RECIPE seed=S`` (the recipe otherwise unchanged,
+    one torch thread per process) for seeds 1..``seeds``, one after another: [(seed, metrics.jsonl rows)]."""
+    import shutil
+
+    out = Path(tempfile.mkdtemp(prefix=f"{prefix}_"))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    runs = []
+    for seed in range(1, seeds + 1):
+        name = f"{prefix}-s{seed}"
+        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "rlprox", "train"]
+        cmd += [str(ROOT / recipe), f"seed={seed}", f"run.output_dir={out}", f"run.name={name}"]
+        cmd += ["run.log_with=[]", "run.progress=false", "run.plot=false"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        runs.append((seed, [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]))
+    return runs
+
+
+def target_check(
+    recipe: str,
+    seeds: int,
+    out_path: Path,
+    *,
+    title: str,
+    command: str,
+    setup: str,
+    trained: str = "η = 1",
+    deterministic: tuple[str, str] = ("η = 0", "_eta0"),
+    gain: float = 0.15,
+    minutes: float = 20.0,
+    prefix: str = "loop-target",
+) -> str:
+    """The shipped generative recipe on 2 processes (``torchrun_target``), seeds 1..``seeds``: per seed
+    the images, minutes (summed iteration wall time), base → tuned eval reward with the trained sampler
+    (``trained``, eval/reward) and the deterministic one (``deterministic`` = (label, eval key suffix)),
+    and Δ at every in-run evaluation; then whether Δ ≥ ``gain`` within ``minutes`` on every seed.
+    Writes ``out_path`` and returns the text."""
+    det_label, det = deterministic
+    rows = []
+    for seed, metrics in torchrun_target(recipe, seeds, prefix):
+        last = metrics[-1]
+        evals = [
+            (int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"])
+            for r in metrics
+            if "eval/reward" in r
+        ]
+        rows.append(
+            {
+                "seed": seed,
+                "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60,
+                "images": int(last["progress/images"]),
+                "base": last["eval/base_reward"],
+                "tuned": last["eval/reward"],
+                "base0": last[f"eval/base_reward{det}"],
+                "tuned0": last[f"eval/reward{det}"],
+                "evals": evals,
+            }
+        )
+        r = rows[-1]
+        print(f"seed {seed}: {r['base']:.3f} -> {r['tuned']:.3f} in {r['minutes']:.1f} min", flush=True)
+    lines = [
+        title,
+        "",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}; `{command}`: {setup}",
+        "",
+        f"| seed | images | minutes | {trained}: base → tuned (Δ) | {det_label}: base → tuned (Δ) "
+        f"| Δ {trained} at each evaluation (images) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} "
+            f"→ {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
+            f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) "
+            f"| {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
+        )
+    met = sum(r["tuned"] - r["base"] >= gain and r["minutes"] <= minutes for r in rows)
+    lines += [
+        "",
+        f"Target (≥ +{gain:.2f} at {trained} within {minutes:g} minutes, {len(rows)} of {len(rows)} seeds): "
+        f"**{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
+        "",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out_path.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "eval-with":
+        sys.exit(eval_with(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} eval-with OVERRIDE... -- CHECKPOINT [rlprox eval arguments]")

@@ -37,7 +37,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = {
     "LOOP (K=4, PPO clip)": "recipes/loop/digits-alignment.yaml",
@@ -101,91 +104,16 @@ def run(recipe: str, lr: float, seed: int, iterations: int, out: Path) -> dict:
 
 def target_check(seeds: int, out_path: Path) -> None:
     """The shipped LOOP recipe, 2 processes (torchrun), seeds 1..seeds, one after another."""
-    import shutil
-    import socket
-
-    out = Path(tempfile.mkdtemp(prefix="loop_target_"))
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    rows = []
-    for seed in range(1, seeds + 1):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        name = f"loop-target-s{seed}"
-        cmd = [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "-m",
-            "rlprox",
-            "train",
-            str(ROOT / "recipes/loop/digits-alignment.yaml"),
-            f"seed={seed}",
-            f"run.output_dir={out}",
-            f"run.name={name}",
-            "run.log_with=[]",
-            "run.progress=false",
-            "run.plot=false",
-        ]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-        metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        last = metrics[-1]
-        evals = [
-            (int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"])
-            for r in metrics
-            if "eval/reward" in r
-        ]
-        rows.append(
-            {
-                "seed": seed,
-                "minutes": sum(r["perf/iteration_s"] for r in metrics) / 60,
-                "images": int(last["progress/images"]),
-                "base": last["eval/base_reward"],
-                "tuned": last["eval/reward"],
-                "base0": last["eval/base_reward_eta0"],
-                "tuned0": last["eval/reward_eta0"],
-                "evals": evals,
-            }
-        )
-        print(
-            f"seed {seed}: {rows[-1]['base']:.3f} -> {rows[-1]['tuned']:.3f} in {rows[-1]['minutes']:.1f} min",
-            flush=True,
-        )
-    lines = [
-        "# LOOP, the shipped recipe on 2 CPU processes: does η = 1 alignment rise by ≥ 0.15 within 20 minutes?",
-        "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python "
-        f"{platform.python_version()}; `python benchmarks/loop_vs_ddpo.py --target --seeds {seeds}`: "
-        "recipes/loop/digits-alignment.yaml unchanged (150 rounds × 16 "
+    harness.target_check(
+        "recipes/loop/digits-alignment.yaml",
+        seeds,
+        out_path,
+        title="# LOOP, the shipped recipe on 2 CPU processes: does η = 1 alignment rise by ≥ 0.15 within 20 minutes?",
+        command=f"python benchmarks/loop_vs_ddpo.py --target --seeds {seeds}",
+        setup="recipes/loop/digits-alignment.yaml unchanged (150 rounds × 16 "
         "prompts × K = 4 per process, full UNet, lr 1e-4, clip 1e-4) under "
         "`torchrun --nproc_per_node 2`; minutes = summed iteration wall time (training and the in-run evaluations).",
-        "",
-        "| seed | images | minutes | η = 1: base → tuned (Δ) | η = "
-        "0: base → tuned (Δ) | Δ η = 1 at each evaluation (images) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} "
-            f"→ {r['tuned']:.3f} (**{r['tuned'] - r['base']:+.3f}**) | "
-            f"{r['base0']:.3f} → {r['tuned0']:.3f} ({r['tuned0'] - r['base0']:+.3f}) "
-            f"| {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
-        )
-    met = sum(r["tuned"] - r["base"] >= 0.15 and r["minutes"] <= 20 for r in rows)
-    lines += [
-        "",
-        "Target (≥ +0.15 at η = 1 within 20 minutes, 3 of 3 seeds): "
-        f"**{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
-        "",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out_path.write_text(text)
+    )
 
 
 def mean_sd(values: list[float]) -> str:
