@@ -81,6 +81,7 @@ BASE = {
         "num_steps": 10,
         "sampler": "sde",
         "noise_level": 0.7,
+        "max_sequence_length": 8,  # as the shipped recipe: digits-sd3's T5 outputs zeros
         "guidance_scale": 1.0,
         "sample_batch_size": 16,
         "advantage": "loo",
@@ -482,7 +483,7 @@ def speed(args) -> None:
     torch.set_num_threads(1)
     recipe = base_recipe()
     cfg = dict(recipe["loop"])
-    cfg.setdefault("max_sequence_length", 256)  # LoopConfig's default: the same T5 length for both
+    cfg.setdefault("max_sequence_length", 256)  # the same T5 length for both loops
     naive = NaiveFlowGRPO(cfg["pipeline"], cfg, recipe["optim"], seed=recipe["seed"])
     images = cfg["num_samples_per_prompt"] * cfg["prompts_per_iteration"]
     out = Path(tempfile.mkdtemp(prefix="loop_flow_speed_"))
@@ -497,13 +498,13 @@ def speed(args) -> None:
     naive.executor.shutdown()
     (out / "speed.json").write_text(json.dumps(results))
     print(f"raw timings: {out / 'speed.json'}")
-    text = speed_table(results, args, images)
+    text = speed_table(results, args, images, cfg["max_sequence_length"])
     print(text)
     Path(args.speed_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.speed_out).write_text(text)
 
 
-def speed_table(results: dict, args, images: int) -> str:
+def speed_table(results: dict, args, images: int, t5_len: int) -> str:
     import torch
 
     rl = [r["images_per_s"] for r in results["rlprox"]]
@@ -526,7 +527,7 @@ def speed_table(results: dict, args, images: int) -> str:
         f"One process, one torch thread; zoo:digits-sd3, full fine-tuning of the transformer, guidance 1, 10 steps, "
         f"SDE (noise level 0.7) on every step, K = 4 × 8 prompts = {images} images per round sampled 16 at a time, "
         "minibatches of 16 samples × 10 steps (2 AdamW steps per round, lr 1e-4, ε 1e-8), clip 1e-4, "
-        "digits_alignment, T5 length 256 (LoopConfig's default) for both. "
+        f"digits_alignment, T5 length {t5_len} for both. "
         f"Each repeat is a fresh rlprox run and a fresh naive run of {args.rounds} + 1 rounds, interleaved round by "
         "round (every other repeat starts with the naive round), the first round of each not timed; a run's images/s "
         "= images / summed round seconds (rlprox: the engine's perf/iteration_s, collect + update; naive: the whole "
