@@ -194,7 +194,9 @@ def rlprox_phases(phases: Phases, seconds: list[float]) -> list[dict]:
     return out
 
 
-def interleaved_repeat(recipe: dict, naive: "NaiveFlowGRPO", rounds: int, out: Path, name: str, naive_first: bool):
+def interleaved_repeat(
+    recipe: dict, naive: "NaiveFlowGRPO", rounds: int, out: Path, name: str, naive_first: bool, extra=()
+):
     """One fresh rlprox run (``Engine(load_recipe(recipe)).fit()``, ``rounds`` + 1 iterations) and one
     fresh naive run of as many rounds, interleaved round by round: a naive round runs after each rlprox
     iteration is logged (outside its perf/iteration_s), or before it when ``naive_first``. The first round
@@ -204,7 +206,7 @@ def interleaved_repeat(recipe: dict, naive: "NaiveFlowGRPO", rounds: int, out: P
     from rlprox.recipe import load_recipe
 
     total = rounds + 1
-    overrides = [f"run.iterations={total}", f"run.output_dir={out}", f"run.name={name}", *harness.QUIET]
+    overrides = [f"run.iterations={total}", f"run.output_dir={out}", f"run.name={name}", *harness.QUIET, *extra]
     engine = Engine(load_recipe(recipe, overrides))
     phases = Phases()
     instrument(engine, phases)
@@ -490,7 +492,9 @@ def speed(args) -> None:
     results = {"rlprox": [], "naive": []}
     for rep in range(args.repeats):
         # rounds alternate rlprox, naive, rlprox, ...; every other repeat starts with naive (ABBA against drift)
-        both = interleaved_repeat(recipe, naive, args.rounds, out, f"rlprox-{rep}", naive_first=rep % 2 == 1)
+        both = interleaved_repeat(
+            recipe, naive, args.rounds, out, f"rlprox-{rep}", naive_first=rep % 2 == 1, extra=args.set
+        )
         for which, (seconds, phases) in both.items():
             ips = images * len(seconds) / sum(seconds)
             results[which].append({"seconds": seconds, "phases": phases, "images_per_s": ips})
@@ -522,7 +526,16 @@ def speed_table(results: dict, args, images: int, t5_len: int) -> str:
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python "
         f"{platform.python_version()}, torch {torch.__version__}; "
-        f"`python benchmarks/loop_flow.py --speed --rounds {args.rounds} --repeats {args.repeats}`.",
+        f"`python benchmarks/loop_flow.py --speed --rounds {args.rounds} --repeats {args.repeats}"
+        + "".join(f" --set {s}" for s in args.set)
+        + (
+            f" --speed-out {Path(args.speed_out).resolve().relative_to(ROOT)}"
+            if Path(args.speed_out).resolve() != RESULTS / "loop_flow_speed.md"
+            else ""
+        )
+        + "`"
+        + (f" (rlprox only: {', '.join(args.set)})" if args.set else "")
+        + ".",
         "",
         f"One process, one torch thread; zoo:digits-sd3, full fine-tuning of the transformer, guidance 1, 10 steps, "
         f"SDE (noise level 0.7) on every step, K = 4 × 8 prompts = {images} images per round sampled 16 at a time, "
@@ -817,7 +830,11 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=100, help="fixed evaluation items per run")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="an extra recipe override for every arm"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra recipe override for every science arm (--speed: for rlprox only)",
     )
     parser.add_argument(
         "--runs",
