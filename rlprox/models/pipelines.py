@@ -107,11 +107,16 @@ def _with_autocast(autocast):
 
 class _GuidedAdapter:
     """What every adapter shares: the empty prompt's conditioning for classifier-free
-    guidance, encoded once (``encode`` is the family's own)."""
+    guidance, encoded once (``encode`` is the family's own), and ``step_log_prob`` from the
+    family's ``step_distribution``."""
 
     sampling: Sampling
     _negative: dict[str, torch.Tensor] | None = None
     guidance_embedded = False  # FLUX: a guidance embedding (loop.guidance_embedding) instead of guidance
+
+    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
+        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample (``step_distribution``'s first)."""
+        return self.step_distribution(model, cond, negative, schedule, x, x_next, step)[0]
 
     def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
         """The empty prompt's conditioning for ``n`` samples; None without guidance."""
@@ -194,10 +199,6 @@ class StableDiffusionAdapter(_GuidedAdapter):
         )
         mean, std = diffusion.ddim_step_moments(self.scheduler, eps.float(), t, x, self.sampling.eta)
         return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
-
-    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
-        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample."""
-        return self.step_distribution(model, cond, negative, schedule, x, x_next, step)[0]
 
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
         s = self.sampling
@@ -387,10 +388,6 @@ class StableDiffusion3Adapter(_GuidedAdapter):
         s = self.sampling
         mean, std = flow_match.step_moments(s.sampler, v, x, sigma, sigma_next, s.noise_level)
         return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
-
-    def step_log_prob(self, model, cond, negative, schedule, x, x_next, step) -> torch.Tensor:
-        """log π_θ(x_next | x, c) (b,) of step ``step`` (b,) of each sample: σ_step → σ_step+1."""
-        return self.step_distribution(model, cond, negative, schedule, x, x_next, step)[0]
 
     @torch.no_grad()
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
