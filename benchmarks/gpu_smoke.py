@@ -7,10 +7,26 @@ and the generative trainers at real scale with random weights.
     python benchmarks/gpu_smoke.py --case loop      # LOOP on an SD-1.5-size pipeline (512 px, 50 DDIM steps, CFG,
                                                     # LoRA r4, bf16)
     python benchmarks/gpu_smoke.py --case vapi      # VA-π on GPT-B + VQ-16 (256 px, 16×16 tokens, bf16)
+    python benchmarks/gpu_smoke.py --case flow      # LOOP vs a naive Flow-GRPO-style loop on an SD3.5-Medium-size
+                                                    # pipeline (512 px, 10 SDE steps, K 8, LoRA r32, bf16):
+                                                    # images/s and peak memory of each, one process
+    python benchmarks/gpu_smoke.py --case flow --iterations 5   # 5 rounds per block (the first a warm-up)
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
+    python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
 
 The loop case matches the naive diffusers anchor's round (32 images, micro-batch 16, all
 timesteps trained): run both in one GPU session and quote the ratio.
+
+The flow case runs both loops itself, in this one process on the same GPU, on the same
+random-weight pipeline (``random_sd3_pipeline``) and batch: rlprox = ``Engine`` on
+recipes/loop/sd35-pickscore.yaml with the overrides of ``flow_overrides`` (CFG, KL and EMA
+off, 16 images per round, jpeg_compressibility), naive = ``NaiveFlowGRPO`` of
+benchmarks/loop_flow.py with the same settings. Blocks run one after the other, rlprox,
+naive, rlprox, naive (each a fresh run: its own model load, ``--iterations`` rounds, the
+first a warm-up); images/s is the median over the timed rounds of both blocks, peak memory
+is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the block's
+start (model load included), the larger of the two blocks. Table:
+benchmarks/results/gpu_smoke_flow.md.
 
 Loads recipes/ppo/hopper.yaml with dotted overrides (``run.iterations=N``,
 ``run.mixed_precision=no|bf16``), trains, checks the policy lives on the expected device
@@ -284,17 +300,376 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
     )
 
 
+# ============================================================================ flow: rlprox vs naive Flow-GRPO
+
+FLOW_RECIPE = ROOT / "recipes" / "loop" / "sd35-pickscore.yaml"
+FLOW_REWARD = "jpeg_compressibility"  # needs no weights
+CLIP_TOKENS = 77  # full size: SD3.5's CLIP length (the digits tokenizer pads to it)
+T5_TOKENS = {"full": 256, "tiny": 8}  # T5's place in the context: zeros (text_encoder_3 = None)
+FLOW_RESOLUTION = {"full": 512, "tiny": 32}
+
+
+def random_sd3_pipeline(out: Path, size: str) -> tuple[Path, int]:
+    """A StableDiffusion3Pipeline with random weights saved to ``out``, and its transformer's parameter count.
+    full: the transformer of SD3.5-Medium's published config, SD3's VAE (16 latent channels, scaling 1.5305,
+    shift 0.0609), two CLIPTextModelWithProjection encoders of SD3.5's widths (CLIP-L 768, CLIP-G 1280: pooled
+    2048) but 2 layers each, over the digits world's tokenizer padded to 77 tokens, no T5 (the pipeline puts
+    zeros of width joint_attention_dim in its place), FlowMatchEulerDiscreteScheduler(shift=3.0).
+    tiny: the same structure with toy widths, to check the script on CPU."""
+    import copy
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    from rlprox.zoo.sd import build_tokenizer, clip_text_config
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    full = size == "full"
+    if full:
+        tokenizer.model_max_length = CLIP_TOKENS
+
+    def clip(width: int):
+        config = clip_text_config(tokenizer, width)  # 2 layers over the digits vocabulary
+        if full:  # SD3.5's CLIP-L / CLIP-G layer shape: 64-wide heads, a 4× MLP, 77 positions
+            config.num_attention_heads = width // 64
+            config.intermediate_size = 4 * width
+            config.max_position_embeddings = CLIP_TOKENS
+        return CLIPTextModelWithProjection(config)
+
+    if full:
+        widths = (768, 1280)
+        transformer = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3.5-medium's transformer/config.json
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=sum(widths),
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        )
+        blocks, layers, vae_size = (128, 256, 512, 512), 2, 1024
+    else:
+        widths = (32, 32)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=sum(widths),  # >= the CLIP sequences side by side, which the pipeline pads to it
+            caption_projection_dim=16,
+            pooled_projection_dim=sum(widths),
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        blocks, layers, vae_size = (32, 64), 1, 32
+    vae = AutoencoderKL(
+        block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        layers_per_block=layers,
+        latent_channels=16,
+        sample_size=vae_size,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip(widths[0]),
+        tokenizer=tokenizer,
+        text_encoder_2=clip(widths[1]),
+        tokenizer_2=copy.deepcopy(tokenizer),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    ).save_pretrained(str(out))
+    return out, sum(p.numel() for p in transformer.parameters())
+
+
+def flow_overrides(pipe: Path, size: str, iterations: int, on_cpu: bool, out: Path) -> list[str]:
+    """recipes/loop/sd35-pickscore.yaml made the benchmark's batch: K = 8 × 2 prompts = 16 images per round,
+    sampled 8 at a time, minibatches of 8 samples × all 10 steps (2 optimizer steps), no CFG, no KL, no EMA,
+    plain leave-one-out advantages (the naive loop's), a reward that needs no weights; LoRA r32 α64, 10 SDE
+    steps at noise 0.7 and AdamW as the recipe has them."""
+    return [
+        f"run.iterations={iterations}",
+        f"run.output_dir={out}",
+        "run.log_with=[]",
+        "run.progress=false",
+        "run.plot=false",
+        "run.eval_size=0",
+        "run.save_every=0",
+        f"run.cpu={'true' if on_cpu else 'false'}",
+        f'run.mixed_precision="{"no" if on_cpu else "bf16"}"',
+        f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}",
+        f"loop.pipeline={pipe}",
+        "loop.prompts=digits",
+        f"loop.resolution={FLOW_RESOLUTION[size]}",
+        f"loop.max_sequence_length={T5_TOKENS[size]}",
+        "loop.num_samples_per_prompt=8",
+        "loop.prompts_per_iteration=2",
+        "loop.sample_batch_size=8",
+        "loop.train_batch_size=8",
+        "loop.timestep_fraction=1.0",
+        "loop.guidance_scale=1.0",
+        "loop.normalize_advantages=false",
+        "loop.ema_decay=0.0",
+        "loop.eval_base=false",
+        "regularizers=[]",
+        f"reward={FLOW_REWARD}",
+    ]
+
+
+def _rlprox_rounds(overrides: list[str], on_cpu: bool):
+    """A fresh rlprox run: (seconds of each round after the first, last loss, weakref to its transformer).
+    A round's seconds: from the previous round's log to its own, each taken after a CUDA synchronize."""
+    import weakref
+
+    from rlprox.engine import Engine
+    from rlprox.recipe import load_recipe
+
+    engine = Engine(load_recipe(FLOW_RECIPE, overrides))
+    ends = []
+    log = engine.tracker.log
+
+    def timed_log(*args, **kwargs):
+        if not on_cpu:
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        return log(*args, **kwargs)
+
+    engine.tracker.log = timed_log
+    try:
+        stats = engine.fit()
+    finally:
+        engine.close()
+    return (
+        [b - a for a, b in zip(ends, ends[1:])],
+        stats.get("loss/total", float("nan")),
+        weakref.ref(engine.algo.denoiser),
+    )
+
+
+def _naive_rounds(overrides: list[str], rounds: int, on_cpu: bool):
+    """A fresh NaiveFlowGRPO run on the same recipe's settings: (seconds of each round after the first,
+    last minibatch's loss, weakref to its transformer)."""
+    import dataclasses
+    import weakref
+
+    from loop_flow import NaiveFlowGRPO
+
+    from rlprox.recipe import load_recipe
+
+    recipe = load_recipe(FLOW_RECIPE, overrides)
+    cfg = dataclasses.asdict(recipe.loop)
+    naive = NaiveFlowGRPO(
+        cfg["pipeline"],
+        cfg,
+        dataclasses.asdict(recipe.optim),
+        recipe.seed,
+        device="cpu" if on_cpu else "cuda",
+        lora_rank=recipe.loop.lora.rank,
+        lora_alpha=recipe.loop.lora.alpha,
+        mixed_precision=recipe.run.mixed_precision,
+        reward=FLOW_REWARD,
+    )
+    try:
+        naive.reset()
+        seconds = [naive.round() for _ in range(rounds)]
+    finally:
+        naive.executor.shutdown()
+    return seconds[1:], naive.logged["loss"], weakref.ref(naive.pipe.transformer)
+
+
+def flow_block(which: str, run, on_cpu: bool) -> dict:
+    """One block, from a clean GPU: ``run()`` -> (timed round seconds, last loss, weakref to the model);
+    peak memory since the block's start (its model load included)."""
+    import gc
+
+    gc.collect()
+    resident = None
+    if not on_cpu:
+        torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    seconds, loss, model = run()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None
+    gc.collect()
+    if not on_cpu:
+        torch.cuda.empty_cache()
+    if not math.isfinite(loss):
+        raise SystemExit(f"flow {which}: last loss is not finite ({loss})")
+    return dict(which=which, seconds=seconds, loss=loss, peak_gib=peak, resident_gib=resident, freed=model() is None)
+
+
+def run_flow(size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
+    """rlprox's LOOP and the naive Flow-GRPO-style loop on one random-weight SD3 pipeline, in blocks
+    rlprox, naive, rlprox, naive of ``iterations`` rounds each (the first a warm-up)."""
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    pipe, params = random_sd3_pipeline(out / "pipeline", size)
+    built = time.perf_counter() - t0
+    print(f"random pipeline: {params:,} transformer parameters, saved in {built:.0f} s", flush=True)
+    overrides = flow_overrides(pipe, size, iterations, on_cpu, out)
+    from rlprox.recipe import load_recipe
+
+    recipe = load_recipe(FLOW_RECIPE, overrides)  # the settings both loops get, for the table
+    blocks = {"rlprox": [], "naive": []}
+    for b in range(2):
+        for which in ("rlprox", "naive"):
+            named = [*overrides, f"run.name=gpu-flow-{which}-{b}"]
+            if which == "rlprox":
+                r = flow_block(which, lambda: _rlprox_rounds(named, on_cpu), on_cpu)
+            else:
+                r = flow_block(which, lambda: _naive_rounds(named, iterations, on_cpu), on_cpu)
+            blocks[which].append(r)
+            mem = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.1f} GiB"
+            print(
+                f"block {b + 1} {which}: {', '.join(f'{s:.2f}' for s in r['seconds'])} s per round{mem}, "
+                f"loss {r['loss']:.4f}" + ("" if r["freed"] else " (its model was not freed after the block)"),
+                flush=True,
+            )
+    return dict(size=size, iterations=iterations, params=params, loop=recipe.loop, optim=recipe.optim, blocks=blocks)
+
+
+def flow_table(r: dict, cuda: bool, device: str) -> str:
+    import diffusers
+
+    c, o = r["loop"], r["optim"]
+    images = c.num_samples_per_prompt * c.prompts_per_iteration
+
+    def summary(which):
+        blocks = r["blocks"][which]
+        rates = [images / s for b in blocks for s in b["seconds"]]
+        return dict(
+            ips=statistics.median(rates),
+            rates=rates,
+            peaks=[b["peak_gib"] for b in blocks],
+            loss=blocks[-1]["loss"],
+        )
+
+    rl, nv = summary("rlprox"), summary("naive")
+    if r["size"] == "full":
+        model = (
+            f"an SD3.5-Medium-size `SD3Transformer2DModel` with random weights ({r['params'] / 1e9:.2f} B "
+            "parameters; SD3.5-Medium's config: 24 layers, 24 heads × 64, caption projection 1536, dual attention in "
+            "layers 0–12, RMS qk-norm, patch 2), SD3's `AutoencoderKL` (16 latent channels, blocks 128/256/512/512, "
+            "scaling 1.5305, shift 0.0609), two `CLIPTextModelWithProjection` encoders of SD3.5's widths (768 and "
+            "1280, pooled 2048) but **only 2 layers each** (frozen, used only to encode prompts: rlprox once per "
+            "round, the naive loop once per sampling batch) over the digits world's tokenizer padded to "
+            f"{CLIP_TOKENS} tokens, no T5 (text_encoder_3 = None: {c.max_sequence_length} zero tokens of width 4096 "
+            "in its place)"
+        )
+    else:
+        model = f"a tiny SD3 pipeline of the same structure ({r['params']:,} transformer parameters)"
+    precision = (
+        "bf16: accelerate's autocast around the transformer calls, its frozen base, the VAE and the text encoders "
+        "in bf16 (rlprox: run.frozen_dtype bfloat16), the LoRA weights, latents and log-probs fp32"
+        if cuda
+        else "fp32 on the CPU (no mixed precision)"
+    )
+    lines = [
+        f"# GPU smoke test: flow ({r['size']}, random weights): rlprox LOOP vs a naive Flow-GRPO-style loop",
+        "",
+        f"Date {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}"
+        f"{' (CUDA ' + str(torch.version.cuda) + ')' if cuda else ''}, diffusers {diffusers.__version__}. "
+        f"Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Both loops in one process on the same device and the same pipeline: {model}; "
+        f"FlowMatchEulerDiscreteScheduler(shift 3.0). {c.resolution} px, {c.num_steps} SDE steps (noise level "
+        f"{c.noise_level}) all trained, K = {c.num_samples_per_prompt} samples × {c.prompts_per_iteration} prompts = "
+        f"{images} images per round sampled {c.sample_batch_size} at a time, minibatches of {c.train_batch_size} "
+        f"samples × {c.num_steps} steps ({images // c.train_batch_size} AdamW steps per round, lr {o.lr:g}), clip "
+        f"{c.clip_range:g}, leave-one-out advantages, reward {FLOW_REWARD}, **guidance {c.guidance_scale:g}: CFG is "
+        f"off in both loops**, no KL, no EMA. LoRA r {c.lora.rank} (α {c.lora.alpha:g}) on the joint attention's "
+        f"projections of both streams; {precision}. rlprox = `Engine` on recipes/loop/sd35-pickscore.yaml with "
+        "`flow_overrides` (benchmarks/gpu_smoke.py); naive = `NaiveFlowGRPO` in benchmarks/loop_flow.py (the "
+        "structure of Flow-GRPO's scripts/train_sd3.py) with the same settings.",
+        "",
+        f"Blocks rlprox, naive, rlprox, naive, each a fresh run (model load, {r['iterations']} rounds, the first a "
+        "warm-up). A round's images/s = images / its wall seconds, taken after a CUDA synchronize on a GPU (rlprox: "
+        "from one iteration's log to the next; naive: the whole round); the median is over the timed rounds of both "
+        "blocks. Peak memory: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` at the block's "
+        "start (model load included), the larger block (each block's in brackets). Loss, a finite check: rlprox's "
+        "last round's mean over minibatches (≈ 0: leave-one-out advantages sum to 0 over a round), the naive "
+        "loop's last minibatch's.",
+        "",
+        "| loop | images/s, median | per timed round | peak GiB | loss |",
+        "|---|---|---|---|---|",
+    ]
+    for label, v in (("rlprox LOOP (Engine)", rl), ("naive (Flow-GRPO structure)", nv)):
+        mem = f"{max(v['peaks']):.1f} ({' / '.join(f'{p:.1f}' for p in v['peaks'])})" if cuda else "–"
+        rates = ", ".join(f"{x:.2f}" for x in v["rates"])
+        lines.append(f"| {label} | **{v['ips']:.2f}** | {rates} | {mem} | {v['loss']:.4f} |")
+    mem_ratio = f"**{max(rl['peaks']) / max(nv['peaks']):.2f}×**" if cuda else "–"
+    lines.append(f"| ratio rlprox / naive | **{rl['ips'] / nv['ips']:.2f}×** | | {mem_ratio} | |")
+    every = [(w, i, b) for w in ("rlprox", "naive") for i, b in enumerate(r["blocks"][w])]
+    resident = [b["resident_gib"] for _, _, b in every if b["resident_gib"] is not None]
+    leaks = [f"{w} block {i + 1}" for w, i, b in every if not b["freed"]]
+    if resident and max(resident) > 0.05:
+        lines += ["", f"GPU memory still allocated at a block's start: up to {max(resident):.2f} GiB."]
+    if leaks:
+        lines += ["", f"Model not freed after: {', '.join(leaks)} (a later block's memory includes it)."]
+    return "\n".join(lines) + "\n"
+
+
+def flow_case(args, cuda: bool) -> int:
+    iterations = args.iterations or (4 if cuda else 2)
+    if iterations < 2:
+        raise SystemExit("--case flow: --iterations must be >= 2 (the first round of each block is a warm-up)")
+    out_dir = tempfile.mkdtemp(prefix="gpu_smoke_flow_")
+    try:
+        r = run_flow(args.size, iterations, not cuda, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    body = flow_table(r, cuda, device)
+    print(body)
+    out = (
+        args.out
+        if args.out is not None
+        else (RESULTS.with_name("gpu_smoke_flow.md") if cuda and args.size == "full" else None)
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(body)
+        print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=["ppo", "loop", "vapi"], default="ppo")
+    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow"], default="ppo")
     p.add_argument(
         "--size",
         choices=["full", "tiny"],
         default="full",
-        help="loop/vapi: real-scale models (full) or toy ones to check the script (tiny)",
+        help="loop/vapi/flow: real-scale models (full) or toy ones to check the script (tiny)",
     )
     p.add_argument(
-        "--iterations", type=int, default=None, help="iterations per precision (default 4 on CUDA, 1 on CPU)"
+        "--iterations",
+        type=int,
+        default=None,
+        help="iterations per precision (default 4 on CUDA, 1 on CPU); loop/vapi: rounds (default 2); "
+        "flow: rounds per block, the first a warm-up (default 4 on CUDA, 2 on CPU)",
     )
     p.add_argument(
         "--allow-cpu",
@@ -313,6 +688,8 @@ def main() -> int:
         if not cuda and not args.allow_cpu:
             print("no CUDA device: skipped")
             return 0
+        if args.case == "flow":
+            return flow_case(args, cuda)
         out_dir = tempfile.mkdtemp(prefix=f"gpu_smoke_{args.case}_")
         try:
             r = run_generative(args.case, args.size, args.iterations or 2, not cuda, out_dir)

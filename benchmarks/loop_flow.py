@@ -25,6 +25,8 @@ forward, the log-prob, the clipped loss and ``accelerator.backward`` under
 ``accelerator.accumulate``, the optimizer stepping once per minibatch). Both call
 ``rlprox.models.flow_match.sde_step_with_logprob`` for the step's math. The phases are timed with
 ``time.perf_counter`` (rlprox: its trainer's methods wrapped from outside; no library change).
+``NaiveFlowGRPO`` is also the baseline of ``benchmarks/gpu_smoke.py --case flow`` (on a GPU, with LoRA, bf16,
+another reward and image size: its keyword arguments; ``--speed`` uses the defaults).
 
 The science mode trains each arm with ``rlprox train`` in a fresh process (``--parallel`` at a
 time) and evaluates its last checkpoint with ``rlprox eval`` on a fixed set (``--eval-size`` items,
@@ -236,30 +238,85 @@ def interleaved_repeat(
 
 class NaiveFlowGRPO:
     """One process's training loop with the structure of Flow-GRPO's scripts/train_sd3.py (SD3, no
-    EMA, no KL term, no CFG at train time), written plainly: the baseline of ``--speed``. Same model,
-    batch sizes, optimizer settings and step math (rlprox.models.flow_match.sde_step_with_logprob)."""
+    EMA, no KL term, no CFG at train time), written plainly: the baseline of ``--speed`` and of
+    ``benchmarks/gpu_smoke.py --case flow``. Same model, batch sizes, optimizer settings and step math
+    (rlprox.models.flow_match.sde_step_with_logprob).
 
-    def __init__(self, path: str, cfg: dict, optim: dict, seed: int):
+    ``cfg`` holds the loop section's keys (num_steps, num_samples_per_prompt, prompts_per_iteration,
+    sample_batch_size, train_batch_size, noise_level, max_sequence_length, adv_clip, clip_range and, when
+    set, resolution: the image side in pixels, else the pipeline's default), ``optim`` the optimizer's
+    (lr, weight_decay, eps, max_grad_norm, betas). The defaults are ``--speed``'s: full fine-tuning in
+    float32 on the CPU. ``lora_rank``: train only LoRA adapters (peft ``add_adapter`` with rlprox's
+    LoraConfig: ``lora_alpha``, gaussian init, ``StableDiffusion3Adapter.lora_targets``) on a frozen base.
+    ``mixed_precision`` "bf16": the transformer calls run under accelerate's autocast and the frozen
+    weights (the LoRA base, VAE, text encoders) are cast to bfloat16, like rlprox's ``run.frozen_dtype``
+    bfloat16; latents, log-probs and the trained weights stay float32."""
+
+    def __init__(
+        self,
+        path: str,
+        cfg: dict,
+        optim: dict,
+        seed: int,
+        device: str = "cpu",
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        mixed_precision: str = "no",
+        reward: str = "digits_alignment",
+    ):
         import diffusers
         import numpy as np
         import torch
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
         from rlprox.algos.loop import load_prompts
         from rlprox.rewards import build_reward
 
+        if mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16' (got {mixed_precision!r})")
         diffusers.utils.logging.disable_progress_bar()
         self.cfg, self.optim_cfg = cfg, optim
-        self.pipe = pipe = StableDiffusion3Pipeline.from_pretrained(path)
+        self.device = torch.device(device)
+        self.mixed_precision, self.lora = mixed_precision, lora_rank is not None
+        # a folder saved without T5 (text_encoder_3 = None) lists it as [null, null]: pass None for it
+        index = DiffusionPipeline.load_config(str(path))
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and list(v) == [None, None]}
+        self.pipe = pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **absent)
         pipe.set_progress_bar_config(disable=True)
+        frozen_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            getattr(pipe, name).requires_grad_(False)
+            if (module := getattr(pipe, name, None)) is not None:
+                module.requires_grad_(False).to(frozen_dtype)
         self.transformer = pipe.transformer
-        self.initial = {k: v.detach().clone() for k, v in self.transformer.state_dict().items()}
-        self.reward_fn = build_reward("digits_alignment")
+        if self.lora:
+            from peft import LoraConfig
+
+            from rlprox.models.pipelines import StableDiffusion3Adapter
+
+            self.transformer.requires_grad_(False)
+            self.transformer.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                    target_modules=list(StableDiffusion3Adapter.lora_targets),
+                    init_lora_weights="gaussian",
+                )
+            )
+            for p in self.transformer.parameters():
+                if not p.requires_grad:  # the frozen base; the adapters stay float32
+                    p.data = p.data.to(frozen_dtype)
+        trained = {n for n, p in self.transformer.named_parameters() if p.requires_grad} if self.lora else None
+        # the trained weights' start, kept on the CPU (off the GPU's memory)
+        self.initial = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in self.transformer.state_dict().items()
+            if trained is None or k in trained
+        }
+        pipe.to(self.device)
+        self.reward_fn = build_reward(reward)
         self.prompts, self.metadata = load_prompts("digits")
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8)  # as train_sd3.py
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.phases = Phases()
 
@@ -270,15 +327,20 @@ class NaiveFlowGRPO:
 
         self.phases = Phases()
         self.transformer = self.pipe.transformer
-        self.transformer.load_state_dict(self.initial)
-        self.transformer.requires_grad_(True)
+        self.transformer.load_state_dict(self.initial, strict=not self.lora)
+        if not self.lora:
+            self.transformer.requires_grad_(True)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         o = self.optim_cfg
         optimizer = torch.optim.AdamW(
-            params, lr=o["lr"], betas=(0.9, 0.999), weight_decay=o["weight_decay"], eps=o["eps"]
+            params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), weight_decay=o["weight_decay"], eps=o["eps"]
         )
         # as train_sd3.py: every trained timestep of a minibatch is one accumulation step
-        self.accelerator = Accelerator(cpu=True, gradient_accumulation_steps=self.cfg["num_steps"])
+        self.accelerator = Accelerator(
+            cpu=self.device.type == "cpu",
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_steps=self.cfg["num_steps"],
+        )
         self.transformer, self.optimizer = self.accelerator.prepare(self.transformer, optimizer)
 
     # ------------------------------------------------------------------ sampling
@@ -299,26 +361,27 @@ class NaiveFlowGRPO:
 
         pipe, cfg = self.pipe, self.cfg
         batch = prompt_embeds.shape[0]
-        size = pipe.default_sample_size * pipe.vae_scale_factor
+        size = cfg.get("resolution") or pipe.default_sample_size * pipe.vae_scale_factor
         latents = pipe.prepare_latents(
             batch,
             pipe.transformer.config.in_channels,
             size,
             size,
-            prompt_embeds.dtype,
-            torch.device("cpu"),
+            torch.float32,  # latents in float32 (the transformer runs under autocast with mixed precision)
+            self.device,
             self.generator,
         )
-        pipe.scheduler.set_timesteps(cfg["num_steps"])
+        pipe.scheduler.set_timesteps(cfg["num_steps"], device=self.device)
         all_latents, all_log_probs = [latents], []
         for t in pipe.scheduler.timesteps:
-            noise_pred = self.transformer(
-                hidden_states=latents,
-                timestep=t.expand(batch),
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled_prompt_embeds,
-                return_dict=False,
-            )[0]
+            with self.accelerator.autocast():
+                noise_pred = self.transformer(
+                    hidden_states=latents,
+                    timestep=t.expand(batch),
+                    encoder_hidden_states=prompt_embeds,
+                    pooled_projections=pooled_prompt_embeds,
+                    return_dict=False,
+                )[0]
             i = pipe.scheduler.index_for_timestep(t)
             sigma, sigma_next = pipe.scheduler.sigmas[i], pipe.scheduler.sigmas[i + 1]
             latents, log_prob = sde_step_with_logprob(
@@ -327,8 +390,8 @@ class NaiveFlowGRPO:
             all_latents.append(latents)
             all_log_probs.append(log_prob)
         latents = latents / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
-        image = pipe.vae.decode(latents, return_dict=False)[0]
-        image = pipe.image_processor.postprocess(image, output_type="pt")
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image.float(), output_type="pt")
         return image, all_latents, all_log_probs
 
     def scored(self, images, prompts, metadata):
@@ -359,7 +422,7 @@ class NaiveFlowGRPO:
                     prompt=prompts,
                     prompt_2=None,
                     prompt_3=None,
-                    device=torch.device("cpu"),
+                    device=self.device,
                     do_classifier_free_guidance=False,
                     max_sequence_length=cfg["max_sequence_length"],
                 )
@@ -389,7 +452,7 @@ class NaiveFlowGRPO:
         # ---- wait for the rewards, collate
         t0 = time.perf_counter()
         for sample in samples:
-            sample["rewards"] = sample["rewards"].result()[0].float()
+            sample["rewards"] = sample["rewards"].result()[0].float().cpu()
         phases.add("wait", time.perf_counter() - t0)
         prompts = [p for s in samples for p in s.pop("prompts")]
         samples = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
@@ -401,11 +464,11 @@ class NaiveFlowGRPO:
             idx = [i for i, p in enumerate(prompts) if p == prompt]
             group = rewards[idx]
             advantages[idx] = group - (group.sum() - group) / max(len(group) - 1, 1)
-        samples["advantages"] = torch.as_tensor(advantages)[:, None].repeat(1, T)
+        samples["advantages"] = torch.as_tensor(advantages, device=self.device)[:, None].repeat(1, T)
         phases.add("advantages", time.perf_counter() - t0)
         # ---- TRAINING
         total = len(prompts)
-        perm = torch.randperm(total, generator=self.generator)
+        perm = torch.randperm(total, generator=self.generator, device=self.device)
         samples = {k: v[perm] for k, v in samples.items()}
         batched = {k: v.reshape(-1, cfg["train_batch_size"], *v.shape[1:]) for k, v in samples.items()}
         batched = [dict(zip(batched, x)) for x in zip(*batched.values())]
@@ -437,6 +500,8 @@ class NaiveFlowGRPO:
                 if self.accelerator.sync_gradients:  # an optimizer step: log the minibatch's means
                     self.logged = {k: torch.mean(torch.stack(v)).item() for k, v in info.items()}
                     info = collections.defaultdict(list)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the round's queued GPU work belongs to its time
         seconds = time.perf_counter() - t_round
         r = phases.rounds[-1]
         r["other"] = seconds - sum(v for k, v in r.items() if k not in ("score_worker", "other"))
@@ -447,13 +512,14 @@ class NaiveFlowGRPO:
         from rlprox.models.flow_match import sde_step_with_logprob
 
         scheduler = self.pipe.scheduler
-        noise_pred = self.transformer(
-            hidden_states=sample["latents"][:, j],
-            timestep=sample["timesteps"][:, j],
-            encoder_hidden_states=sample["prompt_embeds"],
-            pooled_projections=sample["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
+        with self.accelerator.autocast():
+            noise_pred = self.transformer(
+                hidden_states=sample["latents"][:, j],
+                timestep=sample["timesteps"][:, j],
+                encoder_hidden_states=sample["prompt_embeds"],
+                pooled_projections=sample["pooled_prompt_embeds"],
+                return_dict=False,
+            )[0]
         step_index = [scheduler.index_for_timestep(t) for t in sample["timesteps"][:, j]]
         sigma = scheduler.sigmas[step_index]
         sigma_next = scheduler.sigmas[[i + 1 for i in step_index]]
@@ -521,6 +587,11 @@ def speed_table(results: dict, args, images: int, t5_len: int) -> str:
     def spread(values):
         return f"{min(values):.2f}–{max(values):.2f}"
 
+    def shown_path(path):  # relative to the repository when inside it (a path outside, e.g. /tmp, as given)
+        resolved = Path(path).resolve()
+        return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+    default_out = shown_path(RESULTS / "loop_flow_speed.md")
     lines = [
         "# LOOP on digits-sd3: rlprox vs a naive Flow-GRPO-style loop, images/s on CPU",
         "",
@@ -528,11 +599,7 @@ def speed_table(results: dict, args, images: int, t5_len: int) -> str:
         f"{platform.python_version()}, torch {torch.__version__}; "
         f"`python benchmarks/loop_flow.py --speed --rounds {args.rounds} --repeats {args.repeats}"
         + "".join(f" --set {s}" for s in args.set)
-        + (
-            f" --speed-out {Path(args.speed_out).resolve().relative_to(ROOT)}"
-            if Path(args.speed_out).resolve() != RESULTS / "loop_flow_speed.md"
-            else ""
-        )
+        + (f" --speed-out {shown_path(args.speed_out)}" if shown_path(args.speed_out) != default_out else "")
         + "`"
         + (f" (rlprox only: {', '.join(args.set)})" if args.set else "")
         + ".",
