@@ -311,3 +311,21 @@ def test_flux_resolution_and_a_bf16_lora_base(tmp_path, flux_pipeline):
     moved = {n for n, p in algo.denoiser.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert algo.pipeline.decode(torch.zeros(1, *algo.pipeline.latent_shape)).shape[-2:] == (8, 8)
+
+
+def test_a_guidance_value_for_a_transformer_without_the_embedding_is_one_line(tmp_path, flux_pipeline, capsys):
+    """FLUX.1-schnell style: guidance_embeds false; a recipe that sets loop.guidance_embedding is refused."""
+    import shutil
+
+    schnell = tmp_path / "schnell"
+    shutil.copytree(flux_pipeline, schnell)
+    config = schnell / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(flux_recipe(tmp_path, schnell, guidance_embedding=3.5)))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"recipe error: loop.guidance_embedding: the transformer of {str(schnell)!r} has no guidance embedding "
+        "(FLUX.1-schnell): leave it unset"
+    ], err

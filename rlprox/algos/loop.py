@@ -101,7 +101,7 @@ class LoopConfig:
     resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     # FLUX only: the distilled guidance value fed to the transformer's guidance embedding; unset: 3.5
-    # (ignored by a transformer without one, FLUX.1-schnell)
+    # (a transformer without one, FLUX.1-schnell, refuses it: leave it unset there)
     guidance_embedding: float | None = None
     sample_batch_size: int = 16  # samples denoised together, per process
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
@@ -371,6 +371,11 @@ class LOOP:
                 f"({str(err).strip().splitlines()[0][:160]}); no downloads at "
                 "run time: give a local folder or a hub id already in the cache",
             ) from None
+        if cfg.guidance_embedding is not None and not self.pipeline.denoiser.config.get("guidance_embeds", True):
+            raise RecipeError(
+                "loop.guidance_embedding",
+                f"the transformer of {cfg.pipeline!r} has no guidance embedding (FLUX.1-schnell): leave it unset",
+            )
         denoiser = self.denoiser = self.pipeline.denoiser
         if self.pipeline.denoiser_name == "unet":
             self.unet = denoiser  # the name SD users and tests know
