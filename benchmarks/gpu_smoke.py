@@ -236,16 +236,11 @@ def random_llamagen(out: Path, size: str) -> list[str]:
     ]
 
 
-def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
-    """A few rounds of LOOP or VA-π at real scale (random weights), bf16 on CUDA."""
-    from rlprox.engine import Engine
-    from rlprox.recipe import load_recipe
-
-    out = Path(out_dir)
-    common = [
+def run_overrides(out: Path, iterations: int, on_cpu: bool) -> list[str]:
+    """The run fields of every generative case: quiet, no evaluation or checkpoints, bf16 on CUDA."""
+    return [
         f"run.iterations={iterations}",
         f"run.output_dir={out}",
-        f"run.name=gpu-{case}",
         "run.log_with=[]",
         "run.progress=false",
         "run.plot=false",
@@ -255,6 +250,15 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
         f'run.mixed_precision="{"no" if on_cpu else "bf16"}"',
         f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}",
     ]
+
+
+def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
+    """A few rounds of LOOP or VA-π at real scale (random weights), bf16 on CUDA."""
+    from rlprox.engine import Engine
+    from rlprox.recipe import load_recipe
+
+    out = Path(out_dir)
+    common = [*run_overrides(out, iterations, on_cpu), f"run.name=gpu-{case}"]
     if case == "loop":
         pipe = random_sd_pipeline(out / "pipeline", size)
         steps = 5 if size == "tiny" else 50
@@ -410,16 +414,7 @@ def flow_overrides(pipe: Path, size: str, iterations: int, on_cpu: bool, out: Pa
     plain leave-one-out advantages (the naive loop's), a reward that needs no weights; LoRA r32 α64, 10 SDE
     steps at noise 0.7 and AdamW as the recipe has them."""
     return [
-        f"run.iterations={iterations}",
-        f"run.output_dir={out}",
-        "run.log_with=[]",
-        "run.progress=false",
-        "run.plot=false",
-        "run.eval_size=0",
-        "run.save_every=0",
-        f"run.cpu={'true' if on_cpu else 'false'}",
-        f'run.mixed_precision="{"no" if on_cpu else "bf16"}"',
-        f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}",
+        *run_overrides(out, iterations, on_cpu),
         f"loop.pipeline={pipe}",
         "loop.prompts=digits",
         f"loop.resolution={FLOW_RESOLUTION[size]}",

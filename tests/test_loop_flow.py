@@ -91,6 +91,25 @@ def flow_recipe(tmp_path, pipeline, **loop):
     return recipe
 
 
+def assert_first_minibatches_recompute_the_stored_log_probs(algo, batch, count: int = 4) -> None:
+    """Before any update: each of the first ``count`` minibatches' ``step_log_prob`` equals the stored
+    log-prob, and the loss's ratio is 1 (any flow family; under ``torch.no_grad``)."""
+    for item in list(algo.minibatches(batch, 0))[:count]:
+        _, idx, step = item
+        logp = algo.pipeline.step_log_prob(
+            algo.denoiser,
+            {k: v[idx] for k, v in batch["cond"].items()},
+            algo._negative(len(idx)),
+            batch["schedule"],
+            batch["latents"][idx, step],
+            batch["latents"][idx, step + 1],
+            step,
+        )
+        torch.testing.assert_close(logp, batch["log_probs"][idx, step], rtol=0, atol=2e-5)
+        _, stats = algo.loss(item)
+        assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4 and float(stats["policy/approx_kl"]) < 1e-7
+
+
 def _lora_and_base(model):
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
@@ -124,21 +143,7 @@ def test_ratio_is_one_and_the_stored_log_prob_is_recomputed(tmp_path, sd3_pipeli
     algo = engine.algo
     with torch.no_grad():
         batch = algo.advantages(algo.collect())
-        items = list(algo.minibatches(batch, 0))
-        for item in items[:4]:
-            _, idx, step = item
-            logp = algo.pipeline.step_log_prob(
-                algo.denoiser,
-                {k: v[idx] for k, v in batch["cond"].items()},
-                algo._negative(len(idx)),
-                batch["schedule"],
-                batch["latents"][idx, step],
-                batch["latents"][idx, step + 1],
-                step,
-            )
-            torch.testing.assert_close(logp, batch["log_probs"][idx, step], rtol=0, atol=2e-5)
-            _, stats = algo.loss(item)
-            assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4 and float(stats["policy/approx_kl"]) < 1e-7
+        assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
     engine.close()
     if sampler == "cps":  # the default window leaves the last step (to σ = 0) to the ODE
         assert (batch["log_probs"][:, -1] == 0).all() and (batch["log_probs"][:, :-1] != 0).all()

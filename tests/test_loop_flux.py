@@ -17,7 +17,11 @@ from rlprox.engine import Engine  # noqa: E402
 from rlprox.models import flow_match  # noqa: E402
 from rlprox.models.pipelines import FluxAdapter, Sampling, adapter_for_class  # noqa: E402
 from rlprox.recipe import load_recipe  # noqa: E402
-from tests.test_loop_flow import flow_recipe  # noqa: E402
+from tests.test_loop_flow import (  # noqa: E402
+    _lora_and_base,
+    assert_first_minibatches_recompute_the_stored_log_probs,
+    flow_recipe,
+)
 
 IMAGE = 16  # pixels: 8×8×4 latents, 4×4 = 16 packed tokens of 16 channels
 STEPS = 4  # flow_recipe's num_steps
@@ -124,12 +128,6 @@ def stock_ode(pipe, x_T: torch.Tensor, guidance: float):
     return final["latents"], images
 
 
-def _lora_and_base(model):
-    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
-    return lora, base
-
-
 def test_flux_lora_runs_and_only_lora_moves(tmp_path, flux_pipeline):
     engine = Engine(load_recipe(flux_recipe(tmp_path, flux_pipeline)))
     assert isinstance(engine.algo.pipeline, FluxAdapter) and engine.algo.pipeline.negative(2, "cpu") is None
@@ -161,21 +159,7 @@ def test_flux_ratio_is_one_and_the_stored_log_prob_is_recomputed(tmp_path, flux_
         batch = algo.advantages(algo.collect())
         assert batch["latents"].shape == (4, STEPS + 1, 16, 16)  # (B, T+1, N tokens, 4·C)
         assert batch["cond"]["embeds"].shape == (4, 8, 32) and batch["cond"]["pooled"].shape == (4, 16)
-        items = list(algo.minibatches(batch, 0))
-        for item in items[:4]:
-            _, idx, step = item
-            logp = algo.pipeline.step_log_prob(
-                algo.denoiser,
-                {k: v[idx] for k, v in batch["cond"].items()},
-                algo._negative(len(idx)),
-                batch["schedule"],
-                batch["latents"][idx, step],
-                batch["latents"][idx, step + 1],
-                step,
-            )
-            torch.testing.assert_close(logp, batch["log_probs"][idx, step], rtol=0, atol=2e-5)
-            _, stats = algo.loss(item)
-            assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4 and float(stats["policy/approx_kl"]) < 1e-7
+        assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
     engine.close()
 
 
