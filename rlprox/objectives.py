@@ -136,6 +136,15 @@ def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(finite & (count >= 2), adv, torch.zeros_like(adv))
 
 
+def zero_spread(rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) True for the groups of ``rewards`` (N, G) whose finite rewards are all equal (or fewer than
+    two): groups that carry no relative signal, so a group-based advantage is 0 there."""
+    finite = torch.isfinite(rewards)
+    high = torch.where(finite, rewards, torch.full_like(rewards, -torch.inf)).max(1).values
+    low = torch.where(finite, rewards, torch.full_like(rewards, torch.inf)).min(1).values
+    return ~(high > low)
+
+
 def group_normalize(rewards: torch.Tensor, eps: float = 1e-8, clip: float | None = None) -> torch.Tensor:
     """Group-normalised advantage (GRPO / VA-π), rewards (N, G):
 

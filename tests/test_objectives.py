@@ -134,3 +134,8 @@ def test_group_normalize_zero_spread_nan_and_clip():
     torch.testing.assert_close(a[2], torch.tensor([-1.0 / 2**0.5, 0.0, 1.0 / 2**0.5]), atol=1e-6, rtol=0)
     clipped = objectives.group_normalize(torch.tensor([[0.0, 0.0, 0.0, 100.0]]), clip=1.0)
     assert clipped.max() == 1.0 and clipped.min() >= -1.0
+
+
+def test_zero_spread_marks_groups_without_relative_signal():
+    rewards = torch.tensor([[0.3, 0.3], [0.2, 0.4], [0.2, float("nan")], [float("nan"), float("nan")]])
+    assert objectives.zero_spread(rewards).tolist() == [True, False, True, True]

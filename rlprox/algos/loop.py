@@ -526,11 +526,7 @@ class LOOP:
 
     def _zero_spread(self, rewards: torch.Tensor) -> torch.Tensor:
         """(P,) True for the prompt groups whose K rewards are all equal (finite ones; NaNs ignored)."""
-        groups = rewards.view(-1, self.cfg.num_samples_per_prompt)
-        finite = torch.isfinite(groups)
-        high = torch.where(finite, groups, torch.full_like(groups, -torch.inf)).max(1).values
-        low = torch.where(finite, groups, torch.full_like(groups, torch.inf)).min(1).values
-        return ~(high > low)
+        return objectives.zero_spread(rewards.view(-1, self.cfg.num_samples_per_prompt))
 
     def _batch_normalize(self, x: torch.Tensor, center: bool = True) -> torch.Tensor:
         finite = torch.isfinite(x)

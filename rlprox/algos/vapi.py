@@ -406,11 +406,10 @@ class VAPi:
     # ------------------------------------------------------------------ LOG
     def iteration_stats(self, elapsed: float) -> dict:
         r = self._last["rewards"]
-        spread = r.max(1).values - r.min(1).values
         stats = {
             "reward/mean": float(r.mean()),
             "reward/std": float(r.std()),
-            "reward/zero_std_groups": int((spread == 0).sum()),  # images whose G rewards are all equal
+            "reward/zero_std_groups": int(objectives.zero_spread(r).sum()),  # images whose G rewards are all equal
             "reward/tokenizer_floor_mse": self._last[
                 "tf_mse"
             ],  # MSE of D(z*): the best any token sequence of this VQ reaches
