@@ -61,6 +61,24 @@ def train_and_eval(
     return _results(out / name)
 
 
+def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0, stat=None) -> tuple[float, float]:
+    """95% percentile interval of ``stat`` (default: the mean) of ``values``, resampled with replacement."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    samples = np.random.default_rng(seed).choice(v, size=(n, len(v)), replace=True)
+    stats = samples.mean(axis=1) if stat is None else np.apply_along_axis(stat, 1, samples)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def iqm(values) -> float:
+    """Interquartile mean: the mean after cutting int(n/4) values from each end (rliable's
+    ``scipy.stats.trim_mean(values, 0.25)``)."""
+    v = sorted(float(x) for x in values)
+    cut = int(0.25 * len(v))
+    return sum(v[cut : len(v) - cut]) / (len(v) - 2 * cut)
+
+
 def _results(run: Path) -> tuple[list[dict], dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ckpt = sorted((run / "checkpoints").glob("iter-*"))[-1]

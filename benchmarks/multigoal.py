@@ -1,20 +1,28 @@
-"""Multimodality on MultiGoal: PolicyFlow (a sweep over w_b), the FPO ratio and Gaussian
-PPO (a sweep over the entropy bonus), same env-step budget, side by side.
+"""Multimodality on MultiGoal: PolicyFlow (a sweep over the Brownian weight), FPO with its
+published settings and Gaussian PPO (a sweep over the entropy bonus), same env-step budget.
 
-    python benchmarks/multigoal.py                         # 3 seeds, the sweeps below
-    python benchmarks/multigoal.py --seeds 1 --iterations 5   # smoke
+    python benchmarks/multigoal.py                             # 6 goals, 5 seeds
+    python benchmarks/multigoal.py --goals 4 --seeds 3         # the 4-goal table
+    python benchmarks/multigoal.py --seeds 1 --iterations 5    # smoke
 
-Every run trains its shipped recipe (recipes/policyflow/multigoal.yaml,
-multigoal-fpo.yaml, recipes/ppo/multigoal.yaml) with the swept value overridden, then
-``rlprox eval`` runs 100 episodes with sampled actions on fresh envs: success rate,
-return, the distribution of goals reached (entropy normalised by log 4, coverage =
-goals with >= 5% of the hits) and a trajectory plot.
+Every run trains its shipped recipe (recipes/policyflow/multigoal.yaml, multigoal-fpo.yaml,
+recipes/ppo/multigoal.yaml; all on the 6-goal env, ``--goals 4`` overrides env.id) with the
+swept value overridden; each method's grid has 6 values (FPO runs its one published
+setting). ``rlprox eval`` then runs 300 episodes with sampled actions on fresh envs and
+reports, per run:
 
-Entropy counts only with competence: an untrained policy already scores entropy ~1
-by wandering. A run is *competent* when its success rate is >= 0.9 and its return is
-within 10% of the best PPO run's; *multimodal* when competent with normalised entropy
->= 0.5. Writes benchmarks/results/multigoal.md, multigoal.png (success vs entropy, every
-run) and multigoal_trajectories.png (seed 1 of the best setting of each method).
+- success rate, the fraction of episodes ending at each goal, coverage (goals with ≥ 10%
+  of the hits), the return of the successful episodes;
+- the same episodes started from the exact origin (``init_std`` 0): goals covered from
+  one start state, where a policy that picks its goal from the start-state noise covers one;
+- action modes at the start state: 1,000 draws of the policy at s₀ = 0 (PolicyFlow and FPO:
+  φ₁(z; s₀), the flow before the Gaussian head; PPO: its Gaussian), k-means for k = 1..8,
+  the k with the best silhouette (k = 1 when none reaches 0.5), counting clusters with ≥ 10%
+  of the draws.
+
+Multimodal = coverage ≥ 4 of 6 and ≥ 3 action modes (4 goals: coverage ≥ 3 of 4 and ≥ 3
+modes). Writes benchmarks/results/multigoal{6,4}.md and .png (coverage vs return: the
+trade-off curve of each sweep) and _trajectories.png.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, train_and_eval  # noqa: E402
+from harness import ROOT, bootstrap_ci, iqm, train_and_eval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
+BROWNIAN = (0.0, 0.01, 0.03, 0.1, 0.25, 0.5)  # lam: mean over action dims (the paper's w_b 0.25 = lam 0.5 here)
+ENTROPY = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)  # PPO's ent_coef, the same grid size
 SETTINGS = [  # (method, label, recipe, overrides)
     *[
         (
@@ -43,25 +52,28 @@ SETTINGS = [  # (method, label, recipe, overrides)
             "recipes/policyflow/multigoal.yaml",
             [f"regularizers=[{{type: brownian, lam: {w}}}]"],
         )
-        for w in (0.0, 0.1, 0.2, 0.5)
+        for w in BROWNIAN
     ],
-    ("FPO ratio", "w_b 0", "recipes/policyflow/multigoal-fpo.yaml", []),
-    *[("Gaussian PPO", f"ent {e:g}", "recipes/ppo/multigoal.yaml", [f"ppo.ent_coef={e}"]) for e in (0.0, 0.01, 0.05)],
+    ("FPO (published settings)", "clip 0.05", "recipes/policyflow/multigoal-fpo.yaml", []),
+    *[("Gaussian PPO", f"ent {e:g}", "recipes/ppo/multigoal.yaml", [f"ppo.ent_coef={e}"]) for e in ENTROPY],
 ]
+METHODS = ("PolicyFlow", "FPO (published settings)", "Gaussian PPO")
+ENV_IDS = {6: "rlprox/MultiGoal6-v0", 4: "rlprox/MultiGoal-v0"}
 
 
-def run(setting, seed: int, iterations: int, episodes: int, out: Path) -> dict:
+def run(setting, seed: int, goals: int, iterations: int, episodes: int, out: Path, reuse: bool) -> dict:
     method, label, recipe, overrides = setting
-    name = f"{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}-s{seed}"
+    name = f"g{goals}-{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}-s{seed}"
     overrides = [
         *overrides,
+        f"env.id={ENV_IDS[goals]}",
         f"seed={seed}",
         "run.eval_size=0",
         *([f"run.iterations={iterations}"] if iterations else []),
     ]
-    rows, ev = train_and_eval(recipe, overrides, out, name, ["--episodes", str(episodes), "--seed", "12345"])
-    ckpt = Path(ev["checkpoint"])
-    return {
+    eval_args = ["--episodes", str(episodes), "--seed", "12345"]
+    rows, ev = train_and_eval(recipe, overrides, out, name, eval_args, reuse=reuse)
+    res = {
         "method": method,
         "label": label,
         "seed": seed,
@@ -69,125 +81,188 @@ def run(setting, seed: int, iterations: int, episodes: int, out: Path) -> dict:
         "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows),
         "success": ev["eval/success_rate"],
         "return": ev["eval/return"],
-        "entropy": ev["eval/goal_entropy_normalized"],
+        "success_return": ev["eval/success_return"],
         "coverage": ev["eval/goal_coverage"],
-        "goals": [ev[f"eval/goal{g}_frac"] for g in range(4)],
-        "plot": str(ckpt / "eval_trajectories.png"),
+        "goals": [ev[f"eval/goal{g}_frac"] for g in range(goals)],
+        "origin_coverage": ev["eval/origin_goal_coverage"],
+        "origin_success": ev["eval/origin_success_rate"],
+        "modes": ev["eval/action_modes"],
+        "silhouette": ev["eval/action_modes_silhouette"],
+        "plot": str(Path(ev["checkpoint"]) / "eval_trajectories.png"),
     }
+    res["multimodal"] = res["coverage"] >= (4 if goals == 6 else 3) and res["modes"] >= 3
+    return res
+
+
+def ms(values, digits: int = 2) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument(
-        "--iterations", type=int, default=0, help="override the recipes' iterations (0: theirs, 200k env steps)"
-    )
-    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--goals", type=int, choices=(6, 4), default=6)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=0, help="override the recipes' 100 iterations (200k steps)")
+    parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "multigoal.md"))
+    parser.add_argument("--runs", default="", help="keep runs here; with --reuse, finished runs are read back")
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--out", default="")
     args = parser.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="multigoal_"))
+    out_md = Path(args.out or RESULTS / f"multigoal{args.goals}.md")
+    out = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="multigoal_"))
+    out.mkdir(parents=True, exist_ok=True)
     jobs = [(setting, seed) for seed in range(1, args.seeds + 1) for setting in SETTINGS]
     runs = []
+
+    def one(job):
+        return run(job[0], job[1], args.goals, args.iterations, args.episodes, out, args.reuse)
+
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        for res in pool.map(lambda job: run(job[0], job[1], args.iterations, args.episodes, out), jobs):
+        for res in pool.map(one, jobs):
             runs.append(res)
             print(
                 f"{res['method']} {res['label']} seed {res['seed']}: success {res['success']:.2f}, return "
-                f"{res['return']:.1f}, entropy {res['entropy']:.2f}, coverage {res['coverage']:.0f}",
+                f"{res['return']:.1f}, coverage {res['coverage']:.0f}, origin coverage {res['origin_coverage']:.0f}, "
+                f"modes {res['modes']:.0f}",
                 flush=True,
             )
-    ppo_best = max(r["return"] for r in runs if r["method"] == "Gaussian PPO")
-    for r in runs:
-        r["competent"] = r["success"] >= 0.9 and r["return"] >= ppo_best - 0.1 * abs(ppo_best)
-        r["multimodal"] = r["competent"] and r["entropy"] >= 0.5
+    text = report(runs, args)
+    print(text)
+    out_md.write_text(text)
+    plot(runs, out_md.with_suffix(".png"), args.goals)
+    trajectories(runs, out_md.with_name(out_md.stem + "_trajectories.png"))
+    if not args.runs:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def group(runs, method, label):
+    return [r for r in runs if (r["method"], r["label"]) == (method, label)]
+
+
+def report(runs: list[dict], args) -> str:
+    goals = args.goals
+    need = "coverage ≥ 4 of 6" if goals == 6 else "coverage ≥ 3 of 4"
     ppo_time = statistics.median(r["iteration_s"] for r in runs if r["method"] == "Gaussian PPO")
     lines = [
-        "# Multimodality on MultiGoal (4 goals): PolicyFlow vs FPO ratio vs Gaussian PPO",
+        f"# Multimodality on MultiGoal ({goals} goals): PolicyFlow vs FPO vs Gaussian PPO",
         "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
-        f"CPUs (shared), python {platform.python_version()}; "
-        "`python benchmarks/multigoal.py --seeds "
-        f"{args.seeds}{f' --iterations {args.iterations}' if args.iterations else ''}` "
-        f"({args.parallel} runs at a time).",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python "
+        f"{platform.python_version()}; `python benchmarks/multigoal.py --goals {goals} --seeds {args.seeds}"
+        f"{f' --iterations {args.iterations}' if args.iterations else ''}` ({args.parallel} runs at a time).",
         "",
-        f"Same budget for every run ({int(runs[0]['env_steps']):,} env steps: 8 envs × 256 steps "
-        "× iterations, 4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). "
-        f"Evaluation: {args.episodes} episodes with sampled actions on fresh envs. Competent "
-        f"= success ≥ 0.9 and return within 10% of the best PPO run ({ppo_best:.1f}); "
-        "multimodal = competent and normalised goal entropy ≥ 0.5. Time per iteration relative to PPO's median.",
+        f"Same budget for every run ({int(runs[0]['env_steps']):,} env steps: 8 envs × 256 steps × iterations, "
+        "4 epochs of minibatch 512, Adam 3e-4 linear, reward normalisation). PolicyFlow: the paper's settings "
+        "(z ~ N(0, I), w_g 0.001) with w_b swept (mean over the 2 action dims: the paper's w_b 0.25 is 0.5 "
+        "here); FPO: its code's defaults (clip 0.05, 8 (τ, ε) pairs, τ on the flow grid, ε-loss, no Gaussian "
+        f"head); PPO: its entropy bonus swept. Evaluation: {args.episodes} episodes with sampled actions, "
+        "the same number from the exact origin, 1,000 start-state draws. Coverage = goals with ≥ 10% of the "
+        f"hits; **multimodal** = {need} and ≥ 3 action modes at the start. Mean ± std over seeds.",
         "",
-        "| method | setting | success | return | goal entropy (norm.) | "
-        "coverage | competent | multimodal | time / iteration (× PPO) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | setting | success | return | return of successes | coverage | coverage from origin "
+        "| action modes | multimodal | time / iteration (× PPO) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def ms(values):
-        return (
-            f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-            if len(values) > 1
-            else f"{values[0]:.2f}"
-        )
-
     for method, label, _, _ in SETTINGS:
-        rs = [r for r in runs if r["method"] == method and r["label"] == label]
+        rs = group(runs, method, label)
+        if not rs:
+            lines.append(f"| {method} | {label} | not run |  |  |  |  |  |  |  |")
+            continue
         lines.append(
-            f"| {method} | {label} | {ms([r['success'] for r in rs])} | "
-            f"{statistics.mean(r['return'] for r in rs):.1f} | {ms([r['entropy'] for r in rs])} | "
-            f"{ms([r['coverage'] for r in rs])} | {sum(r['competent'] for r in rs)}/{len(rs)} "
-            f"| **{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
+            f"| {method} | {label} | {ms([r['success'] for r in rs])} | {ms([r['return'] for r in rs], 1)} | "
+            f"{ms([r['success_return'] for r in rs], 1)} | {ms([r['coverage'] for r in rs], 1)} | "
+            f"{ms([r['origin_coverage'] for r in rs], 1)} | {ms([r['modes'] for r in rs], 1)} | "
+            f"**{sum(r['multimodal'] for r in rs)}/{len(rs)}** | "
             f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |"
         )
-    lines += ["", "Per run (success, return, normalised entropy, goal fractions):", ""]
+    lines += ["", "## Best setting of each method, paired by seed", ""]
+    best = {}
+    for method in METHODS:
+        labels = [label for m, label, _, _ in SETTINGS if m == method and group(runs, m, label)]
+        if labels:  # the most multimodal runs, then the higher mean return
+            best[method] = max(
+                labels,
+                key=lambda lb: (
+                    sum(r["multimodal"] for r in group(runs, method, lb)),
+                    statistics.mean(r["return"] for r in group(runs, method, lb)),
+                ),
+            )
+    lines.append(
+        "Best = most multimodal runs, then the higher mean return. IQM over seeds where there are ≥ 5; paired "
+        "differences (PolicyFlow's best − the other's best, same seed) with a 95% bootstrap interval."
+    )
+    lines += ["", "| method | best setting | multimodal | coverage (IQM) | action modes (IQM) | return (IQM) |"]
+    lines.append("|---|---|---|---|---|---|")
+    for method, label in best.items():
+        rs = group(runs, method, label)
+        lines.append(
+            f"| {method} | {label} | {sum(r['multimodal'] for r in rs)}/{len(rs)} | "
+            f"{iqm([r['coverage'] for r in rs]):.2f} | {iqm([r['modes'] for r in rs]):.2f} | "
+            f"{iqm([r['return'] for r in rs]):.1f} |"
+        )
+    lines.append("")
+    if "PolicyFlow" in best:
+        mine = {r["seed"]: r for r in group(runs, "PolicyFlow", best["PolicyFlow"])}
+        for other in METHODS[1:]:
+            if other not in best:
+                continue
+            theirs = {r["seed"]: r for r in group(runs, other, best[other])}
+            seeds = sorted(set(mine) & set(theirs))
+            for key in ("coverage", "modes", "return"):
+                diffs = [mine[s][key] - theirs[s][key] for s in seeds]
+                if len(diffs) > 1:
+                    lo, hi = bootstrap_ci(diffs)
+                    lines.append(
+                        f"- PolicyFlow ({best['PolicyFlow']}) − {other} ({best[other]}), {key}: "
+                        f"{statistics.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] (n = {len(diffs)})"
+                    )
+    lines += ["", "Per run (success, return, coverage, coverage from origin, action modes, goal fractions):", ""]
     for r in runs:
         lines.append(
-            f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, "
-            f"{r['return']:.1f}, {r['entropy']:.2f}, [{', '.join(f'{g:.2f}' for g in r['goals'])}]"
+            f"- {r['method']} {r['label']} seed {r['seed']}: {r['success']:.2f}, {r['return']:.1f}, "
+            f"{r['coverage']:.0f}, {r['origin_coverage']:.0f}, {r['modes']:.0f} (silhouette "
+            f"{r['silhouette']:.2f}), [{', '.join(f'{g:.2f}' for g in r['goals'])}]"
         )
-    png = Path(args.out).with_suffix(".png")
-    plot(runs, png)
-    traj = Path(args.out).with_name(Path(args.out).stem + "_trajectories.png")
-    trajectories(runs, traj)
-    lines += ["", f"![success vs goal entropy]({png.name})", "", f"![trajectories]({traj.name})", ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).write_text(text)
-    shutil.rmtree(out, ignore_errors=True)
+    stem = Path(args.out or RESULTS / f"multigoal{goals}.md").stem
+    lines += ["", f"![coverage vs return]({stem}.png)", "", f"![trajectories]({stem}_trajectories.png)", ""]
+    return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, goals: int) -> None:
+    """The trade-off: mean coverage vs mean return of every setting, one line per sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    markers = {"PolicyFlow": "o", "FPO ratio": "s", "Gaussian PPO": "^"}
-    labels = sorted({(r["method"], r["label"]) for r in runs}, key=lambda ml: [s[:2] for s in SETTINGS].index(ml))
-    for i, (method, label) in enumerate(labels):
-        rs = [r for r in runs if (r["method"], r["label"]) == (method, label)]
-        ax.scatter(
-            [r["success"] for r in rs],
-            [r["entropy"] for r in rs],
-            marker=markers[method],
-            color=f"C{i}",
-            label=f"{method}, {label}",
-            s=40,
-            alpha=0.8,
-        )
-    ax.axvline(0.9, color="grey", lw=0.8, ls="--")
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("success rate (sampled actions)")
-    ax.set_ylabel("goal entropy / log 4")
+    markers = dict(zip(METHODS, "osD"))
+    for i, method in enumerate(METHODS):
+        pts = []
+        for m, label, _, _ in SETTINGS:
+            rs = group(runs, m, label) if m == method else []
+            if rs:
+                x, y = statistics.mean(r["return"] for r in rs), statistics.mean(r["coverage"] for r in rs)
+                pts.append((x, y, label))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[method], color=f"C{i}", label=method)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(4 if goals == 6 else 3, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("return (sampled actions, mean over seeds)")
+    ax.set_ylabel(f"coverage (goals with ≥ 10% of hits, of {goals})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def trajectories(runs: list[dict], path: Path) -> None:
-    """Seed 1 of each method's best setting (most multimodal, then most successful), side by side."""
+    """Seed 1 of each method's most multimodal setting, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,15 +270,19 @@ def trajectories(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     picks = []
-    for method in ("PolicyFlow", "FPO ratio", "Gaussian PPO"):
+    for method in METHODS:
         rs = [r for r in runs if r["method"] == method and r["seed"] == 1 and Path(r["plot"]).is_file()]
         if rs:
-            picks.append(max(rs, key=lambda r: (r["multimodal"], r["competent"], r["entropy"] * r["success"])))
+            picks.append(max(rs, key=lambda r: (r["multimodal"], r["coverage"], r["modes"], r["return"])))
+    if not picks:
+        return
     fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 4.2), dpi=100)
     for ax, r in zip(axes if len(picks) > 1 else [axes], picks):
         ax.imshow(mpimg.imread(r["plot"]))
         ax.set_title(
-            f"{r['method']} ({r['label']})\nsuccess {r['success']:.2f}, entropy {r['entropy']:.2f}", fontsize=9
+            f"{r['method']} ({r['label']})\ncoverage {r['coverage']:.0f}, modes {r['modes']:.0f}, "
+            f"return {r['return']:.0f}",
+            fontsize=9,
         )
         ax.axis("off")
     fig.tight_layout()

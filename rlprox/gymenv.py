@@ -527,14 +527,27 @@ def eval_seed(seed: int, rank: int = 0) -> int:
     return seed + 1_000_003 + 7919 * rank
 
 
+START_DRAWS = 1000  # policy draws at the start state for the action-mode count
+
+
 def evaluate_policy(
-    cfg: EnvConfig, act, request, obs_rms: RunningMeanStd | None, goals: np.ndarray | None, paths: int = 24
+    cfg: EnvConfig,
+    act,
+    request,
+    obs_rms: RunningMeanStd | None,
+    goals: np.ndarray | None,
+    paths: int = 24,
+    start_actions=None,
 ):
     """This process's share of an evaluation of ``act`` (an ``EvalShard``): per-episode
     return and length; for goal envs also the goal each episode reached (``_goal``,
-    −1 for none; ``goal_metrics`` summarises them) and a plot of the first ``paths``
-    trajectories over the goals."""
-    from rlprox.runtime import EvalShard
+    −1 for none; ``goal_summary`` summarises them), a plot of the first ``paths``
+    trajectories over the goals and, when the env draws its start state with an
+    ``init_std`` spread (MultiGoal), the same episodes again from the exact origin
+    (``_origin_goal``). ``start_actions(obs) -> (n, A)`` (optional): the policy's
+    draws for n copies of one observation; this shard's share of ``START_DRAWS`` draws at the
+    all-zero start state are kept as ``_start_action`` for the action-mode count."""
+    from rlprox.runtime import EvalShard, shard
 
     seed = eval_seed(request.seed, request.rank)
     keys = ("goal",) if goals is not None else ()
@@ -548,13 +561,24 @@ def evaluate_policy(
         traced = [e["path"] for e in episodes if "path" in e]
         if traced and len(traced[0][0]) == 2 and request.start < paths:
             images["trajectories"] = render_paths(traced, goals)
+        probe = _env_factory(cfg, 0)()
+        spread, obs_dim = getattr(probe.unwrapped, "init_std", None), observation_dim(probe.observation_space)
+        probe.close()
+        if spread is not None:
+            origin = dataclasses.replace(cfg, kwargs={**cfg.kwargs, "init_std": 0.0})
+            again = run_episodes(origin, act, request.num, seed + 1, obs_rms, keys)
+            values["_origin_goal"] = [e["goal"] for e in again]
+        if start_actions is not None:
+            _, n = shard(START_DRAWS, request.rank, request.world)
+            zero = normalize_observation(obs_rms, np.zeros((n, obs_dim), np.float32), cfg.clip_obs)
+            values["_start_action"] = [list(map(float, a)) for a in start_actions(zero)] if n else []
     return EvalShard(values=values, images=images)
 
 
-def goal_metrics(goal_ids: list[float], num_goals: int) -> dict[str, float]:
+def goal_metrics(goal_ids: list[float], num_goals: int, prefix: str = "") -> dict[str, float]:
     """Multimodality of the goals reached (−1: none): success rate, the fraction of all
     episodes ending at each goal, the entropy of the distribution of reached goals (and
-    normalised by log #goals), and coverage: the goals with ≥ 5 % of the hits."""
+    normalised by log #goals), and coverage: the goals with ≥ 10 % of the hits."""
     ids = np.asarray([g for g in goal_ids if np.isfinite(g)], np.int64)
     hits = ids[ids >= 0]
     counts = np.bincount(hits, minlength=num_goals)[:num_goals].astype(np.float64)
@@ -567,7 +591,47 @@ def goal_metrics(goal_ids: list[float], num_goals: int) -> dict[str, float]:
         p, entropy = counts, 0.0
     out["goal_entropy"] = entropy
     out["goal_entropy_normalized"] = entropy / np.log(num_goals) if num_goals > 1 else 0.0
-    out["goal_coverage"] = float((p >= 0.05).sum()) if len(hits) else 0.0
+    out["goal_coverage"] = float((p >= 0.1).sum()) if len(hits) else 0.0
+    return {prefix + k: v for k, v in out.items()}
+
+
+def action_modes(
+    actions: np.ndarray, max_k: int = 8, min_silhouette: float = 0.5, min_share: float = 0.1, seed: int = 0
+) -> tuple[int, int, float]:
+    """(modes, k, silhouette) of a cloud of actions: k-means for k = 1..``max_k``, the k
+    with the best silhouette score (k = 1 when no k reaches ``min_silhouette``), and the
+    number of its clusters holding ≥ ``min_share`` of the points."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    x = np.asarray(actions, np.float64).reshape(len(actions), -1)
+    best_k, best_score, best_labels = 1, -1.0, np.zeros(len(x), np.int64)
+    for k in range(2, min(max_k, len(x) - 1) + 1):
+        labels = KMeans(k, n_init=4, random_state=seed).fit_predict(x)
+        if len(np.unique(labels)) < 2:
+            continue
+        score = float(silhouette_score(x, labels))
+        if score > best_score:
+            best_k, best_score, best_labels = k, score, labels
+    if best_score < min_silhouette:
+        return 1, 1, best_score
+    shares = np.bincount(best_labels, minlength=best_k) / len(x)
+    return int((shares >= min_share).sum()), best_k, best_score
+
+
+def goal_summary(values: dict, num_goals: int) -> dict[str, float]:
+    """An env trainer's ``summarize_eval`` on a goal env: ``goal_metrics`` of the goals
+    reached, the mean return of the successful episodes (``success_return``), the
+    same metrics from the exact origin (``origin_*``) and the number of action modes at
+    the start state (``action_modes``, ``action_modes_k``, ``action_modes_silhouette``)."""
+    out = goal_metrics(values["_goal"], num_goals)
+    won = [r for r, g in zip(values.get("return", []), values["_goal"]) if np.isfinite(g) and g >= 0]
+    out["success_return"] = float(np.mean(won)) if won else float("nan")
+    if values.get("_origin_goal"):
+        out.update(goal_metrics(values["_origin_goal"], num_goals, prefix="origin_"))
+    if values.get("_start_action"):
+        modes, k, score = action_modes(np.asarray(values["_start_action"]))
+        out.update(action_modes=float(modes), action_modes_k=float(k), action_modes_silhouette=score)
     return out
 
 

@@ -173,20 +173,26 @@ def rollout_stats(rollout, steps_per_env: int, elapsed: float, explained_varianc
     return stats
 
 
-def evaluate_snapshot(env_cfg, snapshot, request, obs_rms, goals, deterministic_default: bool):
+def evaluate_snapshot(env_cfg, snapshot, request, obs_rms, goals, deterministic_default: bool, start_actions=None):
     """An env trainer's ``evaluate``: episodes of a numpy policy snapshot (``act(obs, rng,
     deterministic)`` returning the action first) on fresh envs, with its own RNG and
     frozen normalisation statistics (training is never perturbed); goal envs add the
-    goals reached and a trajectory plot (``rlprox.gymenv.evaluate_policy``)."""
+    goals reached, a trajectory plot and the policy's draws at the start state
+    (``start_actions(obs, rng)``; default: the sampled action), for
+    ``rlprox.gymenv.evaluate_policy``."""
     from rlprox.gymenv import evaluate_policy
 
     deterministic = deterministic_default if request.deterministic is None else request.deterministic
     rng = np.random.default_rng([request.seed, 10_000 + request.rank])
+    draws = np.random.default_rng([request.seed, 20_000 + request.rank])  # the start-state draws' own stream
 
     def act(obs):
         return snapshot.act(obs, rng, deterministic=deterministic)[0]
 
-    shard = evaluate_policy(env_cfg, act, request, obs_rms, goals)
+    def starts(obs):
+        return start_actions(obs, draws) if start_actions is not None else snapshot.act(obs, draws)[0]
+
+    shard = evaluate_policy(env_cfg, act, request, obs_rms, goals, start_actions=starts)
     shard.info["deterministic"] = deterministic
     return shard
 

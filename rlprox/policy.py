@@ -150,7 +150,7 @@ class Policy:
         self.high = None if self.discrete else _unbounds(action["high"], 1.0)
         if config["kind"] == "flow":
             arch = config["architecture"]
-            self.snapshot = module.snapshot(arch["flow_steps"], arch["noise_scale"])
+            self.snapshot = module.snapshot(arch["flow_steps"], arch["noise_scale"], arch.get("gaussian_head", True))
         else:
             self.snapshot = module.snapshot()
 

@@ -38,3 +38,27 @@ def test_truncation_at_horizon_and_costs_are_arguments():
     env.reset(seed=0)
     outs = [env.step(np.zeros(2)) for _ in range(3)]
     assert [o[3] for o in outs] == [False, False, True] and all(o[1] == 0.0 for o in outs)
+
+
+def test_action_modes_counts_separated_clusters_and_not_one_gaussian():
+    from rlprox.gymenv import action_modes
+
+    rng = np.random.default_rng(0)
+    centres = np.array(ring(6, 1.0))
+    three = np.concatenate([c + 0.05 * rng.standard_normal((300, 2)) for c in centres[:3]])
+    modes, k, score = action_modes(three)
+    assert (modes, k) == (3, 3) and score > 0.8
+    # a cluster with < 10% of the draws does not count as a mode
+    lopsided = np.concatenate([three, centres[3] + 0.05 * rng.standard_normal((40, 2))])
+    assert action_modes(lopsided)[0] == 3
+    # one Gaussian blob: no k reaches silhouette 0.5, so one mode
+    assert action_modes(rng.standard_normal((1000, 2)))[:2] == (1, 1)
+
+
+def test_goal_coverage_counts_goals_with_at_least_ten_percent_of_the_hits():
+    from rlprox.gymenv import goal_metrics
+
+    ids = [0] * 12 + [1] * 80 + [2] * 8 + [-1] * 5  # goal 2: 8% of the hits
+    out = goal_metrics(ids, 4)
+    assert out["goal_coverage"] == 2.0 and out["success_rate"] == pytest.approx(100 / 105)
+    assert goal_metrics(ids, 4, prefix="origin_")["origin_goal_coverage"] == 2.0

@@ -47,6 +47,31 @@ def test_brownian_residual_hand_case_and_gradients():
     assert torch.count_nonzero(v.grad) == 2
 
 
+def test_brownian_residual_with_base_std_uses_the_rescaled_score():
+    """z ~ N(0, s²): ∇log p_t(x) = (t·v̂ − x)/((1 − t)·s²), so η = (1 − t)·v − (x − t·v̂)/s²."""
+    v, v_hat = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 1.0]])
+    x_t, t = torch.tensor([[0.2, 0.4]]), torch.tensor([0.25])
+    # s = 0.5: 0.75·[1, −2] − [0.075, 0.15] / 0.25
+    expected = torch.tensor([[0.75 - 0.3, -1.5 - 0.6]])
+    torch.testing.assert_close(brownian_residual(v, v_hat, x_t, t, base_std=0.5), expected)
+    # the closed form against the score of the Gaussian path: a fixed action a, x_t = (1 − t)·z + t·a,
+    # p_t(x | a) = N(t·a, (1 − t)²·s²), whose velocity is v̂ = (a − x)/(1 − t)
+    s, a, x = 0.3, torch.tensor([[0.7, -0.2]]), torch.tensor([[0.1, 0.05]])
+    tt = torch.tensor([0.4])
+    score = -(x - tt * a) / ((1 - tt) ** 2 * s**2)
+    exact_v_hat = (a - x) / (1 - tt)
+    torch.testing.assert_close(
+        brownian_residual(v, exact_v_hat, x, tt, base_std=s), (1 - tt) * (v + score), rtol=1e-5, atol=1e-5
+    )
+    # the regularizer takes s from the loss (PolicyFlow offers policyflow.noise_scale) and
+    # averages η² over the batch and the action dimensions
+    eta = brownian_residual(v, v_hat, x_t, t, base_std=0.5)
+    value = Brownian(lam=2.0).penalty(v=v, v_hat=v_hat, x_t=x_t, t=t, base_std=0.5)
+    torch.testing.assert_close(value, 2.0 * eta.pow(2).sum() / 2)
+    wide = Brownian(lam=1.0).penalty(v=v.repeat(1, 3), v_hat=v_hat.repeat(1, 3), x_t=x_t.repeat(1, 3), t=t)
+    torch.testing.assert_close(wide, Brownian(lam=1.0).penalty(v=v, v_hat=v_hat, x_t=x_t, t=t))
+
+
 def test_flow_log_ratio_hand_case():
     delta = torch.tensor([[0.5, -1.0]])
     dv = torch.tensor([[0.25, 0.0]])
@@ -108,6 +133,19 @@ def test_ratio_is_one_at_the_first_minibatch(tmp_path, ratio):
         assert not algo.policy.log_std_param.requires_grad
 
 
+def test_the_loss_gives_the_brownian_term_its_base_noise_scale(tmp_path):
+    engine = Engine(load_recipe(pf_recipe(tmp_path, noise_scale=0.3)))
+    algo = engine.algo
+    with torch.no_grad():
+        mb, _ = next(iter(algo.minibatches(algo.advantages(algo.collect()), 0)))
+        _, stats = algo.loss((mb, None))
+        col = algo.columns
+        v = algo.policy(col(mb, "x_t"), col(mb, "t"), col(mb, "obs"))[0]
+        eta = brownian_residual(v, col(mb, "v_hat"), col(mb, "x_t"), col(mb, "t"), base_std=0.3)
+    engine.close()
+    assert float(stats["penalty/0.brownian"]) == pytest.approx(0.1 * float(eta.pow(2).mean()), rel=1e-5)
+
+
 def test_actor_and_critic_get_separate_learning_rates(tmp_path):
     engine = Engine(load_recipe(pf_recipe(tmp_path, critic_lr=5e-3)))
     lrs = sorted(g["lr"] for g in engine.base_optimizer.param_groups)
@@ -125,7 +163,7 @@ def test_brownian_on_a_trainer_that_does_not_offer_its_inputs_is_a_recipe_error(
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t "
+        "recipe error: regularizers[0]: brownian needs v, v_hat, x_t, t, base_std or v, v_hat, x_t, t "
         "from the loss, which algo ppo does not provide (it offers none)"
     )
 
@@ -147,14 +185,24 @@ def test_policyflow_eval_reports_goal_metrics(tmp_path, capsys):
     engine.close()
     assert main(["eval", str(engine.run_dir), "--episodes", "6"]) == 0
     out = capsys.readouterr().out
-    for key in ("success_rate", "goal0_frac", "goal_entropy_normalized", "goal_coverage", "trajectories"):
+    for key in (
+        "success_rate",
+        "goal0_frac",
+        "goal_entropy_normalized",
+        "goal_coverage",
+        "trajectories",
+        "success_return",
+        "origin_success_rate",
+        "action_modes",
+    ):
         assert key in out, key
     fresh = load_recipe(pf_recipe(tmp_path))
     algo = __import__("rlprox.algos.policyflow", fromlist=["PolicyFlow"]).PolicyFlow(
         fresh, make_runtime(Accelerator(cpu=True), 4, train=False)
     )
-    assert algo.summarize_eval({"_goal": [0, 0, 1, -1]}) == pytest.approx(
+    assert algo.summarize_eval({"_goal": [0, 0, 1, -1], "return": [1.0, 2.0, 6.0, -9.0]}) == pytest.approx(
         {
+            "success_return": 3.0,
             "success_rate": 0.75,
             "goal0_frac": 0.5,
             "goal1_frac": 0.25,
@@ -165,3 +213,49 @@ def test_policyflow_eval_reports_goal_metrics(tmp_path, capsys):
             "goal_coverage": 2.0,
         }
     )
+
+
+def test_fpo_as_published_options(tmp_path):
+    """FPO's code: τ on the K-point grid, the ε-loss (the velocity loss weighted by τ²),
+    no Gaussian head (a = φ₁(z))."""
+    engine = Engine(
+        load_recipe(
+            pf_recipe(tmp_path, ratio="fpo", fpo_loss="eps", gaussian_head=False, t_sampling="grid", flow_steps=4)
+        )
+    )
+    algo = engine.algo
+    batch = algo.collect()
+    np.testing.assert_array_equal(batch["delta"], 0.0)  # no head: the action is φ₁(z)
+    packed = algo.advantages(batch)
+    tau = algo.columns(packed, "tau")
+    assert set(np.unique(tau.numpy()).round(6)) <= {0.0, 0.25, 0.5, 0.75}
+    obs, action, eps = algo.columns(packed, "obs"), algo.columns(packed, "action"), algo.columns(packed, "eps")
+    B = len(obs)
+    eps = eps.reshape(B, -1, algo.action_dim)
+    with torch.no_grad():
+        weighted = algo._cfm_losses(algo.policy, obs, action, tau, eps)
+        algo.cfg.fpo_loss = "velocity"
+        plain = algo._cfm_losses(algo.policy, obs, action, tau, eps)
+        # ε̂ = x_τ − τ·v against the stored ε, by hand
+        x_tau = (1 - tau[..., None]) * eps + tau[..., None] * action[:, None]
+        obs_rep = obs.repeat_interleave(8, 0)
+        v = algo.policy.velocity_field(x_tau.reshape(-1, algo.action_dim), tau.reshape(-1), obs_rep)
+        eps_hat = x_tau - tau[..., None] * v.reshape(eps.shape)
+    torch.testing.assert_close(weighted, tau.pow(2) * plain)
+    torch.testing.assert_close(weighted, (eps_hat - eps).pow(2).mean(-1), rtol=1e-4, atol=1e-6)
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"gaussian_head": False}, "policyflow.gaussian_head: false needs ratio: fpo"),
+        ({"ratio": "fpo", "gaussian_head": False, "ent_coef": 0.01}, "policyflow.ent_coef: must be 0 without"),
+        ({"fpo_loss": "eps"}, "policyflow.fpo_loss: applies to ratio: fpo only"),
+    ],
+)
+def test_fpo_options_outside_fpo_are_recipe_errors(tmp_path, capsys, fields, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(pf_recipe(tmp_path, **fields)))
+    assert main(["train", str(path)]) == 2
+    assert message in capsys.readouterr().err

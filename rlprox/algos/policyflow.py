@@ -12,7 +12,9 @@ Policy (rlprox/models/flow_policy.py): a = φ₁(z; s) + n, z ~ N(0, I), n ~ N(0
     UPDATE     epochs × minibatches of
                    log ρ = Σ_i log N(δ_i; δv_i, σ_i²) − Σ_i log N(δ_i; 0, σ̂_i²),  δv = v_θ(x_t) − v̂(x_t)
                    J = E[min(ρA, clip(ρ, 1±ε)A)] − w_b·mean(η_t²) + w_g·H(N(0, σ²)) − c_v·L_V
-               (ρ ≡ 1 at the first minibatch; η_t the Brownian residual, a loss-side
+               (ρ ≡ 1 at the first minibatch; η_t the Brownian residual, its score term
+               rescaled by the base noise std s = noise_scale, mean over batch and action
+               dimensions; a loss-side
                regularizer of the shared core: ``regularizers: [{type: brownian, lam: w_b}]``).
 
 ``ratio: fpo`` swaps in FPO's estimator (McAllister et al. 2025): with N stored pairs
@@ -41,7 +43,7 @@ from rlprox.gymenv import (
     GymRollout,
     RunningMeanStd,
     env_goals,
-    goal_metrics,
+    goal_summary,
     load_normalisers,
     make_vec_env,
     observation_dim,
@@ -78,8 +80,14 @@ class PolicyFlowConfig(OnPolicyConfig):
     # std of the flow's base noise, z ~ N(0, s² I); the flow starts
     # near the identity, so the initial action spread is ≈ s (plus σ)
     noise_scale: float = 1.0
-    t_sampling: Literal["grid", "uniform"] = "grid"  # t per sample: the K-point grid {k/K}, or U(0, 1)
+    # t per sample (ratio fpo: τ per pair): the K-point grid {k/K, k < K}, or U(0, 1)
+    t_sampling: Literal["grid", "uniform"] = "grid"
     fpo_samples: int = 8  # ratio fpo: N (τ, ε) pairs per sample
+    # ratio fpo: the conditional flow-matching loss, on the velocity ((v − (a − ε))²) or, as FPO's
+    # code trains it, on the noise ε̂ = x_τ − τ·v, which is the velocity loss weighted by τ²
+    fpo_loss: Literal["velocity", "eps"] = "velocity"
+    # a = φ₁(z) + n with n ~ N(0, σ²); false: a = φ₁(z) (no head, as FPO; needs ratio fpo and ent_coef 0)
+    gaussian_head: bool = True
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # velocity MLP widths
     critic_sizes: list[int] = field(default_factory=lambda: [64, 64])  # critic MLP widths
     activation: Literal["tanh", "relu"] = "tanh"
@@ -100,6 +108,12 @@ def validate(recipe: "Recipe") -> None:
     cfg = recipe.policyflow
     if cfg.noise_scale <= 0:
         raise RecipeError("policyflow.noise_scale", f"must be > 0 (got {cfg.noise_scale})")
+    if not cfg.gaussian_head and cfg.ratio != "fpo":
+        raise RecipeError("policyflow.gaussian_head", "false needs ratio: fpo (the velocity ratio scores the head)")
+    if not cfg.gaussian_head and cfg.ent_coef:
+        raise RecipeError("policyflow.ent_coef", f"must be 0 without a Gaussian head (got {cfg.ent_coef})")
+    if cfg.fpo_loss != "velocity" and cfg.ratio != "fpo":
+        raise RecipeError("policyflow.fpo_loss", f"applies to ratio: fpo only (ratio is {cfg.ratio})")
     if not cfg.log_std_min < cfg.init_log_std < cfg.log_std_max:
         raise RecipeError(
             "policyflow.init_log_std",
@@ -188,7 +202,7 @@ class PolicyFlow:
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
         cfg, rollout = self.cfg, self.rollout
-        policy = self._unwrapped().snapshot(cfg.flow_steps, cfg.noise_scale)
+        policy = self._unwrapped().snapshot(cfg.flow_steps, cfg.noise_scale, cfg.gaussian_head)
         T, N, D, A = cfg.num_steps, rollout.num_envs, self.obs_dim, self.action_dim
         buf = {k: np.zeros((T, N, D if k == "obs" else A), np.float32) for k in ("obs", "z", "phi", "delta")}
         logp_buf, val_buf, next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(6))
@@ -220,10 +234,7 @@ class PolicyFlow:
         adv, ret, self._explained_variance = gae_targets(batch, cfg.gamma, cfg.gae_lambda)
         B, A = adv.size, self.action_dim
         obs, z, phi, delta = (batch[k].reshape(B, -1) for k in ("obs", "z", "phi", "delta"))
-        if cfg.t_sampling == "grid":
-            t = self.rng.integers(cfg.flow_steps, size=B).astype(np.float32) / cfg.flow_steps
-        else:
-            t = self.rng.random(B).astype(np.float32)
+        t = self._flow_times(B)
         x_t = (1.0 - t[:, None]) * z + t[:, None] * phi
         policy = self._unwrapped()
         obs_t = torch.from_numpy(obs).to(self.device)
@@ -250,7 +261,7 @@ class PolicyFlow:
         if cfg.ratio == "fpo":
             n = cfg.fpo_samples
             action = phi + delta
-            tau = self.rng.random((B, n)).astype(np.float32)
+            tau = self._flow_times((B, n))
             eps = self.rng.standard_normal((B, n, A)).astype(np.float32)
             with torch.no_grad():
                 cfm_old = (
@@ -267,14 +278,21 @@ class PolicyFlow:
             fields.update(action=action, tau=tau, eps=eps, cfm_old=cfm_old)
         return self.columns.pack(fields, self.device)
 
-    @staticmethod
-    def _cfm_losses(model, obs, action, tau, eps, velocity=None):
-        """ℓ(τ_j, ε_j) = mean_i (v(x_τ, τ, s) − (a − ε))_i², x_τ = (1 − τ)·ε + τ·a: (B, N)."""
+    def _flow_times(self, shape) -> np.ndarray:
+        """Flow times t (or FPO's τ): the K-point grid {k/K, k < K} or U(0, 1)."""
+        if self.cfg.t_sampling == "grid":
+            return self.rng.integers(self.cfg.flow_steps, size=shape).astype(np.float32) / self.cfg.flow_steps
+        return self.rng.random(shape).astype(np.float32)
+
+    def _cfm_losses(self, model, obs, action, tau, eps, velocity=None):
+        """ℓ(τ_j, ε_j) = w(τ)·mean_i (v(x_τ, τ, s) − (a − ε))_i², x_τ = (1 − τ)·ε + τ·a: (B, N);
+        w = 1 (``fpo_loss: velocity``) or τ² (``eps``: the error of ε̂ = x_τ − τ·v, FPO's loss)."""
         B, N, A = eps.shape
         x_tau = (1.0 - tau[..., None]) * eps + tau[..., None] * action[:, None]
         obs_rep = obs[:, None].expand(B, N, obs.shape[-1]).reshape(B * N, -1)
         v = (velocity or model.velocity_field)(x_tau.reshape(B * N, A), tau.reshape(-1), obs_rep)
-        return (v.reshape(B, N, A) - (action[:, None] - eps)).pow(2).mean(-1)
+        loss = (v.reshape(B, N, A) - (action[:, None] - eps)).pow(2).mean(-1)
+        return loss * tau.pow(2) if self.cfg.fpo_loss == "eps" else loss
 
     def minibatches(self, packed: torch.Tensor, epoch: int):
         return self.sampler(packed, self.columns(packed, "advantages"), epoch)
@@ -308,7 +326,9 @@ class PolicyFlow:
             values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None
         )
         entropy = objectives.gaussian_entropy(log_std)
-        penalty, penalty_stats = self.runtime.loss_side_penalties(v=v, v_hat=v_hat, x_t=x_t, t=t)
+        penalty, penalty_stats = self.runtime.loss_side_penalties(
+            v=v, v_hat=v_hat, x_t=x_t, t=t, base_std=cfg.noise_scale
+        )
         loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss + penalty
         with torch.no_grad():
             stats = {
@@ -334,17 +354,19 @@ class PolicyFlow:
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodes of the current policy (sampled unless deterministic) on fresh envs;
         for goal envs the goals reached and a trajectory plot."""
+        snapshot = self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale, self.cfg.gaussian_head)
         return evaluate_snapshot(
             self.env_cfg,
-            self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale),
+            snapshot,
             request,
             self.obs_rms,
             self.goals,
             self.cfg.eval_deterministic,
+            start_actions=lambda obs, rng: snapshot.act(obs, rng)[2],  # φ₁(z; s), before the Gaussian head
         )
 
     def summarize_eval(self, values: dict) -> dict:
-        return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
+        return goal_summary(values, len(self.goals)) if "_goal" in values else {}
 
     # ------------------------------------------------------------------ EXPORT
     def export(self, out_dir: Path) -> list[Path]:
@@ -366,6 +388,7 @@ class PolicyFlow:
             "log_std_bounds": list(policy.log_std_bounds),
             "flow_steps": cfg.flow_steps,
             "noise_scale": cfg.noise_scale,
+            "gaussian_head": cfg.gaussian_head,
         }
         rule = (
             f"phi_1(z = 0; s): {cfg.flow_steps} midpoint (RK2) steps of the velocity field from z = 0 at t = 0 "
@@ -424,6 +447,6 @@ register_trainer(
         ),
         eval_unit="episodes",
         eval_flags=("deterministic",),
-        loss_inputs=("v", "v_hat", "x_t", "t"),
+        loss_inputs=("v", "v_hat", "x_t", "t", "base_std"),
     )
 )

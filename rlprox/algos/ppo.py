@@ -30,7 +30,7 @@ from rlprox.gymenv import (
     RewardScaler,
     RunningMeanStd,
     env_goals,
-    goal_metrics,
+    goal_summary,
     load_normalisers,
     make_vec_env,
     observation_dim,
@@ -223,7 +223,7 @@ class PPO:
         )
 
     def summarize_eval(self, values: dict) -> dict:
-        return goal_metrics(values["_goal"], len(self.goals)) if "_goal" in values else {}
+        return goal_summary(values, len(self.goals)) if "_goal" in values else {}
 
     @torch.no_grad()
     def model_stats(self) -> dict:

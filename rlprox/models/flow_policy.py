@@ -102,7 +102,7 @@ class FlowPolicy(nn.Module):
         return x
 
     # ------------------------------------------------------------------ numpy rollout
-    def snapshot(self, steps: int, noise_scale: float = 1.0) -> "NumpyFlow":
+    def snapshot(self, steps: int, noise_scale: float = 1.0, head: bool = True) -> "NumpyFlow":
         vel = numpy_layers(self.velocity)
         w1, b1 = vel[0]
         A, F = self.action_dim, 2 * self.time_features
@@ -123,16 +123,18 @@ class FlowPolicy(nn.Module):
             to_numpy(self.log_std()),
             steps,
             noise_scale,
+            head,
         )
 
 
 class NumpyFlow:
     """Frozen numpy copy of a FlowPolicy for the rollout (same computations)."""
 
-    def __init__(self, embed, w_x, w_e, b1, t_part, rest, critic, act_fn, log_std, steps, noise_scale: float = 1.0):
+    def __init__(self, embed, w_x, w_e, b1, t_part, rest, critic, act_fn, log_std, steps, noise_scale=1.0, head=True):
         self.embed, self.w_x, self.w_e, self.b1, self.t_part = embed, w_x, w_e, b1, t_part
         self.rest, self.critic, self.act_fn, self.log_std, self.steps = rest, critic, act_fn, log_std, steps
         self.noise_scale = np.float32(noise_scale)  # z ~ N(0, noise_scale² I)
+        self.head = head  # the Gaussian head n ~ N(0, σ²); False: a = φ₁(z), δ = 0, log-prob 0
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         return numpy_mlp(self.critic, obs, self.act_fn)[:, 0]
@@ -152,7 +154,7 @@ class NumpyFlow:
 
     def act(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
         """(action, z, φ̂₁, δ, log N(δ; 0, σ̂²), V(s)) for a batch of observations; the
-        action is φ̂₁ + δ before any env clipping. Deterministic: z = 0, δ = 0."""
+        action is φ̂₁ + δ before any env clipping. Deterministic: z = 0, δ = 0; no head: δ = 0."""
         n, a = len(obs), self.log_std.shape[0]
         z = (
             np.zeros((n, a), np.float32)
@@ -161,6 +163,9 @@ class NumpyFlow:
         )
         phi = self.flow(obs, z).astype(np.float32)
         std = np.exp(self.log_std)
-        delta = np.zeros_like(phi) if deterministic else (std * rng.standard_normal((n, a))).astype(np.float32)
+        if deterministic or not self.head:
+            delta = np.zeros_like(phi)
+        else:
+            delta = (std * rng.standard_normal((n, a))).astype(np.float32)
         logp = (-0.5 * (delta / std) ** 2 - self.log_std - 0.5 * LOG_2PI).sum(-1).astype(np.float32)
         return phi + delta, z, phi, delta, logp, self.value(obs)

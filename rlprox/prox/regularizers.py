@@ -319,28 +319,37 @@ class LossRegularizer(abc.ABC):
         return self.lam * self.value(**{k: tensors[k] for k in names})
 
 
-def brownian_residual(v: torch.Tensor, v_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """PolicyFlow's Brownian residual (noise at t = 0, action at t = 1):
+def brownian_residual(
+    v: torch.Tensor, v_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, base_std: float = 1.0
+) -> torch.Tensor:
+    """PolicyFlow's Brownian residual (noise at t = 0, action at t = 1, base noise
+    z ~ N(0, s²·I) with s = ``base_std``):
 
-        η_t = (1 − t)·v_θ(x_t, t, s) − (x_t − t·v̂(x_t, t, s))
+        η_t = (1 − t)·v_θ(x_t, t, s) − (x_t − t·v̂(x_t, t, s)) / s²  =  (1 − t)·(v_θ + ∇log p_t(x_t))
 
+    from the score identity of the straight path x_t = (1 − t)·z + t·a,
+    ∇log p_t(x) = (t·v̂ − x) / ((1 − t)·s²); the paper's form is s = 1.
     ``v`` is the current velocity v_θ (gradients flow), ``v_hat`` the velocity frozen at
     the rollout parameters (stop-gradient: no gradient reaches it), ``x_t`` the point on
     the straight path, ``t`` (B,) or (B, 1). Shapes (B, A) -> (B, A).
     """
     t = t.reshape(-1, *([1] * (x_t.ndim - 1))) if t.ndim else t
-    return (1.0 - t) * v - (x_t - t * v_hat.detach())
+    return (1.0 - t) * v - (x_t - t * v_hat.detach()) / base_std**2
 
 
 @register_regularizer("brownian")
 class Brownian(LossRegularizer):
     """w_b·mean(η_t²), the Brownian regularizer of PolicyFlow (an implicit entropy bonus
-    against mode collapse): λ is w_b."""
+    against mode collapse): λ is w_b. The mean runs over the batch **and** the action
+    dimensions (a per-dimension average: the same w_b means the same pull per dimension
+    whatever the action size; a sum over dimensions would be A times larger). PolicyFlow
+    offers its base noise std; a trainer that offers only (v, v_hat, x_t, t) gets s = 1."""
 
-    inputs = ("v", "v_hat", "x_t", "t")
+    inputs = ("v", "v_hat", "x_t", "t", "base_std")
+    alternative_inputs = (("v", "v_hat", "x_t", "t"),)
 
-    def value(self, v, v_hat, x_t, t):
-        return brownian_residual(v, v_hat, x_t, t).pow(2).mean()
+    def value(self, v, v_hat, x_t, t, base_std=1.0):
+        return brownian_residual(v, v_hat, x_t, t, base_std).pow(2).mean()
 
 
 @register_regularizer("prior_ce")
