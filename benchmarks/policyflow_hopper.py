@@ -7,6 +7,7 @@
     python benchmarks/policyflow_hopper.py --ablate policyflow.noise_scale=1  # plus a PolicyFlow-only ablation row
     python benchmarks/policyflow_hopper.py --lrs 3e-4,5e-4 --reuse /tmp/pf_hopper_x  # add cells to an earlier
                                                                                      # call's runs
+    python benchmarks/policyflow_hopper.py --envs 1,16,64 --pf 'policyflow.noise_scale=1'  # the parallel regime
 
 recipes/policyflow/hopper.yaml and recipes/ppo/hopper.yaml share every setting the two
 trainers have in common (1 env × 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 linear,
@@ -17,7 +18,11 @@ the final checkpoint. Time per iteration: median of the logged ``perf/iteration_
 ``--explore`` the same sweep of the initial exploration noise, as factors on its std:
 PPO's σ (``ppo.init_log_std`` + log f) and PolicyFlow's base noise and σ together
 (``policyflow.noise_scale`` × f, ``policyflow.init_log_std`` + log f). The target
-compares each method's best setting. ``--ablate`` adds PolicyFlow rows with extra recipe
+compares each method's best setting. ``--envs`` sweeps the envs per process for both
+methods at the same env steps (``env.num_envs`` = n, ``num_steps`` = 2048 / n: 2048
+transitions and 32 minibatches per iteration whatever n); the best setting and the
+PolicyFlow / PPO ratio are then given per n. ``--pf`` adds recipe overrides to every
+PolicyFlow run (e.g. unit base noise). ``--ablate`` adds PolicyFlow rows with extra recipe
 overrides (at the first lr, f 1) that explain a setting; they do not compete for "best".
 Writes benchmarks/results/policyflow_hopper.md and a learning-curve PNG beside it
 (training episodic return vs env steps, mean over seeds, each method's best setting,
@@ -68,9 +73,14 @@ def run(
     out: Path,
     ablation: str = "",
     reuse: bool = False,
+    envs: int = 1,
+    pf: str = "",
 ) -> dict:
     extra = ablation.split() if ablation else []
     tag = "-".join(o.replace("=", "") for o in extra)
+    section = "ppo" if method == "PPO" else "policyflow"
+    parallel = [f"env.num_envs={envs}", f"{section}.num_steps={2048 // envs}"] if envs != 1 else []
+    common = pf.split() if pf and method == "PolicyFlow" else []
     rows, ev = train_and_eval(
         RECIPES[method],
         [
@@ -79,10 +89,12 @@ def run(
             "run.eval_size=0",
             f"optim.lr={lr}",
             *explore_overrides(method, factor),
+            *parallel,
+            *common,
             *extra,
         ],
         out,
-        f"{method}-lr{lr:g}-x{factor:g}{'-' + tag if tag else ''}-s{seed}",
+        f"{method}-lr{lr:g}-x{factor:g}{f'-n{envs}' if envs != 1 else ''}{'-' + tag if tag else ''}-s{seed}",
         ["--episodes", "10", "--deterministic"],
         reuse,
     )
@@ -91,6 +103,7 @@ def run(
         "method": method,
         "lr": lr,
         "explore": factor,
+        "envs": envs,
         "ablation": ablation,
         "seed": seed,
         "steps": rows[-1]["progress/env_steps"],
@@ -141,6 +154,8 @@ def main() -> None:
         default="1",
         help="comma-separated factors on the initial exploration std, the same for both methods",
     )
+    parser.add_argument("--envs", default="1", help="comma-separated envs per process, the same for both methods")
+    parser.add_argument("--pf", default="", help="recipe overrides (space-separated) for every PolicyFlow run")
     parser.add_argument(
         "--ablate",
         action="append",
@@ -157,19 +172,33 @@ def main() -> None:
     out = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="pf_hopper_"))
     lrs = [float(x) for x in args.lrs.split(",")]
     factors = [float(x) for x in args.explore.split(",")]
+    env_counts = [int(x) for x in args.envs.split(",")]
+    bad = [n for n in env_counts if n < 1 or 2048 % n]
+    if bad:
+        sys.exit(f"--envs: {bad[0]} does not divide the 2048 steps per iteration")
     settings = [(lr, f) for lr in lrs for f in factors]
-    jobs = [(m, lr, f, s, "") for s in range(1, args.seeds + 1) for lr, f in settings for m in RECIPES]
-    jobs += [("PolicyFlow", lrs[0], 1.0, s, a) for s in range(1, args.seeds + 1) for a in args.ablate]
+    seeds = range(1, args.seeds + 1)
+    jobs = [(m, lr, f, s, "", n) for n in env_counts for s in seeds for lr, f in settings for m in RECIPES]
+    jobs += [("PolicyFlow", lrs[0], 1.0, s, a, env_counts[0]) for s in range(1, args.seeds + 1) for a in args.ablate]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(lambda j: run(*j[:4], args.iterations, out, j[4], bool(args.reuse)), jobs))
+        runs = list(
+            pool.map(lambda j: run(*j[:4], args.iterations, out, j[4], bool(args.reuse), envs=j[5], pf=args.pf), jobs)
+        )
     by = {
-        (m, lr, f): [r for r in runs if r["method"] == m and r["lr"] == lr and r["explore"] == f and not r["ablation"]]
+        (m, lr, f, n): [
+            r for r in runs if (r["method"], r["lr"], r["explore"], r["envs"]) == (m, lr, f, n) and not r["ablation"]
+        ]
+        for n in env_counts
         for lr, f in settings
         for m in RECIPES
     }
     ablations = {a: [r for r in runs if r["ablation"] == a] for a in args.ablate}
     mean_return = {key: statistics.mean(r["return"] for r in rs) for key, rs in by.items()}
-    best = {m: max(((m, lr, f) for lr, f in settings), key=lambda k: mean_return[k]) for m in RECIPES}
+    best = {
+        (m, n): max(((m, lr, f, n) for lr, f in settings), key=lambda k: mean_return[k])
+        for n in env_counts
+        for m in RECIPES
+    }
     ppo_time = statistics.median(r["iteration_s"] for r in runs if r["method"] == "PPO")
     lines = [
         "# PolicyFlow vs PPO on Hopper-v5",
@@ -178,6 +207,8 @@ def main() -> None:
         f"{args.parallel} runs at a time), python {platform.python_version()}; "
         f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} "
         f"--seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
+        + (f" --envs {args.envs}" if args.envs != "1" else "")
+        + (f" --pf '{args.pf}'" if args.pf else "")
         + "".join(f" --ablate '{a}'" for a in args.ablate)
         + (" --reuse DIR" if args.reuse else "")
         + f"`: {int(runs[0]['steps']):,} env steps per run"
@@ -187,37 +218,45 @@ def main() -> None:
             else "."
         ),
         "Exploration factor f scales the initial exploration std: "
-        "PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes).",
+        "PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes"
+        + (f"; PolicyFlow runs also set `{args.pf}`" if args.pf else "")
+        + "). Envs: per process, with 2048 / envs steps each per iteration.",
         "",
-        "| method | lr | exploration f | greedy return (10 episodes, "
+        "| method | envs | lr | exploration f | greedy return (10 episodes, "
         "mean ± std over seeds) | per seed | time / iteration (× PPO) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    rows = [(m, lr, f, rs) for (m, lr, f), rs in by.items()] + [
-        (f"PolicyFlow, ablation: `{a}`", lrs[0], 1.0, rs) for a, rs in ablations.items()
+    rows = [(m, n, lr, f, rs) for (m, lr, f, n), rs in by.items()] + [
+        (f"PolicyFlow, ablation: `{a}`", env_counts[0], lrs[0], 1.0, rs) for a, rs in ablations.items()
     ]
-    for m, lr, f, rs in rows:
+    for m, n, lr, f, rs in rows:
         rets = [r["return"] for r in rs]
         sd = f" ± {statistics.stdev(rets):.0f}" if len(rets) > 1 else ""
         lines.append(
-            f"| {m} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | {', '.join(f'{x:.0f}' for x in rets)} | "
+            f"| {m} | {n} | {lr:g} | {f:g} | {statistics.mean(rets):.0f}{sd} | "
+            f"{', '.join(f'{x:.0f}' for x in rets)} | "
             f"{statistics.median(r['iteration_s'] for r in rs) / ppo_time:.2f} |"
         )
-    ratio = mean_return[best["PolicyFlow"]] / mean_return[best["PPO"]]
-    name = {m: f"lr {best[m][1]:g}, f {best[m][2]:g}" for m in RECIPES}
-    lines += [
-        "",
-        "PolicyFlow / PPO mean return, each at its best setting "
-        f"(PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): "
-        f"{ratio:.2f} (target: within 10%, i.e. ≥ 0.90).",
-        "",
-    ]
+    lines.append("")
+    for n in env_counts:
+        ratio = mean_return[best[("PolicyFlow", n)]] / mean_return[best[("PPO", n)]]
+        name = {m: f"lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}" for m in RECIPES}
+        lines.append(
+            f"- {n} env(s) per process: PolicyFlow / PPO mean return, each at its best setting "
+            f"(PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): **{ratio:.2f}** (target: within 10%, i.e. ≥ 0.90)."
+        )
+    lines.append("")
     png = Path(args.out).with_suffix(".png")
-    groups = {f"{m}, best (lr {best[m][1]:g}, f {best[m][2]:g})": by[best[m]] for m in RECIPES}
+    n0 = env_counts[0]
+    groups = {}
+    for n in env_counts:
+        tag = f", {n} envs" if len(env_counts) > 1 else ""
+        for m in RECIPES:
+            groups[f"{m}, best (lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}){tag}"] = by[best[(m, n)]]
     groups |= {
-        f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0)]
+        f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0, n0)]
         for m in RECIPES
-        if (m, lrs[0], 1.0) in by and best[m] != (m, lrs[0], 1.0)
+        if (m, lrs[0], 1.0, n0) in by and best[(m, n0)] != (m, lrs[0], 1.0, n0)
     }
     groups |= {f"PolicyFlow, {a}": rs for a, rs in ablations.items()}
     plot(groups, png)
