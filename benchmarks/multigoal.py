@@ -57,13 +57,24 @@ SETTINGS = [  # (method, label, recipe, overrides)
     ("FPO (published settings)", "clip 0.05", "recipes/policyflow/multigoal-fpo.yaml", []),
     *[("Gaussian PPO", f"ent {e:g}", "recipes/ppo/multigoal.yaml", [f"ppo.ent_coef={e}"]) for e in ENTROPY],
 ]
+# rows that explain a setting and do not compete for "best": the paper's w_g switched off
+ABLATIONS = [
+    (
+        "PolicyFlow, w_g 0",
+        f"w_b {w:g}",
+        "recipes/policyflow/multigoal.yaml",
+        [f"regularizers=[{{type: brownian, lam: {w}}}]", "policyflow.ent_coef=0.0"],
+    )
+    for w in (0.0, 0.25)
+]
 METHODS = ("PolicyFlow", "FPO (published settings)", "Gaussian PPO")
 ENV_IDS = {6: "rlprox/MultiGoal6-v0", 4: "rlprox/MultiGoal-v0"}
 
 
 def run(setting, seed: int, goals: int, iterations: int, episodes: int, out: Path, reuse: bool) -> dict:
     method, label, recipe, overrides = setting
-    name = f"g{goals}-{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}-s{seed}"
+    ablation = "" if method in METHODS else "-" + method.split(", ")[-1].replace(" ", "")
+    name = f"g{goals}-{Path(recipe).parent.name}-{Path(recipe).stem}-{label.replace(' ', '')}{ablation}-s{seed}"
     overrides = [
         *overrides,
         f"env.id={ENV_IDS[goals]}",
@@ -114,7 +125,7 @@ def main() -> None:
     out_md = Path(args.out or RESULTS / f"multigoal{args.goals}.md")
     out = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="multigoal_"))
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(setting, seed) for seed in range(1, args.seeds + 1) for setting in SETTINGS]
+    jobs = [(setting, seed) for seed in range(1, args.seeds + 1) for setting in SETTINGS + ABLATIONS]
     runs = []
 
     def one(job):
@@ -165,7 +176,7 @@ def report(runs: list[dict], args) -> str:
         "| action modes | multimodal | time / iteration (× PPO) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, label, _, _ in SETTINGS:
+    for method, label, _, _ in SETTINGS + ABLATIONS:
         rs = group(runs, method, label)
         if not rs:
             lines.append(f"| {method} | {label} | not run |  |  |  |  |  |  |  |")

@@ -77,10 +77,10 @@ def run(
     pf: str = "",
 ) -> dict:
     extra = ablation.split() if ablation else []
-    tag = "-".join(o.replace("=", "") for o in extra)
     section = "ppo" if method == "PPO" else "policyflow"
     parallel = [f"env.num_envs={envs}", f"{section}.num_steps={2048 // envs}"] if envs != 1 else []
     common = pf.split() if pf and method == "PolicyFlow" else []
+    tag = "-".join(o.replace("=", "") for o in [*common, *extra])
     rows, ev = train_and_eval(
         RECIPES[method],
         [
