@@ -224,3 +224,28 @@ def test_clip_rewards_say_what_is_missing_in_one_line(tiny_clip, tmp_path):
     assert error(model_path=str(broken)).startswith(
         f"reward pickscore: model_path {broken}: cannot load a CLIPModel ("
     )
+
+
+def test_pixel_reconstruction_shuffle_seed_hands_out_the_same_scores_without_their_images():
+    from rlprox.rewards import pixel_reconstruction
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(16, 3, 8, 8, generator=g)
+    noise = torch.linspace(0.0, 0.5, 16).view(16, 1, 1, 1)  # image i is i-th worst: distinct MSEs
+    images = (reference + noise * torch.randn(16, 3, 8, 8, generator=g)).clamp(0, 1)
+    metadata = [{"reference": r} for r in reference]
+    true, info = pixel_reconstruction(images, [""] * 16, metadata)
+    shuffled, shuffled_info = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=3)
+    assert torch.equal(shuffled.sort().values, true.sort().values) and not torch.equal(shuffled, true)
+    assert shuffled_info == info  # the true MSE is still logged
+    again, _ = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=3)
+    other, _ = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=4)
+    assert torch.equal(again, shuffled) and not torch.equal(other, shuffled)
+    # over many batches the shuffled score says nothing about the image: no rank correlation with the true one
+    correlations = []
+    for k in range(200):
+        imgs = (reference + noise * torch.randn(16, 3, 8, 8, generator=g)).clamp(0, 1)
+        t, _ = pixel_reconstruction(imgs, [""] * 16, metadata)
+        s, _ = pixel_reconstruction(imgs, [""] * 16, metadata, shuffle_seed=k)
+        correlations.append(torch.corrcoef(torch.stack([t.argsort().argsort(), s.argsort().argsort()]).float())[0, 1])
+    assert abs(float(torch.stack(correlations).mean())) < 0.05

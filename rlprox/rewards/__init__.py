@@ -271,9 +271,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 
 @register_reward("pixel_reconstruction")
 def pixel_reconstruction(
-    images: torch.Tensor, prompts: list[str], metadata: list[dict], mse_weight: float = 1.0, ssim_weight: float = 0.0
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    mse_weight: float = 1.0,
+    ssim_weight: float = 0.0,
+    shuffle_seed: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward)."""
+    """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward).
+
+    ``shuffle_seed`` (a control without the reward signal): the batch's scores are handed out in a
+    random order, a permutation drawn from (shuffle_seed, the images' bytes), so each image gets a score
+    of the same scale that says nothing about it; the info keeps the true MSE/SSIM."""
     reference = torch.stack([m["reference"] for m in metadata]).to(images.device).float()
     mse = ((images.float() - reference) ** 2).mean(dim=(1, 2, 3))
     reward = -mse_weight * mse
@@ -282,7 +291,19 @@ def pixel_reconstruction(
         similarity = ssim(images, reference)
         reward = reward - ssim_weight * (1.0 - similarity)
         info["ssim"] = float(similarity.mean())
+    if shuffle_seed is not None:
+        reward = reward[_content_permutation(images, int(shuffle_seed)).to(reward.device)]
     return reward, info
+
+
+def _content_permutation(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A permutation of the batch drawn from a generator seeded by ``seed`` and a hash of the images:
+    new every round, the same on a resumed run (no generator state to checkpoint)."""
+    import hashlib
+
+    digest = hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).digest()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "little"))
+    return torch.randperm(images.shape[0], generator=generator)
 
 
 def _check_classifier_name(classifier: str = "zoo:digits-classifier", seed: int = 0) -> None:
