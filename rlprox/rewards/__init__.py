@@ -277,8 +277,13 @@ def pixel_reconstruction(
     mse_weight: float = 1.0,
     ssim_weight: float = 0.0,
     shuffle_seed: int | None = None,
+    perceptual_weight: float = 0.0,
+    perceptual: str = "zoo:digits-vq",
 ) -> tuple[torch.Tensor, dict]:
-    """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward).
+    """−(w_mse·MSE + w_ssim·(1 − SSIM) + w_p·d_p) of each image against ``metadata[i]["reference"]`` (VA-π's
+    reward). d_p, the perceptual term (``perceptual_weight`` w_p > 0): an LPIPS-form distance between the
+    features of ``perceptual``'s encoder (a VQ folder or zoo:digits-vq; not the digits classifier behind
+    the FID/IS proxies), ``rlprox.rewards.perceptual.encoder_feature_distance``.
 
     ``shuffle_seed`` (a control without the reward signal): the batch's scores are handed out in a
     random order, a permutation drawn from (shuffle_seed, the images' bytes), so each image gets a score
@@ -291,6 +296,12 @@ def pixel_reconstruction(
         similarity = ssim(images, reference)
         reward = reward - ssim_weight * (1.0 - similarity)
         info["ssim"] = float(similarity.mean())
+    if perceptual_weight:
+        from rlprox.rewards.perceptual import encoder_feature_distance
+
+        distance = encoder_feature_distance(perceptual, images, reference)
+        reward = reward - perceptual_weight * distance
+        info["perceptual"] = float(distance.mean())
     if shuffle_seed is not None:
         reward = reward[_content_permutation(images, int(shuffle_seed)).to(reward.device)]
     return reward, info
@@ -322,6 +333,21 @@ def _check_classifier_path(classifier: str = "zoo:digits-classifier", seed: int 
         )
 
 
+def _check_pixel_reconstruction(perceptual: str = "zoo:digits-vq", perceptual_weight: float = 0.0, **_) -> None:
+    from rlprox.rewards.perceptual import check_perceptual
+
+    check_perceptual(perceptual, perceptual_weight)
+
+
+def _preload_pixel_reconstruction(perceptual: str = "zoo:digits-vq", perceptual_weight: float = 0.0, **_) -> None:
+    if perceptual_weight:
+        from rlprox.rewards.perceptual import vq_encoder
+
+        vq_encoder(perceptual)
+
+
+pixel_reconstruction.check = _check_pixel_reconstruction
+pixel_reconstruction.preload = _preload_pixel_reconstruction
 digits_alignment.check = _check_classifier_name
 digits_alignment.preflight = _check_classifier_path
 digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)
