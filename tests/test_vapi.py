@@ -317,3 +317,14 @@ def test_eval_cfg_flag_sets_the_guidance_of_base_and_tuned_samples(tmp_path, lla
     capsys.readouterr()
     assert main(["eval", str(engine.run_dir), "--cfg", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --cfg must be a finite guidance scale >= 0 (got -1.0)"
+
+
+def test_model_gpt_takes_either_digits_gpt(tmp_path, llamagen_files):
+    from rlprox.errors import RecipeError
+
+    recipe = vapi_recipe(tmp_path, llamagen_files)
+    recipe["model"] = {"gpt": "zoo:digits-gpt-coarse"}
+    assert load_recipe(recipe).model.gpt == "zoo:digits-gpt-coarse"  # checked by name, built on first use
+    recipe["model"] = {"gpt": "zoo:digits-vq-coarse"}
+    with pytest.raises(RecipeError, match="use zoo:digits-gpt or zoo:digits-gpt-coarse"):
+        load_recipe(recipe)

@@ -434,3 +434,21 @@ def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     tokens = generate(gpt, digits * 5 + colours, cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
     ar = conditional_accuracy(vq.decode_code(tokens), digits, colours, clf)
     assert 0.3 <= ar["alignment"] and ar["colour_acc"] >= 0.9
+
+
+def test_coarse_gpt_is_trained_on_the_coarse_vq_tokens(tmp_path, monkeypatch):
+    """digits-gpt-coarse: 4×4 codes per image from digits-vq-coarse (built first), 16 tokens per sequence."""
+    from rlprox.zoo.build import load_gpt_and_vq
+    from rlprox.zoo.vq import encode_tokens
+
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
+    path = zoo_build.build("digits-gpt-coarse", micro=True, **TINY)
+    gpt, vq = load_gpt_and_vq(path)
+    assert vq.token_grid == 4 and gpt.block_size == 16
+    assert zoo_build.build_info(path)["vq"] == "zoo:digits-vq-coarse"
+    assert zoo_build.build_order(["digits-vq-coarse", "digits-gpt-coarse"]) == [
+        "digits-vq-coarse",
+        "digits-gpt-coarse",
+    ]
+    tokens = encode_tokens(vq, load_digits_world("heldout").images[:4])
+    assert tokens.shape == (4, 16) and int(tokens.max()) < vq.config["codebook_size"]

@@ -54,7 +54,7 @@ EVAL_BATCH = 64  # evaluation samples drawn together (each from its own seeded g
 class ModelSpec:
     """The generator and its tokenizer: the digits world, or LlamaGen checkpoints."""
 
-    # zoo:digits-gpt (its digits-vq comes along), or a LlamaGen GPT checkpoint file (.pt / .safetensors)
+    # zoo:digits-gpt or zoo:digits-gpt-coarse (its digits-vq comes along), or a LlamaGen GPT checkpoint file
     gpt: str = "zoo:digits-gpt"
     vq: str = ""  # LlamaGen VQ checkpoint file (not with zoo:digits-gpt)
     config: str = ""  # LlamaGen GPT config for checkpoint files: GPT-B | GPT-L | GPT-XL | GPT-XXL
@@ -104,10 +104,10 @@ def validate(recipe: "Recipe") -> None:
         )
     if not 0 <= cfg.noise_prob < 1:
         raise RecipeError("vapi.noise_prob", f"must be in [0, 1) (got {cfg.noise_prob})")
-    from rlprox.zoo.build import check_spec
+    from rlprox.zoo.build import DIGITS_GPTS, check_spec
 
     for key, spec, fits in (
-        ("model.gpt", model.gpt, ("digits-gpt",)),
+        ("model.gpt", model.gpt, DIGITS_GPTS),
         ("vapi.eval_classifier", cfg.eval_classifier, ("digits-classifier",)),
     ):
         try:
@@ -120,7 +120,7 @@ def validate(recipe: "Recipe") -> None:
         )
     if model.gpt.startswith("zoo:"):
         if model.vq:
-            raise RecipeError("model.vq", "zoo:digits-gpt brings its own digits-vq; leave model.vq empty")
+            raise RecipeError("model.vq", f"{model.gpt} brings its own digits-vq; leave model.vq empty")
     else:
         from rlprox.models.llamagen import GPT_CONFIGS, VQ_CONFIGS
 

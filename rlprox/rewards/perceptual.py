@@ -21,10 +21,10 @@ def check_perceptual(perceptual: str, perceptual_weight: float) -> None:
     if not perceptual_weight:
         return
     if str(perceptual).startswith("zoo:"):
-        from rlprox.zoo.build import check_spec
+        from rlprox.zoo.build import DIGITS_VQS, check_spec
 
         try:
-            check_spec(perceptual, ("digits-vq",))
+            check_spec(perceptual, DIGITS_VQS)
         except ValueError as err:
             raise ValueError(f"reward 'pixel_reconstruction': perceptual: {err}") from None
     elif not (Path(perceptual) / "config.json").is_file():

@@ -18,6 +18,7 @@ autograd on whatever mode its caller is in (``torch.no_grad``, ``inference_mode`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -258,7 +259,12 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
+# digits-vq-coarse: one more downsampling level, 16×16 images -> 4×4 codes, each code a 4×4-pixel patch, so a
+# wrong token changes a quarter of a row of the image (a test bed where VA-π's pixel reward can see token errors)
+COARSE_VQ_CONFIG = dict(ch_mult=[1, 2, 2])
+
+
+def _build_vq(out: Path, seed: int, opts: BuildOptions, config: dict | None = None) -> dict:
     from rlprox.images import save_image_grid
     from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
     from rlprox.zoo.vq import encode_tokens, reconstruction_mse, train_vq
@@ -269,6 +275,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
         opts.batch_size,
         seed=seed,
         progress=opts.progress,
+        **(config or {}),
     )
     model.save_pretrained(out)
     held = load_digits_world("heldout")
@@ -286,7 +293,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
+def _build_gpt(out: Path, seed: int, opts: BuildOptions, vq_name: str = "digits-vq") -> dict:
     from rlprox.images import save_image_grid
     from rlprox.models.llamagen import VQModel, generate
     from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
@@ -294,7 +301,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.zoo.vq import encode_tokens
 
     vq_path = resolve(
-        "zoo:digits-vq",
+        f"zoo:{vq_name}",
         seed=seed,
         micro=opts.micro,
         **{k: v for k, v in dataclasses.asdict(opts).items() if k != "micro"},
@@ -321,7 +328,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     ]
     save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
     return {
-        "vq": "zoo:digits-vq",
+        "vq": f"zoo:{vq_name}",
         "vq_seed": seed,
         "recommended_cfg_scale": GPT_RECOMMENDED_CFG,
         "grid": {"rows": prompts, "cols": [f"sample {s}" for s in range(GRID_SEEDS)]},
@@ -343,7 +350,20 @@ MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 ima
 MODELS.register(
     "digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)"
 )
-DEPENDS = {"digits-gpt": ("digits-vq",)}  # built on the other's outputs: build those first
+MODELS.register(
+    "digits-vq-coarse",
+    functools.partial(_build_vq, config=COARSE_VQ_CONFIG),
+    "digits-vq with one more downsampling level: 16×16 image -> 4×4 codes (128-entry codebook)",
+)
+MODELS.register(
+    "digits-gpt-coarse",
+    functools.partial(_build_gpt, vq_name="digits-vq-coarse"),
+    "digits-gpt over digits-vq-coarse codes (16 tokens per image)",
+)
+DIGITS_GPTS = ("digits-gpt", "digits-gpt-coarse")  # what VA-π's model.gpt takes
+DIGITS_VQS = ("digits-vq", "digits-vq-coarse")
+# built on the other's outputs: build those first
+DEPENDS = {"digits-gpt": ("digits-vq",), "digits-gpt-coarse": ("digits-vq-coarse",)}
 
 
 def build_order(names: list[str] | None = None) -> list[str]:
