@@ -326,5 +326,5 @@ def test_model_gpt_takes_either_digits_gpt(tmp_path, llamagen_files):
     recipe["model"] = {"gpt": "zoo:digits-gpt-coarse"}
     assert load_recipe(recipe).model.gpt == "zoo:digits-gpt-coarse"  # checked by name, built on first use
     recipe["model"] = {"gpt": "zoo:digits-vq-coarse"}
-    with pytest.raises(RecipeError, match="use zoo:digits-gpt or zoo:digits-gpt-coarse"):
+    with pytest.raises(RecipeError, match="use zoo:digits-gpt or zoo:digits-gpt-coarse or zoo:digits-gpt-k16"):
         load_recipe(recipe)

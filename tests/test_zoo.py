@@ -436,8 +436,9 @@ def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     assert 0.3 <= ar["alignment"] and ar["colour_acc"] >= 0.9
 
 
-def test_coarse_gpt_is_trained_on_the_coarse_vq_tokens(tmp_path, monkeypatch):
-    """digits-gpt-coarse: 4×4 codes per image from digits-vq-coarse (built first), 16 tokens per sequence."""
+def test_test_bed_gpts_are_trained_on_their_vq_tokens(tmp_path, monkeypatch):
+    """digits-gpt-coarse: 4×4 codes per image from digits-vq-coarse (built first), 16 tokens per sequence;
+    digits-gpt-k16: 16-way tokens of digits-vq-k16."""
     from rlprox.zoo.build import load_gpt_and_vq
     from rlprox.zoo.vq import encode_tokens
 
@@ -452,3 +453,5 @@ def test_coarse_gpt_is_trained_on_the_coarse_vq_tokens(tmp_path, monkeypatch):
     ]
     tokens = encode_tokens(vq, load_digits_world("heldout").images[:4])
     assert tokens.shape == (4, 16) and int(tokens.max()) < vq.config["codebook_size"]
+    gpt, vq = load_gpt_and_vq(zoo_build.build("digits-gpt-k16", micro=True, **TINY))
+    assert vq.config["codebook_size"] == gpt.tok_embeddings.num_embeddings == 16 and gpt.block_size == 64

@@ -259,9 +259,11 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-# digits-vq-coarse: one more downsampling level, 16×16 images -> 4×4 codes, each code a 4×4-pixel patch, so a
-# wrong token changes a quarter of a row of the image (a test bed where VA-π's pixel reward can see token errors)
+# variants meant as test beds where VA-π's pixel reward can see token errors: digits-vq-coarse has one more
+# downsampling level (16×16 images -> 4×4 codes, each a 4×4-pixel patch); digits-vq-k16 keeps the 8×8 grid
+# with 16 codes instead of 128, so two codes are rarely near-synonyms
 COARSE_VQ_CONFIG = dict(ch_mult=[1, 2, 2])
+K16_VQ_CONFIG = dict(codebook_size=16)
 
 
 def _build_vq(out: Path, seed: int, opts: BuildOptions, config: dict | None = None) -> dict:
@@ -360,10 +362,24 @@ MODELS.register(
     functools.partial(_build_gpt, vq_name="digits-vq-coarse"),
     "digits-gpt over digits-vq-coarse codes (16 tokens per image)",
 )
-DIGITS_GPTS = ("digits-gpt", "digits-gpt-coarse")  # what VA-π's model.gpt takes
-DIGITS_VQS = ("digits-vq", "digits-vq-coarse")
+MODELS.register(
+    "digits-vq-k16",
+    functools.partial(_build_vq, config=K16_VQ_CONFIG),
+    "digits-vq with a 16-entry codebook: 16×16 image -> 8×8 codes",
+)
+MODELS.register(
+    "digits-gpt-k16",
+    functools.partial(_build_gpt, vq_name="digits-vq-k16"),
+    "digits-gpt over digits-vq-k16 codes (16-way tokens)",
+)
+DIGITS_GPTS = ("digits-gpt", "digits-gpt-coarse", "digits-gpt-k16")  # what VA-π's model.gpt takes
+DIGITS_VQS = ("digits-vq", "digits-vq-coarse", "digits-vq-k16")
 # built on the other's outputs: build those first
-DEPENDS = {"digits-gpt": ("digits-vq",), "digits-gpt-coarse": ("digits-vq-coarse",)}
+DEPENDS = {
+    "digits-gpt": ("digits-vq",),
+    "digits-gpt-coarse": ("digits-vq-coarse",),
+    "digits-gpt-k16": ("digits-vq-k16",),
+}
 
 
 def build_order(names: list[str] | None = None) -> list[str]:
