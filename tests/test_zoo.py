@@ -156,7 +156,8 @@ def test_build_all_builds_dependencies_first(monkeypatch, capsys):
 
     assert zoo_build.MODELS.names().index("digits-gpt") < zoo_build.MODELS.names().index("digits-vq")
     order = zoo_build.build_order()
-    assert sorted(order) == zoo_build.MODELS.names() and order.index("digits-vq") < order.index("digits-gpt")
+    everyday = [n for n in zoo_build.MODELS.names() if n not in zoo_build.TEST_BEDS]
+    assert sorted(order) == everyday and order.index("digits-vq") < order.index("digits-gpt")
     assert zoo_build.build_order(["digits-gpt"]) == ["digits-gpt"]  # a single rebuild reuses the cached vq
     built = []
     monkeypatch.setattr(zoo_build, "build", lambda name, **kw: built.append(name) or Path(name))
