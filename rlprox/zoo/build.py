@@ -261,9 +261,11 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
 
 # variants meant as test beds where VA-π's pixel reward can see token errors: digits-vq-coarse has one more
 # downsampling level (16×16 images -> 4×4 codes, each a 4×4-pixel patch); digits-vq-k16 keeps the 8×8 grid
-# with 16 codes instead of 128, so two codes are rarely near-synonyms
-COARSE_VQ_CONFIG = dict(ch_mult=[1, 2, 2])
-K16_VQ_CONFIG = dict(codebook_size=16)
+# with 16 codes instead of 128, so two codes are rarely near-synonyms. Suffix: (VQ config overrides, what it is).
+TEST_BED_VQS = {
+    "coarse": (dict(ch_mult=[1, 2, 2]), "one more downsampling level: 16×16 image -> 4×4 codes, 128-entry codebook"),
+    "k16": (dict(codebook_size=16), "a 16-entry codebook: 16×16 image -> 8×8 codes"),
+}
 
 
 def _build_vq(out: Path, seed: int, opts: BuildOptions, config: dict | None = None) -> dict:
@@ -352,36 +354,25 @@ MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 ima
 MODELS.register(
     "digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)"
 )
-MODELS.register(
-    "digits-vq-coarse",
-    functools.partial(_build_vq, config=COARSE_VQ_CONFIG),
-    "digits-vq with one more downsampling level: 16×16 image -> 4×4 codes (128-entry codebook)",
-)
-MODELS.register(
-    "digits-gpt-coarse",
-    functools.partial(_build_gpt, vq_name="digits-vq-coarse"),
-    "digits-gpt over digits-vq-coarse codes (16 tokens per image)",
-)
-MODELS.register(
-    "digits-vq-k16",
-    functools.partial(_build_vq, config=K16_VQ_CONFIG),
-    "digits-vq with a 16-entry codebook: 16×16 image -> 8×8 codes",
-)
-MODELS.register(
-    "digits-gpt-k16",
-    functools.partial(_build_gpt, vq_name="digits-vq-k16"),
-    "digits-gpt over digits-vq-k16 codes (16-way tokens)",
-)
+
+
+def _register_test_beds() -> None:
+    for suffix, (config, what) in TEST_BED_VQS.items():
+        MODELS.register(f"digits-vq-{suffix}", functools.partial(_build_vq, config=config), f"digits-vq with {what}")
+        MODELS.register(
+            f"digits-gpt-{suffix}",
+            functools.partial(_build_gpt, vq_name=f"digits-vq-{suffix}"),
+            f"digits-gpt over digits-vq-{suffix} codes",
+        )
+
+
+_register_test_beds()
 # built by name only (``rlprox zoo build digits-gpt-k16``), not by "all": no shipped recipe or test needs them
-TEST_BEDS = ("digits-vq-coarse", "digits-gpt-coarse", "digits-vq-k16", "digits-gpt-k16")
-DIGITS_GPTS = ("digits-gpt", "digits-gpt-coarse", "digits-gpt-k16")  # what VA-π's model.gpt takes
-DIGITS_VQS = ("digits-vq", "digits-vq-coarse", "digits-vq-k16")
+TEST_BEDS = tuple(f"digits-{kind}-{suffix}" for suffix in TEST_BED_VQS for kind in ("vq", "gpt"))
+DIGITS_GPTS = ("digits-gpt", *(f"digits-gpt-{suffix}" for suffix in TEST_BED_VQS))  # what VA-π's model.gpt takes
+DIGITS_VQS = ("digits-vq", *(f"digits-vq-{suffix}" for suffix in TEST_BED_VQS))
 # built on the other's outputs: build those first
-DEPENDS = {
-    "digits-gpt": ("digits-vq",),
-    "digits-gpt-coarse": ("digits-vq-coarse",),
-    "digits-gpt-k16": ("digits-vq-k16",),
-}
+DEPENDS = {gpt: (vq,) for gpt, vq in zip(DIGITS_GPTS, DIGITS_VQS)}
 
 
 def build_order(names: list[str] | None = None) -> list[str]:
