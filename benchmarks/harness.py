@@ -21,6 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.save_every=0"]
 
 
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def _train_command(recipe: str, overrides: list[str], out: Path, name: str) -> list[str]:
+    train = [sys.executable, "-m", "rlprox", "train", str(ROOT / recipe), *overrides]
+    return train + [f"run.output_dir={out}", f"run.name={name}", *QUIET]
+
+
+def _eval_command(run: Path, eval_args: list[str], eval_overrides: list[str] = ()) -> list[str]:
+    evaluate = [sys.executable, "-m", "rlprox", "eval", str(run), *eval_args]
+    if eval_overrides:
+        evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[3:]]
+    return evaluate
+
+
+def _run_command(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+
+
 def train_and_eval(
     recipe: str,
     overrides: list[str],
@@ -35,28 +57,13 @@ def train_and_eval(
     ``reuse``: a run that finished both commands with these same arguments (recorded
     in ``out/name/benchmark-run.json``) is read back instead of trained again.
     ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    train = [
-        sys.executable,
-        "-m",
-        "rlprox",
-        "train",
-        str(ROOT / recipe),
-        *overrides,
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        *QUIET,
-    ]
-    evaluate = [sys.executable, "-m", "rlprox", "eval", str(out / name), *eval_args]
-    if eval_overrides:
-        evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[3:]]
+    train = _train_command(recipe, overrides, out, name)
+    evaluate = _eval_command(out / name, eval_args, eval_overrides)
     record = out / name / "benchmark-run.json"
     if reuse and record.exists() and json.loads(record.read_text()) == {"train": train[3:], "eval": evaluate[3:]}:
         return _results(out / name)
     for cmd in (train, evaluate):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{name}: rlprox {'train' if cmd is train else 'eval'} failed:\n{done.stderr[-3000:]}")
+        _run_command(cmd, f"{name}: rlprox {'train' if cmd is train else 'eval'}")
     record.write_text(json.dumps({"train": train[3:], "eval": evaluate[3:]}))
     return _results(out / name)
 
@@ -77,6 +84,36 @@ def iqm(values) -> float:
     v = sorted(float(x) for x in values)
     cut = int(0.25 * len(v))
     return sum(v[cut : len(v) - cut]) / (len(v) - 2 * cut)
+
+
+def train_run(recipe: str, overrides: list[str], out: Path, name: str, reuse: bool = False) -> list[dict]:
+    """The metrics.jsonl rows of ``rlprox train RECIPE OVERRIDES`` in ``out/name`` (one torch thread);
+    ``reuse``: a run that finished with these same arguments (``out/name/benchmark-train.json``) is read back."""
+    train = _train_command(recipe, overrides, out, name)
+    record = out / name / "benchmark-train.json"
+    if not (reuse and record.exists() and json.loads(record.read_text()) == train[3:]):
+        _run_command(train, f"{name}: rlprox train")
+        record.write_text(json.dumps(train[3:]))
+    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def evaluate_run(
+    run: Path, eval_args: list[str], tag: str, eval_overrides: list[str] = (), reuse: bool = False
+) -> dict:
+    """``rlprox eval`` of the run's newest checkpoint with ``eval_args`` (and recipe ``eval_overrides``), its
+    eval.json kept as ``eval-TAG.json`` next to it; ``reuse``: one made with these same arguments is read back.
+    Several evaluations of one run (guidance scales, evaluation seeds) each keep their file."""
+    evaluate = _eval_command(run, eval_args, eval_overrides)
+    ckpt = sorted((run / "checkpoints").glob("iter-*"))[-1]
+    kept = ckpt / f"eval-{tag}.json"
+    if reuse and kept.exists():
+        result = json.loads(kept.read_text())
+        if result.get("benchmark_eval") == evaluate[3:]:
+            return result
+    _run_command(evaluate, f"{run.name}: rlprox eval ({tag})")
+    result = json.loads((ckpt / "eval.json").read_text()) | {"benchmark_eval": evaluate[3:]}
+    kept.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _results(run: Path) -> tuple[list[dict], dict]:

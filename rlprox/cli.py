@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -73,9 +74,11 @@ def cmd_eval(args) -> int:
         if value is not None and flag != wanted:
             use = f"use {wanted}" if wanted else "it always evaluates its whole held-out set"
             raise UsageError(f"{flag} does not apply to algo {spec.name} (it evaluates {spec.eval_unit}; {use})")
-    for flag, name in (("--deterministic/--stochastic", "deterministic"), ("--prompts", "prompts")):
+    for flag, name in (("--deterministic/--stochastic", "deterministic"), ("--prompts", "prompts"), ("--cfg", "cfg")):
         if getattr(args, name) is not None and name not in spec.eval_flags:
             raise UsageError(f"{flag} does not apply to algo {spec.name}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise UsageError(f"--cfg must be a finite guidance scale >= 0 (got {args.cfg})")
     prompts = None
     if args.prompts is not None:
         prompts_file = Path(args.prompts)
@@ -93,7 +96,9 @@ def cmd_eval(args) -> int:
     if total <= 0:
         raise UsageError(f"{wanted}: must be > 0 (got {total})")
     seed = recipe.seed if args.seed is None else args.seed
-    stats, values, images, info = run_evaluation(algo, accelerator, total, seed, args.deterministic, prompts)
+    stats, values, images, info = run_evaluation(
+        algo, accelerator, total, seed, args.deterministic, prompts, cfg_scale=args.cfg
+    )
     model_stats = hook(algo, "model_stats")
     extra = model_stats() if model_stats is not None else {}
     if accelerator.is_main_process:
@@ -286,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
             "processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for "
             "generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env "
             "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
-            "trainers take --num-samples and --prompts; sparse always uses its whole held-out split."
+            "trainers take --num-samples and --prompts (vapi also --cfg); sparse always uses its whole held-out split."
         ),
     )
     ev.add_argument(
@@ -305,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generative trainers: number of samples (default: the recipe's run.eval_size)",
     )
     ev.add_argument("--prompts", default=None, help="generative trainers: a text file with one prompt per line")
+    ev.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="vapi: classifier-free guidance of the evaluation samples, base and tuned (default: the recipe's)",
+    )
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument(
         "--deterministic",

@@ -224,3 +224,83 @@ def test_clip_rewards_say_what_is_missing_in_one_line(tiny_clip, tmp_path):
     assert error(model_path=str(broken)).startswith(
         f"reward pickscore: model_path {broken}: cannot load a CLIPModel ("
     )
+
+
+def test_pixel_reconstruction_shuffle_seed_hands_out_the_same_scores_without_their_images():
+    from rlprox.rewards import pixel_reconstruction
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(16, 3, 8, 8, generator=g)
+    noise = torch.linspace(0.0, 0.5, 16).view(16, 1, 1, 1)  # image i is i-th worst: distinct MSEs
+    images = (reference + noise * torch.randn(16, 3, 8, 8, generator=g)).clamp(0, 1)
+    metadata = [{"reference": r} for r in reference]
+    true, info = pixel_reconstruction(images, [""] * 16, metadata)
+    shuffled, shuffled_info = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=3)
+    assert torch.equal(shuffled.sort().values, true.sort().values) and not torch.equal(shuffled, true)
+    assert shuffled_info == info  # the true MSE is still logged
+    again, _ = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=3)
+    other, _ = pixel_reconstruction(images, [""] * 16, metadata, shuffle_seed=4)
+    assert torch.equal(again, shuffled) and not torch.equal(other, shuffled)
+    # over many batches the shuffled score says nothing about the image: no rank correlation with the true one
+    correlations = []
+    for k in range(200):
+        imgs = (reference + noise * torch.randn(16, 3, 8, 8, generator=g)).clamp(0, 1)
+        t, _ = pixel_reconstruction(imgs, [""] * 16, metadata)
+        s, _ = pixel_reconstruction(imgs, [""] * 16, metadata, shuffle_seed=k)
+        correlations.append(torch.corrcoef(torch.stack([t.argsort().argsort(), s.argsort().argsort()]).float())[0, 1])
+    assert abs(float(torch.stack(correlations).mean())) < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_vq_folder(tmp_path_factory):
+    from rlprox.models import llamagen
+
+    torch.manual_seed(0)
+    vq_kwargs = llamagen.vq_config(
+        "VQ-16", 16, ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, norm_groups=4, codebook_size=16
+    )
+    folder = tmp_path_factory.mktemp("vq")
+    llamagen.VQModel(**vq_kwargs).save_pretrained(folder)
+    return str(folder)
+
+
+def test_perceptual_term_is_an_encoder_feature_distance(tiny_vq_folder):
+    from rlprox.rewards import pixel_reconstruction
+    from rlprox.rewards.perceptual import encoder_feature_distance
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(8, 3, 16, 16, generator=g)
+    near = (reference + 0.05 * torch.randn(8, 3, 16, 16, generator=g)).clamp(0, 1)
+    far = (reference + 0.4 * torch.randn(8, 3, 16, 16, generator=g)).clamp(0, 1)
+    d_self = encoder_feature_distance(tiny_vq_folder, reference, reference)
+    d_near = encoder_feature_distance(tiny_vq_folder, near, reference)
+    d_far = encoder_feature_distance(tiny_vq_folder, far, reference)
+    assert torch.allclose(d_self, torch.zeros(8), atol=1e-6) and (d_near < d_far).all()
+    torch.testing.assert_close(encoder_feature_distance(tiny_vq_folder, reference, near), d_near)
+    # 32 x 32 images are compared at the VQ's 16 x 16
+    big = torch.nn.functional.interpolate(far, size=(32, 32), mode="nearest")
+    assert encoder_feature_distance(tiny_vq_folder, big, big).abs().max() < 1e-6
+    metadata = [{"reference": r} for r in reference]
+    plain, _ = pixel_reconstruction(far, [""] * 8, metadata)
+    reward, info = pixel_reconstruction(far, [""] * 8, metadata, perceptual_weight=0.5, perceptual=tiny_vq_folder)
+    torch.testing.assert_close(reward, plain - 0.5 * d_far)
+    assert info["perceptual"] == pytest.approx(float(d_far.mean()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"perceptual_weight": -1.0}, "perceptual_weight must be >= 0 (got -1.0)"),
+        ({"perceptual_weight": 1.0, "perceptual": "lpips"}, "perceptual 'lpips' is not a VQ folder"),
+        (
+            {"perceptual_weight": 1.0, "perceptual": "zoo:digits-classifier"},
+            "perceptual: zoo:digits-classifier is not",
+        ),
+    ],
+)
+def test_perceptual_options_are_checked_in_one_line(kwargs, message):
+    from rlprox.rewards import build_reward
+
+    with pytest.raises(ValueError) as err:
+        build_reward({"name": "pixel_reconstruction", "kwargs": kwargs}, check_only=True)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -277,3 +277,54 @@ def test_noisy_context_replaces_a_fraction_xi_of_the_context():
     changed = (noisy != tokens[:, :-1]).float().mean().item()
     assert noisy.shape == (64, 64) and int(noisy.max()) < 32
     assert changed == pytest.approx(0.5 * 31 / 32, abs=0.03)  # a swap to the same code is no change
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_one_generator_per_row_draws_each_row_as_alone(cfg_scale):
+    """Batched evaluation sampling: row i of a batch with its own generator equals a batch of one."""
+    gpt, _ = tiny_models()
+    classes = torch.tensor([3, 7, 11])
+    batched = llamagen.generate(
+        gpt, classes, cfg_scale=cfg_scale, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    )
+    alone = [
+        llamagen.generate(gpt, c[None], cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(s))
+        for c, s in zip(classes, (5, 6, 7))
+    ]
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_eval_cfg_flag_sets_the_guidance_of_base_and_tuned_samples(tmp_path, llamagen_files, capsys, monkeypatch):
+    from rlprox.zoo.build import build
+
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
+    classifier = build("digits-classifier", micro=True, progress=False)
+    recipe = vapi_recipe(tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_cfg_scale=1.0)
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    engine.fit()
+    engine.close()
+    eval_json = checkpoint.find_latest(engine.run_dir) / "eval.json"
+    results = {}
+    for flag in ([], ["--cfg", "1.0"], ["--cfg", "4.0"]):
+        assert main(["eval", str(engine.run_dir), "--num-samples", "12", *flag]) == 0
+        results[tuple(flag)] = json.loads(eval_json.read_text())
+    assert results[()]["cfg_scale"] == results[("--cfg", "1.0")]["cfg_scale"] == 1.0  # the recipe's by default
+    assert results[("--cfg", "4.0")]["cfg_scale"] == 4.0
+    for key in ("class_prob", "base_class_prob"):  # both models sampled with the flag's guidance
+        assert results[()]["values"][key] == results[("--cfg", "1.0")]["values"][key]
+        assert results[()]["values"][key] != results[("--cfg", "4.0")]["values"][key]
+    capsys.readouterr()
+    assert main(["eval", str(engine.run_dir), "--cfg", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --cfg must be a finite guidance scale >= 0 (got -1.0)"
+
+
+def test_model_gpt_takes_either_digits_gpt(tmp_path, llamagen_files):
+    from rlprox.errors import RecipeError
+
+    recipe = vapi_recipe(tmp_path, llamagen_files)
+    recipe["model"] = {"gpt": "zoo:digits-gpt-coarse"}
+    assert load_recipe(recipe).model.gpt == "zoo:digits-gpt-coarse"  # checked by name, built on first use
+    recipe["model"] = {"gpt": "zoo:digits-vq-coarse"}
+    with pytest.raises(RecipeError, match="use zoo:digits-gpt or zoo:digits-gpt-coarse or zoo:digits-gpt-k16"):
+        load_recipe(recipe)

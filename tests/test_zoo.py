@@ -156,7 +156,8 @@ def test_build_all_builds_dependencies_first(monkeypatch, capsys):
 
     assert zoo_build.MODELS.names().index("digits-gpt") < zoo_build.MODELS.names().index("digits-vq")
     order = zoo_build.build_order()
-    assert sorted(order) == zoo_build.MODELS.names() and order.index("digits-vq") < order.index("digits-gpt")
+    everyday = [n for n in zoo_build.MODELS.names() if n not in zoo_build.TEST_BEDS]
+    assert sorted(order) == everyday and order.index("digits-vq") < order.index("digits-gpt")
     assert zoo_build.build_order(["digits-gpt"]) == ["digits-gpt"]  # a single rebuild reuses the cached vq
     built = []
     monkeypatch.setattr(zoo_build, "build", lambda name, **kw: built.append(name) or Path(name))
@@ -434,3 +435,24 @@ def test_real_builds_meet_quality_bars(tmp_path, monkeypatch):
     tokens = generate(gpt, digits * 5 + colours, cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
     ar = conditional_accuracy(vq.decode_code(tokens), digits, colours, clf)
     assert 0.3 <= ar["alignment"] and ar["colour_acc"] >= 0.9
+
+
+def test_test_bed_gpts_are_trained_on_their_vq_tokens(tmp_path, monkeypatch):
+    """digits-gpt-coarse: 4×4 codes per image from digits-vq-coarse (built first), 16 tokens per sequence;
+    digits-gpt-k16: 16-way tokens of digits-vq-k16."""
+    from rlprox.zoo.build import load_gpt_and_vq
+    from rlprox.zoo.vq import encode_tokens
+
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
+    path = zoo_build.build("digits-gpt-coarse", micro=True, **TINY)
+    gpt, vq = load_gpt_and_vq(path)
+    assert vq.token_grid == 4 and gpt.block_size == 16
+    assert zoo_build.build_info(path)["vq"] == "zoo:digits-vq-coarse"
+    assert zoo_build.build_order(["digits-vq-coarse", "digits-gpt-coarse"]) == [
+        "digits-vq-coarse",
+        "digits-gpt-coarse",
+    ]
+    tokens = encode_tokens(vq, load_digits_world("heldout").images[:4])
+    assert tokens.shape == (4, 16) and int(tokens.max()) < vq.config["codebook_size"]
+    gpt, vq = load_gpt_and_vq(zoo_build.build("digits-gpt-k16", micro=True, **TINY))
+    assert vq.config["codebook_size"] == gpt.tok_embeddings.num_embeddings == 16 and gpt.block_size == 64

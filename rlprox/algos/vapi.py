@@ -47,12 +47,14 @@ if TYPE_CHECKING:
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
+EVAL_BATCH = 64  # evaluation samples drawn together (each from its own seeded generator: the batch changes nothing)
+
 
 @dataclass
 class ModelSpec:
     """The generator and its tokenizer: the digits world, or LlamaGen checkpoints."""
 
-    # zoo:digits-gpt (its digits-vq comes along), or a LlamaGen GPT checkpoint file (.pt / .safetensors)
+    # zoo:digits-gpt or zoo:digits-gpt-coarse (its digits-vq comes along), or a LlamaGen GPT checkpoint file
     gpt: str = "zoo:digits-gpt"
     vq: str = ""  # LlamaGen VQ checkpoint file (not with zoo:digits-gpt)
     config: str = ""  # LlamaGen GPT config for checkpoint files: GPT-B | GPT-L | GPT-XL | GPT-XXL
@@ -102,10 +104,10 @@ def validate(recipe: "Recipe") -> None:
         )
     if not 0 <= cfg.noise_prob < 1:
         raise RecipeError("vapi.noise_prob", f"must be in [0, 1) (got {cfg.noise_prob})")
-    from rlprox.zoo.build import check_spec
+    from rlprox.zoo.build import DIGITS_GPTS, check_spec
 
     for key, spec, fits in (
-        ("model.gpt", model.gpt, ("digits-gpt",)),
+        ("model.gpt", model.gpt, DIGITS_GPTS),
         ("vapi.eval_classifier", cfg.eval_classifier, ("digits-classifier",)),
     ):
         try:
@@ -118,7 +120,7 @@ def validate(recipe: "Recipe") -> None:
         )
     if model.gpt.startswith("zoo:"):
         if model.vq:
-            raise RecipeError("model.vq", "zoo:digits-gpt brings its own digits-vq; leave model.vq empty")
+            raise RecipeError("model.vq", f"{model.gpt} brings its own digits-vq; leave model.vq empty")
     else:
         from rlprox.models.llamagen import GPT_CONFIGS, VQ_CONFIGS
 
@@ -422,8 +424,9 @@ class VAPi:
     # ------------------------------------------------------------------ EVALUATE
     @torch.no_grad()
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
-        """Item i: class i mod #classes, sampled with the KV cache (cfg, temperature,
-        top-k from the config) from a generator seeded by (seed, i) — for the tuned and
+        """Item i: class i mod #classes, sampled with the KV cache (cfg — ``rlprox eval --cfg``
+        or the config's —, temperature, top-k from the config) from its own generator seeded by
+        (seed, i), ``EVAL_BATCH`` items per batch — for the tuned and
         (``eval_base``) the base model with the same seeds. Digits world: the classifier's
         digit/colour correctness and features (FID/IS proxies in ``summarize_eval``) and
         the teacher-forced reconstruction MSE of held-out image i (G = 1)."""
@@ -443,19 +446,21 @@ class VAPi:
             held = load_digits_world("heldout")
             idx = torch.tensor([i % len(held) for i in items])
             held_x, held_c = held.images[idx].to(self.device), held.classes[idx].to(self.device)
+        scale = cfg.eval_cfg_scale if request.cfg_scale is None else request.cfg_scale
         for prefix, gpt in models:
             with self._mode(gpt, False):
                 tokens = []
-                for i, c in zip(items, classes):
-                    g = torch.Generator(device=self.device).manual_seed(request.seed * 1_000_003 + i)
+                for first in range(0, len(items), EVAL_BATCH):
+                    chunk = items[first : first + EVAL_BATCH]
+                    seeds = [request.seed * 1_000_003 + i for i in chunk]
                     tokens.append(
                         generate(
                             gpt,
-                            c[None],
-                            cfg_scale=cfg.eval_cfg_scale,
+                            classes[first : first + EVAL_BATCH],
+                            cfg_scale=scale,
                             temperature=cfg.eval_temperature,
                             top_k=cfg.eval_top_k,
-                            generator=g,
+                            generator=[torch.Generator(device=self.device).manual_seed(s) for s in seeds],
                         )
                     )
                 samples = self._decode(torch.cat(tokens))
@@ -487,7 +492,7 @@ class VAPi:
             header = [p.rstrip("_") or "tuned" for p in prefixes]
             grid[name] = caption_cells([images[p][shown] for p in prefixes], header, captions)
         cols = grid_columns(min(cfg.eval_grid_size, request.total)) if cfg.eval_grid_size > 0 else 0
-        return EvalShard(values=values, images=grid, grid_cols=cols)
+        return EvalShard(values=values, images=grid, grid_cols=cols, info={"cfg_scale": scale})
 
     def _digits_values(self, prefix, samples, classes, colour_names):
         from rlprox.zoo.metrics import classifier_features
@@ -596,6 +601,7 @@ register_trainer(
         minibatches_per_epoch=lambda recipe: 1,  # one optimizer step per epoch: accumulate with vapi.micro_batch_size
         description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
         eval_unit="samples",
+        eval_flags=("cfg",),
         loss_inputs=("logits", "targets", "logp", "ref_logp"),
     )
 )

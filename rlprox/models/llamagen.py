@@ -546,7 +546,8 @@ class Transformer(ZooModule):
 
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B,V) -> token ids (B,): temperature, then top-k / nucleus filtering."""
+    """logits (B,V) -> token ids (B,): temperature, then top-k / nucleus filtering. ``generator``: one
+    torch.Generator, or a list of B (row i drawn from the i-th, as a batch of one would be)."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
@@ -558,6 +559,9 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.float().softmax(-1)
+    if isinstance(generator, (list, tuple)):  # one generator per row: row i draws as it would alone
+        rows = [torch.multinomial(p[None].to(g.device), 1, generator=g)[0] for p, g in zip(probs, generator)]
+        return torch.cat(rows).to(logits.device)
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
@@ -571,10 +575,10 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Sample (B, block_size) token ids for classes cond_idx (B,).
+    """Sample (B, block_size) token ids for classes cond_idx (B,); ``generator``: one, or one per row.
 
     With cfg_scale ≠ 1 the batch is doubled with the null class and the logits combined
     as ℓ_u + s·(ℓ_c − ℓ_u). ``use_cache=False`` recomputes the full prefix each step

@@ -271,9 +271,23 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 
 @register_reward("pixel_reconstruction")
 def pixel_reconstruction(
-    images: torch.Tensor, prompts: list[str], metadata: list[dict], mse_weight: float = 1.0, ssim_weight: float = 0.0
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    mse_weight: float = 1.0,
+    ssim_weight: float = 0.0,
+    shuffle_seed: int | None = None,
+    perceptual_weight: float = 0.0,
+    perceptual: str = "zoo:digits-vq",
 ) -> tuple[torch.Tensor, dict]:
-    """−(w_mse·MSE + w_ssim·(1 − SSIM)) of each image against ``metadata[i]["reference"]`` (VA-π's reward)."""
+    """−(w_mse·MSE + w_ssim·(1 − SSIM) + w_p·d_p) of each image against ``metadata[i]["reference"]`` (VA-π's
+    reward). d_p, the perceptual term (``perceptual_weight`` w_p > 0): an LPIPS-form distance between the
+    features of ``perceptual``'s encoder (a VQ folder or zoo:digits-vq; not the digits classifier behind
+    the FID/IS proxies), ``rlprox.rewards.perceptual.encoder_feature_distance``.
+
+    ``shuffle_seed`` (a control without the reward signal): the batch's scores are handed out in a
+    random order, a permutation drawn from (shuffle_seed, the images' bytes), so each image gets a score
+    of the same scale that says nothing about it; the info keeps the true MSE/SSIM."""
     reference = torch.stack([m["reference"] for m in metadata]).to(images.device).float()
     mse = ((images.float() - reference) ** 2).mean(dim=(1, 2, 3))
     reward = -mse_weight * mse
@@ -282,7 +296,25 @@ def pixel_reconstruction(
         similarity = ssim(images, reference)
         reward = reward - ssim_weight * (1.0 - similarity)
         info["ssim"] = float(similarity.mean())
+    if perceptual_weight:
+        from rlprox.rewards.perceptual import encoder_feature_distance
+
+        distance = encoder_feature_distance(perceptual, images, reference)
+        reward = reward - perceptual_weight * distance
+        info["perceptual"] = float(distance.mean())
+    if shuffle_seed is not None:
+        reward = reward[_content_permutation(images, int(shuffle_seed)).to(reward.device)]
     return reward, info
+
+
+def _content_permutation(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A permutation of the batch drawn from a generator seeded by ``seed`` and a hash of the images:
+    new every round, the same on a resumed run (no generator state to checkpoint)."""
+    import hashlib
+
+    digest = hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).digest()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + int.from_bytes(digest[:6], "little"))
+    return torch.randperm(images.shape[0], generator=generator)
 
 
 def _check_classifier_name(classifier: str = "zoo:digits-classifier", seed: int = 0) -> None:
@@ -301,6 +333,21 @@ def _check_classifier_path(classifier: str = "zoo:digits-classifier", seed: int 
         )
 
 
+def _check_pixel_reconstruction(perceptual: str = "zoo:digits-vq", perceptual_weight: float = 0.0, **_) -> None:
+    from rlprox.rewards.perceptual import check_perceptual
+
+    check_perceptual(perceptual, perceptual_weight)
+
+
+def _preload_pixel_reconstruction(perceptual: str = "zoo:digits-vq", perceptual_weight: float = 0.0, **_) -> None:
+    if perceptual_weight:
+        from rlprox.rewards.perceptual import vq_encoder
+
+        vq_encoder(perceptual)
+
+
+pixel_reconstruction.check = _check_pixel_reconstruction
+pixel_reconstruction.preload = _preload_pixel_reconstruction
 digits_alignment.check = _check_classifier_name
 digits_alignment.preflight = _check_classifier_path
 digits_alignment.preload = lambda classifier="zoo:digits-classifier", seed=0: _classifier(classifier, seed)

@@ -18,6 +18,7 @@ autograd on whatever mode its caller is in (``torch.no_grad``, ``inference_mode`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -258,7 +259,16 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
+# variants meant as test beds where VA-π's pixel reward can see token errors: digits-vq-coarse has one more
+# downsampling level (16×16 images -> 4×4 codes, each a 4×4-pixel patch); digits-vq-k16 keeps the 8×8 grid
+# with 16 codes instead of 128, so two codes are rarely near-synonyms. Suffix: (VQ config overrides, what it is).
+TEST_BED_VQS = {
+    "coarse": (dict(ch_mult=[1, 2, 2]), "one more downsampling level: 16×16 image -> 4×4 codes, 128-entry codebook"),
+    "k16": (dict(codebook_size=16), "a 16-entry codebook: 16×16 image -> 8×8 codes"),
+}
+
+
+def _build_vq(out: Path, seed: int, opts: BuildOptions, config: dict | None = None) -> dict:
     from rlprox.images import save_image_grid
     from rlprox.zoo.data import COLOUR_NAMES, load_digits_world
     from rlprox.zoo.vq import encode_tokens, reconstruction_mse, train_vq
@@ -269,6 +279,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
         opts.batch_size,
         seed=seed,
         progress=opts.progress,
+        **(config or {}),
     )
     model.save_pretrained(out)
     held = load_digits_world("heldout")
@@ -286,7 +297,7 @@ def _build_vq(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
-def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
+def _build_gpt(out: Path, seed: int, opts: BuildOptions, vq_name: str = "digits-vq") -> dict:
     from rlprox.images import save_image_grid
     from rlprox.models.llamagen import VQModel, generate
     from rlprox.zoo.data import grid_prompts, load_digits_world, parse_prompt
@@ -294,7 +305,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.zoo.vq import encode_tokens
 
     vq_path = resolve(
-        "zoo:digits-vq",
+        f"zoo:{vq_name}",
         seed=seed,
         micro=opts.micro,
         **{k: v for k, v in dataclasses.asdict(opts).items() if k != "micro"},
@@ -321,7 +332,7 @@ def _build_gpt(out: Path, seed: int, opts: BuildOptions) -> dict:
     ]
     save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
     return {
-        "vq": "zoo:digits-vq",
+        "vq": f"zoo:{vq_name}",
         "vq_seed": seed,
         "recommended_cfg_scale": GPT_RECOMMENDED_CFG,
         "grid": {"rows": prompts, "cols": [f"sample {s}" for s in range(GRID_SEEDS)]},
@@ -343,11 +354,29 @@ MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 ima
 MODELS.register(
     "digits-gpt", _build_gpt, "LlamaGen-style class-conditional GPT over digits-vq codes (50 classes + null)"
 )
-DEPENDS = {"digits-gpt": ("digits-vq",)}  # built on the other's outputs: build those first
+
+
+def _register_test_beds() -> None:
+    for suffix, (config, what) in TEST_BED_VQS.items():
+        MODELS.register(f"digits-vq-{suffix}", functools.partial(_build_vq, config=config), f"digits-vq with {what}")
+        MODELS.register(
+            f"digits-gpt-{suffix}",
+            functools.partial(_build_gpt, vq_name=f"digits-vq-{suffix}"),
+            f"digits-gpt over digits-vq-{suffix} codes",
+        )
+
+
+_register_test_beds()
+# built by name only (``rlprox zoo build digits-gpt-k16``), not by "all": no shipped recipe or test needs them
+TEST_BEDS = tuple(f"digits-{kind}-{suffix}" for suffix in TEST_BED_VQS for kind in ("vq", "gpt"))
+DIGITS_GPTS = ("digits-gpt", *(f"digits-gpt-{suffix}" for suffix in TEST_BED_VQS))  # what VA-π's model.gpt takes
+DIGITS_VQS = ("digits-vq", *(f"digits-vq-{suffix}" for suffix in TEST_BED_VQS))
+# built on the other's outputs: build those first
+DEPENDS = {gpt: (vq,) for gpt, vq in zip(DIGITS_GPTS, DIGITS_VQS)}
 
 
 def build_order(names: list[str] | None = None) -> list[str]:
-    """``names`` (default: every zoo model) with each model's dependencies before it, so
+    """``names`` (default: every zoo model but the ``TEST_BEDS``) with each model's dependencies before it, so
     that a forced rebuild of all never trains a model on an old build of its dependency."""
     order: list[str] = []
 
@@ -357,6 +386,6 @@ def build_order(names: list[str] | None = None) -> list[str]:
                 visit(dep)
             order.append(name)
 
-    for name in names if names is not None else MODELS.names():
+    for name in names if names is not None else [n for n in MODELS.names() if n not in TEST_BEDS]:
         visit(name)
     return [n for n in order if names is None or n in names]
