@@ -29,12 +29,14 @@ def train_and_eval(
     eval_args: list[str],
     reuse: bool = False,
     eval_overrides: list[str] = (),
-) -> tuple[list[dict], dict]:
+    read_only: bool = False,
+) -> tuple[list[dict], dict] | None:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
     ``reuse``: a run that finished both commands with these same arguments (recorded
     in ``out/name/benchmark-run.json``) is read back instead of trained again.
-    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above)."""
+    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above).
+    ``read_only``: such a finished run read back, or None; nothing is trained."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     train = [
         sys.executable,
@@ -51,8 +53,18 @@ def train_and_eval(
     if eval_overrides:
         evaluate = [sys.executable, __file__, "eval-with", *eval_overrides, "--", *evaluate[3:]]
     record = out / name / "benchmark-run.json"
-    if reuse and record.exists() and json.loads(record.read_text()) == {"train": train[3:], "eval": evaluate[3:]}:
+    if (
+        (reuse or read_only)
+        and record.exists()
+        and json.loads(record.read_text())
+        == {
+            "train": train[3:],
+            "eval": evaluate[3:],
+        }
+    ):
         return _results(out / name)
+    if read_only:
+        return None
     for cmd in (train, evaluate):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -80,6 +92,37 @@ def eval_with(argv: list[str]) -> int:
     read = checkpoint.read_recipe
     checkpoint.read_recipe = lambda path, extra=None: read(path, [*(extra or []), *overrides])
     return main(args)
+
+
+def mean_sd(values: list[float]) -> str:
+    """ "mean ± sample std" (the one value alone when there is one)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``values`` (resampled with replacement)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    means = np.random.default_rng(seed).choice(v, size=(n, len(v)), replace=True).mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def iqm(values: list[float]) -> float:
+    """Interquartile mean (Agarwal et al. 2021): the mean of the middle half of the sorted values, the
+    quartile values weighted by the fraction of them inside [25%, 75%] when n is not a multiple of 4."""
+    import numpy as np
+
+    v = np.sort(np.asarray(values, dtype=float))
+    n = len(v)
+    # each value covers [i/n, (i+1)/n) of the distribution; its weight is that interval's overlap with [1/4, 3/4)
+    lo, hi = np.arange(n) / n, np.arange(1, n + 1) / n
+    weight = np.clip(np.minimum(hi, 0.75) - np.maximum(lo, 0.25), 0, None)
+    return float((weight * v).sum() / weight.sum())
 
 
 def free_port() -> int:

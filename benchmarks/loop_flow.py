@@ -63,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from harness import mean_sd  # noqa: E402
 
 ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
@@ -690,21 +691,6 @@ def science_run(arm: str, lr: float, seed: int, args, recipe_file: Path, runs: P
     }
 
 
-def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``values`` (resampled with replacement)."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    means = np.random.default_rng(seed).choice(v, size=(n, len(v)), replace=True).mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def paired(results: dict, arm: str, best: dict, other: str) -> str:
     """Mean same-seed difference of ``arm`` − ``other`` (each at its best lr) with its 95% bootstrap interval."""
     if other not in best or arm == other:
@@ -714,7 +700,7 @@ def paired(results: dict, arm: str, best: dict, other: str) -> str:
     diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
     if not diffs:
         return "—"
-    lo, hi = bootstrap_ci(diffs)
+    lo, hi = harness.bootstrap_ci(diffs)
     return f"{statistics.mean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] (n = {len(diffs)})"
 
 
