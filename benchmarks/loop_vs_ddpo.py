@@ -25,7 +25,8 @@ steps per round):
     ddpo-k4       DDPO's statistics on LOOP's batches, K = 4 × 16 prompts (the earlier table's DDPO)
     batchnorm     (r − batch mean) / batch std, K = 4 × 16 prompts
     rloo          REINFORCE with the leave-one-out baseline at LOOP's optimizer steps: K = 4 × 4 prompts per round,
-                  one on-policy step per round (ρ ≡ 1), 4× the rounds
+                  one on-policy step per round (ρ ≡ 1, so the clip never acts: only the first clip of a grid), 4×
+                  the rounds
 
 Each run is ``rlprox train`` in a fresh process (``--parallel`` at a time, one torch thread) followed by ``rlprox
 eval`` of its last checkpoint on a fixed set: ``--eval-size`` items (item i: prompt i mod #prompts, noise seeded by
@@ -426,11 +427,12 @@ def main(argv=None) -> None:
     if not args.arms:  # stage 2 without --arms
         args.arms = ",".join(best_arms(args, runs))
         print(f"stage 2 arms (stage 1's best three): {args.arms}", flush=True)
+    clips = [float(c) for c in args.clips.split(",")]
     cells = [
-        Cell(arm, float(lr), float(clip))
+        Cell(arm, float(lr), clip)
         for arm in args.arms.split(",")
         for lr in args.lrs.split(",")
-        for clip in args.clips.split(",")
+        for clip in (clips[:1] if arm == "rloo" else clips)  # REINFORCE's ratio is 1: the clip never acts
     ]
     results, missing = run_cells(cells, list(range(1, args.seeds + 1)), args, runs)
     out = Path(args.out)
