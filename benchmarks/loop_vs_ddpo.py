@@ -343,7 +343,7 @@ def plot(results: dict, cells: list[Cell], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=100)
     for cell in cells:
         runs = results.get(cell)
         if not runs:
@@ -351,13 +351,13 @@ def plot(results: dict, cells: list[Cell], path: Path) -> None:
         n = min(len(r["curve"]) for r in runs)
         x = np.array([p[0] for p in runs[0]["curve"][:n]])
         y = np.mean([[p[1] for p in r["curve"][:n]] for r in runs], axis=0)
-        k = max(1, n // 20)  # moving average over ~5% of the run
+        k = max(1, n // 10)  # moving average over ~10% of the run (the same images for every arm)
         y = np.convolve(y, np.ones(k) / k, mode="valid")
         ax.plot(x[k - 1 :], y, label=f"{cell.label()} ({len(runs)} seeds)", lw=1.2)
     ax.set_xlabel("images sampled")
-    ax.set_ylabel("training reward (digits_alignment, η = 1)")
+    ax.set_ylabel("training reward (digits_alignment, η = 1), moving average")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
