@@ -51,17 +51,29 @@ def train_and_eval(
     eval_args: list[str],
     reuse: bool = False,
     eval_overrides: list[str] = (),
-) -> tuple[list[dict], dict]:
+    read_only: bool = False,
+) -> tuple[list[dict], dict] | None:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
     ``reuse``: a run that finished both commands with these same arguments (recorded
     in ``out/name/benchmark-run.json``) is read back instead of trained again.
-    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above)."""
+    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above).
+    ``read_only``: such a finished run read back, or None; nothing is trained."""
     train = _train_command(recipe, overrides, out, name)
     evaluate = _eval_command(out / name, eval_args, eval_overrides)
     record = out / name / "benchmark-run.json"
-    if reuse and record.exists() and json.loads(record.read_text()) == {"train": train[3:], "eval": evaluate[3:]}:
+    if (
+        (reuse or read_only)
+        and record.exists()
+        and json.loads(record.read_text())
+        == {
+            "train": train[3:],
+            "eval": evaluate[3:],
+        }
+    ):
         return _results(out / name)
+    if read_only:
+        return None
     for cmd in (train, evaluate):
         _run_command(cmd, f"{name}: rlprox {'train' if cmd is train else 'eval'}")
     record.write_text(json.dumps({"train": train[3:], "eval": evaluate[3:]}))
@@ -135,6 +147,15 @@ def eval_with(argv: list[str]) -> int:
     read = checkpoint.read_recipe
     checkpoint.read_recipe = lambda path, extra=None: read(path, [*(extra or []), *overrides])
     return main(args)
+
+
+def mean_sd(values: list[float]) -> str:
+    """ "mean ± sample std" (the one value alone when there is one)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def free_port() -> int:

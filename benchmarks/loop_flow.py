@@ -63,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from harness import mean_sd  # noqa: E402
 
 ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
@@ -688,12 +689,6 @@ def science_run(arm: str, lr: float, seed: int, args, recipe_file: Path, runs: P
         "tuned_ode": ev["eval/reward_ode"],
         "curve": [(r["progress/images"], r[key]) for r in rows],
     }
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def paired(results: dict, arm: str, best: dict, other: str) -> str:

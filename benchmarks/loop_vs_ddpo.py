@@ -1,25 +1,41 @@
-"""LOOP vs DDPO vs REINFORCE-LOO on digits alignment, same images sampled, side by side.
+"""LOOP against DDPO as DDPO runs: arms of the one LOOP trainer on digits alignment (digits-sd, cfg 1), equal images.
 
-    python benchmarks/loop_vs_ddpo.py                      # 3 methods × lr sweep × 3 seeds
-    python benchmarks/loop_vs_ddpo.py --seeds 1 --lrs 1e-4 --iterations 10   # smoke
-    python benchmarks/loop_vs_ddpo.py --target             # the shipped LOOP recipe on 2 processes (torchrun),
-                                                           # seeds 1-3
+    python benchmarks/loop_vs_ddpo.py --stage 1            # every arm × 5 seeds, lr 1e-4, clip 1e-4 (40 runs)
+    python benchmarks/loop_vs_ddpo.py --stage 2            # stage 1's best three arms × lr {5e-5, 1e-4, 2e-4}
+                                                           # × clip {1e-4, 1e-3} × 3 seeds (54 runs)
+    python benchmarks/loop_vs_ddpo.py --stage 3            # many prompts: LOOP K = 4 vs DDPO i.i.d. on
+                                                           # digits-paraphrased (700 prompts), 5 seeds
+    python benchmarks/loop_vs_ddpo.py --stage 1 --images 3200 --max-runs 6   # a part: runs already done are read
+                                                           # back, the table lists the cells not run
+    python benchmarks/loop_vs_ddpo.py --stage 1 --seeds 1 --arms loop-k4,ddpo-iid --images 128 --eval-size 16 \\
+        --out /tmp/lvd/smoke.md                            # smoke
+    python benchmarks/loop_vs_ddpo.py --target             # the shipped LOOP recipe on 2 processes (torchrun)
 
-Each method runs its shipped recipe (recipes/loop/digits-alignment.yaml,
-digits-ddpo.yaml, digits-reinforce-loo.yaml: the same pipeline, prompts, K = 4,
-16 prompts per round, 20 DDIM steps, η = 1, cfg 1, full UNet) with the same
-``--iterations`` (so the same number of sampled images) and the same small sweep over
-``--lrs`` (every method gets every lr; nothing is tuned for one method only).
-Alignment is measured by the trainer's own evaluation on a fixed set: all 50 prompts ×
-2 noises (item i: prompt i mod 50, noise seeded by i), with the sampler that is trained
-(DDIM η = 1) and with deterministic DDIM (η = 0), for the base and the tuned UNet.
+Every arm is a setting of recipes/loop/digits-alignment.yaml (zoo:digits-sd, 20 DDIM steps all trained, η = 1,
+cfg 1, full UNet, AdamW with ε 1e-8 and weight decay 1e-4, grad-norm clip 1, advantages clipped to ±5) and samples
+the same images per run (``--images``); all but REINFORCE-LOO sample 64 per round in minibatches of 16 (4 optimizer
+steps per round):
 
-Every run is a fresh ``rlprox train`` process (``--parallel`` at a time, 1 torch thread
-each). ``--target`` instead runs recipes/loop/digits-alignment.yaml as shipped (150 rounds
-of 16 prompts × K = 4 per process) with 2 processes on the 2 cores, the setting of the
-"+0.15 within 20 minutes on 2 CPU cores" target, and writes loop_target.md. Writes
-benchmarks/results/loop_vs_ddpo.md and loop_vs_ddpo.png (training reward vs images
-sampled, mean over seeds, per method and lr).
+    loop-k4       LOOP, leave-one-out, K = 4 × 16 prompts          (the reference of every paired difference)
+    loop-k8       LOOP, K = 8 × 8 prompts
+    loop-k16      LOOP, K = 16 × 4 prompts
+    loop-k4-norm  LOOP K = 4, leave-one-out advantages divided by the batch std (normalize_advantages)
+    ddpo-iid      DDPO as ddpo-pytorch runs it: K = 1, 64 prompts drawn i.i.d. per round, the per-prompt reward
+                  statistics (last 32 rewards, batch mean/std below 16)
+    ddpo-k4       DDPO's statistics on LOOP's batches, K = 4 × 16 prompts (the earlier table's DDPO)
+    batchnorm     (r − batch mean) / batch std, K = 4 × 16 prompts
+    rloo          REINFORCE with the leave-one-out baseline at LOOP's optimizer steps: K = 4 × 4 prompts per round,
+                  one on-policy step per round (ρ ≡ 1, so the clip never acts: only the first clip of a grid), 4×
+                  the rounds
+
+Each run is ``rlprox train`` in a fresh process (``--parallel`` at a time, one torch thread) followed by ``rlprox
+eval`` of its last checkpoint on a fixed set: ``--eval-size`` items (item i: prompt i mod #prompts, noise seeded by
+(EVAL_SEED, i), the same for every run; 400 = the 50 prompts × 8 noises), base and tuned UNet, DDIM η = 1 (trained)
+and η = 0. Stage 3 trains and evaluates on digits-paraphrased (400 items: 8 phrasings × the 50 (digit, colour)
+pairs, one noise each). The table: every cell (mean ± std over seeds, the IQM with ≥ 5 seeds), the paired
+same-seed difference arm − LOOP K = 4 with a 95% bootstrap interval at η = 1 and η = 0, the step size (‖Δθ‖ per
+optimizer step, run.log_update_norm, and PPO's approx-KL), DDPO's share of per-prompt baselines, and the cells not
+run; the PNG beside it is the training reward vs images sampled (mean over seeds).
 """
 
 from __future__ import annotations
@@ -27,12 +43,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,70 +55,321 @@ import harness  # noqa: E402
 
 ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = {
-    "LOOP (K=4, PPO clip)": "recipes/loop/digits-alignment.yaml",
-    "DDPO (per-prompt tracker)": "recipes/loop/digits-ddpo.yaml",
-    "REINFORCE-LOO (1 step/round)": "recipes/loop/digits-reinforce-loo.yaml",
+RECIPE = "recipes/loop/digits-alignment.yaml"
+EVAL_SEED = 777  # the fixed evaluation set's noise seed, the same for every run
+# every arm: the paper settings the stages share (clip and lr are the stage's), the step size logged, no in-run eval
+COMMON = ["optim.eps=1e-8", "run.log_update_norm=true", "run.eval_size=0", "loop.train_batch_size=16"]
+# name: (label, overrides, images per round)
+ARMS = {
+    "loop-k4": ("LOOP K = 4", ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16"], 64),
+    "loop-k8": ("LOOP K = 8", ["loop.num_samples_per_prompt=8", "loop.prompts_per_iteration=8"], 64),
+    "loop-k16": ("LOOP K = 16", ["loop.num_samples_per_prompt=16", "loop.prompts_per_iteration=4"], 64),
+    "loop-k4-norm": (
+        "LOOP K = 4, normalised advantages",
+        ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16", "loop.normalize_advantages=true"],
+        64,
+    ),
+    "ddpo-iid": (
+        "DDPO, i.i.d. prompts (K = 1)",
+        ["loop.advantage=prompt_stats", "loop.num_samples_per_prompt=1", "loop.prompts_per_iteration=64"],
+        64,
+    ),
+    "ddpo-k4": (
+        "DDPO, K = 4",
+        ["loop.advantage=prompt_stats", "loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16"],
+        64,
+    ),
+    "batchnorm": (
+        "batch-normalised (no per-prompt statistics)",
+        ["loop.advantage=batch_norm", "loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16"],
+        64,
+    ),
+    "rloo": (
+        "REINFORCE-LOO, 1 step per 16 images",
+        ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=4"],
+        16,
+    ),
+}
+REFERENCE = "loop-k4"
+STAGES = {
+    1: "every arm at lr 1e-4, clip 1e-4",
+    2: "the best three arms of stage 1 over lr × clip",
+    3: "many prompts (digits-paraphrased): LOOP K = 4 vs DDPO i.i.d.",
+}
+STAGE_DEFAULTS = {  # seeds, lrs, clips, arms ("" = the stage's own choice), prompts
+    1: (5, "1e-4", "1e-4", ",".join(ARMS), "digits"),
+    2: (3, "5e-5,1e-4,2e-4", "1e-4,1e-3", "", "digits"),
+    3: (5, "1e-4", "1e-4", "loop-k4,ddpo-iid", "digits-paraphrased"),
 }
 
 
-def worker(argv: list[str]) -> None:
-    """Run `rlprox train ARGS` in this process, then print peak RSS (MB)."""
-    from rlprox.cli import main
+class Cell(tuple):
+    """(arm, lr, clip): one setting, run over seeds."""
 
-    code = main(["train", *argv])
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"code": code, "rss_mb": rss}), flush=True)
+    __slots__ = ()
+
+    def __new__(cls, arm: str, lr: float, clip: float):
+        return super().__new__(cls, (arm, lr, clip))
+
+    @property
+    def arm(self) -> str:
+        return self[0]
+
+    def label(self) -> str:
+        return f"{ARMS[self[0]][0]}, lr {self[1]:g}, clip {self[2]:g}"
 
 
-def run(recipe: str, lr: float, seed: int, iterations: int, out: Path) -> dict:
-    name = f"{Path(recipe).stem}-lr{lr:g}-s{seed}"
-    args = [
-        str(ROOT / recipe),
+def run_name(cell: Cell, seed: int, images: int, prompts: str) -> str:
+    arm, lr, clip = cell
+    return f"{arm}-lr{lr:g}-clip{clip:g}-{prompts}-{images}im-s{seed}"
+
+
+def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> dict | None:
+    """Train (or read back) one run and evaluate it; None when it has not run and ``train`` is off."""
+    arm, lr, clip = cell
+    _, overrides, per_round = ARMS[arm]
+    name = run_name(cell, seed, args.images, args.prompts)
+    overrides = [
+        *COMMON,
+        *overrides,
+        f"loop.prompts={args.prompts}",
         f"seed={seed}",
         f"optim.lr={lr}",
-        f"run.iterations={iterations}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "run.log_with=[]",
-        "run.progress=false",
-        "run.plot=false",
-        f"run.eval_every={iterations}",
-        "run.eval_size=100",
-        "run.save_every=0",
+        f"loop.clip_range={clip}",
+        f"run.iterations={max(1, args.images // per_round)}",
+        "run.overwrite=true",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines or json.loads(lines[-1][7:])["code"]:
-        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
-    images = last["progress/images"]
-    wall = sum(r["perf/iteration_s"] for r in rows)
+    eval_args = ["--num-samples", str(args.eval_size), "--seed", str(EVAL_SEED)]
+    done = harness.train_and_eval(RECIPE, overrides, runs, name, eval_args, reuse=True, read_only=not train)
+    if done is None:
+        return None
+    rows, ev = done
+
+    def run_mean(key):
+        values = [r[key] for r in rows if key in r]
+        return statistics.mean(values) if values else float("nan")
+
     return {
-        "name": name,
-        "recipe": recipe,
-        "lr": lr,
+        "cell": cell,
         "seed": seed,
-        "images": images,
-        "wall_s": wall,
-        "images_per_s": images / wall,
-        "rss_mb": json.loads(lines[-1][7:])["rss_mb"],
-        "base_eta1": last["eval/base_reward"],
-        "tuned_eta1": last["eval/reward"],
-        "base_eta0": last["eval/base_reward_eta0"],
-        "tuned_eta0": last["eval/reward_eta0"],
+        "name": name,
+        "minutes": sum(r["perf/iteration_s"] for r in rows) / 60,
+        "images": int(rows[-1]["progress/images"]),
+        "rounds": len(rows),
+        "base": ev["eval/base_reward"],
+        "tuned": ev["eval/reward"],
+        "base0": ev["eval/base_reward_eta0"],
+        "tuned0": ev["eval/reward_eta0"],
+        "update_norm": run_mean("optim/update_norm"),
+        "approx_kl": run_mean("policy/approx_kl"),
+        "tracked": run_mean("reward/prompt_stats_tracked"),
         "curve": [(r["progress/images"], r["reward/mean"]) for r in rows],
     }
+
+
+def run_cells(cells: list[Cell], seeds: list[int], args, runs: Path) -> tuple[dict, list]:
+    """Every (cell, seed), seed major (a partial run covers every cell's first seeds): runs already done are read
+    back; at most ``args.max_runs`` new ones are trained. Returns ({cell: [run, ...]}, [(cell, seed) not run])."""
+    results: dict[Cell, list] = {}
+    missing, to_train = [], []
+    for seed in seeds:
+        for cell in cells:
+            done = train_cell(cell, seed, args, runs, train=False)
+            if done is not None:
+                results.setdefault(cell, []).append(done)
+            elif args.max_runs is None or len(to_train) < args.max_runs:
+                to_train.append((cell, seed))
+            else:
+                missing.append((cell, seed))
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        futures = {pool.submit(train_cell, cell, seed, args, runs): (cell, seed) for cell, seed in to_train}
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                res = fut.result()
+            except RuntimeError as err:  # one failed run is a cell not run, not a lost table
+                print(f"FAILED {futures[fut]}: {str(err)[-600:]}", flush=True)
+                missing.append(futures[fut])
+                continue
+            results.setdefault(res["cell"], []).append(res)
+            print(
+                f"{res['name']}: η=1 {res['base']:.3f} -> {res['tuned']:.3f}, η=0 {res['base0']:.3f} -> "
+                f"{res['tuned0']:.3f}, |Δθ| {res['update_norm']:.2e}, {res['minutes']:.1f} min",
+                flush=True,
+            )
+    for runs_ in results.values():
+        runs_.sort(key=lambda r: r["seed"])
+    return results, sorted(missing, key=lambda m: (m[1], cells.index(m[0])))
+
+
+def best_arms(args, runs: Path, n: int = 3) -> list[str]:
+    """Stage 2's arms: the ``n`` arms of stage 1 (lr 1e-4, clip 1e-4, these images and prompts) with the highest
+    seed mean of the tuned η = 1 alignment, over the stage-1 runs found in ``runs``."""
+    found = {}
+    for arm in ARMS:
+        cell = Cell(arm, 1e-4, 1e-4)
+        done = [r for s in range(1, 6) if (r := train_cell(cell, s, args, runs, train=False))]
+        if done:
+            found[arm] = statistics.mean(r["tuned"] for r in done)
+    if len(found) < n:
+        sys.exit(f"--stage 2 needs stage 1's runs of at least {n} arms in {runs} (found {len(found)}); or give --arms")
+    return sorted(found, key=found.get, reverse=True)[:n]
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def paired(mine: list[dict], theirs: list[dict], key: str) -> str:
+    """Mean same-seed difference mine − theirs of ``key`` with its 95% bootstrap interval over seeds."""
+    by_seed = {r["seed"]: r[key] for r in theirs}
+    diffs = [r[key] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
+    if not diffs:
+        return "—"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.3f} (n = 1)"
+    lo, hi = harness.bootstrap_ci(diffs)
+    return f"{statistics.mean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] (n = {len(diffs)})"
+
+
+def reference_for(cell: Cell, results: dict) -> Cell | None:
+    """LOOP K = 4 at the cell's lr and clip when it ran, else at lr 1e-4, clip 1e-4 (stage 1's setting)."""
+    for ref in (Cell(REFERENCE, cell[1], cell[2]), Cell(REFERENCE, 1e-4, 1e-4)):
+        if ref in results:
+            return ref
+    return None
+
+
+def table(results: dict, missing: list, cells: list[Cell], args, png: Path) -> str:
+    first = next(iter(results.values()))[0] if results else None
+    command = (
+        f"python benchmarks/loop_vs_ddpo.py --stage {args.stage} --arms {args.arms} --seeds {args.seeds} "
+        f"--lrs {args.lrs} --clips {args.clips} --images {args.images} --eval-size {args.eval_size} "
+        f"--prompts {args.prompts}" + (f" --max-runs {args.max_runs}" if args.max_runs is not None else "")
+    )
+    lines = [
+        f"# LOOP vs DDPO as DDPO runs, stage {args.stage}: {STAGES[args.stage]} (digits-sd, cfg 1)",
+        "",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared with other jobs), python "
+        f"{platform.python_version()}; `{command}`.",
+        "",
+        f"Each run: {args.images:,} images sampled (64 per round in minibatches of 16, 4 AdamW steps per round; "
+        "REINFORCE-LOO 16 per round, one step), prompts "
+        f"`{args.prompts}`, 20 DDIM steps all trained, η = 1, cfg 1, full UNet, AdamW ε 1e-8, weight decay 1e-4, "
+        f"grad-norm clip 1, advantages clipped to ±5, 1 torch thread, {args.parallel} run(s) at a time. Alignment = "
+        f"digits_alignment on a fixed evaluation set ({args.eval_size} items: prompt i mod #prompts, noise seeded by "
+        "i, the same for every run), base → tuned, with the trained sampler (DDIM η = 1) and deterministic DDIM "
+        "(η = 0). mean ± std over seeds; IQM = interquartile mean over seeds (with ≥ 5 seeds). − LOOP K = 4: the "
+        "same-seed difference of the tuned alignment, mean [95% bootstrap interval over seeds] (against LOOP K = 4 "
+        "at the same lr and clip, or at lr 1e-4, clip 1e-4 where marked *). ‖Δθ‖/step: the L2 norm of each "
+        "optimizer step's change of the UNet's weights, mean over the run; approx-KL: PPO's k3 estimate of "
+        "KL(π_old ‖ π_θ) per trained step and minibatch, mean over the run; tracked: DDPO's share of samples "
+        "baselined by their own prompt's statistics (the rest by the batch's).",
+        "",
+        "## Every cell",
+        "",
+        "| arm | lr | clip | seeds | η = 1: base → tuned | Δ η = 1 | IQM tuned η = 1 | − LOOP K = 4, η = 1 | "
+        "η = 0: base → tuned | Δ η = 0 | − LOOP K = 4, η = 0 | ‖Δθ‖/step | approx-KL | tracked | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        runs = results.get(cell)
+        if not runs:
+            continue
+        arm, lr, clip = cell
+        ref = reference_for(cell, results)
+        mark = "" if ref is None or (ref[1], ref[2]) == (lr, clip) else "*"
+        vs1 = "—" if ref is None or ref == cell else paired(runs, results[ref], "tuned") + mark
+        vs0 = "—" if ref is None or ref == cell else paired(runs, results[ref], "tuned0") + mark
+        tracked = [r["tracked"] for r in runs if r["tracked"] == r["tracked"]]  # NaN: not a DDPO arm
+        tuned, tuned0 = [r["tuned"] for r in runs], [r["tuned0"] for r in runs]
+        lines.append(
+            f"| {ARMS[arm][0]} | {lr:g} | {clip:g} | {len(runs)} | {harness.mean_sd([r['base'] for r in runs])} → "
+            f"{harness.mean_sd(tuned)} | **{harness.mean_sd([r['tuned'] - r['base'] for r in runs])}** | "
+            f"{f'{harness.iqm(tuned):.3f}' if len(runs) >= 5 else '—'} | {vs1} | "
+            f"{harness.mean_sd([r['base0'] for r in runs])} → {harness.mean_sd(tuned0)} | "
+            f"{harness.mean_sd([r['tuned0'] - r['base0'] for r in runs])} | {vs0} | "
+            f"{statistics.mean(r['update_norm'] for r in runs):.2e} | "
+            f"{statistics.mean(r['approx_kl'] for r in runs):.1e} | "
+            f"{f'{statistics.mean(tracked):.2f}' if tracked else '—'} | "
+            f"{statistics.mean(r['minutes'] for r in runs):.1f} |"
+        )
+    if len(cells) > len({c.arm for c in cells}):  # stage 2: more than one setting per arm
+        lines += ["", "## Best setting per arm (highest seed mean of the tuned η = 1 alignment)", ""]
+        lines += ["| arm | lr | clip | seeds | tuned η = 1 | tuned η = 0 | − LOOP K = 4 (its best), η = 1 |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        best = {}
+        for cell in cells:
+            if cell in results and (
+                cell.arm not in best
+                or statistics.mean(r["tuned"] for r in results[cell])
+                > statistics.mean(r["tuned"] for r in results[best[cell.arm]])
+            ):
+                best[cell.arm] = cell
+        for arm, cell in best.items():
+            runs = results[cell]
+            vs = paired(runs, results[best[REFERENCE]], "tuned") if REFERENCE in best and arm != REFERENCE else "—"
+            lines.append(
+                f"| {ARMS[arm][0]} | {cell[1]:g} | {cell[2]:g} | {len(runs)} | "
+                f"{harness.mean_sd([r['tuned'] for r in runs])} | "
+                f"{harness.mean_sd([r['tuned0'] for r in runs])} | {vs} |"
+            )
+    lines += ["", "Per run (Δ η = 1 / Δ η = 0 / ‖Δθ‖ per step / minutes):", ""]
+    for cell in cells:
+        if cell in results:
+            lines.append(
+                f"- {cell.label()}: "
+                + ", ".join(
+                    f"seed {r['seed']}: {r['tuned'] - r['base']:+.3f} / {r['tuned0'] - r['base0']:+.3f} / "
+                    f"{r['update_norm']:.2e} / {r['minutes']:.1f} min"
+                    for r in results[cell]
+                )
+            )
+    lines += ["", f"## Cells not run ({len(missing)})", ""]
+    if missing:
+        by_cell: dict[Cell, list[int]] = {}
+        for cell, seed in missing:
+            by_cell.setdefault(cell, []).append(seed)
+        lines += [f"- {c.label()}: seeds {', '.join(map(str, sorted(s)))}" for c, s in by_cell.items()]
+    else:
+        lines.append("None: every cell ran.")
+    if first is not None:
+        lines += ["", f"![training reward vs images sampled, mean over seeds]({png.name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=100)
+    for cell in cells:
+        runs = results.get(cell)
+        if not runs:
+            continue
+        n = min(len(r["curve"]) for r in runs)
+        x = np.array([p[0] for p in runs[0]["curve"][:n]])
+        y = np.mean([[p[1] for p in r["curve"][:n]] for r in runs], axis=0)
+        k = max(1, n // 10)  # moving average over ~10% of the run (the same images for every arm)
+        y = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1 :], y, label=f"{cell.label()} ({len(runs)} seeds)", lw=1.2)
+    ax.set_xlabel("images sampled")
+    ax.set_ylabel("training reward (digits_alignment, η = 1), moving average")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the shipped recipe's target
 
 
 def target_check(seeds: int, out_path: Path) -> None:
     """The shipped LOOP recipe, 2 processes (torchrun), seeds 1..seeds, one after another."""
     harness.target_check(
-        "recipes/loop/digits-alignment.yaml",
+        RECIPE,
         seeds,
         out_path,
         title="# LOOP, the shipped recipe on 2 CPU processes: does η = 1 alignment rise by ≥ 0.15 within 20 minutes?",
@@ -116,119 +380,70 @@ def target_check(seeds: int, out_path: Path) -> None:
     )
 
 
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--lrs", default="1e-4,3e-4", help="the lr sweep every method gets")
-    parser.add_argument("--iterations", type=int, default=100, help="rounds per run (64 images each)")
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
-    parser.add_argument("--out", default=str(RESULTS / "loop_vs_ddpo.md"))
     parser.add_argument(
-        "--target",
-        action="store_true",
-        help="run the shipped LOOP recipe on 2 processes instead (writes loop_target.md)",
+        "--stage", type=int, choices=sorted(STAGES), default=1, help="; ".join(f"{k}: {v}" for k, v in STAGES.items())
     )
-    args = parser.parse_args()
+    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: the stage's)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 1..N (default: 5, stage 2: 3)")
+    parser.add_argument("--lrs", default=None, help="comma-separated lr grid (default: the stage's)")
+    parser.add_argument("--clips", default=None, help="comma-separated PPO clip grid (default: the stage's)")
+    parser.add_argument("--images", type=int, default=6400, help="images sampled per run, every arm the same")
+    parser.add_argument("--prompts", default=None, help="loop.prompts (default: digits; stage 3: digits-paraphrased)")
+    parser.add_argument("--eval-size", type=int, default=400, help="fixed evaluation items per run (400 = 50 × 8)")
+    parser.add_argument("--max-runs", type=int, default=None, help="train at most N new runs, then write the table")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one torch thread each)")
+    parser.add_argument(
+        "--runs",
+        default=str(Path(tempfile.gettempdir()) / "rlprox-loop-vs-ddpo-runs"),
+        help="run folders; a finished run with the same arguments is read back, not trained again",
+    )
+    parser.add_argument("--out", default=None, help="table (default: results/loop_vs_ddpo_arms[_stageN].md)")
+    parser.add_argument("--target", action="store_true", help="the shipped LOOP recipe on 2 processes instead")
+    args = parser.parse_args(argv)
+    seeds, lrs, clips, arms, prompts = STAGE_DEFAULTS[args.stage]
+    args.seeds = seeds if args.seeds is None else args.seeds
+    args.lrs, args.clips = args.lrs or lrs, args.clips or clips
+    args.arms, args.prompts = args.arms if args.arms is not None else arms, args.prompts or prompts
+    unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(ARMS)})")
+    if args.images < 64:
+        parser.error(f"--images: at least one round of 64 images (got {args.images})")
+    if args.out is None:
+        suffix = "" if args.stage == 1 else f"_stage{args.stage}"
+        args.out = str(RESULTS / f"loop_vs_ddpo_arms{suffix}.md")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.target:
         target_check(args.seeds, RESULTS / "loop_target.md")
         return
-    lrs = [float(x) for x in args.lrs.split(",")]
-    out = Path(tempfile.mkdtemp(prefix="loop_vs_ddpo_"))
-    jobs = [(m, r, lr, s) for s in range(1, args.seeds + 1) for lr in lrs for m, r in METHODS.items()]
-    results: dict[tuple, list] = {}
-    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        futures = {pool.submit(run, r, lr, s, args.iterations, out): (m, lr) for m, r, lr, s in jobs}
-        for fut in concurrent.futures.as_completed(futures):
-            res = fut.result()
-            results.setdefault(futures[fut], []).append(res)
-            print(
-                f"{res['name']}: eta1 {res['base_eta1']:.3f} -> {res['tuned_eta1']:.3f}, eta0 "
-                f"{res['base_eta0']:.3f} -> {res['tuned_eta0']:.3f}, {res['images_per_s']:.1f} images/s",
-                flush=True,
-            )
-    lines = [
-        "# LOOP vs DDPO vs REINFORCE-LOO: digits alignment (digits-sd, cfg 1)",
-        "",
-        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} "
-        f"CPUs (shared), python {platform.python_version()}; "
-        f"`python benchmarks/loop_vs_ddpo.py --seeds {args.seeds} --lrs "
-        f"{args.lrs} --iterations {args.iterations} --parallel {args.parallel}`.",
-        "",
-        f"Each run: {args.iterations} rounds × 16 prompts × K = 4 = {args.iterations * 64:,} "
-        "images sampled, 20 DDIM steps (all trained), η = 1, cfg 1, "
-        "full UNet, AdamW, clip 1e-4, 1 torch thread, one process. Alignment = "
-        "digits_alignment on the fixed evaluation set (50 prompts × 2 fixed noises), "
-        "base → tuned, with the trained sampler (DDIM η = 1) and "
-        "with deterministic DDIM (η = 0); mean ± std over seeds. "
-        "images/s counts sampled images per second of training (collect + update); runs shared the 2 cores "
-        f"({args.parallel} at a time), so compare images/s within this table only.",
-        "",
-        "| method | lr | seeds | η = 1: base → tuned | Δ η = 1 | seeds with "
-        "Δ ≥ 0.15 | η = 0: base → tuned | Δ η = 0 | images/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    if not args.arms:  # stage 2 without --arms
+        args.arms = ",".join(best_arms(args, runs))
+        print(f"stage 2 arms (stage 1's best three): {args.arms}", flush=True)
+    clips = [float(c) for c in args.clips.split(",")]
+    cells = [
+        Cell(arm, float(lr), clip)
+        for arm in args.arms.split(",")
+        for lr in args.lrs.split(",")
+        for clip in (clips[:1] if arm == "rloo" else clips)  # REINFORCE's ratio is 1: the clip never acts
     ]
-    for (method, lr), runs in sorted(results.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
-        d1 = [r["tuned_eta1"] - r["base_eta1"] for r in runs]
-        d0 = [r["tuned_eta0"] - r["base_eta0"] for r in runs]
-        lines.append(
-            f"| {method} | {lr:g} | {len(runs)} | {mean_sd([r['base_eta1'] for r in runs])} "
-            f"→ {mean_sd([r['tuned_eta1'] for r in runs])} | "
-            f"**{mean_sd(d1)}** | {sum(d >= 0.15 for d in d1)}/{len(runs)} | "
-            f"{mean_sd([r['base_eta0'] for r in runs])} → {mean_sd([r['tuned_eta0'] for r in runs])} | "
-            f"{mean_sd(d0)} | {statistics.mean(r['images_per_s'] for r in runs):.1f} "
-            f"| {max(r['rss_mb'] for r in runs):.0f} |"
-        )
-    lines += ["", "Per run (Δ η = 1, Δ η = 0, minutes):", ""]
-    for (method, lr), runs in sorted(results.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
-        lines.append(
-            f"- {method}, lr {lr:g}: "
-            + ", ".join(
-                f"seed {r['seed']}: {r['tuned_eta1'] - r['base_eta1']:+.3f} / "
-                f"{r['tuned_eta0'] - r['base_eta0']:+.3f} / {r['wall_s'] / 60:.1f} min"
-                for r in sorted(runs, key=lambda r: r["seed"])
-            )
-        )
-    png = Path(args.out).with_suffix(".png")
-    plot(results, png)
-    lines += ["", f"![training reward vs images sampled]({png.name})", ""]
-    text = "\n".join(lines) + "\n"
+    results, missing = run_cells(cells, list(range(1, args.seeds + 1)), args, runs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    if results:
+        plot(results, cells, png)
+    text = table(results, missing, cells, args, png)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for (method, lr), runs in sorted(results.items()):
-        n = min(len(r["curve"]) for r in runs)
-        x = np.array([p[0] for p in runs[0]["curve"][:n]])
-        y = np.mean([[p[1] for p in r["curve"][:n]] for r in runs], axis=0)
-        k = max(1, n // 20)  # moving average over ~5% of the run
-        y = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(x[k - 1 :], y, label=f"{method}, lr {lr:g}")
-    ax.set_xlabel("images sampled")
-    ax.set_ylabel("training reward (digits_alignment, η = 1)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    out.write_text(text)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2:])
-    else:
-        main()
+    main()

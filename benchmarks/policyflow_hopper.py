@@ -37,6 +37,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -74,13 +75,13 @@ def run(
     ablation: str = "",
     reuse: bool = False,
     envs: int = 1,
-    pf: str = "",
+    pf: tuple[str, ...] = (),
 ) -> dict:
     extra = ablation.split() if ablation else []
     section = "ppo" if method == "PPO" else "policyflow"
     parallel = [f"env.num_envs={envs}", f"{section}.num_steps={2048 // envs}"] if envs != 1 else []
-    common = pf.split() if pf and method == "PolicyFlow" else []
-    tag = "-".join(o.replace("=", "") for o in [*common, *extra])
+    common = list(pf) if method == "PolicyFlow" else []
+    tag = "-".join(re.sub(r"[^A-Za-z0-9._]", "", o) for o in [*common, *extra])
     rows, ev = train_and_eval(
         RECIPES[method],
         [
@@ -155,7 +156,9 @@ def main() -> None:
         help="comma-separated factors on the initial exploration std, the same for both methods",
     )
     parser.add_argument("--envs", default="1", help="comma-separated envs per process, the same for both methods")
-    parser.add_argument("--pf", default="", help="recipe overrides (space-separated) for every PolicyFlow run")
+    parser.add_argument(
+        "--pf", action="append", default=[], help="a recipe override for every PolicyFlow run; repeatable"
+    )
     parser.add_argument(
         "--ablate",
         action="append",
@@ -208,7 +211,7 @@ def main() -> None:
         f"`python benchmarks/policyflow_hopper.py --iterations {args.iterations} "
         f"--seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
         + (f" --envs {args.envs}" if args.envs != "1" else "")
-        + (f" --pf '{args.pf}'" if args.pf else "")
+        + "".join(f" --pf '{o}'" for o in args.pf)
         + "".join(f" --ablate '{a}'" for a in args.ablate)
         + (" --reuse DIR" if args.reuse else "")
         + f"`: {int(runs[0]['steps']):,} env steps per run"
@@ -219,7 +222,7 @@ def main() -> None:
         ),
         "Exploration factor f scales the initial exploration std: "
         "PPO's σ, PolicyFlow's base noise z and σ (1 = the recipes"
-        + (f"; PolicyFlow runs also set `{args.pf}`" if args.pf else "")
+        + (f"; PolicyFlow runs also set `{' '.join(args.pf)}`" if args.pf else "")
         + "). Envs: per process, with 2048 / envs steps each per iteration.",
         "",
         "| method | envs | lr | exploration f | greedy return (10 episodes, "

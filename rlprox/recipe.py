@@ -105,6 +105,9 @@ class RunConfig:
     torch_threads: int = 1  # intra-op threads; 1 is fastest for small policies on shared CPUs
     progress: bool = True  # progress bar on stderr
     plot: bool = True  # write the learning-curve PNG at the end
+    # log optim/update_norm, the step size ‖θ_after − θ_before‖₂ over the trained weights of each optimizer step
+    # (the iteration's mean over its steps); keeps one copy of the trained weights
+    log_update_norm: bool = False
 
 
 @dataclass
@@ -358,6 +361,8 @@ def validate(recipe: Recipe, spec=None) -> None:
         raise RecipeError(
             "run.mixed_precision", "fp16 loss scaling is not supported with run.grad_sync: fsdp; use bf16"
         )
+    if run.log_update_norm and run.grad_sync == "fsdp":
+        raise RecipeError("run.log_update_norm", "not supported with run.grad_sync: fsdp (sharded weights)")
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
     for tracker in run.log_with:
@@ -372,6 +377,7 @@ def validate(recipe: Recipe, spec=None) -> None:
             )
     optim = recipe.optim
     positive("optim.lr", optim.lr)
+    positive("optim.eps", optim.eps)
     positive("optim.max_grad_norm", optim.max_grad_norm, allow_zero=True)
     positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
     positive("optim.warmup_iterations", optim.warmup_iterations, allow_zero=True)

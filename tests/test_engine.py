@@ -144,3 +144,20 @@ def test_accumulation_invariance(optim_name):
     torch.testing.assert_close(g1[0], g8[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(p1, p8, rtol=1e-5, atol=1e-6)
     assert not torch.equal(p1, torch.cat([p.flatten() for p in init.parameters()]))
+
+
+def test_update_norm_is_each_steps_change_of_the_weights(tmp_path):
+    """run.log_update_norm: an SGD step moves θ by lr·g, so the logged ‖Δθ‖ per step is lr × the logged grad norm
+    (unclipped: max_grad_norm far above it); without the option nothing is logged."""
+    recipe = bandit_recipe(tmp_path / "on", iterations=3, log_update_norm=True)
+    recipe.optim.max_grad_norm = 1e9
+    stats = Engine(recipe).fit()
+    assert stats["optim/update_norm"] > 0
+    assert stats["optim/update_norm"] == pytest.approx(0.5 * stats["loss/grad_norm"], rel=1e-5)
+    assert "optim/update_norm" not in Engine(bandit_recipe(tmp_path / "off", iterations=1)).fit()
+
+
+def test_optim_eps_reaches_adam(tmp_path):
+    recipe = bandit_recipe(tmp_path)
+    recipe.optim.name, recipe.optim.eps = "adamw", 1e-8
+    assert Engine(recipe).base_optimizer.param_groups[0]["eps"] == 1e-8

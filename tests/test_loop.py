@@ -200,6 +200,44 @@ def test_prompt_stats_uses_batch_stats_until_min_count():
     assert list(prompt_stats.stats["a"]) == [5.0, 9.0, 9.0, 9.0]  # a deque of the last 4
 
 
+def test_ddpo_with_one_sample_per_prompt_uses_batch_then_prompt_statistics(tmp_path, tiny_pipeline):
+    """K = 1 (DDPO's i.i.d. prompts): below min_count rewards of a prompt the advantage is the batch-normalised
+    reward, as ddpo-pytorch's stat tracker; from then on the prompt's own (here: one prompt, 4 samples a round)."""
+    import numpy as np
+
+    prompt_file = tmp_path / "one.txt"
+    prompt_file.write_text("a red seven\n")
+    recipe = loop_recipe(
+        tmp_path,
+        tiny_pipeline,
+        prompts=str(prompt_file),
+        advantage="prompt_stats",
+        num_samples_per_prompt=1,
+        prompts_per_iteration=4,
+        prompt_stats_min_count=8,
+    )
+    engine = Engine(load_recipe(recipe))
+    algo, seen = engine.algo, []
+    for tracked in (0.0, 1.0):
+        batch = algo.advantages(algo.collect())
+        r = batch["rewards"].double().numpy()
+        seen += r.tolist()
+        mean, std = (r.mean(), r.std()) if tracked == 0 else (np.mean(seen), np.std(seen))
+        assert np.allclose(batch["advantages"].numpy(), (r - mean) / (std + 1e-6), rtol=1e-3, atol=1e-3)  # float32
+        stats = algo.iteration_stats(1.0)
+        assert stats["reward/prompt_stats_tracked"] == tracked and stats["reward/zero_std_groups"] == 0
+    engine.close()
+
+
+def test_a_misspelt_prompt_set_is_a_recipe_error(tmp_path, tiny_pipeline):
+    from rlprox.algos.loop import load_prompts
+    from rlprox.recipe import RecipeError
+
+    assert len(load_prompts("digits-paraphrased")[0]) == 700
+    with pytest.raises(RecipeError, match="loop.prompts: not a prompt set \\(digits, digits-paraphrased\\)"):
+        load_recipe(loop_recipe(tmp_path, tiny_pipeline, prompts="digits-paraphrase"))
+
+
 def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline):
     from tests.crash import kill_resume_equals_uninterrupted
 

@@ -23,6 +23,12 @@ BAD = [
     ({"run": {"progress": "yes"}}, [], "run.progress: expected true/false"),
     ({"ppo": {"gamma": 1.5}}, [], "ppo.gamma: must be in (0, 1]"),
     ({"optim": {"lr": -1}}, [], "optim.lr: must be > 0"),
+    ({"optim": {"eps": 0}}, [], "optim.eps: must be > 0"),
+    (
+        {"run": {"log_update_norm": True, "grad_sync": "fsdp"}},
+        [],
+        "run.log_update_norm: not supported with run.grad_sync: fsdp",
+    ),
     ({"ppo": {"minibatch_size": 64}}, [], "ppo.minibatch_size: 64 must divide the rollout"),
     ({"ppo": {"minibatch_size": 5}}, [], "ppo.minibatch_size: 5 must divide the rollout"),
     ({"env": {"id": "CartPol-v1"}}, [], "env.id: unknown gymnasium env 'CartPol-v1' (did you mean 'CartPole-v1'?)"),

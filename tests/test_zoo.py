@@ -92,6 +92,41 @@ def test_tokenizer_keeps_every_prompt_word_one_token():
     )
 
 
+def test_paraphrased_prompts_use_the_tokenizer_words_and_name_their_pair():
+    from rlprox.zoo.data import PHRASINGS, digits_prompts, paraphrased_prompts
+    from rlprox.zoo.sd import MAX_PROMPT_TOKENS, PROMPT_WORDS, build_tokenizer
+
+    prompts, metadata = paraphrased_prompts()
+    assert len(set(prompts)) == len(prompts) == 14 * 50 == len(PHRASINGS) * 50
+    assert prompts[:50] == digits_prompts()[0]  # phrasing 0 is the "digits" set, in its order
+    tok = build_tokenizer()
+    for prompt, meta in zip(prompts, metadata):
+        assert set(prompt.split()) <= set(PROMPT_WORDS), prompt
+        assert len(tok(prompt).input_ids) == len(prompt.split()) + 2 <= MAX_PROMPT_TOKENS, prompt  # one token a word
+        assert parse_prompt(prompt) == (meta["digit"], meta["colour"]), prompt
+    pairs = [(m["digit"], m["colour"]) for m in metadata]
+    assert all(pairs.count(pair) == 14 for pair in set(pairs))
+
+
+def test_many_prompts_keep_ddpo_on_batch_statistics():
+    """The regime the paraphrased set is for: 50 rounds of 64 i.i.d. prompts (3,200 images, DDPO's K = 1 arm)
+    fill the per-prompt statistics (min_count 16) of nearly every "digits" prompt, of almost no paraphrased one."""
+    import numpy as np
+
+    from rlprox.algos.loop import PromptStats
+    from rlprox.zoo.data import PROMPT_SETS
+
+    tracked = {}
+    for name in ("digits", "digits-paraphrased"):
+        prompts, _ = PROMPT_SETS[name]()
+        rng, prompt_stats = np.random.default_rng(0), PromptStats(buffer_size=32, min_count=16)
+        for _ in range(50):
+            chosen = [prompts[i] for i in rng.integers(len(prompts), size=64)]
+            prompt_stats.update(chosen, rng.random(64))
+        tracked[name] = prompt_stats.tracked_fraction
+    assert tracked["digits"] > 0.9 and tracked["digits-paraphrased"] < 0.05
+
+
 # ----------------------------------------------------------------------------- build + cache
 def test_build_writes_complete_dirs_atomically(micro_models, zoo_cache):
     cache = zoo_cache / "zoo"

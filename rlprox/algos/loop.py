@@ -79,8 +79,9 @@ class LoopConfig:
     # a diffusers StableDiffusionPipeline (UNet + DDIM), StableDiffusion3Pipeline or FluxPipeline
     # (transformer + flow matching): local folder, hub id (offline cache) or zoo:NAME
     pipeline: str = "zoo:digits-sd"
-    # "digits" (the 50 digits-world prompts), a .txt file (one per
-    # line), or "module:function" returning (prompts, metadata)
+    # a named set: "digits" (the 50 digits-world prompts "a <colour> <digit>") or "digits-paraphrased" (700:
+    # 14 phrasings of each, so a prompt recurs rarely), a .txt file (one per line), or "module:function"
+    # returning (prompts, metadata)
     prompts: str = "digits"
     eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
@@ -260,11 +261,15 @@ def validate(recipe: "Recipe") -> None:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
         raise RecipeError("reward", str(err)) from None
+    from rlprox.zoo.data import PROMPT_SETS
+
     for key in ("prompts", "eval_prompts"):
         spec = getattr(cfg, key)
-        if spec and spec != "digits" and ":" not in spec:
+        if spec and spec not in PROMPT_SETS and ":" not in spec:
             if not Path(spec).is_file():
-                raise RecipeError(f"loop.{key}", f"prompt file not found: {spec}")
+                raise RecipeError(
+                    f"loop.{key}", f"not a prompt set ({', '.join(PROMPT_SETS)}) nor a prompt file: {spec}"
+                )
             if not any(line.strip() for line in Path(spec).read_text().splitlines()):
                 raise RecipeError(f"loop.{key}", f"{spec} holds no prompt (one per line)")
 
@@ -273,13 +278,12 @@ def validate(recipe: "Recipe") -> None:
 
 
 def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[dict]]:
-    """(prompts, metadata) from "digits", a text file, or "module:function"; a
-    RecipeError naming ``key`` when the source fails or gives no prompt."""
-    if spec == "digits":
-        from rlprox.zoo.data import COLOUR_NAMES, DIGIT_WORDS, prompt_for
+    """(prompts, metadata) from a named set (rlprox.zoo.data.PROMPT_SETS), a text file, or
+    "module:function"; a RecipeError naming ``key`` when the source fails or gives no prompt."""
+    from rlprox.zoo.data import PROMPT_SETS
 
-        pairs = [(d, c) for d in range(len(DIGIT_WORDS)) for c in range(len(COLOUR_NAMES))]
-        return [prompt_for(d, c) for d, c in pairs], [{"digit": d, "colour": c} for d, c in pairs]
+    if spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]()
     if ":" in spec:
         from rlprox.registry import resolve_object
 
@@ -314,6 +318,7 @@ class PromptStats:
     def __init__(self, buffer_size: int, min_count: int):
         self.buffer_size, self.min_count = buffer_size, min_count
         self.stats: dict[str, collections.deque] = {}
+        self.tracked_fraction = 0.0  # of the last update's samples, those baselined by their own prompt's rewards
 
     def update(self, prompts: list[str], rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Add the rewards, return each sample's (mean, std) baseline."""
@@ -324,12 +329,15 @@ class PromptStats:
             if np.isfinite(r):
                 self.stats.setdefault(p, collections.deque(maxlen=self.buffer_size)).append(float(r))
         mean, std = np.empty(len(prompts)), np.empty(len(prompts))
+        tracked = 0
         for i, p in enumerate(prompts):
             seen = self.stats.get(p, ())
             if len(seen) < self.min_count:
                 mean[i], std[i] = batch_mean, batch_std
             else:
                 mean[i], std[i] = np.mean(seen), np.std(seen)
+                tracked += 1
+        self.tracked_fraction = tracked / max(len(prompts), 1)
         return mean, std
 
     def state_dict(self) -> dict:
@@ -604,6 +612,8 @@ class LOOP:
             "progress/images": self.images_seen,
             "perf/images_per_s": len(r) * self.runtime.world / max(elapsed, 1e-9),
         }
+        if self.cfg.advantage == "prompt_stats":  # how often DDPO's baseline is the prompt's own, not the batch's
+            stats["reward/prompt_stats_tracked"] = self.prompt_stats.tracked_fraction
         stats.update({f"reward/{k}": v for k, v in self._last["info"].items()})
         return stats
 

@@ -33,6 +33,7 @@ from rlprox.engine.optim import (
     lr_lambda,
     optimizer_groups,
     optimizer_step,
+    update_norm,
 )
 from rlprox.engine.placement import gathered, make_accelerator, place_modules, prepare_for_ddp, shard_modules
 from rlprox.engine.stats import StatSums, reduce_stats
@@ -173,6 +174,8 @@ class Engine:
         autocast = acc.autocast if self.recipe.run.mixed_precision != "no" else contextlib.nullcontext
         total = StatSums()
         epoch = 0
+        # run.log_update_norm: the weights before the next optimizer step
+        previous = [p.detach().clone() for p in self.params] if self.recipe.run.log_update_norm else None
         for epoch in range(epochs):
             epoch_stats = StatSums()
             for mb in minibatches(batch, epoch) if minibatches else [batch]:
@@ -183,9 +186,11 @@ class Engine:
                 grad_norm = optimizer_step(
                     acc, loss, modules, self.optimizer, self.recipe.optim.max_grad_norm, self.params, self._sync
                 )
+                stats = dict(stats)
                 if acc.sync_gradients:
                     self.state.optimizer_steps += 1
-                stats = dict(stats)
+                    if previous is not None:
+                        stats["optim/update_norm"] = update_norm(self.params, previous)
                 stats["loss/total"] = loss.detach()
                 if grad_norm is not None:
                     stats["loss/grad_norm"] = grad_norm

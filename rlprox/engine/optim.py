@@ -175,6 +175,16 @@ def optimizer_step(
     return grad_norm
 
 
+@torch.no_grad()
+def update_norm(params: list, previous: list) -> torch.Tensor:
+    """The step just taken, ‖θ − θ_prev‖₂ over all of ``params`` (in float32); then θ_prev ← θ in place."""
+    total = torch.zeros((), device=params[0].device if params else None)
+    for p, q in zip(params, previous):
+        total += (p.detach().float() - q.float()).pow(2).sum()
+        q.copy_(p.detach())
+    return total.sqrt()
+
+
 def _plain_clip_ok(accelerator: Accelerator) -> bool:
     plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     return accelerator.distributed_type in plain and getattr(accelerator, "scaler", None) is None

@@ -48,6 +48,45 @@ def prompt_for(digit: int, colour: int) -> str:
     return f"a {COLOUR_NAMES[colour]} {DIGIT_WORDS[digit]}"
 
 
+# ways to say "a <colour> <digit>" in the words of the digits tokenizer (rlprox.zoo.sd.PROMPT_WORDS, at most 6
+# words), each naming one digit word and one colour word, so parse_prompt and the alignment reward read every one
+PHRASINGS: tuple[str, ...] = (
+    "a {colour} {digit}",
+    "the {colour} {digit}",
+    "{colour} {digit}",
+    "a {colour} digit {digit}",
+    "a {colour} number {digit}",
+    "the {colour} digit {digit}",
+    "the {colour} number {digit}",
+    "{digit} in {colour}",
+    "a {digit} in {colour}",
+    "the {digit} in {colour}",
+    "a digit {digit} in {colour}",
+    "a number {digit} in {colour}",
+    "the digit {digit} in {colour}",
+    "the number {digit} in {colour}",
+)
+
+
+def digits_prompts() -> tuple[list[str], list[dict]]:
+    """The 50 prompts "a <colour> <digit>", digit major, with their {"digit", "colour"} metadata."""
+    pairs = [(d, c) for d in range(len(DIGIT_WORDS)) for c in range(len(COLOUR_NAMES))]
+    return [prompt_for(d, c) for d, c in pairs], [{"digit": d, "colour": c} for d, c in pairs]
+
+
+def paraphrased_prompts() -> tuple[list[str], list[dict]]:
+    """Every phrasing of ``PHRASINGS`` for each of the 50 (digit, colour) pairs: 14 × 50 = 700 prompts,
+    phrasing major (prompt i: phrasing i // 50, pair i mod 50 in ``digits_prompts``' order). Sampled i.i.d.,
+    a prompt recurs 14× more rarely than in "digits", so a per-prompt reward statistic sees few of its rewards."""
+    pairs = [(d, c) for d in range(len(DIGIT_WORDS)) for c in range(len(COLOUR_NAMES))]
+    prompts = [p.format(colour=COLOUR_NAMES[c], digit=DIGIT_WORDS[d]) for p in PHRASINGS for d, c in pairs]
+    return prompts, [{"digit": d, "colour": c} for _ in PHRASINGS for d, c in pairs]
+
+
+# the named prompt sets a generative trainer's ``prompts`` option takes: name -> () -> (prompts, metadata)
+PROMPT_SETS = {"digits": digits_prompts, "digits-paraphrased": paraphrased_prompts}
+
+
 def parse_prompt(prompt: str) -> tuple[int, int]:
     """(digit, colour) named in a prompt such as "a red seven"; ValueError if absent.
 
