@@ -166,23 +166,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_target(recipe: str, seeds: int, prefix: str, nproc: int = 2) -> list[tuple[int, list[dict]]]:
-    """``torchrun --nproc_per_node NPROC -m rlprox train RECIPE seed=S`` (the recipe otherwise unchanged,
-    one torch thread per process) for seeds 1..``seeds``, one after another: [(seed, metrics.jsonl rows)]."""
+def torchrun_target(
+    recipe: str, seeds: int, prefix: str, nproc: int = 2, overrides: list[str] = (), out: Path | None = None
+) -> list[tuple[int, list[dict]]]:
+    """``torchrun --nproc_per_node NPROC -m rlprox train RECIPE seed=S OVERRIDES`` (one torch thread per
+    process) for seeds 1..``seeds``, one after another, in ``out/PREFIX-sS`` (default: a new temporary
+    folder): [(seed, metrics.jsonl rows)]. With ``out`` given, a run that finished with the same arguments
+    (``benchmark-train.json`` beside it) is read back instead of trained again."""
     import shutil
 
-    out = Path(tempfile.mkdtemp(prefix=f"{prefix}_"))
+    out = Path(tempfile.mkdtemp(prefix=f"{prefix}_")) if out is None else out
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     runs = []
     for seed in range(1, seeds + 1):
         name = f"{prefix}-s{seed}"
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "rlprox", "train"]
-        cmd += [str(ROOT / recipe), f"seed={seed}", f"run.output_dir={out}", f"run.name={name}"]
-        cmd += ["run.log_with=[]", "run.progress=false", "run.plot=false"]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        train = [str(ROOT / recipe), f"seed={seed}", *overrides, f"run.output_dir={out}", f"run.name={name}"]
+        train += ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.overwrite=true"]
+        record = out / name / "benchmark-train.json"
+        if not (record.exists() and json.loads(record.read_text()) == train):
+            cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "rlprox"]
+            done = subprocess.run([*cmd, "train", *train], cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+            record.write_text(json.dumps(train))
         runs.append((seed, [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]))
     return runs
 

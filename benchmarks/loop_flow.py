@@ -8,6 +8,8 @@
                                                            # smoke
     python benchmarks/loop_flow.py --target                # the shipped digits-sd3 recipe on 2 processes
                                                            # (torchrun), seeds 1-3: loop_flow_target.md
+    python benchmarks/loop_flow.py --target-paraphrased    # the same on prompts new to the base, next to the
+                                                           # control: loop_flow_target_paraphrased.md
 
 Every mode uses zoo:digits-sd3 (a tiny StableDiffusion3Pipeline), guidance 1, 10 steps, the SDE
 sampler with noise level 0.7 on every step, full fine-tuning of the transformer, clip 1e-4, AdamW
@@ -735,7 +737,7 @@ def science(args) -> None:
         for arm in arms
         if all((arm, lr) in results for lr in lrs)
     }
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / "loop_flow.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(results, best, png)
@@ -868,11 +870,105 @@ def target(args) -> None:
     )
 
 
+# the shipped recipe on prompts the base was not trained on: 13 of digits-paraphrased's 14 phrasings are
+# new to digits-sd3 (trained on "a <colour> <digit>" only), so the base leaves headroom below 1
+PARAPHRASED = ["loop.prompts=digits-paraphrased", "run.eval_every=0", "run.eval_size=0"]
+PARAPHRASED_EVAL = 700  # every digits-paraphrased prompt once (item i: prompt i, noise seeded by (EVAL_SEED, i))
+
+
+def target_paraphrased(args) -> None:
+    """The shipped recipe on 2 processes, trained on digits-paraphrased, next to the same recipe on the
+    control's uniform reward, seeds 1..N; every final checkpoint judged by digits_alignment on one fixed
+    set (all 700 prompts, one noise each, the same for every run, so the base is one number)."""
+    runs_dir = Path(args.runs) / "target-paraphrased"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple, list] = {}
+    for arm, extra in (("loop", []), ("control", [f"reward.name={CONTROL_REWARD}"])):
+        prefix = f"target-{arm}"
+        for seed, rows in harness.torchrun_target(
+            TARGET_RECIPE, args.seeds, prefix, overrides=[*PARAPHRASED, *extra, *args.set], out=runs_dir
+        ):
+            ev = harness.evaluate_run(
+                runs_dir / f"{prefix}-s{seed}",
+                ["--num-samples", str(PARAPHRASED_EVAL), "--seed", str(EVAL_SEED)],
+                "paraphrased",
+                eval_overrides=["reward=digits_alignment"],
+                reuse=True,
+            )
+            key = "reward/alignment" if arm == "control" else "reward/mean"
+            res = {
+                "seed": seed,
+                "minutes": sum(r["perf/iteration_s"] for r in rows) / 60,
+                "images": int(rows[-1]["progress/images"]),
+                "base": ev["eval/base_reward"],
+                "tuned": ev["eval/reward"],
+                "base_ode": ev["eval/base_reward_ode"],
+                "tuned_ode": ev["eval/reward_ode"],
+                "curve": [(r["progress/images"], r[key]) for r in rows],
+            }
+            results.setdefault((arm, 1e-4), []).append(res)
+            print(f"{prefix}-s{seed}: SDE {res['base']:.3f} -> {res['tuned']:.3f}, {res['minutes']:.1f} min")
+    out = Path(args.out or RESULTS / "loop_flow_target_paraphrased.md")
+    plot(results, {"loop": 1e-4, "control": 1e-4}, out.with_suffix(".png"))
+    loop, control = results[("loop", 1e-4)], results[("control", 1e-4)]
+    gain = [r["tuned"] - r["base"] for r in loop]
+    noise = [r["tuned"] - r["base"] for r in control]
+    paired = [a - b for a, b in zip(gain, noise)]
+    lo_c, hi_c = harness.bootstrap_ci(noise)
+    lo_p, hi_p = harness.bootstrap_ci(paired)
+    each = sum(g >= 0.15 and r["minutes"] <= 20 for g, r in zip(gain, loop))
+    met = each == len(loop) and min(gain) > hi_c
+    lines = [
+        "# LOOP on digits-sd3, the shipped recipe on 2 CPU processes, on prompts the base was not trained on",
+        "",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
+        f"`python benchmarks/loop_flow.py --target-paraphrased --seeds {args.seeds}`.",
+        "",
+        "Why this table: on the 50 training prompts digits-sd3's base already scores 0.81-0.91 SDE alignment, so "
+        "a gain of +0.15 is out of reach on most evaluation sets (loop_flow_target.md: every seed ends at "
+        "0.98-1.00). Here the same recipe, unchanged but for `loop.prompts: digits-paraphrased` (700 prompts: 14 "
+        "phrasings of the 50 (digit, colour) pairs, 13 of them new to the base) and no in-run evaluation, runs "
+        "under `torchrun --nproc_per_node 2`; the control is the same recipe on uniform random scores (no "
+        "information about the image). Every final checkpoint is judged by `rlprox eval` with digits_alignment "
+        f"on one fixed set: the {PARAPHRASED_EVAL} prompts once each, noise seeded by ({EVAL_SEED}, item); the "
+        "base is the same number for every run. Minutes: summed iteration wall time (training only).",
+        "",
+        "| run | seed | images | minutes | SDE: base → tuned (Δ) | ODE: base → tuned (Δ) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, runs in (("LOOP recipe", loop), ("control (uniform reward)", control)):
+        for r in runs:
+            lines.append(
+                f"| {arm} | {r['seed']} | {r['images']:,} | {r['minutes']:.1f} | {r['base']:.3f} → {r['tuned']:.3f} "
+                f"(**{r['tuned'] - r['base']:+.3f}**) | {r['base_ode']:.3f} → {r['tuned_ode']:.3f} "
+                f"({r['tuned_ode'] - r['base_ode']:+.3f}) |"
+            )
+    lines += [
+        "",
+        f"- Δ SDE, recipe: {mean_sd(gain)}; control: {mean_sd(noise)} [{lo_c:+.3f}, {hi_c:+.3f}] (95% bootstrap "
+        f"over seeds); recipe − control, same seed: {statistics.mean(paired):+.3f} [{lo_p:+.3f}, {hi_p:+.3f}].",
+        f"- Target (every seed ≥ +0.15 SDE within 20 minutes, each above the control's interval): "
+        f"**{'met' if met else 'not met'}** ({each}/{len(loop)} seeds ≥ +0.15 within 20 minutes; lowest gain "
+        f"{min(gain):+.3f} vs the control's upper bound {hi_c:+.3f}).",
+        "",
+        f"![training alignment vs images, mean over seeds]({out.with_suffix('.png').name})",
+        "",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--speed", action="store_true", help="rlprox vs the naive loop, images/s")
     mode.add_argument("--target", action="store_true", help="the shipped digits-sd3 recipe on 2 processes")
+    mode.add_argument(
+        "--target-paraphrased",
+        action="store_true",
+        help="the shipped recipe on 2 processes on digits-paraphrased, with the uniform-reward control",
+    )
     parser.add_argument("--rounds", type=int, default=6, help="--speed: timed rounds per block (after 1 warm-up)")
     parser.add_argument("--repeats", type=int, default=4, help="--speed: blocks of each loop (ABBA order)")
     parser.add_argument("--speed-out", default=str(RESULTS / "loop_flow_speed.md"))
@@ -887,19 +983,27 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an extra recipe override for every science arm (--speed: for rlprox only)",
+        help="an extra recipe override for every science arm (--speed: for rlprox only; --target-paraphrased: "
+        "for both runs)",
     )
     parser.add_argument(
         "--runs",
         default=str(Path(tempfile.gettempdir()) / "rlprox-loop-flow-runs"),
         help="run folders; a finished run with the same arguments is read back, not trained again",
     )
-    parser.add_argument("--out", default=str(RESULTS / "loop_flow.md"), help="science table (the PNG goes beside it)")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="science table (default results/loop_flow.md; --target-paraphrased: "
+        "results/loop_flow_target_paraphrased.md); the PNG goes beside it",
+    )
     args = parser.parse_args()
     if args.speed:
         speed(args)
     elif args.target:
         target(args)
+    elif args.target_paraphrased:
+        target_paraphrased(args)
     else:
         science(args)
 

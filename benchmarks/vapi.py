@@ -3,6 +3,8 @@ a perceptual term, and the paper's ablations.
 
     python benchmarks/vapi.py --parallel 1            # 3 seeds of VA-π, the control, the perceptual row
     python benchmarks/vapi.py --seeds 1 --iterations 20 --ablation-seeds 0   # smoke
+    python benchmarks/vapi.py --gpt zoo:digits-gpt-coarse --perceptual-seeds 0 --ablation-seeds 0
+        # a token-error test bed (4×4 codes; or zoo:digits-gpt-k16, 16 codes): writes vapi_digits-gpt-coarse.md
 
 Rows (recipes/vapi/digits.yaml with one change each; same rounds, same training seeds):
 - VA-π: reward −MSE against the original image + prior term β·CE (β = 0.1);
@@ -59,12 +61,20 @@ CFGS = (1.0, 1.5)  # VA-π's evaluation (no guidance) first
 EVAL_SEEDS = (777, 778, 779)
 METRICS = ("fid_proxy", "is_proxy", "digit_acc", "colour_acc", "tf_mse")
 TARGET_ACC_DROP = 0.02
+DEFAULT_GPT = "zoo:digits-gpt"  # the recipe's model.gpt
+
+
+def bed_name(gpt: str) -> str:
+    """The test bed's short name: the GPT's zoo name (or its folder's name)."""
+    return Path(gpt.removeprefix("zoo:")).name
 
 
 def run(key: str, seed: int, args, out: Path, with_base: bool) -> dict:
     """Train one run, evaluate it at every cfg × evaluation seed: {"evals": {(cfg, eval seed): eval.json}}."""
-    name = f"vapi-{key}-s{seed}"
+    name = f"vapi-{key}-s{seed}" if args.gpt == DEFAULT_GPT else f"vapi-{bed_name(args.gpt)}-{key}-s{seed}"
     extra = [f"seed={seed}", "run.eval_size=0", *([f"run.iterations={args.iterations}"] if args.iterations else [])]
+    if args.gpt != DEFAULT_GPT:
+        extra.append(f"model.gpt={args.gpt}")
     rows = train_run(RECIPE, extra + ROWS[key][1], out, name, reuse=True)
     evals = {}
     for cfg in CFGS:
@@ -131,13 +141,13 @@ def mean_sd(values: list[float], digits: int) -> str:
 DIGITS = {"fid_proxy": 1, "is_proxy": 2, "digit_acc": 3, "colour_acc": 3, "tf_mse": 4}
 
 
-def cfg_section(cfg: float, runs: list[dict], base: dict, seeds: dict) -> tuple[list[str], dict]:
+def cfg_section(cfg: float, runs: list[dict], base: dict, seeds: dict, bed: str) -> tuple[list[str], dict]:
     """The table and paired differences at one guidance scale; also the target's pieces at this scale."""
     lines = [
         "| model | training seeds | FID proxy ↓ | IS proxy | digit acc | colour acc | teacher-forced recon MSE ↓ "
         "| CPU minutes |",
         "|---|---|---|---|---|---|---|---|",
-        f"| base digits-gpt | – ({len(EVAL_SEEDS)} eval seeds) | "
+        f"| base {bed} | – ({len(EVAL_SEEDS)} eval seeds) | "
         + " | ".join(mean_sd(list(base[m].values()), DIGITS[m]) for m in METRICS)
         + " | – |",
     ]
@@ -202,8 +212,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500, help="samples per model per evaluation seed")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--workdir", default="", help="runs folder; finished runs and evaluations there are reused")
-    parser.add_argument("--out", default=str(RESULTS / "vapi.md"))
+    parser.add_argument("--gpt", default=DEFAULT_GPT, help="model.gpt: the test bed (its VQ comes with it)")
+    parser.add_argument("--out", default="", help="default: results/vapi.md, or vapi_<bed>.md for another --gpt")
     args = parser.parse_args()
+    bed = bed_name(args.gpt)
+    args.out = args.out or str(RESULTS / ("vapi.md" if args.gpt == DEFAULT_GPT else f"vapi_{bed}.md"))
     out = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vapi_"))
     out.mkdir(parents=True, exist_ok=True)
     seeds = {
@@ -223,15 +236,16 @@ def main() -> None:
     command = (
         f"python benchmarks/vapi.py --seeds {args.seeds} --perceptual-seeds {args.perceptual_seeds} "
         f"--ablation-seeds {args.ablation_seeds}{f' --iterations {args.iterations}' if args.iterations else ''} "
-        f"--parallel {args.parallel}"
+        f"--parallel {args.parallel}" + (f" --gpt {args.gpt}" if args.gpt != DEFAULT_GPT else "")
     )
+    recipe = RECIPE if args.gpt == DEFAULT_GPT else f"{RECIPE} with model.gpt: {args.gpt}"
     lines = [
-        "# VA-π on the digits world: base vs tuned digits-gpt, with a control",
+        f"# VA-π on the digits world: base vs tuned {bed}, with a control",
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python "
         f"{platform.python_version()}; `{command}`.",
         "",
-        "recipes/vapi/digits.yaml: B = 32 images × G = 8 sequences per round, one AdamW step per round "
+        f"{recipe}: B = 32 images × G = 8 sequences per round, one AdamW step per round "
         "(lr 1e-5; the update in train mode, as VA-π's code), ε = 0.2, reward −MSE(D(ẑ), x), prior β = 0.1. "
         "The control keeps everything but the reward signal (`reward.kwargs.shuffle_seed`: each image gets "
         "another image's score). The perceptual row adds w_p·d_p, an LPIPS-form distance in the digits-vq "
@@ -250,7 +264,7 @@ def main() -> None:
     for cfg in CFGS:
         base = {m: per_eval(carrier, cfg, m, "base_") for m in METRICS}
         title = "no guidance, VA-π's evaluation" if cfg == 1.0 else "digits-gpt's recommended guidance"
-        section, found = cfg_section(cfg, runs, base, seeds)
+        section, found = cfg_section(cfg, runs, base, seeds, bed)
         lines += [f"## cfg {cfg} ({title})", "", *section, ""]
         for mine in ("VA-π", "VA-π + perceptual"):
             verdicts[(cfg, mine)] = verdict(found, mine)
