@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,36 @@ def test_resolve_reuses_cache_and_names_unknown_models(micro_models, capsys):
         zoo_build.resolve("zoo:digits-sdd")
     with pytest.raises(ValueError, match="unknown option .unet_step."):
         zoo_build.build("digits-sd", micro=True, force=True, unet_step=3)
+
+
+def test_concurrent_builds_of_one_model_train_it_once(tmp_path, monkeypatch, capsys):
+    """Two processes that reach an unbuilt model at once (parallel benchmark runs) build it once: the
+    second waits on the build lock, then reads the finished build; no lock file is left in the cache."""
+    import threading
+
+    monkeypatch.setenv("RLPROX_CACHE", str(tmp_path))
+    calls, started = [], threading.Event()
+
+    def slow_builder(out, seed, opts):
+        calls.append(seed)
+        started.set()
+        time.sleep(0.5)
+        (out / "weights.bin").write_bytes(b"x")
+        return {}
+
+    zoo_build.MODELS.register("test-slow-model", slow_builder, "a stand-in that takes half a second")
+    try:
+        paths = []
+        first = threading.Thread(target=lambda: paths.append(zoo_build.build("test-slow-model", micro=True)))
+        first.start()
+        assert started.wait(10)
+        paths.append(zoo_build.build("test-slow-model", micro=True))  # arrives while the first one builds
+        first.join()
+    finally:
+        zoo_build.MODELS.unregister("test-slow-model")
+    assert calls == [0] and paths[0] == paths[1] and (paths[0] / "weights.bin").is_file()
+    assert "waiting for another process building test-slow-model" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "zoo").iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])

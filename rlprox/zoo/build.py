@@ -17,6 +17,7 @@ autograd on whatever mode its caller is in (``torch.no_grad``, ``inference_mode`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -142,6 +143,39 @@ def build(name: str, seed: int = 0, micro: bool = False, force: bool = False, **
     if final.is_dir() and not force:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    with _one_builder(final):
+        if final.is_dir() and not force:  # another process built it while this one waited
+            return final
+        return _build(name, seed, opts, final)
+
+
+@contextlib.contextmanager
+def _one_builder(final: Path):
+    """Hold ``final``'s build lock: processes that reach an unbuilt model at once (parallel runs, the
+    processes of one launch) build it once; the others wait, then read the build. The lock file is
+    removed after the build; a waiter that held the removed file re-checks the cache, so it never builds
+    twice. Without ``fcntl`` (Windows) concurrent builds race and the first rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = final.parent / f".{final.name}.lock"
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"rlprox zoo: waiting for another process building {final.name}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(name: str, seed: int, opts: "BuildOptions", final: Path) -> Path:
+    micro = opts.micro
     print(
         f"rlprox zoo: building {name} (seed {seed}{', micro' if micro else ''}) into {final}"
         f" — one-time, {'seconds' if micro else 'a few CPU-minutes'}",
