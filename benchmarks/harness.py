@@ -207,15 +207,16 @@ def target_check(
     gain: float = 0.15,
     minutes: float = 20.0,
     prefix: str = "loop-target",
+    overrides: list[str] = (),
 ) -> str:
     """The shipped generative recipe on 2 processes (``torchrun_target``), seeds 1..``seeds``: per seed
     the images, minutes (summed iteration wall time), base → tuned eval reward with the trained sampler
     (``trained``, eval/reward) and the deterministic one (``deterministic`` = (label, eval key suffix)),
     and Δ at every in-run evaluation; then whether Δ ≥ ``gain`` within ``minutes`` on every seed.
-    Writes ``out_path`` and returns the text."""
+    ``overrides``: recipe overrides for every seed. Writes ``out_path`` and returns the text."""
     det_label, det = deterministic
     rows = []
-    for seed, metrics in torchrun_target(recipe, seeds, prefix):
+    for seed, metrics in torchrun_target(recipe, seeds, prefix, overrides=overrides):
         last = metrics[-1]
         evals = [
             (int(r["progress/images"]), r["eval/reward"] - r["eval/base_reward"])

@@ -849,6 +849,17 @@ def plot(results: dict, best: dict, path: Path) -> None:
 # ============================================================================ target
 
 
+# --target: the recipe as it was shipped until 2026-12-06 (the 50 training prompts, 80 rounds, in-run evaluation
+# of all 50 prompts x 2 noises); since then it trains on digits-paraphrased (--target-paraphrased measures it)
+TRAINING_PROMPTS = [
+    "loop.prompts=digits",
+    "run.iterations=80",
+    "run.save_every=20",
+    "run.eval_every=40",
+    "run.eval_size=100",
+]
+
+
 def target(args) -> None:
     if not (ROOT / TARGET_RECIPE).is_file():
         sys.exit(
@@ -862,11 +873,13 @@ def target(args) -> None:
         title="# LOOP on digits-sd3, the shipped recipe on 2 CPU processes: does SDE alignment rise by ≥ 0.15 "
         "within 20 minutes?",
         command=f"python benchmarks/loop_flow.py --target --seeds {args.seeds}",
-        setup=f"{TARGET_RECIPE} unchanged under `torchrun --nproc_per_node 2`; minutes = summed iteration wall "
-        "time (training and the in-run evaluations).",
+        setup=f"{TARGET_RECIPE} under `torchrun --nproc_per_node 2`, on the 50 training prompts at its length "
+        f"before 2026-12-06 ({' '.join(TRAINING_PROMPTS)}); minutes = summed iteration wall time (training and the "
+        "in-run evaluations).",
         trained="SDE",
         deterministic=("ODE", "_ode"),
         prefix="loop-flow-target",
+        overrides=TRAINING_PROMPTS,
     )
 
 
@@ -900,6 +913,7 @@ def target_paraphrased(args) -> None:
                 "seed": seed,
                 "minutes": sum(r["perf/iteration_s"] for r in rows) / 60,
                 "images": int(rows[-1]["progress/images"]),
+                "rounds": len(rows),
                 "base": ev["eval/base_reward"],
                 "tuned": ev["eval/reward"],
                 "base_ode": ev["eval/base_reward_ode"],
@@ -916,18 +930,23 @@ def target_paraphrased(args) -> None:
     paired = [a - b for a, b in zip(gain, noise)]
     lo_c, hi_c = harness.bootstrap_ci(noise)
     lo_p, hi_p = harness.bootstrap_ci(paired)
+    loop_rounds = sorted({r["rounds"] for r in loop + control})
+    loop_rounds = loop_rounds[0] if len(loop_rounds) == 1 else loop_rounds
     each = sum(g >= 0.15 and r["minutes"] <= 20 for g, r in zip(gain, loop))
     met = each == len(loop) and min(gain) > hi_c
     lines = [
         "# LOOP on digits-sd3, the shipped recipe on 2 CPU processes, on prompts the base was not trained on",
         "",
         f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
-        f"`python benchmarks/loop_flow.py --target-paraphrased --seeds {args.seeds}`.",
+        f"`python benchmarks/loop_flow.py --target-paraphrased --seeds {args.seeds}"
+        + "".join(f" --set {s}" for s in args.set)
+        + "`.",
         "",
         "Why this table: on the 50 training prompts digits-sd3's base already scores 0.81-0.91 SDE alignment, so "
         "a gain of +0.15 is out of reach on most evaluation sets (loop_flow_target.md: every seed ends at "
-        "0.98-1.00). Here the same recipe, unchanged but for `loop.prompts: digits-paraphrased` (700 prompts: 14 "
-        "phrasings of the 50 (digit, colour) pairs, 13 of them new to the base) and no in-run evaluation, runs "
+        "0.98-1.00). Here the shipped recipe trains on `loop.prompts: digits-paraphrased` (700 prompts: 14 "
+        "phrasings of the 50 (digit, colour) pairs, 13 of them new to the base; the recipe's own setting since "
+        f"2026-12-06), {loop_rounds} rounds, with no in-run evaluation, "
         "under `torchrun --nproc_per_node 2`; the control is the same recipe on uniform random scores (no "
         "information about the image). Every final checkpoint is judged by `rlprox eval` with digits_alignment "
         f"on one fixed set: the {PARAPHRASED_EVAL} prompts once each, noise seeded by ({EVAL_SEED}, item); the "
