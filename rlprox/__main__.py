@@ -1,3 +1,3 @@
-from rlprox.cli import main
+from rlprox.cli import entry
 
-raise SystemExit(main())
+entry()

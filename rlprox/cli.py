@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_USAGE = 2
 
@@ -407,12 +408,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """A process started by torchrun or accelerate leaves its process group before the
-    interpreter exits (every command, ``eval`` and ``export`` included): gloo worker
-    threads still alive at interpreter shutdown abort the process after its work is done
-    ("terminate called without an active exception")."""
+    interpreter exits (every command, ``eval`` and ``export`` included)."""
     dist = sys.modules.get("torch.distributed")  # never import torch just for this
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def entry() -> None:
+    """The ``rlprox`` command and ``python -m rlprox``."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``. One process of several (``WORLD_SIZE`` > 1, as
+    torchrun and accelerate set it) ends without the interpreter's teardown, once its
+    ``atexit`` handlers have run and its output is flushed: leaving the process group
+    does not free it while FSDP's device mesh stays referenced from torch's DTensor
+    caches, and its gloo threads, destroyed during teardown, now and then abort a run
+    whose work is done ("terminate called without an active exception", exit -6), which
+    torchrun reports as the run failing. Scripts of their own that run the engine under
+    torchrun end with it too."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _run(args) -> int:

@@ -11,6 +11,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from rlprox.cli import exit_process
 from rlprox.engine import Engine, reduce_stats
 from rlprox.prox.regularizers import full_tensor
 from rlprox.recipe import load_recipe
@@ -30,3 +31,4 @@ tensors["packed"] = packed
 save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out_dir}/rank{acc.process_index}.safetensors")
 acc.wait_for_everyone()
 engine.close()
+exit_process(0)  # no interpreter teardown: see rlprox.cli.exit_process

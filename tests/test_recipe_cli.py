@@ -258,3 +258,37 @@ def test_bad_sources_and_zoo_names_end_in_one_line(tmp_path, recipe, overrides, 
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and lines[-1].startswith(message.replace("EMPTY", str(empty))), lines
     assert sum("error" in line for line in lines) == 1, lines
+
+
+TEARDOWN_PROBE = """
+import atexit, sys
+from rlprox.cli import entry
+
+class Teardown:  # its __del__ runs only when the interpreter tears the module down
+    def __del__(self, write=sys.__stderr__.write):
+        write("teardown ran\\n")
+
+probe = Teardown()
+atexit.register(lambda: print("atexit ran"))
+sys.argv = ["rlprox", *sys.argv[1:]]
+entry()
+"""
+
+
+@pytest.mark.parametrize("world_size, teardown", [("1", True), ("2", False)])
+def test_one_process_of_several_exits_without_interpreter_teardown(tmp_path, world_size, teardown):
+    """A finished torchrun process must not reach the interpreter's teardown, where gloo
+    threads of a process group kept alive by FSDP's mesh can abort it; its output, atexit
+    handlers and exit status are kept. One process alone tears down as usual."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT, "WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE, "recipes"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "recipes/ppo/cartpole.yaml" in ok.stdout.replace("\\", "/") and ok.stdout.rstrip().endswith("atexit ran")
+    assert ("teardown ran" in ok.stderr) is teardown
+    bad = subprocess.run(
+        [sys.executable, "-c", TEARDOWN_PROBE, "recipes", "--root", str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "no recipes folder" in bad.stderr
