@@ -377,16 +377,22 @@ def plot(results: dict, cells: list[Cell], path: Path) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=100)
+    arms = list(dict.fromkeys(c.arm for c in cells))
+    settings = list(dict.fromkeys((c[1], c[2]) for c in cells))
     for cell in cells:
         runs = results.get(cell)
         if not runs:
             continue
+        # colour and line style tell arm and lr × clip setting apart (colour for the longer list)
+        a, b = arms.index(cell.arm), settings.index(cell[1:])
+        colour, dash = (b, a) if len(settings) > len(arms) else (a, b)
+        style = dict(color=f"C{colour % 10}", ls=["-", "--", ":", "-."][dash % 4])
         n = min(len(r["curve"]) for r in runs)
         x = np.array([p[0] for p in runs[0]["curve"][:n]])
         y = np.mean([[p[1] for p in r["curve"][:n]] for r in runs], axis=0)
         k = max(1, n // 10)  # moving average over ~10% of the run (the same images for every arm)
         y = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(x[k - 1 :], y, label=f"{cell.label()} ({len(runs)} seeds)", lw=1.2)
+        ax.plot(x[k - 1 :], y, label=f"{cell.label()} ({len(runs)} seeds)", lw=1.2, **style)
     ax.set_xlabel("images sampled")
     ax.set_ylabel("training reward (digits_alignment, η = 1), moving average")
     ax.grid(alpha=0.3)
