@@ -366,6 +366,35 @@ def best_section(results: dict, cells: list[Cell]) -> list[str]:
             f"{len(runs)} | {harness.mean_sd([r['tuned'] for r in runs])} | "
             f"{harness.mean_sd([r['tuned0'] for r in runs])} | {vs} | {vs_unseen} | {vs0} |"
         )
+    # a check on the choice: among each arm's cells with the most seeds, the best by the mean over all of them
+    full = {}
+    for arm, arm_cells in by_arm.items():
+        most = max(len(results[c]) for c in arm_cells)
+        tops = sorted(
+            (c for c in arm_cells if len(results[c]) == most),
+            key=lambda c: statistics.mean(r["tuned"] for r in results[c]),
+            reverse=True,
+        )
+        full[arm] = tops
+    if all(len(t) > 1 for t in full.values()) and REFERENCE in full:
+        lines += [
+            "",
+            "Check on the choice: each arm's cells with the most seeds, ranked by their mean over all seeds.",
+            "",
+        ]
+        lines += ["| arm | rank | lr | clip | seeds | tuned η = 1 | − LOOP K = 4 (same rank), η = 1 | same, η = 0 |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for arm, tops in full.items():
+            for rank, cell in enumerate(tops, 1):
+                runs = results[cell]
+                ref = full[REFERENCE][rank - 1] if rank <= len(full[REFERENCE]) else None
+                vs = vs0 = "—"
+                if ref is not None and arm != REFERENCE:
+                    vs, vs0 = paired(runs, results[ref], "tuned"), paired(runs, results[ref], "tuned0")
+                lines.append(
+                    f"| {ARMS[arm][0]} | {rank} | {cell[1]:g} | {cell[2]:g} | {len(runs)} | "
+                    f"{harness.mean_sd([r['tuned'] for r in runs])} | {vs} | {vs0} |"
+                )
     return lines
 
 
