@@ -8,6 +8,9 @@
                                                            # for its best (successive halving; the table says which)
     python benchmarks/loop_vs_ddpo.py --stage 3            # many prompts: LOOP K = 4 vs DDPO i.i.d. on
                                                            # digits-paraphrased (700 prompts), 5 seeds
+    python benchmarks/loop_vs_ddpo.py --stage 3 --arms loop-k4,ddpo-iid,control --clips 1e-3 \
+        --out benchmarks/results/loop_vs_ddpo_arms_stage3_clip1e-3.md   # at stage 2's best setting, with a
+                                                           # control (LOOP on uniform random scores)
     python benchmarks/loop_vs_ddpo.py --stage 1 --images 3200 --max-runs 6   # a part: runs already done are read
                                                            # back, the table lists the cells not run
     python benchmarks/loop_vs_ddpo.py --stage 1 --seeds 1 --arms loop-k4,ddpo-iid --images 128 --eval-size 16 \\
@@ -30,6 +33,8 @@ steps per round):
     rloo          REINFORCE with the leave-one-out baseline at LOOP's optimizer steps: K = 4 × 4 prompts per round,
                   one on-policy step per round (ρ ≡ 1, so the clip never acts: only the first clip of a grid), 4×
                   the rounds
+    control       LOOP K = 4 trained on uniform random scores (benchmarks.loop_flow:uniform_reward), judged on
+                  digits_alignment like every arm: what a run with no signal does (the table's "against the control")
 
 Each run is ``rlprox train`` in a fresh process (``--parallel`` at a time, one torch thread) followed by ``rlprox
 eval`` of its last checkpoint on a fixed set: ``--eval-size`` items (item i: prompt i mod #prompts, noise seeded by
@@ -60,6 +65,7 @@ ROOT = harness.ROOT
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = "recipes/loop/digits-alignment.yaml"
 EVAL_SEED = 777  # the fixed evaluation set's noise seed, the same for every run
+CONTROL_REWARD = "benchmarks.loop_flow:uniform_reward"  # i.i.d. noise per sample, reproducible
 # every arm: the paper settings the stages share (clip and lr are the stage's), the step size logged, no in-run eval
 COMMON = ["optim.eps=1e-8", "run.log_update_norm=true", "run.eval_size=0", "loop.train_batch_size=16"]
 # name: (label, overrides, images per round)
@@ -92,15 +98,21 @@ ARMS = {
         ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=4"],
         16,
     ),
+    "control": (
+        "control: LOOP K = 4 on a uniform random reward",
+        ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16", f"reward.name={CONTROL_REWARD}"],
+        64,
+    ),
 }
 REFERENCE = "loop-k4"
+CONTROL = "control"  # the same trainer with the signal removed: judged on digits_alignment like every arm
 STAGES = {
     1: "every arm at lr 1e-4, clip 1e-4",
     2: "the best three arms of stage 1 over lr × clip",
     3: "many prompts (digits-paraphrased): LOOP K = 4 vs DDPO i.i.d.",
 }
 STAGE_DEFAULTS = {  # seeds, lrs, clips, arms ("" = the stage's own choice), prompts
-    1: (5, "1e-4", "1e-4", ",".join(ARMS), "digits"),
+    1: (5, "1e-4", "1e-4", ",".join(a for a in ARMS if a != CONTROL), "digits"),
     2: (3, "5e-5,1e-4,2e-4", "1e-4,1e-3", "", "digits"),
     3: (5, "1e-4", "1e-4", "loop-k4,ddpo-iid", "digits-paraphrased"),
 }
@@ -143,7 +155,10 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
         "run.overwrite=true",
     ]
     eval_args = ["--num-samples", str(args.eval_size), "--seed", str(EVAL_SEED)]
-    done = harness.train_and_eval(RECIPE, overrides, runs, name, eval_args, reuse=True, read_only=not train)
+    judge = ["reward=digits_alignment"] if arm == CONTROL else []  # the control trained on noise
+    done = harness.train_and_eval(
+        RECIPE, overrides, runs, name, eval_args, reuse=True, eval_overrides=judge, read_only=not train
+    )
     if done is None:
         return None
     rows, ev = done
@@ -208,7 +223,7 @@ def best_arms(args, runs: Path, n: int = 3) -> list[str]:
     """Stage 2's arms: the ``n`` arms of stage 1 (lr 1e-4, clip 1e-4, these images and prompts) with the highest
     seed mean of the tuned η = 1 alignment, over the stage-1 runs found in ``runs``."""
     found = {}
-    for arm in ARMS:
+    for arm in (a for a in ARMS if a != CONTROL):
         cell = Cell(arm, 1e-4, 1e-4)
         done = [r for s in range(1, 6) if (r := train_cell(cell, s, args, runs, train=False))]
         if done:
@@ -297,6 +312,7 @@ def table(results: dict, missing: list, cells: list[Cell], args, png: Path) -> s
         )
     if len(cells) > len({c.arm for c in cells}):  # stage 2: more than one setting per arm
         lines += best_section(results, cells)
+    lines += control_section(results, cells)
     lines += ["", "Per run (Δ η = 1 / Δ η = 0 / ‖Δθ‖ per step / minutes):", ""]
     for cell in cells:
         if cell in results:
@@ -319,6 +335,23 @@ def table(results: dict, missing: list, cells: list[Cell], args, png: Path) -> s
     if first is not None:
         lines += ["", f"![training reward vs images sampled, mean over seeds]({png.name})", ""]
     return "\n".join(lines) + "\n"
+
+
+def control_section(results: dict, cells: list[Cell]) -> list[str]:
+    """Each arm − the control (the same lr and clip, the same seed): what the reward's signal adds over a run of
+    the same trainer on noise. Empty without a control cell."""
+    rows = []
+    for cell in cells:
+        control = Cell(CONTROL, cell[1], cell[2])
+        if cell.arm == CONTROL or cell not in results or control not in results:
+            continue
+        runs, ctrl = results[cell], results[control]
+        rows.append(f"| {cell.label()} | {paired(runs, ctrl, 'tuned')} | {paired(runs, ctrl, 'tuned0')} |")
+    if not rows:
+        return []
+    head = ["", "## Against the control", "", "Same-seed difference arm − control (the same lr and clip), tuned "]
+    head[-1] += "alignment, mean [95% bootstrap interval over seeds]."
+    return head + ["", "| arm | − control, η = 1 | − control, η = 0 |", "|---|---|---|", *rows]
 
 
 def best_section(results: dict, cells: list[Cell]) -> list[str]:
