@@ -181,7 +181,8 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
         "update_norm": run_mean("optim/update_norm"),
         "approx_kl": run_mean("policy/approx_kl"),
         "tracked": run_mean("reward/prompt_stats_tracked"),
-        "curve": [(r["progress/images"], r["reward/mean"]) for r in rows],
+        # the control's reward is noise: its curve is the batch's true digits_alignment, as every other arm's is
+        "curve": [(r["progress/images"], r["reward/alignment" if arm == CONTROL else "reward/mean"]) for r in rows],
     }
 
 
