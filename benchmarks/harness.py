@@ -90,6 +90,21 @@ def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0, stat=None)
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
+def paired_difference(mine: list[dict], theirs: list[dict], key: str, digits: int = 3) -> str:
+    """The mean same-seed difference mine − theirs of ``key`` (runs are dicts with a ``seed``), with its 95%
+    bootstrap interval over seeds: "+0.028 [+0.011, +0.044] (n = 5)"; "—" when no seed is shared."""
+    import statistics
+
+    by_seed = {r["seed"]: r[key] for r in theirs}
+    diffs = [r[key] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
+    if not diffs:
+        return "—"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.{digits}f} (n = 1)"
+    lo, hi = bootstrap_ci(diffs)
+    return f"{statistics.mean(diffs):+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] (n = {len(diffs)})"
+
+
 def iqm(values) -> float:
     """Interquartile mean: the mean after cutting int(n/4) values from each end (rliable's
     ``scipy.stats.trim_mean(values, 0.25)``)."""

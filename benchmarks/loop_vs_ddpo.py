@@ -239,14 +239,7 @@ def best_arms(args, runs: Path, n: int = 3) -> list[str]:
 
 def paired(mine: list[dict], theirs: list[dict], key: str) -> str:
     """Mean same-seed difference mine − theirs of ``key`` with its 95% bootstrap interval over seeds."""
-    by_seed = {r["seed"]: r[key] for r in theirs}
-    diffs = [r[key] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
-    if not diffs:
-        return "—"
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.3f} (n = 1)"
-    lo, hi = harness.bootstrap_ci(diffs)
-    return f"{statistics.mean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] (n = {len(diffs)})"
+    return harness.paired_difference(mine, theirs, key)
 
 
 def reference_for(cell: Cell, results: dict) -> Cell | None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, bootstrap_ci, train_and_eval  # noqa: E402
+from harness import ROOT, paired_difference, train_and_eval  # noqa: E402
 
 RECIPES = {"PPO": "recipes/ppo/hopper.yaml", "PolicyFlow": "recipes/policyflow/hopper.yaml"}
 
@@ -112,16 +112,6 @@ def run(
         "iteration_s": statistics.median(r["perf/iteration_s"] for r in rows),
         "curve": curve,
     }
-
-
-def paired_gap(mine: list[dict], theirs: list[dict]) -> str:
-    """Mean same-seed return difference mine − theirs with its 95% bootstrap interval over seeds."""
-    by_seed = {r["seed"]: r["return"] for r in theirs}
-    diffs = [r["return"] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
-    if len(diffs) < 2:
-        return f"{diffs[0]:+.0f} (1 seed)" if diffs else "—"
-    lo, hi = bootstrap_ci(diffs)
-    return f"{statistics.mean(diffs):+.0f} [{lo:+.0f}, {hi:+.0f}] ({len(diffs)} seeds)"
 
 
 def plot(groups: dict[str, list[dict]], path: Path) -> None:
@@ -254,10 +244,11 @@ def main() -> None:
     for n in env_counts:
         ratio = mean_return[best[("PolicyFlow", n)]] / mean_return[best[("PPO", n)]]
         name = {m: f"lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}" for m in RECIPES}
+        gap = paired_difference(by[best[("PolicyFlow", n)]], by[best[("PPO", n)]], "return", digits=0)
         lines.append(
             f"- {n} env(s) per process: PolicyFlow / PPO mean return, each at its best setting "
             f"(PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): **{ratio:.2f}** (target: within 10%, i.e. ≥ 0.90)"
-            f"; PolicyFlow − PPO, same seed: {paired_gap(by[best[('PolicyFlow', n)]], by[best[('PPO', n)]])}."
+            f"; PolicyFlow − PPO, same seed: {gap}."
         )
     lines.append("")
     png = Path(args.out).with_suffix(".png")
