@@ -145,6 +145,9 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     regularizers: list[dict] = field(default_factory=list)
     sections: dict[str, Any] = field(default_factory=dict)
+    # what the trainer's validate resolved from the sections without loading weights (e.g. LOOP's
+    # pipeline family, options, reward and prompts), set by load_recipe; its build starts from it
+    setup: Any = field(default=None, repr=False, compare=False)
 
     def __getattr__(self, name: str):
         sections = self.__dict__.get("sections", {})
@@ -328,7 +331,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
         regularizers=_coerce(engine_part.get("regularizers") or [], list[dict], "regularizers"),
         sections={name: _coerce(data.get(name), cls, name) for name, cls in spec.sections.items()},
     )
-    validate(recipe, spec)
+    recipe.setup = validate(recipe, spec)
     return recipe
 
 
@@ -344,8 +347,9 @@ def positive(key: str, value, allow_zero: bool = False):
 KNOWN_TRACKERS = ("wandb", "comet_ml", "mlflow", "clearml", "aim", "dvclive", "swanlab", "trackio")
 
 
-def validate(recipe: Recipe, spec=None) -> None:
-    """Cross-field checks that types alone cannot express; then the trainer's own."""
+def validate(recipe: Recipe, spec=None) -> Any:
+    """Cross-field checks that types alone cannot express; then the trainer's own, whose
+    result (what it resolved, or None) is returned."""
     from rlprox.algos import trainer_spec
 
     run = recipe.run
@@ -402,8 +406,7 @@ def validate(recipe: Recipe, spec=None) -> None:
     for key in spec.counts:
         section, name = key.split(".", 1)
         positive(key, getattr(recipe.sections[section], name))
-    if spec.validate is not None:
-        spec.validate(recipe)
+    setup = spec.validate(recipe) if spec.validate is not None else None
     if spec.minibatches_per_epoch is not None:
         steps, per_epoch = run.gradient_accumulation_steps, spec.minibatches_per_epoch(recipe)
         if per_epoch % steps:
@@ -412,6 +415,7 @@ def validate(recipe: Recipe, spec=None) -> None:
                 f"{steps} does not divide the {per_epoch} minibatch{'es' if per_epoch != 1 else ''} per epoch"
                 " (an optimizer step would span epochs)",
             )
+    return setup
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -16,21 +16,20 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
     """What the engine hands a trainer's ``build``: the accelerator and per-process
     sampling streams. ``generator`` (torch, on the device) and ``np_rng`` are seeded
     from (recipe seed, rank): processes draw different noise, and both are saved in
-    checkpoints, so a resumed run draws what an uninterrupted one would have."""
+    checkpoints, so a resumed run draws what an uninterrupted one would have. Frozen: what
+    a trainer needs beyond these comes as an argument of its build."""
 
     accelerator: Accelerator
     generator: torch.Generator
     np_rng: np.random.Generator
     frozen_dtype: torch.dtype = torch.float32
     train: bool = True  # False when built for `rlprox eval` / export (no training envs, no data)
-    loss_side_regularizers: list = field(
-        default_factory=list
-    )  # the recipe's mode-loss regularizers (set by the engine)
+    scoring: bool = True  # False when built for `rlprox export`: nothing is scored, reward models are not built
 
     @property
     def device(self) -> torch.device:
@@ -55,19 +54,6 @@ class Runtime:
         """The recipe's mixed precision for forward passes (also in collect)."""
         return self.accelerator.autocast()
 
-    def loss_side_penalties(self, **tensors) -> tuple[torch.Tensor | float, dict]:
-        """Σ λ·R(tensors) over the recipe's loss-side regularizers, which act on tensors
-        the trainer's loss computes (e.g. PolicyFlow's Brownian term on velocities), and
-        their values as ``penalty/<index>.<type>`` stats. A trainer adds the sum to its
-        loss and passes every tensor it offers (its ``TrainerSpec.loss_inputs``).
-        Penalties on parameters (``mode: penalty``) are the engine's, not this."""
-        total, stats = 0.0, {}
-        for entry in self.loss_side_regularizers:
-            value = entry.reg.penalty(**tensors)
-            total = total + value
-            stats[f"penalty/{entry.label}"] = value.detach()
-        return total, stats
-
     def main_process_first(self):
         """Rank 0 runs the block first (e.g. builds a zoo model), the others wait."""
         return self.accelerator.main_process_first()
@@ -78,11 +64,13 @@ def process_seed(seed: int, rank: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, rank, stream]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
-def make_runtime(accelerator: Accelerator, seed: int, frozen_dtype: str = "float32", train: bool = True) -> Runtime:
+def make_runtime(
+    accelerator: Accelerator, seed: int, frozen_dtype: str = "float32", train: bool = True, scoring: bool = True
+) -> Runtime:
     rank = accelerator.process_index
     generator = torch.Generator(device=accelerator.device).manual_seed(process_seed(seed, rank))
     # [seed, rank]: the stream PPO has always used for its actions and minibatches
-    return Runtime(accelerator, generator, np.random.default_rng([seed, rank]), DTYPES[frozen_dtype], train)
+    return Runtime(accelerator, generator, np.random.default_rng([seed, rank]), DTYPES[frozen_dtype], train, scoring)
 
 
 @dataclass

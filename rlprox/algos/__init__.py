@@ -1,8 +1,9 @@
 """The trainer registry.
 
 Each trainer module registers a ``TrainerSpec`` when it is imported: its recipe
-sections (name -> config dataclass), its ``build(recipe, runtime)``, its
-``validate(recipe)``, the counts that must be positive, its minibatches per epoch
+sections (name -> config dataclass), its ``build(recipe, runtime, loss_terms)``, its
+``validate(recipe)`` (which may return what it resolved: ``recipe.setup``), the
+counts that must be positive, its minibatches per epoch
 (``rlprox.recipe.validate`` checks both, once for every trainer) and what its
 evaluation takes. ``build`` resolves everything the trainer will need (reward models,
 eval classifiers, reference models): the engine calls it under
@@ -14,7 +15,7 @@ recipe layer loads no trainer.
 
 A trainer defined elsewhere (a test, a user package) registers itself the same way::
 
-    register_trainer(TrainerSpec(name="bandit", sections={"bandit": BanditConfig}, build=Bandit))
+    register_trainer(TrainerSpec(name="bandit", sections={"bandit": BanditConfig}, build=build_bandit))
 
 or a recipe names it as a plugin, ``algo: "mypkg.trainers:SPEC"`` (a ``TrainerSpec``
 object), which also makes checkpoints of it loadable by ``rlprox eval`` in a fresh
@@ -46,9 +47,13 @@ class TrainerSpec:
     """What the engine, the recipe parser and the CLI need to know about a trainer."""
 
     name: str
-    build: Callable[..., Any]  # build(recipe, runtime) -> Algorithm (rlprox.engine.Algorithm)
+    # build(recipe, runtime, loss_terms) -> Algorithm (rlprox.engine.Algorithm); loss_terms: the recipe's loss-side
+    # regularizers (rlprox.prox.attach.LossTerms), which its loss adds
+    build: Callable[..., Any]
     sections: dict[str, type] = field(default_factory=dict)  # recipe section -> config dataclass, in order
-    validate: Callable[[Any], None] | None = None  # validate(recipe): cross-field checks, RecipeError
+    # validate(recipe): cross-field checks (RecipeError); what it returns (what it resolved without loading weights)
+    # is kept as recipe.setup for build
+    validate: Callable[[Any], Any] | None = None
     counts: tuple[str, ...] = ()  # "section.field" keys that must be > 0 (checked before validate)
     # minibatches_per_epoch(recipe): optimizer steps per epoch at run.gradient_accumulation_steps 1, which
     # run.gradient_accumulation_steps must divide (else a step would span epochs); None: not checked
@@ -56,7 +61,7 @@ class TrainerSpec:
     description: str = ""  # one line for `rlprox --help` / docs
     eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
     eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours
-    loss_inputs: tuple[str, ...] = ()  # what its loss offers loss-side regularizers (runtime.loss_side_penalties)
+    loss_inputs: tuple[str, ...] = ()  # what its loss offers loss-side regularizers (its loss_terms)
 
     def __post_init__(self):
         unknown = set(self.eval_flags) - set(EVAL_FLAGS)

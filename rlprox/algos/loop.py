@@ -1,22 +1,22 @@
-"""LOOP: leave-one-out PPO fine-tuning of a diffusers text-to-image pipeline
+"""LOOP: leave-one-out PPO fine-tuning of a diffusers generative pipeline
 (Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
 Diffusion Fine-tuning", arXiv 2503.00897).
 
-Each denoising step is a Gaussian policy π_θ(x_{t−1} | x_t, c): a DDIM(η) step for UNet
-pipelines (rlprox/models/diffusion.py), a flow-matching SDE or CPS step on ``sde_window``'s
-steps for SD3 / FLUX (rlprox/models/flow_match.py; the other steps are ODE steps, not trained). A
-pipeline adapter per family (rlprox/models/pipelines.py) encodes prompts, samples, re-evaluates
-a step's log-prob and decodes; the trainer calls no pipeline class itself. Per iteration, each process:
+Each denoising step is a Gaussian policy π_θ(x_{t−1} | x_t, c), given by the model family's
+adapter (rlprox/models/pipelines/: a DDIM(η) step for UNet families, a flow-matching SDE or CPS
+step on a window of steps for transformer families). The adapter encodes prompts, samples,
+re-evaluates a step's log-prob and decodes; the trainer names no family and calls no pipeline
+class itself. Per iteration, each process:
 
-    COLLECT    P prompts × K samples each, DDIM(η) with classifier-free guidance, noise
-               from the engine's per-rank generator; every latent and log π_old kept.
-               Images are decoded and scored in a worker thread while the next batch
+    COLLECT    P prompts × K samples each with the family's stochastic sampler, noise from
+               the engine's per-rank generator; every latent and log π_old kept (a ``Rollout``).
+               Samples are decoded and scored in a worker thread while the next batch
                is denoised.
     ADVANTAGE  leave-one-out within each prompt's K samples (LOOP eq. 5):
                    A_{p,k} = r_{p,k} − 1/(K−1)·Σ_{j≠k} r_{p,j}
                or DDPO's per-prompt reward statistics, group normalisation (GRPO) or batch
                normalisation; optionally normalised over the batch; clipped to ±adv_clip.
-    UPDATE     num_inner_epochs × minibatches × a random subset of the T steps
+    UPDATE     update_epochs × minibatches × a random subset of the trained steps
                (timestep_fraction): the PPO clipped surrogate on the per-step ratio
                    ρ_t = exp(log π_θ(x_{t−1}|x_t,c) − log π_old(x_{t−1}|x_t,c)),
                    L = −E[min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε)·A)]
@@ -43,9 +43,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -53,10 +55,18 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError, RegistryError
-from rlprox.models.pipelines import Sampling, adapter_for_class, pipeline_class
+from rlprox.models.pipelines import (
+    FORMER_SECTION_KEYS,
+    Adapter,
+    Sampling,
+    adapter_for_class,
+    adapter_from_spec,
+    pipeline_class,
+)
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
+    from rlprox.prox.attach import LossTerms
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
@@ -67,8 +77,7 @@ class LoraSpec:
 
     rank: int = 4  # r
     alpha: float = 4.0  # scale α/r
-    # module names to adapt; empty: the family's attention projections (SD: to_q, to_k, to_v,
-    # to_out.0; SD3: those and the text stream's add_q_proj, add_k_proj, add_v_proj, to_add_out)
+    # module names to adapt; empty: the family's attention projections (its adapter's lora_targets)
     target_modules: list[str] = field(default_factory=list)
 
 
@@ -76,50 +85,51 @@ class LoraSpec:
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
-    # a diffusers StableDiffusionPipeline (UNet + DDIM), StableDiffusion3Pipeline or FluxPipeline
-    # (transformer + flow matching): local folder, hub id (offline cache) or zoo:NAME
+    # the old keys of this section, for one release: old -> new (a dotted new key is a family option)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "clip_range": "clip_coef",
+        "num_inner_epochs": "update_epochs",
+        "train_batch_size": "minibatch_size",
+        **{key: f"sampling.{key}" for key in FORMER_SECTION_KEYS},
+    }
+
+    # the diffusers pipeline to tune: a local folder, a hub id (offline cache) or zoo:NAME; its model_index.json
+    # names the pipeline class, which picks the family's adapter
     pipeline: str = "zoo:digits-sd"
+    # a family adapter of one's own, "module:Class" (a rlprox.models.pipelines.Adapter); "": the one registered
+    # for the pipeline's class
+    adapter: str = ""
+    # the family's own sampling options (DDIM: eta; flow matching: sampler, noise_level, sde_window; FLUX also
+    # guidance_embedding); `rlprox train --help-recipe loop` and docs/flow-matching.md list them
+    sampling: dict = field(default_factory=dict)
     # a named set: "digits" (the 50 digits-world prompts "a <colour> <digit>") or "digits-paraphrased" (700:
-    # 14 phrasings of each, so a prompt recurs rarely), a .txt file (one per line), or "module:function"
+    # 14 phrasings of each, so a prompt recurs rarely), a .txt file (one per line, UTF-8), or "module:function"
     # returning (prompts, metadata)
     prompts: str = "digits"
     eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
     prompts_per_iteration: int = 16  # P, prompts sampled per iteration, per process
     num_steps: int = 20  # denoising steps T
-    # DDIM pipelines only: η (> 0: a stochastic policy with a log-prob); unset: 1.0
-    eta: float | None = None
-    # flow-matching pipelines only (SD3): the stochastic step, "sde" (Flow-GRPO) or "cps"
-    # (coefficients-preserving); unset: "sde". See docs/flow-matching.md
-    sampler: Literal["sde", "cps"] | None = None
-    # flow-matching pipelines only: the sampler's noise level a (> 0; cps: in (0, 1]); unset: 0.7
-    noise_level: float | None = None
-    # flow-matching pipelines only: [start, end), the steps sampled stochastically and trained
-    # (0 = the step from σ = 1); the others are ODE steps with no log-prob, never trained.
-    # Unset: every step (sde), every step but the last to σ = 0 (cps)
-    sde_window: list[int] | None = None
-    max_sequence_length: int = 256  # SD3 / FLUX: T5 tokens per prompt (ignored by SD pipelines)
+    max_sequence_length: int = 256  # text tokens per prompt for encoders that take a length (T5; SD's CLIP: 77)
     resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
-    # FLUX only: the distilled guidance value fed to the transformer's guidance embedding; unset: 3.5
-    # (a transformer without one, FLUX.1-schnell, refuses it: leave it unset there)
-    guidance_embedding: float | None = None
-    sample_batch_size: int = 16  # samples denoised together, per process
+    sample_batch_size: int = 16  # samples denoised together in one sampling batch, per process
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip
-    clip_range: float = 1e-4  # PPO ε on the per-step ratio
-    num_inner_epochs: int = 1  # passes over each round's samples
-    train_batch_size: int = 16  # samples per minibatch, per process
+    clip_coef: float = 1e-4  # PPO ε on the per-step ratio (DDPO / Flow-GRPO: clip_range)
+    update_epochs: int = 1  # passes over each round's samples (DDPO / Flow-GRPO: num_inner_epochs)
+    # samples per training minibatch (one optimizer step), per process (DDPO / Flow-GRPO: train_batch_size)
+    minibatch_size: int = 16
     # fraction of the trained steps (all T, or the sde_window's) trained per sample, a random subset each minibatch
     timestep_fraction: float = 1.0
-    # trained steps of a minibatch evaluated in one denoiser pass (a batch of train_batch_size × this):
+    # trained steps of a minibatch evaluated in one denoiser pass (a batch of minibatch_size × this):
     # fewer, larger passes for the same gradient; must divide the steps trained per sample
     steps_per_pass: int = 1
     prompt_stats_buffer_size: int = 32  # prompt_stats: rewards kept per prompt
     prompt_stats_min_count: int = 16  # prompt_stats: below this many, use the batch's mean/std
     finetune: Literal["lora", "full"] = "lora"  # train LoRA adapters (peft) or every denoiser weight
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)  # the LoRA adapters (finetune: lora)
     gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (memory for time)
     # an EMA of the trained weights, updated after each round's update, θ̄ ← d·θ̄ + (1−d)·θ with
     # d = min(ema_decay, (1+n)/(10+n)) at the n-th update; evaluation and export use it. 0: off.
@@ -136,78 +146,65 @@ def trained_timesteps(num_trainable: int, fraction: float) -> int:
     return max(1, int(round(num_trainable * fraction)))
 
 
-FLOW_OPTIONS = ("sampler", "noise_level", "sde_window")
-# the zoo's pipelines and their classes (known before they are built)
-ZOO_PIPELINES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
+@dataclass(frozen=True)
+class LoopSetup:
+    """What a LOOP recipe resolves to before any weights load: made once by ``validate`` and
+    handed to the trainer's constructor."""
+
+    adapter: type[Adapter] | None  # the family's adapter class; None: a hub id whose class is known once it loads
+    sampling: Sampling  # the options every family takes
+    options: Any  # the family's options (its adapter's Options), resolved; None with adapter None
+    reward: Any  # the reward section, its names and options checked
+    prompts: tuple[list[str], list[dict]]  # training prompts and their metadata
+    eval_prompts: tuple[list[str], list[dict]]  # evaluation prompts and their metadata
 
 
-def sampling_options(cfg: LoopConfig, family, pipeline_name: str) -> Sampling:
-    """The sampling options for a pipeline of adapter class ``family`` (DDIM, or flow matching:
-    ``family.flow``), unset ones filled in; a RecipeError for an option of another family or a
-    value out of range."""
-    if cfg.guidance_embedding is not None and not family.guidance_embedded:
-        raise RecipeError(
-            "loop.guidance_embedding",
-            f"a FLUX option, but {pipeline_name} is a {family.pipeline_classes[0]}: set loop.guidance_scale instead",
-        )
-    if family.guidance_embedded and cfg.guidance_scale != 1:
-        raise RecipeError(
-            "loop.guidance_scale",
-            f"FLUX uses a guidance embedding, not classifier-free guidance: set loop.guidance_embedding instead "
-            f"(got {cfg.guidance_scale})",
-        )
-    if not family.flow:
-        asked = [key for key in FLOW_OPTIONS if getattr(cfg, key) is not None]
-        if asked:
-            raise RecipeError(
-                f"loop.{asked[0]}",
-                f"a flow-matching option, but {pipeline_name} is a DDIM pipeline: set loop.eta instead",
-            )
-        eta = 1.0 if cfg.eta is None else cfg.eta
-        if eta <= 0:
-            raise RecipeError(
-                "loop.eta", f"must be > 0: with η = 0 DDIM is deterministic and has no log-probability (got {eta})"
-            )
-        return Sampling(cfg.num_steps, cfg.guidance_scale, eta=eta, resolution=cfg.resolution)
-    if cfg.eta is not None:
-        raise RecipeError(
-            "loop.eta",
-            f"a DDIM option, but {pipeline_name} is a flow-matching pipeline: "
-            "set loop.sampler, loop.noise_level and loop.sde_window instead",
-        )
-    sampler = cfg.sampler or "sde"
-    noise_level = 0.7 if cfg.noise_level is None else cfg.noise_level
-    if not noise_level > 0 or (sampler == "cps" and noise_level > 1):
-        bound = "in (0, 1] for sampler cps" if sampler == "cps" else "> 0"
-        raise RecipeError("loop.noise_level", f"must be {bound} (got {noise_level})")
-    T = cfg.num_steps
-    if T == 1 and sampler == "cps":
-        raise RecipeError("loop.num_steps", "sampler cps needs >= 2 steps (the last one is an ODE step)")
-    window = cfg.sde_window
-    if window is None:
-        window = [0, T - 1] if sampler == "cps" else [0, T]
-    if len(window) != 2 or not 0 <= window[0] < window[1] <= T:
-        raise RecipeError(
-            "loop.sde_window", f"must be steps [start, end) with 0 <= start < end <= num_steps={T} (got {window})"
-        )
-    if sampler == "cps" and window[1] == T:
-        raise RecipeError(
-            "loop.sde_window",
-            f"sampler cps cannot sample the last step (to σ = 0, std 0): end the window by {T - 1} (got {window})",
-        )
-    return Sampling(
-        T,
-        cfg.guidance_scale,
-        sampler=sampler,
-        noise_level=noise_level,
-        sde_window=(window[0], window[1]),
-        max_sequence_length=cfg.max_sequence_length,
-        guidance_embedding=3.5 if cfg.guidance_embedding is None else cfg.guidance_embedding,
-        resolution=cfg.resolution,
-    )
+def _resolve_adapter(cfg: LoopConfig, class_name: str | None) -> type[Adapter] | None:
+    """The adapter class: ``loop.adapter``'s, else the one registered for ``class_name``."""
+    try:
+        if cfg.adapter:
+            return adapter_from_spec(cfg.adapter)
+        return None if class_name is None else adapter_for_class(class_name)
+    except (ValueError, RegistryError) as err:
+        raise RecipeError("loop.adapter" if cfg.adapter else "loop.pipeline", str(err)) from None
 
 
-def validate(recipe: "Recipe") -> None:
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def _pipeline_class(spec: str) -> str | None:
+    """The pipeline class that ``loop.pipeline`` names, read from config files only; None for a
+    hub id missing from the offline cache. A RecipeError for a folder that is missing or is not a
+    diffusers pipeline."""
+    from rlprox.zoo.build import PIPELINE_CLASSES, check_spec
+
+    if spec.startswith("zoo:"):
+        try:
+            check_spec(spec, tuple(PIPELINE_CLASSES))
+        except ValueError as err:
+            raise RecipeError("loop.pipeline", str(err)) from None
+        return PIPELINE_CLASSES[spec[4:]]
+    path = Path(spec)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise RecipeError("loop.pipeline", f"{spec} is a folder but not a diffusers pipeline (no model_index.json)")
+    if path.exists() and not path.is_dir():
+        raise RecipeError("loop.pipeline", f"{spec} is a file, not a diffusers pipeline folder")
+    if not path.exists() and not HUB_ID.fullmatch(spec):
+        raise RecipeError("loop.pipeline", f"no pipeline folder at {spec} (nor a hub id, nor zoo:NAME)")
+    return pipeline_class(spec, hub=True)
+
+
+def resolve_options(cfg: LoopConfig, adapter: type[Adapter] | None) -> tuple[Sampling, Any]:
+    """(the shared sampling options, the family's) for ``adapter``'s family."""
+    sampling = Sampling(cfg.num_steps, cfg.guidance_scale, cfg.resolution, cfg.max_sequence_length)
+    return sampling, (None if adapter is None else adapter.resolve_options(sampling, cfg.sampling))
+
+
+def validate(recipe: "Recipe") -> LoopSetup:
+    """The section's cross-field checks, then everything it names resolved without loading
+    weights (the pipeline's family from its model_index.json, the family's options, the
+    model's config files, the reward's names, the prompts): the ``LoopSetup`` the trainer is
+    built from."""
     cfg = recipe.loop
     if cfg.num_samples_per_prompt < 2 and cfg.advantage in ("loo", "group_norm"):
         raise RecipeError(
@@ -217,15 +214,15 @@ def validate(recipe: "Recipe") -> None:
         )
     if not 0 < cfg.timestep_fraction <= 1:
         raise RecipeError("loop.timestep_fraction", f"must be in (0, 1] (got {cfg.timestep_fraction})")
-    if cfg.clip_range <= 0 or cfg.adv_clip <= 0:
-        raise RecipeError("loop.clip_range" if cfg.clip_range <= 0 else "loop.adv_clip", "must be > 0")
+    if cfg.clip_coef <= 0 or cfg.adv_clip <= 0:
+        raise RecipeError("loop.clip_coef" if cfg.clip_coef <= 0 else "loop.adv_clip", "must be > 0")
     if cfg.guidance_scale < 1:
         raise RecipeError("loop.guidance_scale", f"must be >= 1 (got {cfg.guidance_scale})")
     samples = cfg.num_samples_per_prompt * cfg.prompts_per_iteration
-    if samples % cfg.train_batch_size:
+    if samples % cfg.minibatch_size:
         raise RecipeError(
-            "loop.train_batch_size",
-            f"{cfg.train_batch_size} does not divide the {samples} samples "
+            "loop.minibatch_size",
+            f"{cfg.minibatch_size} does not divide the {samples} samples "
             "per iteration (num_samples_per_prompt × prompts_per_iteration)",
         )
     if cfg.finetune == "lora" and cfg.lora.rank <= 0:
@@ -238,43 +235,38 @@ def validate(recipe: "Recipe") -> None:
         raise RecipeError("loop.resolution", f"must be >= 8 pixels (got {cfg.resolution})")
     if cfg.max_sequence_length < 1:
         raise RecipeError("loop.max_sequence_length", f"must be >= 1 (got {cfg.max_sequence_length})")
-    if not cfg.pipeline.startswith("zoo:") and not Path(cfg.pipeline).exists() and "/" not in cfg.pipeline:
-        raise RecipeError("loop.pipeline", f"not a folder, a hub id or zoo:NAME: {cfg.pipeline!r}")
-    from rlprox.zoo.build import check_spec
-
-    try:
-        check_spec(cfg.pipeline, tuple(ZOO_PIPELINES))
-        zoo = cfg.pipeline.startswith("zoo:")
-        class_name = ZOO_PIPELINES[cfg.pipeline[4:]] if zoo else pipeline_class(cfg.pipeline, hub=True)
-        family = adapter_for_class(class_name)
-    except ValueError as err:
-        raise RecipeError("loop.pipeline", str(err)) from None
-    if (
-        class_name is None
-    ):  # a hub id not in this machine's cache: the options say which family is meant until it loads
-        if cfg.guidance_embedding is not None:
-            family = adapter_for_class("FluxPipeline")
-        elif any(getattr(cfg, key) is not None for key in FLOW_OPTIONS):
-            family = adapter_for_class("StableDiffusion3Pipeline")
-    sampling_options(cfg, family, cfg.pipeline)
+    adapter = _resolve_adapter(cfg, _pipeline_class(cfg.pipeline))
+    sampling, options = resolve_options(cfg, adapter)
+    if adapter is not None and not cfg.pipeline.startswith("zoo:"):
+        adapter.check_config(cfg.pipeline, sampling)
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
         raise RecipeError("reward", str(err)) from None
-    from rlprox.zoo.data import PROMPT_SETS
-
-    for key in ("prompts", "eval_prompts"):
-        spec = getattr(cfg, key)
-        if spec and spec not in PROMPT_SETS and ":" not in spec:
-            if not Path(spec).is_file():
-                raise RecipeError(
-                    f"loop.{key}", f"not a prompt set ({', '.join(PROMPT_SETS)}) nor a prompt file: {spec}"
-                )
-            if not any(line.strip() for line in Path(spec).read_text().splitlines()):
-                raise RecipeError(f"loop.{key}", f"{spec} holds no prompt (one per line)")
+    train = load_prompts(cfg.prompts)
+    evaluation = load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else train
+    return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+def read_prompt_file(spec: str, key: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file; a RecipeError naming ``key`` when it is missing, not
+    UTF-8 or holds no prompt."""
+    from rlprox.zoo.data import PROMPT_SETS
+
+    path = Path(spec)
+    if not path.is_file():
+        raise RecipeError(key, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor a prompt file: {spec}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(key, f"{spec} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise RecipeError(key, f"{spec} holds no prompt (one per line)")
+    return prompts
 
 
 def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[dict]]:
@@ -294,7 +286,7 @@ def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[
         prompts, metadata = out if isinstance(out, tuple) else (out, [{} for _ in out])
         prompts, metadata = list(prompts), list(metadata)
     else:
-        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        prompts = read_prompt_file(spec, key)
         metadata = [{} for _ in prompts]
     if not prompts:
         raise RecipeError(key, f"{spec} gives no prompt")
@@ -306,7 +298,7 @@ def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[
 class TimestepSlice(NamedTuple):
     """What one ``loss`` call trains: denoising step ``step[i]`` of sample ``samples[i]``."""
 
-    batch: dict  # the round's samples (latents (B, T+1, C, H, W), log_probs (B, T), ...)
+    batch: "Rollout"  # the round's samples
     samples: torch.Tensor  # (b,) indices into the batch: this minibatch's samples
     step: torch.Tensor  # (b,) the denoising step trained for each of them
 
@@ -350,26 +342,39 @@ class PromptStats:
 # ----------------------------------------------------------------------------- the trainer
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """One round's samples on this process; prompt group p is samples p·K .. p·K+K−1."""
+
+    latents: torch.Tensor  # (B, T+1, ...) every latent of each trajectory
+    log_probs: torch.Tensor  # (B, T) log π_old of each step; 0 at untrained (ODE) steps
+    schedule: torch.Tensor  # DDIM timesteps (T,) or flow σ's (T+1,): what the update re-evaluates steps with
+    cond: dict[str, torch.Tensor]  # the conditioning, (B, ...) per key (embeds, pooled, ...)
+    rewards: torch.Tensor  # (B,) this process's rewards (NaN where a reward gave none)
+    prompts: list[str]  # (B,)
+    reward_info: dict[str, float]  # the reward's own stats, averaged over sampling batches
+    advantages: torch.Tensor | None = None  # (B,) set by ``advantages`` (a new Rollout); None before
+
+
 class LOOP:
     """collect / advantages / minibatches / loss / evaluate / export for the engine."""
 
     curve = ("progress/images", "reward/mean")
     stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum", "reward/zero_std_groups": "sum"}
 
-    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+    def __init__(self, recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms", setup: LoopSetup):
         from rlprox.zoo.build import resolve_path
 
         cfg = self.cfg = recipe.loop
-        self.recipe, self.runtime = recipe, runtime
+        self.recipe, self.runtime, self.loss_terms = recipe, runtime, loss_terms
         self.device = runtime.device
         self.path = resolve_path(cfg.pipeline)
+        adapter, options = setup.adapter, setup.options
+        if adapter is None:  # a hub id: its class is known now that it is in the cache
+            adapter = _resolve_adapter(cfg, pipeline_class(self.path, hub=True) or "?")
+            options = adapter.resolve_options(setup.sampling, cfg.sampling)
         try:
-            family = adapter_for_class(pipeline_class(self.path, hub=True))
-        except ValueError as err:
-            raise RecipeError("loop.pipeline", str(err)) from None
-        sampling = sampling_options(cfg, family, cfg.pipeline)  # wrong options fail before the pipeline loads
-        try:
-            self.pipeline = family.load(self.path, sampling)
+            self.adapter = adapter.load(self.path, setup.sampling, options)
         except RecipeError:
             raise
         except (OSError, ValueError) as err:
@@ -379,53 +384,26 @@ class LOOP:
                 f"({str(err).strip().splitlines()[0][:160]}); no downloads at "
                 "run time: give a local folder or a hub id already in the cache",
             ) from None
-        if cfg.guidance_embedding is not None and not self.pipeline.denoiser.config.get("guidance_embeds", True):
-            raise RecipeError(
-                "loop.guidance_embedding",
-                f"the transformer of {cfg.pipeline!r} has no guidance embedding (FLUX.1-schnell): leave it unset",
-            )
-        denoiser = self.denoiser = self.pipeline.denoiser
-        if self.pipeline.denoiser_name == "unet":
-            self.unet = denoiser  # the name SD users and tests know
-        denoiser.requires_grad_(False)
-        if cfg.finetune == "lora":
-            from peft import LoraConfig
-
-            denoiser.add_adapter(
-                LoraConfig(
-                    r=cfg.lora.rank,
-                    lora_alpha=cfg.lora.alpha,
-                    target_modules=list(cfg.lora.target_modules or self.pipeline.lora_targets),
-                    init_lora_weights="gaussian",
-                )
-            )
-        else:
-            denoiser.requires_grad_(True)
-        if cfg.finetune == "lora" and runtime.frozen_dtype != torch.float32:
-            # the frozen base in run.frozen_dtype, the adapters in float32
-            for p in denoiser.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(runtime.frozen_dtype)
-        if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        self.modules = {self.pipeline.denoiser_name: denoiser}
-        # the KL to the reference policy (a kl_ref regularizer): its step means are computed only then
-        self.kl_ref = any(r.get("type") == "kl_ref" and float(r.get("lam", 0)) > 0 for r in recipe.regularizers)
+        self.adapter.check_memory(cfg.sample_batch_size, self.device)
+        self.denoiser = self.adapter.prepare_denoiser(cfg.finetune, cfg.lora, cfg.gradient_checkpointing)
+        self.modules = {self.adapter.denoiser_name: self.denoiser}
+        # the reference policy's step means, only when a loss term (kl_ref) uses them
+        self.needs_reference = loss_terms.needs("ref_mean")
         self.ema: dict[str, torch.Tensor] | None = None  # name -> θ̄, set by the first after_update
         self.ema_updates = 0
-        self.frozen = dict(self.pipeline.frozen)
+        self.frozen = dict(self.adapter.frozen)
         self.base_denoiser = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
-        try:
-            self.reward = build_reward(recipe.reward, device=self.device)
-        except (ValueError, RegistryError) as err:
-            raise RecipeError("reward", str(err)) from None
-        self.prompts, self.metadata = load_prompts(cfg.prompts)
-        self.eval_prompt_list = (
-            load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else (self.prompts, self.metadata)
-        )
+        self.reward = None
+        if runtime.scoring:
+            try:
+                self.reward = build_reward(setup.reward, device=self.device)
+            except (ValueError, RegistryError) as err:
+                raise RecipeError("reward", str(err)) from None
+        self.prompts, self.metadata = setup.prompts
+        self.eval_prompt_list = setup.eval_prompts
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
-        per_sample = trained_timesteps(len(self.pipeline.trained_steps), cfg.timestep_fraction)
+        per_sample = trained_timesteps(len(self.adapter.trained_steps), cfg.timestep_fraction)
         if per_sample % cfg.steps_per_pass:
             raise RecipeError(
                 "loop.steps_per_pass",
@@ -434,8 +412,8 @@ class LOOP:
             )
         self.steps_per_sample = per_sample
         self.micro_steps = per_sample // cfg.steps_per_pass  # loss calls per minibatch
-        self.update_epochs = cfg.num_inner_epochs
-        self._pool = (
+        self.update_epochs = cfg.update_epochs
+        self.pool = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlprox-score")
             if cfg.score_in_background
             else None
@@ -443,38 +421,38 @@ class LOOP:
 
     # ------------------------------------------------------------------ helpers
     def _denoiser(self):
-        return self.runtime.unwrap(self.modules[self.pipeline.denoiser_name])
+        return self.runtime.unwrap(self.modules[self.adapter.denoiser_name])
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The conditioning (tensors (B, ...)), computed once per distinct prompt (frozen encoders)."""
         unique = list(dict.fromkeys(prompts))
-        cond = self.pipeline.encode(unique, self.device)
+        cond = self.adapter.encode(unique, self.device)
         index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
         return {k: v.index_select(0, index) for k, v in cond.items()}
 
     def _negative(self, n: int) -> dict[str, torch.Tensor] | None:
-        return self.pipeline.negative(n, self.device)
+        return self.adapter.negative(n, self.device)
 
     def _score(self, latents: torch.Tensor, prompts: list[str], metadata: list[dict]):
-        images = self.pipeline.decode(latents)
+        images = self.adapter.decode(latents)
         rewards, info = self.reward(images, prompts, metadata)
         return rewards.float().cpu(), info
 
     # ------------------------------------------------------------------ COLLECT
     @torch.no_grad()
-    def collect(self):
+    def collect(self) -> Rollout:
         cfg, rng = self.cfg, self.runtime.np_rng
         K, P = cfg.num_samples_per_prompt, cfg.prompts_per_iteration
         chosen = rng.integers(len(self.prompts), size=P)
         prompts = [self.prompts[i] for i in chosen for _ in range(K)]  # group p = samples p·K .. p·K+K−1
         metadata = [self.metadata[i] for i in chosen for _ in range(K)]
         cond = self._embed(prompts)
-        denoiser = self.modules[self.pipeline.denoiser_name]
+        denoiser = self.modules[self.adapter.denoiser_name]
         batches, pending = [], []
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
-            traj = self.pipeline.sample(
+            traj = self.adapter.sample(
                 denoiser,
                 {k: v[sl] for k, v in cond.items()},
                 self._negative(len(prompts[sl])),
@@ -483,44 +461,44 @@ class LOOP:
             )
             batches.append(traj)
             final = traj["latents"][:, -1]
-            if self._pool is not None:  # score this batch while the next one denoises
-                pending.append(self._pool.submit(self._score, final, prompts[sl], metadata[sl]))
+            if self.pool is not None:  # score this batch while the next one denoises
+                pending.append(self.pool.submit(self._score, final, prompts[sl], metadata[sl]))
             else:
                 pending.append(self._score(final, prompts[sl], metadata[sl]))
         scored = [p.result() if isinstance(p, concurrent.futures.Future) else p for p in pending]
         rewards = torch.cat([r for r, _ in scored]).to(self.device)
         info = {k: float(np.mean([i[k] for _, i in scored])) for k in scored[0][1]} if scored and scored[0][1] else {}
         self.images_seen += len(prompts) * self.runtime.world
-        self._last = {"rewards": rewards, "info": info}
-        return {
-            "latents": torch.cat([b["latents"] for b in batches]),  # (B, T+1, C, H, W)
-            "log_probs": torch.cat([b["log_probs"] for b in batches]),  # (B, T); 0 at untrained ODE steps
-            "schedule": batches[0]["schedule"],  # DDIM timesteps (T,) or flow σ's (T+1,)
-            "cond": cond,  # the conditioning: embeds (B, L, D), pooled (B, D') for SD3
-            "rewards": rewards,  # (B,)
-            "prompts": prompts,
-        }
+        return Rollout(
+            latents=torch.cat([b["latents"] for b in batches]),
+            log_probs=torch.cat([b["log_probs"] for b in batches]),
+            schedule=batches[0]["schedule"],
+            cond=cond,
+            rewards=rewards,
+            prompts=prompts,
+            reward_info=info,
+        )
 
     # ------------------------------------------------------------------ ADVANTAGE
-    def advantages(self, batch):
+    def advantages(self, batch: Rollout) -> Rollout:
         cfg = self.cfg
         K = cfg.num_samples_per_prompt
-        rewards = batch["rewards"]
+        rewards = batch.rewards
         if cfg.advantage == "loo":
             adv = objectives.leave_one_out(rewards.view(-1, K)).view(-1)
         elif cfg.advantage == "group_norm":
             adv = objectives.group_normalize(rewards.view(-1, K)).view(-1)
         elif cfg.advantage == "prompt_stats":
-            prompts, all_rewards = batch["prompts"], rewards.cpu().numpy()
+            prompts, all_rewards = batch.prompts, rewards.cpu().numpy()
             if self.runtime.world > 1:  # the statistics see every process's prompts, in rank order
                 from accelerate.utils import gather_object
 
-                pairs = gather_object([(batch["prompts"], all_rewards.tolist())])
+                pairs = gather_object([(batch.prompts, all_rewards.tolist())])
                 prompts = [p for ps, _ in pairs for p in ps]
                 all_rewards = np.asarray([r for _, rs in pairs for r in rs])
             mean, std = self.prompt_stats.update(prompts, all_rewards)
-            start = self.runtime.rank * len(batch["prompts"])
-            mine = slice(start, start + len(batch["prompts"]))
+            start = self.runtime.rank * len(batch.prompts)
+            mine = slice(start, start + len(batch.prompts))
             adv = (rewards.cpu().numpy() - mean[mine]) / (std[mine] + 1e-6)
             adv = torch.as_tensor(np.where(np.isfinite(adv), adv, 0.0), dtype=torch.float32, device=self.device)
         else:  # batch_norm over all processes
@@ -529,8 +507,7 @@ class LOOP:
             adv = torch.where(self._zero_spread(rewards).repeat_interleave(K), torch.zeros_like(adv), adv)
         if cfg.normalize_advantages and cfg.advantage != "batch_norm":
             adv = self._batch_normalize(adv, center=False)
-        batch["advantages"] = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
-        return batch
+        return dataclasses.replace(batch, advantages=adv.clamp(-cfg.adv_clip, cfg.adv_clip))
 
     def _zero_spread(self, rewards: torch.Tensor) -> torch.Tensor:
         """(P,) True for the prompt groups whose K rewards are all equal (finite ones; NaNs ignored)."""
@@ -549,7 +526,7 @@ class LOOP:
         return torch.where(finite, out, torch.zeros_like(out)).float()
 
     # ------------------------------------------------------------------ UPDATE
-    def minibatches(self, batch, epoch: int):
+    def minibatches(self, batch: Rollout, epoch: int):
         """``TimestepSlice``s of each minibatch of samples: a minibatch of ``train_batch_size``
         samples with T' trained steps each is T'/k ``loss`` calls of k = ``steps_per_pass``
         steps per sample (one denoiser pass over b·k items), whose gradients the engine sums
@@ -557,11 +534,11 @@ class LOOP:
         are a random subset of the pipeline's trained steps (all T for DDIM, the sde_window's
         for flow matching)."""
         cfg, gen = self.cfg, self.runtime.generator
-        B = batch["latents"].shape[0]
-        trainable = self.pipeline.trained_steps.to(self.device)  # (T',)
+        B = batch.latents.shape[0]
+        trainable = self.adapter.trained_steps.to(self.device)  # (T',)
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
-        for start in range(0, B, cfg.train_batch_size):
-            idx = order[start : start + cfg.train_batch_size]
+        for start in range(0, B, cfg.minibatch_size):
+            idx = order[start : start + cfg.minibatch_size]
             picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
             steps = trainable[torch.stack(picks).to(self.device)]
             k = self.cfg.steps_per_pass
@@ -571,28 +548,28 @@ class LOOP:
     def loss(self, item: "TimestepSlice"):
         batch, idx, step = item
         cfg = self.cfg
-        x_t = batch["latents"][idx, step]  # (b, C, H, W)
-        x_next = batch["latents"][idx, step + 1]
-        cond, negative = {k: v[idx] for k, v in batch["cond"].items()}, self._negative(len(idx))
-        model = self.modules[self.pipeline.denoiser_name]
-        logp, mean, std = self.pipeline.step_distribution(
-            model, cond, negative, batch["schedule"], x_t, x_next, step
+        x_t = batch.latents[idx, step]  # (b, C, H, W)
+        x_next = batch.latents[idx, step + 1]
+        cond, negative = {k: v[idx] for k, v in batch.cond.items()}, self._negative(len(idx))
+        model = self.modules[self.adapter.denoiser_name]
+        logp, mean, std = self.adapter.step_distribution(
+            model, cond, negative, batch.schedule, x_t, x_next, step
         )  # (b,), (b, ...), std
-        old = batch["log_probs"][idx, step]
-        adv = batch["advantages"][idx]
-        loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_range)
+        old = batch.log_probs[idx, step]
+        adv = batch.advantages[idx]
+        loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_coef)
         tensors = {"mean": mean, "std": std}
-        if self.kl_ref:  # the reference's step mean at the same x: the base model (LoRA off), no gradient
+        if self.needs_reference:  # the reference's step mean at the same x: the base model (LoRA off), no gradient
             with torch.no_grad(), self._base_model() as reference:
-                _, tensors["ref_mean"], _ = self.pipeline.step_distribution(
-                    reference, cond, negative, batch["schedule"], x_t, x_next, step
+                _, tensors["ref_mean"], _ = self.adapter.step_distribution(
+                    reference, cond, negative, batch.schedule, x_t, x_next, step
                 )
-        penalty, penalty_stats = self.runtime.loss_side_penalties(**tensors)
+        penalty, penalty_stats = self.loss_terms(**tensors)
         with torch.no_grad():
             stats = {
                 "loss/policy": loss.detach(),
                 "policy/approx_kl": objectives.kl_k3(old, logp),
-                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
+                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
                 "policy/ratio_mean": ratio.mean(),
                 **penalty_stats,
@@ -600,8 +577,8 @@ class LOOP:
         return loss + penalty, stats
 
     # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, elapsed: float) -> dict:
-        r = self._last["rewards"].float()
+    def iteration_stats(self, batch: Rollout, elapsed: float) -> dict:
+        r = batch.rewards.float()
         finite = torch.isfinite(r)
         stats = {
             "reward/mean": float(r[finite].mean()) if finite.any() else float("nan"),
@@ -614,7 +591,7 @@ class LOOP:
         }
         if self.cfg.advantage == "prompt_stats":  # how often DDPO's baseline is the prompt's own, not the batch's
             stats["reward/prompt_stats_tracked"] = self.prompt_stats.tracked_fraction
-        stats.update({f"reward/{k}": v for k, v in self._last["info"].items()})
+        stats.update({f"reward/{k}": v for k, v in batch.reward_info.items()})
         return stats
 
     # ------------------------------------------------------------------ EVALUATE
@@ -638,11 +615,11 @@ class LOOP:
         noise = []
         for i in items:
             g = torch.Generator().manual_seed(request.seed * 1_000_003 + i)
-            noise.append(torch.randn(self.pipeline.noise_shape(), generator=g))
+            noise.append(torch.randn(self.adapter.noise_shape(), generator=g))
         noise = torch.stack(noise).to(self.device)  # (n, T+1, C, H, W): x_T and each step's z
         cond = self._embed(chosen_prompts)
         values, images = {}, {}
-        variants = [("", False)] + ([(self.pipeline.deterministic_suffix, True)] if cfg.eval_deterministic else [])
+        variants = [("", False)] + ([(self.adapter.deterministic_suffix, True)] if cfg.eval_deterministic else [])
         models = [("", self._denoiser())] + ([("base_", None)] if cfg.eval_base else [])
         for prefix, denoiser in models:
             for suffix, deterministic in variants:
@@ -650,7 +627,7 @@ class LOOP:
                 for start in range(0, len(items), cfg.sample_batch_size):
                     sl = slice(start, start + cfg.sample_batch_size)
                     with self._base_model() if denoiser is None else self._tuned_model() as model:
-                        final = self.pipeline.sample_with_noise(
+                        final = self.adapter.sample_with_noise(
                             model,
                             {k: v[sl] for k, v in cond.items()},
                             self._negative(len(noise[sl])),
@@ -660,7 +637,7 @@ class LOOP:
                         )
                     finals.append(final)
                 latents = torch.cat(finals)
-                imgs = self.pipeline.decode(latents)
+                imgs = self.adapter.decode(latents)
                 rewards, _ = self.reward(imgs, chosen_prompts, chosen_meta)
                 values[f"{prefix}reward{suffix}"] = rewards.float().cpu().tolist()
                 if suffix == "":
@@ -668,8 +645,6 @@ class LOOP:
         shown = [k for k, i in enumerate(items) if i < cfg.eval_grid_size]
         grid = {}
         if shown:
-            from rlprox.images import caption_cells
-
             prefixes = ["base_", ""] if cfg.eval_base else [""]
             columns = [images[p or "tuned"][shown] for p in prefixes]
             captions = [
@@ -677,7 +652,7 @@ class LOOP:
                 for k in shown
             ]
             name = "base_vs_tuned" if cfg.eval_base else "tuned"
-            grid[name] = caption_cells(columns, [p.rstrip("_") or "tuned" for p in prefixes], captions)
+            grid[name] = self.adapter.eval_grid(columns, [p.rstrip("_") or "tuned" for p in prefixes], captions)
         return EvalShard(
             values=values,
             images=grid,
@@ -715,7 +690,7 @@ class LOOP:
             # bfloat16 without autocast, a bf16 copy met fp32 latents)
             dtype = next(denoiser.parameters()).dtype
             with torch.enable_grad():  # a late build never runs under the eval hook's no_grad
-                base = self.pipeline.load_base_denoiser(self.path, dtype)
+                base = self.adapter.load_base_denoiser(self.path, dtype)
             self.base_denoiser = base.to(self.device).eval().requires_grad_(False)
         return contextlib.nullcontext(self.base_denoiser)
 
@@ -723,14 +698,16 @@ class LOOP:
     def export(self, out_dir: Path) -> list[Path]:
         """LoRA: the adapter in the diffusers format that the pipeline's
         ``load_lora_weights(out_dir)`` reads; full fine-tuning: the whole pipeline with the
-        tuned denoiser (``save_pretrained``)."""
+        tuned denoiser (``save_pretrained``). Prints the diffusers call that loads it."""
         out_dir = Path(out_dir)
+        lora = self.cfg.finetune == "lora"
         with self._tuned_model() as denoiser:
-            if self.cfg.finetune == "lora":
-                self.pipeline.save_lora(out_dir, denoiser)
-                return [out_dir / "pytorch_lora_weights.safetensors"]
-            self.pipeline.save_full(out_dir, self.path, denoiser)
-        return [out_dir]
+            if lora:
+                self.adapter.save_lora(out_dir, denoiser)
+            else:
+                self.adapter.save_full(out_dir, self.path, denoiser)
+        print(f"load it with: {self.adapter.load_hint(out_dir, str(self.path), lora)}")
+        return [out_dir / "pytorch_lora_weights.safetensors"] if lora else [out_dir]
 
     # ------------------------------------------------------------------ EMA
     def after_update(self) -> None:
@@ -785,14 +762,19 @@ class LOOP:
         self.ema = ema or None
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def build(recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms") -> LOOP:
+    """The trainer from the recipe's ``LoopSetup`` (resolved when the recipe was validated)."""
+    return LOOP(recipe, runtime, loss_terms, recipe.setup or validate(recipe))
 
 
 register_trainer(
     TrainerSpec(
         name="loop",
-        build=LOOP,
+        build=build,
         sections={"loop": LoopConfig, "reward": RewardSpec},
         validate=validate,
         counts=tuple(
@@ -802,14 +784,14 @@ register_trainer(
                 "prompts_per_iteration",
                 "num_steps",
                 "sample_batch_size",
-                "num_inner_epochs",
-                "train_batch_size",
+                "update_epochs",
+                "minibatch_size",
                 "prompt_stats_buffer_size",
                 "steps_per_pass",
             )
         ),
         minibatches_per_epoch=lambda recipe: (
-            recipe.loop.num_samples_per_prompt * recipe.loop.prompts_per_iteration // recipe.loop.train_batch_size
+            recipe.loop.num_samples_per_prompt * recipe.loop.prompts_per_iteration // recipe.loop.minibatch_size
         ),
         description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
         loss_inputs=("mean", "ref_mean", "std"),

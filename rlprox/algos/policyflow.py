@@ -64,6 +64,7 @@ from rlprox.onpolicy import (
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from rlprox.prox.attach import LossTerms
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
@@ -128,9 +129,11 @@ class PolicyFlow:
     curve = ("progress/env_steps", "reward/episodic_return")
     stat_reductions = GymRollout.REDUCTIONS
 
-    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+    def __init__(self, recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms | None" = None):
         from rlprox.models.flow_policy import FlowPolicy
+        from rlprox.prox.attach import LossTerms
 
+        self.loss_terms = loss_terms or LossTerms()
         cfg = self.cfg = recipe.policyflow
         self.recipe, self.env_cfg, self.runtime = recipe, recipe.env, runtime
         self.device, self.world = runtime.device, runtime.world
@@ -326,9 +329,7 @@ class PolicyFlow:
             values, col(mb, "returns"), col(mb, "values"), cfg.clip_coef if cfg.clip_vloss else None
         )
         entropy = objectives.gaussian_entropy(log_std)
-        penalty, penalty_stats = self.runtime.loss_side_penalties(
-            v=v, v_hat=v_hat, x_t=x_t, t=t, base_std=cfg.noise_scale
-        )
+        penalty, penalty_stats = self.loss_terms(v=v, v_hat=v_hat, x_t=x_t, t=t, base_std=cfg.noise_scale)
         loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss + penalty
         with torch.no_grad():
             stats = {
@@ -347,7 +348,7 @@ class PolicyFlow:
         return epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl
 
     # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, elapsed: float) -> dict:
+    def iteration_stats(self, batch, elapsed: float) -> dict:
         return rollout_stats(self.rollout, self.cfg.num_steps, elapsed, self._explained_variance)
 
     # ------------------------------------------------------------------ EVALUATE

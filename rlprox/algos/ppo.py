@@ -211,7 +211,7 @@ class PPO:
         return epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl
 
     # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, elapsed: float) -> dict:
+    def iteration_stats(self, batch, elapsed: float) -> dict:
         return rollout_stats(self.rollout, self.cfg.num_steps, elapsed, self._explained_variance)
 
     # ------------------------------------------------------------------ EVALUATE
@@ -290,7 +290,7 @@ class PPO:
 register_trainer(
     TrainerSpec(
         name="ppo",
-        build=PPO,
+        build=lambda recipe, runtime, loss_terms: PPO(recipe, runtime),
         sections={"env": EnvConfig, "ppo": PPOConfig},
         validate=validate,
         counts=("ppo.num_steps", "ppo.minibatch_size", "ppo.update_epochs"),

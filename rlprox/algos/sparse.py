@@ -155,7 +155,7 @@ class SparseClassifier:
         return ce, stats
 
     # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, elapsed: float) -> dict:
+    def iteration_stats(self, batch, elapsed: float) -> dict:
         n = train_size(self.cfg) * self.cfg.epochs_per_iteration
         stats = {"progress/examples": self.examples_seen, "perf/examples_per_s": n / max(elapsed, 1e-9)}
         for l, (zero, width) in enumerate(zip(zero_neurons(self._unwrapped()), self.cfg.hidden_sizes)):
@@ -240,7 +240,7 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 register_trainer(
     TrainerSpec(
         name="sparse",
-        build=SparseClassifier,
+        build=lambda recipe, runtime, loss_terms: SparseClassifier(recipe, runtime),
         sections={"sparse": SparseConfig},
         validate=validate,
         counts=("sparse.epochs_per_iteration", "sparse.batch_size"),

@@ -44,6 +44,7 @@ from rlprox.models.llamagen import group_sample, noisy_context, token_logp
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
+    from rlprox.prox.attach import LossTerms
     from rlprox.recipe import Recipe
     from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
@@ -238,9 +239,12 @@ class VAPi:
     curve = ("progress/images", "reward/mean")
     stat_reductions = {"progress/images": "mean", "reward/zero_std_groups": "sum"}
 
-    def __init__(self, recipe: "Recipe", runtime: "Runtime"):
+    def __init__(self, recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms | None" = None):
+        from rlprox.prox.attach import LossTerms
+
         cfg = self.cfg = recipe.vapi
         self.recipe, self.runtime, self.device = recipe, runtime, runtime.device
+        self.loss_terms = loss_terms or LossTerms()
         self.gpt, self.vq, image_size = self._load_models(recipe.model)
         self.modules = {"gpt": self.gpt}
         self.frozen = {"vq": self.vq}
@@ -358,8 +362,9 @@ class VAPi:
         rewards, info = self.reward(images, names, metadata)
         rewards = rewards.to(self.device).view(B, G)
         self.images_seen += B * self.runtime.world
-        self._last = {"rewards": rewards, "info": info, "tf_mse": float(((self._decode(z) - x.float()) ** 2).mean())}
         return {
+            "reward_info": info,  # the reward's own stats
+            "tf_mse": float(((self._decode(z) - x.float()) ** 2).mean()),  # MSE of D(z*), the tokenizer's floor
             "x": x,
             "classes": c,
             "z": z,
@@ -377,7 +382,7 @@ class VAPi:
     def minibatches(self, batch, epoch: int):
         size = self.cfg.micro_batch_size
         for start in range(0, batch["z"].shape[0], size):
-            yield {k: v[start : start + size] for k, v in batch.items()}
+            yield {k: v[start : start + size] for k, v in batch.items() if torch.is_tensor(v)}
 
     # ------------------------------------------------------------------ UPDATE
     def loss(self, mb):
@@ -393,7 +398,7 @@ class VAPi:
             with torch.no_grad():
                 ref_logits, _ = self.reference(mb["context"], mb["classes"])
             tensors["ref_logp"] = token_logp(torch.log_softmax(ref_logits.float(), -1), mb["samples"])
-        penalty, penalty_stats = self.runtime.loss_side_penalties(**tensors)
+        penalty, penalty_stats = self.loss_terms(**tensors)
         with torch.no_grad():
             stats = {
                 "loss/policy": pg_loss.detach(),
@@ -406,19 +411,17 @@ class VAPi:
         return pg_loss + penalty, stats
 
     # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, elapsed: float) -> dict:
-        r = self._last["rewards"]
+    def iteration_stats(self, batch: dict, elapsed: float) -> dict:
+        r = batch["rewards"]
         stats = {
             "reward/mean": float(r.mean()),
             "reward/std": float(r.std()),
             "reward/zero_std_groups": int(objectives.zero_spread(r).sum()),  # images whose G rewards are all equal
-            "reward/tokenizer_floor_mse": self._last[
-                "tf_mse"
-            ],  # MSE of D(z*): the best any token sequence of this VQ reaches
+            "reward/tokenizer_floor_mse": batch["tf_mse"],  # MSE of D(z*): the best any token sequence reaches
             "progress/images": self.images_seen,
             "perf/images_per_s": r.shape[0] * self.runtime.world / max(elapsed, 1e-9),
         }
-        stats.update({f"reward/{k}": v for k, v in self._last["info"].items()})
+        stats.update({f"reward/{k}": v for k, v in batch["reward_info"].items()})
         return stats
 
     # ------------------------------------------------------------------ EVALUATE

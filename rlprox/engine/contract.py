@@ -80,9 +80,10 @@ class AlgorithmHooks(Protocol):
         the epoch's update stats averaged over processes, so every rank agrees. Set
         the attribute to None when it can never fire (saves one all-reduce per epoch)."""
 
-    def iteration_stats(self, elapsed: float) -> dict[str, float]:
-        """This process's stats of the last collect (returns, rewards, env steps);
-        every process must return the same keys (NaN where it has no value)."""
+    def iteration_stats(self, batch: Any, elapsed: float) -> dict[str, float]:
+        """This process's stats of the iteration's ``batch`` (what ``advantages`` returned:
+        returns, rewards, env steps); every process must return the same keys (NaN where it
+        has no value)."""
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups: ``{"params": [...], "lr": ..., ...}`` covering every

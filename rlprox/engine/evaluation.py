@@ -16,6 +16,7 @@ from accelerate.utils import set_seed
 from rlprox import checkpoint
 from rlprox.engine.contract import hook
 from rlprox.engine.placement import make_accelerator, place_modules
+from rlprox.prox.attach import LossTerms
 from rlprox.runtime import EvalRequest, EvalShard, make_runtime, shard
 
 
@@ -79,10 +80,11 @@ def run_evaluation(
     return stats, values, {k: torch.cat(v) for k, v in images.items()}, {"grid_cols": grid_cols, **shards[0].info}
 
 
-def build_for_eval(path: Path, cpu: bool | None = None):
+def build_for_eval(path: Path, cpu: bool | None = None, scoring: bool = True):
     """(recipe, accelerator, runtime, algorithm) rebuilt from a checkpoint folder with
     its trained weights and rank-0 algorithm state loaded: what ``rlprox eval`` and
-    ``rlprox export`` run on. Works under ``accelerate launch`` (each process builds)."""
+    ``rlprox export`` run on. Works under ``accelerate launch`` (each process builds).
+    ``scoring`` False (export): reward models are not built."""
     from rlprox.algos import trainer_spec
 
     recipe = checkpoint.read_recipe(path, ["run.log_with=[]"])
@@ -92,9 +94,9 @@ def build_for_eval(path: Path, cpu: bool | None = None):
         run.cpu = cpu
     accelerator = make_accelerator(run)
     set_seed(recipe.seed)
-    runtime = make_runtime(accelerator, recipe.seed, run.frozen_dtype, train=False)
+    runtime = make_runtime(accelerator, recipe.seed, run.frozen_dtype, train=False, scoring=scoring)
     with accelerator.main_process_first():
-        algo = trainer_spec(recipe.algo).build(recipe, runtime)
+        algo = trainer_spec(recipe.algo).build(recipe, runtime, LossTerms.from_specs(recipe.regularizers))
     place_modules(algo, runtime)
     checkpoint.load_for_eval(path, algo.modules, hook(algo, "load_state_dict"))
     return recipe, accelerator, runtime, algo

@@ -38,16 +38,17 @@ from rlprox.engine.optim import (
 from rlprox.engine.placement import gathered, make_accelerator, place_modules, prepare_for_ddp, shard_modules
 from rlprox.engine.stats import StatSums, reduce_stats
 from rlprox.errors import RecipeError
+from rlprox.prox.attach import LossTerms
 from rlprox.recipe import Recipe
 from rlprox.runtime import Runtime, make_runtime
 
 
 class Engine:
     """Builds the accelerator, the algorithm, optimizer and lr schedule from a recipe
-    and runs the fit loop. ``algo_builder(recipe, runtime) -> algorithm`` defaults to
-    the recipe's registered trainer."""
+    and runs the fit loop. ``algo_builder(recipe, runtime, loss_terms) -> algorithm``
+    defaults to the recipe's registered trainer."""
 
-    def __init__(self, recipe: Recipe, algo_builder: Callable[[Recipe, Runtime], Any] | None = None):
+    def __init__(self, recipe: Recipe, algo_builder: Callable[[Recipe, Runtime, LossTerms], Any] | None = None):
         from rlprox.algos import trainer_spec
 
         self.recipe = recipe
@@ -61,19 +62,21 @@ class Engine:
         set_seed(recipe.seed)
         self.runtime = make_runtime(acc, recipe.seed, run.frozen_dtype)
         builder = algo_builder or trainer_spec(recipe.algo).build
+        # the loss-side regularizers act on tensors the trainer's loss computes: built first, handed to its build
+        self.loss_terms = LossTerms.from_specs(recipe.regularizers)
         with acc.main_process_first():  # zoo builds and model loading: once, by rank 0 first
-            self.algo = builder(recipe, self.runtime)
+            self.algo = builder(recipe, self.runtime, self.loss_terms)
         place_modules(self.algo, self.runtime)
         self.fsdp = shard_modules(self.algo, run, acc)
         acc.gradient_accumulation_steps = run.gradient_accumulation_steps * hook(self.algo, "micro_steps", 1)
         self.names = list(self.algo.modules)
         self.frozen = hook(self.algo, "frozen") or {}
         self.base_optimizer = build_optimizer(optimizer_groups(self.algo, recipe.optim), recipe.optim)
-        self.optimizer, self.regularizers = attach_recipe_regularizers(
+        self.optimizer, attached = attach_recipe_regularizers(
             self.base_optimizer, self.algo, recipe.regularizers, sharded=self.fsdp
         )
+        self.regularizers = sorted(self.loss_terms.entries + attached, key=lambda r: r.index)  # recipe order
         self.penalized = [r for r in self.regularizers if r.mode == "penalty"]
-        self.runtime.loss_side_regularizers = [r for r in self.regularizers if r.mode == "loss"]
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(recipe.optim.schedule, run.iterations, recipe.optim.warmup_iterations)
         )
@@ -130,7 +133,7 @@ class Engine:
             state.iteration = it
             state.wall_time += elapsed
             # ---- LOG: one reduction over processes for update and iteration stats
-            stats = self.iteration_stats(local, elapsed, collect_time)
+            stats = self.iteration_stats(batch, local, elapsed, collect_time)
             self.tracker.log(stats, step=it)
             # ---- CHECKPOINT, before EVALUATE: an evaluation that raises cannot lose this iteration
             if (run.save_every and it % run.save_every == 0) or last:
@@ -204,13 +207,15 @@ class Engine:
         out["loss/epochs"] = epoch + 1
         return out
 
-    def iteration_stats(self, local: dict[str, float], elapsed: float, collect_time: float) -> dict[str, float]:
+    def iteration_stats(
+        self, batch: Any, local: dict[str, float], elapsed: float, collect_time: float
+    ) -> dict[str, float]:
         """This iteration's metrics: ``local`` update stats and the algorithm's
         ``iteration_stats`` reduced over processes in one all-reduce, plus the
         regularizers' stats, the lr and the iteration."""
         algo_stats = hook(self.algo, "iteration_stats")
         if algo_stats is not None:
-            local.update(algo_stats(elapsed))
+            local.update(algo_stats(batch, elapsed))
         local["perf/iteration_s"] = elapsed
         local["perf/collect_fraction"] = collect_time / max(elapsed, 1e-9)
         stats = reduce_stats(local, dict(hook(self.algo, "stat_reductions") or {}), self.accelerator)

@@ -15,7 +15,8 @@ number or a schedule over iterations — use it with Adam/AdamW, whose lr is no 
 step size; with ``optim.name: sgd`` leave it out and the step is proximal SGD's own). mode "penalty": λ·R(param) is
 added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brownian
 term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
-the trainer computes, and the trainer adds them with ``runtime.loss_side_penalties``.
+the trainer computes: the engine builds them as ``LossTerms`` before the trainer and hands
+them to its build, and the trainer's loss adds ``loss_terms(**tensors)``.
 ``schedule`` gives λ per iteration (then omit ``lam``). This is the one place where
 every trainer gets its regularizers from.
 """
@@ -145,6 +146,41 @@ class AttachedRegularizer:
         return out
 
 
+class LossTerms:
+    """The recipe's loss-side regularizers (mode "loss"), which act on tensors a trainer's loss
+    computes (e.g. PolicyFlow's velocities, LOOP's step means): built by the engine before the
+    trainer and handed to its build. ``terms(**tensors)`` is Σ λ·R(tensors) with each value as a
+    ``penalty/<index>.<type>`` stat; the trainer passes every tensor it offers (its
+    ``TrainerSpec.loss_inputs``) and computes an optional one only when ``needs`` says so."""
+
+    def __init__(self, entries: list[AttachedRegularizer] = ()):
+        self.entries = list(entries)
+
+    @classmethod
+    def from_specs(cls, specs: list[dict]) -> "LossTerms":
+        entries = []
+        for i, spec in enumerate(specs):
+            reg, schedule, mode = parse_spec(spec, i)
+            if mode == "loss":
+                entries.append(AttachedRegularizer(i, _numbers(spec), reg, schedule, mode, {}))
+        return cls(entries)
+
+    def needs(self, name: str) -> bool:
+        """Whether a term with a non-zero λ (now or by its schedule) reads the tensor ``name``."""
+        return any(
+            (e.schedule is not None or e.reg.lam > 0) and any(name in names for names in e.reg.input_sets())
+            for e in self.entries
+        )
+
+    def __call__(self, **tensors) -> tuple[torch.Tensor | float, dict]:
+        total, stats = 0.0, {}
+        for entry in self.entries:
+            value = entry.reg.penalty(**tensors)
+            total = total + value
+            stats[f"penalty/{entry.label}"] = value.detach()
+        return total, stats
+
+
 def attach_regularizers(
     optimizer: torch.optim.Optimizer,
     named_params: dict[str, torch.nn.Parameter],
@@ -153,10 +189,11 @@ def attach_regularizers(
     sharded: bool = False,
 ):
     """Wrap ``optimizer`` in a ProxOptimizer carrying the recipe's prox-mode
-    regularizers; return (optimizer, [AttachedRegularizer]). ``named_params`` are the
-    trainable parameters; a glob that matches any of ``frozen_names`` is an error
-    (regularizers act on trained parameters only). ``sharded``: the parameters are FSDP
-    shards, so only elementwise prox-mode regularizers can act on them."""
+    regularizers; return (optimizer, [AttachedRegularizer]) of the parameter-side entries
+    (the loss-side ones are ``LossTerms``'). ``named_params`` are the trainable parameters;
+    a glob that matches any of ``frozen_names`` is an error (regularizers act on trained
+    parameters only). ``sharded``: the parameters are FSDP shards, so only elementwise
+    prox-mode regularizers can act on them."""
     attached = []
     prox_pairs = []
     claimed: dict[str, int] = {}
@@ -164,7 +201,6 @@ def attach_regularizers(
         reg, schedule, mode = parse_spec(spec, i)
         spec = _numbers(spec)
         if mode == "loss":
-            attached.append(AttachedRegularizer(i, spec, reg, schedule, mode, {}))
             continue
         if sharded and mode == "penalty":
             raise RecipeError(

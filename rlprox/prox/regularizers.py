@@ -284,7 +284,7 @@ class LossRegularizer(abc.ABC):
     """A regularizer on quantities a trainer computes in its loss (velocities, logits,
     log-probs), not on parameters: ``penalty(**tensors) = λ·value(**tensors)`` is added
     to the loss. ``inputs`` names the tensors it needs; a trainer provides them through
-    ``runtime.loss_side_penalties(**tensors)``. In a recipe it is an entry like any other,
+    the ``loss_terms(**tensors)`` its build receives. In a recipe it is an entry like any other,
     without ``params``: ``regularizers: [{type: brownian, lam: 0.1}]``."""
 
     inputs: tuple[str, ...] = ()

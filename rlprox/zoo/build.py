@@ -35,6 +35,8 @@ from rlprox.errors import RegistryError
 from rlprox.registry import Registry, check_kwargs
 
 MODELS = Registry("zoo model")
+# the diffusers pipeline class of each zoo pipeline, known before it is built
+PIPELINE_CLASSES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
 GRID_SEEDS = 4
 MICRO_FRACTION = 0.05
 GPT_RECOMMENDED_CFG = 1.5

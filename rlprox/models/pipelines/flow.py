@@ -1,0 +1,225 @@
+"""What every flow-matching family shares (SD3, FLUX, ...): the transformer predicts the
+velocity v, and the policy is rlprox.models.flow_match's ``sampler`` (Flow-GRPO's SDE or the
+coefficients-preserving CPS step) on the steps of ``sde_window``, the ODE elsewhere. A family
+gives its velocity (``_velocity``), its latent shape, its σ schedule and its conditioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlprox.errors import RecipeError
+from rlprox.models import diffusion, flow_match
+from rlprox.models.pipelines.base import Adapter, Sampling, quiet_loading, read_config
+
+
+@dataclass
+class FlowOptions:
+    """``loop.sampling`` of a flow-matching family. See docs/flow-matching.md."""
+
+    sampler: Literal["sde", "cps"] = "sde"  # the stochastic step: "sde" (Flow-GRPO) or "cps" (coefficients-preserving)
+    noise_level: float = 0.7  # the sampler's noise level a (> 0; cps: in (0, 1])
+    # [start, end): the steps sampled stochastically and trained (0 = the step from σ = 1); the others are
+    # ODE steps with no log-prob, never trained. Unset: every step (sde), every step but the last to σ = 0 (cps)
+    sde_window: list[int] | None = None
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for one allocation on ``device``: the GPU's free memory, or the host's
+    MemAvailable; None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class FlowMatchingAdapter(Adapter):
+    """A transformer pipeline trained by flow matching, σ from 1 (noise) to 0 (data)."""
+
+    Options = FlowOptions
+    denoiser_name = "transformer"
+    deterministic_suffix = "_ode"  # evaluation values of the ODE sampler: reward_ode
+
+    @classmethod
+    def check_options(cls, sampling: Sampling, options: FlowOptions, key: str) -> None:
+        """The noise level's range, and a window of steps [start, end) the sampler can take
+        (unset: filled in here)."""
+        if not options.noise_level > 0 or (options.sampler == "cps" and options.noise_level > 1):
+            bound = "in (0, 1] for sampler cps" if options.sampler == "cps" else "> 0"
+            raise RecipeError(f"{key}.noise_level", f"must be {bound} (got {options.noise_level})")
+        T = sampling.num_steps
+        if T == 1 and options.sampler == "cps":
+            raise RecipeError("loop.num_steps", "sampler cps needs >= 2 steps (the last one is an ODE step)")
+        window = options.sde_window
+        if window is None:
+            window = options.sde_window = [0, T - 1] if options.sampler == "cps" else [0, T]
+        if len(window) != 2 or not 0 <= window[0] < window[1] <= T:
+            raise RecipeError(
+                f"{key}.sde_window",
+                f"must be steps [start, end) with 0 <= start < end <= num_steps={T} (got {window})",
+            )
+        if options.sampler == "cps" and window[1] == T:
+            raise RecipeError(
+                f"{key}.sde_window",
+                f"sampler cps cannot sample the last step (to σ = 0, std 0): end the window by {T - 1} (got {window})",
+            )
+
+    @classmethod
+    def check_config(cls, path, sampling: Sampling) -> None:
+        """The resolution against the transformer's and the VAE's config files (no weights):
+        a side the VAE factor × patch size does not divide, or a latent side above the
+        transformer's position-embedding size."""
+        if sampling.resolution is None:
+            return
+        transformer, vae = read_config(path, "transformer"), read_config(path, "vae")
+        if transformer is None or vae is None:
+            return
+        scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        patch = int(transformer.get("patch_size", 1))
+        if sampling.resolution % (scale * patch):
+            raise RecipeError(
+                "loop.resolution",
+                f"{sampling.resolution} px is not a multiple of {scale * patch} "
+                f"(the VAE's factor {scale} × patch size {patch})",
+            )
+        max_size = transformer.get("pos_embed_max_size")
+        side = sampling.resolution // scale
+        if max_size is not None and side // patch > max_size:
+            raise RecipeError(
+                "loop.resolution",
+                f"{sampling.resolution} px is a latent of {side // patch} patches a side, above the transformer's "
+                f"position embedding ({max_size}: at most {max_size * patch * scale} px)",
+            )
+
+    def __init__(self, pipe, sampling: Sampling, options: FlowOptions):
+        self.pipe, self.sampling, self.options = pipe, sampling, options
+        self.denoiser = pipe.transformer
+        self.frozen = {
+            name: module
+            for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+            if (module := getattr(pipe, name, None)) is not None
+        }
+        self.latent_shape = self._latent_shape()
+        self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+        self.sigmas = self._schedule(pipe.scheduler, sampling.num_steps)  # (T+1,) float32, 1 ... 0
+        stochastic = flow_match.sde_window_mask(sampling.num_steps, options.sde_window)
+        self.trained_steps = torch.nonzero(stochastic).flatten()  # (T',) the window's steps
+        self._negative = None
+
+    @classmethod
+    def load(cls, path, sampling: Sampling, options: FlowOptions) -> "FlowMatchingAdapter":
+        import diffusers
+        from diffusers import DiffusionPipeline
+
+        quiet_loading()
+        index = DiffusionPipeline.load_config(str(path))
+        absent = {k: None for k, v in index.items() if isinstance(v, list) and list(v) == [None, None]}
+        pipe = getattr(diffusers, cls.pipeline_classes[0]).from_pretrained(str(path), **absent)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, sampling, options)
+
+    # ------------------------------------------------------------------ what a family gives
+    def _latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent (without the batch axis)."""
+        raise NotImplementedError
+
+    def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
+        """The σ's of ``num_steps`` steps as the pipeline sets them, (T+1,) float32, 1 ... 0."""
+        raise NotImplementedError
+
+    def _velocity(self, model, cond, negative, autocast=None):
+        """v̂(x, σ) (guided where the family guides), a function of (x (B, ...), σ (B,))."""
+        raise NotImplementedError
+
+    def _tokens(self) -> int:
+        """Image tokens the transformer attends over."""
+        raise NotImplementedError
+
+    def check_memory(self, batch_size: int, device) -> None:
+        """Refuse a sampling batch whose attention scores alone (batch × CFG copies × heads ×
+        tokens², float32, the unfused attention of a CPU) exceed the memory free now."""
+        free = available_memory(device)
+        if free is None:
+            return
+        config = self.denoiser.config
+        heads = int(config.get("num_attention_heads", 1))
+        copies = 2 if self.sampling.guidance_scale != 1 and not self.guidance_embedded else 1
+        need = batch_size * copies * heads * self._tokens() ** 2 * 4
+        if need > free:
+            raise RecipeError(
+                "loop.resolution",
+                f"one sampling batch ({batch_size} samples at {self._tokens()} tokens) needs about {need / 2**30:.1f} "
+                f"GiB for attention alone, {free / 2**30:.1f} GiB is free: lower loop.resolution or "
+                "loop.sample_batch_size",
+            )
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, model, cond, negative, generator, autocast=None) -> dict:
+        """Trajectories of B samples from x ~ N(0, I) at σ = 1, float32: latents (B, T+1, ...),
+        log_probs (B, T) (0 at the ODE steps outside the window), schedule = the σ's (T+1,)."""
+        device = cond["embeds"].device
+        x_T = torch.randn((cond["embeds"].shape[0], *self.latent_shape), generator=generator, device=device)
+        o = self.options
+        traj = flow_match.sample_flow_trajectories(
+            self._velocity(model, cond, negative, autocast),
+            self.sigmas.to(device),
+            x_T,
+            o.noise_level,
+            tuple(o.sde_window),
+            o.sampler,
+            generator,
+        )
+        return {"latents": traj.latents, "log_probs": traj.log_probs, "schedule": traj.sigmas}
+
+    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+        """σ_step → σ_step+1: the sampler's Gaussian step."""
+        sigma, sigma_next = schedule[step], schedule[step + 1]  # (b,)
+        v = self._velocity(model, cond, negative)(x, sigma)
+        o = self.options
+        mean, std = flow_match.step_moments(o.sampler, v, x, sigma, sigma_next, o.noise_level)
+        return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
+
+    @torch.no_grad()
+    def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
+        o = self.options
+        return flow_match.denoise_flow_with_noise(
+            self._velocity(model, cond, negative, autocast),
+            self.sigmas.to(noise.device),
+            noise,
+            o.noise_level,
+            None if deterministic else tuple(o.sde_window),
+            "ode" if deterministic else o.sampler,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode: x / scaling_factor + shift_factor, images in [0, 1], float32."""
+        vae = self.pipe.vae
+        shift = vae.config.get("shift_factor", None) or 0.0
+        dtype = next(vae.parameters()).dtype
+        images = vae.decode((latents / vae.config.scaling_factor + shift).to(dtype)).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ export
+    def save_lora(self, out_dir: Path, model) -> None:
+        """The adapter in the format the pipeline class's ``load_lora_weights`` reads: peft's
+        lora_A / lora_B names (its loader drops the older lora.down / lora.up names that
+        ``convert_state_dict_to_diffusers`` would give the to_q / to_k / to_v / to_out.0 layers)."""
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        getattr(diffusers, self.pipeline_classes[0]).save_lora_weights(
+            str(out_dir),
+            transformer_lora_layers=get_peft_model_state_dict(model),
+            transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+        )
