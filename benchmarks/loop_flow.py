@@ -175,7 +175,7 @@ def instrument(engine, phases: Phases) -> None:
     algo = engine.algo
     algo.collect = phases.wrap("collect", algo.collect, starts_round=True)
     algo._embed = phases.wrap("encode", algo._embed)
-    algo.pipeline.sample = phases.wrap("sample", algo.pipeline.sample)
+    algo.adapter.sample = phases.wrap("sample", algo.adapter.sample)
     algo._score = phases.wrap("score_worker", algo._score)
     algo.advantages = phases.wrap("advantages", algo.advantages)
     algo.loss = phases.wrap("loss_forward", algo.loss)

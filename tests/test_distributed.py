@@ -201,8 +201,8 @@ def dist_run(tmp_path, recipe: dict, iterations: int = 2):
 @pytest.mark.parametrize("advantage,grad_sync", [("loo", "auto"), ("prompt_stats", "auto"), ("loo", "fsdp")])
 def test_two_processes_loop_keep_identical_lora_and_draw_different_noise(tmp_path, advantage, grad_sync):
     pytest.importorskip("peft")
-    from rlprox.zoo.sd import untrained_pipeline
     from tests.test_loop import loop_recipe
+    from tests.toy_pipelines import untrained_sd_pipeline as untrained_pipeline
 
     pipe_dir = tmp_path / "tiny-sd"
     untrained_pipeline(seed=0).save_pretrained(str(pipe_dir))

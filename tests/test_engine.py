@@ -25,7 +25,7 @@ class Bandit:
     update_epochs = 2
     curve = ("progress/iteration", "reward/mean")
 
-    def __init__(self, recipe, runtime):
+    def __init__(self, recipe, runtime, loss_terms=None):
         pulls = recipe.bandit.pulls
         self.logits = nn.Linear(1, len(ARM_MEANS), bias=False)
         nn.init.zeros_(self.logits.weight)
@@ -51,7 +51,7 @@ class Bandit:
         logp = self._log_probs()[batch["arms"]]
         return -(batch["adv"] * logp).mean(), {"policy/logp": logp.mean().detach()}
 
-    def iteration_stats(self, elapsed):
+    def iteration_stats(self, batch, elapsed):
         return {"reward/mean": self.last_reward}
 
     def state_dict(self):

@@ -28,7 +28,7 @@ class FlakyEval:
 
     broken = False
 
-    def __init__(self, recipe, runtime):
+    def __init__(self, recipe, runtime, loss_terms=None):
         self.modules = {"policy": nn.Linear(1, 1, bias=False)}
         self.batch = recipe.flaky.batch
         self.runtime = runtime

@@ -13,12 +13,13 @@ pytest.importorskip("peft")
 from rlprox import checkpoint  # noqa: E402
 from rlprox.cli import main  # noqa: E402
 from rlprox.engine import Engine  # noqa: E402
+from rlprox.models.pipelines import FORMER_SECTION_KEYS  # noqa: E402
 from rlprox.recipe import load_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    from rlprox.zoo.sd import untrained_pipeline
+    from tests.toy_pipelines import untrained_sd_pipeline as untrained_pipeline
 
     path = tmp_path_factory.mktemp("pipe") / "tiny-sd"
     untrained_pipeline(seed=0).save_pretrained(str(path))
@@ -26,17 +27,21 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def loop_recipe(tmp_path, pipeline, **loop):
+    """A tiny LOOP recipe; keyword arguments set loop keys (a family's options go under loop.sampling)."""
+    sampling = {key: loop.pop(key) for key in list(loop) if key in FORMER_SECTION_KEYS}
     cfg = {
         "pipeline": str(pipeline),
         "num_samples_per_prompt": 2,
         "prompts_per_iteration": 2,
         "num_steps": 3,
         "sample_batch_size": 4,
-        "train_batch_size": 2,
+        "minibatch_size": 2,
         "guidance_scale": 2.0,
-        "clip_range": 0.2,
+        "clip_coef": 0.2,
         **loop,
     }
+    if sampling:
+        cfg["sampling"] = sampling
     return {
         "algo": "loop",
         "seed": 2,
@@ -56,7 +61,7 @@ def loop_recipe(tmp_path, pipeline, **loop):
 
 def test_loop_lora_runs_and_saves_the_adapter_only(tmp_path, tiny_pipeline):
     engine = Engine(load_recipe(loop_recipe(tmp_path, tiny_pipeline)))
-    unet = engine.algo.unet
+    unet = engine.algo.denoiser
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" not in n}
     lora = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
     assert lora and all(p.requires_grad for n, p in unet.named_parameters() if "lora" in n)
@@ -178,9 +183,9 @@ def test_individual_nan_rewards_get_zero_advantage_and_are_counted(tmp_path, tin
     recipe["reward"] = "tests.reward_plugins:some_nan"
     engine = Engine(load_recipe(recipe))
     batch = engine.algo.advantages(engine.algo.collect())
-    assert torch.isnan(batch["rewards"]).sum() == 1  # one per scored batch of 4
-    assert torch.isfinite(batch["advantages"]).all() and batch["advantages"][0] == 0
-    stats = engine.algo.iteration_stats(1.0)
+    assert torch.isnan(batch.rewards).sum() == 1  # one per scored batch of 4
+    assert torch.isfinite(batch.advantages).all() and batch.advantages[0] == 0
+    stats = engine.algo.iteration_stats(batch, 1.0)
     assert stats["reward/nan_count"] == 1 and stats["reward/flag"] == 1.0
     engine.close()
 
@@ -220,11 +225,11 @@ def test_ddpo_with_one_sample_per_prompt_uses_batch_then_prompt_statistics(tmp_p
     algo, seen = engine.algo, []
     for tracked in (0.0, 1.0):
         batch = algo.advantages(algo.collect())
-        r = batch["rewards"].double().numpy()
+        r = batch.rewards.double().numpy()
         seen += r.tolist()
         mean, std = (r.mean(), r.std()) if tracked == 0 else (np.mean(seen), np.std(seen))
-        assert np.allclose(batch["advantages"].numpy(), (r - mean) / (std + 1e-6), rtol=1e-3, atol=1e-3)  # float32
-        stats = algo.iteration_stats(1.0)
+        assert np.allclose(batch.advantages.numpy(), (r - mean) / (std + 1e-6), rtol=1e-3, atol=1e-3)  # float32
+        stats = algo.iteration_stats(batch, 1.0)
         assert stats["reward/prompt_stats_tracked"] == tracked and stats["reward/zero_std_groups"] == 0
     engine.close()
 
@@ -255,7 +260,7 @@ def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline)
 
 
 def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tiny_pipeline, capsys):
-    recipe = loop_recipe(tmp_path, tiny_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = loop_recipe(tmp_path, tiny_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2  # move the adapter visibly
     recipe["run"]["eval_size"] = 4
     engine = Engine(load_recipe(recipe))
@@ -276,7 +281,7 @@ def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tin
         ).images
 
     tuned = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
-    tuned.unet = engine.algo.unet  # the trained adapter, in place
+    tuned.unet = engine.algo.denoiser  # the trained adapter, in place
     stock = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
     base = sample(stock)
     stock.load_lora_weights(str(tmp_path / "lora"))

@@ -87,25 +87,25 @@ def sd3_pipeline(tmp_path_factory):
 
 def flow_recipe(tmp_path, pipeline, **loop):
     recipe = loop_recipe(tmp_path, pipeline, num_steps=4, max_sequence_length=8, **loop)
-    recipe["loop"].setdefault("noise_level", 0.7)
+    recipe["loop"].setdefault("sampling", {}).setdefault("noise_level", 0.7)
     return recipe
 
 
 def assert_first_minibatches_recompute_the_stored_log_probs(algo, batch, count: int = 4) -> None:
-    """Before any update: each of the first ``count`` minibatches' ``step_log_prob`` equals the stored
+    """Before any update: each of the first ``count`` minibatches' step log-prob equals the stored
     log-prob, and the loss's ratio is 1 (any flow family; under ``torch.no_grad``)."""
     for item in list(algo.minibatches(batch, 0))[:count]:
         _, idx, step = item
-        logp = algo.pipeline.step_log_prob(
+        logp = algo.adapter.step_distribution(
             algo.denoiser,
-            {k: v[idx] for k, v in batch["cond"].items()},
+            {k: v[idx] for k, v in batch.cond.items()},
             algo._negative(len(idx)),
-            batch["schedule"],
-            batch["latents"][idx, step],
-            batch["latents"][idx, step + 1],
+            batch.schedule,
+            batch.latents[idx, step],
+            batch.latents[idx, step + 1],
             step,
-        )
-        torch.testing.assert_close(logp, batch["log_probs"][idx, step], rtol=0, atol=2e-5)
+        )[0]
+        torch.testing.assert_close(logp, batch.log_probs[idx, step], rtol=0, atol=2e-5)
         _, stats = algo.loss(item)
         assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4 and float(stats["policy/approx_kl"]) < 1e-7
 
@@ -146,14 +146,14 @@ def test_ratio_is_one_and_the_stored_log_prob_is_recomputed(tmp_path, sd3_pipeli
         assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
     engine.close()
     if sampler == "cps":  # the default window leaves the last step (to σ = 0) to the ODE
-        assert (batch["log_probs"][:, -1] == 0).all() and (batch["log_probs"][:, :-1] != 0).all()
+        assert (batch.log_probs[:, -1] == 0).all() and (batch.log_probs[:, :-1] != 0).all()
 
 
 def test_sde_window_trains_only_the_window_steps(tmp_path, sd3_pipeline):
     recipe = flow_recipe(tmp_path, sd3_pipeline, sde_window=[1, 3], timestep_fraction=0.5)
     engine = Engine(load_recipe(recipe))
     algo = engine.algo
-    assert algo.micro_steps == 1 and algo.pipeline.trained_steps.tolist() == [1, 2]
+    assert algo.micro_steps == 1 and algo.adapter.trained_steps.tolist() == [1, 2]
     trained = []
     loss = algo.loss
 
@@ -163,7 +163,7 @@ def test_sde_window_trains_only_the_window_steps(tmp_path, sd3_pipeline):
 
     algo.loss = recording_loss
     batch = algo.collect()
-    assert (batch["log_probs"][:, [0, 3]] == 0).all() and (batch["log_probs"][:, 1:3] != 0).all()
+    assert (batch.log_probs[:, [0, 3]] == 0).all() and (batch.log_probs[:, 1:3] != 0).all()
     stats = engine.fit()
     engine.close()
     assert trained and set(trained) <= {1, 2} and len(set(trained)) == 2
@@ -171,7 +171,7 @@ def test_sde_window_trains_only_the_window_steps(tmp_path, sd3_pipeline):
 
 
 def test_eval_grid_and_exported_lora_load_in_stock_diffusers(tmp_path, sd3_pipeline):
-    recipe = flow_recipe(tmp_path, sd3_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
     engine.fit()
@@ -210,20 +210,20 @@ def test_flow_resume_after_sigkill_equals_uninterrupted(tmp_path, sd3_pipeline):
 @pytest.mark.parametrize(
     "flow,loop,message",
     [
-        (True, {"eta": 1.0}, "loop.eta: a DDIM option, but"),
-        (False, {"sampler": "sde"}, "loop.sampler: a flow-matching option, but"),
-        (False, {"sde_window": [0, 2]}, "loop.sde_window: a flow-matching option, but"),
-        (True, {"noise_level": 0.0}, "loop.noise_level: must be > 0 (got 0.0)"),
-        (True, {"sampler": "cps", "noise_level": 1.5}, "loop.noise_level: must be in (0, 1] for sampler cps"),
-        (True, {"sde_window": [2, 9]}, "loop.sde_window: must be steps [start, end) with 0 <= start < end <= num"),
-        (True, {"sampler": "cps", "sde_window": [0, 4]}, "loop.sde_window: sampler cps cannot sample the last step"),
+        (True, {"eta": 1.0}, "loop.sampling.eta: not an option of StableDiffusion3Pipeline"),
+        (False, {"sampler": "sde"}, "loop.sampling.sampler: not an option of StableDiffusionPipeline"),
+        (False, {"sde_window": [0, 2]}, "loop.sampling.sde_window: not an option of StableDiffusionPipeline"),
+        (True, {"noise_level": 0.0}, "loop.sampling.noise_level: must be > 0 (got 0.0)"),
+        (True, {"sampler": "cps", "noise_level": 1.5}, "loop.sampling.noise_level: must be in (0, 1] for sampler"),
+        (True, {"sde_window": [2, 9]}, "loop.sampling.sde_window: must be steps [start, end) with 0 <= start < end"),
+        (True, {"sampler": "cps", "sde_window": [0, 4]}, "loop.sampling.sde_window: sampler cps cannot sample the"),
     ],
 )
 def test_bad_flow_options_are_one_line(tmp_path, sd3_pipeline, capsys, flow, loop, message):
     if flow:
         recipe = flow_recipe(tmp_path, sd3_pipeline, **loop)
     else:
-        from rlprox.zoo.sd import untrained_pipeline
+        from tests.toy_pipelines import untrained_sd_pipeline as untrained_pipeline
 
         sd = tmp_path / "tiny-sd"
         untrained_pipeline(seed=0).save_pretrained(str(sd))

@@ -27,13 +27,13 @@ def _first_item(algo):
 
 def _step_distribution(algo, model, item):
     batch, idx, step = item
-    return algo.pipeline.step_distribution(
+    return algo.adapter.step_distribution(
         model,
-        {k: v[idx] for k, v in batch["cond"].items()},
+        {k: v[idx] for k, v in batch.cond.items()},
         algo._negative(len(idx)),
-        batch["schedule"],
-        batch["latents"][idx, step],
-        batch["latents"][idx, step + 1],
+        batch.schedule,
+        batch.latents[idx, step],
+        batch.latents[idx, step + 1],
         step,
     )
 
@@ -50,12 +50,12 @@ def test_gaussian_mean_kl_is_the_kl_of_two_gaussians_per_element():
 
 
 def test_kl_ref_on_the_flow_step_is_the_distance_to_the_lora_off_model(tmp_path, sd3_pipeline):  # noqa: F811
-    recipe = flow_recipe(tmp_path, sd3_pipeline, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, clip_coef=10.0)
     recipe["regularizers"] = [{"type": "kl_ref", "lam": 0.5}]
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
     algo = engine.algo
-    assert algo.kl_ref
+    assert algo.needs_reference
     _, stats = algo.loss(_first_item(algo))
     assert float(stats["penalty/0.kl_ref"]) == 0  # LoRA's B starts at 0: the policy is the reference
     engine.fit()
@@ -63,7 +63,7 @@ def test_kl_ref_on_the_flow_step_is_the_distance_to_the_lora_off_model(tmp_path,
     with_kl, stats = algo.loss(item)
     logp, mean, std = _step_distribution(algo, algo.denoiser, item)
     batch, idx, step = item
-    without, _ = objectives.clipped_surrogate(logp, batch["log_probs"][idx, step], batch["advantages"][idx], 10.0)
+    without, _ = objectives.clipped_surrogate(logp, batch.log_probs[idx, step], batch.advantages[idx], 10.0)
     with torch.no_grad():
         algo.denoiser.disable_adapters()
         _, ref_mean, _ = _step_distribution(algo, algo.denoiser, item)
@@ -84,7 +84,7 @@ def test_kl_ref_is_refused_by_a_trainer_whose_loss_offers_neither_form(tmp_path)
 
 
 def test_ema_follows_the_updates_is_used_for_eval_and_export_and_resumes(tmp_path, sd3_pipeline):  # noqa: F811
-    recipe = flow_recipe(tmp_path, sd3_pipeline, ema_decay=0.6, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, ema_decay=0.6, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     recipe["run"].update(iterations=3, save_every=1)
     engine = Engine(load_recipe(recipe))
@@ -112,7 +112,7 @@ def test_ema_follows_the_updates_is_used_for_eval_and_export_and_resumes(tmp_pat
         assert torch.equal(inside[name], algo.ema[name])  # evaluation samples the EMA weights
         assert torch.equal(algo._trained_parameters()[name], live[name])  # and the live ones come back
     exported = {}
-    algo.pipeline.save_lora = lambda out, model: exported.update(
+    algo.adapter.save_lora = lambda out, model: exported.update(
         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     )
     algo.export(tmp_path / "export")
@@ -150,8 +150,8 @@ def test_groups_without_reward_spread_carry_zero_advantage_and_are_counted(tmp_p
     algo = engine.algo
     with torch.no_grad():
         batch = algo.advantages(algo.collect())
-    assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
-    assert algo.iteration_stats(1.0)["reward/zero_std_groups"] == recipe["loop"]["prompts_per_iteration"]
+    assert torch.equal(batch.advantages, torch.zeros_like(batch.advantages))
+    assert algo.iteration_stats(batch, 1.0)["reward/zero_std_groups"] == recipe["loop"]["prompts_per_iteration"]
     spread = algo._zero_spread(torch.tensor([0.3, 0.3, 0.2, 0.4, 0.2, float("nan")]))
     assert spread.tolist() == [True, False, True]  # one finite reward: no spread either
     engine.close()
@@ -188,8 +188,8 @@ def test_bf16_autocast_ratio_at_the_first_minibatch(tmp_path, sd3_pipeline):  # 
                 _, stats = algo.loss(item)
             deviations.append(abs(float(stats["policy/ratio_max"]) - 1))
         with engine.accelerator.autocast():  # the velocity really is computed in bf16
-            x, cond = batch["latents"][:2, 0], {k: v[:2] for k, v in batch["cond"].items()}
-            v = algo.pipeline._velocity(algo.denoiser, cond, algo._negative(2))(x, torch.ones(2))
+            x, cond = batch.latents[:2, 0], {k: v[:2] for k, v in batch.cond.items()}
+            v = algo.adapter._velocity(algo.denoiser, cond, algo._negative(2))(x, torch.ones(2))
         assert v.dtype == torch.bfloat16
     engine.close()
     print(f"bf16 autocast: max |ratio - 1| at the first minibatch = {max(deviations):.2e}")
@@ -227,8 +227,8 @@ def test_resolution_sets_the_latent_size_and_a_bad_one_is_one_line(tmp_path, sd3
     engine = Engine(load_recipe(flow_recipe(tmp_path, sd3_pipeline, resolution=24)))
     with torch.no_grad():
         batch = engine.algo.collect()
-    assert batch["latents"].shape[-2:] == (12, 12)  # 24 px over the VAE's factor 2
-    assert engine.algo.pipeline.decode(batch["latents"][:1, -1]).shape[-2:] == (24, 24)
+    assert batch.latents.shape[-2:] == (12, 12)  # 24 px over the VAE's factor 2
+    assert engine.algo.adapter.decode(batch.latents[:1, -1]).shape[-2:] == (24, 24)
     engine.close()
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(flow_recipe(tmp_path, sd3_pipeline, resolution=26)))
@@ -249,7 +249,7 @@ def test_a_flow_run_prints_no_library_noise(tmp_path, sd3_pipeline):  # noqa: F8
 def test_steps_per_pass_gives_the_same_update_in_fewer_passes(tmp_path, sd3_pipeline, capsys):  # noqa: F811
     params = []
     for k in (1, 2):
-        recipe = flow_recipe(tmp_path / str(k), sd3_pipeline, steps_per_pass=k, clip_range=10.0)
+        recipe = flow_recipe(tmp_path / str(k), sd3_pipeline, steps_per_pass=k, clip_coef=10.0)
         recipe["optim"] = {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0}
         recipe["run"]["iterations"] = 1
         engine = Engine(load_recipe(recipe))

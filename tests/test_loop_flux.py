@@ -15,7 +15,8 @@ from rlprox import checkpoint  # noqa: E402
 from rlprox.cli import main  # noqa: E402
 from rlprox.engine import Engine  # noqa: E402
 from rlprox.models import flow_match  # noqa: E402
-from rlprox.models.pipelines import FluxAdapter, Sampling, adapter_for_class  # noqa: E402
+from rlprox.models.pipelines import Sampling, adapter_for_class  # noqa: E402
+from rlprox.models.pipelines.flux import FluxAdapter, FluxOptions  # noqa: E402
 from rlprox.recipe import load_recipe  # noqa: E402
 from tests.test_loop_flow import (  # noqa: E402
     _lora_and_base,
@@ -130,7 +131,7 @@ def stock_ode(pipe, x_T: torch.Tensor, guidance: float):
 
 def test_flux_lora_runs_and_only_lora_moves(tmp_path, flux_pipeline):
     engine = Engine(load_recipe(flux_recipe(tmp_path, flux_pipeline)))
-    assert isinstance(engine.algo.pipeline, FluxAdapter) and engine.algo.pipeline.negative(2, "cpu") is None
+    assert isinstance(engine.algo.adapter, FluxAdapter) and engine.algo.adapter.negative(2, "cpu") is None
     transformer = engine.algo.denoiser
     lora, base = _lora_and_base(transformer)
     for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj"):
@@ -157,8 +158,8 @@ def test_flux_ratio_is_one_and_the_stored_log_prob_is_recomputed(tmp_path, flux_
     algo = engine.algo
     with torch.no_grad():
         batch = algo.advantages(algo.collect())
-        assert batch["latents"].shape == (4, STEPS + 1, 16, 16)  # (B, T+1, N tokens, 4·C)
-        assert batch["cond"]["embeds"].shape == (4, 8, 32) and batch["cond"]["pooled"].shape == (4, 16)
+        assert batch.latents.shape == (4, STEPS + 1, 16, 16)  # (B, T+1, N tokens, 4·C)
+        assert batch.cond["embeds"].shape == (4, 8, 32) and batch.cond["pooled"].shape == (4, 16)
         assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
     engine.close()
 
@@ -167,9 +168,9 @@ def test_flux_schedule_velocity_steps_and_decode_match_stock_diffusers(flux_pipe
     """The σ's FluxPipeline sets, its Euler steps on packed latents (our SDE at a tiny noise level
     and our ODE), its guidance embedding and its decoding, all from the same x_T."""
     guidance = 2.5
-    sampling = Sampling(STEPS, 1.0, noise_level=1e-6, sde_window=(0, STEPS), max_sequence_length=8)
-    sampling.guidance_embedding = guidance
-    adapter = FluxAdapter.load(flux_pipeline, sampling)
+    sampling = Sampling(STEPS, 1.0, max_sequence_length=8)
+    options = FluxOptions(noise_level=1e-6, sde_window=[0, STEPS], guidance_embedding=guidance)
+    adapter = FluxAdapter.load(flux_pipeline, sampling, options)
     assert adapter_for_class("FluxPipeline") is FluxAdapter
     stock = stock_pipeline(flux_pipeline)
     x_T = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -193,7 +194,7 @@ def test_flux_schedule_velocity_steps_and_decode_match_stock_diffusers(flux_pipe
     x_1, _ = flow_match.sde_step_with_logprob(v, x_T, sigma, adapter.sigmas[1], 1e-6)
     torch.testing.assert_close(x_1, euler, rtol=0, atol=1e-5)
     # the guidance value reaches the transformer
-    adapter.sampling.guidance_embedding = 3.5
+    adapter.options.guidance_embedding = 3.5
     v_other = adapter._velocity(model, cond, None)(x_T, sigma)
     assert (v_other - v).abs().max() > 1e-3
     # decoding: unpacked, unscaled and shifted as the pipeline does
@@ -201,7 +202,7 @@ def test_flux_schedule_velocity_steps_and_decode_match_stock_diffusers(flux_pipe
 
 
 def test_flux_eval_and_exported_lora_reproduce_the_tuned_samples_in_stock_diffusers(tmp_path, flux_pipeline):
-    recipe = flux_recipe(tmp_path, flux_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = flux_recipe(tmp_path, flux_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
     engine.fit()
@@ -216,11 +217,11 @@ def test_flux_eval_and_exported_lora_reproduce_the_tuned_samples_in_stock_diffus
     algo = engine.algo
     x_T = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
     noise = x_T[:, None].expand(2, STEPS + 1, 16, 16)
-    cond = algo.pipeline.encode(PROMPTS, "cpu")
+    cond = algo.adapter.encode(PROMPTS, "cpu")
     with torch.no_grad():
-        tuned = algo.pipeline.sample_with_noise(algo.denoiser, cond, None, noise, deterministic=True)
+        tuned = algo.adapter.sample_with_noise(algo.denoiser, cond, None, noise, deterministic=True)
         with algo._base_model() as base_model:
-            base = algo.pipeline.sample_with_noise(base_model, cond, None, noise, deterministic=True)
+            base = algo.adapter.sample_with_noise(base_model, cond, None, noise, deterministic=True)
     latents, _ = stock_ode(stock, x_T, 3.5)
     assert (tuned - base).abs().max() > 1e-2  # the LoRA changed the samples
     torch.testing.assert_close(latents, tuned, rtol=0, atol=1e-5)
@@ -247,8 +248,8 @@ def test_flux_full_fine_tuning_evaluates_the_base_and_exports_a_stock_pipeline(t
     "family,loop,message",
     [
         ("FluxPipeline", {"guidance_scale": 2.0}, "loop.guidance_scale: FLUX uses a guidance embedding"),
-        ("StableDiffusion3Pipeline", {"guidance_embedding": 3.5}, "loop.guidance_embedding: a FLUX option, but"),
-        ("StableDiffusionPipeline", {"guidance_embedding": 3.5}, "loop.guidance_embedding: a FLUX option, but"),
+        ("StableDiffusion3Pipeline", {"guidance_embedding": 3.5}, "loop.sampling.guidance_embedding: not an option"),
+        ("StableDiffusionPipeline", {"guidance_embedding": 3.5}, "loop.sampling.guidance_embedding: not an option"),
     ],
 )
 def test_flux_guidance_options_are_one_line(tmp_path, capsys, family, loop, message):
@@ -258,7 +259,7 @@ def test_flux_guidance_options_are_one_line(tmp_path, capsys, family, loop, mess
     (folder / "model_index.json").write_text(json.dumps({"_class_name": family}))
     recipe = flow_recipe(tmp_path, folder, **{"guidance_scale": 1.0, **loop})
     if family == "StableDiffusionPipeline":
-        recipe["loop"].pop("noise_level")
+        recipe["loop"]["sampling"].pop("noise_level")
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
@@ -286,19 +287,19 @@ def test_flux_resolution_and_a_bf16_lora_base(tmp_path, flux_pipeline):
     recipe["run"].update(frozen_dtype="bfloat16", mixed_precision="bf16")
     engine = Engine(load_recipe(recipe))
     algo = engine.algo
-    scale = algo.pipeline.pipe.vae_scale_factor
-    assert algo.pipeline.image_size == 8 and algo.pipeline.latent_shape[0] == (8 // scale // 2) ** 2
+    scale = algo.adapter.pipe.vae_scale_factor
+    assert algo.adapter.image_size == 8 and algo.adapter.latent_shape[0] == (8 // scale // 2) ** 2
     assert all((p.dtype == torch.float32) == ("lora_" in n) for n, p in algo.denoiser.named_parameters())
     before = {n: p.detach().clone() for n, p in algo.denoiser.named_parameters()}
     engine.fit()
     engine.close()
     moved = {n for n, p in algo.denoiser.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
-    assert algo.pipeline.decode(torch.zeros(1, *algo.pipeline.latent_shape)).shape[-2:] == (8, 8)
+    assert algo.adapter.decode(torch.zeros(1, *algo.adapter.latent_shape)).shape[-2:] == (8, 8)
 
 
 def test_a_guidance_value_for_a_transformer_without_the_embedding_is_one_line(tmp_path, flux_pipeline, capsys):
-    """FLUX.1-schnell style: guidance_embeds false; a recipe that sets loop.guidance_embedding is refused."""
+    """FLUX.1-schnell style: guidance_embeds false; loop.sampling.guidance_embedding is refused from the config."""
     import shutil
 
     schnell = tmp_path / "schnell"
@@ -310,6 +311,6 @@ def test_a_guidance_value_for_a_transformer_without_the_embedding_is_one_line(tm
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"recipe error: loop.guidance_embedding: the transformer of {str(schnell)!r} has no guidance embedding "
-        "(FLUX.1-schnell): leave it unset"
+        f"recipe error: loop.sampling.guidance_embedding: the transformer of {str(schnell)!r} has no guidance "
+        "embedding (FLUX.1-schnell): leave it unset"
     ], err

@@ -81,7 +81,8 @@ def test_build_info_and_grid_written(micro_sd3):
 @pytest.mark.parametrize("t5_tokens", [256, 8])
 def test_one_biased_null_token_equals_the_pipelines_zero_t5_tokens(t5_tokens):
     """Training folds the pipeline's n all-zero T5 tokens into one with log n on its logit: exact."""
-    from rlprox.zoo.sd3 import _clip_ids, clip_conditioning, untrained_pipeline, velocity
+    from rlprox.zoo.sd3 import _clip_ids, clip_conditioning, velocity
+    from tests.toy_pipelines import untrained_sd3_pipeline as untrained_pipeline
 
     pipe = untrained_pipeline(seed=1)
     prompts = ["a red seven", "a Blue two", ""]

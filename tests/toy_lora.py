@@ -34,7 +34,7 @@ class ToyLoRA:
     curve = ("progress/iteration", "reward/mean")
     stat_reductions = {"toy/samples": "sum"}
 
-    def __init__(self, recipe, runtime):
+    def __init__(self, recipe, runtime, loss_terms=None):
         from peft import LoraConfig, get_peft_model
 
         cfg = self.cfg = recipe.toy
@@ -76,7 +76,7 @@ class ToyLoRA:
         loss = (pred - x[:, self.perm]).pow(2).mean()
         return loss, {"loss/mse": loss.detach()}
 
-    def iteration_stats(self, elapsed):
+    def iteration_stats(self, batch, elapsed):
         if self.runtime.train:
             run_dir, rank = self.recipe.run_dir, self.runtime.rank
             with open(run_dir / f"toy-rank{rank}.jsonl", "a") as f:

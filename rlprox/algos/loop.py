@@ -163,7 +163,7 @@ def _resolve_adapter(cfg: LoopConfig, class_name: str | None) -> type[Adapter] |
     """The adapter class: ``loop.adapter``'s, else the one registered for ``class_name``."""
     try:
         if cfg.adapter:
-            return adapter_from_spec(cfg.adapter)
+            return adapter_from_spec(cfg.adapter, class_name)
         return None if class_name is None else adapter_for_class(class_name)
     except (ValueError, RegistryError) as err:
         raise RecipeError("loop.adapter" if cfg.adapter else "loop.pipeline", str(err)) from None
@@ -238,7 +238,7 @@ def validate(recipe: "Recipe") -> LoopSetup:
     adapter = _resolve_adapter(cfg, _pipeline_class(cfg.pipeline))
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
-        adapter.check_config(cfg.pipeline, sampling)
+        adapter.check_config(cfg.pipeline, sampling, options)
     try:
         build_reward(recipe.reward, check_only=True)
     except (ValueError, RegistryError) as err:
@@ -370,8 +370,15 @@ class LOOP:
         self.device = runtime.device
         self.path = resolve_path(cfg.pipeline)
         adapter, options = setup.adapter, setup.options
-        if adapter is None:  # a hub id: its class is known now that it is in the cache
-            adapter = _resolve_adapter(cfg, pipeline_class(self.path, hub=True) or "?")
+        if adapter is None:  # a hub id: its class is known once it is in the cache
+            class_name = pipeline_class(self.path, hub=True)
+            if class_name is None:
+                raise RecipeError(
+                    "loop.pipeline",
+                    f"no diffusers pipeline {cfg.pipeline!r} in the offline cache (no model_index.json); no downloads "
+                    "at run time: give a local folder or a hub id already in the cache",
+                )
+            adapter = _resolve_adapter(cfg, class_name)
             options = adapter.resolve_options(setup.sampling, cfg.sampling)
         try:
             self.adapter = adapter.load(self.path, setup.sampling, options)

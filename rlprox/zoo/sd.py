@@ -169,20 +169,6 @@ def build_components(tokenizer, seed: int = 0) -> dict:
     }
 
 
-def untrained_pipeline(seed: int = 0):
-    """The digits-sd architecture with random weights: a real ``StableDiffusionPipeline``
-    for tests and speed measurements, built in a second."""
-    from diffusers import StableDiffusionPipeline
-
-    tokenizer = build_tokenizer()
-    parts = build_components(tokenizer, seed=seed)
-    pipe = StableDiffusionPipeline(
-        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _one_cycle(params, lr: float, steps: int, pct_start: float = 0.3):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)

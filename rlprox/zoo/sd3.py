@@ -155,17 +155,6 @@ def build_components(seed: int = 0) -> dict:
     }
 
 
-def untrained_pipeline(seed: int = 0):
-    """The digits-sd3 architecture with random weights (a real ``StableDiffusion3Pipeline``)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    parts = build_components(seed)
-    parts["vae"].register_to_config(shift_factor=0.0)  # a trained VAE gets its latents' mean
-    pipe = StableDiffusion3Pipeline(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # ----------------------------------------------------------------------------- conditioning
 def clip_conditioning(text_encoders, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP ids (B, L) -> context (B, L, 2·64) and pooled (B, 2·64), as the pipeline's ``encode_prompt``

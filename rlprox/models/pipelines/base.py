@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+import rlprox.quiet  # noqa: F401  (two library notices dropped)
 from rlprox.errors import RecipeError, RegistryError, did_you_mean
 from rlprox.registry import Registry, resolve_object
 
@@ -108,7 +109,7 @@ class Adapter:
         """Range checks of the family's options against the shared ones (RecipeError)."""
 
     @classmethod
-    def check_config(cls, path, sampling: Sampling) -> None:
+    def check_config(cls, path, sampling: Sampling, options) -> None:
         """What the model's config files in a local folder refuse, before any weights load
         (e.g. ``loop.resolution``): by default a side the VAE's downsampling factor does not divide."""
         vae = read_config(path, "vae")
@@ -248,13 +249,15 @@ def adapter_for_class(class_name: str) -> type[Adapter]:
     raise ValueError(f"no adapter for {class_name} (adapters: {', '.join(ADAPTERS.names())}; or loop.adapter)")
 
 
-def adapter_from_spec(spec: str) -> type[Adapter]:
-    """A user's adapter class from ``"module:Class"``, registered for its pipeline classes."""
+def adapter_from_spec(spec: str, class_name: str | None = None) -> type[Adapter]:
+    """An adapter class named as ``"module:Class"`` (chosen over the registered one); a
+    RegistryError when it is no ``Adapter`` or does not serve ``class_name`` (when known)."""
     cls = resolve_object(spec, "pipeline adapter")
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise RegistryError(f"{spec} is not a subclass of rlprox.models.pipelines.Adapter")
-    if any(ADAPTERS._entries.get(name) is not cls for name in cls.pipeline_classes):
-        register_adapter(cls)
+    if class_name is not None and class_name not in cls.pipeline_classes:
+        served = ", ".join(cls.pipeline_classes) or "no pipeline class"
+        raise RegistryError(f"{spec} serves {served}, not {class_name}")
     return cls
 
 

@@ -74,7 +74,7 @@ class FlowMatchingAdapter(Adapter):
             )
 
     @classmethod
-    def check_config(cls, path, sampling: Sampling) -> None:
+    def check_config(cls, path, sampling: Sampling, options) -> None:
         """The resolution against the transformer's and the VAE's config files (no weights):
         a side the VAE factor × patch size does not divide, or a latent side above the
         transformer's position-embedding size."""

@@ -52,9 +52,15 @@ class FluxAdapter(FlowMatchingAdapter):
         super().check_options(sampling, options, key)
 
     @classmethod
-    def check_config(cls, path, sampling: Sampling) -> None:
-        """A side the VAE factor × 2 (the 2×2 packing) does not divide, from the VAE's config file."""
-        vae = read_config(path, "vae")
+    def check_config(cls, path, sampling: Sampling, options: FluxOptions) -> None:
+        """A guidance value for a transformer without the embedding, and a side the VAE factor × 2
+        (the 2×2 packing) does not divide, from the config files."""
+        transformer, vae = read_config(path, "transformer"), read_config(path, "vae")
+        if options.guidance_embedding is not None and transformer and not transformer.get("guidance_embeds", True):
+            raise RecipeError(
+                "loop.sampling.guidance_embedding",
+                f"the transformer of {str(path)!r} has no guidance embedding (FLUX.1-schnell): leave it unset",
+            )
         if sampling.resolution is None or vae is None:
             return
         multiple = 2 ** (len(vae.get("block_out_channels", [0])) - 1) * 2
