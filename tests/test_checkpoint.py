@@ -146,9 +146,21 @@ def test_fresh_run_after_a_run_killed_before_its_first_checkpoint(tmp_path, tiny
     (recipe.run_dir / "metrics.jsonl").write_text('{"progress/iteration": 1}\n')
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
-    assert main(["train", str(path)]) == 2  # a fresh run does not append to it
-    assert "already holds a run" in capsys.readouterr().err
+    (recipe.run_dir / "logs").mkdir()
     assert main(["train", str(path), "--resume"]) == 0  # resume=auto, nothing to resume: starts clean
+    rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
+    assert [r["progress/iteration"] for r in rows] == [1, 2]
+
+
+def test_a_run_folder_without_checkpoint_is_replaced_without_overwrite(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2}))
+    (recipe.run_dir / "logs").mkdir(parents=True)
+    (recipe.run_dir / "metrics.jsonl").write_text('{"progress/iteration": 1}\n')  # died before its first save
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
+    assert main(["train", str(path)]) == 0  # the same command, no run.overwrite
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{recipe.run_dir} holds no checkpoint (a run stopped before its first save): replacing it"]
     rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
     assert [r["progress/iteration"] for r in rows] == [1, 2]
 

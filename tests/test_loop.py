@@ -102,6 +102,7 @@ def test_ratio_is_one_before_the_first_update(tmp_path, tiny_pipeline):
         ),
         ("wrong_shape", "returned shape (4, 3) for 4 images; expected (4,)"),
         ("all_nan", "returned no finite value for 4 images (all NaN/inf)"),
+        ("on_meta", "returned a tensor on device meta; expected cpu"),
     ],
 )
 def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(
