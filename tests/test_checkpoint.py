@@ -91,6 +91,25 @@ def test_corrupt_checkpoint_one_line_error(tmp_path, tiny_recipe, capsys, victim
         assert victim in capsys.readouterr().err
 
 
+def test_resume_of_a_corrupt_newest_checkpoint_names_the_older_one(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2, "save_every": 1}))
+    Engine(recipe).fit()
+    older, newest = checkpoint.list_checkpoints(recipe.run_dir)
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 3, "save_every": 1})))
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"checkpoint error: {newest / 'model.safetensors'}: corrupt"), err
+    assert err[0].endswith(f"; the previous complete checkpoint is {older}: resume from it with run.resume={older}"), (
+        err
+    )
+    assert (newest / "model.safetensors").read_bytes() == data[: len(data) // 2]  # nothing moved or deleted
+    assert main(["train", str(path), f"run.resume={older}"]) == 0  # as the line says
+    assert checkpoint.find_latest(recipe.run_dir).name == "iter-000003"
+
+
 def test_eval_of_missing_checkpoint(capsys, tmp_path):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("checkpoint error: ")
