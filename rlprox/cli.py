@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over "
             "processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for "
-            "generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env "
+            "generative trainers) to a new folder eval-NNN/ in the checkpoint folder, the latest also copied "
+            "next to the checkpoint. Which options apply depends on the checkpoint's trainer: env "
             "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
             "trainers take --num-samples and --prompts (vapi also --cfg); sparse always uses its whole held-out split."
         ),
