@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +77,13 @@ class TrainState:
     iteration: int = 0  # completed iterations
     optimizer_steps: int = 0
     wall_time: float = 0.0  # seconds spent in iterations, over all resumes
-    extra: dict = field(default_factory=dict)
 
 
 class CheckpointError(RuntimeError):
     """A missing or corrupt checkpoint file; ``str(err)`` is one line naming the file."""
 
     def __init__(self, path, problem: str):
+        self.path, self.problem = path, problem
         super().__init__(f"checkpoint error: {path}: {problem}")
 
 
@@ -103,6 +103,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def find_latest(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def previous_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint of the same run older than ``path``, or None."""
+    found = list_checkpoints(Path(path).parent.parent)
+    index = found.index(Path(path)) if Path(path) in found else 0
+    return found[index - 1] if index > 0 else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -333,7 +340,6 @@ def save(state: TrainState) -> Path:
                 "iteration": state.iteration,
                 "optimizer_steps": state.optimizer_steps,
                 "wall_time": state.wall_time,
-                "extra": state.extra,
                 "num_processes": acc.num_processes,
                 "modules": list(state.modules),
                 # rebuilt from recipe.yaml, never saved:
@@ -411,6 +417,37 @@ def read_recipe(path: Path, overrides: list[str] | None = None):
     return load_recipe(_require(path / "recipe.yaml"), ["run.resume=never", "run.overwrite=false", *(overrides or [])])
 
 
+def check_resume_keys(path: Path, recipe, keys: tuple[str, ...]) -> None:
+    """Each "section.field" of ``keys`` (a trainer's ``resume_keys``: they fix the shape
+    of the saved state, e.g. LoRA or full fine-tuning) must equal the value saved in the
+    checkpoint's recipe.yaml; a ``RecipeError`` naming the key and both values otherwise.
+    Reads only recipe.yaml, so it runs before any model is built."""
+    import yaml
+
+    from rlprox.errors import RecipeError
+
+    if not keys:
+        return
+    file = Path(path) / "recipe.yaml"
+    try:
+        saved = yaml.safe_load(_require(file).read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(file, f"corrupt YAML ({err.__class__.__name__})") from None
+    current = recipe.to_dict()
+    for key in keys:
+        section, name = key.split(".", 1)
+        if name not in (saved.get(section) or {}):
+            continue  # saved before the key existed
+        then, now = saved[section][name], current[section][name]
+        if then != now:
+            raise RecipeError(
+                key,
+                f"the checkpoint {path} was saved with {key}={then} and this run has {key}={now}; "
+                f"it fixes the shape of the saved state: resume with {key}={then}, or start another run with "
+                "run.name=NEW",
+            )
+
+
 def load_weights(path: Path, modules: dict[str, torch.nn.Module], unwrap=lambda m: m) -> None:
     """Load ``model.safetensors`` into ``modules``: every saved key must match, and
     every key of a module must be saved unless it is a frozen parameter."""
@@ -481,7 +518,6 @@ def load(state: TrainState, path: Path) -> None:
     state.iteration = int(saved["iteration"])
     state.optimizer_steps = int(saved["optimizer_steps"])
     state.wall_time = float(saved["wall_time"])
-    state.extra = dict(saved.get("extra", {}))
 
 
 def load_for_eval(path: Path, modules: dict, loader=None) -> None:

@@ -68,7 +68,8 @@ def cmd_eval(args) -> int:
     from rlprox.engine import build_for_eval, hook, run_evaluation
 
     path = checkpoint.resolve_checkpoint(Path(args.checkpoint))
-    spec = trainer_spec(checkpoint.read_recipe(path).algo)
+    saved_recipe = checkpoint.read_recipe(path)
+    spec = trainer_spec(saved_recipe.algo)
     given = {"--episodes": args.episodes, "--num-samples": args.num_samples}
     wanted = UNIT_FLAGS[spec.eval_unit]
     for flag, value in given.items():
@@ -85,11 +86,18 @@ def cmd_eval(args) -> int:
         prompts_file = Path(args.prompts)
         if not prompts_file.is_file():
             raise UsageError(f"--prompts: file not found: {prompts_file}")
-        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            where = f"byte {err.object[err.start]:#04x} at offset {err.start}"
+            raise UsageError(f"--prompts: {prompts_file} is not UTF-8 text ({where})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise UsageError(f"--prompts: {prompts_file} holds no prompt (one per line)")
     if args.video is not None:
         _check_video_args(args, spec)
+    say = phase_lines(saved_recipe)
+    say(f"loading {path} (algo {spec.name})")
     recipe, accelerator, _, algo = build_for_eval(path)
     if hook(algo, "evaluate") is None:
         raise UsageError(f"algo {spec.name} has no evaluate hook: its checkpoints cannot be evaluated")
@@ -97,19 +105,23 @@ def cmd_eval(args) -> int:
     if total <= 0:
         raise UsageError(f"{wanted}: must be > 0 (got {total})")
     seed = recipe.seed if args.seed is None else args.seed
+    say(f"evaluating {total} {spec.eval_unit}")
     stats, values, images, info = run_evaluation(
         algo, accelerator, total, seed, args.deterministic, prompts, cfg_scale=args.cfg
     )
     model_stats = hook(algo, "model_stats")
     extra = model_stats() if model_stats is not None else {}
     if accelerator.is_main_process:
+        if args.video is not None:
+            say(f"recording {args.video_episodes} video episode(s) to {args.video}")
         videos = _record_videos(args, algo, recipe, seed) if args.video is not None else []
+        out = _new_eval_dir(path)
         written = []
         for name, batch in images.items():
             from rlprox.images import save_image_grid
 
             written.append(
-                save_image_grid(batch, path / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0))
+                save_image_grid(batch, out / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0))
             )
         scalar_values = {
             k.lstrip("_"): v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)
@@ -128,7 +140,9 @@ def cmd_eval(args) -> int:
         if videos:
             result["videos"] = [{"path": str(p), "return": r} for p, r in videos]
         result.pop("grid_cols", None)
-        (path / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        for file in [out / "eval.json", *written]:  # the checkpoint folder shows the latest evaluation
+            _replace_with_copy(file, path / file.name)
         rows = [
             ("checkpoint", str(path)),
             (
@@ -152,9 +166,39 @@ def cmd_eval(args) -> int:
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
-        print(f"{'written':<{width}}  {path / 'eval.json'}")
+        print(f"{'written':<{width}}  {out / 'eval.json'} (latest also in {path / 'eval.json'})")
     hook(algo, "close", lambda: None)()
     return 0
+
+
+def _new_eval_dir(checkpoint_path: Path) -> Path:
+    """``<checkpoint>/eval-001/``, ``eval-002/``, …: a folder no earlier evaluation wrote."""
+    taken = [int(p.name[5:]) for p in checkpoint_path.glob("eval-*") if p.name[5:].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        out = checkpoint_path / f"eval-{number:03d}"
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:  # another evaluation of this checkpoint took it meanwhile
+            number += 1
+
+
+def _replace_with_copy(source: Path, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def phase_lines(recipe):
+    """``say(text)``: one line per phase of ``rlprox eval`` / ``export`` on stderr, shown
+    where the training bar would be redrawn (``run.progress`` and stderr a terminal)."""
+    from rlprox.tracking import shows_progress
+
+    shown = shows_progress(recipe)
+    return lambda text: print(f"{text} …", file=sys.stderr, flush=True) if shown else None
 
 
 def _check_video_args(args, spec) -> None:
@@ -212,16 +256,19 @@ def cmd_export(args) -> int:
     from rlprox.engine import build_for_eval, hook
 
     path = checkpoint.resolve_checkpoint(Path(args.checkpoint))
+    say = phase_lines(checkpoint.read_recipe(path))
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output folder {out} exists and is not a folder")
+    say(f"loading {path}")
     recipe, accelerator, _, algo = build_for_eval(path)
     export = hook(algo, "export")
     if export is None:
         raise UsageError(f"algo {recipe.algo} has no export format; its checkpoint's model.safetensors is the model")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output folder {out} exists and is not a folder")
     if accelerator.is_main_process:
         from rlprox.policy import is_policy_folder
 
+        say(f"exporting to {out}")
         for written in export(out):
             print(written)
         if is_policy_folder(out):
@@ -290,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Rebuild the trained model from the recipe stored in a checkpoint, evaluate it (sharded over "
             "processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for "
-            "generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env "
+            "generative trainers) to a new folder eval-NNN/ in the checkpoint folder, the latest also copied "
+            "next to the checkpoint. Which options apply depends on the checkpoint's trainer: env "
             "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
             "trainers take --num-samples and --prompts (vapi also --cfg); sparse always uses its whole held-out split."
         ),

@@ -369,6 +369,13 @@ def validate(recipe: Recipe, spec=None) -> Any:
         raise RecipeError("run.log_update_norm", "not supported with run.grad_sync: fsdp (sharded weights)")
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
         raise RecipeError("run.resume", f"checkpoint not found: {run.resume}")
+    for folder in (recipe.run_dir, *recipe.run_dir.parents):  # the nearest one that exists must be a folder
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                output_dir = Path(run.output_dir)
+                key = "run.output_dir" if folder in (output_dir, *output_dir.parents) else "run.name"
+                raise RecipeError(key, f"{folder} exists and is not a folder")
+            break
     for tracker in run.log_with:
         if tracker in KNOWN_TRACKERS:
             if importlib.util.find_spec(tracker) is None:

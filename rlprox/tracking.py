@@ -11,9 +11,11 @@ from metrics.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,13 @@ PROGRESS_FIELDS = {
     "return": "reward/episodic_return",
     "reward": "reward/mean",
 }
+
+
+def shows_progress(recipe) -> bool:
+    """Progress is drawn live (the bar redrawn, phase lines printed): ``run.progress``
+    and stderr a terminal. Redirected to a file, the training bar writes a line every
+    30 s instead and ``rlprox eval`` / ``export`` print no phases."""
+    return bool(recipe.run.progress) and sys.stderr.isatty()
 
 
 class Tracker:
@@ -136,6 +145,26 @@ class Tracker:
                     tracker.run.log({name: wandb.Image(grid)}, step=step)
         return written
 
+    @contextlib.contextmanager
+    def phase(self, text: str):
+        """Around work between iterations (an evaluation): on a terminal the bar names it
+        while it runs, and the bar's s/it leaves its time out either way."""
+        bar = self.bar
+        if bar is None:
+            yield
+            return
+        desc = bar.desc
+        if sys.stderr.isatty():
+            bar.set_description_str(f"{desc} ({text})", refresh=True)
+        start = time.time()  # tqdm's clock
+        try:
+            yield
+        finally:
+            spent = time.time() - start
+            bar.start_t += spent
+            bar.last_print_t += spent
+            bar.set_description_str(desc, refresh=False)
+
     def message(self, text: str) -> None:
         if self.main:
             (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
@@ -186,6 +215,30 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# how a stat's namespace reads in an axis label; "{}" is the stat's name in words
+AXIS_WORDING = {
+    "progress": "{}",
+    "reward": "{} reward",
+    "eval": "evaluation {}",
+    "loss": "{} loss",
+    "policy": "policy {}",
+    "perf": "{}",
+    "optim": "{}",
+}
+WORDS = {"env": "environment", "sps": "steps per second", "lr": "learning rate", "iteration": "iterations"}
+
+
+def axis_label(key: str) -> str:
+    """A stat key as an axis label: "progress/images" -> "images", "reward/mean" ->
+    "mean reward", "reward/episodic_return" -> "episodic return", "eval/accuracy" ->
+    "evaluation accuracy", "progress/env_steps" -> "environment steps"."""
+    namespace, _, name = key.rpartition("/")
+    words = " ".join(WORDS.get(w, w) for w in name.split("_"))
+    if namespace == "reward" and ("return" in words or "reward" in words):
+        return words
+    return AXIS_WORDING.get(namespace, namespace.replace("/", " ") + " {}" if namespace else "{}").format(words)
+
+
 def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str = "") -> bool:
     """Plot ``y_key`` against ``x_key`` from metrics.jsonl; False when there is no data."""
     rows = [r for r in read_metrics(metrics_path) if x_key in r and y_key in r and math.isfinite(r[y_key])]
@@ -203,8 +256,8 @@ def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str
     if eval_rows:
         ax.plot([r[x_key] for r in eval_rows], [r[eval_key] for r in eval_rows], "o", label="eval")
         ax.legend()
-    ax.set_xlabel(x_key.split("/")[-1].replace("_", " "))
-    ax.set_ylabel(y_key.split("/")[-1].replace("_", " "))
+    ax.set_xlabel(axis_label(x_key))
+    ax.set_ylabel(axis_label(y_key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -28,3 +28,7 @@ def some_nan(images, prompts, metadata):
 
 def constant(images, prompts, metadata):
     return torch.full((len(images),), 0.1)
+
+
+def on_meta(images, prompts, metadata):
+    return torch.zeros(len(images), device="meta")  # shapes right, holds no values

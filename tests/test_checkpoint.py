@@ -91,6 +91,25 @@ def test_corrupt_checkpoint_one_line_error(tmp_path, tiny_recipe, capsys, victim
         assert victim in capsys.readouterr().err
 
 
+def test_resume_of_a_corrupt_newest_checkpoint_names_the_older_one(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2, "save_every": 1}))
+    Engine(recipe).fit()
+    older, newest = checkpoint.list_checkpoints(recipe.run_dir)
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 3, "save_every": 1})))
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"checkpoint error: {newest / 'model.safetensors'}: corrupt"), err
+    assert err[0].endswith(f"; the previous complete checkpoint is {older}: resume from it with run.resume={older}"), (
+        err
+    )
+    assert (newest / "model.safetensors").read_bytes() == data[: len(data) // 2]  # nothing moved or deleted
+    assert main(["train", str(path), f"run.resume={older}"]) == 0  # as the line says
+    assert checkpoint.find_latest(recipe.run_dir).name == "iter-000003"
+
+
 def test_eval_of_missing_checkpoint(capsys, tmp_path):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("checkpoint error: ")
@@ -146,9 +165,21 @@ def test_fresh_run_after_a_run_killed_before_its_first_checkpoint(tmp_path, tiny
     (recipe.run_dir / "metrics.jsonl").write_text('{"progress/iteration": 1}\n')
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
-    assert main(["train", str(path)]) == 2  # a fresh run does not append to it
-    assert "already holds a run" in capsys.readouterr().err
+    (recipe.run_dir / "logs").mkdir()
     assert main(["train", str(path), "--resume"]) == 0  # resume=auto, nothing to resume: starts clean
+    rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
+    assert [r["progress/iteration"] for r in rows] == [1, 2]
+
+
+def test_a_run_folder_without_checkpoint_is_replaced_without_overwrite(tmp_path, tiny_recipe, capsys):
+    recipe = load_recipe(tiny_recipe(run={"iterations": 2}))
+    (recipe.run_dir / "logs").mkdir(parents=True)
+    (recipe.run_dir / "metrics.jsonl").write_text('{"progress/iteration": 1}\n')  # died before its first save
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run={"iterations": 2})))
+    assert main(["train", str(path)]) == 0  # the same command, no run.overwrite
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{recipe.run_dir} holds no checkpoint (a run stopped before its first save): replacing it"]
     rows = [json.loads(line) for line in open(recipe.run_dir / "metrics.jsonl")]
     assert [r["progress/iteration"] for r in rows] == [1, 2]
 

@@ -161,3 +161,25 @@ def test_optim_eps_reaches_adam(tmp_path):
     recipe = bandit_recipe(tmp_path)
     recipe.optim.name, recipe.optim.eps = "adamw", 1e-8
     assert Engine(recipe).base_optimizer.param_groups[0]["eps"] == 1e-8
+
+
+def test_learning_curve_axes_name_what_they_plot(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from rlprox.tracking import axis_label, plot_curve
+
+    labels = {}
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, text, **kw: labels.update(x=text))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, text, **kw: labels.update(y=text))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"progress/images": 8, "reward/mean": 0.5}\n{"progress/images": 16, "reward/mean": 0.7}\n')
+    assert plot_curve(metrics, tmp_path / "curve.png", "progress/images", "reward/mean")
+    assert labels == {"x": "images", "y": "mean reward"} and (tmp_path / "curve.png").is_file()
+    assert [
+        axis_label(k) for k in ("progress/env_steps", "reward/episodic_return", "eval/accuracy", "loss/total")
+    ] == [
+        "environment steps",
+        "episodic return",
+        "evaluation accuracy",
+        "total loss",
+    ]

@@ -107,6 +107,7 @@ def test_ratio_is_one_before_the_first_update(tmp_path, tiny_pipeline):
         ),
         ("wrong_shape", "returned shape (4, 3) for 4 images; expected (4,)"),
         ("all_nan", "returned no finite value for 4 images (all NaN/inf)"),
+        ("on_meta", "returned a tensor on device meta; expected cpu"),
     ],
 )
 def test_bad_reward_plugin_stops_in_one_line_and_keeps_the_checkpoint(
@@ -294,3 +295,16 @@ def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tin
         assert key in result
     assert (checkpoint.find_latest(engine.run_dir) / "eval_base_vs_tuned.png").is_file()
     assert (engine.run_dir / "samples" / "base_vs_tuned-000002.png").is_file()
+
+
+def test_resume_with_the_other_finetune_mode_names_both(tmp_path, tiny_pipeline, capsys):
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["run"]["iterations"] = 1
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "run.iterations=2", "loop.finetune=full", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recipe error: loop.finetune: the checkpoint "), err
+    assert "saved with loop.finetune=lora and this run has loop.finetune=full" in err[0]

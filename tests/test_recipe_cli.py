@@ -180,6 +180,22 @@ def test_existing_run_is_never_mixed_or_lost(tmp_path, tiny_recipe, capsys):
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("output_dir,key", [("afile", "run.output_dir"), ("afile/sub", "run.output_dir")])
+def test_output_dir_that_is_a_file(tmp_path, tiny_recipe, capsys, output_dir, key):
+    (tmp_path / "afile").write_text("keep me")
+    data = tiny_recipe(run={"output_dir": str(tmp_path / output_dir)})
+    assert main(["train", write(tmp_path, data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"recipe error: {key}: {tmp_path / 'afile'} exists and is not a folder"]
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_run_folder_that_is_a_file(tmp_path, tiny_recipe, capsys):
+    (tmp_path / "t").write_text("keep me")
+    assert main(["train", write(tmp_path, tiny_recipe())]) == 2
+    assert capsys.readouterr().err.strip() == f"recipe error: run.name: {tmp_path / 't'} exists and is not a folder"
+
+
 def test_unknown_tracker(tiny_recipe, capsys, tmp_path):
     assert main(["train", write(tmp_path, tiny_recipe()), "run.log_with=[tensorbored]"]) == 2
     assert "run.log_with: unknown tracker 'tensorbored'" in capsys.readouterr().err

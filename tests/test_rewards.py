@@ -141,6 +141,9 @@ def test_weighted_multi_reward_sums_terms_and_checks_each():
     bad = build_reward("tests.reward_plugins:wrong_shape")
     with pytest.raises(RewardError, match=r"returned shape \(2, 3\) for 2 images"):
         bad(images, ["", ""], [{}, {}])
+    on_meta = build_reward("tests.reward_plugins:on_meta")
+    with pytest.raises(RewardError, match="returned a tensor on device meta; expected cpu"):
+        on_meta(images, ["", ""], [{}, {}])
 
 
 # ----------------------------------------------------------------------------- CLIP rewards

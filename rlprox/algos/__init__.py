@@ -3,9 +3,9 @@
 Each trainer module registers a ``TrainerSpec`` when it is imported: its recipe
 sections (name -> config dataclass), its ``build(recipe, runtime, loss_terms)``, its
 ``validate(recipe)`` (which may return what it resolved: ``recipe.setup``), the
-counts that must be positive, its minibatches per epoch
-(``rlprox.recipe.validate`` checks both, once for every trainer) and what its
-evaluation takes. ``build`` resolves everything the trainer will need (reward models,
+counts that must be positive, its minibatches per epoch (``rlprox.recipe.validate``
+checks both, once for every trainer), what its evaluation takes and the keys a resume
+may not change. ``build`` resolves everything the trainer will need (reward models,
 eval classifiers, reference models): the engine calls it under
 ``main_process_first``, so a zoo model missing from the cache is built once, before
 any hook runs. ``rlprox.recipe`` and the CLI look
@@ -62,6 +62,9 @@ class TrainerSpec:
     eval_unit: Literal["episodes", "samples", "examples"] = "episodes"  # what `rlprox eval --num` counts
     eval_flags: tuple[str, ...] = ()  # subset of EVAL_FLAGS this trainer's evaluate() honours
     loss_inputs: tuple[str, ...] = ()  # what its loss offers loss-side regularizers (its loss_terms)
+    # "section.field" keys that fix the shape of the saved state (e.g. loop.finetune: a LoRA adapter or the
+    # whole model): a resume must give them the value saved in the checkpoint's recipe (checked before any build)
+    resume_keys: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = set(self.eval_flags) - set(EVAL_FLAGS)

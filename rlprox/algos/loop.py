@@ -804,5 +804,6 @@ register_trainer(
         loss_inputs=("mean", "ref_mean", "std"),
         eval_unit="samples",
         eval_flags=("prompts",),
+        resume_keys=("loop.finetune",),
     )
 )

@@ -55,13 +55,19 @@ class Engine:
         run = recipe.run
         torch.set_num_threads(run.torch_threads)
         self.run_dir = recipe.run_dir
+        spec = trainer_spec(recipe.algo)
+        self.eval_unit = spec.eval_unit
         _claim_run_dir(recipe)
+        resume_from = resume_path(recipe)
+        if resume_from is not None:  # before any model is built
+            with _older_checkpoint_hint(recipe, resume_from):
+                checkpoint.check_resume_keys(resume_from, recipe, spec.resume_keys)
         self.accelerator = acc = make_accelerator(run, self.run_dir)
         # Same seed on every rank for module init (identical initial weights); each
         # process samples from its own runtime streams.
         set_seed(recipe.seed)
         self.runtime = make_runtime(acc, recipe.seed, run.frozen_dtype)
-        builder = algo_builder or trainer_spec(recipe.algo).build
+        builder = algo_builder or spec.build
         # the loss-side regularizers act on tensors the trainer's loss computes: built first, handed to its build
         self.loss_terms = LossTerms.from_specs(recipe.regularizers)
         with acc.main_process_first():  # zoo builds and model loading: once, by rank 0 first
@@ -153,12 +159,13 @@ class Engine:
         run, state = self.recipe.run, self.state
         if run.resume == "never":
             return
-        path = checkpoint.find_latest(self.run_dir) if run.resume == "auto" else Path(run.resume)
+        path = resume_path(self.recipe)
         if path is None:
             self.tracker.truncate(0)  # a run killed before its first checkpoint
             self.tracker.message("run.resume=auto: no checkpoint found, starting fresh")
             return
-        checkpoint.load(state, path)
+        with _older_checkpoint_hint(self.recipe, path):
+            checkpoint.load(state, path)
         self.tracker.truncate(state.iteration)
         if self.accelerator.is_main_process:
             moved = checkpoint.set_aside_newer(self.run_dir, state.iteration)
@@ -236,7 +243,7 @@ class Engine:
     def evaluate(self, total: int, step: int | None = None) -> dict[str, float]:
         """Sharded evaluation of ``total`` items on whole parameters; its image grids
         are logged at ``step``."""
-        with self.gathered():
+        with self.tracker.phase(f"evaluating {total} {self.eval_unit}"), self.gathered():
             stats, _, images, info = run_evaluation(self.algo, self.accelerator, total, self.recipe.seed)
         if images and step is not None:
             self.tracker.log_images(images, step, cols=info.get("grid_cols", 0))
@@ -251,29 +258,58 @@ class Engine:
         self.accelerator.end_training()
 
 
+def resume_path(recipe: Recipe) -> Path | None:
+    """The checkpoint ``run.resume`` names: the run's newest (auto; None when it has
+    none), a path, or None (never)."""
+    if recipe.run.resume == "never":
+        return None
+    return checkpoint.find_latest(recipe.run_dir) if recipe.run.resume == "auto" else Path(recipe.run.resume)
+
+
+@contextlib.contextmanager
+def _older_checkpoint_hint(recipe: Recipe, path: Path):
+    """``--resume`` of a corrupt newest checkpoint: its one-line error also names the
+    older complete checkpoint ``run.resume=PATH`` would resume from. Not used in its
+    place: which one to give up is the user's call, and the corrupt one may be
+    repairable (a full disk, a copy cut short)."""
+    try:
+        yield
+    except checkpoint.CheckpointError as err:
+        older = checkpoint.previous_checkpoint(path) if recipe.run.resume == "auto" else None
+        if older is None:
+            raise
+        raise checkpoint.CheckpointError(
+            err.path,
+            f"{err.problem}; the previous complete checkpoint is {older}: resume from it with run.resume={older}",
+        ) from None
+
+
 def _claim_run_dir(recipe: Recipe) -> None:
     """A fresh run never mixes with (or prunes) an earlier run's files: starting one in
     a folder that holds checkpoints is an error unless ``run.overwrite`` says to delete
-    them. Runs on every rank before any work; only rank 0 deletes."""
+    them. A folder with logs or metrics but no checkpoint (a run stopped before its
+    first save: nothing to resume) is replaced, with one line saying so. Runs on every
+    rank before any work; only rank 0 deletes."""
     import shutil
+    import sys
 
     run_dir = recipe.run_dir
-    holds_run = (
-        bool(checkpoint.list_checkpoints(run_dir))
-        or (run_dir / "metrics.jsonl").exists()
-        or (run_dir / "logs").exists()
-    )
+    has_checkpoints = bool(checkpoint.list_checkpoints(run_dir))
+    holds_run = has_checkpoints or (run_dir / "metrics.jsonl").exists() or (run_dir / "logs").exists()
     if recipe.run.resume != "never" or not holds_run:
         return
-    if not recipe.run.overwrite:
+    if has_checkpoints and not recipe.run.overwrite:
         raise RecipeError(
             "run.name",
             f"{run_dir} already holds a run; continue it with --resume (run.resume=auto), "
             "start another with run.name=NEW, or replace it with run.overwrite=true",
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(checkpoint.checkpoint_dir(run_dir), ignore_errors=True)
-        shutil.rmtree(run_dir / "logs", ignore_errors=True)
-        shutil.rmtree(run_dir / "samples", ignore_errors=True)
-        for name in ("metrics.jsonl", "learning_curve.png"):
-            (run_dir / name).unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not has_checkpoints:
+        print(f"{run_dir} holds no checkpoint (a run stopped before its first save): replacing it", file=sys.stderr)
+    shutil.rmtree(checkpoint.checkpoint_dir(run_dir), ignore_errors=True)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    shutil.rmtree(run_dir / "samples", ignore_errors=True)
+    for name in ("metrics.jsonl", "learning_curve.png"):
+        (run_dir / name).unlink(missing_ok=True)

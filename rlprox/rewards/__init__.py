@@ -381,7 +381,8 @@ def _terms(spec) -> list[RewardTerm]:
 
 class WeightedReward:
     """Σ_i w_i·r_i(images, prompts, metadata), every term's output checked: a reward
-    that raises, returns a wrong shape or nothing finite stops the run with one line
+    that raises, returns a wrong shape, a tensor on a device other than the images'
+    or the CPU (``meta`` included), or nothing finite stops the run with one line
     (``RewardError``) naming it and what it returned; a ``RewardError`` the reward raises
     itself passes unchanged (it already names the reward). Individual non-finite values
     pass through (the advantage leaves them out and the stats count them)."""
@@ -402,6 +403,9 @@ class WeightedReward:
                 first = (str(err).strip().splitlines() or [""])[0][:200]
                 raise RewardError(f"reward {name!r} raised {type(err).__name__}: {first}") from None
             values, extra = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+            if torch.is_tensor(values) and values.device.type != "cpu" and values.device != images.device:
+                expected = "cpu" if images.device.type == "cpu" else f"{images.device} (the images' device) or cpu"
+                raise RewardError(f"reward {name!r} returned a tensor on device {values.device}; expected {expected}")
             try:
                 values = torch.as_tensor(values).detach().float().cpu()
             except (TypeError, ValueError, RuntimeError):
