@@ -407,14 +407,18 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_recipe(path: Path, overrides: list[str] | None = None):
+def read_recipe(path: Path, overrides: list[str] | None = None, scoring: bool = True):
+    """The recipe saved in a checkpoint folder, validated (``scoring`` False: not what only
+    scoring needs, for an export)."""
     from rlprox.recipe import load_recipe
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint folder")
     # the stored recipe may say how that run was resumed (a path that may be gone)
-    return load_recipe(_require(path / "recipe.yaml"), ["run.resume=never", "run.overwrite=false", *(overrides or [])])
+    return load_recipe(
+        _require(path / "recipe.yaml"), ["run.resume=never", "run.overwrite=false", *(overrides or [])], scoring
+    )
 
 
 def check_resume_keys(path: Path, recipe, keys: tuple[str, ...]) -> None:

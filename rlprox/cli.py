@@ -256,12 +256,12 @@ def cmd_export(args) -> int:
     from rlprox.engine import build_for_eval, hook
 
     path = checkpoint.resolve_checkpoint(Path(args.checkpoint))
-    say = phase_lines(checkpoint.read_recipe(path))
+    say = phase_lines(checkpoint.read_recipe(path, scoring=False))  # an export scores nothing
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output folder {out} exists and is not a folder")
     say(f"loading {path}")
-    recipe, accelerator, _, algo = build_for_eval(path)
+    recipe, accelerator, _, algo = build_for_eval(path, scoring=False)
     export = hook(algo, "export")
     if export is None:
         raise UsageError(f"algo {recipe.algo} has no export format; its checkpoint's model.safetensors is the model")

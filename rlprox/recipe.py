@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import os
 import types
 import typing
@@ -305,8 +306,9 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML file (or a dict), apply ``key.sub=value`` overrides, validate."""
+def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = None, scoring: bool = True) -> Recipe:
+    """Read a YAML file (or a dict), apply ``key.sub=value`` overrides, validate. ``scoring``
+    False (``rlprox export``): what only scoring needs (a reward plugin) is not checked."""
     from rlprox.algos import TRAINERS, trainer_spec
 
     data = copy.deepcopy(source) if isinstance(source, dict) else _read_yaml(Path(source))
@@ -331,7 +333,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
         regularizers=_coerce(engine_part.get("regularizers") or [], list[dict], "regularizers"),
         sections={name: _coerce(data.get(name), cls, name) for name, cls in spec.sections.items()},
     )
-    recipe.setup = validate(recipe, spec)
+    recipe.setup = validate(recipe, spec, scoring)
     return recipe
 
 
@@ -347,9 +349,10 @@ def positive(key: str, value, allow_zero: bool = False):
 KNOWN_TRACKERS = ("wandb", "comet_ml", "mlflow", "clearml", "aim", "dvclive", "swanlab", "trackio")
 
 
-def validate(recipe: Recipe, spec=None) -> Any:
+def validate(recipe: Recipe, spec=None, scoring: bool = True) -> Any:
     """Cross-field checks that types alone cannot express; then the trainer's own, whose
-    result (what it resolved, or None) is returned."""
+    result (what it resolved, or None) is returned. A trainer's validate that takes a
+    ``scoring`` argument gets it (False: skip what only scoring needs)."""
     from rlprox.algos import trainer_spec
 
     run = recipe.run
@@ -413,7 +416,10 @@ def validate(recipe: Recipe, spec=None) -> Any:
     for key in spec.counts:
         section, name = key.split(".", 1)
         positive(key, getattr(recipe.sections[section], name))
-    setup = spec.validate(recipe) if spec.validate is not None else None
+    setup = None
+    if spec.validate is not None:
+        takes_scoring = "scoring" in inspect.signature(spec.validate).parameters
+        setup = spec.validate(recipe, scoring=scoring) if takes_scoring else spec.validate(recipe)
     if spec.minibatches_per_epoch is not None:
         steps, per_epoch = run.gradient_accumulation_steps, spec.minibatches_per_epoch(recipe)
         if per_epoch % steps:

@@ -268,6 +268,10 @@ def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tin
     engine.fit()
     engine.close()
     assert main(["export", str(engine.run_dir), str(tmp_path / "lora")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f'StableDiffusionPipeline.from_pretrained("{tiny_pipeline}").load_lora_weights("{tmp_path / "lora"}")' in out
+    )
     from diffusers import StableDiffusionPipeline
 
     def sample(pipe):
@@ -308,3 +312,23 @@ def test_resume_with_the_other_finetune_mode_names_both(tmp_path, tiny_pipeline,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("recipe error: loop.finetune: the checkpoint "), err
     assert "saved with loop.finetune=lora and this run has loop.finetune=full" in err[0]
+
+
+def test_export_needs_no_reward_plugin_and_eval_still_checks_it(tmp_path, tiny_pipeline, capsys):
+    """An export scores nothing: a reward plugin that cannot be imported (trained elsewhere) does not
+    stop it; an evaluation, which scores, still says so in one line."""
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    engine.fit()
+    engine.close()
+    saved = checkpoint.find_latest(engine.run_dir) / "recipe.yaml"
+    data = yaml.safe_load(saved.read_text())
+    data["reward"] = "package_on_another_machine.rewards:score"
+    saved.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["export", str(engine.run_dir), str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["eval", str(engine.run_dir), "--num-samples", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recipe error: reward: cannot import module"), err

@@ -200,11 +200,11 @@ def resolve_options(cfg: LoopConfig, adapter: type[Adapter] | None) -> tuple[Sam
     return sampling, (None if adapter is None else adapter.resolve_options(sampling, cfg.sampling))
 
 
-def validate(recipe: "Recipe") -> LoopSetup:
+def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     """The section's cross-field checks, then everything it names resolved without loading
     weights (the pipeline's family from its model_index.json, the family's options, the
-    model's config files, the reward's names, the prompts): the ``LoopSetup`` the trainer is
-    built from."""
+    model's config files, the reward's names unless not ``scoring``, the prompts): the
+    ``LoopSetup`` the trainer is built from."""
     cfg = recipe.loop
     if cfg.num_samples_per_prompt < 2 and cfg.advantage in ("loo", "group_norm"):
         raise RecipeError(
@@ -239,10 +239,11 @@ def validate(recipe: "Recipe") -> LoopSetup:
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
-    try:
-        build_reward(recipe.reward, check_only=True)
-    except (ValueError, RegistryError) as err:
-        raise RecipeError("reward", str(err)) from None
+    if scoring:
+        try:
+            build_reward(recipe.reward, check_only=True)
+        except (ValueError, RegistryError) as err:
+            raise RecipeError("reward", str(err)) from None
     train = load_prompts(cfg.prompts)
     evaluation = load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else train
     return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
@@ -713,7 +714,7 @@ class LOOP:
                 self.adapter.save_lora(out_dir, denoiser)
             else:
                 self.adapter.save_full(out_dir, self.path, denoiser)
-        print(f"load it with: {self.adapter.load_hint(out_dir, str(self.path), lora)}")
+        print(f"load with: {self.adapter.load_hint(out_dir, str(self.path), lora)}")
         return [out_dir / "pytorch_lora_weights.safetensors"] if lora else [out_dir]
 
     # ------------------------------------------------------------------ EMA
@@ -775,7 +776,7 @@ class LOOP:
 
 def build(recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms") -> LOOP:
     """The trainer from the recipe's ``LoopSetup`` (resolved when the recipe was validated)."""
-    return LOOP(recipe, runtime, loss_terms, recipe.setup or validate(recipe))
+    return LOOP(recipe, runtime, loss_terms, recipe.setup or validate(recipe, scoring=runtime.scoring))
 
 
 register_trainer(

@@ -87,7 +87,7 @@ def build_for_eval(path: Path, cpu: bool | None = None, scoring: bool = True):
     ``scoring`` False (export): reward models are not built."""
     from rlprox.algos import trainer_spec
 
-    recipe = checkpoint.read_recipe(path, ["run.log_with=[]"])
+    recipe = checkpoint.read_recipe(path, ["run.log_with=[]"], scoring=scoring)
     torch.set_num_threads(recipe.run.torch_threads)
     run = recipe.run
     if cpu is not None:
