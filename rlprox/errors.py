@@ -7,6 +7,8 @@ raises these, and none of them imports anything from the project.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 
 
@@ -14,6 +16,12 @@ def did_you_mean(name: str, options: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest option, or ``""``."""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """One stderr line for a deprecated recipe key still given (by the first process only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"recipe: {old} is deprecated, use {new} (the old key goes in the next release)", file=sys.stderr)
 
 
 class RecipeError(ValueError):

@@ -4,7 +4,7 @@ Faithful to the implementation details catalogued by Huang et al. (2022, "The 37
 implementation details of PPO"): GAE(γ, λ) with truncation bootstrapping,
 per-minibatch advantage normalisation, clipped surrogate, clipped value loss,
 entropy bonus, orthogonal init, observation and reward normalisation, linear lr
-annealing (``optim.schedule: linear``), global grad-norm clipping
+annealing (``optim.lr_schedule: linear``), global grad-norm clipping
 (``optim.max_grad_norm``), optional approx-KL early stop.
 
 The engine (rlprox/engine/) runs the fit loop; this file only says how to COLLECT,
