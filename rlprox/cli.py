@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
             "processes under `accelerate launch`), print a table, write eval.json (and sample-grid PNGs for "
             "generative trainers) next to it. Which options apply depends on the checkpoint's trainer: env "
             "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
-            "trainers take --num-samples and --prompts (vapi also --guidance-scale); sparse always uses its whole held-out split."
+            "trainers take --num-samples and --prompts (vapi also --guidance-scale); sparse always uses its whole "
+            "held-out split."
         ),
     )
     ev.add_argument(

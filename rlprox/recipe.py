@@ -23,9 +23,9 @@ is looked up in the trainer registry, which imports only that trainer's module.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
-import ast
 import importlib.util
 import inspect
 import io
