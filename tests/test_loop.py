@@ -32,9 +32,9 @@ def loop_recipe(tmp_path, pipeline, **loop):
         "prompts_per_iteration": 2,
         "num_steps": 3,
         "sample_batch_size": 4,
-        "train_batch_size": 2,
+        "minibatch_size": 2,
         "guidance_scale": 2.0,
-        "clip_range": 0.2,
+        "clip_coef": 0.2,
         **loop,
     }
     return {
@@ -255,7 +255,7 @@ def test_loop_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_pipeline)
 
 
 def test_exported_lora_reproduces_tuned_samples_in_stock_diffusers(tmp_path, tiny_pipeline, capsys):
-    recipe = loop_recipe(tmp_path, tiny_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = loop_recipe(tmp_path, tiny_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2  # move the adapter visibly
     recipe["run"]["eval_size"] = 4
     engine = Engine(load_recipe(recipe))

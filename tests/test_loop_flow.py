@@ -171,7 +171,7 @@ def test_sde_window_trains_only_the_window_steps(tmp_path, sd3_pipeline):
 
 
 def test_eval_grid_and_exported_lora_load_in_stock_diffusers(tmp_path, sd3_pipeline):
-    recipe = flow_recipe(tmp_path, sd3_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
     engine.fit()

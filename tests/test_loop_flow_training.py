@@ -50,7 +50,7 @@ def test_gaussian_mean_kl_is_the_kl_of_two_gaussians_per_element():
 
 
 def test_kl_ref_on_the_flow_step_is_the_distance_to_the_lora_off_model(tmp_path, sd3_pipeline):  # noqa: F811
-    recipe = flow_recipe(tmp_path, sd3_pipeline, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, clip_coef=10.0)
     recipe["regularizers"] = [{"type": "kl_ref", "lam": 0.5}]
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
@@ -84,7 +84,7 @@ def test_kl_ref_is_refused_by_a_trainer_whose_loss_offers_neither_form(tmp_path)
 
 
 def test_ema_follows_the_updates_is_used_for_eval_and_export_and_resumes(tmp_path, sd3_pipeline):  # noqa: F811
-    recipe = flow_recipe(tmp_path, sd3_pipeline, ema_decay=0.6, clip_range=10.0)
+    recipe = flow_recipe(tmp_path, sd3_pipeline, ema_decay=0.6, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     recipe["run"].update(iterations=3, save_every=1)
     engine = Engine(load_recipe(recipe))
@@ -249,7 +249,7 @@ def test_a_flow_run_prints_no_library_noise(tmp_path, sd3_pipeline):  # noqa: F8
 def test_steps_per_pass_gives_the_same_update_in_fewer_passes(tmp_path, sd3_pipeline, capsys):  # noqa: F811
     params = []
     for k in (1, 2):
-        recipe = flow_recipe(tmp_path / str(k), sd3_pipeline, steps_per_pass=k, clip_range=10.0)
+        recipe = flow_recipe(tmp_path / str(k), sd3_pipeline, steps_per_pass=k, clip_coef=10.0)
         recipe["optim"] = {"name": "sgd", "lr": 0.5, "max_grad_norm": 0.0}
         recipe["run"]["iterations"] = 1
         engine = Engine(load_recipe(recipe))

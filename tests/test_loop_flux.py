@@ -201,7 +201,7 @@ def test_flux_schedule_velocity_steps_and_decode_match_stock_diffusers(flux_pipe
 
 
 def test_flux_eval_and_exported_lora_reproduce_the_tuned_samples_in_stock_diffusers(tmp_path, flux_pipeline):
-    recipe = flux_recipe(tmp_path, flux_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_range=10.0)
+    recipe = flux_recipe(tmp_path, flux_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0)
     recipe["optim"]["lr"] = 5e-2
     engine = Engine(load_recipe(recipe))
     engine.fit()
