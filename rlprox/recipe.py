@@ -396,7 +396,11 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
     if algo is None:
         raise RecipeError("algo", f"missing; one of: {', '.join(TRAINERS.names())}")
     spec = trainer_spec(algo)
-    classes = {"run": RunConfig, "optim": OptimConfig, **spec.sections}
+    classes = {
+        k: v
+        for k, v in {"run": RunConfig, "optim": OptimConfig, **spec.sections}.items()
+        if dataclasses.is_dataclass(v)
+    }
     # the file's deprecated keys first, so that an override (old key or new) replaces the file's value
     data = {
         k: upgrade_section(classes[k], v, k) if k in classes and isinstance(v, dict) else v for k, v in data.items()

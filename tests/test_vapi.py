@@ -178,7 +178,9 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
 
     monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
     classifier = build("digits-classifier", micro=True, progress=False)
-    recipe = vapi_recipe(tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0)
+    recipe = vapi_recipe(
+        tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0
+    )
     engine = Engine(load_recipe(recipe))
     engine.fit()
     engine.close()
@@ -294,12 +296,16 @@ def test_one_generator_per_row_draws_each_row_as_alone(cfg_scale):
     assert torch.equal(batched, torch.cat(alone))
 
 
-def test_eval_guidance_scale_flag_sets_the_guidance_of_base_and_tuned_samples(tmp_path, llamagen_files, capsys, monkeypatch):
+def test_eval_guidance_scale_flag_sets_the_guidance_of_base_and_tuned_samples(
+    tmp_path, llamagen_files, capsys, monkeypatch
+):
     from rlprox.zoo.build import build
 
     monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
     classifier = build("digits-classifier", micro=True, progress=False)
-    recipe = vapi_recipe(tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0)
+    recipe = vapi_recipe(
+        tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0
+    )
     recipe["run"]["iterations"] = 1
     engine = Engine(load_recipe(recipe))
     engine.fit()

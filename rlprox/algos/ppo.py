@@ -61,7 +61,7 @@ class PPOConfig(OnPolicyConfig):
     update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
 
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor and critic MLP widths
-    activation: Literal["tanh", "relu"] = "tanh"
+    activation: Literal["tanh", "relu"] = "tanh"  # hidden nonlinearity of the actor and critic MLPs
     init_log_std: float = 0.0  # continuous actions: initial log σ
     eval_deterministic: bool = True  # evaluation takes the mode (argmax / mean) of π
 
