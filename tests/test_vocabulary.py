@@ -179,3 +179,16 @@ def test_help_recipe_regularizers_and_unknown_section(capsys):
     assert main(["train", "--help-recipe", "lop"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --help-recipe: unknown section 'lop'; known: run, optim, ") and "\n" not in err
+
+
+def test_a_checkpoint_saved_with_old_keys_still_loads(tmp_path, tiny_recipe, capsys):
+    from rlprox import checkpoint
+
+    assert main(["train", write(tmp_path, tiny_recipe(run={"iterations": 1}, optim={"lr_schedule": "linear"}))]) == 0
+    ckpt = checkpoint.resolve_checkpoint(tmp_path / "t")
+    saved = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    saved["optim"]["schedule"] = saved["optim"].pop("lr_schedule")  # as an older release wrote it
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert checkpoint.read_recipe(ckpt).optim.lr_schedule == "linear"
+    assert len(deprecation_lines(capsys.readouterr().err)) == 1
