@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from rlprox.errors import RecipeError, did_you_mean, warn_renamed
+from rlprox.errors import RecipeError, did_you_mean, move_renamed, warn_renamed
 
 __all__ = [
     "RecipeError",
@@ -289,26 +289,7 @@ def rename_path(cls, path: list[str], prefix: str) -> list[str]:
 def upgrade_section(cls, data: dict, prefix: str = "") -> dict:
     """``data`` with the deprecated keys of ``cls`` (and of its nested sections) moved to their new
     names, one stderr line for each; giving an old key and its new one is a RecipeError."""
-    renamed = renamed_keys(cls)
-    data = dict(data)
-    for old, new in renamed.items():
-        if old not in data:
-            continue
-        old_full, new_full = _join(prefix, old), _join(prefix, new)
-        *parents, leaf = new.split(".")
-        node = data
-        for depth, part in enumerate(parents):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise RecipeError(_join(prefix, ".".join(parents[: depth + 1])), "expected a mapping")
-            node[part] = child = dict(child)
-            node = child
-        if leaf in node:
-            raise RecipeError(old_full, f"is the deprecated name of {new_full}; give only {new_full}")
-        warn_renamed(old_full, new_full)
-        node[leaf] = data.pop(old)
+    data = move_renamed(data, renamed_keys(cls), prefix)
     for name, sub in _nested_sections(cls).items():
         if isinstance(data.get(name), dict):
             data[name] = upgrade_section(sub, data[name], _join(prefix, name))

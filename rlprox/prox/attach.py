@@ -26,7 +26,7 @@ import fnmatch
 
 import torch
 
-from rlprox.errors import RecipeError, warn_renamed
+from rlprox.errors import RecipeError, move_renamed
 from rlprox.prox.optim import ProxOptimizer
 from rlprox.prox.regularizers import LossRegularizer, build_regularizer, full_tensor
 from rlprox.prox.schedules import build_schedule
@@ -48,17 +48,7 @@ RENAMED = {"schedule": "lam_schedule"}  # old entry key -> new (the old one goes
 
 def upgrade_entry(spec: dict, index: int) -> dict:
     """The entry with deprecated keys renamed (one stderr line each); both names given: RecipeError."""
-    if not any(old in spec for old in RENAMED):
-        return spec
-    spec = dict(spec)
-    for old, new in RENAMED.items():
-        if old in spec:
-            key = f"regularizers[{index}]"
-            if new in spec:
-                raise RecipeError(f"{key}.{old}", f"is the deprecated name of {key}.{new}; give only {new}")
-            warn_renamed(f"{key}.{old}", f"{key}.{new}")
-            spec[new] = spec.pop(old)
-    return spec
+    return move_renamed(spec, RENAMED, f"regularizers[{index}]")
 
 
 def _numbers(spec: dict) -> dict:
