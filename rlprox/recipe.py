@@ -590,7 +590,10 @@ def describe_section(cls, indent: int = 0) -> list[str]:
         tp = hints[f.name]
         default = _default(f)
         out.append(f"{pad}{f.name}: {_type_name(tp)}" + (f" = {default}" if default else ""))
-        out.append(f"{pad}    {docs[f.name] or '(undocumented)'}")
+        doc = docs[f.name] or "(undocumented)"
+        out += textwrap.wrap(
+            doc, 110, initial_indent=pad + "    ", subsequent_indent=pad + "    ", break_on_hyphens=False
+        )
         if dataclasses.is_dataclass(tp):
             out.extend(describe_section(tp, indent + 4))
     for old, new in renamed_keys(cls).items():
