@@ -530,7 +530,7 @@ def _class_field_docs(cls) -> dict[str, str]:
     comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line)
     lines = source.splitlines()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
+        if tok.type == tokenize.COMMENT and not tok.string.lstrip("# ").startswith(("noqa", "type:", "pragma")):
             row = tok.start[0]
             comments[row] = (tok.string.lstrip("#").strip(), not lines[row - 1][: tok.start[1]].strip())
     (node,) = ast.parse(source).body
