@@ -269,7 +269,7 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
             "loop.prompts_per_iteration=8",
             "loop.num_samples_per_prompt=4",
             "loop.sample_batch_size=16",
-            "loop.train_batch_size=16",
+            "loop.minibatch_size=16",
             "loop.timestep_fraction=1.0",
             "loop.eval_base=false",
             "reward=jpeg_compressibility",
@@ -422,7 +422,7 @@ def flow_overrides(pipe: Path, size: str, iterations: int, on_cpu: bool, out: Pa
         "loop.num_samples_per_prompt=8",
         "loop.prompts_per_iteration=2",
         "loop.sample_batch_size=8",
-        "loop.train_batch_size=8",
+        "loop.minibatch_size=8",
         "loop.timestep_fraction=1.0",
         "loop.guidance_scale=1.0",
         "loop.normalize_advantages=false",
@@ -591,9 +591,9 @@ def flow_table(r: dict, cuda: bool, device: str) -> str:
         f"Both loops in one process on the same device and the same pipeline: {model}; "
         f"FlowMatchEulerDiscreteScheduler(shift 3.0). {c.resolution} px, {c.num_steps} SDE steps (noise level "
         f"{c.noise_level}) all trained, K = {c.num_samples_per_prompt} samples × {c.prompts_per_iteration} prompts = "
-        f"{images} images per round sampled {c.sample_batch_size} at a time, minibatches of {c.train_batch_size} "
-        f"samples × {c.num_steps} steps ({images // c.train_batch_size} AdamW steps per round, lr {o.lr:g}), clip "
-        f"{c.clip_range:g}, leave-one-out advantages, reward {FLOW_REWARD}, **guidance {c.guidance_scale:g}: CFG is "
+        f"{images} images per round sampled {c.sample_batch_size} at a time, minibatches of {c.minibatch_size} "
+        f"samples × {c.num_steps} steps ({images // c.minibatch_size} AdamW steps per round, lr {o.lr:g}), clip "
+        f"{c.clip_coef:g}, leave-one-out advantages, reward {FLOW_REWARD}, **guidance {c.guidance_scale:g}: CFG is "
         f"off in both loops**, no KL, no EMA. LoRA r {c.lora.rank} (α {c.lora.alpha:g}) on the joint attention's "
         f"projections of both streams; {precision}. rlprox = `Engine` on recipes/loop/sd35-pickscore.yaml with "
         "`flow_overrides` (benchmarks/gpu_smoke.py); naive = `NaiveFlowGRPO` in benchmarks/loop_flow.py (the "

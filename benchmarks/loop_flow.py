@@ -91,9 +91,9 @@ BASE = {
         "sample_batch_size": 16,
         "advantage": "loo",
         "adv_clip": 5.0,
-        "clip_range": 1.0e-4,
-        "num_inner_epochs": 1,
-        "train_batch_size": 16,
+        "clip_coef": 1.0e-4,
+        "update_epochs": 1,
+        "minibatch_size": 16,
         "timestep_fraction": 1.0,
         "finetune": "full",
     },
@@ -246,7 +246,7 @@ class NaiveFlowGRPO:
     (rlprox.models.flow_match.sde_step_with_logprob).
 
     ``cfg`` holds the loop section's keys (num_steps, num_samples_per_prompt, prompts_per_iteration,
-    sample_batch_size, train_batch_size, noise_level, max_sequence_length, adv_clip, clip_range and, when
+    sample_batch_size, minibatch_size, noise_level, max_sequence_length, adv_clip, clip_coef and, when
     set, resolution: the image side in pixels, else the pipeline's default), ``optim`` the optimizer's
     (lr, weight_decay, eps, max_grad_norm, betas). The defaults are ``--speed``'s: full fine-tuning in
     float32 on the CPU. ``lora_rank``: train only LoRA adapters (peft ``add_adapter`` with rlprox's
@@ -473,7 +473,7 @@ class NaiveFlowGRPO:
         total = len(prompts)
         perm = torch.randperm(total, generator=self.generator, device=self.device)
         samples = {k: v[perm] for k, v in samples.items()}
-        batched = {k: v.reshape(-1, cfg["train_batch_size"], *v.shape[1:]) for k, v in samples.items()}
+        batched = {k: v.reshape(-1, cfg["minibatch_size"], *v.shape[1:]) for k, v in samples.items()}
         batched = [dict(zip(batched, x)) for x in zip(*batched.values())]
         self.transformer.train()
         info = collections.defaultdict(list)
@@ -485,10 +485,10 @@ class NaiveFlowGRPO:
                     advantages = torch.clamp(sample["advantages"][:, j], -cfg["adv_clip"], cfg["adv_clip"])
                     ratio = torch.exp(log_prob - sample["log_probs"][:, j])
                     unclipped_loss = -advantages * ratio
-                    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - cfg["clip_range"], 1.0 + cfg["clip_range"])
+                    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - cfg["clip_coef"], 1.0 + cfg["clip_coef"])
                     loss = torch.mean(torch.maximum(unclipped_loss, clipped_loss))
                     info["approx_kl"].append(0.5 * torch.mean((log_prob - sample["log_probs"][:, j]) ** 2))
-                    info["clipfrac"].append(torch.mean((torch.abs(ratio - 1.0) > cfg["clip_range"]).float()))
+                    info["clipfrac"].append(torch.mean((torch.abs(ratio - 1.0) > cfg["clip_coef"]).float()))
                     info["loss"].append(loss)
                     t1 = time.perf_counter()
                     self.accelerator.backward(loss)

@@ -67,7 +67,7 @@ RECIPE = "recipes/loop/digits-alignment.yaml"
 EVAL_SEED = 777  # the fixed evaluation set's noise seed, the same for every run
 CONTROL_REWARD = "benchmarks.loop_flow:uniform_reward"  # i.i.d. noise per sample, reproducible
 # every arm: the paper settings the stages share (clip and lr are the stage's), the step size logged, no in-run eval
-COMMON = ["optim.eps=1e-8", "run.log_update_norm=true", "run.eval_size=0", "loop.train_batch_size=16"]
+COMMON = ["optim.eps=1e-8", "run.log_update_norm=true", "run.eval_size=0", "loop.minibatch_size=16"]
 # name: (label, overrides, images per round)
 ARMS = {
     "loop-k4": ("LOOP K = 4", ["loop.num_samples_per_prompt=4", "loop.prompts_per_iteration=16"], 64),
@@ -150,7 +150,7 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
         f"loop.prompts={args.prompts}",
         f"seed={seed}",
         f"optim.lr={lr}",
-        f"loop.clip_range={clip}",
+        f"loop.clip_coef={clip}",
         f"run.iterations={max(1, args.images // per_round)}",
         "run.overwrite=true",
     ]

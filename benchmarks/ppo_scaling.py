@@ -45,7 +45,7 @@ CONFIGS = {
         "ppo.gae_lambda=0.95",
         "ppo.ent_coef=0.01",
         "optim.lr=2.5e-4",
-        "optim.schedule=linear",
+        "optim.lr_schedule=linear",
     ],
     "recipe": [],
 }

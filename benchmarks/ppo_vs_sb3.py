@@ -159,7 +159,7 @@ def worker_rlprox(task: dict, seed: int, iterations: int, do_eval: bool) -> dict
                     "name": "adam",
                     "lr": task["lr"],
                     "eps": 1e-5,
-                    "schedule": "linear",
+                    "lr_schedule": "linear",
                     "max_grad_norm": task["max_grad_norm"],
                 },
             }

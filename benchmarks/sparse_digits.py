@@ -118,7 +118,7 @@ def main() -> int:
         f"`python benchmarks/sparse_digits.py` — recipe `recipes/sparse/digits-wgsef.yaml` "
         f"(MLP 64-{'-'.join(map(str, widths))}-10, {recipe.run.iterations} "
         f"epochs, {recipe.optim.name} lr {recipe.optim.lr:g} "
-        f"{recipe.optim.schedule}; regularizer `{spec}`) vs the same recipe with `regularizers=[]`; "
+        f"{recipe.optim.lr_schedule}; regularizer `{spec}`) vs the same recipe with `regularizers=[]`; "
         f"seeds {', '.join(map(str, SEEDS))} (mean ± std). Held-out split: the 360 digits with index % 5 == 0. "
         f"Latency: one forward pass, CPU, 1 thread, median of timed blocks; dense = the full-width trained network "
         f"(zero rows still computed). torch {torch.__version__}, "

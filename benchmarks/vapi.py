@@ -81,7 +81,7 @@ def run(key: str, seed: int, args, out: Path, with_base: bool) -> dict:
         for eval_seed in EVAL_SEEDS:
             evals[(cfg, eval_seed)] = evaluate_run(
                 out / name,
-                ["--num-samples", str(args.samples), "--seed", str(eval_seed), "--cfg", str(cfg)],
+                ["--num-samples", str(args.samples), "--seed", str(eval_seed), "--guidance-scale", str(cfg)],
                 f"cfg{cfg}-seed{eval_seed}",
                 eval_overrides=[] if with_base else ["vapi.eval_base=false"],
                 reuse=True,

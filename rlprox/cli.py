@@ -25,10 +25,45 @@ def _recipes_root() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes"
 
 
+def help_recipe(section: str) -> int:
+    """Print every field of a recipe section (run, optim, regularizers, or a trainer's section) with its doc."""
+    from rlprox.algos import TRAINERS, trainer_spec
+    from rlprox.prox.attach import ENTRY_KEYS, RENAMED
+    from rlprox.recipe import OptimConfig, RunConfig, describe_recipe_section
+
+    if section == "regularizers":
+        print("regularizers: a list of entries, each a mapping; the regularizer's own keys (k, lam, ...) besides")
+        width = max(map(len, ENTRY_KEYS))
+        for key, doc in ENTRY_KEYS.items():
+            print(f"    {key:<{width}}  {doc}")
+        for old, new in RENAMED.items():
+            print(f"    {old:<{width}}  deprecated, use {new}")
+        return 0
+    declared: dict[str, list[tuple[str, object]]] = {"run": [("", RunConfig)], "optim": [("", OptimConfig)]}
+    for algo in TRAINERS.names():
+        for name, cls in trainer_spec(algo).sections.items():
+            seen = declared.setdefault(name, [])
+            if all(cls is not other for _, other in seen):
+                seen.append((algo, cls))
+    if section not in declared:
+        known = ", ".join([*declared, "regularizers"])
+        raise UsageError(f"--help-recipe: unknown section {section!r}; known: {known}")
+    for algo, cls in declared[section]:
+        lines = describe_recipe_section(section, cls)
+        if len(declared[section]) > 1:
+            lines[0] += f" (algo {algo})"
+        print("\n".join(lines))
+    return 0
+
+
 def cmd_train(args) -> int:
     from rlprox.engine import Engine
     from rlprox.recipe import load_recipe
 
+    if args.help_recipe is not None:
+        return help_recipe(args.help_recipe)
+    if args.recipe is None:
+        raise UsageError("the recipe is required (rlprox train RECIPE [key=value ...])")
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("run.resume=auto")
@@ -76,11 +111,13 @@ def cmd_eval(args) -> int:
         if value is not None and flag != wanted:
             use = f"use {wanted}" if wanted else "it always evaluates its whole held-out set"
             raise UsageError(f"{flag} does not apply to algo {spec.name} (it evaluates {spec.eval_unit}; {use})")
-    for flag, name in (("--deterministic/--stochastic", "deterministic"), ("--prompts", "prompts"), ("--cfg", "cfg")):
+    flags = (("--deterministic/--stochastic", "deterministic"), ("--prompts", "prompts"))
+    for flag, name in (*flags, ("--guidance-scale", "guidance_scale")):
         if getattr(args, name) is not None and name not in spec.eval_flags:
             raise UsageError(f"{flag} does not apply to algo {spec.name}")
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
-        raise UsageError(f"--cfg must be a finite guidance scale >= 0 (got {args.cfg})")
+    scale = args.guidance_scale
+    if scale is not None and not (math.isfinite(scale) and scale >= 0):
+        raise UsageError(f"--guidance-scale must be a finite classifier-free guidance scale >= 0 (got {scale})")
     prompts = None
     if args.prompts is not None:
         prompts_file = Path(args.prompts)
@@ -107,7 +144,7 @@ def cmd_eval(args) -> int:
     seed = recipe.seed if args.seed is None else args.seed
     say(f"evaluating {total} {spec.eval_unit}")
     stats, values, images, info = run_evaluation(
-        algo, accelerator, total, seed, args.deterministic, prompts, cfg_scale=args.cfg
+        algo, accelerator, total, seed, args.deterministic, prompts, guidance_scale=args.guidance_scale
     )
     model_stats = hook(algo, "model_stats")
     extra = model_stats() if model_stats is not None else {}
@@ -322,8 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
             "rlprox train RECIPE ppo.clip_coef=0.1 run.iterations=50"
         ),
     )
-    train.add_argument("recipe", help="path to a recipe YAML (see `rlprox recipes`)")
+    train.add_argument("recipe", nargs="?", help="path to a recipe YAML (see `rlprox recipes`)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (values are YAML)")
+    train.add_argument(
+        "--help-recipe",
+        metavar="SECTION",
+        default=None,
+        help="print every field of a recipe section (run, optim, regularizers, env, ppo, loop, ...) with its doc",
+    )
     train.add_argument(
         "--resume",
         action="store_true",
@@ -340,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
             "generative trainers) to a new folder eval-NNN/ in the checkpoint folder, the latest also copied "
             "next to the checkpoint. Which options apply depends on the checkpoint's trainer: env "
             "trainers (ppo, policyflow) take --episodes, --deterministic/--stochastic and --video; generative "
-            "trainers take --num-samples and --prompts (vapi also --cfg); sparse always uses its whole held-out split."
+            "trainers take --num-samples and --prompts (vapi also --guidance-scale); sparse always uses its whole "
+            "held-out split."
         ),
     )
     ev.add_argument(
@@ -360,12 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--prompts", default=None, help="generative trainers: a text file with one prompt per line")
     ev.add_argument(
-        "--cfg",
+        "--guidance-scale",
         type=float,
         default=None,
         metavar="SCALE",
-        help="vapi: classifier-free guidance of the evaluation samples, base and tuned (default: the recipe's)",
+        help="vapi: classifier-free guidance scale of the evaluation samples, base and tuned (default: the recipe's)",
     )
+    ev.add_argument("--cfg", type=float, default=None, dest="old_cfg", help=argparse.SUPPRESS)  # deprecated alias
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument(
         "--deterministic",
@@ -443,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "old_cfg", None) is not None:
+        print(
+            "rlprox eval: --cfg is deprecated, use --guidance-scale (the old flag goes in the next release)",
+            file=sys.stderr,
+        )
+        if args.guidance_scale is not None:
+            print("error: give --guidance-scale only (--cfg is its deprecated name)", file=sys.stderr)
+            return EXIT_USAGE
+        args.guidance_scale = args.old_cfg
     for flag in ("episodes", "num_samples"):
         value = getattr(args, flag, None)
         if value is not None and value <= 0:

@@ -38,7 +38,9 @@ class EnvConfig:
         default_factory=list
     )  # modules to import first so they register their envs (e.g. gymnasium_robotics)
     num_envs: int = 8  # envs per process
-    vectorization: Literal["sync", "async"] = "sync"
+    vectorization: Literal["sync", "async"] = (
+        "sync"  # sync: every env stepped in this process; async: one subprocess per env
+    )
     kwargs: dict = field(default_factory=dict)  # passed to gym.make / the class
     wrappers: list[str] = field(default_factory=list)  # "module:Class" wrappers applied to each env, in order
     max_episode_steps: int = 0  # 0: the env's own limit

@@ -9,6 +9,12 @@ A recipe is one experiment in one file:
     regularizers: [...]          # rlprox.prox, attached by parameter-name globs
     env: {...}  ppo: {...}       # the trainer's own sections (declared by the trainer)
 
+A section's dataclass may rename a field: ``RENAMED = {"old": "new"}`` (a ``ClassVar``;
+the new name may be a dotted path into a ``dict`` field of the same section, e.g.
+``{"eta": "sampling.eta"}``). The old key, in the YAML or an override, still works for
+one release: it is moved to its new place and one stderr line names the new key; giving
+both is an error. ``Recipe.to_dict`` (the recipe saved in checkpoints) holds only new keys.
+
 Everything is checked before any work starts; a bad value raises ``RecipeError``
 whose message is one line, ``recipe error: <key>: <what is wrong>``, and the CLI
 exits with status 2. This module imports no trainer: the trainer named by ``algo``
@@ -17,20 +23,24 @@ is looked up in the trainer registry, which imports only that trainer's module.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import importlib.util
 import inspect
+import io
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from rlprox.errors import RecipeError, did_you_mean
+from rlprox.errors import RecipeError, did_you_mean, move_renamed, warn_renamed
 
 __all__ = [
     "RecipeError",
@@ -42,6 +52,8 @@ __all__ = [
     "dump_recipe",
     "parse_section",
     "list_recipes",
+    "field_docs",
+    "describe_section",
 ]
 
 
@@ -115,19 +127,21 @@ class RunConfig:
 class OptimConfig:
     """The optimizer; lr schedule over iterations."""
 
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    RENAMED: ClassVar[dict[str, str]] = {"schedule": "lr_schedule"}
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"  # torch.optim.Adam, AdamW or SGD
     lr: float = 3e-4  # base learning rate (a trainer's parameter groups may scale it per group)
     eps: float = 1e-5  # Adam epsilon (CleanRL/SB3 PPO use 1e-5)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (β₁, β₂)
     weight_decay: float = (
         0.0  # decoupled under adamw; never applied to biases, norm weights or embeddings unless decay_all
     )
     decay_all: bool = False  # apply weight_decay to every parameter, biases and norms included
     momentum: float = 0.0  # SGD only
-    schedule: Literal["constant", "linear", "cosine"] = (
-        "constant"  # "linear": anneal to 0 over the run (PPO's lr annealing)
-    )
-    warmup_iterations: int = 0  # linear lr warm-up from 0 over the first N iterations, then the schedule
+    # the lr schedule over iterations: "linear" anneals to 0 over the run (PPO's lr annealing), "cosine" to 0 on
+    # a half cosine
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_iterations: int = 0  # linear lr warm-up from 0 over the first N iterations, then lr_schedule
     max_grad_norm: float = 0.5  # global grad-norm clip; 0 disables
 
 
@@ -243,19 +257,62 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value  # Any
 
 
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def renamed_keys(cls) -> dict[str, str]:
+    """The ``RENAMED`` table of a section dataclass: old key -> new key (dotted into a dict field)."""
+    return dict(getattr(cls, "RENAMED", None) or {})
+
+
+def _nested_sections(cls) -> dict[str, type]:
+    """Fields of ``cls`` that are themselves section dataclasses (``run.ddp``, ``loop.lora``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def rename_path(cls, path: list[str], prefix: str) -> list[str]:
+    """An override's key path inside section ``cls`` with deprecated names replaced (one stderr line each)."""
+    out, i = [], 0
+    while i < len(path):
+        part, renamed = path[i], renamed_keys(cls)
+        if part in renamed:
+            new = renamed[part].split(".")
+            warn_renamed(_join(prefix, ".".join(out + [part])), _join(prefix, ".".join(out + new)))
+            return out + new + path[i + 1 :]
+        out.append(part)
+        cls = _nested_sections(cls).get(part) if cls is not None else None
+        if cls is None:
+            return out + path[i + 1 :]
+        i += 1
+    return out
+
+
+def upgrade_section(cls, data: dict, prefix: str = "") -> dict:
+    """``data`` with the deprecated keys of ``cls`` (and of its nested sections) moved to their new
+    names, one stderr line for each; giving an old key and its new one is a RecipeError."""
+    data = move_renamed(data, renamed_keys(cls), prefix)
+    for name, sub in _nested_sections(cls).items():
+        if isinstance(data.get(name), dict):
+            data[name] = upgrade_section(sub, data[name], _join(prefix, name))
+    return data
+
+
 def parse_section(cls, data: dict, prefix: str = ""):
     """Build the dataclass ``cls`` from a mapping, checking every key and type."""
+    data = upgrade_section(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = {f.name for f in fields}
     for f in fields:
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
-            raise RecipeError(f"{prefix}.{f.name}" if prefix else f.name, "is required")
+            raise RecipeError(_join(prefix, f.name), "is required")
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
+        full = _join(prefix, key)
         if key not in names:
-            raise RecipeError(full, f"unknown key{did_you_mean(str(key), names)}")
+            raise RecipeError(full, f"unknown key{did_you_mean(str(key), names | set(renamed_keys(cls)))}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -272,10 +329,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], sections: dict[str, type] | None = None) -> dict:
+    """``data`` with each ``key.sub=value`` set; ``sections`` (name -> dataclass) renames deprecated keys."""
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
+        if sections and len(path) > 1 and path[0] in sections:
+            path = [path[0], *rename_path(sections[path[0]], path[1:], path[0])]
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -312,10 +372,25 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
     from rlprox.algos import TRAINERS, trainer_spec
 
     data = copy.deepcopy(source) if isinstance(source, dict) else _read_yaml(Path(source))
-    data = apply_overrides(data, overrides or [])
-    if "algo" not in data:
+    overrides = list(overrides or [])
+    algo = data.get("algo")
+    for text in overrides:  # an override may name the trainer; its sections decide what is renamed
+        path, value = parse_override(text)
+        if path == ["algo"]:
+            algo = value
+    if algo is None:
         raise RecipeError("algo", f"missing; one of: {', '.join(TRAINERS.names())}")
-    spec = trainer_spec(data["algo"])
+    spec = trainer_spec(algo)
+    classes = {
+        k: v
+        for k, v in {"run": RunConfig, "optim": OptimConfig, **spec.sections}.items()
+        if dataclasses.is_dataclass(v)
+    }
+    # the file's deprecated keys first, so that an override (old key or new) replaces the file's value
+    data = {
+        k: upgrade_section(classes[k], v, k) if k in classes and isinstance(v, dict) else v for k, v in data.items()
+    }
+    data = apply_overrides(data, overrides, classes)
     known = set(ENGINE_SECTIONS) | set(spec.sections)
     for key in data:
         if key not in known:
@@ -330,11 +405,17 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | None = 
         description=_coerce(engine_part.get("description", ""), str, "description"),
         run=_coerce(engine_part.get("run"), RunConfig, "run"),
         optim=_coerce(engine_part.get("optim"), OptimConfig, "optim"),
-        regularizers=_coerce(engine_part.get("regularizers") or [], list[dict], "regularizers"),
+        regularizers=_upgrade_regularizers(_coerce(engine_part.get("regularizers") or [], list[dict], "regularizers")),
         sections={name: _coerce(data.get(name), cls, name) for name, cls in spec.sections.items()},
     )
     recipe.setup = validate(recipe, spec, scoring)
     return recipe
+
+
+def _upgrade_regularizers(entries: list[dict]) -> list[dict]:
+    from rlprox.prox.attach import upgrade_entry
+
+    return [upgrade_entry(entry, i) if isinstance(entry, dict) else entry for i, entry in enumerate(entries)]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -449,4 +530,106 @@ def list_recipes(root: str | os.PathLike) -> list[tuple[str, str]]:
         out.append(
             (str(path.relative_to(root.parent) if root.name == "recipes" else path), str(data.get("description", "")))
         )
+    return out
+
+
+# ----------------------------------------------------------------------------- field docs
+
+
+def _class_field_docs(cls) -> dict[str, str]:
+    """The comments of the fields ``cls`` itself declares: the comment block right above a field and the
+    comments on its own lines (a trailing ``# ...``), joined in source order."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line)
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and not tok.string.lstrip("# ").startswith(("noqa", "type:", "pragma")):
+            row = tok.start[0]
+            comments[row] = (tok.string.lstrip("#").strip(), not lines[row - 1][: tok.start[1]].strip())
+    (node,) = ast.parse(source).body
+    docs, previous_end = {}, node.lineno
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            above = [
+                text for row, (text, whole) in sorted(comments.items()) if previous_end < row < stmt.lineno and whole
+            ]
+            own = [text for row, (text, _) in sorted(comments.items()) if stmt.lineno <= row <= stmt.end_lineno]
+            docs[stmt.target.id] = " ".join(t for t in above + own if t)
+        previous_end = stmt.end_lineno
+    return docs
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its doc, read from the comments in the source of ``cls`` and its dataclass bases
+    (the convention of every config dataclass: a comment block above a field and/or a trailing comment)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update({k: v for k, v in _class_field_docs(klass).items() if v or k not in docs})
+    for name, sub in _nested_sections(cls).items():  # an uncommented nested section: its class docstring
+        if not docs.get(name) and sub.__doc__ and not sub.__doc__.startswith(f"{sub.__name__}("):
+            docs[name] = " ".join(sub.__doc__.split())
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "" if dataclasses.is_dataclass(value) else repr(value)
+    return "(required)"
+
+
+def describe_section(cls, indent: int = 0) -> list[str]:
+    """One block per field of ``cls``: ``name: type = default`` and its doc on the next line; nested
+    section dataclasses indented below their field; the deprecated names (``RENAMED``) at the end."""
+    hints, docs, pad = typing.get_type_hints(cls), field_docs(cls), " " * indent
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = _default(f)
+        out.append(f"{pad}{f.name}: {_type_name(tp)}" + (f" = {default}" if default else ""))
+        doc = docs[f.name] or "(undocumented)"
+        out += textwrap.wrap(
+            doc, 110, initial_indent=pad + "    ", subsequent_indent=pad + "    ", break_on_hyphens=False
+        )
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_section(tp, indent + 4))
+    for old, new in renamed_keys(cls).items():
+        out.append(f"{pad}{old}: deprecated, use {new}")
+    return out
+
+
+def _dataclasses_in(tp: Any) -> list[type]:
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    return [d for arg in typing.get_args(tp) for d in _dataclasses_in(arg)]
+
+
+def describe_recipe_section(name: str, tp: Any) -> list[str]:
+    """``rlprox train --help-recipe NAME``: the section's fields (a section that is not a dataclass,
+    e.g. ``reward: "name" | {name, weight, kwargs} | [...]``, is shown by its type and its dataclasses)."""
+    if dataclasses.is_dataclass(tp):
+        doc = " ".join((tp.__doc__ or "").split())
+        return [f"{name}: {doc}" if doc else f"{name}:", *describe_section(tp, 4)]
+    out = [f"{name}: {_type_name(tp)}"]
+    for sub in dict.fromkeys(_dataclasses_in(tp)):
+        out += [f"    {sub.__name__}:", *describe_section(sub, 8)]
     return out

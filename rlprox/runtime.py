@@ -87,7 +87,7 @@ class EvalRequest:
     world: int = 1
     deterministic: bool | None = None  # None: the trainer's default
     prompts: list[str] | None = None  # generative trainers: evaluate on these prompts
-    cfg_scale: float | None = None  # generative trainers: classifier-free guidance; None: the recipe's
+    guidance_scale: float | None = None  # generative trainers: classifier-free guidance scale; None: the recipe's
 
 
 @dataclass

@@ -86,8 +86,13 @@ def test_eval_flags_of_another_trainer_are_one_line_errors(tmp_path, capsys):
     assert err == "error: --episodes does not apply to algo toy_lora (it evaluates samples; use --num-samples)"
     assert main(["eval", str(engine.run_dir), "--stochastic"]) == 2
     assert "--deterministic/--stochastic does not apply" in capsys.readouterr().err
-    assert main(["eval", str(engine.run_dir), "--cfg", "1.5"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --cfg does not apply to algo toy_lora"
+    assert main(["eval", str(engine.run_dir), "--guidance-scale", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --guidance-scale does not apply to algo toy_lora"
+    assert main(["eval", str(engine.run_dir), "--cfg", "1.5"]) == 2  # the deprecated flag: one line, then the same
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rlprox eval: --cfg is deprecated, use --guidance-scale (the old flag goes in the next release)",
+        "error: --guidance-scale does not apply to algo toy_lora",
+    ]
 
 
 def test_frozen_dtype_bf16_keeps_trainable_parameters_fp32(tmp_path):

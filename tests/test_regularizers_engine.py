@@ -29,13 +29,13 @@ def test_prox_regularizer_zeroes_groups_and_logs_sparsity(tiny_recipe):
     assert "penalty/0.group_l2" in stats
 
 
-def test_penalty_mode_adds_to_loss_and_schedule_sets_lambda(tiny_recipe):
+def test_penalty_mode_adds_to_loss_and_lam_schedule_sets_lambda(tiny_recipe):
     regs = [
         {
             "type": "l1",
             "params": "policy.critic.*.weight",
             "mode": "penalty",
-            "schedule": {"type": "linear", "start": 0.0, "end": 1.0, "steps": 2},
+            "lam_schedule": {"type": "linear", "start": 0.0, "end": 1.0, "steps": 2},
         }
     ]
     engine = Engine(load_recipe(with_regs(tiny_recipe, regs)))
@@ -60,8 +60,8 @@ def test_penalty_mode_adds_to_loss_and_schedule_sets_lambda(tiny_recipe):
         ([{"type": "l1", "params": "policy.*", "lam": -1.0}], "regularizers[0]: regularizer field 'lam' must be >= 0"),
         ([{"type": "l1", "lam": 1.0}], "regularizers[0].params: a glob"),
         (
-            [{"type": "l1", "params": "policy.*", "lam": 1.0, "schedule": {"type": "linear"}}],
-            "regularizers[0].lam: give either lam or schedule",
+            [{"type": "l1", "params": "policy.*", "lam": 1.0, "lam_schedule": {"type": "linear"}}],
+            "regularizers[0].lam: give either lam or lam_schedule",
         ),
         ([{"type": "l1", "params": "policy.*", "mode": "both"}], "regularizers[0].mode: must be prox or penalty"),
         (
@@ -92,7 +92,7 @@ def test_regularized_resume_equals_uninterrupted(tmp_path, tiny_recipe):
             "type": "l1",
             "params": "policy.critic.0.weight",
             "mode": "penalty",
-            "schedule": {"type": "linear", "start": 0.0, "end": 0.01, "steps": 4},
+            "lam_schedule": {"type": "linear", "start": 0.0, "end": 0.01, "steps": 4},
         },
     ]
     full = Engine(load_recipe(with_regs(tiny_recipe, regs, run={"iterations": 4, "name": "full"})))

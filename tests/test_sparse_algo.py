@@ -81,7 +81,7 @@ def test_compact_removes_a_whole_layer():
         ("sparse.hidden_sizes=[16, -1]", "sparse.hidden_sizes"),
         ("sparse.label_smoothing=1.0", "sparse.label_smoothing"),
         ("sparse.holdout_every=1", "sparse.holdout_every"),
-        ("sparse.epochs_per_iteration=0", "sparse.epochs_per_iteration"),
+        ("sparse.update_epochs=0", "sparse.update_epochs"),
         ("sparse.activation=gelu", "sparse.activation"),
         ("sparse.batch_sise=64", "sparse.batch_sise"),
         ("run.gradient_accumulation_steps=4", "run.gradient_accumulation_steps"),  # 23 minibatches per epoch

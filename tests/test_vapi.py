@@ -178,7 +178,9 @@ def test_eval_reports_digits_metrics_base_vs_tuned(tmp_path, llamagen_files, cap
 
     monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
     classifier = build("digits-classifier", micro=True, progress=False)
-    recipe = vapi_recipe(tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_cfg_scale=1.0)
+    recipe = vapi_recipe(
+        tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0
+    )
     engine = Engine(load_recipe(recipe))
     engine.fit()
     engine.close()
@@ -217,7 +219,7 @@ def test_eval_classifier_is_built_with_the_trainer_not_in_evaluate(tmp_path, lla
         return real(spec, seed, True, classifier_steps=40, batch_size=16, progress=False)
 
     monkeypatch.setattr(zoo_build, "resolve", micro_resolve)
-    recipe = vapi_recipe(tmp_path, llamagen_files, eval_cfg_scale=1.0, eval_base=True)
+    recipe = vapi_recipe(tmp_path, llamagen_files, eval_guidance_scale=1.0, eval_base=True)
     recipe["run"]["eval_size"] = 4
     engine = Engine(load_recipe(recipe))
     assert builds == [("zoo:digits-classifier", True)] and engine.algo.classifier is not None
@@ -294,29 +296,36 @@ def test_one_generator_per_row_draws_each_row_as_alone(cfg_scale):
     assert torch.equal(batched, torch.cat(alone))
 
 
-def test_eval_cfg_flag_sets_the_guidance_of_base_and_tuned_samples(tmp_path, llamagen_files, capsys, monkeypatch):
+def test_eval_guidance_scale_flag_sets_the_guidance_of_base_and_tuned_samples(
+    tmp_path, llamagen_files, capsys, monkeypatch
+):
     from rlprox.zoo.build import build
 
     monkeypatch.setenv("RLPROX_CACHE", str(tmp_path / "cache"))
     classifier = build("digits-classifier", micro=True, progress=False)
-    recipe = vapi_recipe(tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_cfg_scale=1.0)
+    recipe = vapi_recipe(
+        tmp_path, llamagen_files, eval_base=True, eval_classifier=str(classifier), eval_guidance_scale=1.0
+    )
     recipe["run"]["iterations"] = 1
     engine = Engine(load_recipe(recipe))
     engine.fit()
     engine.close()
     eval_json = checkpoint.find_latest(engine.run_dir) / "eval.json"
     results = {}
-    for flag in ([], ["--cfg", "1.0"], ["--cfg", "4.0"]):
+    for flag in ([], ["--guidance-scale", "1.0"], ["--guidance-scale", "4.0"], ["--cfg", "4.0"]):
         assert main(["eval", str(engine.run_dir), "--num-samples", "12", *flag]) == 0
         results[tuple(flag)] = json.loads(eval_json.read_text())
-    assert results[()]["cfg_scale"] == results[("--cfg", "1.0")]["cfg_scale"] == 1.0  # the recipe's by default
-    assert results[("--cfg", "4.0")]["cfg_scale"] == 4.0
+    one, four = ("--guidance-scale", "1.0"), ("--guidance-scale", "4.0")
+    assert results[()]["guidance_scale"] == results[one]["guidance_scale"] == 1.0  # the recipe's by default
+    assert results[four]["guidance_scale"] == results[("--cfg", "4.0")]["guidance_scale"] == 4.0  # the old flag
     for key in ("class_prob", "base_class_prob"):  # both models sampled with the flag's guidance
-        assert results[()]["values"][key] == results[("--cfg", "1.0")]["values"][key]
-        assert results[()]["values"][key] != results[("--cfg", "4.0")]["values"][key]
+        assert results[()]["values"][key] == results[one]["values"][key]
+        assert results[()]["values"][key] != results[four]["values"][key]
+        assert results[four]["values"][key] == results[("--cfg", "4.0")]["values"][key]
     capsys.readouterr()
-    assert main(["eval", str(engine.run_dir), "--cfg", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --cfg must be a finite guidance scale >= 0 (got -1.0)"
+    assert main(["eval", str(engine.run_dir), "--guidance-scale", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --guidance-scale must be a finite classifier-free guidance scale >= 0 (got -1.0)"
 
 
 def test_model_gpt_takes_either_digits_gpt(tmp_path, llamagen_files):

@@ -39,7 +39,7 @@ BUILTIN = {
     "vapi": "rlprox.algos.vapi",
 }
 
-EVAL_FLAGS = ("deterministic", "prompts", "cfg")  # optional `rlprox eval` flags a trainer may accept
+EVAL_FLAGS = ("deterministic", "prompts", "guidance_scale")  # optional `rlprox eval` flags a trainer may accept
 
 
 @dataclass(frozen=True)

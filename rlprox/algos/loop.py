@@ -114,6 +114,8 @@ class LoopConfig:
     resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     sample_batch_size: int = 16  # samples denoised together in one sampling batch, per process
+    # the advantage of a sample: loo (leave-one-out over its prompt's K samples, LOOP), prompt_stats (DDPO's
+    # per-prompt reward statistics), group_norm (GRPO: the group's mean and std), batch_norm (over all processes)
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip

@@ -91,12 +91,12 @@ class PolicyFlowConfig(OnPolicyConfig):
     gaussian_head: bool = True
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # velocity MLP widths
     critic_sizes: list[int] = field(default_factory=lambda: [64, 64])  # critic MLP widths
-    activation: Literal["tanh", "relu"] = "tanh"
+    activation: Literal["tanh", "relu"] = "tanh"  # hidden nonlinearity of the velocity and critic MLPs
     time_features: int = 4  # Fourier frequencies of t (2^k, k < time_features)
     obs_embed: int = 32  # observation embedding width
     init_log_std: float = -1.0  # initial log σ of the Gaussian head
-    log_std_min: float = -5.0  # log σ bounds
-    log_std_max: float = 0.5
+    log_std_min: float = -5.0  # lower bound of the Gaussian head's log σ
+    log_std_max: float = 0.5  # upper bound of the Gaussian head's log σ
     last_layer_scale: float = 0.01  # init gain of the velocity MLP's last layer (flow ≈ identity at start)
     critic_lr: float = 0.0  # the critic's lr (0: optim.lr)
     eval_deterministic: bool = (

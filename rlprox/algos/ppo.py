@@ -4,7 +4,7 @@ Faithful to the implementation details catalogued by Huang et al. (2022, "The 37
 implementation details of PPO"): GAE(γ, λ) with truncation bootstrapping,
 per-minibatch advantage normalisation, clipped surrogate, clipped value loss,
 entropy bonus, orthogonal init, observation and reward normalisation, linear lr
-annealing (``optim.schedule: linear``), global grad-norm clipping
+annealing (``optim.lr_schedule: linear``), global grad-norm clipping
 (``optim.max_grad_norm``), optional approx-KL early stop.
 
 The engine (rlprox/engine/) runs the fit loop; this file only says how to COLLECT,
@@ -61,7 +61,7 @@ class PPOConfig(OnPolicyConfig):
     update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
 
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor and critic MLP widths
-    activation: Literal["tanh", "relu"] = "tanh"
+    activation: Literal["tanh", "relu"] = "tanh"  # hidden nonlinearity of the actor and critic MLPs
     init_log_std: float = 0.0  # continuous actions: initial log σ
     eval_deterministic: bool = True  # evaluation takes the mode (argmax / mean) of π
 

@@ -15,7 +15,7 @@ Data: ``sklearn.datasets.load_digits`` (1,797 8×8 images, 64 features, 10 class
 Example i is held out iff ``i % holdout_every == 0`` (default 5: 360 held out, 1,437
 train); features are standardised with the train split's mean and std.
 
-One engine iteration = ``epochs_per_iteration`` passes over the training split; each
+One engine iteration = ``update_epochs`` passes over the training split; each
 pass draws a fresh permutation from the algorithm's own generator (saved in
 checkpoints, so a resumed run draws the same minibatches as an uninterrupted one).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -45,12 +45,14 @@ NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 64, 10, 1797
 class SparseConfig:
     """The classifier and its minibatch schedule."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"epochs_per_iteration": "update_epochs"}
+
     hidden_sizes: list[int] = field(
         default_factory=lambda: [256, 256]
     )  # hidden widths; every hidden neuron is a prunable group
     activation: Literal["relu", "tanh"] = "relu"  # hidden nonlinearity σ
     batch_size: int = 64  # examples per minibatch, all processes together (each process takes every world-th one)
-    epochs_per_iteration: int = 1  # passes over the training split per engine iteration
+    update_epochs: int = 1  # passes over the training split per engine iteration (PPO's name for epochs)
     label_smoothing: float = 0.0  # cross-entropy label smoothing ε in [0, 1)
     holdout_every: int = 5  # example i is held out iff i % holdout_every == 0 (5: 20 %)
     standardize: bool = True  # z-score the 64 pixel features with the train split's statistics
@@ -111,7 +113,7 @@ class SparseClassifier:
         self.runtime = runtime
         self.device = runtime.device
         self.rank, self.world = runtime.rank, runtime.world
-        self.update_epochs = self.cfg.epochs_per_iteration
+        self.update_epochs = self.cfg.update_epochs
         split = load_split(self.cfg.holdout_every, self.cfg.standardize)
         self.x_train, self.y_train, self.x_test, self.y_test = (t.to(self.device) for t in split)
         self.net = SparseMLP(NUM_FEATURES, self.cfg.hidden_sizes, NUM_CLASSES, self.cfg.activation)
@@ -156,7 +158,7 @@ class SparseClassifier:
 
     # ------------------------------------------------------------------ LOG
     def iteration_stats(self, batch, elapsed: float) -> dict:
-        n = train_size(self.cfg) * self.cfg.epochs_per_iteration
+        n = train_size(self.cfg) * self.cfg.update_epochs
         stats = {"progress/examples": self.examples_seen, "perf/examples_per_s": n / max(elapsed, 1e-9)}
         for l, (zero, width) in enumerate(zip(zero_neurons(self._unwrapped()), self.cfg.hidden_sizes)):
             stats[f"sparsity/hidden{l}_kept"] = width - zero
@@ -243,7 +245,7 @@ register_trainer(
         build=lambda recipe, runtime, loss_terms: SparseClassifier(recipe, runtime),
         sections={"sparse": SparseConfig},
         validate=validate,
-        counts=("sparse.epochs_per_iteration", "sparse.batch_size"),
+        counts=("sparse.update_epochs", "sparse.batch_size"),
         minibatches_per_epoch=minibatches_per_epoch,
         description="structured-sparse supervised MLP on scikit-learn's digits, compacted after training",
         eval_unit="examples",

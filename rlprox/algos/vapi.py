@@ -32,7 +32,7 @@ import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -72,21 +72,31 @@ class ModelSpec:
 class VapiConfig:
     """VA-π hyperparameters ("per process" counts are multiplied by the process count)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        "clip_range": "clip_coef",
+        "num_inner_epochs": "update_epochs",
+        "eval_cfg_scale": "eval_guidance_scale",
+    }
+
     # "digits" (the digits world's training split), an image folder with one sub-folder per
     # class, or "hf:PATH" (a datasets.save_to_disk folder with image and label columns)
     data: str = "digits"
     images_per_iteration: int = 32  # B, per process
     group_size: int = 8  # G, token sequences sampled per image
     noise_prob: float = 0.0  # ξ: probability of replacing each context token by a random code
-    clip_range: float = 0.2  # PPO ε (per token)
+    clip_coef: float = 0.2  # PPO ratio clip range ε, per token (VA-π's code: clip_range)
     adv_clip: float = 5.0  # group-normalised advantages clipped to ±adv_clip
-    num_inner_epochs: int = 1  # optimizer steps per round (one per epoch)
-    micro_batch_size: int = 32  # images per micro-batch (B / micro_batch_size micro-steps per optimizer step)
+    update_epochs: int = 1  # epochs over each round's samples, one optimizer step each (VA-π's code: num_inner_epochs)
+    # gradient-accumulation slice: images per forward/backward pass, per process; an epoch's one optimizer
+    # step accumulates images_per_iteration / micro_batch_size of them (memory, not the gradient)
+    micro_batch_size: int = 32
     sample_train_mode: bool = False  # dropout and class dropout active while sampling
     update_train_mode: bool = False  # dropout and class dropout active in the update (VA-π's code: true)
-    eval_cfg_scale: float = 1.5  # evaluation sampling: classifier-free guidance
-    eval_temperature: float = 1.0
-    eval_top_k: int = 0
+    eval_guidance_scale: float = (
+        1.5  # evaluation sampling: classifier-free guidance scale (rlprox eval --guidance-scale)
+    )
+    eval_temperature: float = 1.0  # evaluation sampling: softmax temperature of the token logits
+    eval_top_k: int = 0  # evaluation sampling: keep the k most likely tokens (0: all)
     eval_base: bool = True  # evaluation also samples the base model (same seeds)
     eval_grid_size: int = 20  # items in the base-vs-tuned grid
     eval_classifier: str = (
@@ -268,7 +278,7 @@ class VAPi:
         evaluates = recipe.run.eval_size > 0 or not runtime.train
         self.classifier = self._load_classifier(cfg.eval_classifier) if cfg.data == "digits" and evaluates else None
         self.micro_steps = cfg.images_per_iteration // cfg.micro_batch_size
-        self.update_epochs = cfg.num_inner_epochs
+        self.update_epochs = cfg.update_epochs
         self.images_seen = 0
         self.grid = int(round(self.gpt.block_size**0.5))
 
@@ -392,7 +402,7 @@ class VAPi:
         logp_all = torch.log_softmax(logits.float(), -1)
         logp = token_logp(logp_all, mb["samples"])  # (b, G, T)
         adv = mb["advantages"].unsqueeze(-1).expand_as(logp)
-        pg_loss, ratio = objectives.clipped_surrogate(logp, mb["old_logp"], adv, cfg.clip_range)
+        pg_loss, ratio = objectives.clipped_surrogate(logp, mb["old_logp"], adv, cfg.clip_coef)
         tensors = {"logits": logits, "targets": mb["z"], "logp": logp}
         if self.reference is not None:
             with torch.no_grad():
@@ -403,7 +413,7 @@ class VAPi:
             stats = {
                 "loss/policy": pg_loss.detach(),
                 "policy/approx_kl": objectives.kl_k3(mb["old_logp"], logp),
-                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_range),
+                "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
                 "policy/token_entropy": -(logp_all.exp() * logp_all).sum(-1).mean(),
                 **penalty_stats,
@@ -427,8 +437,8 @@ class VAPi:
     # ------------------------------------------------------------------ EVALUATE
     @torch.no_grad()
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
-        """Item i: class i mod #classes, sampled with the KV cache (cfg — ``rlprox eval --cfg``
-        or the config's —, temperature, top-k from the config) from its own generator seeded by
+        """Item i: class i mod #classes, sampled with the KV cache (guidance scale — ``rlprox eval
+        --guidance-scale`` or the config's —, temperature, top-k from the config) from its own generator seeded by
         (seed, i), ``EVAL_BATCH`` items per batch — for the tuned and
         (``eval_base``) the base model with the same seeds. Digits world: the classifier's
         digit/colour correctness and features (FID/IS proxies in ``summarize_eval``) and
@@ -449,7 +459,7 @@ class VAPi:
             held = load_digits_world("heldout")
             idx = torch.tensor([i % len(held) for i in items])
             held_x, held_c = held.images[idx].to(self.device), held.classes[idx].to(self.device)
-        scale = cfg.eval_cfg_scale if request.cfg_scale is None else request.cfg_scale
+        scale = cfg.eval_guidance_scale if request.guidance_scale is None else request.guidance_scale
         for prefix, gpt in models:
             with self._mode(gpt, False):
                 tokens = []
@@ -495,7 +505,7 @@ class VAPi:
             header = [p.rstrip("_") or "tuned" for p in prefixes]
             grid[name] = caption_cells([images[p][shown] for p in prefixes], header, captions)
         cols = grid_columns(min(cfg.eval_grid_size, request.total)) if cfg.eval_grid_size > 0 else 0
-        return EvalShard(values=values, images=grid, grid_cols=cols, info={"cfg_scale": scale})
+        return EvalShard(values=values, images=grid, grid_cols=cols, info={"guidance_scale": scale})
 
     def _digits_values(self, prefix, samples, classes, colour_names):
         from rlprox.zoo.metrics import classifier_features
@@ -599,12 +609,12 @@ register_trainer(
         sections={"model": ModelSpec, "vapi": VapiConfig, "reward": RewardSpec},
         validate=validate,
         counts=tuple(
-            f"vapi.{key}" for key in ("images_per_iteration", "group_size", "num_inner_epochs", "micro_batch_size")
+            f"vapi.{key}" for key in ("images_per_iteration", "group_size", "update_epochs", "micro_batch_size")
         ),
         minibatches_per_epoch=lambda recipe: 1,  # one optimizer step per epoch: accumulate with vapi.micro_batch_size
         description="VA-π: pixel-aligned RL tuning of LlamaGen-style AR image generators",
         eval_unit="samples",
-        eval_flags=("cfg",),
+        eval_flags=("guidance_scale",),
         loss_inputs=("logits", "targets", "logp", "ref_logp"),
     )
 )

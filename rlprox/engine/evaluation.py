@@ -27,7 +27,7 @@ def run_evaluation(
     seed: int,
     deterministic: bool | None = None,
     prompts: list[str] | None = None,
-    cfg_scale: float | None = None,
+    guidance_scale: float | None = None,
 ):
     """Sharded evaluation: every process evaluates its share, shards are gathered;
     returns (stats with "eval/" keys, per-item values, images, info) on every rank.
@@ -45,7 +45,7 @@ def run_evaluation(
         world=world,
         deterministic=deterministic,
         prompts=prompts,
-        cfg_scale=cfg_scale,
+        guidance_scale=guidance_scale,
     )
     result = evaluate(request) if num > 0 else EvalShard()
     shards = [result]

@@ -84,7 +84,7 @@ class Engine:
         self.regularizers = sorted(self.loss_terms.entries + attached, key=lambda r: r.index)  # recipe order
         self.penalized = [r for r in self.regularizers if r.mode == "penalty"]
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(recipe.optim.schedule, run.iterations, recipe.optim.warmup_iterations)
+            self.optimizer, lr_lambda(recipe.optim.lr_schedule, run.iterations, recipe.optim.warmup_iterations)
         )
         self.ddp = run.grad_sync == "ddp" and acc.num_processes > 1
         self.optimizer = prepare_for_ddp(self.algo, self.optimizer, acc) if self.ddp else acc.prepare(self.optimizer)

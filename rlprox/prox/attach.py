@@ -7,7 +7,7 @@ Each entry selects parameters by a glob over "<module>.<parameter>" names (e.g.
       - {type: wgsef, params: "policy.actor.[02].weight", k: 16, lam: 1.0e-3}
       - {type: l1, params: "policy.critic.*.weight", lam: 1.0e-4, mode: penalty}
       - {type: group_l2, params: "policy.actor.0.weight",
-         schedule: {type: linear, start: 0.0, end: 1.0e-3, steps: 100}}
+         lam_schedule: {type: linear, start: 0.0, end: 1.0e-3, steps: 100}}
 
 mode "prox" (default): param ← prox_{η·λ·R}(param) after every real optimizer step
 (ProxOptimizer; η = the param group's current lr, or the entry's own ``prox_lr``: a
@@ -17,8 +17,8 @@ added to the loss instead. Loss-side regularizers (``LossRegularizer``: the Brow
 term, KL to a reference, a prior cross-entropy) take no ``params``: they act on tensors
 the trainer computes: the engine builds them as ``LossTerms`` before the trainer and hands
 them to its build, and the trainer's loss adds ``loss_terms(**tensors)``.
-``schedule`` gives λ per iteration (then omit ``lam``). This is the one place where
-every trainer gets its regularizers from.
+``lam_schedule`` gives λ per iteration (then omit ``lam``; ``schedule`` is its
+deprecated name). This is the one place where every trainer gets its regularizers from.
 """
 
 from __future__ import annotations
@@ -27,12 +27,29 @@ import fnmatch
 
 import torch
 
-from rlprox.errors import RecipeError
+from rlprox.errors import RecipeError, move_renamed
 from rlprox.prox.optim import ProxOptimizer
 from rlprox.prox.regularizers import LossRegularizer, build_regularizer, full_tensor
 from rlprox.prox.schedules import build_schedule
 
-ENGINE_KEYS = ("params", "mode", "schedule", "prox_lr")
+# the keys of an entry the engine reads (the others are the regularizer's own: type, lam, k, ...), and their docs
+# (`rlprox train --help-recipe regularizers`)
+ENTRY_KEYS = {
+    "type": "the regularizer: a registered name (l1, group_l2, wgsef, kl_ref, ...) or 'module:Class'",
+    "params": "glob over '<module>.<parameter>' names of the parameters it acts on (loss-side types: none)",
+    "mode": "prox (default): a proximal step after each optimizer step; penalty: λ·R(params) added to the loss; "
+    "loss: a loss-side regularizer (KL, entropy), added by the trainer",
+    "lam": "the coefficient λ (constant; or give lam_schedule)",
+    "lam_schedule": "λ per iteration: {type: constant|linear|cosine|piecewise_sine, ...} (then omit lam)",
+    "prox_lr": "prox mode: the prox step η, a number or a schedule over iterations (default: the param group's lr)",
+}
+ENGINE_KEYS = ("params", "mode", "lam_schedule", "prox_lr")
+RENAMED = {"schedule": "lam_schedule"}  # old entry key -> new (the old one goes in the next release)
+
+
+def upgrade_entry(spec: dict, index: int) -> dict:
+    """The entry with deprecated keys renamed (one stderr line each); both names given: RecipeError."""
+    return move_renamed(spec, RENAMED, f"regularizers[{index}]")
 
 
 def _numbers(spec: dict) -> dict:
@@ -55,7 +72,7 @@ def parse_spec(spec: dict, index: int):
     key = f"regularizers[{index}]"
     if not isinstance(spec, dict) or "type" not in spec:
         raise RecipeError(key, "expected a mapping with a 'type' key")
-    spec = _numbers(spec)
+    spec = _numbers(upgrade_entry(spec, index))
     try:
         reg = build_regularizer({k: v for k, v in spec.items() if k not in ENGINE_KEYS})
     except (ValueError, TypeError) as err:
@@ -81,14 +98,14 @@ def parse_spec(spec: dict, index: int):
         if mode not in ("prox", "penalty"):
             raise RecipeError(f"{key}.mode", f"must be prox or penalty (got {mode!r})")
     schedule = None
-    if "schedule" in spec:
+    if "lam_schedule" in spec:
         if "lam" in spec:
-            raise RecipeError(f"{key}.lam", "give either lam or schedule (the schedule sets λ), not both")
+            raise RecipeError(f"{key}.lam", "give either lam or lam_schedule (the schedule sets λ), not both")
         try:
-            schedule = build_schedule(spec["schedule"])
+            schedule = build_schedule(spec["lam_schedule"])
             schedule(0)
         except (ValueError, TypeError) as err:
-            raise RecipeError(f"{key}.schedule", str(err)) from None
+            raise RecipeError(f"{key}.lam_schedule", str(err)) from None
     if schedule is not None:
         reg.lam = float(schedule(0))
     if "prox_lr" in spec:
@@ -265,7 +282,7 @@ def describe_pruning(specs: list[dict]) -> str:
     parts = []
     for spec in specs:
         kind = spec.get("type", "?")
-        lam = spec.get("lam", "schedule" if "schedule" in spec else 0)
+        lam = spec.get("lam", "lam_schedule" if "lam_schedule" in spec or "schedule" in spec else 0)
         if kind == "topk" or spec.get("exact_k"):
             parts.append(f"{kind} λ={lam} + hard top-k (k={spec.get('k')}): the top-k projection sets the sparsity")
         else:
