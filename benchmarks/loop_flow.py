@@ -84,8 +84,7 @@ BASE = {
         "num_samples_per_prompt": 4,
         "prompts_per_iteration": 8,
         "num_steps": 10,
-        "sampler": "sde",
-        "noise_level": 0.7,
+        "sampling": {"sampler": "sde", "noise_level": 0.7},
         "max_sequence_length": 8,  # as the shipped recipe: digits-sd3's T5 outputs zeros
         "guidance_scale": 1.0,
         "sample_batch_size": 16,
@@ -246,7 +245,7 @@ class NaiveFlowGRPO:
     (rlprox.models.flow_match.sde_step_with_logprob).
 
     ``cfg`` holds the loop section's keys (num_steps, num_samples_per_prompt, prompts_per_iteration,
-    sample_batch_size, minibatch_size, noise_level, max_sequence_length, adv_clip, clip_coef and, when
+    sample_batch_size, minibatch_size, sampling.noise_level, max_sequence_length, adv_clip, clip_coef and, when
     set, resolution: the image side in pixels, else the pipeline's default), ``optim`` the optimizer's
     (lr, weight_decay, eps, max_grad_norm, betas). The defaults are ``--speed``'s: full fine-tuning in
     float32 on the CPU. ``lora_rank``: train only LoRA adapters (peft ``add_adapter`` with rlprox's
@@ -294,7 +293,7 @@ class NaiveFlowGRPO:
         if self.lora:
             from peft import LoraConfig
 
-            from rlprox.models.pipelines import StableDiffusion3Adapter
+            from rlprox.models.pipelines.sd3 import StableDiffusion3Adapter
 
             self.transformer.requires_grad_(False)
             self.transformer.add_adapter(
@@ -388,7 +387,7 @@ class NaiveFlowGRPO:
             i = pipe.scheduler.index_for_timestep(t)
             sigma, sigma_next = pipe.scheduler.sigmas[i], pipe.scheduler.sigmas[i + 1]
             latents, log_prob = sde_step_with_logprob(
-                noise_pred.float(), latents.float(), sigma, sigma_next, cfg["noise_level"], generator=self.generator
+                noise_pred.float(), latents.float(), sigma, sigma_next, cfg["sampling"]["noise_level"], generator=self.generator
             )
             all_latents.append(latents)
             all_log_probs.append(log_prob)
@@ -531,7 +530,7 @@ class NaiveFlowGRPO:
             sample["latents"][:, j].float(),
             sigma,
             sigma_next,
-            self.cfg["noise_level"],
+            self.cfg["sampling"]["noise_level"],
             prev_sample=sample["next_latents"][:, j].float(),
         )
         return log_prob

@@ -612,6 +612,10 @@ def describe_section(cls, indent: int = 0) -> list[str]:
         )
         if dataclasses.is_dataclass(tp):
             out.extend(describe_section(tp, indent + 4))
+        variants = f.metadata.get("variants")  # a mapping whose keys depend on another choice (e.g. the family)
+        for label, variant in (variants() if variants else {}).items():
+            out.append(f"{pad}    {label}:")
+            out.extend(describe_section(variant, indent + 8))
     for old, new in renamed_keys(cls).items():
         out.append(f"{pad}{old}: deprecated, use {new}")
     return out

@@ -100,7 +100,7 @@ def assert_first_minibatches_recompute_the_stored_log_probs(algo, batch, count: 
             algo.denoiser,
             {k: v[idx] for k, v in batch.cond.items()},
             algo._negative(len(idx)),
-            batch.schedule,
+            batch.noise_schedule,
             batch.latents[idx, step],
             batch.latents[idx, step + 1],
             step,

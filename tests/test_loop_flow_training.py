@@ -31,7 +31,7 @@ def _step_distribution(algo, model, item):
         model,
         {k: v[idx] for k, v in batch.cond.items()},
         algo._negative(len(idx)),
-        batch.schedule,
+        batch.noise_schedule,
         batch.latents[idx, step],
         batch.latents[idx, step + 1],
         step,

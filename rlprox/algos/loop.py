@@ -61,6 +61,7 @@ from rlprox.models.pipelines import (
     Sampling,
     adapter_for_class,
     adapter_from_spec,
+    family_options,
     pipeline_class,
 )
 from rlprox.rewards import RewardSpec, build_reward
@@ -99,9 +100,9 @@ class LoopConfig:
     # a family adapter of one's own, "module:Class" (a rlprox.models.pipelines.Adapter); "": the one registered
     # for the pipeline's class
     adapter: str = ""
-    # the family's own sampling options (DDIM: eta; flow matching: sampler, noise_level, sde_window; FLUX also
-    # guidance_embedding); `rlprox train --help-recipe loop` and docs/flow-matching.md list them
-    sampling: dict = field(default_factory=dict)
+    # the family's own sampling options, checked by its adapter (an option of another family is refused);
+    # each family's are listed below
+    sampling: dict = field(default_factory=dict, metadata={"variants": family_options})
     # a named set: "digits" (the 50 digits-world prompts "a <colour> <digit>") or "digits-paraphrased" (700:
     # 14 phrasings of each, so a prompt recurs rarely), a .txt file (one per line, UTF-8), or "module:function"
     # returning (prompts, metadata)
@@ -351,7 +352,7 @@ class Rollout:
 
     latents: torch.Tensor  # (B, T+1, ...) every latent of each trajectory
     log_probs: torch.Tensor  # (B, T) log π_old of each step; 0 at untrained (ODE) steps
-    schedule: torch.Tensor  # DDIM timesteps (T,) or flow σ's (T+1,): what the update re-evaluates steps with
+    noise_schedule: torch.Tensor  # DDIM timesteps (T,) or flow σ's (T+1,): what the update re-evaluates steps with
     cond: dict[str, torch.Tensor]  # the conditioning, (B, ...) per key (embeds, pooled, ...)
     rewards: torch.Tensor  # (B,) this process's rewards (NaN where a reward gave none)
     prompts: list[str]  # (B,)
@@ -482,7 +483,7 @@ class LOOP:
         return Rollout(
             latents=torch.cat([b["latents"] for b in batches]),
             log_probs=torch.cat([b["log_probs"] for b in batches]),
-            schedule=batches[0]["schedule"],
+            noise_schedule=batches[0]["noise_schedule"],
             cond=cond,
             rewards=rewards,
             prompts=prompts,
@@ -563,7 +564,7 @@ class LOOP:
         cond, negative = {k: v[idx] for k, v in batch.cond.items()}, self._negative(len(idx))
         model = self.modules[self.adapter.denoiser_name]
         logp, mean, std = self.adapter.step_distribution(
-            model, cond, negative, batch.schedule, x_t, x_next, step
+            model, cond, negative, batch.noise_schedule, x_t, x_next, step
         )  # (b,), (b, ...), std
         old = batch.log_probs[idx, step]
         adv = batch.advantages[idx]
@@ -572,7 +573,7 @@ class LOOP:
         if self.needs_reference:  # the reference's step mean at the same x: the base model (LoRA off), no gradient
             with torch.no_grad(), self._base_model() as reference:
                 _, tensors["ref_mean"], _ = self.adapter.step_distribution(
-                    reference, cond, negative, batch.schedule, x_t, x_next, step
+                    reference, cond, negative, batch.noise_schedule, x_t, x_next, step
                 )
         penalty, penalty_stats = self.loss_terms(**tensors)
         with torch.no_grad():

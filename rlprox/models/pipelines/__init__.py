@@ -11,6 +11,7 @@ from rlprox.models.pipelines.base import (
     Sampling,
     adapter_for_class,
     adapter_from_spec,
+    family_options,
     pipeline_class,
     register_adapter,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Sampling",
     "adapter_for_class",
     "adapter_from_spec",
+    "family_options",
     "pipeline_class",
     "register_adapter",
 ]

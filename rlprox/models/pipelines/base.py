@@ -171,10 +171,10 @@ class Adapter:
 
     def sample(self, model, cond, negative, generator, autocast=None) -> dict:
         """Trajectories of B = len(cond) samples: ``latents`` (B, T+1, ...), ``log_probs``
-        (B, T) (0 at untrained steps) and the ``schedule`` the update re-evaluates with."""
+        (B, T) (0 at untrained steps) and the ``noise_schedule`` the update re-evaluates with."""
         raise NotImplementedError
 
-    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+    def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """(log π_θ(x_next | x, c) (b,), μ (b, ...), std) of step ``step`` (b,) of each
         sample: the policy's Gaussian step, float32."""
         raise NotImplementedError
@@ -247,6 +247,11 @@ def adapter_for_class(class_name: str) -> type[Adapter]:
     if class_name in ADAPTERS:
         return ADAPTERS[class_name]
     raise ValueError(f"no adapter for {class_name} (adapters: {', '.join(ADAPTERS.names())}; or loop.adapter)")
+
+
+def family_options() -> dict[str, type]:
+    """{pipeline class: its adapter's Options} for every registered family (``--help-recipe``)."""
+    return {name: ADAPTERS[name].Options for name in ADAPTERS.names()}
 
 
 def adapter_from_spec(spec: str, class_name: str | None = None) -> type[Adapter]:

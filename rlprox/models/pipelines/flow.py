@@ -166,7 +166,7 @@ class FlowMatchingAdapter(Adapter):
     @torch.no_grad()
     def sample(self, model, cond, negative, generator, autocast=None) -> dict:
         """Trajectories of B samples from x ~ N(0, I) at σ = 1, float32: latents (B, T+1, ...),
-        log_probs (B, T) (0 at the ODE steps outside the window), schedule = the σ's (T+1,)."""
+        log_probs (B, T) (0 at the ODE steps outside the window), noise_schedule = the σ's (T+1,)."""
         device = cond["embeds"].device
         x_T = torch.randn((cond["embeds"].shape[0], *self.latent_shape), generator=generator, device=device)
         o = self.options
@@ -179,11 +179,11 @@ class FlowMatchingAdapter(Adapter):
             o.sampler,
             generator,
         )
-        return {"latents": traj.latents, "log_probs": traj.log_probs, "schedule": traj.sigmas}
+        return {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.sigmas}
 
-    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+    def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """σ_step → σ_step+1: the sampler's Gaussian step."""
-        sigma, sigma_next = schedule[step], schedule[step + 1]  # (b,)
+        sigma, sigma_next = noise_schedule[step], noise_schedule[step + 1]  # (b,)
         v = self._velocity(model, cond, negative)(x, sigma)
         o = self.options
         mean, std = flow_match.step_moments(o.sampler, v, x, sigma, sigma_next, o.noise_level)

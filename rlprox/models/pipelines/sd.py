@@ -69,7 +69,7 @@ class StableDiffusionAdapter(Adapter):
 
     # ------------------------------------------------------------------ sampling
     def sample(self, model, cond, negative, generator, autocast=None) -> dict:
-        """Latents (B, T+1, C, H, W), log_probs (B, T), schedule = the timesteps (T,)."""
+        """Latents (B, T+1, C, H, W), log_probs (B, T), noise_schedule = the timesteps (T,)."""
         s = self.sampling
         traj = diffusion.sample_trajectories(
             model,
@@ -83,11 +83,11 @@ class StableDiffusionAdapter(Adapter):
             self.latent_shape,
             autocast=autocast,
         )
-        return {"latents": traj.latents, "log_probs": traj.log_probs, "schedule": traj.timesteps}
+        return {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.timesteps}
 
-    def step_distribution(self, model, cond, negative, schedule, x, x_next, step):
+    def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """The DDIM(η) step's Gaussian: μ (b, C, H, W), std (b, 1, 1, 1)."""
-        t = schedule[step]  # (b,) per-sample timesteps
+        t = noise_schedule[step]  # (b,) per-sample timesteps
         eps = diffusion.guided_noise(
             model,
             self.scheduler.scale_model_input(x, t),
