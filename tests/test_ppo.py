@@ -46,7 +46,7 @@ def test_ppo_continuous_normalisation_saved_and_used_by_eval(tiny_recipe, tmp_pa
     ckpt = checkpoint.find_latest(recipe.run_dir)
     saved = json.loads((ckpt / "rank-0.json").read_text())["algo"]
     assert saved["obs_rms"]["count"] > 60  # 2 iterations x 2 envs x 16 steps (+ epsilon)
-    mean, var, _ = engine.algo.obs_rms.stats()
+    mean, var, _ = engine.algo.env.obs_rms.stats()
     np.testing.assert_allclose(saved["obs_rms"]["mean"], mean)
     # rlprox eval rebuilds from the checkpoint and uses the saved statistics
     assert main(["eval", str(ckpt), "--episodes", "2"]) == 0
@@ -56,7 +56,7 @@ def test_ppo_continuous_normalisation_saved_and_used_by_eval(tiny_recipe, tmp_pa
     assert len(result["values"]["return"]) == 2 and result["unit"] == "episodes"
     fresh = make_ppo(recipe, train=False)
     checkpoint.load_for_eval(ckpt, fresh.modules, fresh.load_state_dict)
-    np.testing.assert_allclose(fresh.obs_rms.stats()[0], mean)
+    np.testing.assert_allclose(fresh.env.obs_rms.stats()[0], mean)
     stats, values, _, _ = run_evaluation(fresh, Accelerator(cpu=True), 2, recipe.seed)
     assert stats["eval/return"] == result["eval/return"] and values["return"] == result["values"]["return"]
 
