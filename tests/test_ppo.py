@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -150,3 +151,20 @@ def test_numpy_rollout_policy_matches_torch_module():
         np.testing.assert_allclose(logp, t_logp.detach().numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(value, t_value.detach().numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(model.snapshot().value(obs), t_value.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_run_reproduces_its_recorded_numbers(tiny_recipe):
+    """The final stats of a tiny CartPole run, recorded before PPO and PolicyFlow moved
+    their env side into ``rlprox.onpolicy.OnPolicyEnv``: a refactor keeps them; a change
+    of the rollout, the RNG streams' order or the loss moves them (then re-record)."""
+    engine = Engine(load_recipe(tiny_recipe(run={"eval_size": 3})))
+    stats = engine.fit()
+    engine.close()
+    recorded = {
+        "loss/total": 8.232301712036133,
+        "policy/approx_kl": 5.6595403293613344e-05,
+        "value/explained_variance": 0.042282283306121826,
+        "reward/episodic_return": 22.0,
+        "eval/return": 72.0,
+    }
+    assert {key: stats[key] for key in recorded} == pytest.approx(recorded, rel=1e-5)
