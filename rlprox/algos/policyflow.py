@@ -5,7 +5,7 @@ Normalizing Flow in Reinforcement Learning", arXiv 2602.01156).
 Policy (rlprox/models/flow_policy.py): a = φ₁(z; s) + n, z ~ N(0, I), n ~ N(0, σ²);
 φ the K-step midpoint flow of v_θ from noise (t = 0) to action (t = 1).
 
-    COLLECT    the shared gym rollout (rlprox.gymenv.GymRollout), storing s, z, φ̂₁,
+    COLLECT    the shared gym rollout (rlprox.onpolicy.OnPolicyEnv), storing s, z, φ̂₁,
                δ = a − φ̂₁ (before env clipping), log N(δ; 0, σ̂²), V(s).
     ADVANTAGE  GAE(γ, λ); then one t per sample (the K-point grid by default),
                x_t = (1 − t)·z + t·φ̂₁ and v̂ = v(x_t, t, s) at the rollout parameters.

@@ -7,8 +7,10 @@ entropy bonus, orthogonal init, observation and reward normalisation, linear lr
 annealing (``optim.schedule: linear``), global grad-norm clipping
 (``optim.max_grad_norm``), optional approx-KL early stop.
 
-The engine (rlprox/engine/) runs the fit loop; this file only says how to COLLECT,
-how to compute ADVANTAGES, and what the LOSS is.
+The engine (rlprox/engine/) runs the fit loop and ``rlprox.onpolicy.OnPolicyEnv`` the
+env side PPO shares with PolicyFlow (rollout buffers, GAE, stats, evaluation, export,
+state); this file only says what to COLLECT per step, how to pack the ADVANTAGES, and
+what the LOSS is.
 """
 
 from __future__ import annotations
