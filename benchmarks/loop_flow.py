@@ -387,7 +387,12 @@ class NaiveFlowGRPO:
             i = pipe.scheduler.index_for_timestep(t)
             sigma, sigma_next = pipe.scheduler.sigmas[i], pipe.scheduler.sigmas[i + 1]
             latents, log_prob = sde_step_with_logprob(
-                noise_pred.float(), latents.float(), sigma, sigma_next, cfg["sampling"]["noise_level"], generator=self.generator
+                noise_pred.float(),
+                latents.float(),
+                sigma,
+                sigma_next,
+                cfg["sampling"]["noise_level"],
+                generator=self.generator,
             )
             all_latents.append(latents)
             all_log_probs.append(log_prob)

@@ -1,6 +1,9 @@
-"""Pieces every actor-critic trainer on gym envs shares (PPO, PolicyFlow): value
-bootstrapping at truncation, GAE targets, one packed tensor per rollout, and minibatches
-with advantage moments that are global over processes.
+"""Pieces every actor-critic trainer on gym envs shares (PPO, PolicyFlow): the config
+fields and their checks, the env side (``OnPolicyEnv``: rollout or env probe, rollout
+buffers, value bootstrapping at truncation, GAE targets, iteration stats, evaluation,
+export, per-process state), one packed tensor per rollout, and minibatches with
+advantage moments that are global over processes. A trainer keeps its policy, what it
+stores per step and its loss.
 """
 
 from __future__ import annotations
@@ -13,10 +16,22 @@ import torch
 
 from rlprox import objectives
 from rlprox.errors import RecipeError
-from rlprox.gymenv import validate_env
+from rlprox.gymenv import (
+    ActionSpace,
+    GymRollout,
+    RewardScaler,
+    RunningMeanStd,
+    env_goals,
+    goal_summary,
+    load_normalisers,
+    make_vec_env,
+    observation_dim,
+    validate_env,
+)
 
 if TYPE_CHECKING:
     from rlprox.recipe import Recipe
+    from rlprox.runtime import EvalRequest, EvalShard, Runtime
 
 
 @dataclass
@@ -62,6 +77,14 @@ def minibatches_per_epoch(recipe: "Recipe", section: str) -> int:
     return recipe.env.num_envs * cfg.num_steps // cfg.minibatch_size
 
 
+def kl_early_stop(target_kl: float):
+    """The ``early_stop`` hook: stop the epochs once the epoch's mean approx-KL exceeds
+    ``target_kl``; None when ``target_kl`` is 0 (it never fires: no per-epoch stat reduction)."""
+    if target_kl <= 0:
+        return None
+    return lambda epoch_stats: epoch_stats.get("policy/approx_kl", 0.0) > target_kl
+
+
 def bootstrap_next_values(
     values: np.ndarray, done: np.ndarray, next_values: np.ndarray, last_value: np.ndarray
 ) -> np.ndarray:
@@ -74,14 +97,163 @@ def bootstrap_next_values(
     return next_values
 
 
-def gae_targets(batch: dict, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """(advantages, returns, explained variance of the values) of a (T, N) rollout."""
-    adv, ret = objectives.gae(
-        batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], gamma, lam
-    )
-    var_ret = ret.var()
-    explained = float("nan") if var_ret == 0 else float(1.0 - (ret - batch["values"]).var() / var_ret)
-    return adv, ret, explained
+class OnPolicyEnv:
+    """The env side of an actor-critic trainer on gym envs. When training, this process's
+    ``GymRollout`` (its envs, normalisers and episode statistics); for evaluation and
+    export, the spaces of one throwaway env and fresh normalisers that ``load_state_dict``
+    fills from the checkpoint. It fills the rollout buffers, finds the GAE targets (keeping
+    the explained variance for ``iteration_stats``), evaluates and exports a policy, and
+    owns the per-process state and the envs' closing."""
+
+    def __init__(self, env_cfg, seed: int, runtime: "Runtime", gamma: float):
+        self.cfg = env_cfg
+        if runtime.train:
+            self.rollout = GymRollout(env_cfg, seed, runtime.rank, runtime.world, gamma, runtime.accelerator)
+            self.obs_dim, self.space = self.rollout.obs_dim, self.rollout.action_space
+            self.obs_rms, self.reward_scaler = self.rollout.obs_rms, self.rollout.reward_scaler
+        else:
+            self.rollout = None
+            probe = make_vec_env(env_cfg, num_envs=1, vectorization="sync")
+            self.obs_dim = observation_dim(probe.single_observation_space)
+            self.space = ActionSpace.of(probe.single_action_space)
+            probe.close()
+            self.obs_rms = RunningMeanStd((self.obs_dim,)) if env_cfg.normalize_obs else None
+            self.reward_scaler = RewardScaler(1, gamma) if env_cfg.normalize_reward else None
+        self.goals = env_goals(env_cfg)
+        self.steps_per_env, self.explained_variance = 0, float("nan")
+
+    # ------------------------------------------------------------------ COLLECT
+    def collect(self, num_steps: int, act, value, widths: dict[str, int]) -> dict:
+        """T = ``num_steps`` steps of every env as float32 arrays: ``obs`` (T, N, obs_dim),
+        normalised; the fields ``act(obs) -> (env action, {name: array})`` returns, with
+        ``widths`` (name → width: (T, N, width), or (T, N) for 0) and ``values`` = V(s)
+        among them; then ``next_values`` (V(s_{t+1}) by ``bootstrap_next_values``, with
+        ``value(obs)`` = V), ``rewards``, ``terminated`` and ``done``, each (T, N)."""
+        rollout = self.rollout
+        T, N = num_steps, rollout.num_envs
+        buf = {"obs": np.zeros((T, N, self.obs_dim), np.float32)}
+        buf.update({name: np.zeros((T, N, w) if w else (T, N), np.float32) for name, w in widths.items()})
+        next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(4))
+        rollout.begin_iteration()
+        for t in range(T):
+            obs_n = rollout.observe()
+            action, fields = act(obs_n)
+            reward, term, done, truncated, final_obs = rollout.step(action)
+            buf["obs"][t] = obs_n
+            for name, x in fields.items():
+                buf[name][t] = x
+            rew_buf[t], term_buf[t], done_buf[t] = reward, term, done
+            if final_obs is not None:  # truncated episodes bootstrap from V(final observation)
+                next_val[t, truncated] = value(final_obs)
+        bootstrap_next_values(buf["values"], done_buf, next_val, value(rollout.last_observation()))
+        rollout.end_iteration(T)
+        self.steps_per_env = T
+        return {**buf, "next_values": next_val, "rewards": rew_buf, "terminated": term_buf, "done": done_buf}
+
+    # ------------------------------------------------------------------ ADVANTAGE
+    def gae(self, batch: dict, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """(advantages, returns) of a collected (T, N) rollout by GAE(γ, λ); the explained
+        variance of the values, 1 − Var(R − V) / Var(R), is kept for ``iteration_stats``."""
+        adv, ret = objectives.gae(
+            batch["rewards"], batch["values"], batch["next_values"], batch["terminated"], batch["done"], gamma, lam
+        )
+        var_ret = ret.var()
+        self.explained_variance = (
+            float("nan") if var_ret == 0 else float(1.0 - (ret - batch["values"]).var() / var_ret)
+        )
+        return adv, ret
+
+    # ------------------------------------------------------------------ LOG
+    def iteration_stats(self, batch, elapsed: float) -> dict:
+        """The trainer's ``iteration_stats``: env steps, steps/s, value quality and the last
+        rollout's episode statistics (reduced across processes as ``GymRollout.REDUCTIONS``)."""
+        rollout = self.rollout
+        stats = {
+            "progress/env_steps": rollout.env_steps,
+            "perf/sps": self.steps_per_env * rollout.num_envs * rollout.world / max(elapsed, 1e-9),
+            "value/explained_variance": self.explained_variance,
+        }
+        stats.update(rollout.episode_stats())
+        return stats
+
+    # ------------------------------------------------------------------ EVALUATE
+    def evaluate(
+        self, snapshot, request: "EvalRequest", deterministic_default: bool, start_actions=None
+    ) -> "EvalShard":
+        """The trainer's ``evaluate``: episodes of a numpy policy snapshot (``act(obs, rng,
+        deterministic)`` returning the action first) on fresh envs, with its own RNG and
+        frozen normalisation statistics (training is never perturbed); goal envs add the
+        goals reached, a trajectory plot and the policy's draws at the start state
+        (``start_actions(obs, rng)``; default: the sampled action), for
+        ``rlprox.gymenv.evaluate_policy``."""
+        from rlprox.gymenv import evaluate_policy
+
+        deterministic = deterministic_default if request.deterministic is None else request.deterministic
+        rng = np.random.default_rng([request.seed, 10_000 + request.rank])
+        draws = np.random.default_rng([request.seed, 20_000 + request.rank])  # the start-state draws' own stream
+
+        def act(obs):
+            return snapshot.act(obs, rng, deterministic=deterministic)[0]
+
+        def starts(obs):
+            return start_actions(obs, draws) if start_actions is not None else snapshot.act(obs, draws)[0]
+
+        shard = evaluate_policy(self.cfg, act, request, self.obs_rms, self.goals, start_actions=starts)
+        shard.info["deterministic"] = deterministic
+        return shard
+
+    def summarize_eval(self, values: dict) -> dict:
+        """The trainer's ``summarize_eval``: goal envs' goal statistics, else nothing."""
+        return goal_summary(values, len(self.goals)) if "_goal" in values else {}
+
+    # ------------------------------------------------------------------ EXPORT
+    def export(
+        self,
+        out_dir,
+        module,
+        kind: str,
+        architecture: dict,
+        deterministic_action: str,
+        algo: str,
+        eval_deterministic: bool,
+    ) -> list:
+        """The trainer's ``export``: the policy folder ``rlprox.load_policy`` reads
+        (``rlprox.policy``): weights, observation statistics, action space and the rule of
+        its deterministic action; the env is recorded for reference."""
+        from rlprox.policy import action_space_config, save_policy
+
+        env_cfg, space = self.cfg, self.space
+        env = {"id": env_cfg.id, "kwargs": env_cfg.kwargs, "wrappers": env_cfg.wrappers}
+        if env_cfg.max_episode_steps:
+            env["max_episode_steps"] = env_cfg.max_episode_steps
+        return save_policy(
+            out_dir,
+            module,
+            kind,
+            architecture,
+            self.obs_dim,
+            action_space_config(space.discrete, space.dim, space.low, space.high),
+            deterministic_action,
+            self.obs_rms.stats() if self.obs_rms is not None else None,
+            env_cfg.clip_obs,
+            extra={"algo": algo, "env": env, "eval_deterministic": eval_deterministic},
+        )
+
+    # ------------------------------------------------------------------ STATE
+    def state_dict(self) -> tuple[dict, dict]:
+        """The trainer's per-process state beyond the weights and the engine's RNG streams:
+        the rollout's (tensors, json); nothing outside training."""
+        return self.rollout.state_dict() if self.rollout is not None else ({}, {})
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        if self.rollout is not None:
+            self.rollout.load_state_dict(tensors, state)
+        else:  # evaluation: the normalisation statistics only
+            load_normalisers(self.obs_rms, self.reward_scaler, state)
+
+    def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
 
 
 class Columns:
@@ -159,74 +331,3 @@ def normalized_advantages(adv: torch.Tensor, moments) -> torch.Tensor:
     """Minibatch advantages normalised with the sampler's global moments (or locally)."""
     mean, std = moments if moments is not None else (None, None)
     return objectives.normalize(adv, mean=mean, std=std)
-
-
-def rollout_stats(rollout, steps_per_env: int, elapsed: float, explained_variance: float) -> dict:
-    """An env trainer's ``iteration_stats``: env steps, steps/s, value quality and the
-    rollout's episode statistics (reduced across processes as ``GymRollout.REDUCTIONS``)."""
-    stats = {
-        "progress/env_steps": rollout.env_steps,
-        "perf/sps": steps_per_env * rollout.num_envs * rollout.world / max(elapsed, 1e-9),
-        "value/explained_variance": explained_variance,
-    }
-    stats.update(rollout.episode_stats())
-    return stats
-
-
-def evaluate_snapshot(env_cfg, snapshot, request, obs_rms, goals, deterministic_default: bool, start_actions=None):
-    """An env trainer's ``evaluate``: episodes of a numpy policy snapshot (``act(obs, rng,
-    deterministic)`` returning the action first) on fresh envs, with its own RNG and
-    frozen normalisation statistics (training is never perturbed); goal envs add the
-    goals reached, a trajectory plot and the policy's draws at the start state
-    (``start_actions(obs, rng)``; default: the sampled action), for
-    ``rlprox.gymenv.evaluate_policy``."""
-    from rlprox.gymenv import evaluate_policy
-
-    deterministic = deterministic_default if request.deterministic is None else request.deterministic
-    rng = np.random.default_rng([request.seed, 10_000 + request.rank])
-    draws = np.random.default_rng([request.seed, 20_000 + request.rank])  # the start-state draws' own stream
-
-    def act(obs):
-        return snapshot.act(obs, rng, deterministic=deterministic)[0]
-
-    def starts(obs):
-        return start_actions(obs, draws) if start_actions is not None else snapshot.act(obs, draws)[0]
-
-    shard = evaluate_policy(env_cfg, act, request, obs_rms, goals, start_actions=starts)
-    shard.info["deterministic"] = deterministic
-    return shard
-
-
-def export_env_policy(
-    out_dir,
-    module,
-    kind: str,
-    architecture: dict,
-    deterministic_action: str,
-    algo: str,
-    env_cfg,
-    obs_dim: int,
-    space,
-    obs_rms,
-    eval_deterministic: bool,
-) -> list:
-    """An env trainer's ``export``: the policy folder ``rlprox.load_policy`` reads
-    (``rlprox.policy``): weights, observation statistics, action space and the rule of
-    its deterministic action; the env is recorded for reference."""
-    from rlprox.policy import action_space_config, save_policy
-
-    env = {"id": env_cfg.id, "kwargs": env_cfg.kwargs, "wrappers": env_cfg.wrappers}
-    if env_cfg.max_episode_steps:
-        env["max_episode_steps"] = env_cfg.max_episode_steps
-    return save_policy(
-        out_dir,
-        module,
-        kind,
-        architecture,
-        obs_dim,
-        action_space_config(space.discrete, space.dim, space.low, space.high),
-        deterministic_action,
-        obs_rms.stats() if obs_rms is not None else None,
-        env_cfg.clip_obs,
-        extra={"algo": algo, "env": env, "eval_deterministic": eval_deterministic},
-    )

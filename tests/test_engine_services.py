@@ -1,6 +1,6 @@
 """The shared layer's smaller services: the registry idiom, recipe edge cases, lr
-warm-up and parameter groups, atomic checkpoint pruning, refused topologies, and the
-trainer-neutral eval on a sparse checkpoint."""
+warm-up and parameter groups, atomic checkpoint pruning, refused topologies, the
+trainer-neutral eval on a sparse checkpoint, and the runtime's main-process services."""
 
 import json
 import shutil
@@ -222,3 +222,18 @@ def test_describe_pruning_names_what_sets_the_sparsity():
         describe_pruning([{"type": "wgsef", "k": 96, "lam": 10.0, "prox_lr": 0.01}])
         == "wgsef λ=10.0, prox step 0.01: the regularizer alone"
     )
+
+
+# ----------------------------------------------------------------------------- runtime
+def test_runtime_main_process_services_in_one_process():
+    """``is_main`` and ``main_process_first`` are offered to user trainers (docs/algorithm-contract.md)."""
+    from accelerate import Accelerator
+
+    from rlprox.engine import make_runtime
+
+    runtime = make_runtime(Accelerator(cpu=True), seed=0)
+    assert runtime.world == 1 and runtime.rank == 0 and runtime.is_main
+    ran = []
+    with runtime.main_process_first():
+        ran.append(runtime.rank)
+    assert ran == [0]

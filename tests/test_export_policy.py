@@ -96,7 +96,7 @@ def trainer_greedy_actions(ckpt, obs: np.ndarray) -> np.ndarray:
     _, _, _, algo = build_for_eval(ckpt, cpu=True)
     policy = algo._unwrapped()
     snapshot = policy.snapshot(algo.cfg.flow_steps) if algo.recipe.algo == "policyflow" else policy.snapshot()
-    normalised = algo.obs_rms.normalize(obs, algo.env_cfg.clip_obs)
+    normalised = algo.env.obs_rms.normalize(obs, algo.env_cfg.clip_obs)
     action = snapshot.act(normalised, np.random.default_rng(0), deterministic=True)[0]
     if algo.recipe.algo == "ppo":  # the torch module agrees with its numpy snapshot
         with torch.no_grad():

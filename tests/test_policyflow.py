@@ -259,3 +259,23 @@ def test_fpo_options_outside_fpo_are_recipe_errors(tmp_path, capsys, fields, mes
     path.write_text(yaml.safe_dump(pf_recipe(tmp_path, **fields)))
     assert main(["train", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tiny_run_reproduces_its_recorded_numbers(tmp_path):
+    """The final stats of a tiny MultiGoal run, recorded before PPO and PolicyFlow moved
+    their env side into ``rlprox.onpolicy.OnPolicyEnv``: a refactor keeps them; a change
+    of the rollout, the RNG streams' order or the loss moves them (then re-record)."""
+    recipe = pf_recipe(tmp_path)
+    recipe["run"]["eval_size"] = 3
+    engine = Engine(load_recipe(recipe))
+    stats = engine.fit()
+    engine.close()
+    recorded = {
+        "loss/total": 0.3048996031284332,
+        "policy/approx_kl": 0.0002769471611827612,
+        "value/explained_variance": 0.1743585467338562,
+        "reward/episodic_return": -1409.205460894985,
+        "eval/return": -1147.5394893640025,
+        "penalty/0.brownian": 0.10771030187606812,
+    }
+    assert {key: stats[key] for key in recorded} == pytest.approx(recorded, rel=1e-5)

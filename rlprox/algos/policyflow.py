@@ -5,7 +5,7 @@ Normalizing Flow in Reinforcement Learning", arXiv 2602.01156).
 Policy (rlprox/models/flow_policy.py): a = φ₁(z; s) + n, z ~ N(0, I), n ~ N(0, σ²);
 φ the K-step midpoint flow of v_θ from noise (t = 0) to action (t = 1).
 
-    COLLECT    the shared gym rollout (rlprox.gymenv.GymRollout), storing s, z, φ̂₁,
+    COLLECT    the shared gym rollout (rlprox.onpolicy.OnPolicyEnv), storing s, z, φ̂₁,
                δ = a − φ̂₁ (before env clipping), log N(δ; 0, σ̂²), V(s).
     ADVANTAGE  GAE(γ, λ); then one t per sample (the K-point grid by default),
                x_t = (1 − t)·z + t·φ̂₁ and v̂ = v(x_t, t, s) at the rollout parameters.
@@ -37,27 +37,15 @@ import torch
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError
-from rlprox.gymenv import (
-    ActionSpace,
-    EnvConfig,
-    GymRollout,
-    RunningMeanStd,
-    env_goals,
-    goal_summary,
-    load_normalisers,
-    make_vec_env,
-    observation_dim,
-)
+from rlprox.gymenv import EnvConfig, GymRollout
 from rlprox.onpolicy import (
     Columns,
     MinibatchSampler,
     OnPolicyConfig,
-    bootstrap_next_values,
-    evaluate_snapshot,
-    gae_targets,
+    OnPolicyEnv,
+    kl_early_stop,
     minibatches_per_epoch,
     normalized_advantages,
-    rollout_stats,
     validate_onpolicy,
 )
 
@@ -136,27 +124,18 @@ class PolicyFlow:
         self.loss_terms = loss_terms or LossTerms()
         cfg = self.cfg = recipe.policyflow
         self.recipe, self.env_cfg, self.runtime = recipe, recipe.env, runtime
-        self.device, self.world = runtime.device, runtime.world
+        self.device = runtime.device
         self.rng = runtime.np_rng
         self.update_epochs = cfg.update_epochs
-        if cfg.target_kl <= 0:
-            self.early_stop = None
-        if runtime.train:
-            self.rollout = GymRollout(
-                self.env_cfg, recipe.seed, runtime.rank, runtime.world, cfg.gamma, runtime.accelerator
-            )
-            obs_dim, space = self.rollout.obs_dim, self.rollout.action_space
-            self.obs_rms = self.rollout.obs_rms
-        else:
-            self.rollout = None
-            probe = make_vec_env(self.env_cfg, num_envs=1, vectorization="sync")
-            obs_dim, space = observation_dim(probe.single_observation_space), ActionSpace.of(probe.single_action_space)
-            probe.close()
-            self.obs_rms = RunningMeanStd((obs_dim,)) if self.env_cfg.normalize_obs else None
+        self.early_stop = kl_early_stop(cfg.target_kl)
+        env = self.env = OnPolicyEnv(self.env_cfg, recipe.seed, runtime, cfg.gamma)
+        # the env side's hooks: rollout stats, goal summaries, per-process state, closing the envs
+        self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
+        self.state_dict, self.load_state_dict, self.close = env.state_dict, env.load_state_dict, env.close
+        obs_dim, space = env.obs_dim, env.space
         if space.discrete:
             raise RecipeError("env.id", "PolicyFlow needs a continuous (Box) action space")
         self.obs_dim, self.action_dim = obs_dim, space.dim
-        self.goals = env_goals(self.env_cfg)
         self.policy = FlowPolicy(
             obs_dim,
             space.dim,
@@ -204,37 +183,22 @@ class PolicyFlow:
 
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
-        cfg, rollout = self.cfg, self.rollout
+        cfg, A = self.cfg, self.action_dim
         policy = self._unwrapped().snapshot(cfg.flow_steps, cfg.noise_scale, cfg.gaussian_head)
-        T, N, D, A = cfg.num_steps, rollout.num_envs, self.obs_dim, self.action_dim
-        buf = {k: np.zeros((T, N, D if k == "obs" else A), np.float32) for k in ("obs", "z", "phi", "delta")}
-        logp_buf, val_buf, next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(6))
-        rollout.begin_iteration()
-        for t in range(T):
-            obs_n = rollout.observe()
-            action, z, phi, delta, logp, value = policy.act(obs_n, self.rng)
-            reward, term, done, truncated, final_obs = rollout.step(action)
-            buf["obs"][t], buf["z"][t], buf["phi"][t], buf["delta"][t] = obs_n, z, phi, delta
-            logp_buf[t], val_buf[t], rew_buf[t], term_buf[t], done_buf[t] = logp, value, reward, term, done
-            if final_obs is not None:
-                next_val[t, truncated] = policy.value(final_obs)
-        bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
-        rollout.end_iteration(T)
+
+        def act(obs):
+            action, z, phi, delta, logp, value = policy.act(obs, self.rng)
+            return action, {"z": z, "phi": phi, "delta": delta, "logp": logp, "values": value}
+
+        widths = {"z": A, "phi": A, "delta": A, "logp": 0, "values": 0}
+        batch = self.env.collect(cfg.num_steps, act, policy.value, widths)
         self._log_std = policy.log_std
-        return {
-            **buf,
-            "logp": logp_buf,
-            "values": val_buf,
-            "next_values": next_val,
-            "rewards": rew_buf,
-            "terminated": term_buf,
-            "done": done_buf,
-        }
+        return batch
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
         cfg = self.cfg
-        adv, ret, self._explained_variance = gae_targets(batch, cfg.gamma, cfg.gae_lambda)
+        adv, ret = self.env.gae(batch, cfg.gamma, cfg.gae_lambda)
         B, A = adv.size, self.action_dim
         obs, z, phi, delta = (batch[k].reshape(B, -1) for k in ("obs", "z", "phi", "delta"))
         t = self._flow_times(B)
@@ -344,42 +308,23 @@ class PolicyFlow:
             }
         return loss, stats
 
-    def early_stop(self, epoch_stats: dict) -> bool:
-        return epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl
-
-    # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, batch, elapsed: float) -> dict:
-        return rollout_stats(self.rollout, self.cfg.num_steps, elapsed, self._explained_variance)
-
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodes of the current policy (sampled unless deterministic) on fresh envs;
         for goal envs the goals reached and a trajectory plot."""
         snapshot = self._unwrapped().snapshot(self.cfg.flow_steps, self.cfg.noise_scale, self.cfg.gaussian_head)
-        return evaluate_snapshot(
-            self.env_cfg,
+        return self.env.evaluate(
             snapshot,
             request,
-            self.obs_rms,
-            self.goals,
             self.cfg.eval_deterministic,
             start_actions=lambda obs, rng: snapshot.act(obs, rng)[2],  # φ₁(z; s), before the Gaussian head
         )
-
-    def summarize_eval(self, values: dict) -> dict:
-        return goal_summary(values, len(self.goals)) if "_goal" in values else {}
 
     # ------------------------------------------------------------------ EXPORT
     def export(self, out_dir: Path) -> list[Path]:
         """A policy folder for ``rlprox.load_policy`` (rlprox/policy.py): the flow policy's
         weights (velocity field, σ head, critic) and the observation statistics."""
-        from rlprox.gymenv import make_env
-        from rlprox.onpolicy import export_env_policy
-
         cfg, policy = self.cfg, self._unwrapped()
-        probe = make_env(self.env_cfg)  # the action bounds (PolicyFlow keeps only the width)
-        space = ActionSpace.of(probe.action_space)
-        probe.close()
         architecture = {
             "hidden_sizes": list(cfg.hidden_sizes),
             "critic_sizes": list(cfg.critic_sizes),
@@ -395,33 +340,7 @@ class PolicyFlow:
             f"phi_1(z = 0; s): {cfg.flow_steps} midpoint (RK2) steps of the velocity field from z = 0 at t = 0 "
             "to t = 1, no Gaussian noise; clipped to [low, high]"
         )
-        return export_env_policy(
-            out_dir,
-            policy,
-            "flow",
-            architecture,
-            rule,
-            "policyflow",
-            self.env_cfg,
-            self.obs_dim,
-            space,
-            self.obs_rms,
-            cfg.eval_deterministic,
-        )
-
-    # ------------------------------------------------------------------ STATE
-    def state_dict(self):
-        return self.rollout.state_dict() if self.rollout is not None else ({}, {})
-
-    def load_state_dict(self, tensors: dict, state: dict) -> None:
-        if self.rollout is not None:
-            self.rollout.load_state_dict(tensors, state)
-        else:
-            load_normalisers(self.obs_rms, None, state)
-
-    def close(self):
-        if self.rollout is not None:
-            self.rollout.close()
+        return self.env.export(out_dir, policy, "flow", architecture, rule, "policyflow", cfg.eval_deterministic)
 
 
 register_trainer(

@@ -7,8 +7,10 @@ entropy bonus, orthogonal init, observation and reward normalisation, linear lr
 annealing (``optim.lr_schedule: linear``), global grad-norm clipping
 (``optim.max_grad_norm``), optional approx-KL early stop.
 
-The engine (rlprox/engine/) runs the fit loop; this file only says how to COLLECT,
-how to compute ADVANTAGES, and what the LOSS is.
+The engine (rlprox/engine/) runs the fit loop and ``rlprox.onpolicy.OnPolicyEnv`` the
+env side PPO shares with PolicyFlow (rollout buffers, GAE, stats, evaluation, export,
+state); this file only says what to COLLECT per step, how to pack the ADVANTAGES, and
+what the LOSS is.
 """
 
 from __future__ import annotations
@@ -17,34 +19,20 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 
 from rlprox import objectives
 from rlprox.algos import TrainerSpec, register_trainer
 from rlprox.errors import RecipeError
-from rlprox.gymenv import (
-    ActionSpace,
-    EnvConfig,
-    GymRollout,
-    RewardScaler,
-    RunningMeanStd,
-    env_goals,
-    goal_summary,
-    load_normalisers,
-    make_vec_env,
-    observation_dim,
-)
+from rlprox.gymenv import EnvConfig, GymRollout
 from rlprox.onpolicy import (
     Columns,
     MinibatchSampler,
     OnPolicyConfig,
-    bootstrap_next_values,
-    evaluate_snapshot,
-    gae_targets,
+    OnPolicyEnv,
+    kl_early_stop,
     minibatches_per_epoch,
     normalized_advantages,
-    rollout_stats,
     validate_onpolicy,
 )
 
@@ -85,27 +73,14 @@ class PPO:
         self.recipe, self.cfg, self.env_cfg = recipe, recipe.ppo, recipe.env
         self.runtime = runtime
         self.device = runtime.device
-        self.rank, self.world = runtime.rank, runtime.world
         self.rng = runtime.np_rng  # actions and minibatch permutations
         self.update_epochs = self.cfg.update_epochs
-        if self.cfg.target_kl <= 0:
-            self.early_stop = None  # never fires: no per-epoch stat reduction
-        if runtime.train:
-            self.rollout = GymRollout(
-                self.env_cfg, recipe.seed, self.rank, self.world, self.cfg.gamma, runtime.accelerator
-            )
-            obs_dim, space = self.rollout.obs_dim, self.rollout.action_space
-            self.obs_rms, self.reward_scaler = self.rollout.obs_rms, self.rollout.reward_scaler
-        else:  # evaluation / export: spaces from one throwaway env, normalisers loaded from the checkpoint
-            self.rollout = None
-            probe = make_vec_env(self.env_cfg, num_envs=1, vectorization="sync")
-            obs_dim, space = observation_dim(probe.single_observation_space), ActionSpace.of(probe.single_action_space)
-            probe.close()
-            self.obs_rms = RunningMeanStd((obs_dim,)) if self.env_cfg.normalize_obs else None
-            self.reward_scaler = RewardScaler(1, self.cfg.gamma) if self.env_cfg.normalize_reward else None
-        self.obs_dim, self.space = obs_dim, space
-        self.goals = env_goals(self.env_cfg)
-        self.discrete, self.action_cols = space.discrete, space.columns
+        self.early_stop = kl_early_stop(self.cfg.target_kl)
+        env = self.env = OnPolicyEnv(self.env_cfg, recipe.seed, runtime, self.cfg.gamma)
+        # the env side's hooks: rollout stats, goal summaries, per-process state, closing the envs
+        self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
+        self.state_dict, self.load_state_dict, self.close = env.state_dict, env.load_state_dict, env.close
+        obs_dim, space = env.obs_dim, env.space
         self.policy = ActorCritic(
             obs_dim, space.dim, space.discrete, self.cfg.hidden_sizes, self.cfg.activation, self.cfg.init_log_std
         )
@@ -128,42 +103,17 @@ class PPO:
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
         policy = self._unwrapped().snapshot()
-        rollout = self.rollout
-        T, N, D = self.cfg.num_steps, rollout.num_envs, self.obs_dim
-        obs_buf = np.zeros((T, N, D), np.float32)
-        act_buf = np.zeros((T, N, self.action_cols), np.float32)
-        logp_buf = np.zeros((T, N), np.float32)
-        val_buf = np.zeros((T, N), np.float32)
-        next_val = np.zeros((T, N), np.float32)
-        rew_buf = np.zeros((T, N), np.float32)
-        term_buf = np.zeros((T, N), np.float32)
-        done_buf = np.zeros((T, N), np.float32)
-        rollout.begin_iteration()
-        for t in range(T):
-            obs_n = rollout.observe()
-            action, logp, value = policy.act(obs_n, self.rng)
-            reward, term, done, truncated, final_obs = rollout.step(action)
-            obs_buf[t], act_buf[t] = obs_n, action.reshape(N, -1)
-            logp_buf[t], val_buf[t], rew_buf[t] = logp, value, reward
-            term_buf[t], done_buf[t] = term, done
-            if final_obs is not None:  # truncated episodes bootstrap from V(final observation)
-                next_val[t, truncated] = policy.value(final_obs)
-        bootstrap_next_values(val_buf, done_buf, next_val, policy.value(rollout.last_observation()))
-        rollout.end_iteration(T)
-        return {
-            "obs": obs_buf,
-            "actions": act_buf,
-            "logp": logp_buf,
-            "values": val_buf,
-            "next_values": next_val,
-            "rewards": rew_buf,
-            "terminated": term_buf,
-            "done": done_buf,
-        }
+
+        def act(obs):
+            action, logp, value = policy.act(obs, self.rng)
+            return action, {"actions": action.reshape(len(obs), -1), "logp": logp, "values": value}
+
+        widths = {"actions": self.env.space.columns, "logp": 0, "values": 0}
+        return self.env.collect(self.cfg.num_steps, act, policy.value, widths)
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
-        adv, ret, self._explained_variance = gae_targets(batch, self.cfg.gamma, self.cfg.gae_lambda)
+        adv, ret = self.env.gae(batch, self.cfg.gamma, self.cfg.gae_lambda)
         return self.columns.pack(
             {
                 "obs": batch["obs"],
@@ -207,23 +157,11 @@ class PPO:
             }
         return loss, stats
 
-    def early_stop(self, epoch_stats: dict) -> bool:
-        return epoch_stats.get("policy/approx_kl", 0.0) > self.cfg.target_kl
-
-    # ------------------------------------------------------------------ LOG
-    def iteration_stats(self, batch, elapsed: float) -> dict:
-        return rollout_stats(self.rollout, self.cfg.num_steps, elapsed, self._explained_variance)
-
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodic returns of the current policy on fresh envs (this process's share
         of the episodes); for goal envs also the goals reached and a trajectory plot."""
-        return evaluate_snapshot(
-            self.env_cfg, self._unwrapped().snapshot(), request, self.obs_rms, self.goals, self.cfg.eval_deterministic
-        )
-
-    def summarize_eval(self, values: dict) -> dict:
-        return goal_summary(values, len(self.goals)) if "_goal" in values else {}
+        return self.env.evaluate(self._unwrapped().snapshot(), request, self.cfg.eval_deterministic)
 
     @torch.no_grad()
     def model_stats(self) -> dict:
@@ -246,45 +184,16 @@ class PPO:
     def export(self, out_dir: Path) -> list[Path]:
         """A policy folder for ``rlprox.load_policy`` (rlprox/policy.py): the actor-critic's
         weights and the observation statistics; greedy actions as ``evaluate`` takes them."""
-        from rlprox.onpolicy import export_env_policy
-
-        cfg, space = self.cfg, self.space
+        cfg, space = self.cfg, self.env.space
         rule = (
             "argmax of the actor's logits"
             if space.discrete
             else "the Gaussian mean (the actor's output), clipped to [low, high]"
         )
         architecture = {"hidden_sizes": list(cfg.hidden_sizes), "activation": cfg.activation}
-        return export_env_policy(
-            out_dir,
-            self._unwrapped(),
-            "actor_critic",
-            architecture,
-            rule,
-            "ppo",
-            self.env_cfg,
-            self.obs_dim,
-            space,
-            self.obs_rms,
-            cfg.eval_deterministic,
+        return self.env.export(
+            out_dir, self._unwrapped(), "actor_critic", architecture, rule, "ppo", cfg.eval_deterministic
         )
-
-    # ------------------------------------------------------------------ STATE
-    def state_dict(self):
-        """Per-process state beyond the weights and the engine's RNG streams: (tensors, json)."""
-        if self.rollout is not None:
-            return self.rollout.state_dict()
-        return {}, {}
-
-    def load_state_dict(self, tensors: dict, state: dict) -> None:
-        if self.rollout is not None:
-            self.rollout.load_state_dict(tensors, state)
-        else:  # evaluation: the normalisation statistics only
-            load_normalisers(self.obs_rms, self.reward_scaler, state)
-
-    def close(self):
-        if self.rollout is not None:
-            self.rollout.close()
 
 
 register_trainer(

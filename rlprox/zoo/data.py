@@ -104,11 +104,6 @@ def parse_prompt(prompt: str) -> tuple[int, int]:
     return digits[0], colours[0]
 
 
-def class_index(digit: int, colour: int) -> int:
-    """Joint class id used by the class-conditional GPT: digit·5 + colour (0..49)."""
-    return digit * len(COLOUR_NAMES) + colour
-
-
 def colourize(gray: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """gray (N,16,16) in [0,1], colour ids (N,) -> images (N,3,16,16) in [0,1]."""
     rgb = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=gray.dtype)[colours]
