@@ -590,7 +590,8 @@ def flow_table(r: dict, cuda: bool, device: str) -> str:
         "",
         f"Both loops in one process on the same device and the same pipeline: {model}; "
         f"FlowMatchEulerDiscreteScheduler(shift 3.0). {c.resolution} px, {c.num_steps} SDE steps (noise level "
-        f"{c.sampling.get('noise_level', 0.7)}) all trained, K = {c.num_samples_per_prompt} samples × {c.prompts_per_iteration} prompts = "
+        f"{c.sampling.get('noise_level', 0.7)}) all trained, K = {c.num_samples_per_prompt} samples × "
+        f"{c.prompts_per_iteration} prompts = "
         f"{images} images per round sampled {c.sample_batch_size} at a time, minibatches of {c.minibatch_size} "
         f"samples × {c.num_steps} steps ({images // c.minibatch_size} AdamW steps per round, lr {o.lr:g}), clip "
         f"{c.clip_coef:g}, leave-one-out advantages, reward {FLOW_REWARD}, **guidance {c.guidance_scale:g}: CFG is "
