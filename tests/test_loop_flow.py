@@ -233,3 +233,43 @@ def test_bad_flow_options_are_one_line(tmp_path, sd3_pipeline, capsys, flow, loo
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("recipe error: " + message), err
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("pos_embed", "loop.resolution: 72 px is a latent of 18 patches a side, above the transformer's position "),
+        ("factor", "loop.resolution: 18 px is not a multiple of 4 (the VAE's factor 2 × patch size 2)"),
+        ("memory", "loop.resolution: one sampling batch (1000000000 samples at 16 tokens) needs about "),
+        ("missing", "loop.pipeline: no pipeline folder at "),
+        ("not_a_pipeline", "loop.pipeline: "),
+        ("prompts_not_utf8", "loop.prompts: "),
+    ],
+)
+def test_edges_a_new_user_hits_are_one_line(tmp_path, sd3_pipeline, capsys, case, message):  # noqa: F811
+    """Each a one-line recipe error, exit 2, before any weights load where the recipe and the model's
+    config files show it (the memory estimate needs the loaded config, and refuses before sampling)."""
+    recipe = flow_recipe(tmp_path, sd3_pipeline)
+    if case == "pos_embed":
+        recipe["loop"]["resolution"] = 72  # 36 latent pixels, 18 patches > pos_embed_max_size 16
+    elif case == "factor":
+        recipe["loop"]["resolution"] = 18
+    elif case == "memory":
+        recipe["loop"].update(sample_batch_size=10**9, guidance_scale=2.0)
+    elif case == "missing":
+        recipe["loop"]["pipeline"] = str(tmp_path / "models" / "sd3-typo")
+        message += str(tmp_path / "models" / "sd3-typo")
+    elif case == "not_a_pipeline":
+        recipe["loop"]["pipeline"] = str(sd3_pipeline / "transformer")
+        message += f"{sd3_pipeline / 'transformer'} is a folder but not a diffusers pipeline (no model_index.json)"
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_bytes("a red seven\n".encode("utf-16"))
+        recipe["loop"]["prompts"] = str(prompts)
+        message += f"{prompts} is not UTF-8 text"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recipe error: " + message), err
+    assert not (tmp_path / "l").exists() or case == "memory"  # nothing made before the checks

@@ -384,6 +384,7 @@ class LOOP:
                 )
             adapter = _resolve_adapter(cfg, class_name)
             options = adapter.resolve_options(setup.sampling, cfg.sampling)
+        adapter.check_config(self.path, setup.sampling, options)  # a zoo model's folder exists now; no weights yet
         try:
             self.adapter = adapter.load(self.path, setup.sampling, options)
         except RecipeError:
