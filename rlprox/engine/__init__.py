@@ -1,15 +1,21 @@
 """The one on-policy training loop, on ``accelerate``, and the algorithm contract.
 
+    algo = build(recipe, runtime, loss_terms)     # loss-side regularizers built first, handed over
     for it in iterations:
-        batch = algo.collect()                    # no grad; old log-probs stored
+        batch = algo.collect()                    # no grad, whole parameters; old log-probs stored
         batch = algo.advantages(batch)            # GAE / leave-one-out / group norm
-        for epoch, minibatch in algo.minibatches(batch, epoch):
-            loss, stats = algo.loss(minibatch) (+ parameter penalties)
-            optimizer_step(...)                   # backward, grad sync, clip, step, prox
-        reduce stats over processes; log; maybe checkpoint; then maybe evaluate (sharded)
+        for epoch in range(algo.update_epochs):
+            for minibatch in algo.minibatches(batch, epoch):
+                loss, stats = algo.loss(minibatch) (+ parameter penalties)
+                optimizer_step(...)               # backward; every micro_steps × accumulation calls:
+                                                  # grad sync, clip, step, prox
+            if algo.early_stop(epoch stats): break
+        algo.after_update(); lr schedule step
+        stats = update stats + algo.iteration_stats(batch, elapsed), reduced over processes; log
+        maybe checkpoint; then maybe evaluate (sharded)
 
 The engine knows nothing about gymnasium, images or tokens. An algorithm is built by
-its trainer's ``build(recipe, runtime)`` (``rlprox.algos``) and is any object that
+its trainer's ``build(recipe, runtime, loss_terms)`` (``rlprox.algos``) and is any object that
 satisfies ``Algorithm``; every optional hook is listed in ``AlgorithmHooks`` and read
 only through ``hook(algo, name)``. One job per file:
 

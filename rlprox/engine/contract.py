@@ -36,8 +36,8 @@ class Algorithm(Protocol):
 
     def loss(self, minibatch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """(scalar loss to minimise, stats). Stats: floats or 0-d tensors under the
-        namespaces loss/, policy/, reward/, value/, perf/; averaged over minibatches
-        and processes by the engine."""
+        namespaces loss/, policy/, value/, penalty/ (``loss_terms``' values); averaged over
+        minibatches and processes by the engine."""
 
 
 class AlgorithmHooks(Protocol):
