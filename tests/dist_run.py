@@ -21,11 +21,12 @@ for _ in range(iterations):
     with torch.no_grad(), engine.gathered():
         batch = algo.advantages(algo.collect())
     if first is None:  # this rank's first sampled tensor (LOOP's latents, VA-π's images) or packed rollout row
-        first = (
-            next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point())
-            if isinstance(batch, dict)
-            else batch
-        )[0].clone()
+        if hasattr(batch, "latents"):  # LOOP's Rollout
+            first = batch.latents[0].clone()
+        elif isinstance(batch, dict):
+            first = next(v for v in batch.values() if torch.is_tensor(v) and v.is_floating_point())[0].clone()
+        else:
+            first = batch[0].clone()
     engine.update(batch)
 tensors = {
     f"param.{n}": full_tensor(p.detach()).clone()
