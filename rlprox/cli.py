@@ -120,17 +120,12 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--guidance-scale must be a finite classifier-free guidance scale >= 0 (got {scale})")
     prompts = None
     if args.prompts is not None:
-        prompts_file = Path(args.prompts)
-        if not prompts_file.is_file():
-            raise UsageError(f"--prompts: file not found: {prompts_file}")
+        from rlprox.prompts import read_prompt_file
+
         try:
-            text = prompts_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            where = f"byte {err.object[err.start]:#04x} at offset {err.start}"
-            raise UsageError(f"--prompts: {prompts_file} is not UTF-8 text ({where})") from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise UsageError(f"--prompts: {prompts_file} holds no prompt (one per line)")
+            prompts = read_prompt_file(args.prompts)
+        except ValueError as err:
+            raise UsageError(f"--prompts: {err}") from None
     if args.video is not None:
         _check_video_args(args, spec)
     say = phase_lines(saved_recipe)

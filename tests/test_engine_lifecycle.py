@@ -165,7 +165,7 @@ def test_eval_prompts_file_not_utf8_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--prompts", str(prompts)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --prompts: {prompts} is not UTF-8 text (byte 0xff at offset 0)"]
+    assert err == [f"error: --prompts: {prompts} is not UTF-8 text (byte 0xff at offset 0): save it as UTF-8"]
 
 
 def test_each_eval_keeps_its_own_folder_and_the_latest_shows_in_the_checkpoint(tmp_path, capsys):

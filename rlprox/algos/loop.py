@@ -64,6 +64,7 @@ from rlprox.models.pipelines import (
     family_options,
     pipeline_class,
 )
+from rlprox.prompts import read_prompt_file
 from rlprox.rewards import RewardSpec, build_reward
 
 if TYPE_CHECKING:
@@ -255,24 +256,6 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
 # ----------------------------------------------------------------------------- prompts
 
 
-def read_prompt_file(spec: str, key: str) -> list[str]:
-    """The non-empty lines of a UTF-8 text file; a RecipeError naming ``key`` when it is missing, not
-    UTF-8 or holds no prompt."""
-    from rlprox.zoo.data import PROMPT_SETS
-
-    path = Path(spec)
-    if not path.is_file():
-        raise RecipeError(key, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor a prompt file: {spec}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(key, f"{spec} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise RecipeError(key, f"{spec} holds no prompt (one per line)")
-    return prompts
-
-
 def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[dict]]:
     """(prompts, metadata) from a named set (rlprox.zoo.data.PROMPT_SETS), a text file, or
     "module:function"; a RecipeError naming ``key`` when the source fails or gives no prompt."""
@@ -290,7 +273,12 @@ def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[
         prompts, metadata = out if isinstance(out, tuple) else (out, [{} for _ in out])
         prompts, metadata = list(prompts), list(metadata)
     else:
-        prompts = read_prompt_file(spec, key)
+        if not Path(spec).is_file():
+            raise RecipeError(key, f"not a prompt set ({', '.join(PROMPT_SETS)}) nor a prompt file: {spec}")
+        try:
+            prompts = read_prompt_file(spec)
+        except ValueError as err:
+            raise RecipeError(key, str(err)) from None
         metadata = [{} for _ in prompts]
     if not prompts:
         raise RecipeError(key, f"{spec} gives no prompt")
