@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.save_every=0"]
 
@@ -80,29 +83,11 @@ def train_and_eval(
     return _results(out / name)
 
 
-def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0, stat=None) -> tuple[float, float]:
-    """95% percentile interval of ``stat`` (default: the mean) of ``values``, resampled with replacement."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    samples = np.random.default_rng(seed).choice(v, size=(n, len(v)), replace=True)
-    stats = samples.mean(axis=1) if stat is None else np.apply_along_axis(stat, 1, samples)
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
-
-
 def paired_difference(mine: list[dict], theirs: list[dict], key: str, digits: int = 3) -> str:
-    """The mean same-seed difference mine − theirs of ``key`` (runs are dicts with a ``seed``), with its 95%
-    bootstrap interval over seeds: "+0.028 [+0.011, +0.044] (n = 5)"; "—" when no seed is shared."""
-    import statistics
-
-    by_seed = {r["seed"]: r[key] for r in theirs}
-    diffs = [r[key] - by_seed[r["seed"]] for r in mine if r["seed"] in by_seed]
-    if not diffs:
-        return "—"
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.{digits}f} (n = 1)"
-    lo, hi = bootstrap_ci(diffs)
-    return f"{statistics.mean(diffs):+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] (n = {len(diffs)})"
+    """The mean same-seed difference mine − theirs of ``key`` (runs are dicts with a ``seed``), with its
+    Student-t 95% interval, the per-seed differences and the MDE (``stats.Paired.format``); "—" when no
+    seed is shared, "exploratory" below 5 seeds."""
+    return stats.paired_runs(mine, theirs, key).format(digits)
 
 
 def iqm(values) -> float:

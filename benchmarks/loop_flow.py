@@ -43,7 +43,7 @@ digits_alignment reward, with the trained SDE sampler and the ODE:
 
 Each arm gets every lr of ``--lrs`` and every seed; the best lr of an arm is the one with the
 highest seed mean of the final eval alignment (SDE). Writes the table (all cells, the best lr per
-arm, paired same-seed differences vs LOOP and vs control with 95% bootstrap intervals) to ``--out``
+arm, paired same-seed differences vs LOOP and vs control with Student-t 95% intervals) to ``--out``
 and the training-reward curves (best lr per arm, mean over seeds) next to it as a PNG.
 """
 
@@ -65,6 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import stats  # noqa: E402
 from harness import mean_sd  # noqa: E402
 
 ROOT = harness.ROOT
@@ -698,16 +699,12 @@ def science_run(arm: str, lr: float, seed: int, args, recipe_file: Path, runs: P
 
 
 def paired(results: dict, arm: str, best: dict, other: str) -> str:
-    """Mean same-seed difference of ``arm`` − ``other`` (each at its best lr) with its 95% bootstrap interval."""
+    """Mean same-seed difference of ``arm`` − ``other`` (each at its best lr) with its Student-t 95% interval."""
     if other not in best or arm == other:
         return "—"
     mine = {r["seed"]: r["tuned"] for r in results[(arm, best[arm])]}
     theirs = {r["seed"]: r["tuned"] for r in results[(other, best[other])]}
-    diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
-    if not diffs:
-        return "—"
-    lo, hi = harness.bootstrap_ci(diffs)
-    return f"{statistics.mean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}] (n = {len(diffs)})"
+    return stats.paired(mine[s] - theirs[s] for s in sorted(mine) if s in theirs).format(3)
 
 
 def science(args) -> None:
@@ -793,7 +790,8 @@ def science_table(results: dict, best: dict, arms: list[str], lrs: list[float], 
         "## Best lr per arm (highest seed mean of the tuned SDE alignment)",
         "",
         "Paired differences: tuned SDE alignment of the arm minus that of LOOP / of the control, both at their best "
-        "lr, same seed, mean [95% bootstrap interval over seeds].",
+        "lr, same seed, mean [Student-t 95% interval over seeds], the per-seed differences and the minimum "
+        "detectable effect at 80% power (MDE); fewer than 5 seeds: exploratory.",
         "",
         "| arm | best lr | tuned SDE | Δ SDE | tuned ODE | − LOOP | − control |",
         "|---|---|---|---|---|---|---|",
@@ -932,8 +930,8 @@ def target_paraphrased(args) -> None:
     gain = [r["tuned"] - r["base"] for r in loop]
     noise = [r["tuned"] - r["base"] for r in control]
     paired = [a - b for a, b in zip(gain, noise)]
-    lo_c, hi_c = harness.bootstrap_ci(noise)
-    lo_p, hi_p = harness.bootstrap_ci(paired)
+    lo_c, hi_c = stats.mean_interval(noise)
+    difference = stats.paired(paired)
     loop_rounds = sorted({r["rounds"] for r in loop + control})
     loop_rounds = loop_rounds[0] if len(loop_rounds) == 1 else loop_rounds
     each = sum(g >= 0.15 and r["minutes"] <= 20 for g, r in zip(gain, loop))
@@ -968,8 +966,8 @@ def target_paraphrased(args) -> None:
             )
     lines += [
         "",
-        f"- Δ SDE, recipe: {mean_sd(gain)}; control: {mean_sd(noise)} [{lo_c:+.3f}, {hi_c:+.3f}] (95% bootstrap "
-        f"over seeds); recipe − control, same seed: {statistics.mean(paired):+.3f} [{lo_p:+.3f}, {hi_p:+.3f}].",
+        f"- Δ SDE, recipe: {mean_sd(gain)}; control: {mean_sd(noise)} [{lo_c:+.3f}, {hi_c:+.3f}] (Student-t 95% "
+        f"over seeds); recipe − control, same seed: {difference.format(3)}.",
         f"- Target (every seed ≥ +0.15 SDE within 20 minutes, each above the control's interval): "
         f"**{'met' if met else 'not met'}** ({each}/{len(loop)} seeds ≥ +0.15 within 20 minutes; lowest gain "
         f"{min(gain):+.3f} vs the control's upper bound {hi_c:+.3f}).",

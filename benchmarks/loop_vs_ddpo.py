@@ -41,7 +41,7 @@ eval`` of its last checkpoint on a fixed set: ``--eval-size`` items (item i: pro
 (EVAL_SEED, i), the same for every run; 400 = the 50 prompts × 8 noises), base and tuned UNet, DDIM η = 1 (trained)
 and η = 0. Stage 3 trains and evaluates on digits-paraphrased (400 items: 8 phrasings × the 50 (digit, colour)
 pairs, one noise each). The table: every cell (mean ± std over seeds, the IQM with ≥ 5 seeds), the paired
-same-seed difference arm − LOOP K = 4 with a 95% bootstrap interval at η = 1 and η = 0, the step size (‖Δθ‖ per
+same-seed difference arm − LOOP K = 4 with a Student-t 95% interval at η = 1 and η = 0, the step size (‖Δθ‖ per
 optimizer step, run.log_update_norm, and PPO's approx-KL), DDPO's share of per-prompt baselines, and the cells not
 run; the PNG beside it is the training reward vs images sampled (mean over seeds).
 """
@@ -238,7 +238,7 @@ def best_arms(args, runs: Path, n: int = 3) -> list[str]:
 
 
 def paired(mine: list[dict], theirs: list[dict], key: str) -> str:
-    """Mean same-seed difference mine − theirs of ``key`` with its 95% bootstrap interval over seeds."""
+    """Mean same-seed difference mine − theirs of ``key`` with its Student-t 95% interval over seeds."""
     return harness.paired_difference(mine, theirs, key)
 
 
@@ -270,7 +270,8 @@ def table(results: dict, missing: list, cells: list[Cell], args, png: Path) -> s
         f"digits_alignment on a fixed evaluation set ({args.eval_size} items: prompt i mod #prompts, noise seeded by "
         "i, the same for every run), base → tuned, with the trained sampler (DDIM η = 1) and deterministic DDIM "
         "(η = 0). mean ± std over seeds; IQM = interquartile mean over seeds (with ≥ 5 seeds). − LOOP K = 4: the "
-        "same-seed difference of the tuned alignment, mean [95% bootstrap interval over seeds] (against LOOP K = 4 "
+        "same-seed difference of the tuned alignment, mean [Student-t 95% interval over seeds; per-seed differences; "
+        "MDE at 80% power; exploratory below 5 seeds] (against LOOP K = 4 "
         "at the same lr and clip, or at lr 1e-4, clip 1e-4 where marked *). ‖Δθ‖/step: the L2 norm of each "
         "optimizer step's change of the UNet's weights, mean over the run; approx-KL: PPO's k3 estimate of "
         "KL(π_old ‖ π_θ) per trained step and minibatch, mean over the run; tracked: DDPO's share of samples "
@@ -344,7 +345,7 @@ def control_section(results: dict, cells: list[Cell]) -> list[str]:
     if not rows:
         return []
     head = ["", "## Against the control", "", "Same-seed difference arm − control (the same lr and clip), tuned "]
-    head[-1] += "alignment, mean [95% bootstrap interval over seeds]."
+    head[-1] += "alignment, mean [Student-t 95% interval over seeds; per seed; MDE]."
     return head + ["", "| arm | − control, η = 1 | − control, η = 0 |", "|---|---|---|", *rows]
 
 

@@ -39,7 +39,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, bootstrap_ci, iqm, train_and_eval  # noqa: E402
+import stats  # noqa: E402
+from harness import ROOT, iqm, train_and_eval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BROWNIAN = (0.0, 0.01, 0.03, 0.1, 0.25, 0.5)  # lam: mean over action dims (the paper's w_b 0.25 = lam 0.5 here)
@@ -202,7 +203,8 @@ def report(runs: list[dict], args) -> str:
             )
     lines.append(
         "Best = most multimodal runs, then the higher mean return. IQM over seeds where there are ≥ 5; paired "
-        "differences (PolicyFlow's best − the other's best, same seed) with a 95% bootstrap interval."
+        "differences (PolicyFlow's best − the other's best, same seed) with a Student-t 95% interval, the per-seed "
+        "differences and the MDE; fewer than 5 seeds: exploratory."
     )
     lines += ["", "| method | best setting | multimodal | coverage (IQM) | action modes (IQM) | return (IQM) |"]
     lines.append("|---|---|---|---|---|---|")
@@ -224,10 +226,9 @@ def report(runs: list[dict], args) -> str:
             for key in ("coverage", "modes", "return"):
                 diffs = [mine[s][key] - theirs[s][key] for s in seeds]
                 if len(diffs) > 1:
-                    lo, hi = bootstrap_ci(diffs)
                     lines.append(
                         f"- PolicyFlow ({best['PolicyFlow']}) − {other} ({best[other]}), {key}: "
-                        f"{statistics.mean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}] (n = {len(diffs)})"
+                        f"{stats.paired(diffs).format(2)}"
                     )
     lines += ["", "Per run (success, return, coverage, coverage from origin, action modes, goal fractions):", ""]
     for r in runs:
