@@ -279,3 +279,36 @@ def test_tiny_run_reproduces_its_recorded_numbers(tmp_path):
         "penalty/0.brownian": 0.10771030187606812,
     }
     assert {key: stats[key] for key in recorded} == pytest.approx(recorded, rel=1e-5)
+
+
+def test_brownian_reduction_mean_is_the_released_code_and_sum_the_papers_norm(tmp_path, capsys):
+    """reduction mean = F.mse_loss over batch and action dims (the released code, where w_b 0.25 was
+    tuned); sum = the squared norm over the A action dims, averaged over the batch (the paper's
+    formula): A times the mean. sum trains; any other reduction is a one-line recipe error."""
+    from rlprox.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    v, v_hat, x_t, t = (torch.randn(5, 3, generator=g) for _ in range(4))
+    t = t[:, 0].sigmoid()
+    eta2 = brownian_residual(v, v_hat, x_t, t).pow(2)
+    mean, total = Brownian(0.25, "mean"), Brownian(0.25, "sum")
+    torch.testing.assert_close(
+        mean.penalty(v=v, v_hat=v_hat, x_t=x_t, t=t),
+        0.25 * torch.nn.functional.mse_loss((1 - t[:, None]) * v, x_t - t[:, None] * v_hat, reduction="mean"),
+    )
+    torch.testing.assert_close(total.penalty(v=v, v_hat=v_hat, x_t=x_t, t=t), 0.25 * eta2.sum(-1).mean())
+    recipe = pf_recipe(tmp_path, t_sampling="midpoint_grid")
+    recipe["regularizers"] = [{"type": "brownian", "lam": 0.25, "reduction": "sum"}]
+    engine = Engine(load_recipe(recipe))
+    times = engine.algo._flow_times((4000,))
+    assert set(np.unique(times * 8).round().astype(int).tolist()) == set(range(9))  # {j / 2K}, K = 4: 0 .. 1
+    stats = engine.fit()
+    engine.close()
+    assert np.isfinite(stats["loss/total"]) and stats["penalty/0.brownian"] > 0
+    recipe["regularizers"][0]["reduction"] = "median"
+    recipe["run"]["name"] = "median"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["recipe error: regularizers[0]: regularizer field 'reduction' must be mean or sum (got 'median')"]

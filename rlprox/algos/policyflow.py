@@ -69,8 +69,10 @@ class PolicyFlowConfig(OnPolicyConfig):
     # std of the flow's base noise, z ~ N(0, s² I); the flow starts
     # near the identity, so the initial action spread is ≈ s (plus σ)
     noise_scale: float = 1.0
-    # t per sample (ratio fpo: τ per pair): the K-point grid {k/K, k < K}, or U(0, 1)
-    t_sampling: Literal["grid", "uniform"] = "grid"
+    # t per sample (ratio fpo: τ per pair): grid, the K points {k/K, k < K} (FPO's default); midpoint_grid,
+    # the released PolicyFlow code's 2K+1 points {j/(2K), j = 0..2K} (the K grid, its midpoints and t = 1);
+    # or uniform, U(0, 1)
+    t_sampling: Literal["grid", "midpoint_grid", "uniform"] = "grid"
     fpo_samples: int = 8  # ratio fpo: N (τ, ε) pairs per sample
     # ratio fpo: the conditional flow-matching loss, on the velocity ((v − (a − ε))²) or, as FPO's
     # code trains it, on the noise ε̂ = x_τ − τ·v, which is the velocity loss weighted by τ²
@@ -246,9 +248,13 @@ class PolicyFlow:
         return self.columns.pack(fields, self.device)
 
     def _flow_times(self, shape) -> np.ndarray:
-        """Flow times t (or FPO's τ): the K-point grid {k/K, k < K} or U(0, 1)."""
+        """Flow times t (or FPO's τ): the K-point grid {k/K, k < K}, the 2K+1-point grid {j/(2K)}
+        or U(0, 1)."""
+        K = self.cfg.flow_steps
         if self.cfg.t_sampling == "grid":
-            return self.rng.integers(self.cfg.flow_steps, size=shape).astype(np.float32) / self.cfg.flow_steps
+            return self.rng.integers(K, size=shape).astype(np.float32) / K
+        if self.cfg.t_sampling == "midpoint_grid":
+            return self.rng.integers(2 * K + 1, size=shape).astype(np.float32) / (2 * K)
         return self.rng.random(shape).astype(np.float32)
 
     def _cfm_losses(self, model, obs, action, tau, eps, velocity=None):

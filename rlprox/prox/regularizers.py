@@ -339,17 +339,28 @@ def brownian_residual(
 
 @register_regularizer("brownian")
 class Brownian(LossRegularizer):
-    """w_b·mean(η_t²), the Brownian regularizer of PolicyFlow (an implicit entropy bonus
-    against mode collapse): λ is w_b. The mean runs over the batch **and** the action
-    dimensions (a per-dimension average: the same w_b means the same pull per dimension
-    whatever the action size; a sum over dimensions would be A times larger). PolicyFlow
-    offers its base noise std; a trainer that offers only (v, v_hat, x_t, t) gets s = 1."""
+    """w_b·‖η_t‖², the Brownian regularizer of PolicyFlow (an implicit entropy bonus against
+    mode collapse): λ is w_b. ``reduction``:
+
+    - ``mean``: the mean of η² over the batch **and** the action dimensions, as the released
+      implementation computes it (``F.mse_loss``), where w_b = 0.25 was tuned;
+    - ``sum``: the sum over the A action dimensions, then the mean over the batch, the paper's
+      written squared norm: the same w_b is A times stronger than under ``mean``.
+
+    PolicyFlow offers its base noise std; a trainer that offers only (v, v_hat, x_t, t) gets s = 1."""
 
     inputs = ("v", "v_hat", "x_t", "t", "base_std")
     alternative_inputs = (("v", "v_hat", "x_t", "t"),)
 
+    def __init__(self, lam: float = 0.0, reduction: str = "mean"):
+        super().__init__(lam)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"regularizer field 'reduction' must be mean or sum (got {reduction!r})")
+        self.reduction = reduction
+
     def value(self, v, v_hat, x_t, t, base_std=1.0):
-        return brownian_residual(v, v_hat, x_t, t, base_std).pow(2).mean()
+        squared = brownian_residual(v, v_hat, x_t, t, base_std).pow(2)  # (B, A)
+        return squared.mean() if self.reduction == "mean" else squared.sum(-1).mean()
 
 
 @register_regularizer("prior_ce")
