@@ -131,3 +131,11 @@ def test_the_trainer_names_no_family_and_models_import_no_zoo():
             for a in (n.names if isinstance(n, ast.Import) else [n])
         ]
         assert not any(str(m).startswith("rlprox.zoo") for m in imports), path
+
+
+def test_a_family_missing_a_method_of_the_protocol_cannot_be_built():
+    class Incomplete(Adapter):  # no load, encode, sample, ...: nothing of the protocol
+        pipeline_classes = ("IncompletePipeline",)
+
+    with pytest.raises(TypeError, match="abstract method"):
+        Incomplete()

@@ -26,6 +26,7 @@ Options shared by every family (steps, guidance scale, resolution, text length) 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import dataclasses
@@ -60,10 +61,10 @@ class NoOptions:
     """A family without options of its own."""
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """Base of every family's adapter: the protocol (each method documented once, here) and
     what all families share (the empty prompt's conditioning, LoRA on the denoiser, the
-    image grid)."""
+    image grid). A family must define the abstract methods; the rest have defaults."""
 
     # ---- what a family declares
     pipeline_classes: ClassVar[tuple[str, ...]] = ()  # the diffusers pipeline classes it serves
@@ -123,9 +124,9 @@ class Adapter:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @abc.abstractmethod
     def load(cls, path, sampling: Sampling, options) -> "Adapter":
         """The pipeline at ``path`` (a local folder or a cached hub id) with this adapter."""
-        raise NotImplementedError
 
     def prepare_denoiser(self, finetune: str, lora, gradient_checkpointing: bool) -> torch.nn.Module:
         """The denoiser made trainable: peft LoRA adapters (``lora``: rank, alpha,
@@ -151,9 +152,9 @@ class Adapter:
         return denoiser
 
     # ------------------------------------------------------------------ conditioning
+    @abc.abstractmethod
     def encode(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
         """The conditioning of ``prompts``: a dict of batch-first float32 tensors."""
-        raise NotImplementedError
 
     def negative(self, n: int, device) -> dict[str, torch.Tensor] | None:
         """The empty prompt's conditioning for ``n`` samples (classifier-free guidance, g > 1);
@@ -169,24 +170,24 @@ class Adapter:
         """One evaluation item's noise: the first latent and each step's z, (T+1, ...)."""
         return (self.sampling.num_steps + 1, *self.latent_shape)
 
+    @abc.abstractmethod
     def sample(self, model, cond, negative, generator, autocast=None) -> dict:
         """Trajectories of B = len(cond) samples: ``latents`` (B, T+1, ...), ``log_probs``
         (B, T) (0 at untrained steps) and the ``noise_schedule`` the update re-evaluates with."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """(log π_θ(x_next | x, c) (b,), μ (b, ...), std) of step ``step`` (b,) of each
         sample: the policy's Gaussian step, float32."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
         """Final latents from ``noise`` (n, T+1, ...), with the trained sampler or the
         deterministic one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The family's media in [0, 1], float32: images (B, 3, H, W) or videos (B, T, 3, H, W)."""
-        raise NotImplementedError
 
     def check_memory(self, batch_size: int, device) -> None:
         """Refuse (one line) a sampling batch that cannot fit; nothing by default."""
@@ -203,9 +204,9 @@ class Adapter:
         """A frozen copy of the base denoiser (full fine-tuning's base-vs-tuned evaluation)."""
         return type(self.denoiser).from_pretrained(str(path), subfolder=self.denoiser_name, torch_dtype=dtype)
 
+    @abc.abstractmethod
     def save_lora(self, out_dir: Path, model) -> None:
         """The LoRA adapter in the format the pipeline class's ``load_lora_weights`` reads."""
-        raise NotImplementedError
 
     def save_full(self, out_dir: Path, path, model) -> None:
         """The whole pipeline with the tuned denoiser (``save_pretrained``)."""

@@ -5,6 +5,7 @@ gives its velocity (``_velocity``), its latent shape, its σ schedule and its co
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,21 +129,21 @@ class FlowMatchingAdapter(Adapter):
         return cls(pipe, sampling, options)
 
     # ------------------------------------------------------------------ what a family gives
+    @abc.abstractmethod
     def _latent_shape(self) -> tuple[int, ...]:
         """One sample's latent (without the batch axis)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
         """The σ's of ``num_steps`` steps as the pipeline sets them, (T+1,) float32, 1 ... 0."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _velocity(self, model, cond, negative, autocast=None):
         """v̂(x, σ) (guided where the family guides), a function of (x (B, ...), σ (B,))."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _tokens(self) -> int:
         """Image tokens the transformer attends over."""
-        raise NotImplementedError
 
     def check_memory(self, batch_size: int, device) -> None:
         """Refuse a sampling batch whose attention scores alone (batch × CFG copies × heads ×

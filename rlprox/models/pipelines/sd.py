@@ -21,6 +21,11 @@ class DDIMOptions:
     eta: float = 1.0  # DDIM η (> 0: a stochastic policy with a log-prob; evaluation also samples η = 0)
 
 
+def _embeds(cond: dict, negative: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text embeddings of the prompts and of the empty prompt (None without guidance)."""
+    return cond["embeds"], negative["embeds"] if negative is not None else None
+
+
 @register_adapter
 class StableDiffusionAdapter(Adapter):
     """A ``StableDiffusionPipeline``: UNet + DDIM(η)."""
@@ -74,8 +79,7 @@ class StableDiffusionAdapter(Adapter):
         traj = diffusion.sample_trajectories(
             model,
             self.scheduler,
-            cond["embeds"],
-            negative["embeds"] if negative is not None else None,
+            *_embeds(cond, negative),
             s.num_steps,
             s.guidance_scale,
             self.options.eta,
@@ -92,8 +96,7 @@ class StableDiffusionAdapter(Adapter):
             model,
             self.scheduler.scale_model_input(x, t),
             t,
-            cond["embeds"],
-            negative["embeds"] if negative is not None else None,
+            *_embeds(cond, negative),
             self.sampling.guidance_scale,
         )
         mean, std = diffusion.ddim_step_moments(self.scheduler, eps.float(), t, x, self.options.eta)
@@ -104,8 +107,7 @@ class StableDiffusionAdapter(Adapter):
         return diffusion.denoise_with_noise(
             model,
             self.scheduler,
-            cond["embeds"],
-            negative["embeds"] if negative is not None else None,
+            *_embeds(cond, negative),
             s.num_steps,
             s.guidance_scale,
             0.0 if deterministic else self.options.eta,
