@@ -8,6 +8,8 @@
     python benchmarks/policyflow_hopper.py --lrs 3e-4,5e-4 --reuse /tmp/pf_hopper_x  # add cells to an earlier
                                                                                      # call's runs
     python benchmarks/policyflow_hopper.py --envs 1,16,64 --pf 'policyflow.noise_scale=1'  # the parallel regime
+    python benchmarks/policyflow_hopper.py --arm sum 'regularizers=[{type: brownian, lam: 0.25, reduction: sum}]'
+                                                     # a second PolicyFlow arm that competes like the first
 
 recipes/policyflow/hopper.yaml and recipes/ppo/hopper.yaml share every setting the two
 trainers have in common (1 env × 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 linear,
@@ -51,11 +53,16 @@ from harness import ROOT, paired_difference, train_and_eval  # noqa: E402
 RECIPES = {"PPO": "recipes/ppo/hopper.yaml", "PolicyFlow": "recipes/policyflow/hopper.yaml"}
 
 
+def recipe_of(method: str) -> str:
+    """The recipe of a method: PPO's, or PolicyFlow's for every PolicyFlow arm."""
+    return RECIPES["PPO" if method == "PPO" else "PolicyFlow"]
+
+
 def explore_overrides(method: str, factor: float) -> list[str]:
     """Scale the initial exploration std by ``factor`` (the recipes' values at 1)."""
     if factor == 1.0:
         return []
-    recipe = yaml.safe_load((ROOT / RECIPES[method]).read_text())
+    recipe = yaml.safe_load((ROOT / recipe_of(method)).read_text())
     if method == "PPO":
         return [f"ppo.init_log_std={recipe['ppo'].get('init_log_std', 0.0) + math.log(factor)}"]
     section = recipe["policyflow"]
@@ -76,14 +83,15 @@ def run(
     reuse: bool = False,
     envs: int = 1,
     pf: tuple[str, ...] = (),
+    arm: tuple[str, ...] = (),
 ) -> dict:
     extra = ablation.split() if ablation else []
     section = "ppo" if method == "PPO" else "policyflow"
     parallel = [f"env.num_envs={envs}", f"{section}.num_steps={2048 // envs}"] if envs != 1 else []
-    common = list(pf) if method == "PolicyFlow" else []
+    common = [*pf, *arm] if method != "PPO" else []
     tag = "-".join(re.sub(r"[^A-Za-z0-9._]", "", o) for o in [*common, *extra])
     rows, ev = train_and_eval(
-        RECIPES[method],
+        recipe_of(method),
         [
             f"seed={seed}",
             f"run.iterations={iterations}",
@@ -95,7 +103,8 @@ def run(
             *extra,
         ],
         out,
-        f"{method}-lr{lr:g}-x{factor:g}{f'-n{envs}' if envs != 1 else ''}{'-' + tag if tag else ''}-s{seed}",
+        f"{method.split(',')[0]}-lr{lr:g}-x{factor:g}{f'-n{envs}' if envs != 1 else ''}"
+        f"{'-' + tag if tag else ''}-s{seed}",
         ["--episodes", "10", "--deterministic"],
         reuse,
     )
@@ -160,6 +169,14 @@ def main() -> None:
         "--pf", action="append", default=[], help="a recipe override for every PolicyFlow run; repeatable"
     )
     parser.add_argument(
+        "--arm",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="LABEL OVERRIDE",
+        help="another PolicyFlow method, 'PolicyFlow, LABEL', with these overrides; repeatable",
+    )
+    parser.add_argument(
         "--ablate",
         action="append",
         default=[],
@@ -181,11 +198,20 @@ def main() -> None:
         sys.exit(f"--envs: {bad[0]} does not divide the 2048 steps per iteration")
     settings = [(lr, f) for lr in lrs for f in factors]
     seeds = range(1, args.seeds + 1)
-    jobs = [(m, lr, f, s, "", n) for n in env_counts for s in seeds for lr, f in settings for m in RECIPES]
+    bad = [a for a in args.arm if len(a) < 2]
+    if bad:
+        sys.exit(f"--arm {bad[0][0]}: give a label and at least one override")
+    methods = {"PPO": (), "PolicyFlow": (), **{f"PolicyFlow, {a[0]}": tuple(a[1:]) for a in args.arm}}
+    jobs = [(m, lr, f, s, "", n) for n in env_counts for s in seeds for lr, f in settings for m in methods]
     jobs += [("PolicyFlow", lrs[0], 1.0, s, a, env_counts[0]) for s in range(1, args.seeds + 1) for a in args.ablate]
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         runs = list(
-            pool.map(lambda j: run(*j[:4], args.iterations, out, j[4], bool(args.reuse), envs=j[5], pf=args.pf), jobs)
+            pool.map(
+                lambda j: run(
+                    *j[:4], args.iterations, out, j[4], bool(args.reuse), envs=j[5], pf=args.pf, arm=methods[j[0]]
+                ),
+                jobs,
+            )
         )
     by = {
         (m, lr, f, n): [
@@ -193,14 +219,14 @@ def main() -> None:
         ]
         for n in env_counts
         for lr, f in settings
-        for m in RECIPES
+        for m in methods
     }
     ablations = {a: [r for r in runs if r["ablation"] == a] for a in args.ablate}
     mean_return = {key: statistics.mean(r["return"] for r in rs) for key, rs in by.items()}
     best = {
         (m, n): max(((m, lr, f, n) for lr, f in settings), key=lambda k: mean_return[k])
         for n in env_counts
-        for m in RECIPES
+        for m in methods
     }
     ppo_time = statistics.median(r["iteration_s"] for r in runs if r["method"] == "PPO")
     lines = [
@@ -212,6 +238,7 @@ def main() -> None:
         f"--seeds {args.seeds} --lrs {args.lrs} --explore {args.explore}"
         + (f" --envs {args.envs}" if args.envs != "1" else "")
         + "".join(f" --pf '{o}'" for o in args.pf)
+        + "".join(" --arm " + " ".join(f"'{x}'" for x in a) for a in args.arm)
         + "".join(f" --ablate '{a}'" for a in args.ablate)
         + (" --reuse DIR" if args.reuse else "")
         + f"`: {int(runs[0]['steps']):,} env steps per run"
@@ -242,25 +269,29 @@ def main() -> None:
         )
     lines.append("")
     for n in env_counts:
-        ratio = mean_return[best[("PolicyFlow", n)]] / mean_return[best[("PPO", n)]]
-        name = {m: f"lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}" for m in RECIPES}
-        gap = paired_difference(by[best[("PolicyFlow", n)]], by[best[("PPO", n)]], "return", digits=0)
-        lines.append(
-            f"- {n} env(s) per process: PolicyFlow / PPO mean return, each at its best setting "
-            f"(PolicyFlow {name['PolicyFlow']}; PPO {name['PPO']}): **{ratio:.2f}** (target: within 10%, i.e. ≥ 0.90)"
-            f"; PolicyFlow − PPO, same seed: {gap}."
-        )
+        name = {m: f"lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}" for m in methods}
+        for m in list(methods)[1:]:
+            ratio = mean_return[best[(m, n)]] / mean_return[best[("PPO", n)]]
+            gap = paired_difference(by[best[(m, n)]], by[best[("PPO", n)]], "return", digits=0)
+            lines.append(
+                f"- {n} env(s) per process: {m} / PPO mean return, each at its best setting "
+                f"({m} {name[m]}; PPO {name['PPO']}): **{ratio:.2f}** (target: within 10%, i.e. ≥ 0.90)"
+                f"; {m} − PPO, same seed: {gap}."
+            )
+        for m in list(methods)[2:]:
+            gap = paired_difference(by[best[(m, n)]], by[best[("PolicyFlow", n)]], "return", digits=0)
+            lines.append(f"- {n} env(s) per process: {m} − PolicyFlow, same seed, each at its best setting: {gap}.")
     lines.append("")
     png = Path(args.out).with_suffix(".png")
     n0 = env_counts[0]
     groups = {}
     for n in env_counts:
         tag = f", {n} envs" if len(env_counts) > 1 else ""
-        for m in RECIPES:
+        for m in methods:
             groups[f"{m}, best (lr {best[(m, n)][1]:g}, f {best[(m, n)][2]:g}){tag}"] = by[best[(m, n)]]
     groups |= {
         f"{m} (lr {lrs[0]:g}, f 1)": by[(m, lrs[0], 1.0, n0)]
-        for m in RECIPES
+        for m in methods
         if (m, lrs[0], 1.0, n0) in by and best[(m, n0)] != (m, lrs[0], 1.0, n0)
     }
     groups |= {f"PolicyFlow, {a}": rs for a, rs in ablations.items()}
