@@ -855,6 +855,7 @@ def plot(results: dict, best: dict, path: Path) -> None:
 # of all 50 prompts x 2 noises); since then it trains on digits-paraphrased (--target-paraphrased measures it)
 TRAINING_PROMPTS = [
     "loop.prompts=digits",
+    "loop.eval_prompts=digits",
     "run.iterations=80",
     "run.save_every=20",
     "run.eval_every=40",
@@ -887,7 +888,12 @@ def target(args) -> None:
 
 # the shipped recipe on prompts the base was not trained on: 13 of digits-paraphrased's 14 phrasings are
 # new to digits-sd3 (trained on "a <colour> <digit>" only), so the base leaves headroom below 1
-PARAPHRASED = ["loop.prompts=digits-paraphrased", "run.eval_every=0", "run.eval_size=0"]
+PARAPHRASED = [
+    "loop.prompts=digits-paraphrased",
+    "loop.eval_prompts=digits-paraphrased",
+    "run.eval_every=0",
+    "run.eval_size=0",
+]
 PARAPHRASED_EVAL = 700  # every digits-paraphrased prompt once (item i: prompt i, noise seeded by (EVAL_SEED, i))
 
 

@@ -148,6 +148,7 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
         *COMMON,
         *overrides,
         f"loop.prompts={args.prompts}",
+        f"loop.eval_prompts={args.prompts}",  # the stages as measured: evaluated on the prompts they train on
         f"seed={seed}",
         f"optim.lr={lr}",
         f"loop.clip_coef={clip}",

@@ -95,16 +95,15 @@ def kl_k3(sample_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
-    """KL(N(μ, std²I) ‖ N(μ_ref, std²I)) of two Gaussian steps with the same std, per latent
-    element, averaged over elements and the batch:
+    """mean_b [ mean_i (μ_b,i − μ_ref,b,i)² / (2·std_b²) ]: ``mean``, ``ref_mean`` (B, ...);
+    ``std`` a float or a tensor broadcastable to them ((B, 1, ...)).
 
-        KL = mean_b [ mean_i (μ_b,i − μ_ref,b,i)² / (2·std_b²) ]
-
-    ``mean``, ``ref_mean`` (B, ...); ``std`` a float or a tensor broadcastable to them (the
-    step's std, (B, 1, ...)). This is the KL term of Flow-GRPO's training script
-    (``scripts/train_sd3.py``: ``((prev_sample_mean − prev_sample_mean_ref)²).mean(dims ≥ 1) /
-    (2·std_dev_t²)`` then the batch mean, std_dev_t = the step's s·√(−dt)), so a β from its
-    configs means the same here. Exact for two Gaussians, not a sample estimate."""
+    With ``std`` the step's own std this is KL(N(μ, std²I) ‖ N(μ_ref, std²I)) per latent
+    element, exact for two Gaussians (not a sample estimate): ``kl_ref``'s default scale.
+    Flow-GRPO's training script computes the same expression with its ``std_dev_t``, which on
+    the SDE step lacks the step's √(−dt) (``flow_match.flow_grpo_std``): its value is the
+    exact KL × (−dt), about 1/T of it with T uniform steps. A β from its configs means the
+    same here only with ``kl_ref``'s ``scale: flow_grpo``."""
     sq = (mean.float() - ref_mean.float()) ** 2
     std = torch.as_tensor(std, dtype=torch.float32, device=sq.device)
     per_element = sq / (2 * std.expand_as(sq) ** 2) if std.ndim else sq / (2 * std**2)

@@ -128,6 +128,31 @@ def test_many_prompts_keep_ddpo_on_batch_statistics():
     assert tracked["digits"] > 0.9 and tracked["digits-paraphrased"] < 0.05
 
 
+def test_train_and_test_sets_split_the_pairs_and_are_the_recipes_evaluation():
+    """"-train" and "-test" hold disjoint (digit, colour) pairs (10 held out, one per digit) in every phrasing;
+    a LOOP recipe on a "-train" set evaluates on its "-test" partner unless told otherwise, and every digits recipe
+    evaluates on pairs it never trains on."""
+    import yaml
+
+    from rlprox.algos.loop import eval_prompt_source
+    from rlprox.zoo.data import PROMPT_SETS
+
+    def pairs(name):
+        return {(m["digit"], m["colour"]) for m in PROMPT_SETS[name]()[1]}
+
+    for base, size in (("digits", 50), ("digits-paraphrased", 700)):
+        train, test = pairs(f"{base}-train"), pairs(f"{base}-test")
+        assert len(train) == 40 and len(test) == 10 and not train & test and train | test == pairs(base)
+        assert sorted(d for d, _ in test) == list(range(10))
+        assert len(PROMPT_SETS[f"{base}-train"]()[0]) + len(PROMPT_SETS[f"{base}-test"]()[0]) == size
+    assert eval_prompt_source("digits-train", "") == "digits-test"
+    assert eval_prompt_source("digits", "") == "digits" and eval_prompt_source("digits-train", "x.txt") == "x.txt"
+    for recipe in sorted((Path(__file__).parent.parent / "recipes" / "loop").glob("digits-*.yaml")):
+        loop = yaml.safe_load(recipe.read_text())["loop"]
+        source = eval_prompt_source(loop.get("prompts", "digits-train"), loop.get("eval_prompts", ""))
+        assert pairs(source) and not pairs(source) & pairs(loop.get("prompts", "digits-train")), recipe.name
+
+
 # ----------------------------------------------------------------------------- build + cache
 def test_build_writes_complete_dirs_atomically(micro_models, zoo_cache):
     cache = zoo_cache / "zoo"

@@ -104,11 +104,14 @@ class LoopConfig:
     # the family's own sampling options, checked by its adapter (an option of another family is refused);
     # each family's are listed below
     sampling: dict = field(default_factory=dict, metadata={"variants": family_options})
-    # a named set: "digits" (the 50 digits-world prompts "a <colour> <digit>") or "digits-paraphrased" (700:
-    # 14 phrasings of each, so a prompt recurs rarely), a .txt file (one per line, UTF-8), or "module:function"
+    # a named set: "digits" (the 50 digits-world prompts "a <colour> <digit>"), "digits-paraphrased" (700:
+    # 14 phrasings of each, so a prompt recurs rarely), or either with "-train" (40 of the 50 (digit, colour)
+    # pairs) or "-test" (the other 10, every phrasing); a .txt file (one per line, UTF-8); or "module:function"
     # returning (prompts, metadata)
-    prompts: str = "digits"
-    eval_prompts: str = ""  # prompts for evaluation ("" = the training prompts)
+    prompts: str = "digits-train"
+    # prompts for evaluation, the same kinds; "": a "-train" set's "-test" partner (pairs the tuned model never
+    # trained on), else the training prompts
+    eval_prompts: str = ""
     num_samples_per_prompt: int = 4  # K, samples per prompt (>= 2 for the leave-one-out baseline)
     prompts_per_iteration: int = 16  # P, prompts sampled per iteration, per process
     num_steps: int = 20  # denoising steps T
@@ -119,14 +122,23 @@ class LoopConfig:
     # the advantage of a sample: loo (leave-one-out over its prompt's K samples, LOOP), prompt_stats (DDPO's
     # per-prompt reward statistics), group_norm (GRPO: the group's mean and std), batch_norm (over all processes)
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
+    # group_norm's divisor: each group's own reward std (group, GRPO) or the std of every reward of the round over
+    # all processes (batch: Flow-GRPO's global_std); the mean is the group's either way
+    advantage_std: Literal["group", "batch"] = "group"
+    # leave the samples whose advantage is exactly 0 (a group with no reward spread) out of the update, as
+    # Flow-GRPO does; the minibatch count stays, so minibatches shrink (reward/dropped_zero_adv counts them)
+    drop_zero_advantage: bool = False
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip
     clip_coef: float = 1e-4  # PPO ε on the per-step ratio (DDPO / Flow-GRPO: clip_range)
     update_epochs: int = 1  # passes over each round's samples (DDPO / Flow-GRPO: num_inner_epochs)
     # samples per training minibatch (one optimizer step), per process (DDPO / Flow-GRPO: train_batch_size)
     minibatch_size: int = 16
-    # fraction of the trained steps (all T, or the sde_window's) trained per sample, a random subset each minibatch
+    # fraction of the trained steps (all T, or the sde_window's) trained per sample: int(T' × fraction), at least 1
     timestep_fraction: float = 1.0
+    # which of them: a random subset per sample and minibatch (random, DDPO) or the first ones in order (first,
+    # Flow-GRPO: with 10 steps and 0.99, steps 0-8, never the last)
+    timestep_subset: Literal["random", "first"] = "random"
     # trained steps of a minibatch evaluated in one denoiser pass (a batch of minibatch_size × this):
     # fewer, larger passes for the same gradient; must divide the steps trained per sample
     steps_per_pass: int = 1
@@ -146,8 +158,9 @@ class LoopConfig:
 
 
 def trained_timesteps(num_trainable: int, fraction: float) -> int:
-    """Steps trained per sample and minibatch: ``fraction`` of the ``num_trainable`` steps, at least one."""
-    return max(1, int(round(num_trainable * fraction)))
+    """Steps trained per sample and minibatch: ``fraction`` of the ``num_trainable`` steps, rounded down
+    as DDPO and Flow-GRPO do (int(T·f)), at least one."""
+    return max(1, int(num_trainable * fraction))
 
 
 @dataclass(frozen=True)
@@ -218,6 +231,16 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
         )
     if not 0 < cfg.timestep_fraction <= 1:
         raise RecipeError("loop.timestep_fraction", f"must be in (0, 1] (got {cfg.timestep_fraction})")
+    if cfg.advantage_std != "group" and cfg.advantage != "group_norm":
+        raise RecipeError(
+            "loop.advantage_std", f"is group_norm's divisor; advantage {cfg.advantage} has none (remove it)"
+        )
+    if cfg.drop_zero_advantage and cfg.advantage not in ("loo", "group_norm"):
+        raise RecipeError(
+            "loop.drop_zero_advantage",
+            f"drops the groups with no reward spread, whose loo / group_norm advantage is 0; advantage "
+            f"{cfg.advantage} gives such samples a non-zero advantage",
+        )
     if cfg.clip_coef <= 0 or cfg.adv_clip <= 0:
         raise RecipeError("loop.clip_coef" if cfg.clip_coef <= 0 else "loop.adv_clip", "must be > 0")
     if cfg.guidance_scale < 1:
@@ -240,6 +263,7 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     if cfg.max_sequence_length < 1:
         raise RecipeError("loop.max_sequence_length", f"must be >= 1 (got {cfg.max_sequence_length})")
     adapter = _resolve_adapter(cfg, _pipeline_class(cfg.pipeline))
+    _check_kl_scale(recipe, adapter)
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
@@ -249,11 +273,35 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
         except (ValueError, RegistryError) as err:
             raise RecipeError("reward", str(err)) from None
     train = load_prompts(cfg.prompts)
-    evaluation = load_prompts(cfg.eval_prompts, "loop.eval_prompts") if cfg.eval_prompts else train
+    evaluation = load_prompts(eval_prompt_source(cfg.prompts, cfg.eval_prompts), "loop.eval_prompts")
     return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
 
 
+def _check_kl_scale(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
+    """A ``kl_ref`` with ``scale: flow_grpo`` needs flow-matching steps (their dt)."""
+    if adapter is None or adapter.flow_grpo_kl:
+        return
+    for i, entry in enumerate(recipe.regularizers):
+        if isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo":
+            raise RecipeError(
+                f"regularizers[{i}].scale",
+                f"flow_grpo rescales a flow-matching step's KL by its dt; {adapter.__name__}'s steps have none "
+                "(use scale exact)",
+            )
+
+
 # ----------------------------------------------------------------------------- prompts
+
+
+def eval_prompt_source(prompts: str, eval_prompts: str) -> str:
+    """What evaluation samples: ``eval_prompts``, else the held-out partner of a named "-train" set
+    ("digits-train" → "digits-test"), else the training prompts."""
+    from rlprox.zoo.data import PROMPT_SETS
+
+    if eval_prompts:
+        return eval_prompts
+    partner = prompts.removesuffix("-train") + "-test"
+    return partner if prompts.endswith("-train") and partner in PROMPT_SETS else prompts
 
 
 def load_prompts(spec: str, key: str = "loop.prompts") -> tuple[list[str], list[dict]]:
@@ -352,7 +400,12 @@ class LOOP:
     """collect / advantages / minibatches / loss / evaluate / export for the engine."""
 
     curve = ("progress/images", "reward/mean")
-    stat_reductions = {"progress/images": "mean", "reward/nan_count": "sum", "reward/zero_std_groups": "sum"}
+    stat_reductions = {
+        "progress/images": "mean",
+        "reward/nan_count": "sum",
+        "reward/zero_std_groups": "sum",
+        "reward/dropped_zero_adv": "sum",
+    }
 
     def __init__(self, recipe: "Recipe", runtime: "Runtime", loss_terms: "LossTerms", setup: LoopSetup):
         from rlprox.zoo.build import resolve_path
@@ -389,6 +442,7 @@ class LOOP:
         self.modules = {self.adapter.denoiser_name: self.denoiser}
         # the reference policy's step means, only when a loss term (kl_ref) uses them
         self.needs_reference = loss_terms.needs("ref_mean")
+        self.needs_flow_grpo_std = loss_terms.needs("flow_grpo_std")
         self.ema: dict[str, torch.Tensor] | None = None  # name -> θ̄, set by the first after_update
         self.ema_updates = 0
         self.frozen = dict(self.adapter.frozen)
@@ -486,6 +540,13 @@ class LOOP:
         rewards = batch.rewards
         if cfg.advantage == "loo":
             adv = objectives.leave_one_out(rewards.view(-1, K)).view(-1)
+        elif cfg.advantage == "group_norm" and cfg.advantage_std == "batch":  # Flow-GRPO's global_std
+            groups = rewards.view(-1, K)
+            finite = torch.isfinite(groups)
+            count = finite.sum(-1, keepdim=True).clamp_min(1)
+            mean = torch.where(finite, groups, torch.zeros_like(groups)).sum(-1, keepdim=True) / count
+            _, std = self._batch_moments(rewards)
+            adv = torch.where(finite, (groups - mean) / (std.float() + 1e-4), torch.zeros_like(groups)).view(-1)
         elif cfg.advantage == "group_norm":
             adv = objectives.group_normalize(rewards.view(-1, K)).view(-1)
         elif cfg.advantage == "prompt_stats":
@@ -513,7 +574,8 @@ class LOOP:
         """(P,) True for the prompt groups whose K rewards are all equal (finite ones; NaNs ignored)."""
         return objectives.zero_spread(rewards.view(-1, self.cfg.num_samples_per_prompt))
 
-    def _batch_normalize(self, x: torch.Tensor, center: bool = True) -> torch.Tensor:
+    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, unbiased std) of the finite values of ``x`` over all processes, float64 scalars."""
         finite = torch.isfinite(x)
         v = torch.where(finite, x, torch.zeros_like(x)).double()
         s = torch.stack([v.sum(), (v * v).sum(), finite.sum().double()])
@@ -521,9 +583,22 @@ class LOOP:
             s = self.runtime.accelerator.reduce(s, reduction="sum")
         n = s[2].clamp_min(2)
         mean = s[0] / n
-        std = ((s[1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+        return mean, ((s[1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+
+    def _batch_normalize(self, x: torch.Tensor, center: bool = True) -> torch.Tensor:
+        finite = torch.isfinite(x)
+        mean, std = self._batch_moments(x)
+        v = torch.where(finite, x, torch.zeros_like(x)).double()
         out = ((v - mean) if center else v) / (std + 1e-8)
         return torch.where(finite, out, torch.zeros_like(out)).float()
+
+    def _kept(self, advantages: torch.Tensor) -> int:
+        """Samples an update keeps with ``drop_zero_advantage``: those with a non-zero advantage,
+        padded with zero-advantage ones to a multiple of the minibatch count (at least one each),
+        so every process takes the same number of optimizer steps."""
+        M = len(advantages) // self.cfg.minibatch_size
+        n = int((advantages != 0).sum())
+        return max(M, -(-n // M) * M)
 
     # ------------------------------------------------------------------ UPDATE
     def minibatches(self, batch: Rollout, epoch: int):
@@ -532,15 +607,26 @@ class LOOP:
         steps per sample (one denoiser pass over b·k items), whose gradients the engine sums
         into one optimizer step (times run.gradient_accumulation_steps). Each sample's steps
         are a random subset of the pipeline's trained steps (all T for DDIM, the sde_window's
-        for flow matching)."""
+        for flow matching), or their first ones (``timestep_subset: first``). With
+        ``drop_zero_advantage`` the minibatches are as many, each of the kept samples only."""
         cfg, gen = self.cfg, self.runtime.generator
         B = batch.latents.shape[0]
         trainable = self.adapter.trained_steps.to(self.device)  # (T',)
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
-        for start in range(0, B, cfg.minibatch_size):
-            idx = order[start : start + cfg.minibatch_size]
-            picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
-            steps = trainable[torch.stack(picks).to(self.device)]
+        size = cfg.minibatch_size
+        if cfg.drop_zero_advantage:  # non-zero advantages first, then zero ones to pad, each in random order
+            kept = self._kept(batch.advantages)
+            zero = (batch.advantages[order] == 0).long()
+            order = order[torch.sort(zero, stable=True).indices][:kept]
+            order = order[torch.randperm(kept, generator=gen, device=gen.device).to(self.device)]
+            size = kept // (B // cfg.minibatch_size)
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            if cfg.timestep_subset == "first":  # Flow-GRPO: the first steps, in order
+                steps = trainable[: self.steps_per_sample].expand(len(idx), -1)
+            else:  # DDPO: a random subset per sample
+                picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
+                steps = trainable[torch.stack(picks).to(self.device)]
             k = self.cfg.steps_per_pass
             for j in range(0, self.steps_per_sample, k):
                 yield TimestepSlice(batch, idx.repeat(k), steps[:, j : j + k].T.reshape(-1))
@@ -559,6 +645,8 @@ class LOOP:
         adv = batch.advantages[idx]
         loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_coef)
         tensors = {"mean": mean, "std": std}
+        if self.needs_flow_grpo_std:
+            tensors["flow_grpo_std"] = self.adapter.flow_grpo_std(batch.noise_schedule, step, mean)
         if self.needs_reference:  # the reference's step mean at the same x: the base model (LoRA off), no gradient
             with torch.no_grad(), self._base_model() as reference:
                 _, tensors["ref_mean"], _ = self.adapter.step_distribution(
@@ -589,6 +677,8 @@ class LOOP:
             "progress/images": self.images_seen,
             "perf/images_per_s": len(r) * self.runtime.world / max(elapsed, 1e-9),
         }
+        if self.cfg.drop_zero_advantage and batch.advantages is not None:  # left out of the update, this process
+            stats["reward/dropped_zero_adv"] = len(r) - self._kept(batch.advantages)
         if self.cfg.advantage == "prompt_stats":  # how often DDPO's baseline is the prompt's own, not the batch's
             stats["reward/prompt_stats_tracked"] = self.prompt_stats.tracked_fraction
         stats.update({f"reward/{k}": v for k, v in batch.reward_info.items()})
@@ -794,7 +884,7 @@ register_trainer(
             recipe.loop.num_samples_per_prompt * recipe.loop.prompts_per_iteration // recipe.loop.minibatch_size
         ),
         description="LOOP / DDPO / REINFORCE-LOO fine-tuning of diffusers text-to-image pipelines",
-        loss_inputs=("mean", "ref_mean", "std"),
+        loss_inputs=("mean", "ref_mean", "std", "flow_grpo_std"),
         eval_unit="samples",
         eval_flags=("prompts",),
         resume_keys=("loop.finetune",),

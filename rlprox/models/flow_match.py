@@ -202,6 +202,24 @@ def step_moments(sampler: str, v: torch.Tensor, x: torch.Tensor, sigma, sigma_ne
     raise ValueError(f"sampler must be 'sde' or 'cps' for a stochastic step (got {sampler!r})")
 
 
+def flow_grpo_std(sampler: str, sigma, sigma_next, noise_level: float, sigma_after_first: float, like: torch.Tensor):
+    """Flow-GRPO's ``std_dev_t`` of a step, the divisor of its KL term (its training script's
+    ``(μ − μ_ref)² / (2·std_dev_t²)``), broadcastable to ``like`` (B, ...):
+
+    - SDE: a·√(σ / (1 − σ')), σ' = σ except at σ = 1, where Flow-GRPO uses the schedule's
+      second σ (``sigma_after_first``). It lacks the step's √(−dt): the step's own std is
+      std_dev_t·√(−dt), so the exact Gaussian KL is Flow-GRPO's divided by (−dt);
+    - CPS: σ_next·sin(a·π/2), the step's own std (there both KLs agree).
+    """
+    sigma, sigma_next = _as_sigma(sigma, like.float()), _as_sigma(sigma_next, like.float())
+    if sampler == "cps":
+        return sigma_next * math.sin(noise_level * math.pi / 2)
+    if sampler != "sde":
+        raise ValueError(f"sampler must be 'sde' or 'cps' for a stochastic step (got {sampler!r})")
+    denominator = 1 - torch.where(sigma >= 1, torch.full_like(sigma, sigma_after_first), sigma)
+    return noise_level * (sigma / denominator).sqrt()
+
+
 def ode_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """The deterministic Euler step of the probability-flow ODE: x_next = x + v·(σ_next − σ).
 

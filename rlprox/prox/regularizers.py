@@ -301,15 +301,13 @@ class LossRegularizer(abc.ABC):
     def value(self, **tensors) -> torch.Tensor:
         """The term without λ (a scalar tensor)."""
 
-    @classmethod
-    def input_sets(cls) -> tuple[tuple[str, ...], ...]:
+    def input_sets(self) -> tuple[tuple[str, ...], ...]:
         """Every set of tensor names the term can be computed from, preferred first."""
-        return (cls.inputs, *cls.alternative_inputs)
+        return (self.inputs, *self.alternative_inputs)
 
-    @classmethod
-    def usable_inputs(cls, offered) -> tuple[str, ...] | None:
+    def usable_inputs(self, offered) -> tuple[str, ...] | None:
         """The first input set that ``offered`` (names) covers; None when none is."""
-        return next((names for names in cls.input_sets() if all(k in offered for k in names)), None)
+        return next((names for names in self.input_sets() if all(k in offered for k in names)), None)
 
     def penalty(self, **tensors) -> torch.Tensor:
         names = self.usable_inputs(tensors)
@@ -381,19 +379,36 @@ class KLReference(LossRegularizer):
     trainer's loss offers:
 
     - Gaussian steps (LOOP's denoising steps: the flow SDE / CPS step, DDIM(η)): the step
-      means μ, μ_ref and the shared std, KL = mean (μ − μ_ref)²/(2·std²) over latent
-      elements and samples (``objectives.gaussian_mean_kl``, Flow-GRPO's KL term: its β
-      means the same here);
+      means μ, μ_ref. ``scale: exact`` (the default) divides by the step's own std,
+      mean (μ − μ_ref)²/(2·std²) over latent elements and samples: the exact KL of the two
+      Gaussians (``objectives.gaussian_mean_kl``). ``scale: flow_grpo`` divides by
+      Flow-GRPO's ``std_dev_t`` instead, which lacks the SDE step's √(−dt): its training
+      script's formula, so a β from its configs means the same (flow-matching steps only;
+      exact = flow_grpo / (−dt), ≈ T× with T uniform steps; on CPS steps both agree);
     - sampled tokens (VA-π): log π_θ and log π_ref of the samples, Schulman's k3 estimator
-      (``objectives.kl_k3``).
+      (``objectives.kl_k3``; ``scale: exact`` only).
 
     The reference is never trained (its tensors are detached). The trainer computes them
     only when this is in the recipe: a LoRA model with its adapters off, else a frozen copy."""
 
     inputs = ("mean", "ref_mean", "std")
     alternative_inputs = (("logp", "ref_logp"),)
+    SCALES = ("exact", "flow_grpo")
 
-    def value(self, mean=None, ref_mean=None, std=None, logp=None, ref_logp=None):
+    def __init__(self, lam: float = 0.0, scale: str = "exact"):
+        super().__init__(lam)
+        if scale not in self.SCALES:
+            raise ValueError(f"regularizer field 'scale' must be exact or flow_grpo (got {scale!r})")
+        self.scale = scale
+
+    def input_sets(self) -> tuple[tuple[str, ...], ...]:
+        if self.scale == "flow_grpo":
+            return (("mean", "ref_mean", "flow_grpo_std"),)
+        return super().input_sets()
+
+    def value(self, mean=None, ref_mean=None, std=None, logp=None, ref_logp=None, flow_grpo_std=None):
+        if flow_grpo_std is not None:
+            return gaussian_mean_kl(mean, ref_mean.detach(), flow_grpo_std)
         if mean is not None:
             return gaussian_mean_kl(mean, ref_mean.detach(), std)
         return kl_k3(logp, ref_logp.detach())

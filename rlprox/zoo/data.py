@@ -83,8 +83,32 @@ def paraphrased_prompts() -> tuple[list[str], list[dict]]:
     return prompts, [{"digit": d, "colour": c} for _ in PHRASINGS for d, c in pairs]
 
 
-# the named prompt sets a generative trainer's ``prompts`` option takes: name -> () -> (prompts, metadata)
-PROMPT_SETS = {"digits": digits_prompts, "digits-paraphrased": paraphrased_prompts}
+# the (digit, colour) pairs no "-train" set holds: one per digit, each colour twice (digit d in colour d mod 5)
+HELD_OUT_PAIRS: frozenset[tuple[int, int]] = frozenset((d, d % len(COLOUR_NAMES)) for d in range(len(DIGIT_WORDS)))
+
+
+def split(source, held_out: bool):
+    """The prompts of ``source`` (() -> (prompts, metadata)) whose (digit, colour) pair is in
+    ``HELD_OUT_PAIRS`` (``held_out``: the "-test" set, 10 of the 50 pairs in every phrasing)
+    or not (the "-train" set, the other 40)."""
+
+    def prompts() -> tuple[list[str], list[dict]]:
+        pairs = [(p, m) for p, m in zip(*source()) if ((m["digit"], m["colour"]) in HELD_OUT_PAIRS) == held_out]
+        return [p for p, _ in pairs], [m for _, m in pairs]
+
+    return prompts
+
+
+# the named prompt sets a generative trainer's ``prompts`` / ``eval_prompts`` take: name -> () -> (prompts, metadata);
+# "-train" and "-test" split the (digit, colour) pairs, so a test prompt's pair is new to the tuned model
+PROMPT_SETS = {
+    "digits": digits_prompts,
+    "digits-paraphrased": paraphrased_prompts,
+    "digits-train": split(digits_prompts, held_out=False),
+    "digits-test": split(digits_prompts, held_out=True),
+    "digits-paraphrased-train": split(paraphrased_prompts, held_out=False),
+    "digits-paraphrased-test": split(paraphrased_prompts, held_out=True),
+}
 
 
 def parse_prompt(prompt: str) -> tuple[int, int]:

@@ -14,6 +14,8 @@ user's family registers the same way, on import or as ``"module:Class"`` in the 
     encode / negative           the conditioning, and the empty prompt's for guidance
     sample                      a batch of trajectories: every latent and every step's log π_old
     step_distribution           log π_θ of one stored step with the step's Gaussian mean and std
+    flow_grpo_std               Flow-GRPO's std_dev_t of a step (its KL's divisor), where the family
+                                has one (``flow_grpo_kl``)
     sample_with_noise           final latents from fixed per-item noise (evaluation)
     decode                      latents to the family's media: images (B, 3, H, W) or videos
                                 (B, T, 3, H, W), in [0, 1]
@@ -74,6 +76,8 @@ class Adapter(abc.ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()  # module names LoRA adapts by default
     deterministic_suffix: ClassVar[str] = "_det"  # evaluation keys of the deterministic sampler: reward<suffix>
     guidance_embedded: ClassVar[bool] = False  # guidance is an embedding, not classifier-free guidance
+    # its steps are flow-matching steps with a time increment dt, so Flow-GRPO's KL scale applies (flow_grpo_std)
+    flow_grpo_kl: ClassVar[bool] = False
 
     # ---- what an instance holds
     pipe: Any  # the diffusers pipeline
@@ -179,6 +183,11 @@ class Adapter(abc.ABC):
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """(log π_θ(x_next | x, c) (b,), μ (b, ...), std) of step ``step`` (b,) of each
         sample: the policy's Gaussian step, float32."""
+
+    def flow_grpo_std(self, noise_schedule, step, like: torch.Tensor) -> torch.Tensor:
+        """Flow-GRPO's ``std_dev_t`` of step ``step`` (b,) (``kl_ref`` with ``scale: flow_grpo``),
+        broadcastable to ``like``; only a family with ``flow_grpo_kl`` has one."""
+        raise ValueError(f"{type(self).__name__}'s steps have no Flow-GRPO std (it is not a flow-matching family)")
 
     @abc.abstractmethod
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:

@@ -49,6 +49,7 @@ class FlowMatchingAdapter(Adapter):
     Options = FlowOptions
     denoiser_name = "transformer"
     deterministic_suffix = "_ode"  # evaluation values of the ODE sampler: reward_ode
+    flow_grpo_kl = True
 
     @classmethod
     def check_options(cls, sampling: Sampling, options: FlowOptions, key: str) -> None:
@@ -189,6 +190,12 @@ class FlowMatchingAdapter(Adapter):
         o = self.options
         mean, std = flow_match.step_moments(o.sampler, v, x, sigma, sigma_next, o.noise_level)
         return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
+
+    def flow_grpo_std(self, noise_schedule, step, like: torch.Tensor) -> torch.Tensor:
+        """Flow-GRPO's std_dev_t of the step (``flow_match.flow_grpo_std``)."""
+        o = self.options
+        sigma, sigma_next = noise_schedule[step], noise_schedule[step + 1]
+        return flow_match.flow_grpo_std(o.sampler, sigma, sigma_next, o.noise_level, float(noise_schedule[1]), like)
 
     @torch.no_grad()
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:
