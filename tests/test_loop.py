@@ -240,7 +240,7 @@ def test_a_misspelt_prompt_set_is_a_recipe_error(tmp_path, tiny_pipeline):
     from rlprox.recipe import RecipeError
 
     assert len(load_prompts("digits-paraphrased")[0]) == 700
-    with pytest.raises(RecipeError, match="loop.prompts: not a prompt set \\(digits, digits-paraphrased, digits-train"):
+    with pytest.raises(RecipeError, match=r"loop.prompts: not a prompt set \(digits, digits-paraphrased, digits-"):
         load_recipe(loop_recipe(tmp_path, tiny_pipeline, prompts="digits-paraphrase"))
 
 
