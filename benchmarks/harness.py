@@ -212,7 +212,8 @@ def target_check(
     """The shipped generative recipe on 2 processes (``torchrun_target``), seeds 1..``seeds``: per seed
     the images, minutes (summed iteration wall time), base → tuned eval reward with the trained sampler
     (``trained``, eval/reward) and the deterministic one (``deterministic`` = (label, eval key suffix)),
-    and Δ at every in-run evaluation; then whether Δ ≥ ``gain`` within ``minutes`` on every seed.
+    and Δ at every in-run evaluation; then whether Δ ≥ ``gain`` within ``minutes`` on every seed (a verdict
+    with 5 seeds or more; with fewer, the count only, marked exploratory).
     ``overrides``: recipe overrides for every seed. Writes ``out_path`` and returns the text."""
     det_label, det = deterministic
     rows = []
@@ -255,10 +256,14 @@ def target_check(
             f"| {', '.join(f'{d:+.3f} ({n:,})' for n, d in r['evals'])} |"
         )
     met = sum(r["tuned"] - r["base"] >= gain and r["minutes"] <= minutes for r in rows)
+    if stats.is_exploratory(len(rows)):  # fewer than 5 seeds: the count, no verdict word
+        status = f"exploratory (n = {len(rows)}; a verdict needs {stats.MIN_SEEDS_FOR_VERDICT} seeds or more)"
+    else:
+        status = f"**{'met' if met == len(rows) else 'not met'}**"
     lines += [
         "",
         f"Target (≥ +{gain:.2f} at {trained} within {minutes:g} minutes, {len(rows)} of {len(rows)} seeds): "
-        f"**{'met' if met == len(rows) else 'not met'}** ({met}/{len(rows)}).",
+        f"{status}: {met}/{len(rows)} seeds reached it.",
         "",
     ]
     text = "\n".join(lines) + "\n"

@@ -942,6 +942,10 @@ def target_paraphrased(args) -> None:
     loop_rounds = loop_rounds[0] if len(loop_rounds) == 1 else loop_rounds
     each = sum(g >= 0.15 and r["minutes"] <= 20 for g, r in zip(gain, loop))
     met = each == len(loop) and min(gain) > hi_c
+    if stats.is_exploratory(len(loop)):  # fewer than 5 seeds: the numbers, no verdict word
+        status = f"exploratory (n = {len(loop)}; a verdict needs {stats.MIN_SEEDS_FOR_VERDICT} seeds or more)"
+    else:
+        status = f"**{'met' if met else 'not met'}**"
     lines = [
         "# LOOP on digits-sd3, the shipped recipe on 2 CPU processes, on prompts the base was not trained on",
         "",
@@ -975,8 +979,8 @@ def target_paraphrased(args) -> None:
         f"- Δ SDE, recipe: {mean_sd(gain)}; control: {mean_sd(noise)} [{lo_c:+.3f}, {hi_c:+.3f}] (Student-t 95% "
         f"over seeds); recipe − control, same seed: {difference.format(3)}.",
         f"- Target (every seed ≥ +0.15 SDE within 20 minutes, each above the control's interval): "
-        f"**{'met' if met else 'not met'}** ({each}/{len(loop)} seeds ≥ +0.15 within 20 minutes; lowest gain "
-        f"{min(gain):+.3f} vs the control's upper bound {hi_c:+.3f}).",
+        f"{status}: {each}/{len(loop)} seeds ≥ +0.15 within 20 minutes; lowest gain {min(gain):+.3f} vs the "
+        f"control's upper bound {hi_c:+.3f}.",
         "",
         f"![training alignment vs images, mean over seeds]({out.with_suffix('.png').name})",
         "",
