@@ -129,7 +129,7 @@ def test_many_prompts_keep_ddpo_on_batch_statistics():
 
 
 def test_train_and_test_sets_split_the_pairs_and_are_the_recipes_evaluation():
-    """"-train" and "-test" hold disjoint (digit, colour) pairs (10 held out, one per digit) in every phrasing;
+    """ "-train" and "-test" hold disjoint (digit, colour) pairs (10 held out, one per digit) in every phrasing;
     a LOOP recipe on a "-train" set evaluates on its "-test" partner unless told otherwise, and every digits recipe
     evaluates on pairs it never trains on."""
     import yaml
