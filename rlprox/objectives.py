@@ -110,6 +110,51 @@ def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.T
     return per_element.mean(dim=tuple(range(1, sq.ndim))).mean()
 
 
+def nft_optimality(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability of each sample from its advantage:
+    r = clip(A, ±adv_clip)/adv_clip/2 + 1/2, in [0, 1] (r = ½ for A = 0)."""
+    return (advantages.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    mix: float,
+    adaptive: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """DiffusionNFT's likelihood-free policy loss (Zheng et al. 2025, arXiv 2509.16117) on noised
+    samples x_t = (1 − t)·x0 + t·ε of clean samples x0 (B, ...), t (B,), with the current
+    velocity v (grad) and the old policy's v_old (no grad):
+
+        v⁺ = β·v + (1 − β)·v_old        v⁻ = (1 + β)·v_old − β·v      (β = ``mix``)
+        x̂0± = x_t − t·v±               ℓ± = mean_i (x̂0± − x0)_i² / w±
+        L = scale · mean_b [ r·ℓ⁺ + (1 − r)·ℓ⁻ ] / β
+
+    with r the optimality probability (``nft_optimality``) and, when ``adaptive``, the
+    per-sample weight w± = max(mean_i |x̂0± − x0|_i, 1e-5) without gradient (else w = 1). The
+    official code multiplies by ``adv_clip`` (``scale``). Positive samples pull v towards the
+    data along v⁺, negative ones push v⁻ there, i.e. v away from it."""
+    dims = tuple(range(1, x0.ndim))
+    t = t.view(-1, *([1] * (x0.ndim - 1))).float()
+    x0, x_t, v_old = x0.float(), x_t.float(), v_old.float().detach()
+    losses = []
+    for prediction in (mix * v + (1 - mix) * v_old, (1 + mix) * v_old - mix * v):
+        error = x_t - t * prediction - x0
+        if adaptive:
+            with torch.no_grad():
+                weight = error.double().abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+            losses.append((error**2 / weight).mean(dim=dims))
+        else:
+            losses.append((error**2).mean(dim=dims))
+    positive, negative = losses
+    return scale * (r * positive / mix + (1 - r) * negative / mix).mean()
+
+
 def clip_fraction(ratio: torch.Tensor, clip: float) -> torch.Tensor:
     """Fraction of samples whose ratio lies outside [1−ε, 1+ε]."""
     return ((ratio - 1.0).abs() > clip).float().mean()

@@ -236,6 +236,22 @@ def test_two_processes_flow_loop_keep_identical_lora_and_draw_different_noise(tm
         assert torch.equal(r0[k], r1[k]), k
 
 
+def test_two_processes_nft_keep_identical_lora_and_old_policy(tmp_path):
+    """LOOP's objective nft: LoRA weights identical on both ranks after rounds that sample the old policy."""
+    pytest.importorskip("peft")
+    from tests.test_loop_flow import flow_recipe, tiny_sd3_pipeline
+
+    pipe_dir = tmp_path / "tiny-sd3"
+    tiny_sd3_pipeline().save_pretrained(str(pipe_dir))
+    recipe = flow_recipe(tmp_path, pipe_dir, objective="nft", guidance_scale=1.0, advantage="group_norm")
+    recipe["regularizers"] = [{"type": "kl_ref", "lam": 0.1}]
+    r0, r1 = dist_run(tmp_path, recipe)
+    params = [k for k in r0 if k.startswith("param.")]
+    assert params and all("lora" in k for k in params)
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), k
+
+
 def test_two_processes_policyflow_keep_identical_parameters(tmp_path):
     from tests.test_policyflow import pf_recipe
 

@@ -84,6 +84,23 @@ class LoraSpec:
 
 
 @dataclass
+class NFTSpec:
+    """DiffusionNFT's objective (``loop.objective: nft``): see ``objectives.nft_loss``."""
+
+    # β, the mixing coefficient of the implicit policies v⁺ = β·v_θ + (1−β)·v_old and v⁻ = (1+β)·v_old − β·v_θ
+    # (a step size toward the reward, not a KL weight; the KL to the base is the kl_ref regularizer)
+    mix: float = 1.0
+    sampler: Literal["ode", "sde"] = "ode"  # how the old policy samples: the ODE (the paper's) or the SDE
+    adaptive_weight: bool = True  # divide each sample's x0 error by its mean absolute x0 error (no gradient)
+    # the old (sampling) policy after each round: θ_old ← d·θ_old + (1−d)·θ with d = 0 before old_decay_start
+    # optimizer steps, then min((steps − old_decay_start)·old_decay_rate, old_decay_max); the official
+    # defaults (decay_type 1) are 0, 0.001, 0.5; its decay_type 2 (OCR) is 75, 0.0075, 0.999
+    old_decay_start: int = 0
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+
+
+@dataclass
 class LoopConfig:
     """LOOP hyperparameters. "per process" counts are multiplied by the process count."""
 
@@ -122,6 +139,11 @@ class LoopConfig:
     # the advantage of a sample: loo (leave-one-out over its prompt's K samples, LOOP), prompt_stats (DDPO's
     # per-prompt reward statistics), group_norm (GRPO: the group's mean and std), batch_norm (over all processes)
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
+    # the update: ppo (the clipped surrogate on each SDE step's likelihood ratio: LOOP, DDPO, GRPO) or nft
+    # (DiffusionNFT: flow-matching regression on the old policy's clean samples, noised afresh, toward the
+    # implicit positive policy and away from the negative; no likelihoods; flow-matching families only)
+    objective: Literal["ppo", "nft"] = "ppo"
+    nft: NFTSpec = field(default_factory=NFTSpec)  # objective nft's options
     # group_norm's divisor: each group's own reward std (group, GRPO) or the std of every reward of the round over
     # all processes (batch: Flow-GRPO's global_std); the mean is the group's either way
     advantage_std: Literal["group", "batch"] = "group"
@@ -264,6 +286,7 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
         raise RecipeError("loop.max_sequence_length", f"must be >= 1 (got {cfg.max_sequence_length})")
     adapter = _resolve_adapter(cfg, _pipeline_class(cfg.pipeline))
     _check_kl_scale(recipe, adapter)
+    _check_nft(recipe, adapter)
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
@@ -277,9 +300,36 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
 
 
+def _check_nft(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
+    """``objective: nft`` needs a flow-matching family, no guidance, whole weights and its own options in range."""
+    cfg = recipe.loop
+    if cfg.objective != "nft":
+        return
+    if adapter is not None and not adapter.flow_matching:
+        raise RecipeError(
+            "loop.objective",
+            f"nft regresses a flow-matching velocity; {adapter.__name__}'s denoiser is not one (use objective ppo)",
+        )
+    if cfg.guidance_scale != 1:
+        raise RecipeError(
+            "loop.guidance_scale", f"objective nft samples and trains unguided: set 1 (got {cfg.guidance_scale})"
+        )
+    if recipe.run.grad_sync == "fsdp":
+        raise RecipeError("loop.objective", "nft keeps whole old-policy weights; FSDP shards them: use grad_sync ddp")
+    if not cfg.nft.mix > 0:
+        raise RecipeError("loop.nft.mix", f"must be > 0 (got {cfg.nft.mix})")
+    if not 0 <= cfg.nft.old_decay_max < 1 or cfg.nft.old_decay_rate < 0 or cfg.nft.old_decay_start < 0:
+        raise RecipeError("loop.nft", "old_decay_max must be in [0, 1), old_decay_rate and old_decay_start >= 0")
+    for i, entry in enumerate(recipe.regularizers):
+        if isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo":
+            raise RecipeError(
+                f"regularizers[{i}].scale", "objective nft has no SDE steps to scale: kl_ref takes scale exact there"
+            )
+
+
 def _check_kl_scale(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
     """A ``kl_ref`` with ``scale: flow_grpo`` needs flow-matching steps (their dt)."""
-    if adapter is None or adapter.flow_grpo_kl:
+    if adapter is None or adapter.flow_matching:
         return
     for i, entry in enumerate(recipe.regularizers):
         if isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo":
@@ -457,7 +507,14 @@ class LOOP:
         self.eval_prompt_list = setup.eval_prompts
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
         self.images_seen = 0  # all processes
-        per_sample = trained_timesteps(len(self.adapter.trained_steps), cfg.timestep_fraction)
+        # the steps an update draws from: the sampler's trained ones (ppo), or every noise level of the schedule
+        # (nft: its forward process noises the clean samples afresh at each)
+        self.train_steps = (torch.arange(cfg.num_steps) if cfg.objective == "nft" else self.adapter.trained_steps).to(
+            self.device
+        )
+        self.nft_old: dict[str, torch.Tensor] | None = None  # objective nft: θ_old, set at the first collect
+        self.optimizer_steps = 0  # objective nft: the old policy's decay schedule counts them
+        per_sample = trained_timesteps(len(self.train_steps), cfg.timestep_fraction)
         if per_sample % cfg.steps_per_pass:
             raise RecipeError(
                 "loop.steps_per_pass",
@@ -506,7 +563,8 @@ class LOOP:
         batches, pending = [], []
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
-            traj = self.adapter.sample(
+            sample = self._sample_old if cfg.objective == "nft" else self.adapter.sample
+            traj = sample(
                 denoiser,
                 {k: v[sl] for k, v in cond.items()},
                 self._negative(len(prompts[sl])),
@@ -532,6 +590,24 @@ class LOOP:
             prompts=prompts,
             reward_info=info,
         )
+
+    def _sample_old(self, model, cond, negative, generator, autocast=None) -> dict:
+        """Objective nft: clean samples of the old policy θ_old with its sampler (the ODE by default),
+        as a one-step trajectory (latents (B, 1, ...): the final latents; no log-probs)."""
+        if self.nft_old is None:  # θ_old starts as the initial weights
+            self.nft_old = {n: p.detach().float().clone() for n, p in self._trained_parameters().items()}
+        ode = self.cfg.nft.sampler == "ode"
+        shape = (cond["embeds"].shape[0], *((1,) if ode else self.adapter.noise_shape()[:1]))
+        noise = torch.randn((*shape, *self.adapter.latent_shape), generator=generator, device=generator.device)
+        with self._swapped_weights(self.nft_old):
+            final = self.adapter.sample_with_noise(
+                self._denoiser(), cond, negative, noise.to(self.device), ode, autocast=autocast
+            )
+        return {
+            "latents": final[:, None],
+            "log_probs": torch.zeros(len(final), 0, device=final.device),
+            "noise_schedule": self.adapter.sigmas.to(final.device),
+        }
 
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch: Rollout) -> Rollout:
@@ -611,7 +687,7 @@ class LOOP:
         ``drop_zero_advantage`` the minibatches are as many, each of the kept samples only."""
         cfg, gen = self.cfg, self.runtime.generator
         B = batch.latents.shape[0]
-        trainable = self.adapter.trained_steps.to(self.device)  # (T',)
+        trainable = self.train_steps  # (T',)
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
         size = cfg.minibatch_size
         if cfg.drop_zero_advantage:  # non-zero advantages first, then zero ones to pad, each in random order
@@ -632,6 +708,8 @@ class LOOP:
                 yield TimestepSlice(batch, idx.repeat(k), steps[:, j : j + k].T.reshape(-1))
 
     def loss(self, item: "TimestepSlice"):
+        if self.cfg.objective == "nft":
+            return self._nft_loss(item)
         batch, idx, step = item
         cfg = self.cfg
         x_t = batch.latents[idx, step]  # (b, C, H, W)
@@ -660,6 +738,40 @@ class LOOP:
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
                 "policy/ratio_mean": ratio.mean(),
+                **penalty_stats,
+            }
+        return loss + penalty, stats
+
+    def _nft_loss(self, item: "TimestepSlice"):
+        """DiffusionNFT on step ``step``'s noise level t = σ_step: fresh noise ε, x_t = (1−t)·x0 + t·ε
+        from the clean sample x0, the old and current velocities there (``objectives.nft_loss``); the
+        KL to the base (kl_ref) is the official code's mean (v_θ − v_ref)²."""
+        batch, idx, step = item
+        cfg, gen = self.cfg, self.runtime.generator
+        x0 = batch.latents[idx, -1].float()
+        t = batch.noise_schedule[step].float()  # (b,)
+        eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device)
+        x_t = (1 - t.view(-1, *([1] * (x0.ndim - 1)))) * x0 + t.view(-1, *([1] * (x0.ndim - 1))) * eps
+        cond = {k: v[idx] for k, v in batch.cond.items()}
+        autocast = self.runtime.autocast
+        with torch.no_grad(), self._swapped_weights(self.nft_old):
+            v_old = self.adapter.predict_velocity(self._denoiser(), cond, x_t, t, autocast)
+        v = self.adapter.predict_velocity(self.modules[self.adapter.denoiser_name], cond, x_t, t)
+        r = objectives.nft_optimality(batch.advantages[idx], cfg.adv_clip)
+        loss = objectives.nft_loss(
+            v, v_old, x0, x_t, t, r, cfg.nft.mix, cfg.nft.adaptive_weight, scale=cfg.adv_clip
+        ).float()
+        # kl_ref's Gaussian form with std² = ½ is the official KL term, mean (v_θ − v_ref)²
+        tensors = {"mean": v, "std": 0.5**0.5}
+        if self.needs_reference:
+            with torch.no_grad(), self._base_model() as reference:
+                tensors["ref_mean"] = self.adapter.predict_velocity(reference, cond, x_t, t, autocast)
+        penalty, penalty_stats = self.loss_terms(**tensors)
+        with torch.no_grad():
+            stats = {
+                "loss/policy": loss.detach(),
+                "policy/old_deviation": (v.detach() - v_old).pow(2).mean(),  # mean (v_θ − v_old)²
+                "policy/optimality_mean": r.mean(),
                 **penalty_stats,
             }
         return loss + penalty, stats
@@ -802,7 +914,19 @@ class LOOP:
     # ------------------------------------------------------------------ EMA
     def after_update(self) -> None:
         """θ̄ ← d·θ̄ + (1−d)·θ over the trained weights, d = min(ema_decay, (1+n)/(10+n)) at the
-        n-th update (θ̄ starts at the weights after the first update); nothing without ema_decay."""
+        n-th update (θ̄ starts at the weights after the first update); nothing without ema_decay.
+        Objective nft: then θ_old ← d·θ_old + (1−d)·θ (``NFTSpec``'s schedule of optimizer steps)."""
+        cfg = self.cfg
+        B = cfg.num_samples_per_prompt * cfg.prompts_per_iteration
+        self.optimizer_steps += (
+            self.update_epochs * (B // cfg.minibatch_size) // self.recipe.run.gradient_accumulation_steps
+        )
+        if cfg.objective == "nft" and self.nft_old is not None:
+            o = cfg.nft
+            steps = self.optimizer_steps - o.old_decay_start
+            decay = 0.0 if steps < 0 else min(steps * o.old_decay_rate, o.old_decay_max)
+            for name, p in self._trained_parameters().items():
+                self.nft_old[name].lerp_(p.detach().float(), 1 - decay)
         if not self.cfg.ema_decay:
             return
         params = self._trained_parameters()
@@ -817,17 +941,22 @@ class LOOP:
     def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self._denoiser().named_parameters() if p.requires_grad}
 
-    @contextlib.contextmanager
     def _ema_weights(self):
         """The trained weights replaced by their EMA inside the block (when there is one), restored after."""
-        if self.ema is None:
+        return self._swapped_weights(self.ema)
+
+    @contextlib.contextmanager
+    def _swapped_weights(self, weights: dict[str, torch.Tensor] | None):
+        """The trained weights replaced by ``weights`` (name -> tensor) inside the block, restored
+        after; nothing when ``weights`` is None."""
+        if weights is None:
             yield
             return
         params = self._trained_parameters()
         live = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self.ema[name].to(p.device, p.dtype))
+                p.copy_(weights[name].to(p.device, p.dtype))
         try:
             yield
         finally:
@@ -838,10 +967,12 @@ class LOOP:
     # ------------------------------------------------------------------ STATE
     def state_dict(self):
         tensors = {f"ema.{n}": t for n, t in (self.ema or {}).items()}
+        tensors.update({f"nft_old.{n}": t for n, t in (self.nft_old or {}).items()})
         return tensors, {
             "prompt_stats": self.prompt_stats.state_dict(),
             "images_seen": self.images_seen,
             "ema_updates": self.ema_updates,
+            "optimizer_steps": self.optimizer_steps,
         }
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
@@ -850,6 +981,9 @@ class LOOP:
         self.ema_updates = int(state.get("ema_updates", 0))
         ema = {n[len("ema.") :]: t.to(self.device) for n, t in tensors.items() if n.startswith("ema.")}
         self.ema = ema or None
+        old = {n[len("nft_old.") :]: t.to(self.device) for n, t in tensors.items() if n.startswith("nft_old.")}
+        self.nft_old = old or None
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     def close(self):
         if self.pool is not None:

@@ -14,8 +14,9 @@ user's family registers the same way, on import or as ``"module:Class"`` in the 
     encode / negative           the conditioning, and the empty prompt's for guidance
     sample                      a batch of trajectories: every latent and every step's log π_old
     step_distribution           log π_θ of one stored step with the step's Gaussian mean and std
-    flow_grpo_std               Flow-GRPO's std_dev_t of a step (its KL's divisor), where the family
-                                has one (``flow_grpo_kl``)
+    predict_velocity            a flow-matching family's conditional velocity v_θ(x, σ), no guidance
+                                (the NFT objective), where the family has one (``flow_matching``)
+    flow_grpo_std               Flow-GRPO's std_dev_t of a step (its KL's divisor), ditto
     sample_with_noise           final latents from fixed per-item noise (evaluation)
     decode                      latents to the family's media: images (B, 3, H, W) or videos
                                 (B, T, 3, H, W), in [0, 1]
@@ -76,8 +77,8 @@ class Adapter(abc.ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()  # module names LoRA adapts by default
     deterministic_suffix: ClassVar[str] = "_det"  # evaluation keys of the deterministic sampler: reward<suffix>
     guidance_embedded: ClassVar[bool] = False  # guidance is an embedding, not classifier-free guidance
-    # its steps are flow-matching steps with a time increment dt, so Flow-GRPO's KL scale applies (flow_grpo_std)
-    flow_grpo_kl: ClassVar[bool] = False
+    # a flow-matching family: a velocity field (predict_velocity), steps with a time increment dt (flow_grpo_std)
+    flow_matching: ClassVar[bool] = False
 
     # ---- what an instance holds
     pipe: Any  # the diffusers pipeline
@@ -186,8 +187,13 @@ class Adapter(abc.ABC):
 
     def flow_grpo_std(self, noise_schedule, step, like: torch.Tensor) -> torch.Tensor:
         """Flow-GRPO's ``std_dev_t`` of step ``step`` (b,) (``kl_ref`` with ``scale: flow_grpo``),
-        broadcastable to ``like``; only a family with ``flow_grpo_kl`` has one."""
+        broadcastable to ``like``; only a ``flow_matching`` family has one."""
         raise ValueError(f"{type(self).__name__}'s steps have no Flow-GRPO std (it is not a flow-matching family)")
+
+    def predict_velocity(self, model, cond, x: torch.Tensor, sigma: torch.Tensor, autocast=None) -> torch.Tensor:
+        """The conditional velocity v_θ(x, σ) of ``model`` at noise level σ (b,), without guidance,
+        float32; only a ``flow_matching`` family has one."""
+        raise ValueError(f"{type(self).__name__} has no velocity field (it is not a flow-matching family)")
 
     @abc.abstractmethod
     def sample_with_noise(self, model, cond, negative, noise, deterministic: bool, autocast=None) -> torch.Tensor:

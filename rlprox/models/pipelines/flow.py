@@ -49,7 +49,7 @@ class FlowMatchingAdapter(Adapter):
     Options = FlowOptions
     denoiser_name = "transformer"
     deterministic_suffix = "_ode"  # evaluation values of the ODE sampler: reward_ode
-    flow_grpo_kl = True
+    flow_matching = True
 
     @classmethod
     def check_options(cls, sampling: Sampling, options: FlowOptions, key: str) -> None:
@@ -190,6 +190,10 @@ class FlowMatchingAdapter(Adapter):
         o = self.options
         mean, std = flow_match.step_moments(o.sampler, v, x, sigma, sigma_next, o.noise_level)
         return diffusion.gaussian_logprob(x_next.to(x.dtype), mean, std), mean, std
+
+    def predict_velocity(self, model, cond, x: torch.Tensor, sigma: torch.Tensor, autocast=None) -> torch.Tensor:
+        """v_θ(x, σ), conditional, no guidance, float32."""
+        return self._velocity(model, cond, None, autocast)(x, sigma).float()
 
     def flow_grpo_std(self, noise_schedule, step, like: torch.Tensor) -> torch.Tensor:
         """Flow-GRPO's std_dev_t of the step (``flow_match.flow_grpo_std``)."""
