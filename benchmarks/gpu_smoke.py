@@ -11,6 +11,8 @@ and the generative trainers at real scale with random weights.
                                                     # pipeline (512 px, 10 SDE steps, K 8, LoRA r32, bf16):
                                                     # images/s and peak memory of each, one process
     python benchmarks/gpu_smoke.py --case flow --iterations 5   # 5 rounds per block (the first a warm-up)
+    python benchmarks/gpu_smoke.py --case nft       # LOOP's objective nft vs GRPO (objective ppo) on the same
+                                                    # SD3.5-Medium-size pipeline and batch: images/s, peak memory
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
     python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
 
@@ -651,9 +653,72 @@ def flow_case(args, cuda: bool) -> int:
     return 0
 
 
+NFT_ARMS = {  # the flow case's batch (flow_overrides), group-normalised advantages, all 10 steps trained
+    "GRPO (SDE steps, ratio)": ["loop.advantage=group_norm"],
+    "NFT (old policy's ODE, no likelihood)": ["loop.advantage=group_norm", "loop.objective=nft"],
+}
+
+
+def nft_case(args, cuda: bool) -> int:
+    """GRPO and NFT blocks, alternated (GRPO, NFT, GRPO, NFT), on one random-weight SD3 pipeline."""
+    iterations = args.iterations or (4 if cuda else 2)
+    if iterations < 2:
+        raise SystemExit("--case nft: --iterations must be >= 2 (the first round of each block is a warm-up)")
+    out = Path(tempfile.mkdtemp(prefix="gpu_smoke_nft_"))
+    try:
+        pipe, params = random_sd3_pipeline(out / "pipeline", args.size)
+        base = flow_overrides(pipe, args.size, iterations, not cuda, out)
+        blocks = {arm: [] for arm in NFT_ARMS}
+        for b in range(2):
+            for i, (arm, extra) in enumerate(NFT_ARMS.items()):
+                named = [*base, *extra, f"run.name=gpu-nft-{i}-{b}"]
+                r = flow_block(arm, lambda: _rlprox_rounds(named, not cuda), not cuda)
+                blocks[arm].append(r)
+                print(f"block {b + 1} {arm}: {', '.join(f'{s:.2f}' for s in r['seconds'])} s per round", flush=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    images = 16  # flow_overrides: K 8 × 2 prompts
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    lines = [
+        f"# GPU smoke test: nft ({args.size}, random weights): LOOP's objective nft vs GRPO",
+        "",
+        f"Date {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}. Command: "
+        f"`python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"One random-weight SD3 pipeline ({params:,} transformer parameters; `random_sd3_pipeline`), the flow case's "
+        f"batch ({images} images per round, minibatches of 8 × 10 steps, LoRA r32, "
+        f"{'bf16' if cuda else 'fp32'}, no CFG, no KL, no EMA), group-normalised advantages. GRPO samples 10 SDE "
+        "steps and trains each step's clipped ratio (one transformer pass per trained step); NFT samples the old "
+        "policy's ODE and trains the forward-process loss (two passes per trained step: the old and the current "
+        "velocity). Blocks GRPO, NFT, GRPO, NFT, each a fresh run, the first round of each a warm-up; images/s is "
+        "the median over the timed rounds of both blocks; peak memory as the flow case.",
+        "",
+        "| objective | images/s, median | per timed round | peak GiB | last loss |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, bs in blocks.items():
+        rates = [images / s for blk in bs for s in blk["seconds"]]
+        peak = f"{max(blk['peak_gib'] for blk in bs):.1f}" if cuda else "–"
+        lines.append(
+            f"| {arm} | **{statistics.median(rates):.2f}** | {', '.join(f'{x:.2f}' for x in rates)} | {peak} | "
+            f"{bs[-1]['loss']:.4f} |"
+        )
+    body = "\n".join(lines) + "\n"
+    print(body)
+    target = (
+        args.out
+        if args.out is not None
+        else (RESULTS.with_name("gpu_smoke_nft.md") if cuda and args.size == "full" else None)
+    )
+    if target is not None:
+        target.write_text(body)
+        print(f"wrote {target}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow"], default="ppo")
+    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft"], default="ppo")
     p.add_argument(
         "--size",
         choices=["full", "tiny"],
@@ -686,6 +751,8 @@ def main() -> int:
             return 0
         if args.case == "flow":
             return flow_case(args, cuda)
+        if args.case == "nft":
+            return nft_case(args, cuda)
         out_dir = tempfile.mkdtemp(prefix=f"gpu_smoke_{args.case}_")
         try:
             r = run_generative(args.case, args.size, args.iterations or 2, not cuda, out_dir)
