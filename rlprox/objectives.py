@@ -94,6 +94,26 @@ def kl_k3(sample_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
     return (torch.expm1(log_r) - log_r).mean()
 
 
+def gaussian_step_kl(mean: torch.Tensor, other_mean: torch.Tensor, std) -> torch.Tensor:
+    """Per sample (B,): mean_i (μ_b,i − μ'_b,i)² / (2·std_b²), the exact KL of two Gaussian steps
+    with the same std per latent element (see ``gaussian_mean_kl``, its batch mean)."""
+    sq = (mean.float() - other_mean.float()) ** 2
+    std = torch.as_tensor(std, dtype=torch.float32, device=sq.device)
+    per_element = sq / (2 * std.expand_as(sq) ** 2) if std.ndim else sq / (2 * std**2)
+    return per_element.mean(dim=tuple(range(1, sq.ndim)))
+
+
+def kl_masked_surrogate(logp, old_logp, advantages, step_kl, threshold: float):
+    """Flow-DPPO's divergence-masked policy loss (Ping et al. 2026, arXiv 2606.11025): the unclipped
+    surrogate −mean(mask·ρ·A), ρ = exp(log π_θ − log π_old), where a sample is masked (no gradient)
+    only when its step's exact KL to the old step exceeds ``threshold`` while the update moves
+    it further away (ρ > 1 with A > 0, or ρ < 1 with A < 0). Returns (loss, ratio, masked)."""
+    ratio = torch.exp(logp - old_logp)
+    away = ((advantages > 0) & (ratio > 1)) | ((advantages < 0) & (ratio < 1))
+    masked = away & (step_kl > threshold)
+    return -(torch.where(masked, torch.zeros_like(ratio), ratio * advantages)).mean(), ratio, masked
+
+
 def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
     """mean_b [ mean_i (μ_b,i − μ_ref,b,i)² / (2·std_b²) ]: ``mean``, ``ref_mean`` (B, ...);
     ``std`` a float or a tensor broadcastable to them ((B, 1, ...)).
@@ -104,10 +124,7 @@ def gaussian_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.T
     the SDE step lacks the step's √(−dt) (``flow_match.flow_grpo_std``): its value is the
     exact KL × (−dt), about 1/T of it with T uniform steps. A β from its configs means the
     same here only with ``kl_ref``'s ``scale: flow_grpo``."""
-    sq = (mean.float() - ref_mean.float()) ** 2
-    std = torch.as_tensor(std, dtype=torch.float32, device=sq.device)
-    per_element = sq / (2 * std.expand_as(sq) ** 2) if std.ndim else sq / (2 * std**2)
-    return per_element.mean(dim=tuple(range(1, sq.ndim))).mean()
+    return gaussian_step_kl(mean, ref_mean, std).mean()
 
 
 def nft_optimality(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:

@@ -160,3 +160,51 @@ def test_zero_advantage_samples_leave_the_update_and_are_counted(tmp_path, sd3_p
 def test_options_that_do_not_apply_are_one_line(tmp_path, sd3_pipeline, loop, key):  # noqa: F811
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         load_recipe(flow_recipe(tmp_path, sd3_pipeline, **loop))
+
+
+def test_kl_masked_surrogate_masks_only_steps_that_leave_the_region():
+    logp = torch.log(torch.tensor([1.2, 1.2, 0.8, 0.8, 1.2, 0.8]))
+    old = torch.zeros(6)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    kl = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.01, 0.01])
+    loss, ratio, masked = objectives.kl_masked_surrogate(logp, old, adv, kl, 0.1)
+    # beyond δ: A > 0 with ρ > 1 and A < 0 with ρ < 1 move away (masked); the other two move back (kept)
+    assert masked.tolist() == [True, False, False, True, False, False]
+    kept = ~masked
+    torch.testing.assert_close(loss, -(ratio * adv * kept).mean())
+    step_kl = objectives.gaussian_step_kl(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([1.0, 0.5]).view(2, 1))
+    torch.testing.assert_close(step_kl, torch.tensor([0.5, 2.0]))
+
+
+def test_kl_trust_region_trains_with_the_old_means_and_masks(tmp_path, sd3_pipeline):  # noqa: F811
+    recipe = flow_recipe(tmp_path, sd3_pipeline, trust_region="kl", kl_threshold=1e-6, update_epochs=2)
+    recipe["optim"]["lr"] = 5e-2
+    engine = Engine(load_recipe(recipe))
+    algo = engine.algo
+    with torch.no_grad():
+        batch = algo.advantages(algo.collect())
+    assert batch.means is not None and batch.means.shape[:2] == batch.log_probs.shape
+    item = next(iter(algo.minibatches(batch, 0)))
+    _, stats = algo.loss(item)  # before any update: θ = θ_old, every step KL is 0, nothing masked
+    assert float(stats["policy/step_kl"]) < 1e-10 and float(stats["policy/masked_frac"]) == 0
+    stats = engine.fit()
+    assert stats["policy/step_kl"] > 0 and 0 <= stats["policy/masked_frac"] <= 1
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    ("loop", "key"),
+    [
+        ({"trust_region": "kl"}, "loop.kl_threshold"),
+        ({"kl_threshold": 0.1}, "loop.kl_threshold"),
+        ({"trust_region": "kl", "kl_threshold": 0.1, "objective": "nft", "guidance_scale": 1.0}, "loop.trust_region"),
+    ],
+)
+def test_trust_region_refusals(tmp_path, sd3_pipeline, loop, key):  # noqa: F811
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load_recipe(flow_recipe(tmp_path, sd3_pipeline, **loop))
+
+
+def test_kl_trust_region_refused_on_ddim_steps(tmp_path, tiny_pipeline):  # noqa: F811
+    with pytest.raises(RecipeError, match=r"loop\.trust_region: kl masks flow-matching"):
+        load_recipe(loop_recipe(tmp_path, tiny_pipeline, trust_region="kl", kl_threshold=0.1))

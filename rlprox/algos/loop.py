@@ -153,6 +153,11 @@ class LoopConfig:
     normalize_advantages: bool = False  # after the group advantage, divide by the batch std (all processes)
     adv_clip: float = 5.0  # advantages clipped to ±adv_clip
     clip_coef: float = 1e-4  # PPO ε on the per-step ratio (DDPO / Flow-GRPO: clip_range)
+    # objective ppo's trust region: clip (the ratio clipped to [1−ε, 1+ε]) or kl (Flow-DPPO: the ratio unclipped,
+    # a sample's step masked when its exact Gaussian KL to the old step exceeds kl_threshold while the update
+    # moves it further away; flow-matching families)
+    trust_region: Literal["clip", "kl"] = "clip"
+    kl_threshold: float = 0.0  # trust_region kl: δ, on the per-element KL mean_i (μ_θ − μ_old)_i² / (2·std²)
     update_epochs: int = 1  # passes over each round's samples (DDPO / Flow-GRPO: num_inner_epochs)
     # samples per training minibatch (one optimizer step), per process (DDPO / Flow-GRPO: train_batch_size)
     minibatch_size: int = 16
@@ -287,6 +292,7 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     adapter = _resolve_adapter(cfg, _pipeline_class(cfg.pipeline))
     _check_kl_scale(recipe, adapter)
     _check_nft(recipe, adapter)
+    _check_trust_region(recipe, adapter)
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
@@ -298,6 +304,23 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     train = load_prompts(cfg.prompts)
     evaluation = load_prompts(eval_prompt_source(cfg.prompts, cfg.eval_prompts), "loop.eval_prompts")
     return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
+
+
+def _check_trust_region(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
+    """``trust_region: kl`` needs Gaussian flow-matching steps and a threshold; clip needs no threshold."""
+    cfg = recipe.loop
+    if cfg.trust_region == "clip":
+        if cfg.kl_threshold:
+            raise RecipeError("loop.kl_threshold", "is trust_region kl's δ; with trust_region clip remove it")
+        return
+    if cfg.objective == "nft":
+        raise RecipeError("loop.trust_region", "objective nft has no likelihood ratio to keep in a trust region")
+    if adapter is not None and not adapter.flow_matching:
+        raise RecipeError(
+            "loop.trust_region", f"kl masks flow-matching SDE/CPS steps by their KL; {adapter.__name__}'s are not"
+        )
+    if not cfg.kl_threshold > 0:
+        raise RecipeError("loop.kl_threshold", f"trust_region kl needs δ > 0 (got {cfg.kl_threshold})")
 
 
 def _check_nft(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
@@ -444,6 +467,7 @@ class Rollout:
     prompts: list[str]  # (B,)
     reward_info: dict[str, float]  # the reward's own stats, averaged over sampling batches
     advantages: torch.Tensor | None = None  # (B,) set by ``advantages`` (a new Rollout); None before
+    means: torch.Tensor | None = None  # (B, T, ...) each step's mean μ_old (trust_region: kl only)
 
 
 class LOOP:
@@ -564,12 +588,14 @@ class LOOP:
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
             sample = self._sample_old if cfg.objective == "nft" else self.adapter.sample
+            extra = {"keep_means": True} if cfg.trust_region == "kl" else {}
             traj = sample(
                 denoiser,
                 {k: v[sl] for k, v in cond.items()},
                 self._negative(len(prompts[sl])),
                 self.runtime.generator,
                 autocast=self.runtime.autocast,
+                **extra,
             )
             batches.append(traj)
             final = traj["latents"][:, -1]
@@ -589,6 +615,7 @@ class LOOP:
             rewards=rewards,
             prompts=prompts,
             reward_info=info,
+            means=torch.cat([b["means"] for b in batches]) if cfg.trust_region == "kl" else None,
         )
 
     def _sample_old(self, model, cond, negative, generator, autocast=None) -> dict:
@@ -721,7 +748,13 @@ class LOOP:
         )  # (b,), (b, ...), std
         old = batch.log_probs[idx, step]
         adv = batch.advantages[idx]
-        loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_coef)
+        trust = {}
+        if cfg.trust_region == "kl":
+            step_kl = objectives.gaussian_step_kl(mean, batch.means[idx, step], std)
+            loss, ratio, masked = objectives.kl_masked_surrogate(logp, old, adv, step_kl, cfg.kl_threshold)
+            trust = {"policy/step_kl": step_kl.detach().mean(), "policy/masked_frac": masked.float().mean()}
+        else:
+            loss, ratio = objectives.clipped_surrogate(logp, old, adv, cfg.clip_coef)
         tensors = {"mean": mean, "std": std}
         if self.needs_flow_grpo_std:
             tensors["flow_grpo_std"] = self.adapter.flow_grpo_std(batch.noise_schedule, step, mean)
@@ -738,6 +771,7 @@ class LOOP:
                 "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
                 "policy/ratio_max": ratio.max(),
                 "policy/ratio_mean": ratio.mean(),
+                **trust,
                 **penalty_stats,
             }
         return loss + penalty, stats

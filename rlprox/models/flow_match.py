@@ -265,6 +265,7 @@ class FlowTrajectories:
     log_probs: torch.Tensor  # (B, T), float32: log π_old(x_{k+1} | x_k, c); exactly 0 at ODE steps
     sigmas: torch.Tensor  # (T + 1,), float32: σ_0 > σ_1 > ... > σ_T
     stochastic: torch.Tensor  # (T,), bool: which steps were sampled (and carry a log-prob)
+    means: torch.Tensor | None = None  # (B, T, ...), float32: each step's Gaussian mean (with keep_means)
 
 
 def _check_schedule(sigmas: torch.Tensor) -> None:
@@ -295,8 +296,10 @@ def sample_flow_trajectories(
     generator: torch.Generator | None = None,
     *,
     sigma_max: float | None = None,
+    keep_means: bool = False,
 ) -> FlowTrajectories:
-    """Denoise x_T along ``sigmas``, stochastic on the window's steps, recording every latent and log-prob.
+    """Denoise x_T along ``sigmas``, stochastic on the window's steps, recording every latent and log-prob
+    (and, with ``keep_means``, every step's mean μ_old: the next latent at an ODE step).
 
     ``velocity(x, sigma)`` returns v for latents x (B, ...) at noise level ``sigma``, a (B,)
     float32 tensor (a pipeline adapter maps it to its timestep, e.g. 1000·σ, and applies
@@ -327,12 +330,20 @@ def sample_flow_trajectories(
     if sampler == "cps":
         _check_cps_window(sigmas, stochastic)
     B = x_T.shape[0]
-    x, latents, log_probs = x_T, [x_T], []
+    x, latents, log_probs, means = x_T, [x_T], [], []
     for k, is_stochastic in enumerate(stochastic.tolist()):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         v = velocity(x, sigma.expand(B))
+        if keep_means and is_stochastic:
+            means.append(
+                _sde_moments(v, x, sigma, sigma_next, noise_level, sigma_max)[0]
+                if sampler == "sde"
+                else _cps_moments(v, x, sigma, sigma_next, noise_level)[0]
+            )
         if not is_stochastic:
             x, logp = ode_step(v, x, sigma, sigma_next).to(x_T.dtype), torch.zeros(B, device=x.device)
+            if keep_means:
+                means.append(x.float())
         elif sampler == "sde":
             x, logp = sde_step_with_logprob(
                 v, x, sigma, sigma_next, noise_level, generator=generator, sigma_max=sigma_max
@@ -341,7 +352,8 @@ def sample_flow_trajectories(
             x, logp = cps_step_with_logprob(v, x, sigma, sigma_next, noise_level, generator=generator)
         latents.append(x)
         log_probs.append(logp)
-    return FlowTrajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), sigmas, stochastic)
+    kept = torch.stack(means, 1) if means else None
+    return FlowTrajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), sigmas, stochastic, kept)
 
 
 @torch.no_grad()

@@ -176,9 +176,11 @@ class Adapter(abc.ABC):
         return (self.sampling.num_steps + 1, *self.latent_shape)
 
     @abc.abstractmethod
-    def sample(self, model, cond, negative, generator, autocast=None) -> dict:
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
         """Trajectories of B = len(cond) samples: ``latents`` (B, T+1, ...), ``log_probs``
-        (B, T) (0 at untrained steps) and the ``noise_schedule`` the update re-evaluates with."""
+        (B, T) (0 at untrained steps) and the ``noise_schedule`` the update re-evaluates with;
+        with ``keep_means`` (a ``flow_matching`` family, for the KL trust region) also
+        ``means`` (B, T, ...), each step's Gaussian mean."""
 
     @abc.abstractmethod
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):

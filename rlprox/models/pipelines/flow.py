@@ -166,9 +166,10 @@ class FlowMatchingAdapter(Adapter):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, model, cond, negative, generator, autocast=None) -> dict:
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
         """Trajectories of B samples from x ~ N(0, I) at σ = 1, float32: latents (B, T+1, ...),
-        log_probs (B, T) (0 at the ODE steps outside the window), noise_schedule = the σ's (T+1,)."""
+        log_probs (B, T) (0 at the ODE steps outside the window), noise_schedule = the σ's (T+1,);
+        with ``keep_means`` also means (B, T, ...), each step's Gaussian mean."""
         device = cond["embeds"].device
         x_T = torch.randn((cond["embeds"].shape[0], *self.latent_shape), generator=generator, device=device)
         o = self.options
@@ -180,8 +181,10 @@ class FlowMatchingAdapter(Adapter):
             tuple(o.sde_window),
             o.sampler,
             generator,
+            keep_means=keep_means,
         )
-        return {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.sigmas}
+        out = {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.sigmas}
+        return out | ({"means": traj.means} if keep_means else {})
 
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
         """σ_step → σ_step+1: the sampler's Gaussian step."""

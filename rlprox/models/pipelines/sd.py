@@ -73,7 +73,7 @@ class StableDiffusionAdapter(Adapter):
         return {"embeds": embeds.float()}
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, model, cond, negative, generator, autocast=None) -> dict:
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
         """Latents (B, T+1, C, H, W), log_probs (B, T), noise_schedule = the timesteps (T,)."""
         s = self.sampling
         traj = diffusion.sample_trajectories(
