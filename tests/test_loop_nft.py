@@ -133,7 +133,7 @@ def test_nft_kl_is_the_mean_squared_velocity_difference(tmp_path, sd3_pipeline):
 
 
 def test_nft_full_finetuning_with_ema_trains(tmp_path, sd3_pipeline):  # noqa: F811
-    recipe = _nft_recipe(tmp_path, sd3_pipeline, finetune="full", ema_decay=0.5, nft={"sampler": "sde"})
+    recipe = _nft_recipe(tmp_path, sd3_pipeline, finetune="full", ema_decay=0.5, nft={"ode": False})
     engine = Engine(load_recipe(recipe))
     before = {n: p.detach().clone() for n, p in engine.algo.denoiser.named_parameters()}
     stats = engine.fit()

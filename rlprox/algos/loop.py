@@ -90,7 +90,7 @@ class NFTSpec:
     # β, the mixing coefficient of the implicit policies v⁺ = β·v_θ + (1−β)·v_old and v⁻ = (1+β)·v_old − β·v_θ
     # (a step size toward the reward, not a KL weight; the KL to the base is the kl_ref regularizer)
     mix: float = 1.0
-    sampler: Literal["ode", "sde"] = "ode"  # how the old policy samples: the ODE (the paper's) or the SDE
+    ode: bool = True  # the old policy samples with the ODE (the paper's; false: the family's stochastic steps)
     adaptive_weight: bool = True  # divide each sample's x0 error by its mean absolute x0 error (no gradient)
     # the old (sampling) policy after each round: θ_old ← d·θ_old + (1−d)·θ with d = 0 before old_decay_start
     # optimizer steps, then min((steps − old_decay_start)·old_decay_rate, old_decay_max); the official
@@ -623,7 +623,7 @@ class LOOP:
         as a one-step trajectory (latents (B, 1, ...): the final latents; no log-probs)."""
         if self.nft_old is None:  # θ_old starts as the initial weights
             self.nft_old = {n: p.detach().float().clone() for n, p in self._trained_parameters().items()}
-        ode = self.cfg.nft.sampler == "ode"
+        ode = self.cfg.nft.ode
         shape = (cond["embeds"].shape[0], *((1,) if ode else self.adapter.noise_shape()[:1]))
         noise = torch.randn((*shape, *self.adapter.latent_shape), generator=generator, device=generator.device)
         with self._swapped_weights(self.nft_old):
