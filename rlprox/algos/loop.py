@@ -9,9 +9,9 @@ re-evaluates a step's log-prob and decodes; the trainer names no family and call
 class itself. Per iteration, each process:
 
     COLLECT    P prompts × K samples each with the family's stochastic sampler, noise from
-               the engine's per-rank generator; every latent and log π_old kept (a ``Rollout``).
-               Samples are decoded and scored in a worker thread while the next batch
-               is denoised.
+               the engine's per-rank generator (``shared_initial_noise``: one x_T per prompt);
+               every latent and log π_old kept (a ``Rollout``). Samples are decoded and scored
+               in a worker thread while the next batch is denoised.
     ADVANTAGE  leave-one-out within each prompt's K samples (LOOP eq. 5):
                    A_{p,k} = r_{p,k} − 1/(K−1)·Σ_{j≠k} r_{p,j}
                or DDPO's per-prompt reward statistics, group normalisation (GRPO) or batch
@@ -136,6 +136,10 @@ class LoopConfig:
     resolution: int | None = None  # image side in pixels (a multiple of the VAE's factor); unset: the model's own
     guidance_scale: float = 1.0  # classifier-free guidance g (1: none)
     sample_batch_size: int = 16  # samples denoised together in one sampling batch, per process
+    # Flow-GRPO-Fast's same_latent: the K samples of a prompt start from one x_T, drawn per group, so that
+    # outside the SDE window (ODE steps) a group shares one path and branches only inside it; flow-matching
+    # families only (DDIM(η) steps are stochastic everywhere)
+    shared_initial_noise: bool = False
     # the advantage of a sample: loo (leave-one-out over its prompt's K samples, LOOP), prompt_stats (DDPO's
     # per-prompt reward statistics), group_norm (GRPO: the group's mean and std), batch_norm (over all processes)
     advantage: Literal["loo", "prompt_stats", "group_norm", "batch_norm"] = "loo"
@@ -161,7 +165,7 @@ class LoopConfig:
     update_epochs: int = 1  # passes over each round's samples (DDPO / Flow-GRPO: num_inner_epochs)
     # samples per training minibatch (one optimizer step), per process (DDPO / Flow-GRPO: train_batch_size)
     minibatch_size: int = 16
-    # fraction of the trained steps (all T, or the sde_window's) trained per sample: int(T' × fraction), at least 1
+    # fraction of the trained steps (all T, or the sde window's) trained per sample: int(T' × fraction), at least 1
     timestep_fraction: float = 1.0
     # which of them: a random subset per sample and minibatch (random, DDPO) or the first ones in order (first,
     # Flow-GRPO: with 10 steps and 0.99, steps 0-8, never the last)
@@ -293,6 +297,7 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     _check_kl_scale(recipe, adapter)
     _check_nft(recipe, adapter)
     _check_trust_region(recipe, adapter)
+    _check_shared_noise(recipe, adapter)
     sampling, options = resolve_options(cfg, adapter)
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
@@ -321,6 +326,23 @@ def _check_trust_region(recipe: "Recipe", adapter: type[Adapter] | None) -> None
         )
     if not cfg.kl_threshold > 0:
         raise RecipeError("loop.kl_threshold", f"trust_region kl needs δ > 0 (got {cfg.kl_threshold})")
+
+
+def _check_shared_noise(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
+    """``shared_initial_noise`` needs the PPO sampler of a flow-matching family (ODE steps outside its window)."""
+    cfg = recipe.loop
+    if not cfg.shared_initial_noise:
+        return
+    if cfg.objective == "nft":
+        raise RecipeError(
+            "loop.shared_initial_noise", "objective nft samples with its own sampler, not the SDE window's (remove it)"
+        )
+    if adapter is not None and not adapter.flow_matching:
+        raise RecipeError(
+            "loop.shared_initial_noise",
+            f"a group shares its path up to a flow-matching SDE window; {adapter.__name__}'s steps are all "
+            "stochastic (remove it)",
+        )
 
 
 def _check_nft(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
@@ -468,6 +490,8 @@ class Rollout:
     reward_info: dict[str, float]  # the reward's own stats, averaged over sampling batches
     advantages: torch.Tensor | None = None  # (B,) set by ``advantages`` (a new Rollout); None before
     means: torch.Tensor | None = None  # (B, T, ...) each step's mean μ_old (trust_region: kl only)
+    # (B, T') each sample's trained steps where the sampler draws them (a random SDE window); None: the adapter's
+    trained_steps: torch.Tensor | None = None
 
 
 class LOOP:
@@ -584,11 +608,18 @@ class LOOP:
         metadata = [self.metadata[i] for i in chosen for _ in range(K)]
         cond = self._embed(prompts)
         denoiser = self.modules[self.adapter.denoiser_name]
+        x_T = None
+        if cfg.shared_initial_noise:  # one x_T per prompt group, for its K samples
+            gen = self.runtime.generator
+            x_T = torch.randn((P, *self.adapter.latent_shape), generator=gen, device=gen.device)
+            x_T = x_T.to(self.device).repeat_interleave(K, 0)
         batches, pending = [], []
         for start in range(0, len(prompts), cfg.sample_batch_size):
             sl = slice(start, start + cfg.sample_batch_size)
             sample = self._sample_old if cfg.objective == "nft" else self.adapter.sample
             extra = {"keep_means": True} if cfg.trust_region == "kl" else {}
+            if x_T is not None:
+                extra["x_T"] = x_T[sl]
             traj = sample(
                 denoiser,
                 {k: v[sl] for k, v in cond.items()},
@@ -616,6 +647,7 @@ class LOOP:
             prompts=prompts,
             reward_info=info,
             means=torch.cat([b["means"] for b in batches]) if cfg.trust_region == "kl" else None,
+            trained_steps=torch.cat([b["trained_steps"] for b in batches]) if "trained_steps" in batches[0] else None,
         )
 
     def _sample_old(self, model, cond, negative, generator, autocast=None) -> dict:
@@ -710,11 +742,13 @@ class LOOP:
         steps per sample (one denoiser pass over b·k items), whose gradients the engine sums
         into one optimizer step (times run.gradient_accumulation_steps). Each sample's steps
         are a random subset of the pipeline's trained steps (all T for DDIM, the sde_window's
-        for flow matching), or their first ones (``timestep_subset: first``). With
-        ``drop_zero_advantage`` the minibatches are as many, each of the kept samples only."""
+        for flow matching, or the sample's own random window's: ``Rollout.trained_steps``), or
+        their first ones (``timestep_subset: first``). With ``drop_zero_advantage`` the
+        minibatches are as many, each of the kept samples only."""
         cfg, gen = self.cfg, self.runtime.generator
         B = batch.latents.shape[0]
-        trainable = self.train_steps  # (T',)
+        own = batch.trained_steps  # (B, T') or None: every sample's are self.train_steps (T',)
+        T = self.train_steps.shape[0] if own is None else own.shape[1]
         order = torch.randperm(B, generator=gen, device=gen.device).to(self.device)
         size = cfg.minibatch_size
         if cfg.drop_zero_advantage:  # non-zero advantages first, then zero ones to pad, each in random order
@@ -725,11 +759,13 @@ class LOOP:
             size = kept // (B // cfg.minibatch_size)
         for start in range(0, len(order), size):
             idx = order[start : start + size]
+            trainable = self.train_steps if own is None else own[idx]  # (T',) or (b, T')
             if cfg.timestep_subset == "first":  # Flow-GRPO: the first steps, in order
-                steps = trainable[: self.steps_per_sample].expand(len(idx), -1)
+                steps = trainable[..., : self.steps_per_sample].expand(len(idx), -1)
             else:  # DDPO: a random subset per sample
-                picks = [torch.randperm(len(trainable), generator=gen, device=gen.device) for _ in range(len(idx))]
-                steps = trainable[torch.stack(picks).to(self.device)]
+                picks = torch.stack([torch.randperm(T, generator=gen, device=gen.device) for _ in range(len(idx))])
+                picks = picks.to(self.device)
+                steps = trainable[picks] if own is None else trainable.gather(1, picks)
             k = self.cfg.steps_per_pass
             for j in range(0, self.steps_per_sample, k):
                 yield TimestepSlice(batch, idx.repeat(k), steps[:, j : j + k].T.reshape(-1))

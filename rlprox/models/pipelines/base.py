@@ -86,7 +86,10 @@ class Adapter(abc.ABC):
     options: Any  # an ``Options`` instance
     denoiser: torch.nn.Module  # the trained network (UNet or transformer)
     frozen: dict[str, torch.nn.Module]  # VAE, text encoders: used, never trained
-    trained_steps: torch.Tensor  # (T',) the steps that carry a log-prob and are trained
+    latent_shape: tuple[int, ...]  # one sample's latent, without the batch axis
+    # (T',) the steps that carry a log-prob and are trained; where ``sample`` draws them per call, one
+    # such draw: T' is the count per sample either way
+    trained_steps: torch.Tensor
     _negative: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ options (no weights)
@@ -176,11 +179,15 @@ class Adapter(abc.ABC):
         return (self.sampling.num_steps + 1, *self.latent_shape)
 
     @abc.abstractmethod
-    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False, x_T=None) -> dict:
         """Trajectories of B = len(cond) samples: ``latents`` (B, T+1, ...), ``log_probs``
         (B, T) (0 at untrained steps) and the ``noise_schedule`` the update re-evaluates with;
         with ``keep_means`` (a ``flow_matching`` family, for the KL trust region) also
-        ``means`` (B, T, ...), each step's Gaussian mean."""
+        ``means`` (B, T, ...), each step's Gaussian mean. ``x_T`` (B, ...): the first latents
+        (``loop.shared_initial_noise``), drawn from ``generator`` when None; the trainer passes it
+        only when set. A sampler that draws the trained steps per call (a random SDE window)
+        also returns ``trained_steps`` (B, T'), each sample's, as long indices; without it every
+        sample's are ``trained_steps``."""
 
     @abc.abstractmethod
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):

@@ -1,6 +1,7 @@
 """What every flow-matching family shares (SD3, FLUX, ...): the transformer predicts the
 velocity v, and the policy is rlprox.models.flow_match's ``sampler`` (Flow-GRPO's SDE or the
-coefficients-preserving CPS step) on the steps of ``sde_window``, the ODE elsewhere. A family
+coefficients-preserving CPS step) on the steps of ``sde_window`` (or of a window of
+``sde_window_size`` steps drawn per sampling batch, Flow-GRPO-Fast's), the ODE elsewhere. A family
 gives its velocity (``_velocity``), its latent shape, its σ schedule and its conditioning."""
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class FlowOptions:
     # [start, end): the steps sampled stochastically and trained (0 = the step from σ = 1); the others are
     # ODE steps with no log-prob, never trained. Unset: every step (sde), every step but the last to σ = 0 (cps)
     sde_window: list[int] | None = None
+    # Flow-GRPO-Fast / MixGRPO: instead of sde_window, a window of this many steps whose start is drawn uniformly
+    # in [lo, hi − size] for each sampling batch (the run's generator); only its steps carry log-probs and train
+    sde_window_size: int | None = None
+    # [lo, hi): the steps the random window lies in. Unset: [0, num_steps // 2] (Flow-GRPO-Fast's); cps: hi < T
+    sde_window_range: list[int] | None = None
 
 
 def available_memory(device) -> int | None:
@@ -54,13 +60,20 @@ class FlowMatchingAdapter(Adapter):
     @classmethod
     def check_options(cls, sampling: Sampling, options: FlowOptions, key: str) -> None:
         """The noise level's range, and a window of steps [start, end) the sampler can take
-        (unset: filled in here)."""
+        (unset: filled in here), or a random window's size and range."""
         if not options.noise_level > 0 or (options.sampler == "cps" and options.noise_level > 1):
             bound = "in (0, 1] for sampler cps" if options.sampler == "cps" else "> 0"
             raise RecipeError(f"{key}.noise_level", f"must be {bound} (got {options.noise_level})")
         T = sampling.num_steps
         if T == 1 and options.sampler == "cps":
             raise RecipeError("loop.num_steps", "sampler cps needs >= 2 steps (the last one is an ODE step)")
+        if options.sde_window_size is not None:
+            cls._check_random_window(T, options, key)
+            return
+        if options.sde_window_range is not None:
+            raise RecipeError(
+                f"{key}.sde_window_range", "is the range of a random window: set sde_window_size too (or remove it)"
+            )
         window = options.sde_window
         if window is None:
             window = options.sde_window = [0, T - 1] if options.sampler == "cps" else [0, T]
@@ -73,6 +86,36 @@ class FlowMatchingAdapter(Adapter):
             raise RecipeError(
                 f"{key}.sde_window",
                 f"sampler cps cannot sample the last step (to σ = 0, std 0): end the window by {T - 1} (got {window})",
+            )
+
+    @staticmethod
+    def _check_random_window(T: int, options: FlowOptions, key: str) -> None:
+        """A random window: size >= 1 inside a range [lo, hi) of the steps (unset: [0, T // 2]), not with
+        a fixed sde_window; under cps the range ends before the last step (to σ = 0)."""
+        size = options.sde_window_size
+        if options.sde_window is not None:
+            raise RecipeError(
+                f"{key}.sde_window_size",
+                f"draws a window per sampling batch; sde_window {options.sde_window} fixes one: set only one of them",
+            )
+        if size < 1:
+            raise RecipeError(f"{key}.sde_window_size", f"must be >= 1 (got {size})")
+        span = options.sde_window_range
+        if span is None:
+            span = options.sde_window_range = [0, T // 2]
+        if len(span) != 2 or not 0 <= span[0] < span[1] <= T:
+            raise RecipeError(
+                f"{key}.sde_window_range", f"must be steps [lo, hi) with 0 <= lo < hi <= num_steps={T} (got {span})"
+            )
+        if options.sampler == "cps" and span[1] == T:
+            raise RecipeError(
+                f"{key}.sde_window_range",
+                f"sampler cps cannot sample the last step (to σ = 0, std 0): end the range by {T - 1} (got {span})",
+            )
+        if size > span[1] - span[0]:
+            raise RecipeError(
+                f"{key}.sde_window_size",
+                f"{size} steps do not fit in sde_window_range {span} ({span[1] - span[0]} steps)",
             )
 
     @classmethod
@@ -113,8 +156,14 @@ class FlowMatchingAdapter(Adapter):
         self.latent_shape = self._latent_shape()
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         self.sigmas = self._schedule(pipe.scheduler, sampling.num_steps)  # (T+1,) float32, 1 ... 0
-        stochastic = flow_match.sde_window_mask(sampling.num_steps, options.sde_window)
-        self.trained_steps = torch.nonzero(stochastic).flatten()  # (T',) the window's steps
+        # the fixed window; with a random one, its first position in the range (evaluation's stochastic sampler)
+        if options.sde_window_size is None:
+            self.sde_window = tuple(options.sde_window)
+        else:
+            self.sde_window = (options.sde_window_range[0], options.sde_window_range[0] + options.sde_window_size)
+        stochastic = flow_match.sde_window_mask(sampling.num_steps, self.sde_window)
+        # (T',) the window's steps; with a random window one position of it: T' = sde_window_size per sample
+        self.trained_steps = torch.nonzero(stochastic).flatten()
         self._negative = None
 
     @classmethod
@@ -166,24 +215,33 @@ class FlowMatchingAdapter(Adapter):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
-        """Trajectories of B samples from x ~ N(0, I) at σ = 1, float32: latents (B, T+1, ...),
-        log_probs (B, T) (0 at the ODE steps outside the window), noise_schedule = the σ's (T+1,);
-        with ``keep_means`` also means (B, T, ...), each step's Gaussian mean."""
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False, x_T=None) -> dict:
+        """Trajectories of B samples from x ~ N(0, I) at σ = 1 (``x_T`` (B, ...) if given), float32:
+        latents (B, T+1, ...), log_probs (B, T) (0 at the ODE steps outside the window), noise_schedule =
+        the σ's (T+1,); with ``keep_means`` also means (B, T, ...), each step's Gaussian mean. With
+        ``sde_window_size`` the window's start is drawn first, once for the batch, and trained_steps
+        (B, size) names each sample's window steps."""
         device = cond["embeds"].device
-        x_T = torch.randn((cond["embeds"].shape[0], *self.latent_shape), generator=generator, device=device)
-        o = self.options
+        o, B = self.options, cond["embeds"].shape[0]
+        window, out = self.sde_window, {}
+        if o.sde_window_size is not None:  # Flow-GRPO-Fast: start uniform in [lo, hi − size]
+            lo, hi = o.sde_window_range
+            start = int(torch.randint(lo, hi - o.sde_window_size + 1, (1,), generator=generator, device=device))
+            window = (start, start + o.sde_window_size)
+            out["trained_steps"] = torch.arange(*window, device=device).expand(B, -1)
+        if x_T is None:
+            x_T = torch.randn((B, *self.latent_shape), generator=generator, device=device)
         traj = flow_match.sample_flow_trajectories(
             self._velocity(model, cond, negative, autocast),
             self.sigmas.to(device),
-            x_T,
+            x_T.to(device, torch.float32),
             o.noise_level,
-            tuple(o.sde_window),
+            window,
             o.sampler,
             generator,
             keep_means=keep_means,
         )
-        out = {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.sigmas}
+        out |= {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.sigmas}
         return out | ({"means": traj.means} if keep_means else {})
 
     def step_distribution(self, model, cond, negative, noise_schedule, x, x_next, step):
@@ -212,7 +270,7 @@ class FlowMatchingAdapter(Adapter):
             self.sigmas.to(noise.device),
             noise,
             o.noise_level,
-            None if deterministic else tuple(o.sde_window),
+            None if deterministic else self.sde_window,
             "ode" if deterministic else o.sampler,
         )
 

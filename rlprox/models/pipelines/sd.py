@@ -73,8 +73,9 @@ class StableDiffusionAdapter(Adapter):
         return {"embeds": embeds.float()}
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False) -> dict:
-        """Latents (B, T+1, C, H, W), log_probs (B, T), noise_schedule = the timesteps (T,)."""
+    def sample(self, model, cond, negative, generator, autocast=None, keep_means: bool = False, x_T=None) -> dict:
+        """Latents (B, T+1, C, H, W) from x_T ~ N(0, I) (``x_T`` if given), log_probs (B, T),
+        noise_schedule = the timesteps (T,)."""
         s = self.sampling
         traj = diffusion.sample_trajectories(
             model,
@@ -85,6 +86,7 @@ class StableDiffusionAdapter(Adapter):
             self.options.eta,
             generator,
             self.latent_shape,
+            initial=x_T,
             autocast=autocast,
         )
         return {"latents": traj.latents, "log_probs": traj.log_probs, "noise_schedule": traj.timesteps}
