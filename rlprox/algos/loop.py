@@ -30,7 +30,12 @@ Gaussian means, Flow-GRPO's term), an EMA of the trained weights for evaluation 
 
 Settings of this one trainer reach the related methods: DDPO = ``advantage:
 prompt_stats``; REINFORCE with a leave-one-out baseline = ``advantage: loo`` with one
-optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm``.
+optimizer step per round (ρ ≡ 1); GRPO-style = ``advantage: group_norm`` (Flow-GRPO's
+options: ``advantage_std: batch``, ``drop_zero_advantage``, ``timestep_subset: first``,
+kl_ref's ``scale: flow_grpo``; Flow-GRPO-Fast: ``shared_initial_noise`` with a random SDE
+window); Flow-DPPO = ``trust_region: kl``. ``objective: nft`` replaces the UPDATE above by
+DiffusionNFT's likelihood-free forward-process loss on the old policy's ODE samples
+(``_nft_loss``, ``objectives.nft_loss``; docs/nft.md), everything else unchanged.
 
 The denoiser (UNet or transformer) is trained (LoRA through peft by default, or fully); the
 VAE and text encoders are frozen. The K copies of a prompt stay on the process that sampled them, so the
