@@ -48,7 +48,7 @@ from rlprox.onpolicy import (
     normalized_advantages,
     validate_onpolicy,
 )
-from rlprox.spaces import is_plain_vector
+from rlprox.spaces import has_images
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -138,9 +138,9 @@ class PolicyFlow:
         obs_dim, space = env.obs_dim, env.space
         if space.kind != "box":
             raise RecipeError("env.id", "PolicyFlow needs a continuous (Box) action space")
-        if not is_plain_vector(env.layout):
+        if env.layout[0]["key"] is not None or has_images(env.layout):
             env.close()
-            raise RecipeError("env.id", "PolicyFlow takes a 1-D vector Box observation (images and Dicts: use ppo)")
+            raise RecipeError("env.id", "PolicyFlow takes a vector Box observation (images and Dicts: use ppo)")
         self.obs_dim, self.action_dim = obs_dim, space.dim
         self.policy = FlowPolicy(
             obs_dim,
