@@ -14,6 +14,9 @@
   replay state behind ``observe`` / ``step``; a trainer's collect loop only adds its
   policy and its buffers.
 - ``run_episodes``: evaluation episodes of any policy function on fresh envs.
+
+Observations of any supported space (a Box, images included, or a Dict of Boxes) are
+flattened into float32 rows by their layout (``rlprox.spaces``); the model cuts them back.
 """
 
 from __future__ import annotations

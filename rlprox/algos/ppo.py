@@ -48,7 +48,7 @@ class PPOConfig(OnPolicyConfig):
     """PPO hyperparameters (symbols of Schulman et al. 2017): the shared rollout and
     update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
 
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor and critic MLP widths (vector encoders')
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor, critic and Dict-vector-key MLP widths
     activation: Literal["tanh", "relu"] = "tanh"  # hidden nonlinearity of the actor and critic MLPs
     encoder: str = "auto"  # auto (by the observation space), mlp, nature_cnn, or "module:Class" (docs/usage.md)
     encoder_kwargs: dict = field(default_factory=dict)  # keyword arguments of a "module:Class" encoder
