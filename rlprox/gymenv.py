@@ -14,6 +14,9 @@
   replay state behind ``observe`` / ``step``; a trainer's collect loop only adds its
   policy and its buffers.
 - ``run_episodes``: evaluation episodes of any policy function on fresh envs.
+
+Observations of any supported space (a Box, images included, or a Dict of Boxes) are
+flattened into float32 rows by their layout (``rlprox.spaces``); the model cuts them back.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from rlprox.errors import RecipeError, RegistryError, did_you_mean
 from rlprox.registry import resolve_object
+from rlprox.spaces import ActionSpace, describe_entry, flatten_batch, observation_layout, widths
 
 
 @dataclass
@@ -301,33 +305,20 @@ class RewardScaler:
 # ----------------------------------------------------------------------------- rollout
 
 
-@dataclass(frozen=True)
-class ActionSpace:
-    """What a policy head needs to know about the env's actions."""
-
-    discrete: bool
-    dim: int  # number of discrete actions, or the Box dimension
-    columns: int  # columns an action takes in a (B, columns) buffer
-    low: np.ndarray | None = None
-    high: np.ndarray | None = None
-
-    @staticmethod
-    def of(space: gym.Space, key: str = "env.id") -> "ActionSpace":
-        if isinstance(space, gym.spaces.Discrete):
-            return ActionSpace(True, int(space.n), 1)
-        if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
-            return ActionSpace(False, int(space.shape[0]), int(space.shape[0]), space.low, space.high)
-        raise RecipeError(key, f"supported action spaces are Discrete and 1-D Box (got {space})")
-
-    def to_env(self, action: np.ndarray) -> np.ndarray:
-        """The action the env receives: continuous actions clipped to the Box."""
-        return action if self.discrete else np.clip(action, self.low, self.high)
-
-
 def observation_dim(space: gym.Space, key: str = "env.id") -> int:
-    if not isinstance(space, gym.spaces.Box):
-        raise RecipeError(key, f"needs a Box observation space (got {space})")
-    return int(np.prod(space.shape))
+    """The width of the flat float32 row an observation is stored as (``rlprox.spaces``)."""
+    return sum(widths(observation_layout(space, key)))
+
+
+def check_normalize_obs(cfg: EnvConfig, layout: list[dict]) -> None:
+    """Images are scaled by 1/255 inside the model; a running normaliser on pixels is refused."""
+    images = [describe_entry(e) for e in layout if e["pixels"] is not None]
+    if cfg.normalize_obs and images:
+        raise RecipeError(
+            "env.normalize_obs",
+            f"observation normalisation does not apply to image observations ({', '.join(images)}): "
+            "the model scales pixels by 1/255 itself; set env.normalize_obs: false",
+        )
 
 
 class GymRollout:
@@ -345,8 +336,10 @@ class GymRollout:
         self.cfg, self.rank, self.world, self.accelerator = cfg, rank, world, accelerator
         self.envs = make_vec_env(cfg)
         self.num_envs = self.envs.num_envs
-        self.obs_dim = observation_dim(self.envs.single_observation_space)
+        self.layout = observation_layout(self.envs.single_observation_space)
+        self.obs_dim = sum(widths(self.layout))
         self.action_space = ActionSpace.of(self.envs.single_action_space)
+        check_normalize_obs(cfg, self.layout)
         self.obs_rms = RunningMeanStd((self.obs_dim,)) if cfg.normalize_obs else None
         self.reward_scaler = RewardScaler(self.num_envs, gamma) if cfg.normalize_reward else None
         self.episode_return = np.zeros(self.num_envs, np.float64)
@@ -356,8 +349,9 @@ class GymRollout:
         obs, _ = self.envs.reset(seed=seed * 1000 + 7919 * rank)
         self.obs = self.flat(obs)
 
-    def flat(self, obs) -> np.ndarray:
-        return np.asarray(obs, np.float32).reshape(len(obs), self.obs_dim)
+    def flat(self, obs, n: int | None = None) -> np.ndarray:
+        """(n, obs_dim) float32 rows of a batch of observations (n: the number of envs)."""
+        return flatten_batch(self.layout, obs, self.num_envs if n is None else n)
 
     def normalize(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
         return normalize_observation(self.obs_rms, obs, self.cfg.clip_obs, update)
@@ -392,7 +386,7 @@ class GymRollout:
         truncated = np.flatnonzero(trunc)
         final = None
         if truncated.size:
-            final = self.normalize(self.flat(np.stack([info["final_obs"][i] for i in truncated])))
+            final = self.normalize(np.concatenate([self.flat(info["final_obs"][i], 1) for i in truncated]))
         return reward, term, done, truncated, final
 
     def end_iteration(self, steps_per_env: int) -> None:
@@ -477,9 +471,9 @@ def run_episodes(
     quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
     envs = make_vec_env(cfg, num_envs=n, vectorization="sync")
     space = ActionSpace.of(envs.single_action_space)
-    obs_dim = observation_dim(envs.single_observation_space)
+    layout = observation_layout(envs.single_observation_space)
     obs, _ = envs.reset(seed=seed)
-    obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
+    obs = flatten_batch(layout, obs, n)
     ret, length = np.zeros(n), np.zeros(n, np.int64)
     paths = [[o.tolist()] for o in obs] if record_paths else None
     out: list[dict] = []
@@ -487,13 +481,16 @@ def run_episodes(
     while (done_count < quota).any():
         action = space.to_env(act(normalize_observation(obs_rms, obs, cfg.clip_obs)))
         obs, reward, term, trunc, info = envs.step(action)
-        obs = np.asarray(obs, np.float32).reshape(n, obs_dim)
+        obs = flatten_batch(layout, obs, n)
         ret += reward
         length += 1
         ended = np.logical_or(term, trunc)
         if paths is not None:
             for i in range(n):
-                paths[i].append((info["final_obs"][i] if ended[i] else obs[i]).tolist())
+                last = info["final_obs"][i] if ended[i] else obs[i]
+                paths[i].append(
+                    flatten_batch(layout, last, 1)[0].tolist() if isinstance(last, dict) else last.tolist()
+                )
         for i in np.flatnonzero(ended):
             if done_count[i] < quota[i]:
                 episode = {"return": float(ret[i]), "length": int(length[i])}

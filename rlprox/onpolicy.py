@@ -21,13 +21,14 @@ from rlprox.gymenv import (
     GymRollout,
     RewardScaler,
     RunningMeanStd,
+    check_normalize_obs,
     env_goals,
     goal_summary,
     load_normalisers,
     make_vec_env,
-    observation_dim,
     validate_env,
 )
+from rlprox.spaces import is_plain_vector, observation_layout, widths
 
 if TYPE_CHECKING:
     from rlprox.recipe import Recipe
@@ -109,14 +110,20 @@ class OnPolicyEnv:
         self.cfg = env_cfg
         if runtime.train:
             self.rollout = GymRollout(env_cfg, seed, runtime.rank, runtime.world, gamma, runtime.accelerator)
-            self.obs_dim, self.space = self.rollout.obs_dim, self.rollout.action_space
+            self.layout, self.obs_dim, self.space = (
+                self.rollout.layout,
+                self.rollout.obs_dim,
+                self.rollout.action_space,
+            )
             self.obs_rms, self.reward_scaler = self.rollout.obs_rms, self.rollout.reward_scaler
         else:
             self.rollout = None
             probe = make_vec_env(env_cfg, num_envs=1, vectorization="sync")
-            self.obs_dim = observation_dim(probe.single_observation_space)
+            self.layout = observation_layout(probe.single_observation_space)
+            self.obs_dim = sum(widths(self.layout))
             self.space = ActionSpace.of(probe.single_action_space)
             probe.close()
+            check_normalize_obs(env_cfg, self.layout)
             self.obs_rms = RunningMeanStd((self.obs_dim,)) if env_cfg.normalize_obs else None
             self.reward_scaler = RewardScaler(1, gamma) if env_cfg.normalize_reward else None
         self.goals = env_goals(env_cfg)
@@ -218,9 +225,10 @@ class OnPolicyEnv:
         eval_deterministic: bool,
     ) -> list:
         """The trainer's ``export``: the policy folder ``rlprox.load_policy`` reads
-        (``rlprox.policy``): weights, observation statistics, action space and the rule of
-        its deterministic action; the env is recorded for reference."""
-        from rlprox.policy import action_space_config, save_policy
+        (``rlprox.policy``): weights, observation statistics and layout (unless a plain
+        vector), action space and the rule of its deterministic action; the env is
+        recorded for reference."""
+        from rlprox.policy import save_policy
 
         env_cfg, space = self.cfg, self.space
         env = {"id": env_cfg.id, "kwargs": env_cfg.kwargs, "wrappers": env_cfg.wrappers}
@@ -232,11 +240,12 @@ class OnPolicyEnv:
             kind,
             architecture,
             self.obs_dim,
-            action_space_config(space.discrete, space.dim, space.low, space.high),
+            space.config(),
             deterministic_action,
             self.obs_rms.stats() if self.obs_rms is not None else None,
             env_cfg.clip_obs,
             extra={"algo": algo, "env": env, "eval_deterministic": eval_deterministic},
+            layout=None if is_plain_vector(self.layout) else self.layout,
         )
 
     # ------------------------------------------------------------------ STATE

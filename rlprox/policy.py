@@ -7,7 +7,12 @@ A policy folder holds
   ``flow``), its architecture, the observation width and normaliser clip, the action
   space (Discrete n, or a Box with its low/high bounds; ``null`` is unbounded), the
   rule that maps the network to the deterministic action, and the env id the policy
-  was trained on (for reference: loading never builds the env);
+  was trained on (for reference: loading never builds the env). Observations other
+  than a 1-D vector Box add their ``layout`` (``rlprox.spaces``: one entry per Box or
+  Dict key, with its shape and whether it is an image); models with an encoder
+  (images, Dict, a user's ``module:Class``) record it in ``architecture`` with the
+  ``preprocessing`` the model does itself (e.g. pixels ÷ 255: ``act`` takes raw
+  frames). Actions may also be MultiDiscrete, MultiBinary or a Box of any shape;
 - ``model.safetensors``: the policy module's state dict under ``policy.``, and, when
   the run normalised observations, the running statistics ``obs_norm.mean``,
   ``obs_norm.var`` (float64, (obs_dim,)) and ``obs_norm.count`` ((1,)).
@@ -18,7 +23,7 @@ Acting is the trainer's greedy evaluation step for step:
     a = π(ŝ)                                                  (the kind's rule)
     a ← clip(a, low, high)                                    (Box actions; no squashing)
 
-computed by the same numpy snapshot of the model the trainer evaluates with, so
+computed by the same snapshot of the model the trainer evaluates with, so
 actions (and the returns of seeded episodes) match ``rlprox eval`` exactly. This module
 needs torch, numpy and safetensors only: no gymnasium, accelerate, recipes or trainers.
 """
@@ -40,10 +45,6 @@ OBS_EPSILON = 1e-8  # as rlprox.gymenv.RunningMeanStd.normalize
 def _bounds(values: np.ndarray) -> list:
     """A Box bound for JSON: floats, ``None`` where unbounded."""
     return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64).ravel()]
-
-
-def _unbounds(values: list, sign: float) -> np.ndarray:
-    return np.array([sign * np.inf if v is None else v for v in values], np.float32)
 
 
 def action_space_config(discrete: bool, dim: int, low=None, high=None) -> dict:
@@ -70,6 +71,7 @@ def save_policy(
     obs_stats: tuple | None = None,
     clip_obs: float = 10.0,
     extra: dict | None = None,
+    layout: list[dict] | None = None,
 ) -> list[Path]:
     """Write ``config.json`` and ``model.safetensors`` of a policy folder; returns both
     paths. ``obs_stats``: (mean, var, count) of the observation normaliser, or None."""
@@ -89,7 +91,12 @@ def save_policy(
         "version": VERSION,
         "kind": kind,
         "architecture": architecture,
-        "observation": {"dim": int(obs_dim), "normalize": obs_stats is not None, "clip": float(clip_obs)},
+        "observation": {
+            "dim": int(obs_dim),
+            "normalize": obs_stats is not None,
+            "clip": float(clip_obs),
+            **({"layout": layout} if layout is not None else {}),
+        },
         "action": action,
         "deterministic_action": deterministic_action,
         **(extra or {}),
@@ -116,8 +123,17 @@ def _build_module(config: dict):
     action_dim = action["n"] if discrete else action["dim"]
     if config["kind"] == "actor_critic":
         from rlprox.models.actor_critic import ActorCritic
+        from rlprox.spaces import ActionSpace
 
-        return ActorCritic(obs_dim, action_dim, discrete, arch["hidden_sizes"], arch["activation"])
+        space = ActionSpace.from_config(action)
+        if "encoder" in arch:
+            from rlprox.models.encoders import build_actor_critic
+
+            layout = config["observation"].get("layout") or [{"key": None, "shape": [obs_dim], "pixels": None}]
+            return build_actor_critic(
+                layout, space, arch["encoder"], arch["encoder_kwargs"], arch["hidden_sizes"], arch["activation"]
+            )
+        return ActorCritic(obs_dim, space.dim, space.discrete, arch["hidden_sizes"], arch["activation"], space=space)
     if config["kind"] == "flow":
         from rlprox.models.flow_policy import FlowPolicy
 
@@ -143,11 +159,12 @@ class Policy:
         self.config, self.module = config, module.eval()
         self.obs_dim = int(config["observation"]["dim"])
         self.clip_obs = float(config["observation"]["clip"])
+        self.layout = config["observation"].get("layout")
         self.obs_mean, self.obs_var = (obs_stats[0], obs_stats[1]) if obs_stats is not None else (None, None)
-        action = config["action"]
-        self.discrete = action["type"] == "discrete"
-        self.low = None if self.discrete else _unbounds(action["low"], -1.0)
-        self.high = None if self.discrete else _unbounds(action["high"], 1.0)
+        from rlprox.spaces import ActionSpace
+
+        self.space = ActionSpace.from_config(config["action"])
+        self.discrete = self.space.discrete
         if config["kind"] == "flow":
             arch = config["architecture"]
             self.snapshot = module.snapshot(arch["flow_steps"], arch["noise_scale"], arch.get("gaussian_head", True))
@@ -165,19 +182,26 @@ class Policy:
     def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
         """Env actions for raw observations: a batch (N, obs_dim) gives (N,) ints
         (Discrete) or (N, dim) floats clipped to the Box; a single observation
-        (obs_dim,) gives one int or a (dim,) array. ``deterministic=False`` samples
-        from the policy with ``rng`` (a fresh generator when None)."""
-        obs = np.asarray(obs, np.float32)
-        single = obs.ndim == 1
-        batch = obs.reshape(1 if single else len(obs), -1)
-        if batch.shape[1] != self.obs_dim:
-            raise ValueError(
-                f"observations must be (N, {self.obs_dim}) or ({self.obs_dim},) (got shape {tuple(obs.shape)})"
-            )
+        (obs_dim,) gives one int or a (dim,) array. Observations with a layout (images,
+        Dict) are given as the env returns them: (N, *shape) or (*shape), a dict of
+        such arrays for a Dict; other action spaces give the env's action per row
+        (MultiDiscrete ints, MultiBinary int8, a Box reshaped to its shape).
+        ``deterministic=False`` samples from the policy with ``rng`` (a fresh generator
+        when None)."""
+        if self.layout is not None:
+            from rlprox.spaces import flatten_any
+
+            batch, single = flatten_any(self.layout, obs)
+        else:
+            obs = np.asarray(obs, np.float32)
+            single = obs.ndim == 1
+            batch = obs.reshape(1 if single else len(obs), -1)
+            if batch.shape[1] != self.obs_dim:
+                raise ValueError(
+                    f"observations must be (N, {self.obs_dim}) or ({self.obs_dim},) (got shape {tuple(obs.shape)})"
+                )
         rng = np.random.default_rng() if rng is None else rng
-        action = self.snapshot.act(self.normalize(batch), rng, deterministic=deterministic)[0]
-        if not self.discrete:
-            action = np.clip(action, self.low, self.high)
+        action = self.space.to_env(self.snapshot.act(self.normalize(batch), rng, deterministic=deterministic)[0])
         if single:
             return int(action[0]) if self.discrete else action[0]
         return action

@@ -44,3 +44,94 @@ class RenderedCounter(Counter):
         frame = np.zeros((16, 32, 3), np.uint8)
         frame[4:12, : min(self.t + 1, 32)] = 255
         return frame
+
+
+class BrightPixel(gym.Env):
+    """``size``×``size``×1 uint8 frames (channels last; ``channels_first`` gives 1×size×size)
+    with one bright pixel in the left or right half; action 0/1 guesses the half, reward
+    1 when right. Episodes last ``length`` steps."""
+
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, size: int = 36, length: int = 8, channels_first: bool = False):
+        self.size, self.length, self.channels_first = size, length, channels_first
+        shape = (1, size, size) if channels_first else (size, size, 1)
+        self.observation_space = gym.spaces.Box(0, 255, shape, np.uint8)
+        self.t, self.side = 0, 0
+
+    def _frame(self) -> np.ndarray:
+        self.side = int(self.np_random.integers(2))
+        frame = np.zeros((self.size, self.size), np.uint8)
+        half = self.size // 2
+        frame[self.np_random.integers(self.size), self.side * half + self.np_random.integers(half)] = 255
+        return frame[None] if self.channels_first else frame[..., None]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._frame(), {}
+
+    def step(self, action):
+        reward = float(int(action) == self.side)
+        self.t += 1
+        return self._frame(), reward, False, self.t >= self.length, {}
+
+
+class PixelsAndVector(BrightPixel):
+    """A Dict observation: BrightPixel's frame (1×36×36, channels first) under "image" and
+    a 3-vector under "state" whose first entry is ±1 for the side as well."""
+
+    def __init__(self, size: int = 36, length: int = 8):
+        super().__init__(size, length, channels_first=True)
+        self.observation_space = gym.spaces.Dict(
+            {"image": self.observation_space, "state": gym.spaces.Box(-1.0, 1.0, (3,), np.float32)}
+        )
+
+    def _frame(self):
+        image = super()._frame()
+        state = np.array([2.0 * self.side - 1.0, 0.0, 0.5], np.float32)
+        return {"image": image, "state": state}
+
+
+class SpaceProbe(gym.Env):
+    """A 4-vector observation (uniform noise) and the action space named by ``action``:
+    ``multidiscrete`` (nvec [3, 2]), ``multibinary`` (3 bits), ``box2d`` (a 2×2 Box in
+    [-1, 1]) or ``tuple`` (unsupported); ``observation="text"`` or ``"graph"`` for an
+    unsupported observation space. Reward: how close the action is to a fixed target
+    (1 for a perfect match). Episodes last 10 steps."""
+
+    def __init__(self, action: str = "multidiscrete", observation: str = "box"):
+        s = gym.spaces
+        self.action_space = {
+            "multidiscrete": s.MultiDiscrete([3, 2]),
+            "multibinary": s.MultiBinary(3),
+            "box2d": s.Box(-1.0, 1.0, (2, 2), np.float32),
+            "tuple": s.Tuple((s.Discrete(2), s.Discrete(3))),
+        }[action]
+        self.observation_space = {
+            "box": s.Box(-1.0, 1.0, (4,), np.float32),
+            "text": s.Text(8),
+            "graph": s.Graph(s.Box(-1.0, 1.0, (2,)), s.Discrete(2)),
+        }[observation]
+        self.kind, self.t = action, 0
+
+    def _obs(self):
+        return self.np_random.uniform(-1, 1, 4).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.kind == "box2d":
+            assert action.shape == (2, 2)
+            reward = -float(np.abs(action - 0.5).mean())
+        elif self.kind == "multibinary":
+            assert action.shape == (3,) and action.dtype == np.int8
+            reward = float((action == np.array([1, 0, 1])).mean())
+        else:
+            assert action.shape == (2,) and 0 <= action[0] < 3 and 0 <= action[1] < 2
+            reward = float((action == np.array([2, 1])).mean())
+        return self._obs(), reward, False, self.t >= 10, {}

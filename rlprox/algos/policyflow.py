@@ -48,6 +48,7 @@ from rlprox.onpolicy import (
     normalized_advantages,
     validate_onpolicy,
 )
+from rlprox.spaces import has_images
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -135,8 +136,11 @@ class PolicyFlow:
         self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
         self.state_dict, self.load_state_dict, self.close = env.state_dict, env.load_state_dict, env.close
         obs_dim, space = env.obs_dim, env.space
-        if space.discrete:
+        if space.kind != "box":
             raise RecipeError("env.id", "PolicyFlow needs a continuous (Box) action space")
+        if env.layout[0]["key"] is not None or has_images(env.layout):
+            env.close()
+            raise RecipeError("env.id", "PolicyFlow takes a vector Box observation (images and Dicts: use ppo)")
         self.obs_dim, self.action_dim = obs_dim, space.dim
         self.policy = FlowPolicy(
             obs_dim,

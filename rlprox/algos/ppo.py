@@ -48,8 +48,10 @@ class PPOConfig(OnPolicyConfig):
     """PPO hyperparameters (symbols of Schulman et al. 2017): the shared rollout and
     update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
 
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor and critic MLP widths
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # actor, critic and Dict-vector-key MLP widths
     activation: Literal["tanh", "relu"] = "tanh"  # hidden nonlinearity of the actor and critic MLPs
+    encoder: str = "auto"  # auto (by the observation space), mlp, nature_cnn, or "module:Class" (docs/usage.md)
+    encoder_kwargs: dict = field(default_factory=dict)  # keyword arguments of a "module:Class" encoder
     init_log_std: float = 0.0  # continuous actions: initial log σ
     eval_deterministic: bool = True  # evaluation takes the mode (argmax / mean) of π
 
@@ -59,6 +61,11 @@ def validate(recipe: "Recipe") -> None:
     cfg = recipe.ppo
     if not cfg.hidden_sizes or any(h <= 0 for h in cfg.hidden_sizes):
         raise RecipeError("ppo.hidden_sizes", f"must be a non-empty list of positive widths (got {cfg.hidden_sizes})")
+    from rlprox.models.encoders import resolve_encoder
+
+    resolve_encoder(cfg.encoder)
+    if cfg.encoder_kwargs and ":" not in cfg.encoder:
+        raise RecipeError("ppo.encoder_kwargs", f"only a 'module:Class' encoder takes kwargs (encoder: {cfg.encoder})")
 
 
 class PPO:
@@ -68,7 +75,7 @@ class PPO:
     stat_reductions = GymRollout.REDUCTIONS
 
     def __init__(self, recipe: "Recipe", runtime: "Runtime"):
-        from rlprox.models.actor_critic import ActorCritic
+        from rlprox.models.encoders import build_actor_critic
 
         self.recipe, self.cfg, self.env_cfg = recipe, recipe.ppo, recipe.env
         self.runtime = runtime
@@ -80,10 +87,20 @@ class PPO:
         # the env side's hooks: rollout stats, goal summaries, per-process state, closing the envs
         self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
         self.state_dict, self.load_state_dict, self.close = env.state_dict, env.load_state_dict, env.close
-        obs_dim, space = env.obs_dim, env.space
-        self.policy = ActorCritic(
-            obs_dim, space.dim, space.discrete, self.cfg.hidden_sizes, self.cfg.activation, self.cfg.init_log_std
-        )
+        obs_dim, space, cfg = env.obs_dim, env.space, self.cfg
+        try:  # an encoder that does not fit the observation fails here, before any env step
+            self.policy = build_actor_critic(
+                env.layout,
+                space,
+                cfg.encoder,
+                cfg.encoder_kwargs,
+                cfg.hidden_sizes,
+                cfg.activation,
+                cfg.init_log_std,
+            )
+        except RecipeError:
+            env.close()
+            raise
         self.modules = {"policy": self.policy}
         self.columns = Columns(
             {
@@ -170,27 +187,31 @@ class PPO:
         Reported for recipes with regularizers."""
         if not self.recipe.regularizers:
             return {}
-        hidden = [m for m in self._unwrapped().actor if isinstance(m, torch.nn.Linear)][:-1]
+        hidden = self._unwrapped().hidden_linears()
         zero = [int(m.weight.abs().sum(1).eq(0).sum()) for m in hidden]
         total = [m.out_features for m in hidden]
         from rlprox.prox.attach import describe_pruning
 
         stats = {"pruning": describe_pruning(self.recipe.regularizers)}
         stats.update({f"sparsity/actor_layer{i}_zero_neurons": z for i, z in enumerate(zero)})
-        stats["sparsity/actor_hidden_neurons_zero_fraction"] = sum(zero) / sum(total)
+        if total:
+            stats["sparsity/actor_hidden_neurons_zero_fraction"] = sum(zero) / sum(total)
         return stats
 
     # ------------------------------------------------------------------ EXPORT
     def export(self, out_dir: Path) -> list[Path]:
         """A policy folder for ``rlprox.load_policy`` (rlprox/policy.py): the actor-critic's
         weights and the observation statistics; greedy actions as ``evaluate`` takes them."""
+        from rlprox.models.encoders import architecture as trunk_architecture
+
         cfg, space = self.cfg, self.env.space
-        rule = (
-            "argmax of the actor's logits"
-            if space.discrete
-            else "the Gaussian mean (the actor's output), clipped to [low, high]"
-        )
+        rule = {
+            "discrete": "argmax of the actor's logits",
+            "multidiscrete": "argmax of each component's logits",
+            "multibinary": "1 where the actor's logit is positive",
+        }.get(space.kind, "the Gaussian mean (the actor's output), clipped to [low, high]")
         architecture = {"hidden_sizes": list(cfg.hidden_sizes), "activation": cfg.activation}
+        architecture.update(trunk_architecture(self.env.layout, cfg.encoder, cfg.encoder_kwargs))
         return self.env.export(
             out_dir, self._unwrapped(), "actor_critic", architecture, rule, "ppo", cfg.eval_deterministic
         )
@@ -204,7 +225,8 @@ register_trainer(
         validate=validate,
         counts=("ppo.num_steps", "ppo.minibatch_size", "ppo.update_epochs"),
         minibatches_per_epoch=functools.partial(minibatches_per_epoch, section="ppo"),
-        description="PPO on any gymnasium env (discrete or continuous actions)",
+        description="PPO on any gymnasium env (vector, image or Dict observations; discrete, multi-discrete, "
+        "multi-binary or continuous actions)",
         eval_unit="episodes",
         eval_flags=("deterministic",),
     )
