@@ -35,29 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rlprox.spaces import action_space_config  # noqa: F401  (exported policies' action entry)
+
 FORMAT = "rlprox-policy"
 VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 OBS_EPSILON = 1e-8  # as rlprox.gymenv.RunningMeanStd.normalize
-
-
-def _bounds(values: np.ndarray) -> list:
-    """A Box bound for JSON: floats, ``None`` where unbounded."""
-    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64).ravel()]
-
-
-def action_space_config(discrete: bool, dim: int, low=None, high=None) -> dict:
-    """The ``action`` entry of config.json."""
-    if discrete:
-        return {"type": "discrete", "n": int(dim)}
-    return {
-        "type": "box",
-        "dim": int(dim),
-        "low": _bounds(low),
-        "high": _bounds(high),
-        "postprocess": "clip",  # actions are clipped to [low, high] before the env sees them; never squashed
-    }
 
 
 def save_policy(

@@ -109,6 +109,24 @@ def flatten_any(layout: list[dict], obs) -> tuple[np.ndarray, bool]:
 # ----------------------------------------------------------------------------- actions
 
 
+def _bounds(values: np.ndarray) -> list:
+    """A Box bound for JSON: floats, ``None`` where unbounded."""
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64).ravel()]
+
+
+def action_space_config(discrete: bool, dim: int, low=None, high=None) -> dict:
+    """The ``action`` entry of config.json."""
+    if discrete:
+        return {"type": "discrete", "n": int(dim)}
+    return {
+        "type": "box",
+        "dim": int(dim),
+        "low": _bounds(low),
+        "high": _bounds(high),
+        "postprocess": "clip",  # actions are clipped to [low, high] before the env sees them; never squashed
+    }
+
+
 @dataclass(frozen=True)
 class ActionSpace:
     """What a policy head needs to know about the env's actions."""
@@ -169,8 +187,6 @@ class ActionSpace:
 
     def config(self) -> dict:
         """The ``action`` entry of an exported policy's config.json."""
-        from rlprox.policy import action_space_config
-
         if self.kind in ("discrete", "box"):
             out = action_space_config(self.discrete, self.dim, self.low, self.high)
             if self.kind == "discrete" and self.start:
