@@ -261,6 +261,8 @@ def _record_videos(args, algo, recipe, seed: int) -> list:
         if export is None or not (export(Path(tmp)) and is_policy_folder(tmp)):
             raise UsageError(f"--video: algo {recipe.algo} exports no policy folder (rlprox.load_policy)")
         policy = load_policy(tmp)
+    if policy.recurrent:
+        raise UsageError("--video: recurrent policies (ppo.lstm) are not recorded yet; use rlprox eval")
     deterministic = True if args.deterministic is None else args.deterministic  # greedy unless --stochastic
     rng = np.random.default_rng([seed, 20_000])
     try:

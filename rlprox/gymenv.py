@@ -461,12 +461,15 @@ def run_episodes(
     obs_rms: RunningMeanStd | None = None,
     info_keys: tuple[str, ...] = (),
     record_paths: int = 0,
+    on_step=None,
 ) -> list[dict]:
     """Run ``episodes`` complete episodes of ``act(obs_normalised) -> action`` on up to
     8 fresh envs (reset from ``seed``), with frozen observation statistics; returns
     one dict per episode: ``return``, ``length``, each of ``info_keys`` taken from the
     info of the episode's last step (NaN when absent) and, for the first
-    ``record_paths`` episodes, ``path``: the raw observations visited."""
+    ``record_paths`` episodes, ``path``: the raw observations visited. ``on_step(ended)``
+    (optional) gets each step's (n,) bool mask of the envs whose episode just ended (and
+    an all-true mask before the first step: every env starts an episode)."""
     n = min(episodes, 8)
     quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
     envs = make_vec_env(cfg, num_envs=n, vectorization="sync")
@@ -478,6 +481,8 @@ def run_episodes(
     paths = [[o.tolist()] for o in obs] if record_paths else None
     out: list[dict] = []
     done_count = np.zeros(n, np.int64)
+    if on_step is not None:
+        on_step(np.ones(n, bool))
     while (done_count < quota).any():
         action = space.to_env(act(normalize_observation(obs_rms, obs, cfg.clip_obs)))
         obs, reward, term, trunc, info = envs.step(action)
@@ -485,6 +490,8 @@ def run_episodes(
         ret += reward
         length += 1
         ended = np.logical_or(term, trunc)
+        if on_step is not None:
+            on_step(ended)
         if paths is not None:
             for i in range(n):
                 last = info["final_obs"][i] if ended[i] else obs[i]
@@ -537,6 +544,7 @@ def evaluate_policy(
     goals: np.ndarray | None,
     paths: int = 24,
     start_actions=None,
+    on_step=None,
 ):
     """This process's share of an evaluation of ``act`` (an ``EvalShard``): per-episode
     return and length; for goal envs also the goal each episode reached (``_goal``,
@@ -551,7 +559,14 @@ def evaluate_policy(
     seed = eval_seed(request.seed, request.rank)
     keys = ("goal",) if goals is not None else ()
     episodes = run_episodes(
-        cfg, act, request.num, seed, obs_rms, info_keys=keys, record_paths=paths if goals is not None else 0
+        cfg,
+        act,
+        request.num,
+        seed,
+        obs_rms,
+        info_keys=keys,
+        record_paths=paths if goals is not None else 0,
+        on_step=on_step,
     )
     values = {"return": [e["return"] for e in episodes], "length": [e["length"] for e in episodes]}
     images = {}
@@ -565,7 +580,7 @@ def evaluate_policy(
         probe.close()
         if spread is not None:
             origin = dataclasses.replace(cfg, kwargs={**cfg.kwargs, "init_std": 0.0})
-            again = run_episodes(origin, act, request.num, seed + 1, obs_rms, keys)
+            again = run_episodes(origin, act, request.num, seed + 1, obs_rms, keys, on_step=on_step)
             values["_origin_goal"] = [e["goal"] for e in again]
         if start_actions is not None:
             _, n = shard(START_DRAWS, request.rank, request.world)

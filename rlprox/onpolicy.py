@@ -130,12 +130,14 @@ class OnPolicyEnv:
         self.steps_per_env, self.explained_variance = 0, float("nan")
 
     # ------------------------------------------------------------------ COLLECT
-    def collect(self, num_steps: int, act, value, widths: dict[str, int]) -> dict:
+    def collect(self, num_steps: int, act, value, widths: dict[str, int], on_step=None) -> dict:
         """T = ``num_steps`` steps of every env as float32 arrays: ``obs`` (T, N, obs_dim),
         normalised; the fields ``act(obs) -> (env action, {name: array})`` returns, with
         ``widths`` (name → width: (T, N, width), or (T, N) for 0) and ``values`` = V(s)
         among them; then ``next_values`` (V(s_{t+1}) by ``bootstrap_next_values``, with
-        ``value(obs)`` = V), ``rewards``, ``terminated`` and ``done``, each (T, N)."""
+        ``value(obs)`` = V), ``rewards``, ``terminated`` and ``done``, each (T, N).
+        ``on_step(done, truncated_idx)``, when given, is called after each env step, before
+        ``value`` sees that step's final observations (a recurrent policy tracks its state)."""
         rollout = self.rollout
         T, N = num_steps, rollout.num_envs
         buf = {"obs": np.zeros((T, N, self.obs_dim), np.float32)}
@@ -146,6 +148,8 @@ class OnPolicyEnv:
             obs_n = rollout.observe()
             action, fields = act(obs_n)
             reward, term, done, truncated, final_obs = rollout.step(action)
+            if on_step is not None:
+                on_step(done, truncated)
             buf["obs"][t] = obs_n
             for name, x in fields.items():
                 buf[name][t] = x
@@ -185,14 +189,15 @@ class OnPolicyEnv:
 
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(
-        self, snapshot, request: "EvalRequest", deterministic_default: bool, start_actions=None
+        self, snapshot, request: "EvalRequest", deterministic_default: bool, start_actions=None, on_step=None
     ) -> "EvalShard":
         """The trainer's ``evaluate``: episodes of a numpy policy snapshot (``act(obs, rng,
         deterministic)`` returning the action first) on fresh envs, with its own RNG and
         frozen normalisation statistics (training is never perturbed); goal envs add the
         goals reached, a trajectory plot and the policy's draws at the start state
         (``start_actions(obs, rng)``; default: the sampled action), for
-        ``rlprox.gymenv.evaluate_policy``."""
+        ``rlprox.gymenv.evaluate_policy``; ``on_step(ended)`` is called after each env step
+        (a recurrent policy resets its state where an episode ended)."""
         from rlprox.gymenv import evaluate_policy
 
         deterministic = deterministic_default if request.deterministic is None else request.deterministic
@@ -205,7 +210,9 @@ class OnPolicyEnv:
         def starts(obs):
             return start_actions(obs, draws) if start_actions is not None else snapshot.act(obs, draws)[0]
 
-        shard = evaluate_policy(self.cfg, act, request, self.obs_rms, self.goals, start_actions=starts)
+        shard = evaluate_policy(
+            self.cfg, act, request, self.obs_rms, self.goals, start_actions=starts, on_step=on_step
+        )
         shard.info["deterministic"] = deterministic
         return shard
 
@@ -279,6 +286,10 @@ class Columns:
             start += max(width, 1)
         self.width = start
 
+    def slices_widths(self) -> dict[str, int]:
+        """name → width as given to the constructor (0 for scalar fields)."""
+        return {n: 0 if n in self.scalars else sl.stop - sl.start for n, sl in self.slices.items()}
+
     def pack(self, arrays: dict[str, np.ndarray], device) -> torch.Tensor:
         """Every field (any shape whose size is B × its width) as one (B, cols) tensor."""
         first = next(iter(self.slices))
@@ -334,6 +345,26 @@ class MinibatchSampler:
         std = ((sums[:, 1] - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
         mean, std = mean.to(adv.dtype), std.to(adv.dtype)
         return [(mean[j], std[j]) for j in range(len(chunks))]
+
+
+class SequenceSampler:
+    """Epochs of minibatches of whole env sequences (recurrent PPO, one process): each
+    epoch shuffles the N envs and cuts them into groups of ``envs_per_minibatch``; a
+    minibatch holds all T steps of its envs, time-major (row t·n + i: step t of the
+    group's i-th env), so the loss can re-run a recurrent model over it. Advantage
+    moments are None: each minibatch normalises its own advantages."""
+
+    def __init__(self, runtime, num_steps: int, envs_per_minibatch: int):
+        self.runtime, self.num_steps, self.envs = runtime, num_steps, envs_per_minibatch
+
+    def __call__(self, packed: torch.Tensor, adv: torch.Tensor, epoch: int):
+        T = self.num_steps
+        N = packed.shape[0] // T
+        perm = self.runtime.np_rng.permutation(N)
+        steps = np.arange(T)[:, None] * N
+        for start in range(0, N, self.envs):
+            idx = (steps + perm[start : start + self.envs][None, :]).reshape(-1)
+            yield packed.index_select(0, torch.from_numpy(idx).to(packed.device)), None
 
 
 def normalized_advantages(adv: torch.Tensor, moments) -> torch.Tensor:

@@ -23,6 +23,11 @@ Acting is the trainer's greedy evaluation step for step:
     a = π(ŝ)                                                  (the kind's rule)
     a ← clip(a, low, high)                                    (Box actions; no squashing)
 
+A recurrent policy (PPO with ``ppo.lstm``; ``architecture.lstm`` records its sizes)
+takes its state explicitly: ``state = policy.initial_state(N)`` (zeros) at the start,
+then ``action, state = policy.act(obs, state=state)`` each step; a new episode starts
+from zeros again (zero the rows of the envs that reset, or call ``initial_state``).
+
 computed by the same snapshot of the model the trainer evaluates with, so
 actions (and the returns of seeded episodes) match ``rlprox eval`` exactly. This module
 needs torch, numpy and safetensors only: no gymnasium, accelerate, recipes or trainers.
@@ -115,7 +120,13 @@ def _build_module(config: dict):
 
             layout = config["observation"].get("layout") or [{"key": None, "shape": [obs_dim], "pixels": None}]
             return build_actor_critic(
-                layout, space, arch["encoder"], arch["encoder_kwargs"], arch["hidden_sizes"], arch["activation"]
+                layout,
+                space,
+                arch["encoder"],
+                arch["encoder_kwargs"],
+                arch["hidden_sizes"],
+                arch["activation"],
+                lstm=arch.get("lstm"),
             )
         return ActorCritic(obs_dim, space.dim, space.discrete, arch["hidden_sizes"], arch["activation"], space=space)
     if config["kind"] == "flow":
@@ -137,7 +148,8 @@ def _build_module(config: dict):
 
 
 class Policy:
-    """An exported policy: ``act(obs)`` maps raw env observations to env actions."""
+    """An exported policy: ``act(obs)`` maps raw env observations to env actions; a
+    recurrent one (``recurrent``) ``act(obs, state=state) -> (action, state)``."""
 
     def __init__(self, config: dict, module, obs_stats: tuple | None):
         self.config, self.module = config, module.eval()
@@ -149,6 +161,7 @@ class Policy:
 
         self.space = ActionSpace.from_config(config["action"])
         self.discrete = self.space.discrete
+        self.recurrent = "lstm" in config["architecture"]
         if config["kind"] == "flow":
             arch = config["architecture"]
             self.snapshot = module.snapshot(arch["flow_steps"], arch["noise_scale"], arch.get("gaussian_head", True))
@@ -163,7 +176,22 @@ class Policy:
             (obs - self.obs_mean) / np.sqrt(self.obs_var + OBS_EPSILON), -self.clip_obs, self.clip_obs
         ).astype(np.float32)
 
-    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+    def initial_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """A recurrent policy's state at the start of ``batch`` episodes: (h, c), each
+        float32 zeros of shape (num_layers, batch, hidden_size)."""
+        if not self.recurrent:
+            raise ValueError("this policy is not recurrent: act(obs) takes no state")
+        lstm = self.config["architecture"]["lstm"]
+        shape = (lstm["num_layers"], batch, lstm["hidden_size"])
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def act(
+        self,
+        obs,
+        deterministic: bool = True,
+        rng: np.random.Generator | None = None,
+        state: tuple | None = None,
+    ):
         """Env actions for raw observations: a batch (N, obs_dim) gives (N,) ints
         (Discrete) or (N, dim) floats clipped to the Box; a single observation
         (obs_dim,) gives one int or a (dim,) array. Observations with a layout (images,
@@ -171,7 +199,9 @@ class Policy:
         such arrays for a Dict; other action spaces give the env's action per row
         (MultiDiscrete ints, MultiBinary int8, a Box reshaped to its shape).
         ``deterministic=False`` samples from the policy with ``rng`` (a fresh generator
-        when None)."""
+        when None). A recurrent policy returns ``(action, state)``: ``state`` is the (h, c)
+        of ``initial_state`` or of the previous call (None: ``initial_state``), the
+        returned one is the state after this step."""
         if self.layout is not None:
             from rlprox.spaces import flatten_any
 
@@ -185,10 +215,29 @@ class Policy:
                     f"observations must be (N, {self.obs_dim}) or ({self.obs_dim},) (got shape {tuple(obs.shape)})"
                 )
         rng = np.random.default_rng() if rng is None else rng
+        if self.recurrent:
+            return self._act_recurrent(batch, single, deterministic, rng, state)
+        if state is not None:
+            raise ValueError("this policy is not recurrent: act(obs) takes no state")
         action = self.space.to_env(self.snapshot.act(self.normalize(batch), rng, deterministic=deterministic)[0])
+        return self._unbatch(action, single)
+
+    def _unbatch(self, action, single: bool):
         if single:
             return int(action[0]) if self.discrete else action[0]
         return action
+
+    def _act_recurrent(self, batch, single, deterministic, rng, state):
+        import torch
+
+        state = self.initial_state(len(batch)) if state is None else state
+        h, c = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in state)
+        if h.ndim != 3 or h.shape[1] != len(batch) or h.shape != c.shape:
+            raise ValueError(
+                f"state must be (h, c), each (num_layers, {len(batch)}, hidden_size) (got {tuple(h.shape)})"
+            )
+        action, _, _, (h, c) = self.snapshot.step(self.normalize(batch), (h, c), rng, deterministic)
+        return self._unbatch(self.space.to_env(action), single), (h.numpy(), c.numpy())
 
     __call__ = act
 

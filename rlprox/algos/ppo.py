@@ -11,6 +11,14 @@ The engine (rlprox/engine/) runs the fit loop and ``rlprox.onpolicy.OnPolicyEnv`
 env side PPO shares with PolicyFlow (rollout buffers, GAE, stats, evaluation, export,
 state); this file only says what to COLLECT per step, how to pack the ADVANTAGES, and
 what the LOSS is.
+
+Recurrent PPO (``ppo.lstm.hidden_size > 0``; rlprox/models/recurrent.py): an LSTM after
+the observation encoder, actor and critic on its output. The rollout stores every step's
+state (the state the step started from, zeroed where an episode began) and whether the
+step began an episode; the update splits the ENVS into minibatches, each re-running the
+LSTM over its envs' whole T-step sequences from the stored state of step 0 with the same
+resets (CleanRL's ``ppo_atari_lstm.py``). The state at the end of a rollout carries into
+the next one and into checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from rlprox import objectives
@@ -30,6 +39,7 @@ from rlprox.onpolicy import (
     MinibatchSampler,
     OnPolicyConfig,
     OnPolicyEnv,
+    SequenceSampler,
     kl_early_stop,
     minibatches_per_epoch,
     normalized_advantages,
@@ -44,6 +54,16 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class LSTMConfig:
+    """Recurrent PPO: an LSTM between the observation encoder and the actor and critic
+    heads, which share its output (off while hidden_size is 0). Minibatches are then
+    whole env sequences: env.num_envs must be a multiple of the minibatch count."""
+
+    hidden_size: int = 0  # LSTM width; 0: no LSTM (feed-forward PPO)
+    num_layers: int = 1  # stacked LSTM layers
+
+
+@dataclass
 class PPOConfig(OnPolicyConfig):
     """PPO hyperparameters (symbols of Schulman et al. 2017): the shared rollout and
     update fields of ``OnPolicyConfig``, then the Gaussian/categorical actor-critic's."""
@@ -54,6 +74,13 @@ class PPOConfig(OnPolicyConfig):
     encoder_kwargs: dict = field(default_factory=dict)  # keyword arguments of a "module:Class" encoder
     init_log_std: float = 0.0  # continuous actions: initial log σ
     eval_deterministic: bool = True  # evaluation takes the mode (argmax / mean) of π
+    lstm: LSTMConfig = field(default_factory=LSTMConfig)  # recurrent PPO (off by default)
+
+    def lstm_sizes(self) -> dict | None:
+        """{hidden_size, num_layers} of the LSTM, or None without one."""
+        if self.lstm.hidden_size <= 0:
+            return None
+        return {"hidden_size": self.lstm.hidden_size, "num_layers": self.lstm.num_layers}
 
 
 def validate(recipe: "Recipe") -> None:
@@ -66,6 +93,19 @@ def validate(recipe: "Recipe") -> None:
     resolve_encoder(cfg.encoder)
     if cfg.encoder_kwargs and ":" not in cfg.encoder:
         raise RecipeError("ppo.encoder_kwargs", f"only a 'module:Class' encoder takes kwargs (encoder: {cfg.encoder})")
+    if cfg.lstm.hidden_size < 0:
+        raise RecipeError("ppo.lstm.hidden_size", f"must be >= 0 (0: no LSTM) (got {cfg.lstm.hidden_size})")
+    if cfg.lstm.num_layers < 1:
+        raise RecipeError("ppo.lstm.num_layers", f"must be >= 1 (got {cfg.lstm.num_layers})")
+    if cfg.lstm.hidden_size:
+        minibatches = recipe.env.num_envs * cfg.num_steps // cfg.minibatch_size
+        if recipe.env.num_envs % minibatches:
+            raise RecipeError(
+                "ppo.minibatch_size",
+                f"with ppo.lstm a minibatch is whole env sequences: the {minibatches} minibatches "
+                f"(env.num_envs × ppo.num_steps / {cfg.minibatch_size}) must divide env.num_envs = "
+                f"{recipe.env.num_envs} (make ppo.minibatch_size a multiple of ppo.num_steps = {cfg.num_steps})",
+            )
 
 
 class PPO:
@@ -83,10 +123,13 @@ class PPO:
         self.rng = runtime.np_rng  # actions and minibatch permutations
         self.update_epochs = self.cfg.update_epochs
         self.early_stop = kl_early_stop(self.cfg.target_kl)
+        self.lstm = self.cfg.lstm_sizes()
+        if self.lstm is not None and runtime.world > 1:
+            raise RecipeError("ppo.lstm", f"recurrent PPO runs in one process for now (got {runtime.world})")
         env = self.env = OnPolicyEnv(self.env_cfg, recipe.seed, runtime, self.cfg.gamma)
         # the env side's hooks: rollout stats, goal summaries, per-process state, closing the envs
         self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
-        self.state_dict, self.load_state_dict, self.close = env.state_dict, env.load_state_dict, env.close
+        self.close = env.close
         obs_dim, space, cfg = env.obs_dim, env.space, self.cfg
         try:  # an encoder that does not fit the observation fails here, before any env step
             self.policy = build_actor_critic(
@@ -97,6 +140,7 @@ class PPO:
                 cfg.hidden_sizes,
                 cfg.activation,
                 cfg.init_log_std,
+                lstm=self.lstm,
             )
         except RecipeError:
             env.close()
@@ -112,13 +156,24 @@ class PPO:
                 "returns": 0,
             }
         )
-        self.sampler = MinibatchSampler(runtime, self.cfg.minibatch_size, self.cfg.update_epochs, self.cfg.norm_adv)
+        if self.lstm is None:
+            self.sampler = MinibatchSampler(runtime, cfg.minibatch_size, cfg.update_epochs, cfg.norm_adv)
+            return
+        width = self.policy.state_width
+        self.columns = Columns({**self.columns.slices_widths(), "starts": 0, "h": width, "c": width})
+        self.state_names = ("starts", "h", "c")
+        self.sampler = SequenceSampler(runtime, cfg.num_steps, cfg.minibatch_size // cfg.num_steps)
+        if env.rollout is not None:  # the state carried across rollouts (and checkpoints)
+            self.lstm_state = self.policy.initial_state(env.rollout.num_envs, self.device)
+            self.next_start = np.ones(env.rollout.num_envs, np.float32)  # the first observations begin episodes
 
     def _unwrapped(self):
         return self.runtime.unwrap(self.modules["policy"])
 
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
+        if self.lstm is not None:
+            return self._collect_recurrent()
         policy = self._unwrapped().snapshot()
 
         def act(obs):
@@ -128,20 +183,60 @@ class PPO:
         widths = {"actions": self.env.space.columns, "logp": 0, "values": 0}
         return self.env.collect(self.cfg.num_steps, act, policy.value, widths)
 
+    def _collect_recurrent(self):
+        """The rollout of an LSTM policy: the torch model step by step, carrying the
+        state; each step stores the state it started from (zeroed where the step's
+        observation begins an episode) and that start flag."""
+        from rlprox.models.recurrent import flatten_state
+
+        policy = self._unwrapped().snapshot()
+        pending: list = []  # truncated envs of the step just taken (their final observations' values)
+
+        def masked():
+            keep = torch.from_numpy(1.0 - self.next_start).to(self.lstm_state[0].device).view(1, -1, 1)
+            return self.lstm_state[0] * keep, self.lstm_state[1] * keep
+
+        def act(obs):
+            start = self.next_start
+            h, c = masked()
+            action, logp, value, self.lstm_state = policy.step(obs, (h, c), self.rng)
+            return action, {
+                "actions": action.reshape(len(obs), -1),
+                "logp": logp,
+                "values": value,
+                "starts": start,
+                "h": flatten_state(h).cpu().numpy(),
+                "c": flatten_state(c).cpu().numpy(),
+            }
+
+        def on_step(done, truncated):
+            self.next_start = np.asarray(done, np.float32)
+            pending[:] = [truncated] if len(truncated) else []
+
+        def value(obs):
+            if pending:  # V(final observation): the state right after the episode's last step
+                rows = torch.from_numpy(pending.pop()).to(self.lstm_state[0].device)
+                return policy.value(obs, tuple(x.index_select(1, rows) for x in self.lstm_state))
+            return policy.value(obs, masked())
+
+        width = policy.module.state_width
+        widths = {"actions": self.env.space.columns, "logp": 0, "values": 0, "starts": 0, "h": width, "c": width}
+        return self.env.collect(self.cfg.num_steps, act, value, widths, on_step=on_step)
+
     # ------------------------------------------------------------------ ADVANTAGE
     def advantages(self, batch):
         adv, ret = self.env.gae(batch, self.cfg.gamma, self.cfg.gae_lambda)
-        return self.columns.pack(
-            {
-                "obs": batch["obs"],
-                "actions": batch["actions"],
-                "logp": batch["logp"],
-                "values": batch["values"],
-                "advantages": adv,
-                "returns": ret,
-            },
-            self.device,
-        )
+        fields = {
+            "obs": batch["obs"],
+            "actions": batch["actions"],
+            "logp": batch["logp"],
+            "values": batch["values"],
+            "advantages": adv,
+            "returns": ret,
+        }
+        if self.lstm is not None:
+            fields.update({name: batch[name] for name in self.state_names})
+        return self.columns.pack(fields, self.device)
 
     def minibatches(self, packed: torch.Tensor, epoch: int):
         """(minibatch, advantage moments): see ``rlprox.onpolicy.MinibatchSampler``."""
@@ -154,7 +249,12 @@ class PPO:
         obs, actions, old_logp, old_values, adv, returns = (
             col(mb, k) for k in ("obs", "actions", "logp", "values", "advantages", "returns")
         )
-        logp, entropy, values = self.modules["policy"](obs, actions)
+        if self.lstm is None:
+            logp, entropy, values = self.modules["policy"](obs, actions)
+        else:  # whole env sequences, time-major: the first n rows are step 0 of the n envs
+            n = len(mb) // self.cfg.num_steps
+            h0, c0, starts = col(mb, "h")[:n], col(mb, "c")[:n], col(mb, "starts")
+            logp, entropy, values = self.modules["policy"](obs, actions, h0, c0, starts)
         if self.cfg.norm_adv:
             adv = normalized_advantages(adv, moments)
         pg_loss, ratio = objectives.clipped_surrogate(logp, old_logp, adv, self.cfg.clip_coef)
@@ -178,7 +278,35 @@ class PPO:
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
         """Episodic returns of the current policy on fresh envs (this process's share
         of the episodes); for goal envs also the goals reached and a trajectory plot."""
-        return self.env.evaluate(self._unwrapped().snapshot(), request, self.cfg.eval_deterministic)
+        snapshot = self._unwrapped().snapshot()
+        if self.lstm is None:
+            return self.env.evaluate(snapshot, request, self.cfg.eval_deterministic)
+        from rlprox.models.recurrent import EpisodeActor
+
+        actor = EpisodeActor(snapshot)  # the state carried across each episode, zeros at its start
+
+        def fresh(obs, rng):  # goal envs' start-state draws: from the initial state
+            return snapshot.step(obs, snapshot.initial_state(len(obs)), rng)[0]
+
+        return self.env.evaluate(
+            actor, request, self.cfg.eval_deterministic, start_actions=fresh, on_step=actor.end_episodes
+        )
+
+    # ------------------------------------------------------------------ STATE
+    def state_dict(self) -> tuple[dict, dict]:
+        """The env side's state, and with an LSTM the state carried into the next rollout."""
+        tensors, state = self.env.state_dict()
+        if self.lstm is not None and self.env.rollout is not None:
+            h, c = self.lstm_state
+            tensors = {**tensors, "lstm_h": h.detach().cpu().clone(), "lstm_c": c.detach().cpu().clone()}
+            state = {**state, "lstm_start": self.next_start.tolist()}
+        return tensors, state
+
+    def load_state_dict(self, tensors: dict, state: dict) -> None:
+        self.env.load_state_dict(tensors, state)
+        if self.lstm is not None and self.env.rollout is not None and "lstm_h" in tensors:
+            self.lstm_state = (tensors["lstm_h"].to(self.device), tensors["lstm_c"].to(self.device))
+            self.next_start = np.asarray(state["lstm_start"], np.float32)
 
     @torch.no_grad()
     def model_stats(self) -> dict:
@@ -211,7 +339,12 @@ class PPO:
             "multibinary": "1 where the actor's logit is positive",
         }.get(space.kind, "the Gaussian mean (the actor's output), clipped to [low, high]")
         architecture = {"hidden_sizes": list(cfg.hidden_sizes), "activation": cfg.activation}
-        architecture.update(trunk_architecture(self.env.layout, cfg.encoder, cfg.encoder_kwargs))
+        architecture.update(trunk_architecture(self.env.layout, cfg.encoder, cfg.encoder_kwargs, self.lstm))
+        if self.lstm is not None:
+            rule += (
+                "; recurrent: the LSTM state (h, c) is carried across an episode's steps from zeros "
+                "(load_policy: act(obs, state=...) -> (action, state))"
+            )
         return self.env.export(
             out_dir, self._unwrapped(), "actor_critic", architecture, rule, "ppo", cfg.eval_deterministic
         )

@@ -182,21 +182,24 @@ def build_actor_critic(
     activation: str = "tanh",
     init_log_std: float = 0.0,
     key: str = "ppo.encoder",
+    lstm: dict | None = None,
 ) -> nn.Module:
     """PPO's model for an observation layout: ``ActorCritic`` (separate MLPs) for a vector
-    Box under ``auto`` or ``mlp``, else ``SharedActorCritic`` on the encoder's trunk. An
+    Box under ``auto`` or ``mlp``, else ``SharedActorCritic`` on the encoder's trunk. With
+    ``lstm`` ({hidden_size, num_layers}): ``RecurrentActorCritic`` (rlprox/models/recurrent.py)
+    on the encoder's trunk, a vector Box getting an MLP trunk of ``hidden_sizes``. An
     encoder that does not fit the observation is a one-line recipe error naming ``key``."""
     kind = resolve_encoder(encoder, key)
     obs_dim = sum(widths(layout))
     single_box = layout[0]["key"] is None
-    if kind == "mlp" or (kind == "auto" and single_box and not has_images(layout)):
-        if not single_box:
-            raise RecipeError(key, "mlp takes a Box observation; a Dict gets one encoder per key under auto")
+    if kind == "mlp" and not single_box:
+        raise RecipeError(key, "mlp takes a Box observation; a Dict gets one encoder per key under auto")
+    if lstm is None and (kind == "mlp" or (kind == "auto" and single_box and not has_images(layout))):
         return ActorCritic(obs_dim, space.dim, space.discrete, hidden_sizes, activation, init_log_std, space=space)
-    if kind in ("auto", "nature_cnn"):
+    if kind in BUILTIN:
         encoders = []
         for entry in layout:
-            if kind == "nature_cnn" or entry["pixels"] is not None:
+            if kind == "nature_cnn" or (kind == "auto" and entry["pixels"] is not None):
                 check_nature_cnn(entry, key)
                 encoders.append(NatureCNN(entry))
             else:
@@ -204,6 +207,10 @@ def build_actor_critic(
         trunk = KeyedTrunk(layout, encoders)
     else:
         trunk = UserTrunk(layout, build_user_encoder(kind, encoder, layout, encoder_kwargs or {}, key))
+    if lstm is not None:
+        from rlprox.models.recurrent import RecurrentActorCritic
+
+        return RecurrentActorCritic(trunk, space, lstm["hidden_size"], lstm["num_layers"], init_log_std)
     return SharedActorCritic(trunk, space, init_log_std)
 
 
@@ -239,10 +246,10 @@ def build_user_encoder(cls, spec: str, layout: list[dict], kwargs: dict, key: st
     return module
 
 
-def architecture(layout: list[dict], encoder: str, encoder_kwargs: dict) -> dict:
+def architecture(layout: list[dict], encoder: str, encoder_kwargs: dict, lstm: dict | None = None) -> dict:
     """The export's record of the trunk (``rlprox.policy`` rebuilds the model from it),
-    with what preprocessing the model itself does."""
-    if is_plain_vector(layout) and encoder in ("auto", "mlp"):
+    with what preprocessing the model itself does, and the LSTM's sizes (``lstm``)."""
+    if is_plain_vector(layout) and encoder in ("auto", "mlp") and lstm is None:
         return {}
     images = [describe_entry(e) for e in layout if e["pixels"] is not None]
     kind = resolve_encoder(encoder)
@@ -255,4 +262,7 @@ def architecture(layout: list[dict], encoder: str, encoder_kwargs: dict) -> dict
             else "none"
         )
     )
-    return {"encoder": encoder, "encoder_kwargs": dict(encoder_kwargs), "preprocessing": preprocessing}
+    out = {"encoder": encoder, "encoder_kwargs": dict(encoder_kwargs), "preprocessing": preprocessing}
+    if lstm is not None:
+        out["lstm"] = {"hidden_size": int(lstm["hidden_size"]), "num_layers": int(lstm["num_layers"])}
+    return out
