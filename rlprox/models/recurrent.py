@@ -66,20 +66,28 @@ class RecurrentActorCritic(nn.Module):
         """T steps of n envs: ``obs`` (T·n, obs_dim) time-major (row t·n + i is env i at
         step t), ``starts`` (T·n,), ``state`` (h, c) of step 0. Returns the LSTM outputs
         (T·n, H), the final state and, with ``keep_states``, the masked state each step
-        started from ((T, L, n, H) for h and for c), else None."""
+        started from ((T, L, n, H) for h and for c), else None. Without ``keep_states``
+        the LSTM runs once per span of steps where no env begins an episode (the same
+        recurrence as one step at a time, with fewer calls)."""
         h, c = state
         n = h.shape[1]
         x = self.trunk(obs).reshape(-1, n, self.lstm.input_size)
         starts = starts.reshape(-1, n)
+        T = len(x)
+        if keep_states:
+            cuts = list(range(T + 1))
+        else:
+            begins = torch.nonzero(starts[1:].detach().cpu().any(1)).flatten() + 1
+            cuts = [0, *begins.tolist(), T]
         outs, hs, cs = [], [], []
-        for t in range(len(x)):
-            keep = (1.0 - starts[t]).view(1, -1, 1)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            keep = (1.0 - starts[a]).view(1, -1, 1)
             h, c = h * keep, c * keep
             if keep_states:
                 hs.append(h)
                 cs.append(c)
-            out, (h, c) = self.lstm(x[t : t + 1], (h, c))
-            outs.append(out[0])
+            out, (h, c) = self.lstm(x[a:b], (h, c))
+            outs.append(out.reshape(-1, out.shape[-1]))
         kept = (torch.stack(hs), torch.stack(cs)) if keep_states else None
         return torch.cat(outs), (h, c), kept
 
