@@ -227,3 +227,14 @@ def test_bad_input_is_one_line_before_any_env_step(tmp_path, capsys, monkeypatch
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0] and words in err[0], err
+
+
+def test_the_lstm_sits_on_image_and_dict_encoders(tmp_path):
+    recipe = lstm_recipe(
+        tmp_path, env={"id": "tests.envs_fixture:PixelsAndVector", "num_envs": 2}, num_steps=8, minibatch_size=8
+    )
+    engine = Engine(load_recipe(recipe))
+    assert type(engine.algo.policy.trunk).__name__ == "KeyedTrunk"
+    stats = engine.fit()
+    engine.close()
+    assert np.isfinite(stats["loss/total"])
