@@ -100,9 +100,9 @@ class NFTSpec:
     # the old (sampling) policy after each round: θ_old ← d·θ_old + (1−d)·θ with d = 0 before old_decay_start
     # optimizer steps, then min((steps − old_decay_start)·old_decay_rate, old_decay_max); the official
     # defaults (decay_type 1) are 0, 0.001, 0.5; its decay_type 2 (OCR) is 75, 0.0075, 0.999
-    old_decay_start: int = 0
-    old_decay_rate: float = 0.001
-    old_decay_max: float = 0.5
+    old_decay_start: int = 0  # optimizer steps before θ_old starts to lag (d = 0: θ_old = θ after each round)
+    old_decay_rate: float = 0.001  # d's growth per optimizer step after old_decay_start
+    old_decay_max: float = 0.5  # d's ceiling
 
 
 @dataclass
