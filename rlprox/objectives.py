@@ -206,23 +206,26 @@ def zero_spread(rewards: torch.Tensor) -> torch.Tensor:
     return ~(high > low)
 
 
-def group_normalize(rewards: torch.Tensor, eps: float = 1e-8, clip: float | None = None) -> torch.Tensor:
+def group_normalize(
+    rewards: torch.Tensor, eps: float = 1e-8, clip: float | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
     """Group-normalised advantage (GRPO / VA-π), rewards (N, G):
 
         A_{n,g} = (r_{n,g} − mean_n) / (std_n + eps),   then clipped to ±clip
 
-    with the unbiased std of each group. A group with zero spread (or fewer than 2
-    finite rewards) gets A = 0; non-finite rewards are left out of the statistics and
-    get A = 0.
+    with the unbiased std of each group, or a given ``std`` for every group (Flow-GRPO's
+    global_std: the whole batch's). A group with zero spread (or fewer than 2 finite
+    rewards) gets A = 0; non-finite rewards are left out of the statistics and get A = 0.
     """
     finite = torch.isfinite(rewards)
     r = torch.where(finite, rewards, torch.zeros_like(rewards))
     count = finite.sum(-1, keepdim=True).to(r.dtype)
     mean = r.sum(-1, keepdim=True) / count.clamp_min(1)
     centred = torch.where(finite, r - mean, torch.zeros_like(r))
-    std = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
-    spread = (count >= 2) & (std > torch.finfo(r.dtype).eps * mean.abs().clamp_min(1.0))
-    adv = torch.where(finite & spread, centred / (std + eps), torch.zeros_like(r))
+    own = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+    spread = (count >= 2) & (own > torch.finfo(r.dtype).eps * mean.abs().clamp_min(1.0))
+    divisor = own if std is None else torch.as_tensor(std, dtype=r.dtype, device=r.device)
+    adv = torch.where(finite & spread, centred / (divisor + eps), torch.zeros_like(r))
     return adv.clamp(-clip, clip) if clip is not None else adv
 
 

@@ -370,19 +370,18 @@ def _check_nft(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
         raise RecipeError("loop.nft.mix", f"must be > 0 (got {cfg.nft.mix})")
     if not 0 <= cfg.nft.old_decay_max < 1 or cfg.nft.old_decay_rate < 0 or cfg.nft.old_decay_start < 0:
         raise RecipeError("loop.nft", "old_decay_max must be in [0, 1), old_decay_rate and old_decay_start >= 0")
-    for i, entry in enumerate(recipe.regularizers):
-        if isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo":
-            raise RecipeError(
-                f"regularizers[{i}].scale", "objective nft has no SDE steps to scale: kl_ref takes scale exact there"
-            )
 
 
 def _check_kl_scale(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
-    """A ``kl_ref`` with ``scale: flow_grpo`` needs flow-matching steps (their dt)."""
-    if adapter is None or adapter.flow_matching:
-        return
+    """A ``kl_ref`` with ``scale: flow_grpo`` needs flow-matching SDE/CPS steps (their dt)."""
     for i, entry in enumerate(recipe.regularizers):
-        if isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo":
+        if not (isinstance(entry, dict) and entry.get("type") == "kl_ref" and entry.get("scale") == "flow_grpo"):
+            continue
+        if recipe.loop.objective == "nft":
+            raise RecipeError(
+                f"regularizers[{i}].scale", "objective nft has no SDE steps to scale: kl_ref takes scale exact there"
+            )
+        if adapter is not None and not adapter.flow_matching:
             raise RecipeError(
                 f"regularizers[{i}].scale",
                 f"flow_grpo rescales a flow-matching step's KL by its dt; {adapter.__name__}'s steps have none "
@@ -680,15 +679,11 @@ class LOOP:
         rewards = batch.rewards
         if cfg.advantage == "loo":
             adv = objectives.leave_one_out(rewards.view(-1, K)).view(-1)
-        elif cfg.advantage == "group_norm" and cfg.advantage_std == "batch":  # Flow-GRPO's global_std
-            groups = rewards.view(-1, K)
-            finite = torch.isfinite(groups)
-            count = finite.sum(-1, keepdim=True).clamp_min(1)
-            mean = torch.where(finite, groups, torch.zeros_like(groups)).sum(-1, keepdim=True) / count
-            _, std = self._batch_moments(rewards)
-            adv = torch.where(finite, (groups - mean) / (std.float() + 1e-4), torch.zeros_like(groups)).view(-1)
-        elif cfg.advantage == "group_norm":
-            adv = objectives.group_normalize(rewards.view(-1, K)).view(-1)
+        elif cfg.advantage == "group_norm":  # each group's std, or the batch's (Flow-GRPO's global_std)
+            std = self._batch_moments(rewards)[1].float() if cfg.advantage_std == "batch" else None
+            adv = objectives.group_normalize(rewards.view(-1, K), eps=1e-4 if std is not None else 1e-8, std=std).view(
+                -1
+            )
         elif cfg.advantage == "prompt_stats":
             prompts, all_rewards = batch.prompts, rewards.cpu().numpy()
             if self.runtime.world > 1:  # the statistics see every process's prompts, in rank order
