@@ -22,6 +22,7 @@ flattened into float32 rows by their layout (``rlprox.spaces``); the model cuts 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,22 @@ import numpy as np
 from rlprox.errors import RecipeError, RegistryError, did_you_mean
 from rlprox.registry import resolve_object
 from rlprox.spaces import ActionSpace, describe_entry, flatten_batch, observation_layout, widths
+
+
+@dataclass
+class AtariOptions:
+    """The standard Atari preprocessing (``env.preprocessing: atari``; docs/usage.md). Every env, evaluation and
+    video included, sees the same frames; the two training-only transforms act in the trainer's rollout, so
+    evaluation reports the unclipped score of full games."""
+
+    noop_max: int = 30  # up to N no-op actions after each reset (gymnasium draws 1..N, envpool 0..N-1; 0: none)
+    frame_skip: int = 4  # each action repeated for N frames, the last two max-pooled
+    screen_size: int = 84  # frames resized to N x N
+    grayscale: bool = True  # one grey channel instead of RGB
+    frame_stack: int = 4  # the observation: the last N frames, (N, size, size) uint8 (1: no stacking)
+    repeat_action_probability: float = 0.0  # sticky actions (ALE v5's default is 0.25; CleanRL and envpool use 0)
+    episodic_life: bool = True  # training only: a lost life ends the episode for the returns and the LSTM state
+    clip_reward: bool = True  # training only: rewards become their sign
 
 
 @dataclass
@@ -52,6 +69,9 @@ class EnvConfig:
     normalize_reward: bool = False  # scale rewards by the running std of the discounted return
     clip_obs: float = 10.0  # clip normalised observations to ±clip_obs
     clip_reward: float = 10.0  # clip normalised rewards to ±clip_reward
+    backend: Literal["gymnasium", "envpool"] = "gymnasium"  # envpool: its C++ vector envs (Atari, MuJoCo ids it has)
+    preprocessing: Literal["none", "atari"] = "none"  # atari: the options of ``atari`` (an ALE id)
+    atari: AtariOptions = field(default_factory=AtariOptions)  # the Atari preprocessing's options
 
 
 def _resolve(spec: str, key: str):
@@ -78,15 +98,50 @@ def import_env_modules(env: EnvConfig, key: str = "env") -> None:
             raise RecipeError(f"{key}.imports[{i}]", f"cannot import {name!r}{extra}: {err}") from None
 
 
+def import_ale(key: str) -> None:
+    from rlprox.envs.atari import import_ale
+
+    try:
+        import_ale()
+    except ImportError as err:
+        raise RecipeError(key, str(err)) from None
+
+
+def validate_atari(env: EnvConfig, key: str) -> None:
+    """``env.preprocessing: atari``: an Atari id and options in range."""
+    from rlprox.envs.atari import is_ale_id
+
+    if env.backend == "gymnasium" and not is_ale_id(env.id):
+        raise RecipeError(f"{key}.preprocessing", f"atari preprocessing needs an ALE/ id (got env.id {env.id!r})")
+    opts, where = env.atari, f"{key}.atari"
+    for name, low in (("noop_max", 0), ("frame_skip", 1), ("frame_stack", 1), ("screen_size", 8)):
+        if getattr(opts, name) < low:
+            raise RecipeError(f"{where}.{name}", f"must be >= {low} (got {getattr(opts, name)})")
+    if not 0.0 <= opts.repeat_action_probability <= 1.0:
+        raise RecipeError(
+            f"{where}.repeat_action_probability", f"must be in [0, 1] (got {opts.repeat_action_probability})"
+        )
+
+
 def validate_env(env: EnvConfig, key: str = "env") -> None:
     import_env_modules(env, key)
     if env.num_envs <= 0:
         raise RecipeError(f"{key}.num_envs", f"must be > 0 (got {env.num_envs})")
     if env.max_episode_steps < 0:
         raise RecipeError(f"{key}.max_episode_steps", f"must be >= 0 (got {env.max_episode_steps})")
-    if ":" in env.id:
+    if env.preprocessing == "atari":
+        validate_atari(env, key)
+    if env.backend == "envpool":
+        from rlprox.envpool_backend import validate_envpool
+
+        validate_envpool(env, key)
+    elif ":" in env.id:
         _resolve(env.id, f"{key}.id")
     else:
+        from rlprox.envs.atari import is_ale_id
+
+        if is_ale_id(env.id):
+            import_ale(f"{key}.id")
         import rlprox.envs  # noqa: F401  registers the rlprox/ namespace
 
         if env.id not in gym.registry:
@@ -158,8 +213,20 @@ def _env_factory(cfg: EnvConfig, index: int, render_mode=None):
             # the passive checker only inspects the first step but stays in the call
             # chain of every step; recipes are validated elsewhere
             # OrderEnforcing guards against step-before-reset, which the vector env never does
+            from rlprox.envs import atari as ale
+
+            atari = cfg.preprocessing == "atari"
+            if ale.is_ale_id(cfg.id):
+                import_ale("env.id")
+            limit = cfg.max_episode_steps or None
+            if atari:  # the step limit counts agent steps, after the frame skip
+                kwargs, limit = ale.make_kwargs(cfg.atari, kwargs), None
             spec = dataclasses.replace(gym.spec(cfg.id), order_enforce=False)
-            env = gym.make(spec, max_episode_steps=cfg.max_episode_steps or None, disable_env_checker=True, **kwargs)
+            env = gym.make(spec, max_episode_steps=limit, disable_env_checker=True, **kwargs)
+            if atari:
+                env = ale.preprocess(env, cfg.atari)
+                if cfg.max_episode_steps:
+                    env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps)
         for i, wrapper in enumerate(cfg.wrappers):
             env = _resolve(wrapper, f"env.wrappers[{i}]")(env)
         return EpisodeReplay(env, index)
@@ -177,6 +244,10 @@ def make_vec_env(
     cfg: EnvConfig, num_envs: int | None = None, vectorization: str | None = None
 ) -> gym.vector.VectorEnv:
     n = num_envs or cfg.num_envs
+    if cfg.backend == "envpool":
+        from rlprox.envpool_backend import EnvpoolVectorEnv
+
+        return EnvpoolVectorEnv(cfg, n)
     fns = [_env_factory(cfg, i) for i in range(n)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if (vectorization or cfg.vectorization) == "async" and n > 1:
@@ -321,6 +392,12 @@ def check_normalize_obs(cfg: EnvConfig, layout: list[dict]) -> None:
         )
 
 
+RESUME_FRESH = (
+    "env.backend envpool: resumed from fresh resets (envpool cannot replay the episodes in progress), "
+    "so this run no longer equals an uninterrupted one"
+)
+
+
 class GymRollout:
     """One process's share of the experience: ``num_envs`` envs, normalisers, episode
     statistics and the replay state that makes resume exact.
@@ -346,8 +423,21 @@ class GymRollout:
         self.episode_length = np.zeros(self.num_envs, np.int64)
         self.finished: list[tuple[float, int]] = []  # (return, length) of episodes ended this iteration
         self.env_steps = 0  # all processes
-        obs, _ = self.envs.reset(seed=seed * 1000 + 7919 * rank)
+        atari = cfg.atari if cfg.preprocessing == "atari" else None
+        self.episodic_life = atari is not None and atari.episodic_life
+        self.sign_rewards = atari is not None and atari.clip_reward
+        self.seed = seed * 1000 + 7919 * rank
+        obs, info = self.envs.reset(seed=self.seed)
         self.obs = self.flat(obs)
+        self.lives = self.lives_of(info)
+
+    def lives_of(self, info: dict) -> np.ndarray | None:
+        """Each env's lives (ALE's ``info["lives"]``) when a lost life ends an episode for training, else None."""
+        if not self.episodic_life:
+            return None
+        if "lives" not in info:
+            raise RecipeError("env.atari.episodic_life", f"env {self.cfg.id} reports no lives in its info")
+        return np.asarray(info["lives"], np.int64).copy()
 
     def flat(self, obs, n: int | None = None) -> np.ndarray:
         """(n, obs_dim) float32 rows of a batch of observations (n: the number of envs)."""
@@ -381,6 +471,12 @@ class GymRollout:
             self.finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
             self.episode_return[i] = 0.0
             self.episode_length[i] = 0
+        if self.episodic_life:  # ended games reset (their info is the new game's): only the others can lose a life
+            lives = self.lives_of(info)
+            lost = (lives < self.lives) & ~done
+            term, done, self.lives = term | lost, done | lost, lives
+        if self.sign_rewards:
+            reward = np.sign(reward)
         if self.reward_scaler is not None:
             reward = self.reward_scaler(reward, done, self.cfg.clip_reward)
         truncated = np.flatnonzero(trunc)
@@ -420,17 +516,26 @@ class GymRollout:
             "env_steps": self.env_steps,
             "obs_rms": self.obs_rms.state_dict() if self.obs_rms is not None else None,
             "reward_scaler": self.reward_scaler.state_dict() if self.reward_scaler is not None else None,
-            "envs": list(self.envs.call("replay_state")),
+            "envs": list(self.envs.call("replay_state")) if self.cfg.backend == "gymnasium" else None,
+            "lives": self.lives.tolist() if self.lives is not None else None,
         }
         return {"next_obs": torch.from_numpy(self.obs.copy())}, state
 
     def load_state_dict(self, tensors: dict, state: dict) -> None:
         self.env_steps = int(state["env_steps"])
         load_normalisers(self.obs_rms, self.reward_scaler, state)
+        if state["envs"] is None:  # envpool cannot reseed one env: every env starts a new episode
+            if self.rank == 0:
+                print(f"rlprox: {RESUME_FRESH}", file=sys.stderr)
+            obs, info = self.envs.reset(seed=self.seed + 1 + self.env_steps)
+            self.obs, self.lives = self.flat(obs), self.lives_of(info)
+            return
         self.episode_return = np.asarray(state["episode_return"], np.float64)
         self.episode_length = np.asarray(state["episode_length"], np.int64)
         self.envs.call("restore_replay", state["envs"])
         self.obs = tensors["next_obs"].numpy().copy()
+        if self.lives is not None:
+            self.lives = np.asarray(state["lives"], np.int64)
 
     def close(self) -> None:
         self.envs.close()

@@ -8,6 +8,7 @@ stores per step and its loss.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -241,6 +242,8 @@ class OnPolicyEnv:
         env = {"id": env_cfg.id, "kwargs": env_cfg.kwargs, "wrappers": env_cfg.wrappers}
         if env_cfg.max_episode_steps:
             env["max_episode_steps"] = env_cfg.max_episode_steps
+        if env_cfg.preprocessing == "atari":  # what turns the game's frames into the observations act() takes
+            env["preprocessing"], env["atari"] = "atari", dataclasses.asdict(env_cfg.atari)
         return save_policy(
             out_dir,
             module,

@@ -135,3 +135,27 @@ class SpaceProbe(gym.Env):
             assert action.shape == (2,) and 0 <= action[0] < 3 and 0 <= action[1] < 2
             reward = float((action == np.array([2, 1])).mean())
         return self._obs(), reward, False, self.t >= 10, {}
+
+
+class LivesGame(gym.Env):
+    """A game with ``lives`` lives, reporting them in ``info["lives"]`` as ALE does: one
+    is lost every ``per_life`` steps, the game ends with the last; every step scores
+    ``points`` (more than 1, so clipping shows)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, lives: int = 3, per_life: int = 3, points: float = 5.0):
+        self.max_lives, self.per_life, self.points = lives, per_life, points
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.lives, self.t = self.max_lives, 0
+        return np.zeros(2, np.float32), {"lives": self.lives}
+
+    def step(self, action):
+        self.t += 1
+        if self.t % self.per_life == 0:
+            self.lives -= 1
+        obs = np.full(2, self.t / 100.0, np.float32)
+        return obs, self.points, self.lives == 0, False, {"lives": self.lives}
