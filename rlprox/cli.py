@@ -261,17 +261,20 @@ def _record_videos(args, algo, recipe, seed: int) -> list:
         if export is None or not (export(Path(tmp)) and is_policy_folder(tmp)):
             raise UsageError(f"--video: algo {recipe.algo} exports no policy folder (rlprox.load_policy)")
         policy = load_policy(tmp)
-    if policy.recurrent:
-        raise UsageError("--video: recurrent policies (ppo.lstm) are not recorded yet; use rlprox eval")
     deterministic = True if args.deterministic is None else args.deterministic  # greedy unless --stochastic
     rng = np.random.default_rng([seed, 20_000])
+    memory = {}  # a recurrent policy's state, cleared at each episode's start
+
+    def act(obs):
+        obs = obs if policy.layout is not None else np.ravel(obs)  # images and Dicts keep their shape
+        if not policy.recurrent:
+            return policy.act(obs, deterministic=deterministic, rng=rng)
+        action, memory["state"] = policy.act(obs, deterministic=deterministic, rng=rng, state=memory.get("state"))
+        return action
+
     try:
         return record_episodes(
-            recipe.env,
-            lambda obs: policy.act(np.ravel(obs), deterministic=deterministic, rng=rng),
-            args.video_episodes,
-            eval_seed(seed),
-            args.video,
+            recipe.env, act, args.video_episodes, eval_seed(seed), args.video, on_reset=memory.clear
         )
     except VideoError as err:
         raise UsageError(f"--video: {err}") from None

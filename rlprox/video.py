@@ -28,11 +28,13 @@ def has_ffmpeg() -> bool:
 
 
 def record_episodes(
-    cfg: EnvConfig, act, episodes: int, seed: int, out_dir: str | Path, prefix: str = "episode"
+    cfg: EnvConfig, act, episodes: int, seed: int, out_dir: str | Path, prefix: str = "episode", on_reset=None
 ) -> list[tuple[Path, float]]:
     """Run ``episodes`` episodes of ``act(obs) -> env action`` (one raw observation in,
-    one action out) and write one video per episode to ``out_dir``; returns (path,
-    episode return) per episode."""
+    one action out; ``on_reset()``, when given, is called before each episode, e.g. to
+    clear a recurrent policy's state) and write one video per episode to ``out_dir``;
+    returns (path, episode return) per episode. The frames are the env's own renders
+    (for Atari the full-size game, not the 84×84 observations)."""
     import imageio
 
     out = Path(out_dir)
@@ -41,6 +43,8 @@ def record_episodes(
     written = []
     for i in range(episodes):
         env = _render_env(cfg)
+        if on_reset is not None:
+            on_reset()
         fps = int(env.metadata.get("render_fps") or DEFAULT_FPS)
         obs, _ = env.reset(seed=seed + i)
         frames, total, done = [env.render()], 0.0, False

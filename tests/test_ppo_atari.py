@@ -56,7 +56,9 @@ def test_lost_life_ends_training_episodes_and_rewards_are_signs():
     assert all((reward == 1.0).all() for reward, *_ in steps)
     assert rollout.finished == [(45.0, 9), (45.0, 9)]
 
-    off = EnvConfig(id=cfg.id, num_envs=2, preprocessing="atari", atari=AtariOptions(episodic_life=False, clip_reward=False))
+    off = EnvConfig(
+        id=cfg.id, num_envs=2, preprocessing="atari", atari=AtariOptions(episodic_life=False, clip_reward=False)
+    )
     rollout = GymRollout(off, seed=0, rank=0, world=1, gamma=0.99)
     steps = [rollout.step(np.zeros(2, np.int64)) for _ in range(4)]
     rollout.close()
@@ -190,3 +192,17 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, env, hidden, field
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0] and words in err[0], err
+
+
+def test_eval_video_films_the_full_game_frames(tmp_path):
+    imageio = pytest.importorskip("imageio")
+    recipe = tiny_ppo(tmp_path, env={**atari_env(), "max_episode_steps": 10}, run={"iterations": 1})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "t"
+    assert main(["eval", str(run), "--episodes", "2", "--video", str(tmp_path / "v"), "--video-episodes", "2"]) == 0
+    reported = json.loads(next((run / "checkpoints").iterdir()).joinpath("eval.json").read_text())
+    assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
+    frame = imageio.mimread(sorted((tmp_path / "v").iterdir())[0], memtest=False)[0]
+    assert frame.shape[:2] == (210, 160)  # the game as rendered, not the 36×36 observation

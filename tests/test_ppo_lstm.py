@@ -238,3 +238,18 @@ def test_the_lstm_sits_on_image_and_dict_encoders(tmp_path):
     stats = engine.fit()
     engine.close()
     assert np.isfinite(stats["loss/total"])
+
+
+def test_eval_video_carries_the_state_through_each_episode(tmp_path):
+    """The filmed episodes replay the evaluation's seeds with the state carried and reset
+    per episode: the same returns as ``rlprox eval``'s."""
+    pytest.importorskip("imageio")
+    pytest.importorskip("pygame", reason="CartPole renders with pygame (pip install 'rlprox[video]')")
+    recipe = lstm_recipe(tmp_path, env={"id": MASKED}, run={"iterations": 2})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "t"
+    assert main(["eval", str(run), "--episodes", "3", "--video", str(tmp_path / "v"), "--video-episodes", "3"]) == 0
+    reported = json.loads(next((run / "checkpoints").iterdir()).joinpath("eval.json").read_text())
+    assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
