@@ -15,9 +15,17 @@ and the generative trainers at real scale with random weights.
                                                     # SD3.5-Medium-size pipeline and batch: images/s, peak memory
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
     python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
+    python benchmarks/gpu_smoke.py --case atari     # PPO, Nature CNN at CleanRL's Atari shape (8 envs × 128 steps,
+                                                    # 4 minibatches, 4 epochs, 4×84×84 uint8 frames), run.compile
+                                                    # off vs on: env steps/s, update seconds, peak memory
+    python benchmarks/gpu_smoke.py --case atari --size tiny --allow-cpu
 
 The loop case matches the naive diffusers anchor's round (32 images, micro-batch 16, all
 timesteps trained): run both in one GPU session and quote the ratio.
+
+The atari case steps ALE/Breakout-v5 (gymnasium's AtariPreprocessing and a 4-frame stack) where ale-py imports,
+else ``StackedFrames``, a synthetic env of the same observation shape (always at --size tiny, 36×36 frames). Table:
+benchmarks/results/gpu_smoke_atari.md.
 
 The flow case runs both loops itself, in this one process on the same GPU, on the same
 random-weight pipeline (``random_sd3_pipeline``) and batch: rlprox = ``Engine`` on
@@ -60,6 +68,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import gymnasium  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,8 +248,10 @@ def random_llamagen(out: Path, size: str) -> list[str]:
     ]
 
 
-def run_overrides(out: Path, iterations: int, on_cpu: bool) -> list[str]:
-    """The run fields of every generative case: quiet, no evaluation or checkpoints, bf16 on CUDA."""
+def run_overrides(out: Path, iterations: int, on_cpu: bool, bf16: bool = True) -> list[str]:
+    """The run fields of every generative case and of the atari case: quiet, no evaluation or checkpoints, bf16 on
+    CUDA (unless ``bf16`` is False: fp32 everywhere)."""
+    bf16 = bf16 and not on_cpu
     return [
         f"run.iterations={iterations}",
         f"run.output_dir={out}",
@@ -249,8 +261,8 @@ def run_overrides(out: Path, iterations: int, on_cpu: bool) -> list[str]:
         "run.eval_size=0",
         "run.save_every=0",
         f"run.cpu={'true' if on_cpu else 'false'}",
-        f'run.mixed_precision="{"no" if on_cpu else "bf16"}"',
-        f"run.frozen_dtype={'float32' if on_cpu else 'bfloat16'}",
+        f'run.mixed_precision="{"bf16" if bf16 else "no"}"',
+        f"run.frozen_dtype={'bfloat16' if bf16 else 'float32'}",
     ]
 
 
@@ -304,6 +316,16 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
         loss=loss,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
     )
+
+
+def publish(body: str, out: Path | None, default: Path | None) -> None:
+    """Print a case's table and write it to ``out`` (--out), else to ``default`` (None: nowhere, e.g. off CUDA)."""
+    print(body)
+    target = out if out is not None else default
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(body)
+        print(f"wrote {target}")
 
 
 # ============================================================================ flow: rlprox vs naive Flow-GRPO
@@ -640,16 +662,7 @@ def flow_case(args, cuda: bool) -> int:
         shutil.rmtree(out_dir, ignore_errors=True)
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     body = flow_table(r, cuda, device)
-    print(body)
-    out = (
-        args.out
-        if args.out is not None
-        else (RESULTS.with_name("gpu_smoke_flow.md") if cuda and args.size == "full" else None)
-    )
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(body)
-        print(f"wrote {out}")
+    publish(body, args.out, RESULTS.with_name("gpu_smoke_flow.md") if cuda and args.size == "full" else None)
     return 0
 
 
@@ -704,33 +717,208 @@ def nft_case(args, cuda: bool) -> int:
             f"{bs[-1]['loss']:.4f} |"
         )
     body = "\n".join(lines) + "\n"
-    print(body)
-    target = (
-        args.out
-        if args.out is not None
-        else (RESULTS.with_name("gpu_smoke_nft.md") if cuda and args.size == "full" else None)
+    publish(body, args.out, RESULTS.with_name("gpu_smoke_nft.md") if cuda and args.size == "full" else None)
+    return 0
+
+
+# ============================================================================ atari: Nature CNN PPO, compile off/on
+
+ATARI_SHAPE = {  # CleanRL ppo_atari.py's batch: 8 envs × 128 steps in 4 minibatches, 4 epochs, 84×84 frames × 4
+    "full": dict(num_envs=8, num_steps=128, minibatches=4, epochs=4, frame=84),
+    "tiny": dict(num_envs=2, num_steps=16, minibatches=2, epochs=2, frame=36),  # 36: the Nature CNN's smallest
+}
+ATARI_PPO = ["ppo.gamma=0.99", "ppo.gae_lambda=0.95", "ppo.clip_coef=0.1", "ppo.ent_coef=0.01", "optim.lr=2.5e-4"]
+
+
+class StackedFrames(gymnasium.Env):
+    """A stand-in for Breakout after AtariPreprocessing and a 4-frame stack, where ale-py is missing: (4, size, size)
+    uint8 observations (channels first, as FrameStackObservation gives them), 4 actions; each new frame holds one 8×8
+    white block at a random place, reward 1 when the action names the quadrant of the newest frame's block; episodes
+    are truncated after ``length`` steps. Only its shapes and its cost stand in for the game."""
+
+    action_space = gymnasium.spaces.Discrete(4)
+
+    def __init__(self, size: int = 84, length: int = 1000):
+        self.size, self.length = size, length
+        self.observation_space = gymnasium.spaces.Box(0, 255, (4, size, size), np.uint8)
+        self.frames = np.zeros((4, size, size), np.uint8)
+        self.t, self.block = 0, (0, 0)
+
+    def _push_frame(self) -> np.ndarray:
+        self.frames = np.roll(self.frames, -1, axis=0)
+        self.frames[-1] = 0
+        row, col = self.block = tuple(int(x) for x in self.np_random.integers(self.size - 8, size=2))
+        self.frames[-1, row : row + 8, col : col + 8] = 255
+        return self.frames.copy()
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        self.frames[:] = 0
+        return self._push_frame(), {}
+
+    def step(self, action):
+        half = self.size // 2
+        reward = float(int(action) == 2 * (self.block[0] >= half) + (self.block[1] >= half))
+        self.t += 1
+        return self._push_frame(), reward, False, self.t >= self.length, {}
+
+
+def breakout() -> gymnasium.Env:
+    """ALE/Breakout-v5 as the Nature CNN sees it: frame skip 4 (max over the last two frames), up to 30 no-op
+    starts, grayscale 84×84, the last 4 frames stacked channels first (gymnasium's AtariPreprocessing and
+    FrameStackObservation)."""
+    import ale_py
+
+    gymnasium.register_envs(ale_py)
+    env = gymnasium.make("ALE/Breakout-v5", frameskip=1)
+    env = gymnasium.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+    return gymnasium.wrappers.FrameStackObservation(env, 4)
+
+
+gymnasium.register("GPUSmoke/StackedFrames-v0", entry_point=StackedFrames)
+gymnasium.register("GPUSmoke/Breakout-v5", entry_point=breakout)
+
+
+def atari_env(size: str) -> tuple[str, dict, str]:
+    """(env id, env kwargs, description): real Breakout at full size where ale-py imports, else ``StackedFrames``."""
+    if size == "full":
+        try:
+            import ale_py  # noqa: F401
+
+            return "GPUSmoke/Breakout-v5", {}, "ALE/Breakout-v5 (AtariPreprocessing, 4-frame stack)"
+        except ImportError:
+            pass
+    frame, why = ATARI_SHAPE[size]["frame"], "no ale-py" if size == "full" else "--size tiny"
+    return "GPUSmoke/StackedFrames-v0", {"size": frame}, f"StackedFrames, synthetic 4×{frame}×{frame} frames ({why})"
+
+
+def run_atari(size: str, compiled: bool, iterations: int, on_cpu: bool, out_dir: str) -> dict:
+    """``iterations`` PPO iterations of the Nature CNN policy at ``ATARI_SHAPE[size]`` (recipes/ppo/cartpole.yaml with
+    the env, batch and CleanRL's Atari hyperparameters as overrides), fp32; per-iteration collect and update seconds
+    from metrics.jsonl, peak CUDA memory from the block's start (model build included)."""
+    from rlprox.engine import Engine
+    from rlprox.recipe import load_recipe
+
+    shape = ATARI_SHAPE[size]
+    env_id, kwargs, _ = atari_env(size)
+    n, T = shape["num_envs"], shape["num_steps"]
+    overrides = [
+        *run_overrides(Path(out_dir), iterations, on_cpu, bf16=False),
+        f"run.name=atari-compile-{compiled}",
+        "run.torch_threads=1",
+        f"run.compile={'true' if compiled else 'false'}",
+        f"env.id={env_id}",
+        f"env.kwargs={json.dumps(kwargs)}",
+        f"env.num_envs={n}",
+        f"ppo.num_steps={T}",
+        f"ppo.minibatch_size={n * T // shape['minibatches']}",
+        f"ppo.update_epochs={shape['epochs']}",
+        *ATARI_PPO,
+    ]
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    engine = Engine(load_recipe(ROOT / "recipes" / "ppo" / "cartpole.yaml", overrides))
+    encoders = [type(e).__name__ for e in engine.algo.policy.trunk.encoders]
+    if encoders != ["NatureCNN"]:
+        raise SystemExit(f"atari: expected the Nature CNN policy, got {encoders}")
+    stats = engine.fit()
+    if not on_cpu:
+        torch.cuda.synchronize()
+    rows = [json.loads(line) for line in (engine.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    engine.close()
+    loss = stats.get("loss/total", float("nan"))
+    if not math.isfinite(loss):
+        raise SystemExit(f"atari, compile {compiled}: last loss is not finite ({loss})")
+    collect = [r["perf/iteration_s"] * r["perf/collect_fraction"] for r in rows]
+    update = [r["perf/iteration_s"] - c for r, c in zip(rows, collect)]
+    timed = slice(1, None) if len(rows) > 1 else slice(None)  # the first iteration: warm-up (and compilation)
+    return dict(
+        compiled=compiled,
+        first_s=rows[0]["perf/iteration_s"],
+        collect_sps=statistics.median(n * T / c for c in collect[timed]),
+        update_s=statistics.median(update[timed]),
+        overall_sps=statistics.median(r["perf/sps"] for r in rows[timed]),
+        loss=loss,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
     )
-    if target is not None:
-        target.write_text(body)
-        print(f"wrote {target}")
+
+
+def atari_case(args, cuda: bool) -> int:
+    iterations = args.iterations or (6 if cuda else 2)
+    if iterations < 2:
+        raise SystemExit("--case atari: --iterations must be >= 2 (the first iteration is a warm-up)")
+    shape = ATARI_SHAPE[args.size]
+    _, _, env_name = atari_env(args.size)
+    out_dir = tempfile.mkdtemp(prefix="gpu_smoke_atari_")
+    try:
+        results = []
+        for compiled in (False, True):
+            r = run_atari(args.size, compiled, iterations, not cuda, out_dir)
+            results.append(r)
+            print(
+                f"  compile {'on' if compiled else 'off'}: first iteration {r['first_s']:.2f} s, "
+                f"{r['collect_sps']:,.0f} env steps/s collecting, update {r['update_s']:.3f} s",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    n, T, frame = shape["num_envs"], shape["num_steps"], shape["frame"]
+    lines = [
+        f"# GPU smoke test: atari ({args.size}): PPO with the Nature CNN, run.compile off vs on",
+        "",
+        f"Date {datetime.date.today().isoformat()}; device {device}; torch {torch.__version__}"
+        f"{' (CUDA ' + str(torch.version.cuda) + ')' if cuda else ''}, gymnasium {gymnasium.__version__}; "
+        f"1 torch thread. Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Env: {env_name}. PPO (recipes/ppo/cartpole.yaml with overrides: CleanRL ppo_atari.py's batch and "
+        f"hyperparameters): {n} envs × {T} steps = {n * T} env steps per iteration, {shape['minibatches']} "
+        f"minibatches of {n * T // shape['minibatches']}, {shape['epochs']} epochs, Nature CNN on "
+        f"4×{frame}×{frame} uint8 frames, fp32, sync vector env. Compile off, then on, each a fresh run of "
+        f"{iterations} iterations in this process; "
+        "the first iteration is a warm-up (with compile on it pays the compilation) and is shown apart; the other "
+        "columns are medians over the rest. Collect env steps/s = env steps / the collect's seconds (env steps, the "
+        "rollout's forward and GAE); update s = the iteration's seconds after the collect; overall = env steps / the "
+        "iteration's seconds. Peak memory: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` "
+        "before the run's build.",
+        "",
+        "| run.compile | first iteration s | collect env steps/s | update s | overall env steps/s | last loss "
+        "| peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        lines.append(
+            f"| {'on' if r['compiled'] else 'off'} | {r['first_s']:.2f} | {r['collect_sps']:,.0f} | "
+            f"{r['update_s']:.3f} | {r['overall_sps']:,.0f} | {r['loss']:.4f} | {mem} |"
+        )
+    off, on = results
+    lines.append(
+        f"| on / off | | {on['collect_sps'] / off['collect_sps']:.2f}× | {on['update_s'] / off['update_s']:.2f}× | "
+        f"{on['overall_sps'] / off['overall_sps']:.2f}× | | |"
+    )
+    body = "\n".join(lines) + "\n"
+    publish(body, args.out, RESULTS.with_name("gpu_smoke_atari.md") if cuda and args.size == "full" else None)
     return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft"], default="ppo")
+    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft", "atari"], default="ppo")
     p.add_argument(
         "--size",
         choices=["full", "tiny"],
         default="full",
-        help="loop/vapi/flow: real-scale models (full) or toy ones to check the script (tiny)",
+        help="loop/vapi/flow/atari: real-scale models (full) or toy ones to check the script (tiny)",
     )
     p.add_argument(
         "--iterations",
         type=int,
         default=None,
         help="iterations per precision (default 4 on CUDA, 1 on CPU); loop/vapi: rounds (default 2); "
-        "flow: rounds per block, the first a warm-up (default 4 on CUDA, 2 on CPU)",
+        "flow: rounds per block, the first a warm-up (default 4 on CUDA, 2 on CPU); atari: iterations per "
+        "run.compile setting, the first a warm-up (default 6 on CUDA, 2 on CPU)",
     )
     p.add_argument(
         "--allow-cpu",
@@ -753,6 +941,8 @@ def main() -> int:
             return flow_case(args, cuda)
         if args.case == "nft":
             return nft_case(args, cuda)
+        if args.case == "atari":
+            return atari_case(args, cuda)
         out_dir = tempfile.mkdtemp(prefix=f"gpu_smoke_{args.case}_")
         try:
             r = run_generative(args.case, args.size, args.iterations or 2, not cuda, out_dir)
@@ -769,15 +959,8 @@ def main() -> int:
             f"| {r['case']} | {r['size']} | {r['iterations']} | {r['images_per_round']} "
             f"| {r['images_per_s']:.2f} | {r['loss']:.4f} | {mem} |\n"
         )
-        print(body)
-        out = (
-            args.out
-            if args.out is not None
-            else (RESULTS.with_name(f"gpu_smoke_{args.case}.md") if cuda and args.size == "full" else None)
-        )
-        if out is not None:
-            out.write_text(body)
-            print(f"wrote {out}")
+        default = RESULTS.with_name(f"gpu_smoke_{args.case}.md") if cuda and args.size == "full" else None
+        publish(body, args.out, default)
         return 0
 
     if args.worker:
@@ -848,12 +1031,7 @@ def main() -> int:
         )
     body = "\n".join(lines) + "\n"
     print()
-    print(body)
-    out = args.out if args.out is not None else (RESULTS if cuda else None)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(body)
-        print(f"wrote {out}")
+    publish(body, args.out, RESULTS if cuda else None)
     return 0
 
 

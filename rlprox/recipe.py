@@ -116,6 +116,9 @@ class RunConfig:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options for grad_sync: fsdp
     cpu: bool = False  # force CPU even when a GPU is present
     torch_threads: int = 1  # intra-op threads; 1 is fastest for small policies on shared CPUs
+    # torch.compile the rollout's torch forward and the update's loss (ppo only), for GPUs; the first iteration
+    # pays the compilation; the modules are not wrapped, so checkpoints and exports are as without it
+    compile: bool = False
     progress: bool = True  # progress bar on stderr
     plot: bool = True  # write the learning-curve PNG at the end
     # log optim/update_norm, the step size ‖θ_after − θ_before‖₂ over the trained weights of each optimizer step
@@ -449,6 +452,8 @@ def validate(recipe: Recipe, spec=None, scoring: bool = True) -> Any:
         raise RecipeError(
             "run.mixed_precision", "fp16 loss scaling is not supported with run.grad_sync: fsdp; use bf16"
         )
+    if run.compile and run.grad_sync == "fsdp":
+        raise RecipeError("run.compile", "not supported with run.grad_sync: fsdp")
     if run.log_update_norm and run.grad_sync == "fsdp":
         raise RecipeError("run.log_update_norm", "not supported with run.grad_sync: fsdp (sharded weights)")
     if run.resume not in ("never", "auto") and not Path(run.resume).exists():
@@ -479,6 +484,8 @@ def validate(recipe: Recipe, spec=None, scoring: bool = True) -> Any:
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         raise RecipeError("optim.betas", f"expected two numbers in [0, 1) (got {optim.betas})")
     spec = spec or trainer_spec(recipe.algo)
+    if run.compile and not spec.compiles:
+        raise RecipeError("run.compile", f"algo {spec.name} does not support it (trainers that do: ppo)")
     if recipe.regularizers:
         from rlprox.prox.attach import parse_spec
 

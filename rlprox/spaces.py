@@ -17,6 +17,7 @@ takes (``columns``) and how a flat sampled action becomes the env's action (``to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,8 +75,8 @@ def has_images(layout: list[dict]) -> bool:
 
 
 def widths(layout: list[dict]) -> list[int]:
-    """Flat width of each entry."""
-    return [int(np.prod(e["shape"])) for e in layout]
+    """Flat width of each entry (math.prod: a constant to torch.compile, where np.prod would break the graph)."""
+    return [int(math.prod(e["shape"])) for e in layout]
 
 
 def describe_entry(entry: dict) -> str:

@@ -65,6 +65,7 @@ class TrainerSpec:
     # "section.field" keys that fix the shape of the saved state (e.g. loop.finetune: a LoRA adapter or the
     # whole model): a resume must give them the value saved in the checkpoint's recipe (checked before any build)
     resume_keys: tuple[str, ...] = ()
+    compiles: bool = False  # honours run.compile (torch.compile of its rollout forward and update loss)
 
     def __post_init__(self):
         unknown = set(self.eval_flags) - set(EVAL_FLAGS)

@@ -19,6 +19,12 @@ step began an episode; the update splits the ENVS into minibatches, each re-runn
 LSTM over its envs' whole T-step sequences from the stored state of step 0 with the same
 resets (CleanRL's ``ppo_atari_lstm.py``). The state at the end of a rollout carries into
 the next one and into checkpoints.
+
+``run.compile``: ``torch.compile`` of the torch forward the rollout runs (``heads`` of the
+shared-trunk actor-critic, ``step_heads`` of the recurrent one; the vector-MLP rollout is the
+numpy twin and stays as it is) and of the update's ``minibatch_loss`` (the forward and the
+loss). The compiled functions take the module as an argument: it is never wrapped, so
+its ``state_dict`` keys, checkpoints and exports are those of an uncompiled run.
 """
 
 from __future__ import annotations
@@ -81,6 +87,31 @@ class PPOConfig(OnPolicyConfig):
         if self.lstm.hidden_size <= 0:
             return None
         return {"hidden_size": self.lstm.hidden_size, "num_layers": self.lstm.num_layers}
+
+
+def minibatch_loss(policy, inputs: tuple, old_logp, old_values, adv, returns, moments, cfg: PPOConfig):
+    """PPO's loss on one minibatch (Schulman et al. 2017, eq. 9 with the PPO2 clipped value
+    loss), L = −L^CLIP(θ) + c₁·L^VF(θ) − c₂·H[π_θ], and its stats. ``policy(*inputs)`` gives
+    log π_θ(a|s), the entropy and V(s), each (B,); ``old_logp``, ``old_values``, ``adv`` and
+    ``returns`` (B,) come from the rollout; ``moments``: the advantages' global (mean, std),
+    or None to normalise with the minibatch's own."""
+    logp, entropy, values = policy(*inputs)
+    if cfg.norm_adv:
+        adv = normalized_advantages(adv, moments)
+    pg_loss, ratio = objectives.clipped_surrogate(logp, old_logp, adv, cfg.clip_coef)
+    v_loss = objectives.value_loss(values, returns, old_values, cfg.clip_coef if cfg.clip_vloss else None)
+    entropy = entropy.mean()
+    loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+    with torch.no_grad():
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": v_loss.detach(),
+            "policy/entropy": entropy.detach(),
+            "policy/approx_kl": objectives.kl_k3(old_logp, logp),
+            "policy/clip_frac": objectives.clip_fraction(ratio, cfg.clip_coef),
+            "policy/ratio_max": ratio.max(),
+        }
+    return loss, stats
 
 
 def validate(recipe: "Recipe") -> None:
@@ -146,6 +177,10 @@ class PPO:
             env.close()
             raise
         self.modules = {"policy": self.policy}
+        self.loss_fn, self.rollout_forward = minibatch_loss, None  # run.compile: compiled copies
+        if recipe.run.compile:
+            self.loss_fn = torch.compile(minibatch_loss)
+            self.rollout_forward = self._compiled_rollout_forward()
         self.columns = Columns(
             {
                 "obs": obs_dim,
@@ -170,11 +205,27 @@ class PPO:
     def _unwrapped(self):
         return self.runtime.unwrap(self.modules["policy"])
 
+    def _compiled_rollout_forward(self):
+        """The compiled forward of the torch rollout; None for the vector MLP (its numpy twin)."""
+        if self.lstm is not None:
+            from rlprox.models.recurrent import step_heads
+
+            return torch.compile(step_heads)
+        from rlprox.models.actor_critic import SharedActorCritic, heads
+
+        return torch.compile(heads) if isinstance(self.policy, SharedActorCritic) else None
+
+    def _rollout_policy(self):
+        """The snapshot ``collect`` acts with: under ``run.compile`` its forward is compiled
+        (evaluation keeps the eager one: its batch sizes vary)."""
+        module = self._unwrapped()
+        return module.snapshot() if self.rollout_forward is None else module.snapshot(self.rollout_forward)
+
     # ------------------------------------------------------------------ COLLECT
     def collect(self):
         if self.lstm is not None:
             return self._collect_recurrent()
-        policy = self._unwrapped().snapshot()
+        policy = self._rollout_policy()
 
         def act(obs):
             action, logp, value = policy.act(obs, self.rng)
@@ -189,7 +240,7 @@ class PPO:
         observation begins an episode) and that start flag."""
         from rlprox.models.recurrent import flatten_state
 
-        policy = self._unwrapped().snapshot()
+        policy = self._rollout_policy()
         pending: list = []  # truncated envs of the step just taken (their final observations' values)
 
         def masked():
@@ -246,33 +297,12 @@ class PPO:
     def loss(self, minibatch):
         mb, moments = minibatch
         col = self.columns
-        obs, actions, old_logp, old_values, adv, returns = (
-            col(mb, k) for k in ("obs", "actions", "logp", "values", "advantages", "returns")
-        )
-        if self.lstm is None:
-            logp, entropy, values = self.modules["policy"](obs, actions)
-        else:  # whole env sequences, time-major: the first n rows are step 0 of the n envs
+        inputs = (col(mb, "obs"), col(mb, "actions"))
+        if self.lstm is not None:  # whole env sequences, time-major: the first n rows are step 0 of the n envs
             n = len(mb) // self.cfg.num_steps
-            h0, c0, starts = col(mb, "h")[:n], col(mb, "c")[:n], col(mb, "starts")
-            logp, entropy, values = self.modules["policy"](obs, actions, h0, c0, starts)
-        if self.cfg.norm_adv:
-            adv = normalized_advantages(adv, moments)
-        pg_loss, ratio = objectives.clipped_surrogate(logp, old_logp, adv, self.cfg.clip_coef)
-        v_loss = objectives.value_loss(
-            values, returns, old_values, self.cfg.clip_coef if self.cfg.clip_vloss else None
-        )
-        entropy = entropy.mean()
-        loss = pg_loss - self.cfg.ent_coef * entropy + self.cfg.vf_coef * v_loss
-        with torch.no_grad():
-            stats = {
-                "loss/policy": pg_loss.detach(),
-                "loss/value": v_loss.detach(),
-                "policy/entropy": entropy.detach(),
-                "policy/approx_kl": objectives.kl_k3(old_logp, logp),
-                "policy/clip_frac": objectives.clip_fraction(ratio, self.cfg.clip_coef),
-                "policy/ratio_max": ratio.max(),
-            }
-        return loss, stats
+            inputs += (col(mb, "h")[:n], col(mb, "c")[:n], col(mb, "starts"))
+        rollout = (col(mb, k) for k in ("logp", "values", "advantages", "returns"))
+        return self.loss_fn(self.modules["policy"], inputs, *rollout, moments, self.cfg)
 
     # ------------------------------------------------------------------ EVALUATE
     def evaluate(self, request: "EvalRequest") -> "EvalShard":
@@ -362,5 +392,6 @@ register_trainer(
         "multi-binary or continuous actions)",
         eval_unit="episodes",
         eval_flags=("deterministic",),
+        compiles=True,
     )
 )

@@ -236,34 +236,40 @@ def sample_actions(
     return action, logp.astype(np.float32)
 
 
+def heads(module: "SharedActorCritic", obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's output (B, space.dim) and V(s) (B,) of a shared-trunk actor-critic on
+    flat observations (B, obs_dim): the rollout's forward (``torch.compile``d under
+    ``run.compile``)."""
+    features = module.trunk(obs)
+    return module.actor(features), module.critic(features)[:, 0]
+
+
 class TorchPolicy:
     """The rollout's view of a ``SharedActorCritic``: the torch module itself, run under
     no_grad on numpy observations, with the numpy sampling of ``sample_actions`` (the
-    same RNG stream as ``NumpyPolicy``). Valid while the module's weights do not change
-    (one collect, one evaluation)."""
+    same RNG stream as ``NumpyPolicy``). ``forward`` replaces ``heads`` in ``act`` (a
+    compiled copy of it: a fixed batch size, the rollout's). Valid while the module's
+    weights do not change (one collect, one evaluation)."""
 
-    def __init__(self, module: "SharedActorCritic"):
+    def __init__(self, module: "SharedActorCritic", forward=None):
         self.module, self.space = module, module.space
+        self.forward = forward if forward is not None else heads
         self.device = next(module.parameters()).device
         self.log_std = to_numpy(module.log_std) if self.space.kind == "box" else None
 
-    @torch.no_grad()
-    def _forward(self, obs: np.ndarray):
-        features = self.module.trunk(torch.from_numpy(np.ascontiguousarray(obs, np.float32)).to(self.device))
-        return features
+    def _tensor(self, obs: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(obs, np.float32)).to(self.device)
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.module.critic(self._forward(obs))[:, 0].float().cpu().numpy()
+        return self.module.critic(self.module.trunk(self._tensor(obs)))[:, 0].float().cpu().numpy()
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator, deterministic: bool = False):
         """(action, log π(a|s), V(s)) for a batch of observations."""
-        features = self._forward(obs)
-        out = self.module.actor(features).float().cpu().numpy()
-        value = self.module.critic(features)[:, 0].float().cpu().numpy()
-        action, logp = sample_actions(self.space, out, rng, deterministic, self.log_std)
-        return action, logp, value
+        out, value = self.forward(self.module, self._tensor(obs))
+        action, logp = sample_actions(self.space, out.float().cpu().numpy(), rng, deterministic, self.log_std)
+        return action, logp, value.float().cpu().numpy()
 
 
 class SharedActorCritic(nn.Module):
@@ -293,8 +299,8 @@ class SharedActorCritic(nn.Module):
         """The trunk's linear layers (``PPO.model_stats`` counts their zero neurons)."""
         return [m for m in self.trunk.modules() if isinstance(m, nn.Linear)]
 
-    def snapshot(self) -> TorchPolicy:
-        return TorchPolicy(self)
+    def snapshot(self, forward=None) -> TorchPolicy:
+        return TorchPolicy(self, forward)
 
 
 def orthogonal(layer: nn.Module, gain: float) -> nn.Module:

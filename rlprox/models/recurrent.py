@@ -69,10 +69,14 @@ class RecurrentActorCritic(nn.Module):
         started from ((T, L, n, H) for h and for c), else None. Without ``keep_states``
         the LSTM runs once per span of steps where no env begins an episode (the same
         recurrence as one step at a time, with fewer calls)."""
-        h, c = state
-        n = h.shape[1]
+        n = state[0].shape[1]
         x = self.trunk(obs).reshape(-1, n, self.lstm.input_size)
-        starts = starts.reshape(-1, n)
+        return self._recur(x, state, starts.reshape(-1, n), keep_states)
+
+    @torch.compiler.disable  # run.compile: span cuts that depend on the data, and nn.LSTM, stay eager
+    def _recur(self, x: torch.Tensor, state, starts: torch.Tensor, keep_states: bool):
+        """``unroll`` after the trunk: x (T, n, F), starts (T, n)."""
+        h, c = state
         T = len(x)
         if keep_states:
             cuts = list(range(T + 1))
@@ -103,8 +107,16 @@ class RecurrentActorCritic(nn.Module):
         """The trunk's linear layers (``PPO.model_stats`` counts their zero neurons)."""
         return [m for m in self.trunk.modules() if isinstance(m, nn.Linear)]
 
-    def snapshot(self) -> "RecurrentTorchPolicy":
-        return RecurrentTorchPolicy(self)
+    def snapshot(self, forward=None) -> "RecurrentTorchPolicy":
+        return RecurrentTorchPolicy(self, forward)
+
+
+def step_heads(module: RecurrentActorCritic, obs: torch.Tensor, h: torch.Tensor, c: torch.Tensor, start=None):
+    """One step from the state (h, c) (zeroed where ``start`` is 1) on flat observations
+    (B, obs_dim): the actor's output (B, space.dim), V(s) (B,) and the new state; the
+    rollout's forward (``torch.compile``d under ``run.compile``)."""
+    features, new = module.step(obs, (h, c), start)
+    return module.actor(features), module.critic(features)[:, 0], new
 
 
 def flatten_state(x: torch.Tensor) -> torch.Tensor:
@@ -120,12 +132,14 @@ def unflatten_state(rows: torch.Tensor, module: RecurrentActorCritic) -> torch.T
 class RecurrentTorchPolicy:
     """The rollout's and evaluation's view of a ``RecurrentActorCritic``: the torch module
     under no_grad on numpy observations, the state passed explicitly as torch tensors,
-    numpy sampling (``sample_actions``). Valid while the weights do not change."""
+    numpy sampling (``sample_actions``). ``forward`` replaces ``step_heads`` in ``step`` (a
+    compiled copy of it). Valid while the weights do not change."""
 
     recurrent = True
 
-    def __init__(self, module: RecurrentActorCritic):
+    def __init__(self, module: RecurrentActorCritic, forward=None):
         self.module, self.space = module, module.space
+        self.forward = forward if forward is not None else step_heads
         self.device = next(module.parameters()).device
         self.log_std = to_numpy(module.log_std) if self.space.kind == "box" else None
 
@@ -140,11 +154,9 @@ class RecurrentTorchPolicy:
         """(action, log π(a|s), V(s), new state) for a batch of observations; the state
         is zeroed first where ``start`` (numpy (B,)) is 1."""
         start = None if start is None else self._tensor(start)
-        features, new = self.module.step(self._tensor(obs), state, start)
-        out = self.module.actor(features).float().cpu().numpy()
-        value = self.module.critic(features)[:, 0].float().cpu().numpy()
-        action, logp = sample_actions(self.space, out, rng, deterministic, self.log_std)
-        return action, logp, value, new
+        out, value, new = self.forward(self.module, self._tensor(obs), *state, start)
+        action, logp = sample_actions(self.space, out.float().cpu().numpy(), rng, deterministic, self.log_std)
+        return action, logp, value.float().cpu().numpy(), new
 
     @torch.no_grad()
     def value(self, obs: np.ndarray, state) -> np.ndarray:
