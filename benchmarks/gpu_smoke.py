@@ -23,7 +23,7 @@ and the generative trainers at real scale with random weights.
 The loop case matches the naive diffusers anchor's round (32 images, micro-batch 16, all
 timesteps trained): run both in one GPU session and quote the ratio.
 
-The atari case steps ALE/Breakout-v5 (gymnasium's AtariPreprocessing and a 4-frame stack) where ale-py imports,
+The atari case steps ALE/Breakout-v5 (env.preprocessing: atari, recipes/ppo/breakout.yaml's env) where ale-py imports,
 else ``StackedFrames``, a synthetic env of the same observation shape (always at --size tiny, 36×36 frames). Table:
 benchmarks/results/gpu_smoke_atari.md.
 
@@ -764,33 +764,23 @@ class StackedFrames(gymnasium.Env):
         return self._push_frame(), reward, False, self.t >= self.length, {}
 
 
-def breakout() -> gymnasium.Env:
-    """ALE/Breakout-v5 as the Nature CNN sees it: frame skip 4 (max over the last two frames), up to 30 no-op
-    starts, grayscale 84×84, the last 4 frames stacked channels first (gymnasium's AtariPreprocessing and
-    FrameStackObservation)."""
-    import ale_py
-
-    gymnasium.register_envs(ale_py)
-    env = gymnasium.make("ALE/Breakout-v5", frameskip=1)
-    env = gymnasium.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
-    return gymnasium.wrappers.FrameStackObservation(env, 4)
-
-
 gymnasium.register("GPUSmoke/StackedFrames-v0", entry_point=StackedFrames)
-gymnasium.register("GPUSmoke/Breakout-v5", entry_point=breakout)
 
 
-def atari_env(size: str) -> tuple[str, dict, str]:
-    """(env id, env kwargs, description): real Breakout at full size where ale-py imports, else ``StackedFrames``."""
+def atari_env(size: str) -> tuple[list[str], str]:
+    """(env overrides, description): real Breakout through rlprox's Atari preprocessing (recipes/ppo/breakout.yaml's
+    env) at full size where ale-py imports, else ``StackedFrames``."""
     if size == "full":
         try:
             import ale_py  # noqa: F401
 
-            return "GPUSmoke/Breakout-v5", {}, "ALE/Breakout-v5 (AtariPreprocessing, 4-frame stack)"
+            env = ["env.id=ALE/Breakout-v5", "env.preprocessing=atari"]
+            return env, "ALE/Breakout-v5, env.preprocessing: atari (84×84 grey, 4 stacked frames)"
         except ImportError:
             pass
     frame, why = ATARI_SHAPE[size]["frame"], "no ale-py" if size == "full" else "--size tiny"
-    return "GPUSmoke/StackedFrames-v0", {"size": frame}, f"StackedFrames, synthetic 4×{frame}×{frame} frames ({why})"
+    env = ["env.id=GPUSmoke/StackedFrames-v0", f"env.kwargs={json.dumps({'size': frame})}"]
+    return env, f"StackedFrames, synthetic 4×{frame}×{frame} frames ({why})"
 
 
 def run_atari(size: str, compiled: bool, iterations: int, on_cpu: bool, out_dir: str) -> dict:
@@ -801,15 +791,14 @@ def run_atari(size: str, compiled: bool, iterations: int, on_cpu: bool, out_dir:
     from rlprox.recipe import load_recipe
 
     shape = ATARI_SHAPE[size]
-    env_id, kwargs, _ = atari_env(size)
+    env, _ = atari_env(size)
     n, T = shape["num_envs"], shape["num_steps"]
     overrides = [
         *run_overrides(Path(out_dir), iterations, on_cpu, bf16=False),
         f"run.name=atari-compile-{compiled}",
         "run.torch_threads=1",
         f"run.compile={'true' if compiled else 'false'}",
-        f"env.id={env_id}",
-        f"env.kwargs={json.dumps(kwargs)}",
+        *env,
         f"env.num_envs={n}",
         f"ppo.num_steps={T}",
         f"ppo.minibatch_size={n * T // shape['minibatches']}",
@@ -849,7 +838,7 @@ def atari_case(args, cuda: bool) -> int:
     if iterations < 2:
         raise SystemExit("--case atari: --iterations must be >= 2 (the first iteration is a warm-up)")
     shape = ATARI_SHAPE[args.size]
-    _, _, env_name = atari_env(args.size)
+    _, env_name = atari_env(args.size)
     out_dir = tempfile.mkdtemp(prefix="gpu_smoke_atari_")
     try:
         results = []
