@@ -320,18 +320,21 @@ class MinibatchSampler:
         self.runtime, self.size, self.epochs, self.norm_adv = runtime, minibatch_size, epochs, norm_adv
         self._plan: list = []
 
+    def chunks(self, rows: int, device) -> list[torch.Tensor]:
+        """One epoch's minibatches: row indices of a packed rollout of ``rows`` rows (one permutation draw)."""
+        perm = torch.from_numpy(self.runtime.np_rng.permutation(rows)).to(device)
+        return [perm[start : start + self.size] for start in range(0, rows, self.size)]
+
     def __call__(self, packed: torch.Tensor, adv: torch.Tensor, epoch: int):
-        B, size, rng, device = packed.shape[0], self.size, self.runtime.np_rng, packed.device
+        rows, device = packed.shape[0], packed.device
         if self.runtime.world == 1 or not self.norm_adv:
-            perm = torch.from_numpy(rng.permutation(B)).to(device)
-            for start in range(0, B, size):
-                yield packed.index_select(0, perm[start : start + size]), None
+            for idx in self.chunks(rows, device):
+                yield packed.index_select(0, idx), None
             return
         if epoch == 0:
-            perms = [torch.from_numpy(rng.permutation(B)).to(device) for _ in range(self.epochs)]
-            chunks = [p[start : start + size] for p in perms for start in range(0, B, size)]
+            chunks = [idx for _ in range(self.epochs) for idx in self.chunks(rows, device)]
             self._plan = list(zip(chunks, self._global_moments(adv, chunks)))
-        per_epoch = -(-B // size)
+        per_epoch = len(self._plan) // self.epochs
         for idx, moments in self._plan[epoch * per_epoch : (epoch + 1) * per_epoch]:
             yield packed.index_select(0, idx), moments
 
@@ -350,24 +353,26 @@ class MinibatchSampler:
         return [(mean[j], std[j]) for j in range(len(chunks))]
 
 
-class SequenceSampler:
-    """Epochs of minibatches of whole env sequences (recurrent PPO, one process): each
-    epoch shuffles the N envs and cuts them into groups of ``envs_per_minibatch``; a
-    minibatch holds all T steps of its envs, time-major (row t·n + i: step t of the
-    group's i-th env), so the loss can re-run a recurrent model over it. Advantage
-    moments are None: each minibatch normalises its own advantages."""
+class SequenceSampler(MinibatchSampler):
+    """Epochs of minibatches of whole env sequences (recurrent PPO): each epoch shuffles
+    the N envs and cuts them into groups of ``envs_per_minibatch``; a minibatch holds all
+    T steps of its envs, time-major (row t·n + i: step t of the group's i-th env), so the
+    loss can re-run a recurrent model over it. Advantage moments as ``MinibatchSampler``'s:
+    over all processes' minibatch j (every process has as many envs), else None."""
 
-    def __init__(self, runtime, num_steps: int, envs_per_minibatch: int):
-        self.runtime, self.num_steps, self.envs = runtime, num_steps, envs_per_minibatch
+    def __init__(self, runtime, num_steps: int, envs_per_minibatch: int, epochs: int, norm_adv: bool):
+        super().__init__(runtime, num_steps * envs_per_minibatch, epochs, norm_adv)
+        self.num_steps, self.envs = num_steps, envs_per_minibatch
 
-    def __call__(self, packed: torch.Tensor, adv: torch.Tensor, epoch: int):
+    def chunks(self, rows: int, device) -> list[torch.Tensor]:
         T = self.num_steps
-        N = packed.shape[0] // T
+        N = rows // T
         perm = self.runtime.np_rng.permutation(N)
         steps = np.arange(T)[:, None] * N
-        for start in range(0, N, self.envs):
-            idx = (steps + perm[start : start + self.envs][None, :]).reshape(-1)
-            yield packed.index_select(0, torch.from_numpy(idx).to(packed.device)), None
+        return [
+            torch.from_numpy((steps + perm[start : start + self.envs][None, :]).reshape(-1)).to(device)
+            for start in range(0, N, self.envs)
+        ]
 
 
 def normalized_advantages(adv: torch.Tensor, moments) -> torch.Tensor:

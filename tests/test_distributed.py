@@ -304,3 +304,31 @@ def test_eval_under_two_processes_shards_the_episodes(tmp_path, tiny_recipe):
     assert out.stdout.count("written") == 1  # the main process reports
     result = json.loads((engine.run_dir / "checkpoints" / "iter-000001" / "eval.json").read_text())
     assert result["eval/count"] == 5 and len(result["values"]["return"]) == 5  # 3 + 2 episodes, gathered
+
+
+def test_two_processes_recurrent_equal_one_process_on_concatenated_envs(tmp_path, tiny_recipe):
+    """ppo.lstm over 2 processes: each rank's envs and LSTM states, one minibatch of whole sequences per
+    epoch; the update equals 1 process's on both ranks' envs (their rows interleaved step by step, the
+    packed rollout's time-major order)."""
+    steps = 8
+    recipe = tiny_recipe(
+        env={"id": "rlprox/MaskedCartPole-v1", "num_envs": 2},
+        ppo={"num_steps": steps, "minibatch_size": 2 * steps, "update_epochs": 2, "lstm": {"hidden_size": 8}},
+        optim={"name": "sgd", "lr": 0.05},
+        run={"grad_sync": "allreduce"},
+    )
+    (r0, r1), path = launch(tmp_path, recipe)
+    assert not torch.equal(r0["packed"], r1["packed"])
+    for k in (k for k in r0 if k.startswith("param.")):
+        assert torch.equal(r0[k], r1[k]), k
+
+    engine = Engine(load_recipe(str(path)))
+    before = {k: v.clone() for k, v in engine.algo.policy.state_dict().items()}
+    rows = [torch.cat([a, b]) for a, b in zip(r0["packed"].split(2), r1["packed"].split(2))]  # step t: 4 envs
+    engine.algo.sampler.envs = 4  # one minibatch of the 4 envs
+    engine.update(torch.cat(rows))
+    after = engine.algo.policy.state_dict()
+    for k in after:
+        assert not torch.equal(before[k], after[k]), k
+        torch.testing.assert_close(after[k], r0[f"param.{k}"], rtol=1e-5, atol=1e-6)
+    engine.close()

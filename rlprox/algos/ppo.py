@@ -155,8 +155,6 @@ class PPO:
         self.update_epochs = self.cfg.update_epochs
         self.early_stop = kl_early_stop(self.cfg.target_kl)
         self.lstm = self.cfg.lstm_sizes()
-        if self.lstm is not None and runtime.world > 1:
-            raise RecipeError("ppo.lstm", f"recurrent PPO runs in one process for now (got {runtime.world})")
         env = self.env = OnPolicyEnv(self.env_cfg, recipe.seed, runtime, self.cfg.gamma)
         # the env side's hooks: rollout stats, goal summaries, per-process state, closing the envs
         self.iteration_stats, self.summarize_eval = env.iteration_stats, env.summarize_eval
@@ -197,7 +195,8 @@ class PPO:
         width = self.policy.state_width
         self.columns = Columns({**self.columns.slices_widths(), "starts": 0, "h": width, "c": width})
         self.state_names = ("starts", "h", "c")
-        self.sampler = SequenceSampler(runtime, cfg.num_steps, cfg.minibatch_size // cfg.num_steps)
+        envs_per_minibatch = cfg.minibatch_size // cfg.num_steps
+        self.sampler = SequenceSampler(runtime, cfg.num_steps, envs_per_minibatch, cfg.update_epochs, cfg.norm_adv)
         if env.rollout is not None:  # the state carried across rollouts (and checkpoints)
             self.lstm_state = self.policy.initial_state(env.rollout.num_envs, self.device)
             self.next_start = np.ones(env.rollout.num_envs, np.float32)  # the first observations begin episodes
