@@ -38,3 +38,24 @@ def tiny_ppo(tmp_path, **sections) -> dict:
 @pytest.fixture
 def tiny_recipe(tmp_path):
     return lambda **sections: tiny_ppo(tmp_path, **sections)
+
+
+def film(tmp_path, recipe: dict, episodes: int) -> dict:
+    """Train ``recipe`` (a dict) with the CLI, then ``rlprox eval --video`` of ``episodes``
+    episodes into ``tmp_path/v``; asserts the videos replay the evaluation's episodes (the
+    same returns) and gives eval.json."""
+    import json
+
+    import yaml
+
+    from rlprox.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / recipe["run"]["name"]
+    video = ["--video", str(tmp_path / "v"), "--video-episodes", str(episodes)]
+    assert main(["eval", str(run), "--episodes", str(episodes), *video]) == 0
+    reported = json.loads(next((run / "checkpoints").iterdir()).joinpath("eval.json").read_text())
+    assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
+    return reported

@@ -14,7 +14,7 @@ import yaml
 from rlprox.cli import main
 from rlprox.gymenv import AtariOptions, EnvConfig, GymRollout, make_env, make_vec_env
 from rlprox.spaces import observation_layout
-from tests.conftest import ROOT, tiny_ppo
+from tests.conftest import ROOT, film, tiny_ppo
 
 ale_py = pytest.importorskip("ale_py")
 pytest.importorskip("cv2")
@@ -196,13 +196,6 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, env, hidden, field
 
 def test_eval_video_films_the_full_game_frames(tmp_path):
     imageio = pytest.importorskip("imageio")
-    recipe = tiny_ppo(tmp_path, env={**atari_env(), "max_episode_steps": 10}, run={"iterations": 1})
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) == 0
-    run = tmp_path / "t"
-    assert main(["eval", str(run), "--episodes", "2", "--video", str(tmp_path / "v"), "--video-episodes", "2"]) == 0
-    reported = json.loads(next((run / "checkpoints").iterdir()).joinpath("eval.json").read_text())
-    assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
+    film(tmp_path, tiny_ppo(tmp_path, env={**atari_env(), "max_episode_steps": 10}, run={"iterations": 1}), 2)
     frame = imageio.mimread(sorted((tmp_path / "v").iterdir())[0], memtest=False)[0]
     assert frame.shape[:2] == (210, 160)  # the game as rendered, not the 36×36 observation

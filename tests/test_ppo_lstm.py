@@ -16,7 +16,7 @@ from rlprox.engine import Engine, build_for_eval
 from rlprox.gymenv import EnvConfig, GymRollout, make_env, make_vec_env, run_episodes
 from rlprox.models.recurrent import EpisodeActor, RecurrentActorCritic, flatten_state, unflatten_state
 from rlprox.recipe import load_recipe
-from tests.conftest import tiny_ppo
+from tests.conftest import film, tiny_ppo
 
 MASKED = "rlprox/MaskedCartPole-v1"
 
@@ -245,11 +245,4 @@ def test_eval_video_carries_the_state_through_each_episode(tmp_path):
     per episode: the same returns as ``rlprox eval``'s."""
     pytest.importorskip("imageio")
     pytest.importorskip("pygame", reason="CartPole renders with pygame (pip install 'rlprox[video]')")
-    recipe = lstm_recipe(tmp_path, env={"id": MASKED}, run={"iterations": 2})
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) == 0
-    run = tmp_path / "t"
-    assert main(["eval", str(run), "--episodes", "3", "--video", str(tmp_path / "v"), "--video-episodes", "3"]) == 0
-    reported = json.loads(next((run / "checkpoints").iterdir()).joinpath("eval.json").read_text())
-    assert sorted(v["return"] for v in reported["videos"]) == sorted(reported["values"]["return"])
+    film(tmp_path, lstm_recipe(tmp_path, env={"id": MASKED}, run={"iterations": 2}), 3)
