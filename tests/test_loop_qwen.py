@@ -1,0 +1,242 @@
+"""LOOP on a tiny random-weight QwenImagePipeline (Qwen2.5-VL text encoder with the pipeline's template,
+masked variable-length prompts, true CFG with the pipeline's renormalisation, packed latents, the causal
+VAE's frame axis): the adapter's ODE equals stock diffusers' sampling, LoRA trains and its export loads in
+stock diffusers, resume after SIGKILL is exact, NFT runs, a folder without its text encoder is one line;
+the digits tokenizer keeps exactly the prompt's tokens after the pipeline drops the template's prefix."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from rlprox.cli import main  # noqa: E402
+from rlprox.engine import Engine  # noqa: E402
+from rlprox.models.pipelines import Sampling, adapter_for_class  # noqa: E402
+from rlprox.models.pipelines.qwen_image import QwenImageAdapter, QwenImageOptions  # noqa: E402
+from rlprox.recipe import load_recipe  # noqa: E402
+from tests.test_loop_flow import (  # noqa: E402
+    _lora_and_base,
+    assert_first_minibatches_recompute_the_stored_log_probs,
+    flow_recipe,  # noqa: E402
+)
+
+IMAGE = 16  # pixels: 8×8×4 latents (the VAE's factor 2), 4×4 = 16 packed tokens of 16 channels
+STEPS = 4  # flow_recipe's num_steps
+PROMPTS = ["a red seven", "the blue digit two"]  # 3 and 4 prompt tokens: the shorter one is padded and masked
+MAX_TOKENS = 16
+
+
+def tiny_qwen_pipeline(seed: int = 0):
+    """digits-qwen's architecture with random weights and one transformer block, its VAE's latents_mean / std
+    set to non-trivial values (the decoding must use them)."""
+    from rlprox.zoo.qwen import build_components, build_pipeline
+
+    parts = build_components(seed, num_layers=1)
+    parts["vae"].register_to_config(latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.5, 1.0, 2.0])
+    return build_pipeline(parts)
+
+
+@pytest.fixture(scope="module")
+def qwen_pipeline(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipe") / "tiny-qwen"
+    tiny_qwen_pipeline().save_pretrained(str(path))
+    return path
+
+
+def qwen_recipe(tmp_path, pipeline, sampling=None, **loop):
+    recipe = flow_recipe(tmp_path, pipeline, **{"guidance_scale": 1.0, "resolution": IMAGE, **loop})
+    recipe["loop"]["max_sequence_length"] = MAX_TOKENS
+    recipe["loop"]["sampling"].update(sampling or {})
+    return recipe
+
+
+def stock_pipeline(path):
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_ode(pipe, x_T: torch.Tensor, guidance: float, negative: str = " "):
+    """QwenImagePipeline's own sampling from packed x_T (B, N, 16): (final latents, images (B, 3, H, W))."""
+    final = {}
+
+    def keep(pipe, i, t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return kwargs
+
+    cfg = {"true_cfg_scale": guidance, "negative_prompt": negative} if guidance > 1 else {"true_cfg_scale": 1.0}
+    images = pipe(
+        prompt=PROMPTS,
+        latents=x_T,
+        num_inference_steps=STEPS,
+        height=IMAGE,
+        width=IMAGE,
+        max_sequence_length=MAX_TOKENS,
+        output_type="pt",
+        callback_on_step_end=keep,
+        **cfg,
+    ).images
+    return final["latents"], images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_qwen_ode_equals_stock_diffusers(qwen_pipeline, guidance):
+    """Same prompts, x_T and steps: the σ's, the masked conditioning, true CFG with its renormalisation,
+    the Euler steps on packed latents and the decoding through the frame axis are the pipeline's."""
+    sampling = Sampling(STEPS, guidance, resolution=IMAGE, max_sequence_length=MAX_TOKENS)
+    options = QwenImageOptions(noise_level=1e-6, sde_window=[0, STEPS])
+    adapter = QwenImageAdapter.load(qwen_pipeline, sampling, options)
+    assert adapter_for_class("QwenImagePipeline") is QwenImageAdapter
+    stock = stock_pipeline(qwen_pipeline)
+    x_T = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents, images = stock_ode(stock, x_T, guidance)
+    torch.testing.assert_close(adapter.sigmas, stock.scheduler.sigmas.float(), rtol=0, atol=0)
+    model, cond = adapter.denoiser, adapter.encode(PROMPTS, "cpu")
+    assert cond["mask"].tolist()[0][-1] == 0 and cond["mask"][1].all()  # the shorter prompt is padded
+    negative = adapter.negative(2, "cpu")
+    assert (negative is None) == (guidance == 1.0)
+    noise = torch.cat([x_T[:, None], torch.randn(2, STEPS, 16, 16)], 1)  # (B, T+1, N, 4·C)
+    assert adapter.noise_shape() == noise.shape[1:]
+    ode = adapter.sample_with_noise(model, cond, negative, noise, deterministic=True)
+    sde = adapter.sample_with_noise(model, cond, negative, noise, deterministic=False)
+    torch.testing.assert_close(ode, latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sde, latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(adapter.decode(latents), images.float(), rtol=0, atol=1e-5)
+    if guidance > 1:  # the renormalisation matters: without it the samples differ
+        adapter.options.renormalize_guidance = False
+        plain = adapter.sample_with_noise(model, cond, negative, noise, deterministic=True)
+        assert (plain - latents).abs().max() > 1e-3
+
+
+def test_qwen_ratio_is_one_and_lora_trains_and_exports_to_stock_diffusers(tmp_path, qwen_pipeline):
+    """True CFG in training: the stored log-probs are recomputed exactly; only the LoRA of both streams'
+    attention moves; the export (the EMA of the LoRA weights), loaded by stock ``load_lora_weights``,
+    reproduces the tuned model's ODE samples."""
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, lora={"rank": 2, "alpha": 8.0}, clip_coef=10.0, ema_decay=0.5)
+    recipe["loop"]["guidance_scale"] = 2.0
+    recipe["optim"]["lr"] = 5e-2
+    engine = Engine(load_recipe(recipe))
+    algo = engine.algo
+    assert isinstance(algo.adapter, QwenImageAdapter)
+    with torch.no_grad():
+        batch = algo.advantages(algo.collect())
+        assert batch.latents.shape == (4, STEPS + 1, 16, 16)  # (B, T+1, N tokens, 4·C)
+        assert batch.cond["embeds"].shape[-1] == 64 and batch.cond["mask"].shape == batch.cond["embeds"].shape[:2]
+        assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
+    transformer = algo.denoiser
+    lora, base = _lora_and_base(transformer)
+    for name in ("to_q", "to_out.0", "add_q_proj", "to_add_out"):
+        assert f"transformer_blocks.0.attn.{name}.lora_A.default.weight" in lora, name
+    stats = engine.fit()
+    engine.close()
+    for key in ("reward/mean", "policy/approx_kl", "policy/ratio_max", "loss/policy"):
+        assert key in stats and torch.isfinite(torch.tensor(stats[key])), key
+    assert all(torch.equal(p, base[n]) for n, p in transformer.named_parameters() if "lora" not in n)
+    assert main(["export", str(engine.run_dir), str(tmp_path / "lora")]) == 0
+    stock = stock_pipeline(qwen_pipeline)
+    stock.load_lora_weights(str(tmp_path / "lora"))
+    x_T = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = x_T[:, None].expand(2, STEPS + 1, 16, 16)
+    cond, negative = algo.adapter.encode(PROMPTS, "cpu"), algo.adapter.negative(2, "cpu")
+    with torch.no_grad():
+        with algo._tuned_model() as model:  # the EMA weights, which the export holds
+            tuned = algo.adapter.sample_with_noise(model, cond, negative, noise, deterministic=True)
+        with algo._base_model() as base_model:
+            untuned = algo.adapter.sample_with_noise(base_model, cond, negative, noise, deterministic=True)
+    latents, _ = stock_ode(stock, x_T, 2.0)
+    assert (tuned - untuned).abs().max() > 1e-2  # the LoRA changed the samples
+    torch.testing.assert_close(latents, tuned, rtol=0, atol=1e-5)
+
+
+def test_qwen_nft_objective_runs_a_step(tmp_path, qwen_pipeline):
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, objective="nft", advantage="group_norm")
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    before = {n: p.detach().clone() for n, p in engine.algo.denoiser.named_parameters() if p.requires_grad}
+    stats = engine.fit()
+    engine.close()
+    assert "loss/policy" in stats and torch.isfinite(torch.tensor(stats["loss/policy"]))
+    assert engine.algo.optimizer_steps >= 1
+    assert any(not torch.equal(p, before[n]) for n, p in engine.algo.denoiser.named_parameters() if n in before)
+
+
+def test_qwen_resume_after_sigkill_equals_uninterrupted(tmp_path, qwen_pipeline):
+    from tests.crash import kill_resume_equals_uninterrupted
+
+    iterations = 5
+
+    def make(name):
+        recipe = qwen_recipe(tmp_path, qwen_pipeline, sde_window=[0, 2], advantage="group_norm")
+        recipe["run"].update(name=name, iterations=iterations, save_every=1, keep_last=2)
+        return recipe
+
+    weights = kill_resume_equals_uninterrupted(tmp_path, make, iterations)
+    assert any("lora" in k for k in weights)
+
+
+def test_a_qwen_folder_missing_its_text_encoder_is_one_line(tmp_path, qwen_pipeline, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen_pipeline, broken)
+    shutil.rmtree(broken / "text_encoder")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(qwen_recipe(tmp_path, broken)))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recipe error: loop.pipeline: ") and "has no text encoder" in err[0]
+
+
+@pytest.mark.parametrize(
+    "loop,message",
+    [
+        ({"resolution": 10}, "recipe error: loop.resolution: 10 px is not a multiple of 4 (the VAE's factor × 2)"),
+        ({"sampling": {"guidance_embedding": 3.5}}, "recipe error: loop.sampling.guidance_embedding: not an option"),
+    ],
+)
+def test_qwen_options_are_one_line(tmp_path, qwen_pipeline, capsys, loop, message):
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, sampling=loop.pop("sampling", None), **loop)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_the_digits_tokenizer_keeps_exactly_the_prompt_after_the_template_prefix(qwen_pipeline):
+    """The pipeline drops the first ``prompt_template_encode_start_idx`` tokens of every templated prompt:
+    with the byte-level BPE that is exactly the template's prefix, so the prompt's words all stay; a
+    word-level tokenizer of the same words splits the prefix differently and the prompt's words are lost."""
+    from rlprox.zoo.data import paraphrased_prompts
+    from rlprox.zoo.qwen import check_template_prefix, pipeline_template
+    from rlprox.zoo.sd3 import build_t5_tokenizer
+
+    pipe = stock_pipeline(qwen_pipeline)
+    template, drop = pipeline_template()
+    assert drop == pipe.prompt_template_encode_start_idx == 34 and template == pipe.prompt_template_encode
+    tokenizer = pipe.tokenizer
+    suffix = tokenizer(template.split("{}")[1]).input_ids  # <|im_end|> \n <|im_start|> assistant \n
+    for prompt in ["", "a red seven", *paraphrased_prompts()[0][::50]]:
+        kept = tokenizer(template.format(prompt)).input_ids[drop:]
+        assert kept == tokenizer(prompt).input_ids + suffix, prompt
+        if prompt:
+            assert len(tokenizer(prompt).input_ids) == len(prompt.split())  # one token a word
+    embeds, mask = pipe.encode_prompt(["a red seven"], device="cpu")
+    assert embeds.shape[1] == 3 + len(suffix) and mask is None
+    with pytest.raises(ValueError, match="prefix is .* tokens, the pipeline drops 34"):
+        check_template_prefix(build_t5_tokenizer())
+
+
+def test_a_qwen_index_without_a_text_encoder_is_refused_before_loading(tmp_path, qwen_pipeline):
+    """check_config reads the index alone: an index whose text_encoder is null is refused before loading."""
+    folder = tmp_path / "nulled"
+    shutil.copytree(qwen_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(Exception, match="has no text encoder"):
+        QwenImageAdapter.check_config(folder, Sampling(STEPS, 1.0, IMAGE), QwenImageOptions())
