@@ -6,6 +6,7 @@ the digits tokenizer keeps exactly the prompt's tokens after the pipeline drops 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ IMAGE = 16  # pixels: 8×8×4 latents (the VAE's factor 2), 4×4 = 16 packed tok
 STEPS = 4  # flow_recipe's num_steps
 PROMPTS = ["a red seven", "the blue digit two"]  # 3 and 4 prompt tokens: the shorter one is padded and masked
 MAX_TOKENS = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_qwen_pipeline(seed: int = 0):
@@ -240,3 +242,56 @@ def test_a_qwen_index_without_a_text_encoder_is_refused_before_loading(tmp_path,
     (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
     with pytest.raises(Exception, match="has no text encoder"):
         QwenImageAdapter.check_config(folder, Sampling(STEPS, 1.0, IMAGE), QwenImageOptions())
+
+
+# ----------------------------------------------------------------------------- the real model, on the meta device
+REAL_CONFIGS = Path(__file__).parent / "configs" / "qwen-image"  # Qwen/Qwen-Image's public config files
+
+
+def test_the_qwen_image_pickscore_recipe_against_the_real_configs_on_the_meta_device(tmp_path, monkeypatch):
+    """recipes/loop/qwen-image-pickscore.yaml with loop.pipeline at Qwen-Image's config files: the family is
+    read from them (model_index.json), the config checks pass, and the real transformer (20B), VAE and
+    Qwen2.5-VL text encoder built on the meta device (no weights) carry the recipe's LoRA targets in both
+    streams; the adapter on that pipeline has 32×32 = 1024 packed tokens of 64 channels at 512 px and the
+    pipeline's σ's. No download."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from rlprox.zoo.qwen import build_tokenizer
+
+    monkeypatch.chdir(ROOT)  # the recipe names its prompt file relative to the project root
+    folder = tmp_path / "Qwen-Image"
+    shutil.copytree(REAL_CONFIGS, folder)
+    recipe = load_recipe("recipes/loop/qwen-image-pickscore.yaml", [f"loop.pipeline={folder}"])
+    setup = recipe.setup
+    assert setup.adapter is QwenImageAdapter
+    options, sampling = setup.options, setup.sampling
+    assert (sampling.num_steps, sampling.guidance_scale, sampling.resolution) == (10, 4.0, 512)
+    assert (options.noise_level, options.sde_window_size, options.sde_window_range) == (1.2, 2, [0, 5])
+    assert (
+        recipe.loop.finetune == "lora" and recipe.loop.gradient_checkpointing and recipe.run.mixed_precision == "bf16"
+    )
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config(
+            QwenImageTransformer2DModel.load_config(folder / "transformer")
+        )
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(folder / "vae"))
+        text_config = Qwen2_5_VLConfig.from_json_file(folder / "text_encoder" / "config.json")
+        text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    assert 19e9 < sum(p.numel() for p in transformer.parameters()) < 22e9  # Qwen-Image's 20B MMDiT
+    assert 7e9 < sum(p.numel() for p in text_encoder.parameters()) < 9e9  # Qwen2.5-VL-7B
+    assert text_encoder.config.text_config.hidden_size == transformer.config.joint_attention_dim
+    modules = {name for name, _ in transformer.named_modules()}
+    for target in recipe.loop.lora.target_modules or QwenImageAdapter.lora_targets:
+        assert f"transformer_blocks.59.attn.{target}" in modules, target
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    pipe = QwenImagePipeline(scheduler, vae, text_encoder, build_tokenizer(), transformer)  # a stand-in tokenizer
+    adapter = QwenImageAdapter(pipe, sampling, options)
+    assert pipe.vae_scale_factor == 8 and adapter.latent_shape == (1024, 64) and adapter.image_size == 512
+    assert adapter.sigmas.shape == (11,) and adapter.sigmas[0] == 1 and adapter.sigmas[-1] == 0
+    assert adapter.trained_steps.numel() == 2  # one position of the 2-step window
