@@ -21,7 +21,6 @@ the pipeline's: linspace(1, 1/T, T), shifted by μ of the image's token count, t
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from rlprox.errors import RecipeError
 from rlprox.models import diffusion
 from rlprox.models.pipelines.base import Sampling, read_config, register_adapter, with_autocast
-from rlprox.models.pipelines.flow import FlowMatchingAdapter, FlowOptions
+from rlprox.models.pipelines.flow import FlowMatchingAdapter, FlowOptions, shifted_linspace_sigmas
 
 
 @dataclass
@@ -112,21 +111,9 @@ class QwenImageAdapter(FlowMatchingAdapter):
         return self.latent_shape[0]
 
     def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
-        """QwenImagePipeline's σ's, (T+1,) float32: linspace(1, 1/T, T) shifted by μ = calculate_shift(N
-        tokens) (the scheduler's dynamic shift), then 0."""
-        import numpy as np
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        scheduler, c = copy.deepcopy(scheduler), scheduler.config
-        mu = calculate_shift(
-            self.latent_shape[0],
-            c.get("base_image_seq_len", 256),
-            c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5),
-            c.get("max_shift", 1.15),
-        )
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
-        return scheduler.sigmas.detach().float().cpu()
+        """QwenImagePipeline's σ's: ``shifted_linspace_sigmas`` of the packed token count (the pipeline's own
+        calculate_shift is FLUX's)."""
+        return shifted_linspace_sigmas(scheduler, num_steps, self.latent_shape[0])
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
