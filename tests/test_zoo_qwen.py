@@ -39,8 +39,9 @@ def test_plain_from_pretrained_loads_and_generates_offline(micro_qwen):
         assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler, type(pipe.scheduler)
         assert type(pipe.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
         assert type(pipe.tokenizer).__name__ == "Qwen2Tokenizer"
+        gen = torch.Generator().manual_seed(0)
         out = pipe(["a red seven", "the blue digit two"], negative_prompt=" ", true_cfg_scale=1.5, height=16,
-                   width=16, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+                   width=16, num_inference_steps=2, generator=gen, output_type="pt").images
         assert out.shape == (2, 3, 16, 16), out.shape
         assert torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
         template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
