@@ -742,9 +742,7 @@ def random_qwen_pipeline(out: Path, size: str) -> tuple[Path, int]:
         configs = ROOT / "tests" / "configs" / "qwen-image"
         torch.manual_seed(0)
         tokenizer = build_tokenizer()
-        text = text_encoder_config(tokenizer, 3584)
-        text.text_config.update(dict(num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944))
-        text.text_config.rope_scaling = {"type": "mrope", "mrope_section": [16, 24, 24]}
+        text = text_encoder_config(tokenizer, 3584, heads=28, kv_heads=4, sections=[16, 24, 24])  # Qwen2.5-VL-7B's
         transformer_config = QwenImageTransformer2DModel.load_config(configs / "transformer")
         parts = {
             "tokenizer": tokenizer,

@@ -103,13 +103,14 @@ def check_template_prefix(tokenizer) -> None:
 
 
 # ----------------------------------------------------------------------------- components
-def text_encoder_config(tokenizer, width: int = TEXT_WIDTH):
-    """A 2-layer Qwen2.5-VL of ``width`` over ``tokenizer``'s vocabulary, its vision tower one tiny block."""
+def text_encoder_config(tokenizer, width: int = TEXT_WIDTH, heads: int = 2, kv_heads: int = 1, sections=None):
+    """A 2-layer Qwen2.5-VL of ``width`` (``heads`` query heads, ``kv_heads`` key/value heads) over
+    ``tokenizer``'s vocabulary, its vision tower one tiny block. ``sections``: M-RoPE's split of each head's
+    rotary half into (time, row, column); unset: as even as it goes."""
     from transformers import Qwen2_5_VLConfig
 
-    heads = 2
-    half = width // heads // 2  # M-RoPE splits each head's rotary half into (time, row, column) sections
-    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    half = width // heads // 2
+    sections = list(sections or [half - 2 * (half // 3), half // 3, half // 3])
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id)
     ids["eos_token_id"] = tokenizer.eos_token_id
     return Qwen2_5_VLConfig(
@@ -119,7 +120,7 @@ def text_encoder_config(tokenizer, width: int = TEXT_WIDTH):
             intermediate_size=2 * width,
             num_hidden_layers=2,
             num_attention_heads=heads,
-            num_key_value_heads=1,
+            num_key_value_heads=kv_heads,
             max_position_embeddings=256,
             rope_scaling={"type": "mrope", "mrope_section": sections},
             **ids,
