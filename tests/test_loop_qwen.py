@@ -171,6 +171,25 @@ def test_qwen_nft_objective_runs_a_step(tmp_path, qwen_pipeline):
     assert any(not torch.equal(p, before[n]) for n, p in engine.algo.denoiser.named_parameters() if n in before)
 
 
+def test_qwen_bf16_lora_base_with_cfg_trains_only_the_adapters(tmp_path, qwen_pipeline):
+    """run.frozen_dtype bfloat16: the transformer base, the Qwen2.5-VL encoder and the causal VAE in bf16 under
+    fp32 LoRA adapters, true CFG on; only the adapters move and the decoded images are finite."""
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, guidance_scale=2.0)
+    recipe["run"].update(frozen_dtype="bfloat16", mixed_precision="bf16", iterations=1)
+    engine = Engine(load_recipe(recipe))
+    algo = engine.algo
+    assert all((p.dtype == torch.float32) == ("lora_" in n) for n, p in algo.denoiser.named_parameters())
+    assert next(algo.adapter.pipe.text_encoder.parameters()).dtype == torch.bfloat16
+    before = {n: p.detach().clone() for n, p in algo.denoiser.named_parameters()}
+    stats = engine.fit()
+    engine.close()
+    assert torch.isfinite(torch.tensor(stats["loss/policy"]))
+    moved = {n for n, p in algo.denoiser.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    images = algo.adapter.decode(torch.randn(2, *algo.adapter.latent_shape))
+    assert images.shape == (2, 3, IMAGE, IMAGE) and images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
 def test_qwen_resume_after_sigkill_equals_uninterrupted(tmp_path, qwen_pipeline):
     from tests.crash import kill_resume_equals_uninterrupted
 
