@@ -159,6 +159,31 @@ def test_qwen_ratio_is_one_and_lora_trains_and_exports_to_stock_diffusers(tmp_pa
     torch.testing.assert_close(latents, tuned, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "loop",
+    [
+        {"sampler": "cps", "noise_level": 0.5},  # the coefficients-preserving step, every step but the last
+        {"sampling": {"sde_window_size": 2}, "shared_initial_noise": True, "sample_batch_size": 2},  # -Fast
+        {"trust_region": "kl", "kl_threshold": 1e-6, "update_epochs": 2},  # Flow-DPPO's KL mask (keeps means)
+    ],
+    ids=["cps", "random-window", "kl-trust-region"],
+)
+def test_qwen_flow_options_train_with_cfg_and_recompute_the_stored_log_probs(tmp_path, qwen_pipeline, loop):
+    """Each flow option of every family on Qwen-Image with true CFG: the stored log-probs are recomputed
+    exactly before the first update, and a round trains."""
+    sampling = loop.pop("sampling", None)
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, sampling=sampling, guidance_scale=2.0, **loop)
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    algo = engine.algo
+    with torch.no_grad():
+        batch = algo.advantages(algo.collect())
+        assert_first_minibatches_recompute_the_stored_log_probs(algo, batch)
+    stats = engine.fit()
+    engine.close()
+    assert torch.isfinite(torch.tensor(stats["loss/policy"]))
+
+
 def test_qwen_nft_objective_runs_a_step(tmp_path, qwen_pipeline):
     recipe = qwen_recipe(tmp_path, qwen_pipeline, objective="nft", advantage="group_norm")
     recipe["run"]["iterations"] = 1
