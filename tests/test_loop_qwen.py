@@ -17,6 +17,7 @@ import yaml
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from rlprox import checkpoint  # noqa: E402
 from rlprox.cli import main  # noqa: E402
 from rlprox.engine import Engine  # noqa: E402
 from rlprox.models.pipelines import Sampling, adapter_for_class  # noqa: E402
@@ -182,6 +183,23 @@ def test_qwen_flow_options_train_with_cfg_and_recompute_the_stored_log_probs(tmp
     stats = engine.fit()
     engine.close()
     assert torch.isfinite(torch.tensor(stats["loss/policy"]))
+
+
+def test_qwen_full_fine_tuning_evaluates_the_base_and_exports_a_stock_pipeline(tmp_path, qwen_pipeline):
+    recipe = qwen_recipe(tmp_path, qwen_pipeline, finetune="full", guidance_scale=2.0)
+    recipe["run"]["iterations"] = 1
+    engine = Engine(load_recipe(recipe))
+    engine.fit()
+    engine.close()
+    assert main(["eval", str(engine.run_dir), "--num-samples", "2"]) == 0  # the base transformer from the folder
+    result = json.loads((checkpoint.find_latest(engine.run_dir) / "eval.json").read_text())
+    assert "eval/base_reward_ode" in result and "eval/reward" in result
+    assert main(["export", str(engine.run_dir), str(tmp_path / "full")]) == 0
+    exported = stock_pipeline(tmp_path / "full").transformer.state_dict()
+    tuned = engine.algo.denoiser.state_dict()
+    assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in tuned)
+    base = stock_pipeline(qwen_pipeline).transformer.state_dict()
+    assert any(not torch.equal(base[k], tuned[k]) for k in tuned)
 
 
 def test_qwen_nft_objective_runs_a_step(tmp_path, qwen_pipeline):
