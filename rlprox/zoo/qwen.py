@@ -344,7 +344,7 @@ def heldout_flow_loss(pipe, data: DigitsData, seed: int = 0, batch_size: int = 5
 @torch.no_grad()
 def sample_qwen(pipe, prompts: list[str], seed: int = 0, guidance_scale: float = RECOMMENDED_GUIDANCE):
     """Images (len(prompts), 3, 16, 16) in [0, 1] from the pipeline's own call, deterministic for a seed."""
-    cfg = {"true_cfg_scale": guidance_scale, "negative_prompt": " "} if guidance_scale > 1 else {}
+    cfg = {"true_cfg_scale": guidance_scale, "negative_prompt": " "} if guidance_scale > 1 else {"true_cfg_scale": 1}
     images = pipe(
         prompts,
         height=16,
