@@ -1,6 +1,6 @@
 """Build the digits-world models and report their quality.
 
-    python benchmarks/zoo.py            # build all of them for real (≈20–30 min on 2 CPU cores)
+    python benchmarks/zoo.py            # build all for real (≈13–20 min on 2 CPU cores before digits-qwen, ≈5 more)
     python benchmarks/zoo.py --reuse    # reuse cached builds, only evaluate
 
 Prints a markdown table and writes it to benchmarks/results/zoo.md; copies the sample
