@@ -13,6 +13,8 @@ and the generative trainers at real scale with random weights.
     python benchmarks/gpu_smoke.py --case flow --iterations 5   # 5 rounds per block (the first a warm-up)
     python benchmarks/gpu_smoke.py --case nft       # LOOP's objective nft vs GRPO (objective ppo) on the same
                                                     # SD3.5-Medium-size pipeline and batch: images/s, peak memory
+    python benchmarks/gpu_smoke.py --case qwen      # LOOP on a Qwen-Image-width pipeline (8 of its 60 blocks, 512 px,
+                                                    # true CFG 4, LoRA r64, bf16, gradient checkpointing)
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
     python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
     python benchmarks/gpu_smoke.py --case atari     # PPO, Nature CNN at CleanRL's Atari shape (8 envs × 128 steps,
@@ -892,9 +894,131 @@ def atari_case(args, cuda: bool) -> int:
     return 0
 
 
+# ============================================================================ qwen: LOOP at Qwen-Image's widths
+
+QWEN_RECIPE = ROOT / "recipes" / "loop" / "qwen-image-pickscore.yaml"
+QWEN_LAYERS = {"full": 8, "tiny": 1}  # Qwen-Image has 60 dual-stream blocks: 8 keep one GPU's run short
+QWEN_RESOLUTION = {"full": 512, "tiny": 16}
+
+
+def random_qwen_pipeline(out: Path, size: str) -> tuple[Path, int]:
+    """A QwenImagePipeline with random weights saved to ``out``, and its transformer's parameter count.
+    full: Qwen-Image's widths at reduced depth: its transformer config (24 heads × 128, joint width 3584,
+    64 packed channels) with ``QWEN_LAYERS`` blocks, its VAE config (tests/configs/qwen-image), a Qwen2.5-VL
+    text encoder of its width (3584, 28 heads, 4 KV heads) with 2 layers over digits-qwen's tokenizer;
+    Qwen-Image's scheduler. tiny: digits-qwen's architecture with one block, to check the script on CPU."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from rlprox.zoo.qwen import build_components, build_pipeline, build_tokenizer, text_encoder_config
+
+    if size == "tiny":
+        parts = build_components(0, num_layers=QWEN_LAYERS["tiny"])
+    else:
+        configs = ROOT / "tests" / "configs" / "qwen-image"
+        torch.manual_seed(0)
+        tokenizer = build_tokenizer()
+        text = text_encoder_config(tokenizer, 3584, heads=28, kv_heads=4, sections=[16, 24, 24])  # Qwen2.5-VL-7B's
+        transformer_config = QwenImageTransformer2DModel.load_config(configs / "transformer")
+        parts = {
+            "tokenizer": tokenizer,
+            "text_encoder": Qwen2_5_VLForConditionalGeneration(text),
+            "vae": AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(configs / "vae")),
+            "transformer": QwenImageTransformer2DModel.from_config(transformer_config, num_layers=QWEN_LAYERS[size]),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
+        }
+    build_pipeline(parts).save_pretrained(str(out))
+    return out, sum(p.numel() for p in parts["transformer"].parameters())
+
+
+def run_qwen(size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
+    """A few LOOP rounds of recipes/loop/qwen-image-pickscore.yaml (LoRA, true CFG 4, the 2-step SDE window,
+    gradient checkpointing, bf16 on CUDA) on ``random_qwen_pipeline``: K 8 × 2 prompts = 16 images per round,
+    sampled and trained 8 at a time, a reward that needs no weights."""
+    from rlprox.engine import Engine
+    from rlprox.recipe import load_recipe
+
+    out = Path(out_dir)
+    pipe, params = random_qwen_pipeline(out / "pipeline", size)
+    steps = 10 if size == "full" else 4
+    overrides = [
+        *run_overrides(out, iterations, on_cpu),
+        "run.name=gpu-qwen",
+        f"loop.pipeline={pipe}",
+        "loop.prompts=digits",
+        f"loop.resolution={QWEN_RESOLUTION[size]}",
+        f"loop.num_steps={steps}",
+        f"loop.sampling.sde_window_range=[0, {steps // 2}]",
+        "loop.max_sequence_length=32",
+        "loop.num_samples_per_prompt=8",
+        "loop.prompts_per_iteration=2",
+        "loop.sample_batch_size=8",
+        "loop.minibatch_size=8",
+        "loop.eval_base=false",
+        "reward=jpeg_compressibility",
+    ]
+    recipe = load_recipe(QWEN_RECIPE, overrides)
+    engine = Engine(recipe)
+    assert engine.algo.denoiser.is_gradient_checkpointing == (recipe.loop.gradient_checkpointing is True)
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    stats = engine.fit()
+    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_round = [r["perf/images_per_s"] for r in rows]
+    engine.close()
+    loss = stats.get("loss/total", float("nan"))
+    if not math.isfinite(loss):
+        raise SystemExit(f"qwen: last loss is not finite ({loss})")
+    return dict(
+        case="qwen",
+        size=size,
+        iterations=iterations,
+        params=params,
+        images_per_round=int(rows[-1]["progress/images"]) // iterations,
+        images_per_s=statistics.median(per_round[1:] or per_round),
+        loss=loss,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
+    )
+
+
+def qwen_case(args, cuda: bool) -> int:
+    iterations = args.iterations or 3
+    out_dir = tempfile.mkdtemp(prefix="gpu_smoke_qwen_")
+    try:
+        r = run_qwen(args.size, iterations, not cuda, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    mem = "–" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+    body = (
+        f"# GPU smoke test: qwen ({args.size}, random weights)\n\nDate {datetime.date.today().isoformat()}; device "
+        f"{device}; torch {torch.__version__}. Command: `python benchmarks/gpu_smoke.py {' '.join(sys.argv[1:])}`\n\n"
+        f"LOOP with recipes/loop/qwen-image-pickscore.yaml's settings (LoRA r64, true CFG 4: two transformer passes "
+        f"a step, a 2-step SDE window trained, gradient checkpointing, {'bf16' if cuda else 'fp32'}) on a random "
+        f"QwenImagePipeline of Qwen-Image's widths with {QWEN_LAYERS[args.size]} of its 60 blocks "
+        f"({r['params']:,} transformer parameters), {QWEN_RESOLUTION[args.size]} px, 16 images a round. Images/s: "
+        "the median round after the first; peak memory: `torch.cuda.max_memory_allocated()` over the rounds.\n\n"
+        "| case | size | rounds | images per round | images/s | last loss | peak GiB |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| qwen | {r['size']} | {r['iterations']} | {r['images_per_round']} | {r['images_per_s']:.2f} "
+        f"| {r['loss']:.4f} | {mem} |\n"
+    )
+    print(body)
+    out = (
+        args.out
+        if args.out is not None
+        else (RESULTS.with_name("gpu_smoke_qwen.md") if cuda and args.size == "full" else None)
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(body)
+        print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft", "atari"], default="ppo")
+    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft", "atari", "qwen"], default="ppo")
     p.add_argument(
         "--size",
         choices=["full", "tiny"],
@@ -932,6 +1056,8 @@ def main() -> int:
             return nft_case(args, cuda)
         if args.case == "atari":
             return atari_case(args, cuda)
+        if args.case == "qwen":
+            return qwen_case(args, cuda)
         out_dir = tempfile.mkdtemp(prefix=f"gpu_smoke_{args.case}_")
         try:
             r = run_generative(args.case, args.size, args.iterations or 2, not cuda, out_dir)

@@ -1,6 +1,6 @@
-"""Build the five digits-world models and report their quality.
+"""Build the digits-world models and report their quality.
 
-    python benchmarks/zoo.py            # build all five for real (≈13–20 min on 2 CPU cores)
+    python benchmarks/zoo.py            # build all for real (≈13–20 min on 2 CPU cores before digits-qwen, ≈5 more)
     python benchmarks/zoo.py --reuse    # reuse cached builds, only evaluate
 
 Prints a markdown table and writes it to benchmarks/results/zoo.md; copies the sample
@@ -36,6 +36,7 @@ from rlprox.zoo.metrics import (  # noqa: E402
     kid_proxy,
     real_like,
 )
+from rlprox.zoo.qwen import load_qwen_pipeline, sample_qwen  # noqa: E402
 from rlprox.zoo.sd import load_sd_pipeline, sample_sd  # noqa: E402
 from rlprox.zoo.sd3 import load_sd3_pipeline  # noqa: E402
 from rlprox.zoo.vq import encode_tokens  # noqa: E402
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500, help="samples per evaluation")
     parser.add_argument("--sd-cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--sd3-cfg", type=float, nargs="+", default=[1.0, 1.5, 3.0])
+    parser.add_argument("--qwen-cfg", type=float, nargs="+", default=[1.0, 1.5, 3.0])
     parser.add_argument("--gpt-cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/zoo.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/zoo")
@@ -109,6 +111,13 @@ def main() -> int:
         ms = 1000 * (time.perf_counter() - t) / args.n
         evaluate("digits-sd3", f"cfg {cfg:g}, 20 flow-match Euler steps", images, ms)
 
+    pipe = load_qwen_pipeline(paths["digits-qwen"])
+    for cfg in args.qwen_cfg:  # true CFG against " " above 1
+        t = time.perf_counter()
+        images = sample_qwen(pipe, prompts, seed=args.seed, guidance_scale=cfg)
+        ms = 1000 * (time.perf_counter() - t) / args.n
+        evaluate("digits-qwen", f"cfg {cfg:g}, 20 flow-match Euler steps", images, ms)
+
     vq = VQModel.from_pretrained(paths["digits-vq"])
     gpt = Transformer.from_pretrained(paths["digits-gpt"])
     with torch.no_grad():
@@ -129,6 +138,7 @@ def main() -> int:
     vq_info = build_info(paths["digits-vq"])
     sd_info = build_info(paths["digits-sd"])
     sd3_info = build_info(paths["digits-sd3"])
+    qwen_info = build_info(paths["digits-qwen"])
     lines = [
         "# digits world (rlprox.zoo)",
         "",
@@ -145,6 +155,8 @@ def main() -> int:
         f"| digits-sd | {seconds['digits-sd']} | VAE recon MSE {sd_info['vae_heldout_mse']:.5f} |",
         f"| digits-sd3 | {seconds['digits-sd3']} | VAE recon MSE {sd3_info['vae_heldout_mse']:.5f}, "
         f"held-out flow loss {sd3_info['flow_loss_heldout']:.4f} |",
+        f"| digits-qwen | {seconds['digits-qwen']} | VAE recon MSE {qwen_info['vae_heldout_mse']:.5f}, "
+        f"held-out flow loss {qwen_info['flow_loss_heldout']:.4f} |",
         f"| digits-vq | {seconds['digits-vq']} | recon MSE {vq_info['heldout_recon_mse']:.5f}, "
         f"{vq_info['codes_used_heldout']}/{vq.config['codebook_size']} codes used, "
         f"classifier digit acc on reconstructions {vq_recon_acc:.3f} |",
@@ -178,7 +190,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.docs.mkdir(parents=True, exist_ok=True)
-    for name in ("digits-sd", "digits-sd3", "digits-vq", "digits-gpt"):
+    for name in ("digits-sd", "digits-sd3", "digits-qwen", "digits-vq", "digits-gpt"):
         shutil.copy(paths[name] / "samples.png", args.docs / f"{name}.png")
     return 0
 

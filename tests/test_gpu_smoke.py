@@ -43,3 +43,38 @@ def test_the_atari_case_runs_compile_off_and_on_at_a_tiny_size(tmp_path):
     rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| o")}
     assert set(rows) == {"| off", "| on", "| on / off"}
     assert rows["| off"].endswith("| - |") and rows["| on"].endswith("| - |")  # no CUDA: no peak memory
+
+
+def test_the_qwen_case_runs_on_cpu_at_a_tiny_size(tmp_path):
+    out = tmp_path / "qwen.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_smoke.py", "--case", "qwen", "--size", "tiny", "--allow-cpu"]
+        + ["--iterations", "2", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    assert "| qwen | tiny | 2 | 16 |" in table, table
+
+
+def test_the_qwen_cases_full_size_pipeline_builds_on_the_meta_device(monkeypatch):
+    """The GPU-only path: Qwen-Image's widths at 8 of its 60 blocks and a Qwen2.5-VL-7B-wide text encoder,
+    constructed without weights (save_pretrained stubbed)."""
+    import torch
+    from diffusers import QwenImagePipeline
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_smoke
+
+    built = {}
+    monkeypatch.setattr(QwenImagePipeline, "save_pretrained", lambda self, path: built.update(pipe=self))
+    with torch.device("meta"):
+        _, params = gpu_smoke.random_qwen_pipeline(None, "full")
+    pipe = built["pipe"]
+    assert 2.5e9 < params < 3e9 and len(pipe.transformer.transformer_blocks) == 8  # ~340M a block
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.joint_attention_dim == 3584
+    assert pipe.text_encoder.config.text_config.hidden_size == 3584

@@ -1,6 +1,6 @@
 """Build, cache and resolve the digits-world models.
 
-Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-vq``, ``digits-gpt`` (the
+Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-qwen``, ``digits-vq``, ``digits-gpt`` (the
 GPT is trained on digits-vq tokens of the same seed, which is built first if missing).
 
 A model lives in ``<cache>/<name>-seed<S>/`` (``-micro`` appended for micro builds),
@@ -36,7 +36,11 @@ from rlprox.registry import Registry, check_kwargs
 
 MODELS = Registry("zoo model")
 # the diffusers pipeline class of each zoo pipeline, known before it is built
-PIPELINE_CLASSES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
+PIPELINE_CLASSES = {
+    "digits-sd": "StableDiffusionPipeline",
+    "digits-sd3": "StableDiffusion3Pipeline",
+    "digits-qwen": "QwenImagePipeline",
+}
 GRID_SEEDS = 4
 MICRO_FRACTION = 0.05
 GPT_RECOMMENDED_CFG = 1.5
@@ -50,6 +54,7 @@ class BuildOptions:
     vae_steps: int = 200
     unet_steps: int = 600  # UNet + text encoder jointly
     sd3_steps: int = 700  # digits-sd3: SD3 transformer + both CLIP text encoders jointly
+    qwen_steps: int = 700  # digits-qwen: the Qwen-Image transformer (its text encoder frozen)
     vq_steps: int = 300
     gpt_steps: int = 800
     batch_size: int = 128
@@ -235,14 +240,16 @@ def _build_classifier(out: Path, seed: int, opts: BuildOptions) -> dict:
     return {"heldout": accuracy(model, load_digits_world("heldout"))}
 
 
-def _save_pipeline_grid(pipe, out: Path, guidance_scale: float) -> dict:
-    """``samples.png``: the grid prompts × GRID_SEEDS seeds through the pipeline's own call; returns its legend."""
+def _save_pipeline_grid(pipe, out: Path, guidance_scale: float, sample=None) -> dict:
+    """``samples.png``: the grid prompts × GRID_SEEDS seeds through the pipeline's own call (``sample``, default
+    digits-sd's ``sample_sd``); returns its legend."""
     from rlprox.images import save_image_grid
     from rlprox.zoo.data import grid_prompts
     from rlprox.zoo.sd import sample_sd
 
     prompts = grid_prompts()
-    per_seed = [sample_sd(pipe, prompts, seed=s, guidance_scale=guidance_scale) for s in range(GRID_SEEDS)]
+    sample = sample or sample_sd
+    per_seed = [sample(pipe, prompts, seed=s, guidance_scale=guidance_scale) for s in range(GRID_SEEDS)]
     save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", rows=len(prompts), scale=4)
     return {"rows": prompts, "cols": [f"seed {s}" for s in range(GRID_SEEDS)]}
 
@@ -287,6 +294,38 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     held = load_digits_world("heldout")
     return {
         "vae_heldout_mse": vae_reconstruction_mse(pipe, held),
+        "flow_loss_train_last": round(train_loss, 5),
+        "flow_loss_heldout": round(heldout_flow_loss(pipe, held, seed=seed), 5),
+        "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
+        "recommended_num_inference_steps": RECOMMENDED_STEPS,
+        "grid": grid,
+    }
+
+
+def _build_qwen(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.zoo.data import load_digits_world
+    from rlprox.zoo.qwen import (
+        RECOMMENDED_GUIDANCE,
+        RECOMMENDED_STEPS,
+        heldout_flow_loss,
+        sample_qwen,
+        train_qwen_pipeline,
+        vae_reconstruction_mse,
+    )
+
+    pipe, train_loss = train_qwen_pipeline(
+        load_digits_world("train"),
+        opts.steps("vae_steps"),
+        opts.steps("qwen_steps"),
+        opts.batch_size,
+        seed=seed,
+        progress=opts.progress,
+    )
+    pipe.save_pretrained(str(out))
+    grid = _save_pipeline_grid(pipe, out, RECOMMENDED_GUIDANCE, sample=sample_qwen)
+    held = load_digits_world("heldout")
+    return {
+        "vae_heldout_mse": vae_reconstruction_mse(pipe.vae, held),
         "flow_loss_train_last": round(train_loss, 5),
         "flow_loss_heldout": round(heldout_flow_loss(pipe, held, seed=seed), 5),
         "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
@@ -385,6 +424,11 @@ MODELS.register(
     "digits-sd3",
     _build_sd3,
     "diffusers StableDiffusion3Pipeline (tiny MM-DiT, 2 CLIP + zero T5, VAE, flow-match Euler), 16×16 text-to-image",
+)
+MODELS.register(
+    "digits-qwen",
+    _build_qwen,
+    "diffusers QwenImagePipeline (tiny MMDiT, Qwen2.5-VL, causal VAE, flow-match Euler), 16×16 text-to-image",
 )
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register(

@@ -1,5 +1,5 @@
 """Model families as plug-ins: the adapter protocol (``base``), the flow-matching base
-(``flow``) and one file per family (``sd``, ``sd3``, ``flux``). An adapter registers itself
+(``flow``) and one file per family (``sd``, ``sd3``, ``flux``, ``qwen_image``). An adapter registers itself
 for the diffusers pipeline classes it serves; the built-in families are imported on first
 lookup. See docs/algorithm-contract.md for a family of one's own."""
 

@@ -34,6 +34,31 @@ class FlowOptions:
     sde_window_range: list[int] | None = None
 
 
+def shifted_linspace_sigmas(scheduler, num_steps: int, tokens: int) -> torch.Tensor:
+    """The σ's FluxPipeline and QwenImagePipeline set, (T+1,) float32: linspace(1, 1/T, T) (the scheduler's
+    own with ``use_flow_sigmas``), time-shifted by the scheduler with μ = calculate_shift(tokens), linear in
+    the image's token count from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at
+    ``max_image_seq_len`` (its config's), then 0."""
+    import copy
+
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler, c = copy.deepcopy(scheduler), scheduler.config
+    mu = calculate_shift(
+        tokens,
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", 1.15),
+    )
+    if c.get("use_flow_sigmas", False):
+        scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+    else:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
+    return scheduler.sigmas.detach().float().cpu()
+
+
 def available_memory(device) -> int | None:
     """Bytes free for one allocation on ``device``: the GPU's free memory, or the host's
     MemAvailable; None when unknown."""

@@ -10,7 +10,6 @@ by μ of the image's token count."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from rlprox.errors import RecipeError
 from rlprox.models import diffusion
 from rlprox.models.pipelines.base import Sampling, latent_side, read_config, register_adapter, with_autocast
-from rlprox.models.pipelines.flow import FlowMatchingAdapter, FlowOptions
+from rlprox.models.pipelines.flow import FlowMatchingAdapter, FlowOptions, shifted_linspace_sigmas
 
 
 @dataclass
@@ -92,24 +91,8 @@ class FluxAdapter(FlowMatchingAdapter):
         return self.latent_shape[0]
 
     def _schedule(self, scheduler, num_steps: int) -> torch.Tensor:
-        """FluxPipeline's σ's, (T+1,) float32: linspace(1, 1/T, T) (the scheduler's own with
-        ``use_flow_sigmas``), shifted by μ = calculate_shift(N tokens), then 0."""
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scheduler, c = copy.deepcopy(scheduler), scheduler.config
-        mu = calculate_shift(
-            self.latent_shape[0],
-            c.get("base_image_seq_len", 256),
-            c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5),
-            c.get("max_shift", 1.15),
-        )
-        if c.get("use_flow_sigmas", False):
-            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device="cpu", mu=mu)
-        return scheduler.sigmas.detach().float().cpu()
+        """FluxPipeline's σ's: ``shifted_linspace_sigmas`` of the packed token count."""
+        return shifted_linspace_sigmas(scheduler, num_steps, self.latent_shape[0])
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
