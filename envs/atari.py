@@ -3,7 +3,6 @@
 ``env.preprocessing: atari`` builds each env as
 
     ALE/<Game>-v5 (frameskip 1, sticky actions off by default)
-    → ``Reseeded``: every reset reseeds the emulator from the env's own RNG
     → gymnasium ``AtariPreprocessing``: up to ``noop_max`` no-ops after a reset, each
       action repeated ``frame_skip`` frames with the last two max-pooled, frames resized
       to ``screen_size``² and turned grey
@@ -14,10 +13,10 @@ become their sign — are not wrappers: the trainer's rollout applies them
 (``rlprox.gymenv.GymRollout``), so evaluation, videos and the episode statistics of
 training all count the unclipped score of full games.
 
-``Reseeded`` exists for exact resume: ALE keeps its own random state (no-op starts, sticky
-actions) that gymnasium's replay of an episode cannot restore, but a reset with an
-explicit seed reloads it. Each reset without a seed draws one from the env's numpy RNG,
-which the replay does restore.
+Exact resume: ALE keeps a random state of its own (sticky actions draw from it) that the
+replay of an episode (``rlprox.gymenv.EpisodeReplay``: the reset's numpy RNG and the actions
+since) does not cover, so the replay also records the emulator's state with its generator
+at each reset (``ale.cloneState(include_rng=True)``, 14 KB) and restores it before replaying.
 """
 
 from __future__ import annotations
@@ -41,15 +40,6 @@ def import_ale() -> None:
     gym.register_envs(ale_py)
 
 
-class Reseeded(gym.Wrapper):
-    """A reset without a seed reseeds the emulator with one drawn from the env's RNG."""
-
-    def reset(self, *, seed=None, options=None):
-        if seed is None:
-            seed = int(self.env.unwrapped.np_random.integers(2**31 - 1))
-        return self.env.reset(seed=seed, options=options)
-
-
 def make_kwargs(options, kwargs: dict) -> dict:
     """The ALE constructor's arguments: the recipe's, with frame skipping left to the
     preprocessing and the sticky-action probability of ``options``."""
@@ -62,7 +52,7 @@ def preprocess(env: gym.Env, options) -> gym.Env:
 
     try:
         env = AtariPreprocessing(
-            Reseeded(env),
+            env,
             noop_max=options.noop_max,
             frame_skip=options.frame_skip,
             screen_size=options.screen_size,

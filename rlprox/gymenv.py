@@ -152,6 +152,25 @@ def validate_env(env: EnvConfig, key: str = "env") -> None:
         _resolve(wrapper, f"{key}.wrappers[{i}]")
 
 
+def emulator_state(env: gym.Env) -> str | None:
+    """An Atari env's emulator state with its random generator (sticky actions draw from it, outside
+    numpy's), base64 text for the checkpoint's JSON; None for any other env."""
+    ale = getattr(env, "ale", None)
+    if ale is None or not hasattr(ale, "cloneState"):
+        return None
+    import base64
+
+    return base64.b64encode(ale.cloneState(include_rng=True).serialize()).decode("ascii")
+
+
+def restore_emulator(env: gym.Env, text: str) -> None:
+    import base64
+
+    from ale_py import ALEState
+
+    env.ale.restoreState(ALEState(base64.b64decode(text)))
+
+
 class EpisodeReplay(gym.Wrapper):
     """Records what is needed to rebuild the env's current state (see module doc)."""
 
@@ -165,6 +184,7 @@ class EpisodeReplay(gym.Wrapper):
     def reset(self, *, seed=None, options=None):
         rng = self.env.unwrapped._np_random
         self._reset_rng = None if (seed is not None or rng is None) else rng.bit_generator.state
+        self._reset_emulator = None if seed is not None else emulator_state(self.env.unwrapped)
         self._reset_seed = seed
         self._reset_options = options
         self._actions = []
@@ -181,6 +201,7 @@ class EpisodeReplay(gym.Wrapper):
             "seed": self._reset_seed,
             "rng": self._reset_rng,
             "options": self._reset_options,
+            "emulator": self._reset_emulator,
             "actions": [np.asarray(a).tolist() for a in actions],
             "dtype": str(np.asarray(actions[0]).dtype) if actions else "float32",
         }
@@ -191,6 +212,8 @@ class EpisodeReplay(gym.Wrapper):
             bitgen = getattr(np.random, state["rng"]["bit_generator"])()
             bitgen.state = state["rng"]
             self.env.unwrapped._np_random = np.random.Generator(bitgen)
+        if state.get("emulator") is not None:
+            restore_emulator(self.env.unwrapped, state["emulator"])
         obs, _ = self.reset(seed=state["seed"], options=state["options"])
         for a in state["actions"]:
             obs, *_ = self.step(np.asarray(a, dtype=state["dtype"]))

@@ -129,6 +129,7 @@ class OnPolicyEnv:
             self.reward_scaler = RewardScaler(1, gamma) if env_cfg.normalize_reward else None
         self.goals = env_goals(env_cfg)
         self.steps_per_env, self.explained_variance = 0, float("nan")
+        self._buffers: dict[str, np.ndarray] = {}  # collect's arrays, reused from one rollout to the next
 
     # ------------------------------------------------------------------ COLLECT
     def collect(self, num_steps: int, act, value, widths: dict[str, int], on_step=None) -> dict:
@@ -138,12 +139,21 @@ class OnPolicyEnv:
         among them; then ``next_values`` (V(s_{t+1}) by ``bootstrap_next_values``, with
         ``value(obs)`` = V), ``rewards``, ``terminated`` and ``done``, each (T, N).
         ``on_step(done, truncated_idx)``, when given, is called after each env step, before
-        ``value`` sees that step's final observations (a recurrent policy tracks its state)."""
+        ``value`` sees that step's final observations (a recurrent policy tracks its state).
+        The arrays are this object's, overwritten by the next ``collect``: a fresh allocation
+        of a pixel rollout's size (115 MB at Atari's 8 × 128 steps) costs more in first-touch
+        page faults than the copies into it."""
         rollout = self.rollout
         T, N = num_steps, rollout.num_envs
-        buf = {"obs": np.zeros((T, N, self.obs_dim), np.float32)}
-        buf.update({name: np.zeros((T, N, w) if w else (T, N), np.float32) for name, w in widths.items()})
-        next_val, rew_buf, term_buf, done_buf = (np.zeros((T, N), np.float32) for _ in range(4))
+        shapes = {"obs": (T, N, self.obs_dim), **{name: (T, N, w) if w else (T, N) for name, w in widths.items()}}
+        shapes.update({name: (T, N) for name in ("next_values", "rewards", "terminated", "done")})
+        if {k: v.shape for k, v in self._buffers.items()} != shapes:
+            self._buffers = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        buf = {name: self._buffers[name] for name in ("obs", *widths)}
+        next_val, rew_buf, term_buf, done_buf = (
+            self._buffers[name] for name in ("next_values", "rewards", "terminated", "done")
+        )
+        next_val[:] = 0.0  # filled only where an episode is truncated; the rest every step
         rollout.begin_iteration()
         for t in range(T):
             obs_n = rollout.observe()
@@ -282,6 +292,7 @@ class Columns:
 
     def __init__(self, widths: dict[str, int]):
         self.slices, self.scalars, start = {}, set(), 0
+        self._packed: np.ndarray | None = None  # pack's buffer, reused (see pack)
         for name, width in widths.items():
             if width == 0:
                 self.scalars.add(name)
@@ -294,13 +305,16 @@ class Columns:
         return {n: 0 if n in self.scalars else sl.stop - sl.start for n, sl in self.slices.items()}
 
     def pack(self, arrays: dict[str, np.ndarray], device) -> torch.Tensor:
-        """Every field (any shape whose size is B × its width) as one (B, cols) tensor."""
+        """Every field (any shape whose size is B × its width) as one (B, cols) tensor. On the
+        CPU the tensor shares this object's buffer, which the next ``pack`` overwrites (as
+        ``OnPolicyEnv.collect`` reuses its arrays: one iteration's batch lives until the next)."""
         first = next(iter(self.slices))
         n = np.asarray(arrays[first]).size // (self.slices[first].stop - self.slices[first].start)
-        parts = [
-            np.asarray(arrays[name], np.float32).reshape(n, sl.stop - sl.start) for name, sl in self.slices.items()
-        ]
-        return torch.from_numpy(np.concatenate(parts, axis=1)).to(device)
+        if self._packed is None or self._packed.shape != (n, self.width):
+            self._packed = np.empty((n, self.width), np.float32)
+        for name, sl in self.slices.items():
+            self._packed[:, sl] = np.asarray(arrays[name], np.float32).reshape(n, sl.stop - sl.start)
+        return torch.from_numpy(self._packed).to(device)
 
     def __call__(self, mb: torch.Tensor, name: str) -> torch.Tensor:
         """Field ``name`` of a packed minibatch: (B,) for scalar fields, else (B, width)."""

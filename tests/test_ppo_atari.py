@@ -1,6 +1,6 @@
 """Atari: the standard preprocessing through gymnasium + ale-py, the training-only
 transforms (a lost life ends the episode, rewards become their sign) in the rollout,
-exact resume on ALE (its own RNG reseeded at every reset), the export's record of the
+exact resume on ALE (the emulator's own RNG restored with each replayed episode), the export's record of the
 preprocessing, the envpool backend next to gymnasium's (where they agree, and the
 resume it cannot make exact), and one-line errors for what cannot run."""
 
@@ -66,8 +66,8 @@ def test_lost_life_ends_training_episodes_and_rewards_are_signs():
 
 
 def test_atari_resume_equals_uninterrupted(tmp_path):
-    """Episodes of 12 steps end inside the run, so resets without a seed (the emulator
-    reseeded from the env's RNG), no-op starts and sticky actions are all replayed."""
+    """Episodes of 12 steps end inside the run, so resets without a seed (the emulator's
+    state and generator recorded and restored), no-op starts and sticky actions are all replayed."""
     from tests.crash import kill_resume_equals_uninterrupted
 
     iterations = 7
