@@ -182,8 +182,17 @@ class Recipe:
         out["run"] = dataclasses.asdict(self.run)
         out["optim"] = dataclasses.asdict(self.optim)
         for name, value in self.sections.items():
-            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            out[name] = _plain(value)
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A section's value as YAML can write it: dataclasses as mappings, in lists too (a list of reward terms)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -254,6 +254,7 @@ ADAPTERS = Registry(
         "StableDiffusionPipeline": "rlprox.models.pipelines.sd",
         "StableDiffusion3Pipeline": "rlprox.models.pipelines.sd3",
         "FluxPipeline": "rlprox.models.pipelines.flux",
+        "WanPipeline": "rlprox.models.pipelines.wan",
     },
 )
 
