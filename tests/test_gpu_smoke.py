@@ -28,3 +28,19 @@ def test_the_nft_case_runs_on_cpu_at_a_tiny_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     table = out.read_text()
     assert "| GRPO (SDE steps, ratio) |" in table and "| NFT (old policy's ODE, no likelihood) |" in table
+
+
+def test_the_wan_case_runs_on_cpu_at_a_tiny_size(tmp_path):
+    out = tmp_path / "wan.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_smoke.py", "--case", "wan", "--size", "tiny", "--allow-cpu"]
+        + ["--iterations", "2", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    assert "GPU smoke test: wan (tiny, random weights)" in table and "| wan | tiny | 2 | 8" in table

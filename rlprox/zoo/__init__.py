@@ -3,6 +3,7 @@
 - ``digits-classifier``: reward model (``digits_alignment``) and FID-proxy features
 - ``digits-sd``: a stock diffusers ``StableDiffusionPipeline``
 - ``digits-sd3``: a stock diffusers ``StableDiffusion3Pipeline`` (rectified flow, MM-DiT)
+- ``digits-wan``: a stock diffusers ``WanPipeline``: 9-frame clips of a digit moving as prompted
 - ``digits-vq`` / ``digits-gpt``: LlamaGen-style VQ tokenizer and class-conditional GPT
 
 ``resolve("zoo:digits-sd")`` returns a local model directory, building and caching it on

@@ -1,6 +1,6 @@
 """Build, cache and resolve the digits-world models.
 
-Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-vq``, ``digits-gpt`` (the
+Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-wan``, ``digits-vq``, ``digits-gpt`` (the
 GPT is trained on digits-vq tokens of the same seed, which is built first if missing).
 
 A model lives in ``<cache>/<name>-seed<S>/`` (``-micro`` appended for micro builds),
@@ -36,7 +36,11 @@ from rlprox.registry import Registry, check_kwargs
 
 MODELS = Registry("zoo model")
 # the diffusers pipeline class of each zoo pipeline, known before it is built
-PIPELINE_CLASSES = {"digits-sd": "StableDiffusionPipeline", "digits-sd3": "StableDiffusion3Pipeline"}
+PIPELINE_CLASSES = {
+    "digits-sd": "StableDiffusionPipeline",
+    "digits-sd3": "StableDiffusion3Pipeline",
+    "digits-wan": "WanPipeline",
+}
 GRID_SEEDS = 4
 MICRO_FRACTION = 0.05
 GPT_RECOMMENDED_CFG = 1.5
@@ -50,6 +54,8 @@ class BuildOptions:
     vae_steps: int = 200
     unet_steps: int = 600  # UNet + text encoder jointly
     sd3_steps: int = 700  # digits-sd3: SD3 transformer + both CLIP text encoders jointly
+    wan_vae_steps: int = 150  # digits-wan: its video VAE, 16 clips a step (the build's slowest part)
+    wan_steps: int = 1000  # digits-wan: the Wan transformer on the clips' latents (UMT5 frozen)
     vq_steps: int = 300
     gpt_steps: int = 800
     batch_size: int = 128
@@ -295,6 +301,41 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
+def _build_wan(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.images import save_image_grid
+    from rlprox.zoo.data import CLIP_FRAMES, CLIP_SIZE
+    from rlprox.zoo.wan import (
+        MAX_SEQUENCE_LENGTH,
+        RECOMMENDED_GUIDANCE,
+        RECOMMENDED_STEPS,
+        grid_prompts,
+        sample_clips,
+        train_wan_pipeline,
+    )
+
+    pipe, stats = train_wan_pipeline(
+        opts.steps("wan_vae_steps"),
+        opts.steps("wan_steps"),
+        clips=64 if opts.micro else 2000,
+        batch_size=opts.batch_size // 2,
+        seed=seed,
+        progress=opts.progress,
+    )
+    pipe.save_pretrained(str(out))
+    prompts = grid_prompts()
+    per_seed = [sample_clips(pipe, prompts, seed=s) for s in range(2)]  # (8, T, 3, H, W) each
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", cols=2, scale=2)
+    return {
+        **{k: round(v, 5) for k, v in stats.items()},
+        "frames": CLIP_FRAMES,
+        "size": CLIP_SIZE,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
+        "recommended_num_inference_steps": RECOMMENDED_STEPS,
+        "grid": {"rows": prompts, "cols": ["seed 0", "seed 1"], "files": ["samples.png", "samples.gif"]},
+    }
+
+
 # variants meant as test beds where VA-π's pixel reward can see token errors: digits-vq-coarse has one more
 # downsampling level (16×16 images -> 4×4 codes, each a 4×4-pixel patch); digits-vq-k16 keeps the 8×8 grid
 # with 16 codes instead of 128, so two codes are rarely near-synonyms. Suffix: (VQ config overrides, what it is).
@@ -385,6 +426,11 @@ MODELS.register(
     "digits-sd3",
     _build_sd3,
     "diffusers StableDiffusion3Pipeline (tiny MM-DiT, 2 CLIP + zero T5, VAE, flow-match Euler), 16×16 text-to-image",
+)
+MODELS.register(
+    "digits-wan",
+    _build_wan,
+    "diffusers WanPipeline (tiny UMT5, Wan VAE, 3-D transformer, flow-match Euler), 9-frame 32×32 moving digits",
 )
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register(

@@ -19,7 +19,9 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     zoo_sub = parser.add_subparsers(dest="zoo_command", metavar="{list,build}")
     zoo_sub.add_parser("list", help="list the zoo models and their cache state")
     build = zoo_sub.add_parser("build", help="build (train) a zoo model into the cache")
-    build.add_argument("name", help="digits-classifier | digits-sd | digits-sd3 | digits-vq | digits-gpt | all")
+    build.add_argument(
+        "name", help="digits-classifier | digits-sd | digits-sd3 | digits-wan | digits-vq | digits-gpt | all"
+    )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--micro", action="store_true", help="~5%% of the steps (smoke test)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
