@@ -13,9 +13,9 @@ and the generative trainers at real scale with random weights.
     python benchmarks/gpu_smoke.py --case flow --iterations 5   # 5 rounds per block (the first a warm-up)
     python benchmarks/gpu_smoke.py --case nft       # LOOP's objective nft vs GRPO (objective ppo) on the same
                                                     # SD3.5-Medium-size pipeline and batch: images/s, peak memory
-    python benchmarks/gpu_smoke.py --case wan       # LOOP on a Wan 2.1 T2V 1.3B-size pipeline (recipes/loop/wan21-t2v.yaml:
-                                                    # 240x416 x 33 frames, 20 SDE steps, CFG 4.5, K 4, LoRA r32, bf16,
-                                                    # gradient checkpointing, KL to the base), random weights
+    python benchmarks/gpu_smoke.py --case wan       # LOOP on a Wan 2.1 T2V 1.3B-size pipeline (wan21-t2v.yaml:
+                                                    # 240x416 x 33 frames, 20 SDE steps, CFG 4.5, K 4, LoRA r32,
+                                                    # bf16, gradient checkpointing, KL to the base), random weights
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
     python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
 
