@@ -5,24 +5,26 @@ Components (stock diffusers / transformers classes, so a plain ``WanPipeline.fro
 loads the result offline):
 
 - ``tokenizer``: a word-level fast tokenizer over the digits words and the motion words;
-- ``text_encoder``: a 1-layer ``UMT5EncoderModel`` (width 32), random and frozen: its sequences tell
-  the prompts apart, the transformer learns to read them;
-- ``vae``: an ``AutoencoderKLWan`` with two downsampling stages, both also temporal: 9 frames × 32 × 32
-  -> 3 latent frames × 8 × 8 × 8 channels, ``scale_factor_spatial`` 4 and ``scale_factor_temporal`` 4
-  (its real downsampling), trained first on the clips (MSE + 1e-6·KL); ``latents_mean`` / ``latents_std``
-  are the training latents' per-channel statistics, as Wan's are;
-- ``transformer``: a 2-layer ``WanTransformer3DModel`` (patch 1×2×2 on the latents: 48 tokens);
+- ``text_encoder``: a 1-layer ``UMT5EncoderModel`` (width 32), trained jointly with the transformer;
+- ``vae``: an ``AutoencoderKLWan`` (width 8) with two downsampling stages, both also temporal: 9 frames ×
+  32 × 32 -> 3 latent frames × 8 × 8 × 16 channels, ``scale_factor_spatial`` 4 and ``scale_factor_temporal``
+  4 (its real downsampling), trained first on 16 × 16 crops of the clips (MSE + 1e-6·KL);
+  ``latents_mean`` / ``latents_std`` are the training latents' per-channel statistics, as Wan's are;
+- ``transformer``: a 2-layer ``WanTransformer3DModel`` (2 heads of 32; patch 1×2×2 on the latents: 48 tokens);
 - ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with shift 3 (Wan 2.1's flow shift at 480p).
 
 Training is rectified flow (digits-sd3's objective, ``rlprox.zoo.sd3.rectified_flow_pair``): z_σ =
 (1 − σ)·z₀ + σ·ε, v = ε − z₀, σ logit-normal, L = E‖v_θ(z_σ, 1000σ, c) − v‖², 10 % of prompts replaced by
 "" for classifier-free guidance, EMA weights saved. Clips come from scikit-learn's digits
-(``rlprox.zoo.data.load_motion_clips``: training base images, random colour, direction and offset).
+(``rlprox.zoo.data.load_motion_clips``: training base images, random colour, direction and offset). The
+text is the pipeline's UMT5 sequence cut to a length drawn log-uniformly in [16, 226] per step
+(``train_transformer``): the plain call's 226 tokens are in the training distribution.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ MAX_SEQUENCE_LENGTH = 226  # WanPipeline's default: the text length trained for
 RECOMMENDED_GUIDANCE = 3.0
 RECOMMENDED_STEPS = 20
 CFG_DROPOUT = 0.1
+MIN_TEXT_TOKENS = 16  # the shortest text length trained (the prompts have at most 8 tokens)
 VAE_BATCH = 16  # clips per VAE step: its convolutions over 9 × 32 × 32 frames dominate the build
 SCHEDULER_KWARGS = dict(num_train_timesteps=1000, shift=3.0)
 WORDS = (*PROMPT_WORDS, *MOTION_WORDS)
@@ -63,10 +66,10 @@ def text_encoder_config(tokenizer, width: int = TEXT_WIDTH):
 
 def build_components(
     seed: int = 0,
-    z_dim: int = 8,
-    vae_dim: int = 16,
+    z_dim: int = 16,
+    vae_dim: int = 8,
     heads: int = 2,
-    head_dim: int = 24,
+    head_dim: int = 32,
     layers: int = 2,
 ) -> dict:
     """The untrained pipeline components, keyword arguments of ``WanPipeline`` (smaller sizes: the tests')."""
@@ -75,7 +78,7 @@ def build_components(
 
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer(WORDS)
-    text_encoder = UMT5EncoderModel(text_encoder_config(tokenizer)).eval().requires_grad_(False)
+    text_encoder = UMT5EncoderModel(text_encoder_config(tokenizer)).eval()
     vae = AutoencoderKLWan(
         base_dim=vae_dim,
         z_dim=z_dim,
@@ -117,10 +120,11 @@ def _to_vae(clips: torch.Tensor) -> torch.Tensor:
     return clips.permute(0, 2, 1, 3, 4) * 2 - 1
 
 
-def train_vae(vae, steps: int, batch_size: int, gen, progress: bool, frames: int = CLIP_FRAMES):
-    """MSE + 1e-6·KL on fresh training clips of ``frames`` frames: the first frame and two chunks of four, so the
-    causal VAE learns its first-frame path and chunks that read a previous chunk's cache (a 5-frame clip, one
-    chunk, leaves the third chunk of a 9-frame clip undertrained: it fades)."""
+def train_vae(vae, steps: int, batch_size: int, gen, progress: bool, frames: int = CLIP_FRAMES, crop: int = 16):
+    """MSE + 1e-6·KL on fresh training clips of ``frames`` frames (the first frame and two chunks of four, so the
+    causal VAE learns its first-frame path and chunks that read the previous chunk's cache), cropped to
+    ``crop`` × ``crop`` pixels at a random place per step: the VAE is convolutional (its one attention is
+    over a frame's positions, any size), and a quarter of the pixels is a quarter of the cost."""
     from tqdm.auto import tqdm
 
     from rlprox.zoo.data import load_motion_clips
@@ -129,7 +133,8 @@ def train_vae(vae, steps: int, batch_size: int, gen, progress: bool, frames: int
     vae.train()
     for step in tqdm(range(steps), desc="digits-wan vae", disable=not progress, leave=False):
         clips, _, _ = load_motion_clips("train", batch_size, seed=int(torch.randint(2**31, (1,), generator=gen)))
-        x = _to_vae(clips[:, :frames])
+        y0, x0 = torch.randint(0, CLIP_SIZE - crop + 1, (2,), generator=gen).tolist()
+        x = _to_vae(clips[:, :frames, :, y0 : y0 + crop, x0 : x0 + crop])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -147,30 +152,52 @@ def encode_clips(vae, clips: torch.Tensor, batch_size: int = 64) -> torch.Tensor
     return torch.cat([vae.encode(_to_vae(chunk)).latent_dist.mean for chunk in clips.split(batch_size)])
 
 
-@torch.no_grad()
-def prompt_embeddings(pipe, prompts: list[str]) -> torch.Tensor:
-    """UMT5's sequences (N, 226, D) of ``prompts``, as the pipeline computes them."""
-    embeds, _ = pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH, device="cpu"
+def text_ids(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) (N, 226) of ``prompts``, tokenized as the pipeline's ``encode_prompt`` does."""
+    out = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
     )
-    return embeds
+    return out.input_ids, out.attention_mask
 
 
-def train_transformer(transformer, latents, embeds, null, steps: int, batch_size: int, gen, progress: bool):
-    """Rectified flow on the transformer (module docstring); returns the EMA copy and the mean loss of the
-    last 10 % of steps. ``embeds`` (N, L, D) are each latent's prompt's, ``null`` (1, L, D) the empty prompt's."""
+def text_states(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """UMT5's sequence (B, L, D) for ids (B, L): its states over the prompt's tokens, zeros past them, as the
+    pipeline's ``encode_prompt`` gives them for ``max_sequence_length`` L."""
+    states = text_encoder(ids, mask).last_hidden_state
+    return states * mask[..., None].to(states.dtype)
+
+
+def train_transformer(transformer, text_encoder, latents, ids, mask, steps: int, batch_size: int, gen, progress: bool):
+    """Rectified flow on the transformer and the UMT5 encoder jointly (module docstring); returns their EMA
+    copies and the mean loss of the last 10 % of steps. ``ids``, ``mask`` (N + 1, 226): each latent's prompt's
+    tokens, then the empty prompt's (classifier-free guidance's null)."""
     from tqdm.auto import tqdm
 
-    opt, lr_schedule = _one_cycle(transformer.parameters(), 1e-3, steps, pct_start=0.05)
-    ema = copy.deepcopy(transformer).eval()
-    params, ema_params = list(transformer.parameters()), list(ema.parameters())
-    transformer.train()
+    models = [transformer, text_encoder]
+    params = [p for m in models for p in m.parameters()]
+    opt, lr_schedule = _one_cycle(params, 1e-3, steps, pct_start=0.05)
+    ema_models = [copy.deepcopy(m).eval() for m in models]
+    ema_params = [p for m in ema_models for p in m.parameters()]
+    for m in models:
+        m.requires_grad_(True).train()
     losses = []
     bar = tqdm(range(steps), desc="digits-wan transformer", disable=not progress, leave=False)
     for step in bar:
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
-        context = embeds[idx].clone()
-        context[torch.rand(batch_size, generator=gen) < CFG_DROPOUT] = null
+        # a text length log-uniform in [MIN_TEXT_TOKENS, 226]: the pipeline's sequence of L tokens is the first L
+        # of its 226 (zero past the prompt), so short ones teach the cross-attention to find the prompt's few
+        # tokens and long ones keep the plain call (226) in the training distribution
+        length = int(
+            math.exp(torch.empty(1).uniform_(math.log(MIN_TEXT_TOKENS), math.log(ids.shape[1]), generator=gen))
+        )
+        rows = torch.where(torch.rand(batch_size, generator=gen) < CFG_DROPOUT, len(ids) - 1, idx)
+        context = text_states(text_encoder, ids[rows, :length], mask[rows, :length])
         noise = torch.randn(latents[idx].shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(batch_size, generator=gen))
         z_sigma, v_target = rectified_flow_pair(latents[idx], noise, sigma)
@@ -190,7 +217,7 @@ def train_transformer(transformer, latents, embeds, null, steps: int, batch_size
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     tail = losses[-max(1, steps // 10) :]
-    return ema, sum(tail) / len(tail)
+    return ema_models[0], ema_models[1].requires_grad_(False), sum(tail) / len(tail)
 
 
 def train_wan_pipeline(
@@ -218,15 +245,13 @@ def train_wan_pipeline(
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     shape = (1, -1, 1, 1, 1)
     latents = (raw - mean.view(shape)) / std.view(shape)
+    ids, mask = text_ids(parts["tokenizer"], [*prompts, ""])
+    transformer, text_encoder, flow_loss = train_transformer(
+        parts["transformer"], parts["text_encoder"], latents, ids, mask, transformer_steps, batch_size, gen, progress
+    )
+    parts.update(transformer=transformer, text_encoder=text_encoder)
     pipe = WanPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
-    unique = sorted(set(prompts))
-    table = prompt_embeddings(pipe, [*unique, ""])
-    embeds = table[torch.tensor([unique.index(p) for p in prompts])]
-    transformer, flow_loss = train_transformer(
-        parts["transformer"], latents, embeds, table[-1:], transformer_steps, batch_size, gen, progress
-    )
-    pipe.transformer = transformer
     held, _, _ = load_motion_clips("heldout", 64, seed=seed + 1)
     with torch.no_grad():
         recon = (vae.decode(encode_clips(vae, held)).sample.clamp(-1, 1) + 1) / 2
