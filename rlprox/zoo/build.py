@@ -55,7 +55,7 @@ class BuildOptions:
     unet_steps: int = 600  # UNet + text encoder jointly
     sd3_steps: int = 700  # digits-sd3: SD3 transformer + both CLIP text encoders jointly
     wan_vae_steps: int = 400  # digits-wan: its video VAE, 16 clips cropped to 16×16 a step
-    wan_steps: int = 1000  # digits-wan: the Wan transformer and its UMT5 encoder jointly, on the clips' latents
+    wan_steps: int = 1200  # digits-wan: the Wan transformer and its UMT5 encoder jointly, on the clips' latents
     vq_steps: int = 300
     gpt_steps: int = 800
     batch_size: int = 128

@@ -181,7 +181,7 @@ def train_transformer(transformer, text_encoder, latents, ids, mask, steps: int,
 
     models = [transformer, text_encoder]
     params = [p for m in models for p in m.parameters()]
-    opt, lr_schedule = _one_cycle(params, 1e-3, steps, pct_start=0.05)
+    opt, lr_schedule = _one_cycle(params, 2e-3, steps, pct_start=0.05)
     ema_models = [copy.deepcopy(m).eval() for m in models]
     ema_params = [p for m in ema_models for p in m.parameters()]
     for m in models:
