@@ -15,6 +15,9 @@ and the generative trainers at real scale with random weights.
                                                     # SD3.5-Medium-size pipeline and batch: images/s, peak memory
     python benchmarks/gpu_smoke.py --case qwen      # LOOP on a Qwen-Image-width pipeline (8 of its 60 blocks, 512 px,
                                                     # true CFG 4, LoRA r64, bf16, gradient checkpointing)
+    python benchmarks/gpu_smoke.py --case wan       # LOOP on a Wan 2.1 T2V 1.3B-size pipeline (wan21-t2v.yaml:
+                                                    # 240x416 x 33 frames, 20 SDE steps, CFG 4.5, K 4, LoRA r32,
+                                                    # bf16, gradient checkpointing, KL to the base), random weights
     python benchmarks/gpu_smoke.py --case loop --size tiny --allow-cpu   # check the script on CPU
     python benchmarks/gpu_smoke.py --case flow --size tiny --allow-cpu --iterations 2
     python benchmarks/gpu_smoke.py --case atari     # PPO, Nature CNN at CleanRL's Atari shape (8 envs × 128 steps,
@@ -291,6 +294,8 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
             "reward=jpeg_compressibility",
         ]
         recipe = load_recipe(ROOT / "recipes" / "loop" / "sd15-aesthetic.yaml", common + overrides)
+    elif case == "wan":
+        recipe = load_recipe(WAN_RECIPE, common + wan_overrides(out / "pipeline", size))
     else:
         overrides = random_llamagen(out, size) + [
             "vapi.images_per_iteration=16",
@@ -328,6 +333,57 @@ def publish(body: str, out: Path | None, default: Path | None) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(body)
         print(f"wrote {target}")
+
+
+# ============================================================================ wan: LOOP on a Wan 2.1-size pipeline
+
+WAN_RECIPE = ROOT / "recipes" / "loop" / "wan21-t2v.yaml"
+WAN_CONFIGS = ROOT / "tests" / "wan21_t2v_1_3b"  # Wan 2.1 T2V 1.3B's published transformer and VAE configs
+
+
+def random_wan_pipeline(out: Path, size: str) -> tuple[Path, int]:
+    """A WanPipeline with random weights saved to ``out``, and its transformer's parameter count. full: the
+    transformer and VAE of Wan 2.1 T2V 1.3B's configs (``WAN_CONFIGS``), a 1-layer UMT5 encoder of its width
+    (4096) over the digits-wan tokenizer (UMT5-XXL's 24 layers would only add encoding time), Euler with shift 3.
+    tiny: digits-wan's components at their smallest, to check the script on CPU."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from rlprox.zoo.wan import build_components, text_encoder_config
+
+    if size == "full":
+        parts = build_components(0, z_dim=4, vae_dim=4, heads=2, head_dim=12, layers=1)
+        torch.manual_seed(0)
+        parts["transformer"] = WanTransformer3DModel.from_config(
+            WanTransformer3DModel.load_config(WAN_CONFIGS / "transformer")
+        ).to(torch.bfloat16)
+        parts["vae"] = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(WAN_CONFIGS / "vae"))
+        config = text_encoder_config(parts["tokenizer"], 4096)
+        config.num_heads, config.d_kv, config.d_ff = 64, 64, 10240
+        parts["text_encoder"] = UMT5EncoderModel(config).to(torch.bfloat16)
+    else:
+        parts = build_components(0, z_dim=4, vae_dim=4, heads=2, head_dim=12, layers=1)
+    WanPipeline(**parts).save_pretrained(str(out))
+    return out, sum(p.numel() for p in parts["transformer"].parameters())
+
+
+def wan_overrides(pipe: Path, size: str) -> list[str]:
+    """The recipe's settings but a reward without weights (temporal_consistency), 8 videos a round (2 prompts ×
+    K 4, one sampling batch, one minibatch) and, tiny, 16×16 × 5 frames at 4 steps."""
+    path, _ = random_wan_pipeline(pipe, size)
+    full = size == "full"
+    return [
+        f"loop.pipeline={path}",
+        "loop.prompts=digits-motion",
+        "loop.prompts_per_iteration=2",
+        "loop.sample_batch_size=8",
+        "loop.minibatch_size=8",
+        "loop.eval_base=false",
+        f"loop.num_steps={20 if full else 4}",
+        f"loop.max_sequence_length={512 if full else 8}",
+        *([] if full else ["loop.sampling.frames=5", "loop.sampling.height=16", "loop.sampling.width=16"]),
+        "reward=temporal_consistency",
+    ]
 
 
 # ============================================================================ flow: rlprox vs naive Flow-GRPO
@@ -1018,7 +1074,7 @@ def qwen_case(args, cuda: bool) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft", "atari", "qwen"], default="ppo")
+    p.add_argument("--case", choices=["ppo", "loop", "vapi", "flow", "nft", "atari", "qwen", "wan"], default="ppo")
     p.add_argument(
         "--size",
         choices=["full", "tiny"],

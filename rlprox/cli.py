@@ -152,9 +152,9 @@ def cmd_eval(args) -> int:
         for name, batch in images.items():
             from rlprox.images import save_image_grid
 
-            written.append(
-                save_image_grid(batch, out / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0))
-            )
+            png = save_image_grid(batch, out / f"eval_{name.replace('/', '_')}.png", cols=info.get("grid_cols", 0))
+            animated = [png.with_suffix(s) for s in (".gif", ".mp4")] if batch.ndim == 5 else []  # videos' grids
+            written += [png, *(f for f in animated if f.is_file())]
         scalar_values = {
             k.lstrip("_"): v for k, v in values.items() if all(isinstance(x, (int, float, bool)) for x in v)
         }

@@ -3,6 +3,10 @@
 A leaf module: tensors in, a uint8 array or a PNG file out. ``caption_cells`` makes
 the cells of a grid a person can read (base | tuned side by side, the prompt and the
 rewards under them); ``make_grid`` lays any cells out.
+
+Videos (N, T, 3, H, W) are grids too: ``save_image_grid`` writes a still PNG, each cell a strip of
+frames (``frame_strips``), and next to it the animated grid, a GIF (Pillow), and an MP4 when
+imageio-ffmpeg is installed (``save_video_grid``).
 """
 
 from __future__ import annotations
@@ -47,15 +51,58 @@ def make_grid(images: torch.Tensor, rows: int = 0, scale: int = 0, pad: int = 1,
 def save_image_grid(
     images: torch.Tensor, path: str | os.PathLike, rows: int = 0, scale: int = 0, cols: int = 0
 ) -> Path:
-    """Save ``make_grid(images, rows, scale, cols=cols)`` as a PNG (written to a temp name, then renamed)."""
+    """Save ``make_grid(images, rows, scale, cols=cols)`` as a PNG (written to a temp name, then renamed).
+    Videos (N, T, 3, H, W): the PNG holds ``frame_strips`` of them, and the animated grid is written next to
+    it (``save_video_grid``: the same name with .gif, and .mp4 with imageio-ffmpeg)."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5:
+        save_video_grid(images, path.with_suffix(""), rows, scale, cols)
+        images = frame_strips(images)
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(make_grid(images, rows, scale, cols=cols)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def frame_strips(videos: torch.Tensor, frames: int = 5, pad: int = 1) -> torch.Tensor:
+    """Videos (N, T, 3, H, W) -> stills (N, 3, H, k·(W + pad) − pad): each video's first and last frame and
+    evenly spaced ones between, k = min(frames, T), side by side on grey."""
+    n, T, c, h, w = videos.shape
+    picks = torch.linspace(0, T - 1, min(frames, T)).round().long()
+    strips = torch.full((n, c, h, len(picks) * (w + pad) - pad), 0.5)
+    for k, t in enumerate(picks):
+        strips[..., k * (w + pad) : k * (w + pad) + w] = videos[:, t].detach().float().cpu()
+    return strips
+
+
+def save_video_grid(
+    videos: torch.Tensor, stem: str | os.PathLike, rows: int = 0, scale: int = 0, cols: int = 0, fps: int = 4
+) -> list[Path]:
+    """The animated grid of videos (N, T, 3, H, W): frame t is ``make_grid`` of every video's frame t. Written
+    as ``stem``.gif (Pillow, looping) and, when imageio-ffmpeg is installed, ``stem``.mp4 (H.264)."""
+    import importlib.util
+
+    from PIL import Image
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frames = [make_grid(videos[:, t], rows, scale, cols=cols) for t in range(videos.shape[1])]
+    gif, tmp = stem.with_suffix(".gif"), stem.with_name(f".{stem.name}.gif.tmp")
+    first, *rest = [Image.fromarray(f) for f in frames]
+    first.save(tmp, format="GIF", save_all=True, append_images=rest, duration=1000 // fps, loop=0)
+    os.replace(tmp, gif)
+    written = [gif]
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        import imageio
+
+        mp4 = stem.with_suffix(".mp4")
+        even = [np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge") for f in frames]
+        imageio.mimwrite(mp4, even, fps=fps, macro_block_size=1)  # yuv420p needs even sides
+        written.append(mp4)
+    return written
 
 
 def grid_columns(n: int) -> int:

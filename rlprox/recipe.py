@@ -185,8 +185,17 @@ class Recipe:
         out["run"] = dataclasses.asdict(self.run)
         out["optim"] = dataclasses.asdict(self.optim)
         for name, value in self.sections.items():
-            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            out[name] = _plain(value)
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A section's value as YAML can write it: dataclasses as mappings, in lists too (a list of reward terms)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -208,8 +217,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except RecipeError as err:
-                errors.append(err)
-        raise errors[0] if errors else RecipeError(key, f"unexpected value {value!r}")
+                errors.append((arg, err))
+        # a mapping's error is the dataclass arm's (it names the field), a list's the list arm's
+        fitting = [err for arg, err in errors if _same_shape(value, arg)] + [err for _, err in errors]
+        raise fitting[0] if fitting else RecipeError(key, f"unexpected value {value!r}")
     if origin is Literal:
         options = typing.get_args(tp)
         if isinstance(value, bool) and ("no" if not value else "yes") in options:
@@ -258,6 +269,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(key, f"expected a string (got {value!r})")
         return value
     return value  # Any
+
+
+def _same_shape(value: Any, tp: Any) -> bool:
+    """``value`` is a mapping and ``tp`` a dataclass, or both are lists."""
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp)
+    return isinstance(value, list) and typing.get_origin(tp) is list
 
 
 def _join(prefix: str, key: str) -> str:

@@ -49,6 +49,7 @@ class Tracker:
         self.last_checkpoint = None
         self._last_row: tuple[int, int, dict] | None = None  # (file offset, step, row) for amend
         self._trackers_started = False
+        self._said_no_moviepy = False  # the note that TensorBoard shows a video's stills was printed
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -124,8 +125,12 @@ class Tracker:
 
     def log_images(self, images: dict, step: int, cols: int = 0) -> list[Path]:
         """Grids of (N, 3, H, W) images in [0, 1], one per name: a PNG in the run
-        folder's samples/ and an image in every tracker that takes images."""
-        from rlprox.images import make_grid, save_image_grid
+        folder's samples/ and an image in every tracker that takes images. Videos
+        (N, T, 3, H, W): the PNG of frame strips with the animated GIF (and MP4) beside it
+        (``rlprox.images.save_image_grid``); TensorBoard gets the animated grid as a video
+        when moviepy is installed (its ``add_video`` needs it), else the still strips as an
+        image (said once); W&B gets the GIF."""
+        from rlprox.images import frame_strips, make_grid, save_image_grid
 
         written = []
         if not self.main or not images:
@@ -135,14 +140,29 @@ class Tracker:
             written.append(save_image_grid(batch, self.run_dir / "samples" / f"{safe}-{step:06d}.png", cols=cols))
             if not self.recipe.run.log_with:
                 continue
-            grid = make_grid(batch, cols=cols)
+            video = batch.ndim == 5
+            grid = make_grid(frame_strips(batch) if video else batch, cols=cols)
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
+                    if video and _has_moviepy():
+                        import torch
+
+                        frames = np.stack([make_grid(batch[:, t], cols=cols) for t in range(batch.shape[1])])
+                        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]  # (1, T, 3, H, W) uint8
+                        tracker.writer.add_video(name, clip, global_step=step, fps=4)
+                        continue
+                    if video and not self._said_no_moviepy:
+                        self._said_no_moviepy = True
+                        self.message(
+                            "tensorboard: no moviepy for add_video; videos are the GIF/MP4 in samples/, "
+                            "TensorBoard shows their frame strips"
+                        )
                     tracker.writer.add_image(name, grid, global_step=step, dataformats="HWC")
                 elif tracker.name == "wandb":
                     import wandb
 
-                    tracker.run.log({name: wandb.Image(grid)}, step=step)
+                    gif = written[-1].with_suffix(".gif")
+                    tracker.run.log({name: wandb.Video(str(gif)) if video else wandb.Image(grid)}, step=step)
         return written
 
     @contextlib.contextmanager
@@ -266,3 +286,9 @@ def plot_curve(metrics_path: Path, out: Path, x_key: str, y_key: str, title: str
     plt.close(fig)
     tmp.replace(out)
     return True
+
+
+def _has_moviepy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("moviepy") is not None

@@ -78,3 +78,19 @@ def test_the_qwen_cases_full_size_pipeline_builds_on_the_meta_device(monkeypatch
     assert 2.5e9 < params < 3e9 and len(pipe.transformer.transformer_blocks) == 8  # ~340M a block
     assert pipe.vae_scale_factor == 8 and pipe.transformer.config.joint_attention_dim == 3584
     assert pipe.text_encoder.config.text_config.hidden_size == 3584
+
+
+def test_the_wan_case_runs_on_cpu_at_a_tiny_size(tmp_path):
+    out = tmp_path / "wan.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_smoke.py", "--case", "wan", "--size", "tiny", "--allow-cpu"]
+        + ["--iterations", "2", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    assert "GPU smoke test: wan (tiny, random weights)" in table and "| wan | tiny | 2 | 8" in table

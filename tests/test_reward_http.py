@@ -129,6 +129,23 @@ def test_scores_of_the_docs_example_server_equal_the_local_computation(serve, im
     assert info == {"mean": pytest.approx(float(expected.mean()), abs=1e-6)}
 
 
+@pytest.mark.parametrize("image_format", ["png", "npy"])
+def test_videos_travel_as_frames_and_the_docs_server_scores_them(serve, image_format):
+    url, server = serve(example_handler())
+    videos = torch.rand(3, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    scores, _ = build_reward(http_term(url, image_format=image_format))(videos, ["a", "b", "c"], [{}] * 3)
+    pixels = (videos * 255).round() / 255 if image_format == "png" else videos
+    torch.testing.assert_close(scores, pixels.double().mean(dim=(1, 2, 3, 4)).float(), atol=1e-6, rtol=0)
+    url, server = serve(replies=[(200, {"scores": [0.0, 0.0, 0.0]}, 0)])
+    build_reward(http_term(url, image_format=image_format))(videos, ["a", "b", "c"], [{}] * 3)
+    (body,) = server.bodies
+    assert body["media"] == "video"
+    if image_format == "png":
+        assert [len(frames) for frames in body["images"]] == [4, 4, 4]
+    else:
+        assert np.load(io.BytesIO(base64.b64decode(body["images"]))).shape == (3, 4, 3, 8, 8)
+
+
 def test_the_request_carries_images_prompts_and_metadata(serve):
     url, server = serve(replies=[(200, {"scores": [0.5, 1.5]}, 0)])
     images, prompts, _ = batch(2)
@@ -136,7 +153,7 @@ def test_the_request_carries_images_prompts_and_metadata(serve):
     scores, info = get_reward("http", url=url, image_format="npy")(images, prompts, metadata)
     assert scores.tolist() == [0.5, 1.5] and info == {}
     (body,) = server.bodies
-    assert body["image_format"] == "npy" and body["prompts"] == prompts
+    assert body["media"] == "image" and body["image_format"] == "npy" and body["prompts"] == prompts
     assert body["metadata"] == [{"reference": [1.0, 1.0], "seed": 3}, {}]
     sent = np.load(io.BytesIO(base64.b64decode(body["images"])), allow_pickle=False)
     assert sent.dtype == np.float32 and np.array_equal(sent, images.numpy())

@@ -7,6 +7,12 @@ A reward is ``fn(images, prompts, metadata) -> Tensor[B]`` or ``(Tensor[B], dict
 - ``prompts``: B strings
 - ``metadata``: B dicts (may be empty)
 
+A video reward has the same form with ``videos`` (B, T, 3, H, W) in [0, 1] first. A reward
+declares what it scores in its ``media`` attribute (``register_reward(name, media=...)`` sets
+it): "image" (a plain function), "video", or "any" (takes either, e.g. ``http``). An image
+reward scores a video model's clips frame by frame when the recipe names a reduction over the
+frames (``RewardTerm.frames``: mean, min, first or last).
+
 Register with ``@register_reward("name")`` (the first docstring line is the description
 ``list_rewards`` shows); look up with ``get_reward("name", **kwargs)`` or
 ``get_reward("package.module:function", **kwargs)``. Keyword arguments are bound to the
@@ -19,11 +25,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import torch
 
-from rlprox.errors import RegistryError, RewardError
+from rlprox.errors import RegistryError, RewardError, did_you_mean
 from rlprox.registry import Registry
 
 RewardFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, dict]"]
@@ -35,9 +41,14 @@ REWARDS = Registry(
         "clip_score": "rlprox.rewards.clip",
         "pickscore": "rlprox.rewards.clip",
         "hpsv2": "rlprox.rewards.hps",
+        "temporal_consistency": "rlprox.rewards.video",
+        "digits_video_alignment": "rlprox.rewards.video",
     },
 )
 CALL_ARGS = ("images", "prompts", "metadata")
+VIDEO_CALL_ARGS = ("videos", "prompts", "metadata")
+MEDIA = ("image", "video", "any")  # what a reward scores: images (B, 3, H, W), videos (B, T, 3, H, W), either
+FRAME_REDUCTIONS = ("mean", "min", "first", "last")  # an image reward's scores of a clip's frames -> one score
 
 __all__ = [
     "REWARDS",
@@ -53,14 +64,29 @@ __all__ = [
     "ssim",
     "RewardTerm",
     "RewardSpec",
+    "BoundReward",
+    "reward_media",
     "WeightedReward",
     "build_reward",
 ]
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make ``fn`` available as ``get_reward(name)``."""
-    return REWARDS.register(name)
+def register_reward(name: str, media: str = "image") -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make ``fn`` available as ``get_reward(name)``; ``media`` (one of ``MEDIA``) is what
+    it scores, kept as ``fn.media``."""
+    if media not in MEDIA:
+        raise ValueError(f"register_reward: media must be one of {', '.join(MEDIA)} (got {media!r})")
+
+    def register(fn: RewardFn) -> RewardFn:
+        fn.media = media
+        return REWARDS.register(name)(fn)
+
+    return register
+
+
+def reward_media(fn) -> str:
+    """What a reward scores: its ``media`` attribute, "image" for a plain function."""
+    return getattr(fn, "media", "image")
 
 
 def list_rewards() -> dict[str, str]:
@@ -75,7 +101,7 @@ def get_reward(name: str, **kwargs) -> RewardFn:
     keyword arguments the reward does not accept.
     """
     try:
-        return REWARDS.bind(name, kwargs, reserved=CALL_ARGS)
+        return REWARDS.bind(name, kwargs, reserved=CALL_ARGS + VIDEO_CALL_ARGS)
     except RegistryError as err:
         raise ValueError(str(err)) from None
 
@@ -361,9 +387,12 @@ class RewardTerm:
     name: str  # a registered reward (rlprox rewards) or "module:function"
     weight: float = 1.0  # weight in the sum of several rewards
     kwargs: dict = field(default_factory=dict)  # options bound to the function
+    # a video model with an image reward: score every frame, then reduce a clip's T scores to one (mean, min) or
+    # score one frame only (first, last); unset for a video reward and for an image model
+    frames: Literal["mean", "min", "first", "last"] | None = None
 
 
-RewardSpec = Union[str, RewardTerm, list[RewardTerm]]  # "name", {name, weight, kwargs}, or a list of them
+RewardSpec = Union[str, RewardTerm, list[RewardTerm]]  # "name", {name, weight, kwargs, frames}, or a list of them
 
 
 def _terms(spec) -> list[RewardTerm]:
@@ -379,55 +408,122 @@ def _terms(spec) -> list[RewardTerm]:
     return terms
 
 
+@dataclass(frozen=True)
+class BoundReward:
+    """One term of a ``WeightedReward``: the callable with its options bound, and what it scores."""
+
+    name: str  # as the recipe names it
+    weight: float  # its weight in the sum
+    fn: RewardFn  # the reward, kwargs bound
+    media: str = "image"  # one of MEDIA
+    frames: str | None = None  # one of FRAME_REDUCTIONS: an image reward applied to each frame of a video
+
+
+def _check_frames(name: str, media: str, frames: str | None) -> None:
+    """A reduction over frames only for a reward that scores images (ValueError, one line)."""
+    if frames is None:
+        return
+    if frames not in FRAME_REDUCTIONS:
+        raise ValueError(
+            f"reward {name!r}: frames must be one of {', '.join(FRAME_REDUCTIONS)} (got {frames!r})"
+            f"{did_you_mean(str(frames), FRAME_REDUCTIONS)}"
+        )
+    if media == "video":
+        raise ValueError(f"reward {name!r} scores whole videos: frames reduces an image reward's frames (remove it)")
+
+
 class WeightedReward:
     """Σ_i w_i·r_i(images, prompts, metadata), every term's output checked: a reward
     that raises, returns a wrong shape, a tensor on a device other than the images'
     or the CPU (``meta`` included), or nothing finite stops the run with one line
     (``RewardError``) naming it and what it returned; a ``RewardError`` the reward raises
     itself passes unchanged (it already names the reward). Individual non-finite values
-    pass through (the advantage leaves them out and the stats count them)."""
+    pass through (the advantage leaves them out and the stats count them).
 
-    def __init__(self, terms: list[tuple[str, float, RewardFn]]):
-        self.terms = terms
+    ``images`` may be videos (B, T, 3, H, W): a video reward gets them whole, an image reward
+    with a ``frames`` reduction gets the frames, r = reduce_t r(frame_t); an image reward without
+    one, a video reward on images, or ``frames`` on images is a one-line ``RewardError``."""
+
+    def __init__(self, terms: list):
+        self.terms = [t if isinstance(t, BoundReward) else BoundReward(*t) for t in terms]
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
-        n = images.shape[0]
+        n, video = images.shape[0], images.ndim == 5
         total = torch.zeros(n, dtype=torch.float32)
         info: dict[str, float] = {}
-        for name, weight, fn in self.terms:
-            try:
-                out = fn(images, prompts, metadata)
-            except RewardError:  # already one line naming the reward
-                raise
-            except Exception as err:  # noqa: BLE001  (a plugin may raise anything)
-                first = (str(err).strip().splitlines() or [""])[0][:200]
-                raise RewardError(f"reward {name!r} raised {type(err).__name__}: {first}") from None
-            values, extra = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
-            if torch.is_tensor(values) and values.device.type != "cpu" and values.device != images.device:
-                expected = "cpu" if images.device.type == "cpu" else f"{images.device} (the images' device) or cpu"
-                raise RewardError(f"reward {name!r} returned a tensor on device {values.device}; expected {expected}")
-            try:
-                values = torch.as_tensor(values).detach().float().cpu()
-            except (TypeError, ValueError, RuntimeError):
-                raise RewardError(
-                    f"reward {name!r} returned a {type(values).__name__}, not a tensor of {n} rewards"
-                ) from None
-            if tuple(values.shape) != (n,):
-                raise RewardError(
-                    f"reward {name!r} returned shape {tuple(values.shape)} for {n} images; expected ({n},)"
-                )
-            if not torch.isfinite(values).any():
-                raise RewardError(f"reward {name!r} returned no finite value for {n} images (all NaN/inf)")
-            total = total + weight * values
-            prefix = f"{name.split(':')[-1]}/" if len(self.terms) > 1 else ""
+        for term in self.terms:
+            _check_pairing(term, video)
+            if video and term.frames is not None:
+                values, extra = _score_frames(term, images, prompts, metadata)
+            else:
+                values, extra = _score(term, images, prompts, metadata, "videos" if video else "images")
+            total = total + term.weight * values
+            prefix = f"{term.name.split(':')[-1]}/" if len(self.terms) > 1 else ""
             info.update({f"{prefix}{k}": float(v) for k, v in (extra or {}).items() if isinstance(v, (int, float))})
         return total, info
+
+
+def _check_pairing(term: BoundReward, video: bool) -> None:
+    name = term.name
+    if not video and term.media == "video":
+        raise RewardError(f"reward {name!r} scores videos (B, T, 3, H, W) and this model makes images")
+    if not video and term.frames is not None:
+        raise RewardError(f"reward.frames: reward {name!r} reduces a video's frames and this model makes images")
+    if video and term.media == "image" and term.frames is None:
+        raise RewardError(
+            f"reward.frames: reward {name!r} scores images and this model makes videos: set frames to "
+            f"{', '.join(FRAME_REDUCTIONS)} to score each frame and reduce"
+        )
+
+
+def _score_frames(term: BoundReward, videos: torch.Tensor, prompts: list[str], metadata: list[dict]):
+    """An image reward on a batch of clips: every frame (mean, min over the T scores) or one (first, last)."""
+    B, T = videos.shape[:2]
+    if term.frames in ("first", "last"):
+        return _score(term, videos[:, 0 if term.frames == "first" else -1], prompts, metadata, "frames")
+    metadata = metadata or [{} for _ in prompts]
+    frames = videos.flatten(0, 1)  # (B·T, 3, H, W), clip major
+    values, extra = _score(
+        term,
+        frames,
+        [p for p in prompts for _ in range(T)],
+        [m for m in metadata for _ in range(T)],
+        "frames",
+    )
+    per_clip = values.view(B, T)
+    return (per_clip.mean(1) if term.frames == "mean" else per_clip.amin(1)), extra
+
+
+def _score(term: BoundReward, images: torch.Tensor, prompts: list[str], metadata: list[dict], what: str):
+    """(values (n,) float32 on the CPU, the reward's stats) of one call, checked."""
+    name, n = term.name, images.shape[0]
+    try:
+        out = term.fn(images, prompts, metadata)
+    except RewardError:  # already one line naming the reward
+        raise
+    except Exception as err:  # noqa: BLE001  (a plugin may raise anything)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RewardError(f"reward {name!r} raised {type(err).__name__}: {first}") from None
+    values, extra = out if isinstance(out, tuple) and len(out) == 2 else (out, {})
+    if torch.is_tensor(values) and values.device.type != "cpu" and values.device != images.device:
+        expected = "cpu" if images.device.type == "cpu" else f"{images.device} (the images' device) or cpu"
+        raise RewardError(f"reward {name!r} returned a tensor on device {values.device}; expected {expected}")
+    try:
+        values = torch.as_tensor(values).detach().float().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise RewardError(f"reward {name!r} returned a {type(values).__name__}, not a tensor of {n} rewards") from None
+    if tuple(values.shape) != (n,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)} for {n} {what}; expected ({n},)")
+    if not torch.isfinite(values).any():
+        raise RewardError(f"reward {name!r} returned no finite value for {n} {what} (all NaN/inf)")
+    return values, extra
 
 
 def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward | None:
     """The recipe's reward section as a ``WeightedReward``. Names and options are
     checked first, with the reward's own ``check`` of its options if it has one
-    (ValueError, one line); ``check_only`` stops there. Otherwise each reward's
+    (ValueError, one line), and a ``frames`` reduction only on a reward that scores
+    images; ``check_only`` stops there. Otherwise each reward's
     ``preflight`` runs (e.g. that its local weight files exist) and rewards with a
     ``preload`` load their models now: the engine builds trainers under
     ``main_process_first``, so one process builds a missing zoo model, before any hook
@@ -436,8 +532,9 @@ def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward 
     for term in _terms(spec):
         fn = get_reward(term.name, **term.kwargs)
         base = REWARDS.get(term.name)
+        _check_frames(term.name, reward_media(base), term.frames)
         for step in ("check",) if check_only else ("check", "preflight", "preload"):
             if getattr(base, step, None) is not None:
                 getattr(base, step)(**term.kwargs)
-        terms.append((term.name, float(term.weight), fn))
+        terms.append(BoundReward(term.name, float(term.weight), fn, reward_media(base), term.frames))
     return None if check_only else WeightedReward(terms)

@@ -4,11 +4,12 @@ another environment or on another machine), with only the standard library on th
 Wire format: one ``POST`` per batch to ``url``, ``Content-Type: application/json``::
 
     {
+      "media": "image",                 # or "video" (a video model's clips)
       "image_format": "png",            # or "npy"
       "images": [...],                  # png: B strings, each the base64 of an 8-bit RGB PNG (H×W),
-                                        #      pixel = round(255·x)
+                                        #      pixel = round(255·x); videos: B lists of T such strings
                                         # npy: one string, the base64 of a .npy file holding a
-                                        #      float32 array (B, 3, H, W) in [0, 1]
+                                        #      float32 array (B, 3, H, W) in [0, 1]; videos (B, T, 3, H, W)
       "prompts": ["a red seven", ...],  # B strings
       "metadata": [{...}, ...]          # B objects; tensors and arrays in them as nested lists
     }
@@ -84,8 +85,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def encode_images(images: torch.Tensor, image_format: str) -> str | list[str]:
-    """The request's ``images`` field: B base64 PNGs, or the base64 of one (B, 3, H, W) float32 .npy."""
+def encode_images(images: torch.Tensor, image_format: str) -> str | list:
+    """The request's ``images`` field: B base64 PNGs (videos (B, T, 3, H, W): B lists of T), or the
+    base64 of one float32 .npy of the whole batch, (B, 3, H, W) or (B, T, 3, H, W)."""
+    if image_format == "png" and images.ndim == 5:
+        return [encode_images(clip, "png") for clip in images]
     if image_format == "npy":
         buffer = io.BytesIO()
         np.save(buffer, images.detach().float().clamp(0, 1).cpu().numpy(), allow_pickle=False)
@@ -174,7 +178,7 @@ def decode_scores(url: str, raw: bytes, n: int) -> tuple[list[float], dict[str, 
     return [float(s) for s in scores], {key: float(value) for key, value in info.items()}
 
 
-@register_reward("http")
+@register_reward("http", media="any")
 def http_reward(
     images: torch.Tensor,
     prompts: list[str],
@@ -189,6 +193,7 @@ def http_reward(
     check_http_options(url, timeout_s, retries, image_format, backoff_s)
     n = images.shape[0]
     request = {
+        "media": "video" if images.ndim == 5 else "image",
         "image_format": image_format,
         "images": encode_images(images, image_format),
         "prompts": list(prompts),

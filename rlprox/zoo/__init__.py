@@ -4,6 +4,7 @@
 - ``digits-sd``: a stock diffusers ``StableDiffusionPipeline``
 - ``digits-sd3``: a stock diffusers ``StableDiffusion3Pipeline`` (rectified flow, MM-DiT)
 - ``digits-qwen``: a stock diffusers ``QwenImagePipeline`` (rectified flow, Qwen2.5-VL text encoder)
+- ``digits-wan``: a stock diffusers ``WanPipeline``: 9-frame clips of a digit moving as prompted
 - ``digits-vq`` / ``digits-gpt``: LlamaGen-style VQ tokenizer and class-conditional GPT
 
 ``resolve("zoo:digits-sd")`` returns a local model directory, building and caching it on

@@ -1,7 +1,7 @@
 """Build, cache and resolve the digits-world models.
 
-Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-qwen``, ``digits-vq``, ``digits-gpt`` (the
-GPT is trained on digits-vq tokens of the same seed, which is built first if missing).
+Names: ``digits-classifier``, ``digits-sd``, ``digits-sd3``, ``digits-qwen``, ``digits-wan``, ``digits-vq``,
+``digits-gpt`` (the GPT is trained on digits-vq tokens of the same seed, which is built first if missing).
 
 A model lives in ``<cache>/<name>-seed<S>/`` (``-micro`` appended for micro builds),
 where ``<cache>`` is ``$RLPROX_CACHE/zoo``, else ``$XDG_CACHE_HOME/rlprox/zoo``, else
@@ -40,6 +40,7 @@ PIPELINE_CLASSES = {
     "digits-sd": "StableDiffusionPipeline",
     "digits-sd3": "StableDiffusion3Pipeline",
     "digits-qwen": "QwenImagePipeline",
+    "digits-wan": "WanPipeline",
 }
 GRID_SEEDS = 4
 MICRO_FRACTION = 0.05
@@ -55,6 +56,8 @@ class BuildOptions:
     unet_steps: int = 600  # UNet + text encoder jointly
     sd3_steps: int = 700  # digits-sd3: SD3 transformer + both CLIP text encoders jointly
     qwen_steps: int = 700  # digits-qwen: the Qwen-Image transformer (its text encoder frozen)
+    wan_vae_steps: int = 400  # digits-wan: its video VAE, 16 clips cropped to 16×16 a step
+    wan_steps: int = 1200  # digits-wan: the Wan transformer and its UMT5 encoder jointly, on the clips' latents
     vq_steps: int = 300
     gpt_steps: int = 800
     batch_size: int = 128
@@ -302,6 +305,50 @@ def _build_sd3(out: Path, seed: int, opts: BuildOptions) -> dict:
     }
 
 
+def _build_wan(out: Path, seed: int, opts: BuildOptions) -> dict:
+    from rlprox.images import save_image_grid
+    from rlprox.zoo.data import CLIP_FRAMES, CLIP_SIZE
+    from rlprox.zoo.wan import (
+        MAX_SEQUENCE_LENGTH,
+        RECOMMENDED_GUIDANCE,
+        RECOMMENDED_STEPS,
+        grid_prompts,
+        sample_clips,
+        train_wan_pipeline,
+    )
+
+    pipe, stats = train_wan_pipeline(
+        opts.steps("wan_vae_steps"),
+        opts.steps("wan_steps"),
+        clips=64 if opts.micro else 2000,
+        batch_size=opts.batch_size // 2,
+        seed=seed,
+        progress=opts.progress,
+    )
+    pipe.save_pretrained(str(out))
+    prompts = grid_prompts()
+    per_seed = [sample_clips(pipe, prompts, seed=s) for s in range(2)]  # (8, T, 3, H, W) each
+    save_image_grid(torch.stack(per_seed, dim=1).flatten(0, 1), out / "samples.png", cols=2, scale=2)
+    return {
+        **{k: round(v, 5) for k, v in stats.items()},
+        "frames": CLIP_FRAMES,
+        "size": CLIP_SIZE,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "recommended_guidance_scale": RECOMMENDED_GUIDANCE,
+        "recommended_num_inference_steps": RECOMMENDED_STEPS,
+        "grid": {"rows": prompts, "cols": ["seed 0", "seed 1"], "files": ["samples.png", "samples.gif"]},
+    }
+
+
+# variants meant as test beds where VA-π's pixel reward can see token errors: digits-vq-coarse has one more
+# downsampling level (16×16 images -> 4×4 codes, each a 4×4-pixel patch); digits-vq-k16 keeps the 8×8 grid
+# with 16 codes instead of 128, so two codes are rarely near-synonyms. Suffix: (VQ config overrides, what it is).
+TEST_BED_VQS = {
+    "coarse": (dict(ch_mult=[1, 2, 2]), "one more downsampling level: 16×16 image -> 4×4 codes, 128-entry codebook"),
+    "k16": (dict(codebook_size=16), "a 16-entry codebook: 16×16 image -> 8×8 codes"),
+}
+
+
 def _build_qwen(out: Path, seed: int, opts: BuildOptions) -> dict:
     from rlprox.zoo.data import load_digits_world
     from rlprox.zoo.qwen import (
@@ -429,6 +476,11 @@ MODELS.register(
     "digits-qwen",
     _build_qwen,
     "diffusers QwenImagePipeline (tiny MMDiT, Qwen2.5-VL, causal VAE, flow-match Euler), 16×16 text-to-image",
+)
+MODELS.register(
+    "digits-wan",
+    _build_wan,
+    "diffusers WanPipeline (tiny UMT5, Wan VAE, 3-D transformer, flow-match Euler), 9-frame 32×32 moving digits",
 )
 MODELS.register("digits-vq", _build_vq, "LlamaGen-style VQ tokenizer, 16×16 image -> 8×8 codes (128-entry codebook)")
 MODELS.register(

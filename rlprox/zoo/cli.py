@@ -20,7 +20,8 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     zoo_sub.add_parser("list", help="list the zoo models and their cache state")
     build = zoo_sub.add_parser("build", help="build (train) a zoo model into the cache")
     build.add_argument(
-        "name", help="digits-classifier | digits-sd | digits-sd3 | digits-qwen | digits-vq | digits-gpt | all"
+        "name",
+        help="digits-classifier | digits-sd | digits-sd3 | digits-qwen | digits-wan | digits-vq | digits-gpt | all",
     )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--micro", action="store_true", help="~5%% of the steps (smoke test)")

@@ -187,3 +187,118 @@ def load_digits_world(split: str = "train") -> DigitsData:
 def grid_prompts() -> list[str]:
     """Ten prompts, one per digit, cycling through the colours: the sample-grid rows."""
     return [prompt_for(d, d % len(COLOUR_NAMES)) for d in range(len(DIGIT_WORDS))]
+
+
+# ----------------------------------------------------------------------------- moving digits (digits-wan)
+# A clip: a 16×16 coloured digit on a CLIP_SIZE² dark canvas, sliding CLIP_TRAVEL pixels in a straight line over
+# CLIP_FRAMES frames (2 px a frame), prompted "a red three moving left". Directions are image axes: x right, y down.
+CLIP_FRAMES = 9
+CLIP_SIZE = 32
+CLIP_TRAVEL = CLIP_SIZE - IMAGE_SIZE  # pixels: from one edge of the canvas to the other
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTION_NAMES: tuple[str, ...] = tuple(DIRECTIONS)
+MOTION_WORDS: tuple[str, ...] = ("moving", "going", *DIRECTION_NAMES)  # the prompt words digits-wan adds
+
+
+def motion_prompt_for(digit: int, colour: int, direction: int) -> str:
+    """``motion_prompt_for(3, 0, 0) == "a red three moving left"``."""
+    return f"{prompt_for(digit, colour)} moving {DIRECTION_NAMES[direction]}"
+
+
+def motion_prompts() -> tuple[list[str], list[dict]]:
+    """The 200 prompts "a <colour> <digit> moving <direction>", digit major then colour, with their
+    {"digit", "colour", "direction"} metadata."""
+    triples = [
+        (d, c, m) for d in range(len(DIGIT_WORDS)) for c in range(len(COLOUR_NAMES)) for m in range(len(DIRECTIONS))
+    ]
+    return [motion_prompt_for(*t) for t in triples], [{"digit": d, "colour": c, "direction": m} for d, c, m in triples]
+
+
+# the (digit, direction) pairs no "digits-motion-train" prompt holds, in any colour: digit d moving in direction
+# d mod 4 (every direction two or three times), so a test prompt asks for a digit's motion the tuning never rewarded
+HELD_OUT_MOTIONS: frozenset[tuple[int, int]] = frozenset((d, d % len(DIRECTIONS)) for d in range(len(DIGIT_WORDS)))
+
+
+def motion_split(held_out: bool):
+    """The motion prompts whose (digit, direction) pair is in ``HELD_OUT_MOTIONS`` (``held_out``: 50 prompts)
+    or not (150)."""
+
+    def prompts() -> tuple[list[str], list[dict]]:
+        pairs = [
+            (p, m) for p, m in zip(*motion_prompts()) if ((m["digit"], m["direction"]) in HELD_OUT_MOTIONS) == held_out
+        ]
+        return [p for p, _ in pairs], [m for _, m in pairs]
+
+    return prompts
+
+
+PROMPT_SETS.update(
+    {
+        "digits-motion": motion_prompts,
+        "digits-motion-train": motion_split(held_out=False),
+        "digits-motion-test": motion_split(held_out=True),
+    }
+)
+
+
+def parse_motion_prompt(prompt: str) -> tuple[int, int, int]:
+    """(digit, colour, direction) named in a prompt such as "a red three moving left"; ValueError if one is absent."""
+    digit, colour = parse_prompt(prompt)
+    words = prompt.lower().replace(",", " ").replace(".", " ").split()
+    directions = [DIRECTION_NAMES.index(w) for w in words if w in DIRECTION_NAMES]
+    if len(directions) != 1:
+        raise ValueError(f"prompt {prompt!r} must name one direction ({', '.join(DIRECTION_NAMES)})")
+    return digit, colour, directions[0]
+
+
+def clip_positions(direction: int, offset: int, frames: int = CLIP_FRAMES) -> list[tuple[int, int]]:
+    """The digit's top-left corner (x, y) in each frame: from one edge to the other along ``direction``,
+    ``offset`` pixels (0 .. CLIP_TRAVEL) across it."""
+    dx, dy = DIRECTIONS[DIRECTION_NAMES[direction]]
+    out = []
+    for t in range(frames):
+        along = round(CLIP_TRAVEL * t / max(frames - 1, 1))
+        x = (along if dx > 0 else CLIP_TRAVEL - along) if dx else offset
+        y = (along if dy > 0 else CLIP_TRAVEL - along) if dy else offset
+        out.append((x, y))
+    return out
+
+
+def render_clips(
+    gray: torch.Tensor,
+    colours: torch.Tensor,
+    directions: torch.Tensor,
+    offsets: torch.Tensor,
+    frames: int = CLIP_FRAMES,
+) -> torch.Tensor:
+    """Clips (N, T, 3, CLIP_SIZE, CLIP_SIZE) in [0, 1]: digit ``gray`` (N, 16, 16) in colour ``colours`` (N,)
+    sliding along ``directions`` (N,) at ``offsets`` (N,) across, on the dark background."""
+    digits = colourize(gray, colours) - BACKGROUND  # (N, 3, 16, 16), background 0
+    clips = torch.full((len(gray), frames, 3, CLIP_SIZE, CLIP_SIZE), BACKGROUND)
+    for i in range(len(gray)):
+        for t, (x, y) in enumerate(clip_positions(int(directions[i]), int(offsets[i]), frames)):
+            clips[i, t, :, y : y + IMAGE_SIZE, x : x + IMAGE_SIZE] += digits[i]
+    return clips
+
+
+def load_motion_clips(
+    split: str = "train", n: int = 1000, seed: int = 0
+) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """``n`` clips of base images of ``split`` (``load_digits_world``'s split), colour, direction and offset drawn
+    uniformly for ``seed``: (clips (n, T, 3, 32, 32), prompts, metadata)."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all' (got {split!r})")
+    gray, digits = _gray_digits()
+    index = torch.arange(len(gray))
+    if split != "all":
+        index = index[(index % 5 != 0) if split == "train" else (index % 5 == 0)]
+    gen = torch.Generator().manual_seed(seed)
+    base = index[torch.randint(len(index), (n,), generator=gen)]
+    colours = torch.randint(len(COLOUR_NAMES), (n,), generator=gen)
+    directions = torch.randint(len(DIRECTIONS), (n,), generator=gen)
+    offsets = torch.randint(0, CLIP_TRAVEL + 1, (n,), generator=gen)
+    clips = render_clips(gray[base], colours, directions, offsets)
+    meta = [
+        {"digit": int(d), "colour": int(c), "direction": int(m)} for d, c, m in zip(digits[base], colours, directions)
+    ]
+    return clips, [motion_prompt_for(m["digit"], m["colour"], m["direction"]) for m in meta], meta

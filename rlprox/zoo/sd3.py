@@ -67,13 +67,13 @@ T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
 
 
 # ----------------------------------------------------------------------------- components
-def build_t5_tokenizer():
-    """A word-level fast tokenizer: the prompt words, lower-cased, then ``</s>`` (T5's layout)."""
+def build_t5_tokenizer(words: tuple[str, ...] = PROMPT_WORDS):
+    """A word-level fast tokenizer: ``words`` (the prompt words), lower-cased, then ``</s>`` (T5's layout)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate((*T5_SPECIAL, *PROMPT_WORDS))}
+    vocab = {tok: i for i, tok in enumerate((*T5_SPECIAL, *words))}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

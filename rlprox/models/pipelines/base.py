@@ -255,6 +255,7 @@ ADAPTERS = Registry(
         "StableDiffusion3Pipeline": "rlprox.models.pipelines.sd3",
         "FluxPipeline": "rlprox.models.pipelines.flux",
         "QwenImagePipeline": "rlprox.models.pipelines.qwen_image",
+        "WanPipeline": "rlprox.models.pipelines.wan",
     },
 )
 
