@@ -2,6 +2,8 @@
 random-reward control on more seeds and two independent zoo builds?
 
     python benchmarks/vapi_treatment.py --sweep                 # lr × β (× rounds) at 1 seed: the treatment check
+    python benchmarks/vapi_treatment.py --sweep --lrs 1e-4,3e-4 --betas 0.1,0.01 --cells 1e-4:0.1:900
+                                                               # the grid that ran, with one longer cell
     python benchmarks/vapi_treatment.py --verdict --lr 1e-4 --beta 0.01 --rounds 300
                                                                # 5 seeds × 2 zoo builds, VA-π vs control, 2,000
                                                                # samples, the prior ablation on 5 seeds
@@ -115,6 +117,7 @@ def header(title: str, command: str) -> list[str]:
 
 def sweep(args, out: Path) -> str:
     cells = [(lr, beta, rounds) for rounds in args.rounds_grid for lr in args.lrs for beta in args.betas]
+    cells += [cell for cell in args.cells if cell not in cells]
     gpt = gpt_of(0)
     runs = run_all([(arm, *cell, 1, 0, gpt) for cell in cells for arm in ("vapi", "control")], args, out)
     by = {(r["arm"], r["lr"], r["beta"], r["rounds"]): r for r in runs}
@@ -122,6 +125,7 @@ def sweep(args, out: Path) -> str:
         f"python benchmarks/vapi_treatment.py --sweep --lrs {','.join(map(str, args.lrs))} --betas "
         f"{','.join(map(str, args.betas))} --rounds-grid {','.join(map(str, args.rounds_grid))} "
         f"--samples {args.samples}"
+        + (f" --cells {','.join(f'{a:g}:{b:g}:{r}' for a, b, r in args.cells)}" if args.cells else "")
     )
     lines = header("VA-π treatment check: does any lr × β × rounds move VA-π's own reward?", command)
     lines += [
@@ -230,6 +234,12 @@ def main() -> None:
     parser.add_argument("--lrs", type=floats, default=[1e-5, 3e-5, 1e-4])
     parser.add_argument("--betas", type=floats, default=[0.1, 0.01])
     parser.add_argument("--rounds-grid", type=lambda t: [int(x) for x in t.split(",")], default=[300])
+    parser.add_argument(
+        "--cells",
+        type=lambda t: [(float(c.split(":")[0]), float(c.split(":")[1]), int(c.split(":")[2])) for c in t.split(",")],
+        default=[],
+        help="extra sweep cells beyond the grid, lr:beta:rounds,... (e.g. 1e-4:0.1:900)",
+    )
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=300)
