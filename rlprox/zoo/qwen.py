@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from rlprox.zoo.data import DigitsData
-from rlprox.zoo.sd import PROMPT_WORDS, _one_cycle, ema_update, load_sd_pipeline
+from rlprox.zoo.sd import PROMPT_WORDS, _one_cycle, ema_step, load_sd_pipeline, vae_step
 
 TEXT_WIDTH = 64
 LATENT_CHANNELS = 4
@@ -217,14 +217,7 @@ def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress
     vae.train()
     for _ in tqdm(range(steps), desc="digits-qwen vae", disable=not progress, leave=False):
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
-        x = train.images[idx][:, :, None] * 2 - 1  # (B, 3, 1 frame, H, W) in [-1, 1]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_schedule.step()
+        vae_step(vae, train.images[idx][:, :, None] * 2 - 1, gen, opt, lr_schedule)  # (B, 3, 1 frame, H, W)
     vae.eval()
     z = vae_moments(vae, train.images)
     mean, std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
@@ -292,14 +285,8 @@ def train_transformer(pipe, latents, prompts, steps: int, batch_size: int, gen, 
         z_sigma, v_target = rectified_flow_pair(latents[idx], noise, sigma)
         v_pred = velocity(transformer, z_sigma, sigma, embeds[which], mask[which])
         loss, stats = rectified_flow_loss(v_pred, v_target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_schedule.step()
-        ema_update(ema_params, params, step)
+        ema_step(loss, opt, lr_schedule, params, ema_params, step, bar)
         losses.append(stats["loss/flow"])
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     tail = losses[-max(1, steps // 10) :]
     return ema.requires_grad_(False), sum(tail) / len(tail)
 

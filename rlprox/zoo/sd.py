@@ -183,6 +183,32 @@ def ema_update(ema_params, params, step: int, max_decay: float = 0.999) -> None:
         pe.lerp_(p, 1 - decay)
 
 
+def ema_step(loss: torch.Tensor, opt, schedule, params, ema_params, step: int, bar) -> float:
+    """One step of a zoo denoiser's training: backward, grad-norm clip 1, AdamW step, lr schedule, the EMA
+    update and the progress bar's loss; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    schedule.step()
+    ema_update(ema_params, params, step)
+    value = loss.item()
+    bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+    return value
+
+
+def vae_step(vae, x: torch.Tensor, gen, opt, schedule) -> torch.Tensor:
+    """One step of a zoo VAE's training on ``x`` in [−1, 1]: reconstruction MSE + 1e-6·KL of a posterior sample."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample(generator=gen)).sample
+    loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    schedule.step()
+    return loss
+
+
 def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress: bool, desc: str = "digits-sd vae"):
     """AutoencoderKL on MSE + 1e-6·KL; then scaling_factor = 1/std(train latents)."""
     from tqdm.auto import tqdm
@@ -191,14 +217,7 @@ def train_vae(vae, train: DigitsData, steps: int, batch_size: int, gen, progress
     vae.train()
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         idx = torch.randint(0, len(train), (batch_size,), generator=gen)
-        x = train.images[idx] * 2 - 1  # diffusers VAEs work in [-1, 1]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        vae_step(vae, train.images[idx] * 2 - 1, gen, opt, sched)  # diffusers VAEs work in [-1, 1]
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in train.images.split(512)])
@@ -248,14 +267,15 @@ def train_unet(
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
         cond = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema_params, params, step)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        ema_step(
+            F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise),
+            opt,
+            sched,
+            params,
+            ema_params,
+            step,
+            bar,
+        )
     return ema_unet, ema_text
 
 

@@ -50,7 +50,7 @@ from rlprox.zoo.sd import (
     _one_cycle,
     build_tokenizer,
     clip_text_config,
-    ema_update,
+    ema_step,
     load_sd_pipeline,
     train_vae,
 )
@@ -287,14 +287,8 @@ def train_transformer(
         z_sigma, v_target = rectified_flow_pair(latents[idx], noise, sigma)
         context, pooled = clip_conditioning(text_encoders, ids)
         loss, stats = rectified_flow_loss(velocity(transformer, z_sigma, sigma, context, pooled, log_t5), v_target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_schedule.step()
-        ema_update(ema_params, params, step)
+        ema_step(loss, opt, lr_schedule, params, ema_params, step, bar)
         losses.append(stats["loss/flow"])
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     tail = losses[-max(1, steps // 10) :]
     return ema_models[0], ema_models[1:], sum(tail) / len(tail)
 

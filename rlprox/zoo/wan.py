@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rlprox.zoo.data import CLIP_FRAMES, CLIP_SIZE, MOTION_WORDS
-from rlprox.zoo.sd import PROMPT_WORDS, _one_cycle, ema_update
+from rlprox.zoo.sd import PROMPT_WORDS, _one_cycle, ema_step, vae_step
 from rlprox.zoo.sd3 import build_t5_tokenizer, rectified_flow_pair
 
 TEXT_WIDTH = 32
@@ -134,14 +134,7 @@ def train_vae(vae, steps: int, batch_size: int, gen, progress: bool, frames: int
     for step in tqdm(range(steps), desc="digits-wan vae", disable=not progress, leave=False):
         clips, _, _ = load_motion_clips("train", batch_size, seed=int(torch.randint(2**31, (1,), generator=gen)))
         y0, x0 = torch.randint(0, CLIP_SIZE - crop + 1, (2,), generator=gen).tolist()
-        x = _to_vae(clips[:, :frames, :, y0 : y0 + crop, x0 : x0 + crop])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_schedule.step()
+        loss = vae_step(vae, _to_vae(clips[:, :frames, :, y0 : y0 + crop, x0 : x0 + crop]), gen, opt, lr_schedule)
     vae.eval()
     return loss.item()
 
@@ -207,15 +200,7 @@ def train_transformer(transformer, text_encoder, latents, ids, mask, steps: int,
             encoder_hidden_states=context,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(v, v_target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_schedule.step()
-        ema_update(ema_params, params, step)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        losses.append(ema_step(F.mse_loss(v, v_target), opt, lr_schedule, params, ema_params, step, bar))
     tail = losses[-max(1, steps // 10) :]
     return ema_models[0], ema_models[1].requires_grad_(False), sum(tail) / len(tail)
 
