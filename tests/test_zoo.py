@@ -131,14 +131,15 @@ def test_many_prompts_keep_ddpo_on_batch_statistics():
 def test_train_and_test_sets_split_the_pairs_and_are_the_recipes_evaluation():
     """ "-train" and "-test" hold disjoint (digit, colour) pairs (10 held out, one per digit) in every phrasing;
     a LOOP recipe on a "-train" set evaluates on its "-test" partner unless told otherwise, and every digits recipe
-    evaluates on pairs it never trains on."""
+    evaluates on pairs it never trains on ((digit, direction) pairs for the video recipe, in every colour)."""
     import yaml
 
     from rlprox.algos.loop import eval_prompt_source
     from rlprox.zoo.data import PROMPT_SETS
 
     def pairs(name):
-        return {(m["digit"], m["colour"]) for m in PROMPT_SETS[name]()[1]}
+        """The held-out unit of a set: (digit, colour); for the moving-digit clips (digit, direction)."""
+        return {(m["digit"], m.get("direction", m["colour"])) for m in PROMPT_SETS[name]()[1]}
 
     for base, size in (("digits", 50), ("digits-paraphrased", 700)):
         train, test = pairs(f"{base}-train"), pairs(f"{base}-test")
