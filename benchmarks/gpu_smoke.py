@@ -304,21 +304,24 @@ def run_generative(case: str, size: str, iterations: int, on_cpu: bool, out_dir:
             "vapi.eval_base=false",
         ]
         recipe = load_recipe(ROOT / "recipes" / "vapi" / "digits.yaml", common + overrides + ["model.vq_config=VQ-16"])
-    engine = Engine(recipe)
+    measured = fit_generative(Engine(recipe), case, iterations, on_cpu)
+    return dict(case=case, size=size, iterations=iterations, **measured)
+
+
+def fit_generative(engine, case: str, iterations: int, on_cpu: bool) -> dict:
+    """Train a generative case's built engine: images per round, the median images/s of the rounds after the first
+    (all rounds when there is one), the last loss (finite, or the case stops) and the peak CUDA memory of the fit."""
     if not on_cpu:
         torch.cuda.reset_peak_memory_stats()
     stats = engine.fit()
-    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (engine.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     per_round = [r["perf/images_per_s"] for r in rows]
     engine.close()
     loss = stats.get("loss/total", float("nan"))
     if not math.isfinite(loss):
         raise SystemExit(f"{case}: last loss is not finite ({loss})")
     return dict(
-        case=case,
-        size=size,
-        iterations=iterations,
-        images_per_round=rows[-1]["progress/images"] // iterations,
+        images_per_round=int(rows[-1]["progress/images"]) // iterations,
         images_per_s=statistics.median(per_round[1:] or per_round),
         loss=loss,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
@@ -1016,25 +1019,8 @@ def run_qwen(size: str, iterations: int, on_cpu: bool, out_dir: str) -> dict:
     recipe = load_recipe(QWEN_RECIPE, overrides)
     engine = Engine(recipe)
     assert engine.algo.denoiser.is_gradient_checkpointing == (recipe.loop.gradient_checkpointing is True)
-    if not on_cpu:
-        torch.cuda.reset_peak_memory_stats()
-    stats = engine.fit()
-    rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    per_round = [r["perf/images_per_s"] for r in rows]
-    engine.close()
-    loss = stats.get("loss/total", float("nan"))
-    if not math.isfinite(loss):
-        raise SystemExit(f"qwen: last loss is not finite ({loss})")
-    return dict(
-        case="qwen",
-        size=size,
-        iterations=iterations,
-        params=params,
-        images_per_round=int(rows[-1]["progress/images"]) // iterations,
-        images_per_s=statistics.median(per_round[1:] or per_round),
-        loss=loss,
-        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if not on_cpu else None,
-    )
+    measured = fit_generative(engine, "qwen", iterations, on_cpu)
+    return dict(case="qwen", size=size, iterations=iterations, params=params, **measured)
 
 
 def qwen_case(args, cuda: bool) -> int:
