@@ -178,11 +178,11 @@ class Policy:
 
     def initial_state(self, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """A recurrent policy's state at the start of ``batch`` episodes: (h, c), each
-        float32 zeros of shape (num_layers, batch, hidden_size)."""
+        float32 zeros of shape (num_layers, batch, state_size): state_size is the LSTM's
+        hidden_size, twice that with a separate critic LSTM (the actor's half first)."""
         if not self.recurrent:
             raise ValueError("this policy is not recurrent: act(obs) takes no state")
-        lstm = self.config["architecture"]["lstm"]
-        shape = (lstm["num_layers"], batch, lstm["hidden_size"])
+        shape = (self.snapshot.module.num_layers, batch, self.snapshot.module.state_size)
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
 
     def act(
@@ -234,7 +234,7 @@ class Policy:
         h, c = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in state)
         if h.ndim != 3 or h.shape[1] != len(batch) or h.shape != c.shape:
             raise ValueError(
-                f"state must be (h, c), each (num_layers, {len(batch)}, hidden_size) (got {tuple(h.shape)})"
+                f"state must be (h, c), each (num_layers, {len(batch)}, state_size) (got {tuple(h.shape)})"
             )
         action, _, _, (h, c) = self.snapshot.step(self.normalize(batch), (h, c), rng, deterministic)
         return self._unbatch(self.space.to_env(action), single), (h.numpy(), c.numpy())

@@ -169,6 +169,19 @@ def test_a_failing_reward_is_the_last_line_under_a_progress_bar(tmp_path, tiny_p
     assert sum("error" in line for line in lines) == 1, lines
 
 
+def test_a_video_reward_on_an_image_model_is_one_line_before_sampling(tmp_path, tiny_pipeline, capsys):
+    from rlprox.cli import main
+
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["reward"] = "temporal_consistency"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "recipe error: reward: reward 'temporal_consistency' scores videos" in err, err
+    assert "this model makes images" in err and "\n" not in err and not (tmp_path / "l").exists(), err
+
+
 def test_a_prompt_source_that_gives_nothing_is_a_recipe_error():
     from rlprox.algos.loop import load_prompts
     from rlprox.errors import RecipeError

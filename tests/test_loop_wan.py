@@ -259,6 +259,7 @@ def test_an_image_reward_without_frames_on_wan_is_one_line(tmp_path, wan_pipelin
     recipe["run"]["iterations"] = 1
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) != 0
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["train", str(path)]) == 2  # a recipe error: found before the pipeline is loaded or sampled
+    err = capsys.readouterr().err.strip()
     assert "reward.frames: reward 'brightness' scores images and this model makes videos" in err, err
+    assert "\n" not in err and not (tmp_path / "l").exists(), err  # no run folder: nothing sampled

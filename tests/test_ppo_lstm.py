@@ -30,6 +30,14 @@ def lstm_recipe(tmp_path, env=None, run=None, **ppo) -> dict:
     )
 
 
+CRITICS = pytest.mark.parametrize("critic", ["shared", "separate"])
+
+
+def width(critic: str) -> int:
+    """Columns of the stored state per layer: the LSTM's 16, twice that with a separate critic LSTM."""
+    return 16 * (2 if critic == "separate" else 1)
+
+
 def collected(tmp_path, **ppo):
     engine = Engine(load_recipe(lstm_recipe(tmp_path, **ppo)))
     algo = engine.algo
@@ -57,10 +65,11 @@ def test_masked_cartpole_drops_the_velocities():
 # ----------------------------------------------------------------------------- rollout and update
 
 
-def test_rollout_stores_the_state_each_step_started_from_reset_at_episode_starts(tmp_path):
-    engine, algo, batch = collected(tmp_path)
+@CRITICS
+def test_rollout_stores_the_state_each_step_started_from_reset_at_episode_starts(tmp_path, critic):
+    engine, algo, batch = collected(tmp_path, lstm={"hidden_size": 16, "critic": critic})
     T, N = batch["done"].shape
-    assert batch["h"].shape == batch["c"].shape == (T, N, 16)
+    assert batch["h"].shape == batch["c"].shape == (T, N, width(critic))
     assert batch["done"][:-1].sum() > 0  # some episodes ended inside the rollout
     np.testing.assert_array_equal(batch["starts"][0], np.ones(N))  # the first observations begin episodes
     np.testing.assert_array_equal(batch["starts"][1:], batch["done"][:-1])  # after a done, a new episode
@@ -83,8 +92,9 @@ def test_rollout_stores_the_state_each_step_started_from_reset_at_episode_starts
     engine.close()
 
 
-def test_minibatches_are_whole_env_sequences_from_the_stored_state_with_ratio_one(tmp_path):
-    engine, algo, batch = collected(tmp_path)
+@CRITICS
+def test_minibatches_are_whole_env_sequences_from_the_stored_state_with_ratio_one(tmp_path, critic):
+    engine, algo, batch = collected(tmp_path, lstm={"hidden_size": 16, "critic": critic})
     T, N = batch["done"].shape
     packed = algo.advantages(batch)
     col, seen = algo.columns, []
@@ -107,6 +117,23 @@ def test_minibatches_are_whole_env_sequences_from_the_stored_state_with_ratio_on
         torch.testing.assert_close(values, col(mb, "values"), atol=1e-5, rtol=0)
         assert abs(float(stats["policy/ratio_max"]) - 1.0) < 1e-4
     assert sorted(seen) == list(range(N))  # every env once per epoch
+    engine.close()
+
+
+def test_a_separate_critic_lstm_keeps_the_value_loss_out_of_the_actors_memory(tmp_path):
+    engine, algo, batch = collected(tmp_path, lstm={"hidden_size": 16, "critic": "separate"})
+    model = algo.policy
+    T, N = batch["done"].shape
+    obs = torch.from_numpy(batch["obs"]).reshape(T * N, -1)
+    actions = torch.from_numpy(batch["actions"]).reshape(T * N, *batch["actions"].shape[2:])
+    h0, c0 = (torch.from_numpy(batch[k][0]) for k in ("h", "c"))
+    logp, _, values = model(obs, actions, h0, c0, torch.from_numpy(batch["starts"]).reshape(-1))
+    actor_lstm, critic_lstm = list(model.lstm.parameters()), list(model.critic_lstm.parameters())
+    value_grads = torch.autograd.grad(values.sum(), actor_lstm + critic_lstm, allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in value_grads[: len(actor_lstm)])  # V(s) never reads the actor's LSTM
+    assert all(g is not None and g.any() for g in value_grads[len(actor_lstm) :])
+    actor_grads = torch.autograd.grad(logp.sum(), critic_lstm, allow_unused=True)
+    assert all(g is None or not g.any() for g in actor_grads)  # nor log π the critic's
     engine.close()
 
 
@@ -167,15 +194,16 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     assert any(k.startswith("lstm.") or ".lstm." in k for k in full)
 
 
-def test_export_acts_with_an_explicit_state_as_the_trainer(tmp_path):
-    recipe = load_recipe(lstm_recipe(tmp_path, run={"iterations": 1}))
+@CRITICS
+def test_export_acts_with_an_explicit_state_as_the_trainer(tmp_path, critic):
+    recipe = load_recipe(lstm_recipe(tmp_path, run={"iterations": 1}, lstm={"hidden_size": 16, "critic": critic}))
     engine = Engine(recipe)
     engine.fit()
     engine.close()
     out = tmp_path / "policy"
     assert main(["export", str(recipe.run_dir), str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"]["lstm"] == {"hidden_size": 16, "num_layers": 1}
+    assert config["architecture"]["lstm"] == {"hidden_size": 16, "num_layers": 1, "critic": critic}
     policy = rlprox.load_policy(out)
     assert policy.recurrent
     _, _, _, algo = build_for_eval(sorted((recipe.run_dir / "checkpoints").iterdir())[-1], cpu=True)
@@ -184,7 +212,7 @@ def test_export_acts_with_an_explicit_state_as_the_trainer(tmp_path):
     envs = make_vec_env(EnvConfig(id="CartPole-v1"), num_envs=2)
     obs, _ = envs.reset(seed=11)
     state = policy.initial_state(2)
-    assert state[0].shape == (1, 2, 16) and not state[0].any()
+    assert state[0].shape == (1, 2, width(critic)) and not state[0].any()
     ref = snapshot.initial_state(2)
     ref_one = policy.initial_state(1)
     rng = np.random.default_rng(0)
@@ -215,6 +243,7 @@ def test_export_acts_with_an_explicit_state_as_the_trainer(tmp_path):
         ({"num_envs": 3}, {"num_steps": 16, "minibatch_size": 24}, "ppo.minibatch_size", "must divide env.num_envs"),
         ({}, {"lstm": {"hidden_size": -1}}, "ppo.lstm.hidden_size", ">= 0"),
         ({}, {"lstm": {"hidden_size": 8, "num_layers": 0}}, "ppo.lstm.num_layers", ">= 1"),
+        ({}, {"lstm": {"hidden_size": 8, "critic": "both"}}, "ppo.lstm.critic", "shared"),
     ],
 )
 def test_bad_input_is_one_line_before_any_env_step(tmp_path, capsys, monkeypatch, env, ppo, field, words):

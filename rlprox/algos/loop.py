@@ -308,7 +308,7 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
         adapter.check_config(cfg.pipeline, sampling, options)
     if scoring:
         try:
-            build_reward(recipe.reward, check_only=True)
+            build_reward(recipe.reward, check_only=True, media=None if adapter is None else adapter.media)
         except (ValueError, RegistryError) as err:
             raise RecipeError("reward", str(err)) from None
     train = load_prompts(cfg.prompts)
@@ -552,7 +552,7 @@ class LOOP:
         self.reward = None
         if runtime.scoring:
             try:
-                self.reward = build_reward(setup.reward, device=self.device)
+                self.reward = build_reward(setup.reward, device=self.device, media=self.adapter.media)
             except (ValueError, RegistryError) as err:
                 raise RecipeError("reward", str(err)) from None
         self.prompts, self.metadata = setup.prompts

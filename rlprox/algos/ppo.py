@@ -62,11 +62,12 @@ if TYPE_CHECKING:
 @dataclass
 class LSTMConfig:
     """Recurrent PPO: an LSTM between the observation encoder and the actor and critic
-    heads, which share its output (off while hidden_size is 0). Minibatches are then
-    whole env sequences: env.num_envs must be a multiple of the minibatch count."""
+    heads (off while hidden_size is 0). Minibatches are then whole env sequences:
+    env.num_envs must be a multiple of the minibatch count."""
 
     hidden_size: int = 0  # LSTM width; 0: no LSTM (feed-forward PPO)
     num_layers: int = 1  # stacked LSTM layers
+    critic: Literal["shared", "separate"] = "shared"  # shared: one LSTM (CleanRL); separate: the critic's own (SB3)
 
 
 @dataclass
@@ -83,10 +84,10 @@ class PPOConfig(OnPolicyConfig):
     lstm: LSTMConfig = field(default_factory=LSTMConfig)  # recurrent PPO (off by default)
 
     def lstm_sizes(self) -> dict | None:
-        """{hidden_size, num_layers} of the LSTM, or None without one."""
+        """{hidden_size, num_layers, critic} of the LSTM, or None without one."""
         if self.lstm.hidden_size <= 0:
             return None
-        return {"hidden_size": self.lstm.hidden_size, "num_layers": self.lstm.num_layers}
+        return {"hidden_size": self.lstm.hidden_size, "num_layers": self.lstm.num_layers, "critic": self.lstm.critic}
 
 
 def minibatch_loss(policy, inputs: tuple, old_logp, old_values, adv, returns, moments, cfg: PPOConfig):

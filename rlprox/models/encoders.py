@@ -186,7 +186,7 @@ def build_actor_critic(
 ) -> nn.Module:
     """PPO's model for an observation layout: ``ActorCritic`` (separate MLPs) for a vector
     Box under ``auto`` or ``mlp``, else ``SharedActorCritic`` on the encoder's trunk. With
-    ``lstm`` ({hidden_size, num_layers}): ``RecurrentActorCritic`` (rlprox/models/recurrent.py)
+    ``lstm`` ({hidden_size, num_layers, critic}): ``RecurrentActorCritic`` (rlprox/models/recurrent.py)
     on the encoder's trunk, a vector Box getting an MLP trunk of ``hidden_sizes``. An
     encoder that does not fit the observation is a one-line recipe error naming ``key``."""
     kind = resolve_encoder(encoder, key)
@@ -210,7 +210,8 @@ def build_actor_critic(
     if lstm is not None:
         from rlprox.models.recurrent import RecurrentActorCritic
 
-        return RecurrentActorCritic(trunk, space, lstm["hidden_size"], lstm["num_layers"], init_log_std)
+        critic = lstm.get("critic", "shared")
+        return RecurrentActorCritic(trunk, space, lstm["hidden_size"], lstm["num_layers"], init_log_std, critic)
     return SharedActorCritic(trunk, space, init_log_std)
 
 
@@ -264,5 +265,9 @@ def architecture(layout: list[dict], encoder: str, encoder_kwargs: dict, lstm: d
     )
     out = {"encoder": encoder, "encoder_kwargs": dict(encoder_kwargs), "preprocessing": preprocessing}
     if lstm is not None:
-        out["lstm"] = {"hidden_size": int(lstm["hidden_size"]), "num_layers": int(lstm["num_layers"])}
+        out["lstm"] = {
+            "hidden_size": int(lstm["hidden_size"]),
+            "num_layers": int(lstm["num_layers"]),
+            "critic": lstm.get("critic", "shared"),
+        }
     return out

@@ -1,12 +1,15 @@
 """Recurrent PPO's model (``ppo.lstm``): the observation encoder of
 ``rlprox.models.encoders`` (an MLP of ``hidden_sizes`` for a vector Box, the Nature CNN
 for images, one encoder per Dict key, or a user's ``module:Class``), then an LSTM, then
-the actor and critic heads on the SAME LSTM output (a shared trunk, as CleanRL's
-``ppo_atari_lstm.py``): features → LSTM(hidden_size, num_layers) → actor Linear (gain
-0.01) and critic Linear (gain 1); LSTM weights orthogonal (gain 1), biases zero.
+the actor and critic heads: features → LSTM(hidden_size, num_layers) → actor Linear (gain
+0.01) and critic Linear (gain 1); LSTM weights orthogonal (gain 1), biases zero. With
+``critic="shared"`` both heads read the SAME LSTM output (CleanRL's ``ppo_atari_lstm.py``);
+with ``"separate"`` the critic has its own LSTM on the same features (sb3-contrib
+``RecurrentPPO``'s default), so the value loss never shapes the actor's memory.
 
-State: (h, c), each (num_layers, batch, hidden_size). At every step the state is first
-multiplied by (1 − start), start = 1 where the step's observation begins an episode (the
+State: (h, c), each (num_layers, batch, state_size); state_size is hidden_size, or
+2 × hidden_size with a separate critic (the actor's state, then the critic's). At every
+step the state is first multiplied by (1 − start), start = 1 where the step's observation begins an episode (the
 previous step ended one), so no memory crosses an episode boundary; the rollout stores
 this masked state of every step (the state *before* the step), and the update re-runs
 each minibatch's env sequences from the stored state of their first step with the same
@@ -27,29 +30,45 @@ from rlprox.spaces import ActionSpace
 
 
 class RecurrentActorCritic(nn.Module):
-    def __init__(self, trunk: nn.Module, space: ActionSpace, hidden_size: int, num_layers: int = 1, init_log_std=0.0):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        space: ActionSpace,
+        hidden_size: int,
+        num_layers: int = 1,
+        init_log_std=0.0,
+        critic: str = "shared",
+    ):
         super().__init__()
+        if critic not in ("shared", "separate"):
+            raise ValueError(f"critic must be 'shared' or 'separate' (got {critic!r})")
         self.space, self.discrete, self.action_dim = space, space.discrete, space.dim
         self.hidden_size, self.num_layers = int(hidden_size), int(num_layers)
+        self.state_size = self.hidden_size * (2 if critic == "separate" else 1)
         self.trunk = trunk
-        self.lstm = nn.LSTM(trunk.out_features, self.hidden_size, self.num_layers)
-        for name, param in self.lstm.named_parameters():
-            if "bias" in name:
-                nn.init.constant_(param, 0.0)
-            elif "weight" in name:
-                nn.init.orthogonal_(param, 1.0)
+        self.lstm = self._new_lstm()
+        self.critic_lstm = self._new_lstm() if critic == "separate" else None
         self.actor = orthogonal(nn.Linear(self.hidden_size, space.dim), 0.01)
         self.critic = orthogonal(nn.Linear(self.hidden_size, 1), 1.0)
         if space.kind == "box":
             self.log_std = nn.Parameter(torch.full((space.dim,), float(init_log_std)))
 
+    def _new_lstm(self) -> nn.LSTM:
+        lstm = nn.LSTM(self.trunk.out_features, self.hidden_size, self.num_layers)
+        for name, param in lstm.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0.0)
+            elif "weight" in name:
+                nn.init.orthogonal_(param, 1.0)
+        return lstm
+
     @property
     def state_width(self) -> int:
-        """Columns of one env's h (or c) flattened: num_layers × hidden_size."""
-        return self.num_layers * self.hidden_size
+        """Columns of one env's h (or c) flattened: num_layers × state_size."""
+        return self.num_layers * self.state_size
 
     def initial_state(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (self.num_layers, batch, self.hidden_size)
+        shape = (self.num_layers, batch, self.state_size)
         return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def step(self, obs: torch.Tensor, state, start: torch.Tensor | None = None):
@@ -59,8 +78,26 @@ class RecurrentActorCritic(nn.Module):
         if start is not None:
             keep = (1.0 - start).view(1, -1, 1)
             h, c = h * keep, c * keep
-        out, new = self.lstm(self.trunk(obs).unsqueeze(0), (h, c))
+        out, new = self.recur(self.trunk(obs).unsqueeze(0), (h, c))
         return out[0], new
+
+    def recur(self, x: torch.Tensor, state):
+        """The LSTM(s) on features x (T, B, F) from ``state``: (outputs (T, B, state_size),
+        new state), the critic's half after the actor's with a separate critic."""
+        if self.critic_lstm is None:
+            return self.lstm(x, state)
+        H = self.hidden_size
+        (h, c), outs, hs, cs = state, [], [], []
+        for lstm, part in ((self.lstm, slice(0, H)), (self.critic_lstm, slice(H, 2 * H))):
+            out, (h1, c1) = lstm(x, (h[..., part].contiguous(), c[..., part].contiguous()))
+            outs.append(out)
+            hs.append(h1)
+            cs.append(c1)
+        return torch.cat(outs, -1), (torch.cat(hs, -1), torch.cat(cs, -1))
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actor output (B, space.dim), V(s) (B,)) of LSTM outputs (B, state_size)."""
+        return self.actor(features[..., : self.hidden_size]), self.critic(features[..., -self.hidden_size :])[..., 0]
 
     def unroll(self, obs: torch.Tensor, state, starts: torch.Tensor, keep_states: bool = False):
         """T steps of n envs: ``obs`` (T·n, obs_dim) time-major (row t·n + i is env i at
@@ -70,7 +107,7 @@ class RecurrentActorCritic(nn.Module):
         the LSTM runs once per span of steps where no env begins an episode (the same
         recurrence as one step at a time, with fewer calls)."""
         n = state[0].shape[1]
-        x = self.trunk(obs).reshape(-1, n, self.lstm.input_size)
+        x = self.trunk(obs).reshape(-1, n, self.trunk.out_features)
         return self._recur(x, state, starts.reshape(-1, n), keep_states)
 
     @torch.compiler.disable  # run.compile: span cuts that depend on the data, and nn.LSTM, stay eager
@@ -90,7 +127,7 @@ class RecurrentActorCritic(nn.Module):
             if keep_states:
                 hs.append(h)
                 cs.append(c)
-            out, (h, c) = self.lstm(x[a:b], (h, c))
+            out, (h, c) = self.recur(x[a:b], (h, c))
             outs.append(out.reshape(-1, out.shape[-1]))
         kept = (torch.stack(hs), torch.stack(cs)) if keep_states else None
         return torch.cat(outs), (h, c), kept
@@ -100,8 +137,9 @@ class RecurrentActorCritic(nn.Module):
         (T·n, obs_dim) and ``actions`` time-major, ``h0``/``c0`` (n, num_layers·H) the
         stored states of step 0, ``starts`` (T·n,)."""
         features, _, _ = self.unroll(obs, (unflatten_state(h0, self), unflatten_state(c0, self)), starts)
-        logp, entropy = log_prob_entropy(self.space, self.actor(features), actions, getattr(self, "log_std", None))
-        return logp, entropy, self.critic(features).squeeze(-1)
+        out, value = self.heads(features)
+        logp, entropy = log_prob_entropy(self.space, out, actions, getattr(self, "log_std", None))
+        return logp, entropy, value
 
     def hidden_linears(self) -> list[nn.Linear]:
         """The trunk's linear layers (``PPO.model_stats`` counts their zero neurons)."""
@@ -116,17 +154,17 @@ def step_heads(module: RecurrentActorCritic, obs: torch.Tensor, h: torch.Tensor,
     (B, obs_dim): the actor's output (B, space.dim), V(s) (B,) and the new state; the
     rollout's forward (``torch.compile``d under ``run.compile``)."""
     features, new = module.step(obs, (h, c), start)
-    return module.actor(features), module.critic(features)[:, 0], new
+    return *module.heads(features), new
 
 
 def flatten_state(x: torch.Tensor) -> torch.Tensor:
-    """(L, n, H) → (n, L·H): one row per env, as the rollout stores it."""
+    """(L, n, S) → (n, L·S): one row per env, as the rollout stores it."""
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
 def unflatten_state(rows: torch.Tensor, module: RecurrentActorCritic) -> torch.Tensor:
-    """(n, L·H) → (L, n, H), contiguous (what nn.LSTM takes)."""
-    return rows.reshape(len(rows), module.num_layers, module.hidden_size).transpose(0, 1).contiguous()
+    """(n, L·S) → (L, n, S), contiguous (what nn.LSTM takes); S = ``module.state_size``."""
+    return rows.reshape(len(rows), module.num_layers, module.state_size).transpose(0, 1).contiguous()
 
 
 class RecurrentTorchPolicy:
@@ -162,7 +200,7 @@ class RecurrentTorchPolicy:
     def value(self, obs: np.ndarray, state) -> np.ndarray:
         """V(s) of a batch of observations from ``state`` (not masked)."""
         features, _ = self.module.step(self._tensor(obs), state)
-        return self.module.critic(features)[:, 0].float().cpu().numpy()
+        return self.module.heads(features)[1].float().cpu().numpy()
 
 
 class EpisodeActor:

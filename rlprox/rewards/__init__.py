@@ -519,11 +519,13 @@ def _score(term: BoundReward, images: torch.Tensor, prompts: list[str], metadata
     return values, extra
 
 
-def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward | None:
+def build_reward(spec, device=None, check_only: bool = False, media: str | None = None) -> WeightedReward | None:
     """The recipe's reward section as a ``WeightedReward``. Names and options are
     checked first, with the reward's own ``check`` of its options if it has one
     (ValueError, one line), and a ``frames`` reduction only on a reward that scores
-    images; ``check_only`` stops there. Otherwise each reward's
+    images; with ``media`` ("image" or "video": what the model makes, when known
+    before sampling) each reward must score it (a video reward on an image model, an
+    image reward on a video model without ``frames``: one line). ``check_only`` stops there. Otherwise each reward's
     ``preflight`` runs (e.g. that its local weight files exist) and rewards with a
     ``preload`` load their models now: the engine builds trainers under
     ``main_process_first``, so one process builds a missing zoo model, before any hook
@@ -533,8 +535,11 @@ def build_reward(spec, device=None, check_only: bool = False) -> WeightedReward 
         fn = get_reward(term.name, **term.kwargs)
         base = REWARDS.get(term.name)
         _check_frames(term.name, reward_media(base), term.frames)
+        bound = BoundReward(term.name, float(term.weight), fn, reward_media(base), term.frames)
+        if media is not None:
+            _check_pairing(bound, media == "video")
         for step in ("check",) if check_only else ("check", "preflight", "preload"):
             if getattr(base, step, None) is not None:
                 getattr(base, step)(**term.kwargs)
-        terms.append(BoundReward(term.name, float(term.weight), fn, reward_media(base), term.frames))
+        terms.append(bound)
     return None if check_only else WeightedReward(terms)
