@@ -40,6 +40,24 @@ def _eval_command(run: Path, eval_args: list[str], eval_overrides: list[str] = (
     return evaluate
 
 
+def _portable(args: list[str], out: Path) -> list[str]:
+    """Command arguments as recorded beside a run: the runs folder and the checkout as ``{runs}`` and
+    ``{root}``, so a run folder moved to another machine or checkout (e.g. committed under
+    benchmarks/results/runs/) is still recognised as the same run."""
+    return [a.replace(str(out), "{runs}").replace(str(ROOT), "{root}") for a in args]
+
+
+def prune(run: Path) -> None:
+    """Drop a finished run's checkpoint files except each checkpoint's own eval*.json: what the tables
+    read (metrics.jsonl, eval.json, the record) stays, small enough to keep in the repository."""
+    for path in sorted((run / "checkpoints").rglob("*"), reverse=True):
+        kept = path.parent.parent == run / "checkpoints" and path.match("eval*.json")
+        if path.is_file() and not kept:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def _run_command(cmd: list[str], what: str) -> None:
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     if done.returncode:
@@ -55,31 +73,28 @@ def train_and_eval(
     reuse: bool = False,
     eval_overrides: list[str] = (),
     read_only: bool = False,
+    keep_weights: bool = True,
 ) -> tuple[list[dict], dict] | None:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
     ``reuse``: a run that finished both commands with these same arguments (recorded
-    in ``out/name/benchmark-run.json``) is read back instead of trained again.
-    ``eval_overrides``: recipe overrides for the evaluation only (``eval-with`` above).
-    ``read_only``: such a finished run read back, or None; nothing is trained."""
+    in ``out/name/benchmark-run.json``, paths made portable) is read back instead of
+    trained again. ``eval_overrides``: recipe overrides for the evaluation only
+    (``eval-with`` above). ``read_only``: such a finished run read back, or None; nothing
+    is trained. ``keep_weights=False``: ``prune`` the run once evaluated."""
     train = _train_command(recipe, overrides, out, name)
     evaluate = _eval_command(out / name, eval_args, eval_overrides)
     record = out / name / "benchmark-run.json"
-    if (
-        (reuse or read_only)
-        and record.exists()
-        and json.loads(record.read_text())
-        == {
-            "train": train[3:],
-            "eval": evaluate[3:],
-        }
-    ):
+    wanted = {"train": _portable(train[3:], out), "eval": _portable(evaluate[3:], out)}
+    if (reuse or read_only) and record.exists() and json.loads(record.read_text()) == wanted:
         return _results(out / name)
     if read_only:
         return None
     for cmd in (train, evaluate):
         _run_command(cmd, f"{name}: rlprox {'train' if cmd is train else 'eval'}")
-    record.write_text(json.dumps({"train": train[3:], "eval": evaluate[3:]}))
+    record.write_text(json.dumps(wanted))
+    if not keep_weights:
+        prune(out / name)
     return _results(out / name)
 
 

@@ -43,7 +43,10 @@ and η = 0. Stage 3 trains and evaluates on digits-paraphrased (400 items: 8 phr
 pairs, one noise each). The table: every cell (mean ± std over seeds, the IQM with ≥ 5 seeds), the paired
 same-seed difference arm − LOOP K = 4 with a Student-t 95% interval at η = 1 and η = 0, the step size (‖Δθ‖ per
 optimizer step, run.log_update_norm, and PPO's approx-KL), DDPO's share of per-prompt baselines, and the cells not
-run; the PNG beside it is the training reward vs images sampled (mean over seeds).
+run; the PNG beside it is the training reward vs images sampled (mean over seeds). Finished runs live in
+``--runs`` (default benchmarks/results/runs/loop_vs_ddpo/, committed): each pruned to its metrics.jsonl and
+eval.json once evaluated, and read back instead of trained again, so a grid longer than one sitting finishes
+over several, on any machine.
 """
 
 from __future__ import annotations
@@ -55,7 +58,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -158,7 +160,15 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
     eval_args = ["--num-samples", str(args.eval_size), "--seed", str(EVAL_SEED)]
     judge = ["reward=digits_alignment"] if arm == CONTROL else []  # the control trained on noise
     done = harness.train_and_eval(
-        RECIPE, overrides, runs, name, eval_args, reuse=True, eval_overrides=judge, read_only=not train
+        RECIPE,
+        overrides,
+        runs,
+        name,
+        eval_args,
+        reuse=True,
+        eval_overrides=judge,
+        read_only=not train,
+        keep_weights=False,  # the tables read metrics.jsonl and eval.json only: a run folder stays ~50 kB
     )
     if done is None:
         return None
@@ -493,8 +503,9 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (one torch thread each)")
     parser.add_argument(
         "--runs",
-        default=str(Path(tempfile.gettempdir()) / "rlprox-loop-vs-ddpo-runs"),
-        help="run folders; a finished run with the same arguments is read back, not trained again",
+        default=str(ROOT / "benchmarks" / "results" / "runs" / "loop_vs_ddpo"),
+        help="run folders (pruned to metrics and eval results, ~50 kB, and kept in the repository); a finished "
+        "run with the same arguments is read back, not trained again",
     )
     parser.add_argument("--out", default=None, help="table (default: results/loop_vs_ddpo_arms[_stageN].md)")
     parser.add_argument("--target", action="store_true", help="the shipped LOOP recipe on 2 processes instead")

@@ -4,6 +4,7 @@ CleanRL-structured loop, and rlprox on envpool vs on gymnasium's vector env.
     python benchmarks/ppo_atari_throughput.py                # 5 rounds × 4 arms × 3 iterations
     python benchmarks/ppo_atari_throughput.py --quick        # smoke: 1 round, 1 iteration, --out needed to save
     python benchmarks/ppo_atari_throughput.py --rounds 5 --iterations 3 --game Pong
+    python benchmarks/ppo_atari_throughput.py --profile      # where each arm's time goes (torch profiler)
 
 Every arm runs ``recipes/ppo/breakout.yaml``'s shape: 8 envs × 128 steps, 4 minibatches of 256, 4 epochs,
 the Nature CNN on 4 stacked 84×84 grey frames, lr 2.5e-4, clip 0.1, entropy 0.01, ALE v5 with frame skip
@@ -26,6 +27,13 @@ Student-t 95% interval (exploratory below 5 rounds), and where the time goes: th
 iteration spent collecting (rlprox's ``perf/collect_fraction``, the CleanRL loop's own split) next to
 the update's floor, the Nature CNN forward + backward over one iteration's 4 × 1024 samples alone.
 Writes benchmarks/results/ppo_atari_throughput.md (not with --quick unless --out is given).
+
+``--profile`` runs each arm once (``--iterations``, default 2) under ``torch.profiler`` (CPU) and splits the
+profiled wall time by the self time of torch's operators: convolutions forward, convolutions backward,
+linear layers (matrix products, forward and backward), the optimizer, every other torch operator, and what
+lies outside torch operators (env stepping, preprocessing, numpy, Python). The profiler's own cost lands
+mostly on the many small operators and on Python, so the shares are of the profiled run, not of the timed
+one. Writes benchmarks/results/ppo_atari_profile.md.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ppo_atari_throughput.md"
+PROFILE = ROOT / "benchmarks" / "results" / "ppo_atari_profile.md"
 ARMS = ("rlprox", "rlprox-envpool", "sb3", "cleanrl")
 SHAPE = dict(num_envs=8, num_steps=128, minibatches=4, epochs=4, lr=2.5e-4, clip=0.1, ent=0.01, vf=0.5, gamma=0.99)
 SHAPE.update(gae_lambda=0.95, max_grad_norm=0.5)
@@ -275,7 +284,47 @@ def update_floor(repeats: int = 2) -> float:
     return best
 
 
-def run_worker(arm: str, game: str, seed: int, iterations: int) -> dict:
+def run_worker(arm: str, game: str, seed: int, iterations: int, profile: bool = False) -> dict:
+    if not profile:
+        return call_worker(arm, game, seed, iterations)
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = call_worker(arm, game, seed, iterations)
+    result["profiled_s"] = time.perf_counter() - t0
+    result["op_seconds"] = op_seconds(prof)
+    return result
+
+
+CATEGORIES = ("conv forward", "conv backward", "linear", "optimizer", "other torch ops")
+
+
+def category(event) -> str:
+    """The ``CATEGORIES`` entry of a profiled torch operator: the optimizer for anything run inside an
+    ``Optimizer.step`` (Adam's element-wise operators included), else by the operator's name."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step") or parent.name.startswith("Optimizer.zero_grad"):
+            return "optimizer"
+        parent = parent.cpu_parent
+    name = event.name.lower()
+    if "conv" in name:
+        return "conv backward" if "backward" in name else "conv forward"
+    if any(k in name for k in ("addmm", "aten::mm", "aten::matmul", "aten::linear", "aten::bmm")):
+        return "linear"
+    return "other torch ops"
+
+
+def op_seconds(prof) -> dict:
+    """Seconds of self CPU time per category, over every operator the profiler saw."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.events():
+        out[category(event)] += event.self_cpu_time_total / 1e6
+    return out
+
+
+def call_worker(arm: str, game: str, seed: int, iterations: int) -> dict:
     setup_worker()
     if arm == "rlprox":
         return worker_rlprox(game, seed, iterations, "gymnasium")
@@ -288,9 +337,9 @@ def run_worker(arm: str, game: str, seed: int, iterations: int) -> dict:
     return worker_cleanrl(game, seed, iterations)
 
 
-def spawn(arm: str, game: str, seed: int, iterations: int) -> dict:
+def spawn(arm: str, game: str, seed: int, iterations: int, profile: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", arm, "--game", game, "--seed", str(seed)]
-    cmd += ["--iterations", str(iterations)]
+    cmd += ["--iterations", str(iterations)] + (["--profile"] if profile else [])
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -344,6 +393,36 @@ def table(runs: dict, floor: float, args, arms: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def profile_table(runs: dict, args) -> str:
+    rows = [
+        f"# PPO from pixels: where the time goes on {args.game} (CPU, one process, one torch thread)",
+        "",
+        f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs (shared), python "
+        f"{platform.python_version()}; `python benchmarks/ppo_atari_throughput.py --profile --iterations "
+        f"{args.iterations} --game {args.game}`.",
+        "",
+        f"Each arm once, in a fresh process under torch.profiler (CPU): {args.iterations} PPO iterations of the "
+        "Breakout recipe's shape (8 envs × 128 steps, 4 epochs × 4 minibatches of 256, the Nature CNN), env "
+        "creation and the first iteration included. Shares of the profiled wall time by the self time of torch "
+        "operators; 'outside torch ops' is the rest (env stepping, frame preprocessing, numpy, Python). The "
+        "profiler's overhead inflates the small operators and Python, so compare shares across arms, not with "
+        "the timed table.",
+        "",
+        "| arm | profiled s | " + " | ".join(CATEGORIES) + " | outside torch ops | convolutions in all |",
+        "|---" * (len(CATEGORIES) + 4) + "|",
+    ]
+    for arm, r in runs.items():
+        ops, wall = r["op_seconds"], r["profiled_s"]
+        outside = max(0.0, wall - sum(ops.values()))
+        conv = ops["conv forward"] + ops["conv backward"]
+        rows.append(
+            f"| {arm} | {wall:.1f} | "
+            + " | ".join(f"{ops[c] / wall:.0%}" for c in CATEGORIES)
+            + f" | {outside / wall:.0%} | **{conv / wall:.0%}** |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -354,9 +433,11 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="each arm once under torch.profiler")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(args.worker, args.game, args.seed, args.iterations)), flush=True)
+        result = run_worker(args.worker, args.game, args.seed, args.iterations, args.profile)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.quick:
         args.rounds, args.iterations = 1, 1
@@ -364,6 +445,14 @@ def main() -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)}")
+    if args.profile:
+        runs = {arm: spawn(arm, args.game, 1, args.iterations, profile=True) for arm in arms}
+        text = profile_table(runs, args)
+        print(text)
+        out = Path(args.out or PROFILE)
+        out.write_text(text)
+        print(f"wrote {out}")
+        return 0
     runs = {arm: [] for arm in arms}
     for r in range(args.rounds):
         order = arms if r % 2 == 0 else arms[::-1]

@@ -1,0 +1,33 @@
+"""The benchmarks' harness keeps finished runs small and portable: a pruned run folder moved to
+another place (another machine's checkout, or committed under benchmarks/results/runs/) is read
+back as the same run instead of trained again."""
+
+import shutil
+import sys
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, f"{ROOT}/benchmarks")
+import harness  # noqa: E402
+
+RECIPE = "recipes/ppo/cartpole.yaml"
+TINY = ["run.iterations=1", "env.num_envs=2", "ppo.num_steps=16", "ppo.minibatch_size=8", "ppo.update_epochs=1"]
+
+
+def test_a_pruned_run_moved_elsewhere_is_read_back_not_trained(tmp_path, monkeypatch):
+    first = tmp_path / "a"
+    rows, ev = harness.train_and_eval(RECIPE, TINY, first, "r", ["--episodes", "2"], keep_weights=False)
+    files = sorted(p.relative_to(first / "r").as_posix() for p in (first / "r").rglob("*") if p.is_file())
+    assert [f for f in files if f.startswith("checkpoints/")] == ["checkpoints/iter-000001/eval.json"], files
+    assert rows and "eval/return" in ev
+    moved = tmp_path / "b"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+
+    def no_runs(cmd, what):
+        raise AssertionError(f"ran {what}")
+
+    monkeypatch.setattr(harness, "_run_command", no_runs)
+    again, ev2 = harness.train_and_eval(RECIPE, TINY, moved, "r", ["--episodes", "2"], reuse=True)
+    assert again == rows and ev2["eval/return"] == ev["eval/return"]
+    assert harness.train_and_eval(RECIPE, [*TINY, "seed=9"], moved, "r", ["--episodes", "2"], read_only=True) is None
