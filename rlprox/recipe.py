@@ -89,6 +89,7 @@ class RunConfig:
     name: str = "run"  # run folder name under output_dir
     output_dir: str = "runs"  # parent folder of the run folder
     iterations: int = 10  # collect/update iterations (PPO env steps = iterations × num_envs × num_steps × processes)
+    stop_after: int = 0  # stop after N iterations, schedules still over run.iterations (0: run them all)
     eval_every: int = 0  # evaluate every N iterations (0: only at the end, when eval_size > 0)
     # episodes (env trainers) or samples (generative trainers) per
     # evaluation, over all processes; 0 disables evaluation during training
@@ -459,6 +460,9 @@ def validate(recipe: Recipe, spec=None, scoring: bool = True) -> Any:
 
     run = recipe.run
     positive("run.iterations", run.iterations)
+    positive("run.stop_after", run.stop_after, allow_zero=True)
+    if run.stop_after > run.iterations:
+        raise RecipeError("run.stop_after", f"must be <= run.iterations = {run.iterations} (got {run.stop_after})")
     positive("run.eval_every", run.eval_every, allow_zero=True)
     positive("run.eval_size", run.eval_size, allow_zero=True)
     positive("run.save_every", run.save_every, allow_zero=True)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 
 from rlprox import checkpoint
@@ -12,6 +13,7 @@ from rlprox.algos.ppo import PPO
 from rlprox.cli import main
 from rlprox.engine import Engine, make_runtime, run_evaluation
 from rlprox.recipe import load_recipe
+from tests.conftest import tiny_ppo
 
 
 def make_ppo(recipe, train=True):
@@ -168,3 +170,33 @@ def test_tiny_run_reproduces_its_recorded_numbers(tiny_recipe):
         "eval/return": 72.0,
     }
     assert {key: stats[key] for key in recorded} == pytest.approx(recorded, rel=1e-5)
+
+
+def test_stop_after_runs_the_first_iterations_of_the_full_schedule_and_resume_finishes_it(tmp_path, capsys):
+    def recipe(folder, **run):
+        return load_recipe(
+            tiny_ppo(tmp_path / folder, run={"iterations": 4, **run}, optim={"lr": 1e-3, "lr_schedule": "linear"})
+        )
+
+    full = Engine(recipe("full"))
+    full.fit()
+    full.close()
+    part = Engine(recipe("part", stop_after=2))
+    part.fit()
+    part.close()
+    rows = [json.loads(x) for x in (tmp_path / "part" / "t" / "metrics.jsonl").read_text().splitlines()]
+    full_rows = [json.loads(x) for x in (tmp_path / "full" / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["progress/iteration"] for r in rows] == [1, 2]
+    assert [r["optim/lr"] for r in rows] == [r["optim/lr"] for r in full_rows[:2]]  # annealed over 4, not 2
+    assert checkpoint.find_latest(tmp_path / "part" / "t").name == "iter-000002"
+    rest = Engine(recipe("part", resume="auto"))
+    rest.fit()
+    rest.close()
+    for a, b in zip(full.algo.policy.parameters(), rest.algo.policy.parameters()):
+        assert torch.equal(a, b)  # the truncated run resumed is the uninterrupted one
+    capsys.readouterr()
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_ppo(tmp_path, run={"iterations": 4, "stop_after": 5})))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "recipe error: run.stop_after: must be <= run.iterations = 4 (got 5)", err

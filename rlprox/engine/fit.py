@@ -107,18 +107,20 @@ class Engine:
 
     # ------------------------------------------------------------------ the fit loop
     def fit(self) -> dict[str, float]:
-        """Train until ``run.iterations``; returns the last iteration's stats (with its
-        evaluation's, when it has one)."""
+        """Train until ``run.iterations`` (or ``run.stop_after``: the first iterations of
+        that run, its schedules unchanged; a resume with a later stop goes on with the
+        same run); returns the last iteration's stats (with its evaluation's, when it has one)."""
         run, algo, state = self.recipe.run, self.algo, self.state
+        end = run.stop_after or run.iterations
         # ---- RESUME
         self.resume()
-        self.tracker.start(total=run.iterations, initial=state.iteration)
+        self.tracker.start(total=end, initial=state.iteration)
         advantages, after_update = hook(algo, "advantages"), hook(algo, "after_update")
         can_evaluate = hook(algo, "evaluate") is not None and run.eval_size > 0
         stats: dict[str, float] = {}
-        while state.iteration < run.iterations:
+        while state.iteration < end:
             it = state.iteration + 1
-            last = it == run.iterations
+            last = it == end
             start = time.perf_counter()
             for reg in self.regularizers:  # λ schedules are per iteration
                 reg.set_iteration(it - 1)
