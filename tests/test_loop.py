@@ -182,6 +182,26 @@ def test_a_video_reward_on_an_image_model_is_one_line_before_sampling(tmp_path, 
     assert "this model makes images" in err and "\n" not in err and not (tmp_path / "l").exists(), err
 
 
+def test_eval_reward_scores_the_evaluation_and_the_reward_the_training(tmp_path, tiny_pipeline, capsys):
+    from rlprox.cli import main
+
+    recipe = loop_recipe(tmp_path, tiny_pipeline)
+    recipe["run"].update(iterations=1, eval_size=4)
+    recipe["eval_reward"] = "tests.reward_plugins:constant"  # 0.1 for every image
+    engine = Engine(load_recipe(recipe))
+    stats = engine.fit()
+    engine.close()
+    assert stats["eval/reward"] == pytest.approx(0.1) and stats["eval/base_reward"] == pytest.approx(0.1)
+    assert stats["reward/mean"] != pytest.approx(0.1)  # training scored by brightness
+    recipe["eval_reward"] = "no_such_reward"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["train", str(path), "run.name=other"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipe error: eval_reward: ") and "no_such_reward" in err and "\n" not in err, err
+
+
 def test_a_prompt_source_that_gives_nothing_is_a_recipe_error():
     from rlprox.algos.loop import load_prompts
     from rlprox.errors import RecipeError

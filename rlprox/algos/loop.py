@@ -52,7 +52,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -210,6 +210,7 @@ class LoopSetup:
     reward: Any  # the reward section, its names and options checked
     prompts: tuple[list[str], list[dict]]  # training prompts and their metadata
     eval_prompts: tuple[list[str], list[dict]]  # evaluation prompts and their metadata
+    eval_reward: Any = None  # the eval_reward section (None: evaluation scores with the reward)
 
 
 def _resolve_adapter(cfg: LoopConfig, class_name: str | None) -> type[Adapter] | None:
@@ -307,13 +308,17 @@ def validate(recipe: "Recipe", scoring: bool = True) -> LoopSetup:
     if adapter is not None and not cfg.pipeline.startswith("zoo:"):
         adapter.check_config(cfg.pipeline, sampling, options)
     if scoring:
-        try:
-            build_reward(recipe.reward, check_only=True, media=None if adapter is None else adapter.media)
-        except (ValueError, RegistryError) as err:
-            raise RecipeError("reward", str(err)) from None
+        media = None if adapter is None else adapter.media
+        for section in ("reward", "eval_reward"):
+            if section == "eval_reward" and recipe.eval_reward is None:
+                continue
+            try:
+                build_reward(getattr(recipe, section), check_only=True, media=media)
+            except (ValueError, RegistryError) as err:
+                raise RecipeError(section, str(err)) from None
     train = load_prompts(cfg.prompts)
     evaluation = load_prompts(eval_prompt_source(cfg.prompts, cfg.eval_prompts), "loop.eval_prompts")
-    return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation)
+    return LoopSetup(adapter, sampling, options, recipe.reward, train, evaluation, recipe.eval_reward)
 
 
 def _check_trust_region(recipe: "Recipe", adapter: type[Adapter] | None) -> None:
@@ -549,12 +554,19 @@ class LOOP:
         self.ema_updates = 0
         self.frozen = dict(self.adapter.frozen)
         self.base_denoiser = None  # full fine-tuning: a frozen copy for base-vs-tuned evaluation, built on demand
-        self.reward = None
+        self.reward = self.eval_reward = None  # eval_reward: what evaluation scores with
         if runtime.scoring:
-            try:
-                self.reward = build_reward(setup.reward, device=self.device, media=self.adapter.media)
-            except (ValueError, RegistryError) as err:
-                raise RecipeError("reward", str(err)) from None
+            for section in ("reward", "eval_reward"):
+                spec = getattr(setup, section)
+                if section == "eval_reward" and spec is None:
+                    continue
+                try:
+                    built = build_reward(spec, device=self.device, media=self.adapter.media)
+                except (ValueError, RegistryError) as err:
+                    raise RecipeError(section, str(err)) from None
+                setattr(self, section, built)
+            if self.eval_reward is None:
+                self.eval_reward = self.reward
         self.prompts, self.metadata = setup.prompts
         self.eval_prompt_list = setup.eval_prompts
         self.prompt_stats = PromptStats(cfg.prompt_stats_buffer_size, cfg.prompt_stats_min_count)
@@ -910,7 +922,7 @@ class LOOP:
                     finals.append(final)
                 latents = torch.cat(finals)
                 imgs = self.adapter.decode(latents)
-                rewards, _ = self.reward(imgs, chosen_prompts, chosen_meta)
+                rewards, _ = self.eval_reward(imgs, chosen_prompts, chosen_meta)
                 values[f"{prefix}reward{suffix}"] = rewards.float().cpu().tolist()
                 if suffix == "":
                     images[prefix or "tuned"] = imgs.cpu()
@@ -1069,7 +1081,9 @@ register_trainer(
     TrainerSpec(
         name="loop",
         build=build,
-        sections={"loop": LoopConfig, "reward": RewardSpec},
+        # eval_reward: what evaluation scores with, when not the training reward (e.g. a gold reward
+        # beside a proxy, or a control trained on noise judged on the real task); None: the reward
+        sections={"loop": LoopConfig, "reward": RewardSpec, "eval_reward": Optional[RewardSpec]},
         validate=validate,
         counts=tuple(
             f"loop.{key}"
