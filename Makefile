@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/rlprox eval runs/demo --episodes 20
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

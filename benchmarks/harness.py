@@ -181,32 +181,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_run(
+    recipe: str, overrides: list[str], out: Path, name: str, nproc: int = 2, reuse: bool = True
+) -> list[dict]:
+    """The metrics.jsonl rows of ``torchrun --nproc_per_node NPROC -m rlprox train RECIPE OVERRIDES`` (one
+    torch thread per process) in ``out/name``. ``reuse``: a run that finished with the same arguments
+    (``benchmark-train.json`` beside it, paths made portable) is read back instead of trained again."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    train = _torchrun_args(recipe, overrides, out, name)
+    record = out / name / "benchmark-train.json"
+    if not (reuse and torchrun_finished(recipe, overrides, out, name)):
+        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "rlprox"]
+        done = subprocess.run([*cmd, "train", *train], cwd=ROOT, env=_env(), capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        record.write_text(json.dumps(_portable(train, out)))
+    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun_args(recipe: str, overrides: list[str], out: Path, name: str) -> list[str]:
+    train = [str(ROOT / recipe), *overrides, f"run.output_dir={out}", f"run.name={name}"]
+    return train + ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.overwrite=true"]
+
+
+def torchrun_finished(recipe: str, overrides: list[str], out: Path, name: str) -> bool:
+    """Whether ``out/name`` holds a run that ``torchrun_run`` finished with these arguments."""
+    record = out / name / "benchmark-train.json"
+    wanted = _portable(_torchrun_args(recipe, overrides, out, name), out)
+    return record.exists() and json.loads(record.read_text()) == wanted
+
+
 def torchrun_target(
     recipe: str, seeds: int, prefix: str, nproc: int = 2, overrides: list[str] = (), out: Path | None = None
 ) -> list[tuple[int, list[dict]]]:
-    """``torchrun --nproc_per_node NPROC -m rlprox train RECIPE seed=S OVERRIDES`` (one torch thread per
-    process) for seeds 1..``seeds``, one after another, in ``out/PREFIX-sS`` (default: a new temporary
-    folder): [(seed, metrics.jsonl rows)]. With ``out`` given, a run that finished with the same arguments
-    (``benchmark-train.json`` beside it) is read back instead of trained again."""
-    import shutil
-
+    """``torchrun_run`` of RECIPE with ``seed=S OVERRIDES`` for seeds 1..``seeds``, one after another, in
+    ``out/PREFIX-sS`` (default: a new temporary folder): [(seed, metrics.jsonl rows)]. With ``out`` given, a
+    run that finished with the same arguments is read back instead of trained again."""
+    reuse = out is not None
     out = Path(tempfile.mkdtemp(prefix=f"{prefix}_")) if out is None else out
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    runs = []
-    for seed in range(1, seeds + 1):
-        name = f"{prefix}-s{seed}"
-        train = [str(ROOT / recipe), f"seed={seed}", *overrides, f"run.output_dir={out}", f"run.name={name}"]
-        train += ["run.log_with=[]", "run.progress=false", "run.plot=false", "run.overwrite=true"]
-        record = out / name / "benchmark-train.json"
-        if not (record.exists() and json.loads(record.read_text()) == train):
-            cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "rlprox"]
-            done = subprocess.run([*cmd, "train", *train], cwd=ROOT, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-            record.write_text(json.dumps(train))
-        runs.append((seed, [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]))
-    return runs
+    return [
+        (seed, torchrun_run(recipe, [f"seed={seed}", *overrides], out, f"{prefix}-s{seed}", nproc, reuse))
+        for seed in range(1, seeds + 1)
+    ]
 
 
 def target_check(

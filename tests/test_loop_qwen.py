@@ -233,6 +233,7 @@ def test_qwen_bf16_lora_base_with_cfg_trains_only_the_adapters(tmp_path, qwen_pi
     assert images.shape == (2, 3, IMAGE, IMAGE) and images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: .ci/run runs it after make test
 def test_qwen_resume_after_sigkill_equals_uninterrupted(tmp_path, qwen_pipeline):
     from tests.crash import kill_resume_equals_uninterrupted
 

@@ -209,6 +209,7 @@ def test_wan_eval_writes_an_animated_grid_and_a_still_strip_and_tensorboard_gets
         assert png.with_suffix(".mp4").is_file()
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: .ci/run runs it after make test
 def test_wan_resume_after_sigkill_equals_uninterrupted(tmp_path, wan_pipeline):
     from tests.crash import kill_resume_equals_uninterrupted
 

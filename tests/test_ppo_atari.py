@@ -65,6 +65,7 @@ def test_lost_life_ends_training_episodes_and_rewards_are_signs():
     assert not any(term.any() for _, term, *_ in steps[:3]) and steps[0][0][0] == 5.0
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: .ci/run runs it after make test
 def test_atari_resume_equals_uninterrupted(tmp_path):
     """Episodes of 12 steps end inside the run, so resets without a seed (the emulator's
     state and generator recorded and restored), no-op starts and sticky actions are all replayed."""

@@ -36,6 +36,7 @@ def saved_keys(run_dir) -> dict[str, list[str]]:
     return {f: sorted(load_file(latest / f)) for f in ("model.safetensors", "optimizer.safetensors")}
 
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: .ci/run runs it after make test
 def test_compiled_update_matches_eager_and_checkpoints_are_interchangeable(tmp_path):
     eager, eager_stats = train(tmp_path, "eager", False)
     compiled, stats = train(tmp_path, "compiled", True)

@@ -327,8 +327,10 @@ def sample_sd(
     guidance_scale: float = RECOMMENDED_GUIDANCE,
     num_inference_steps: int = RECOMMENDED_STEPS,
     batch_size: int = 250,
+    **pipe_kwargs,
 ) -> torch.Tensor:
-    """Images (len(prompts), 3, 16, 16) in [0,1]; deterministic for a seed."""
+    """Images (len(prompts), 3, 16, 16) in [0,1]; deterministic for a seed. ``pipe_kwargs`` go to the
+    pipeline's call (e.g. ``max_sequence_length`` of an SD3 pipeline)."""
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -340,6 +342,7 @@ def sample_sd(
             guidance_scale=guidance_scale,
             generator=gen,
             output_type="pt",
+            **pipe_kwargs,
         ).images
         out.append(images.float().clamp(0, 1))
     return torch.cat(out)
