@@ -174,6 +174,8 @@ def train(arm: str, lr: float, seed: int, args, run: bool = True) -> dict | None
         measured.write_text(json.dumps({"fid": fid_of(export, args)}))
         shutil.rmtree(export)
         harness.prune(out / name)
+        for grid in sorted((out / name / "samples").glob("*.png"))[:-1]:  # the last evaluation's grid stays
+            grid.unlink()
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     points = curve(rows)
     return {
