@@ -32,6 +32,7 @@ def test_the_nft_case_runs_on_cpu_at_a_tiny_size(tmp_path):
     assert "| GRPO (SDE steps, ratio) |" in table and "| NFT (old policy's ODE, no likelihood) |" in table
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: .ci/run runs it after make test
 def test_the_atari_case_runs_compile_off_and_on_at_a_tiny_size(tmp_path):
     """PPO with the Nature CNN on 36×36 synthetic frame stacks, run.compile off then on
     (one compilation of the tiny CNN on CPU)."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PACKAGE = Path(ROOT) / "rlprox"
@@ -104,6 +106,7 @@ def test_recipe_layer_loads_no_trainer():
     assert out.stdout.strip() == "[]", out.stdout
 
 
+@pytest.mark.slow  # ~50-100 s on 2 cores (an interpreter per module): .ci/run runs it after make test
 def test_each_module_imports_alone_in_a_fresh_interpreter():
     names = sorted(m for m in module_files() if m != "rlprox.__main__")
     failed = {}
