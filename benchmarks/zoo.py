@@ -197,7 +197,8 @@ def main() -> int:
         "## On the held-out pairs: the base models the recipes start from",
         "",
         f"Images: {args.n} items of the 140 digits-paraphrased-test prompts (the 10 (digit, colour) pairs every "
-        "digits recipe holds out of training, in all 14 phrasings), 20 sampler steps, FID proxy against real "
+        "digits recipe holds out of training, in all 14 phrasings; digits-sd, whose recipe judges it on their "
+        "plain phrasing, digits-test, on that), 20 sampler steps, FID proxy against real "
         f"training images of the same classes. Clips: {args.n_video} items of the 50 digits-motion-test prompts "
         "(the (digit, direction) pairs digits-wan-motion holds out, every colour), scored by "
         "`digits_video_alignment`. Guidance: each model's digits recipe's.",
@@ -235,8 +236,12 @@ def held_out_pairs(paths: dict, clf, train, args) -> list[tuple[str, ...]]:
         rows.append((model, recipe, cfg, f"{align:.3f}", f"{1 - align:.3f}", f"{fid_proxy(real, images, clf):.1f}"))
         print(" | ".join(rows[-1]), flush=True)
 
-    images = sample_sd(load_sd_pipeline(paths["digits-sd"]), chosen, seed=args.seed, guidance_scale=1.0)
-    row("digits-sd", "digits-alignment", "1", images)
+    # digits-alignment judges digits-sd on the plain phrasing of the held-out pairs (digits-test)
+    plain, plain_meta = load_prompts("digits-test")
+    by_pair = {(m["digit"], m["colour"]): p for p, m in zip(plain, plain_meta)}
+    plain_chosen = [by_pair[(int(d), int(c))] for d, c in zip(digits, colours)]
+    images = sample_sd(load_sd_pipeline(paths["digits-sd"]), plain_chosen, seed=args.seed, guidance_scale=1.0)
+    row("digits-sd", "digits-alignment (digits-test)", "1", images)
     pipe = load_sd3_pipeline(paths["digits-sd3"])
     images = sample_sd(pipe, chosen, seed=args.seed, guidance_scale=1.0, max_sequence_length=8)
     row("digits-sd3", "digits-sd3-alignment", "1", images)
