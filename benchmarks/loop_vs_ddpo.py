@@ -168,7 +168,7 @@ def train_cell(cell: Cell, seed: int, args, runs: Path, train: bool = True) -> d
         reuse=True,
         eval_overrides=judge,
         read_only=not train,
-        keep_weights=False,  # the tables read metrics.jsonl and eval.json only: a run folder stays ~50 kB
+        keep_weights=False,  # the tables read metrics.jsonl and eval.json only: a run folder stays ~100 kB
     )
     if done is None:
         return None
@@ -504,7 +504,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--runs",
         default=str(ROOT / "benchmarks" / "results" / "runs" / "loop_vs_ddpo"),
-        help="run folders (pruned to metrics and eval results, ~50 kB, and kept in the repository); a finished "
+        help="run folders (pruned to metrics and eval results, ~100 kB, and kept in the repository); a finished "
         "run with the same arguments is read back, not trained again",
     )
     parser.add_argument("--out", default=None, help="table (default: results/loop_vs_ddpo_arms[_stageN].md)")
