@@ -47,6 +47,14 @@ def _portable(args: list[str], out: Path) -> list[str]:
     return [a.replace(str(out), "{runs}").replace(str(ROOT), "{root}") for a in args]
 
 
+def _recipe_hash(recipe: str) -> str:
+    """The recipe file's sha256 (16 hex digits), kept in a run's record: a run trained from a recipe that
+    has since been edited is not read back as a run of the edited one."""
+    import hashlib
+
+    return hashlib.sha256((ROOT / recipe).read_bytes()).hexdigest()[:16]
+
+
 def prune(run: Path) -> None:
     """Drop a finished run's checkpoint files except each checkpoint's own eval*.json: what the tables
     read (metrics.jsonl, eval.json, the record) stays, small enough to keep in the repository."""
@@ -77,15 +85,15 @@ def train_and_eval(
 ) -> tuple[list[dict], dict] | None:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
-    ``reuse``: a run that finished both commands with these same arguments (recorded
-    in ``out/name/benchmark-run.json``, paths made portable) is read back instead of
-    trained again. ``eval_overrides``: recipe overrides for the evaluation only
+    ``reuse``: a run that finished both commands with these same arguments and recipe
+    text (recorded in ``out/name/benchmark-run.json``, paths made portable) is read back
+    instead of trained again. ``eval_overrides``: recipe overrides for the evaluation only
     (``eval-with`` above). ``read_only``: such a finished run read back, or None; nothing
     is trained. ``keep_weights=False``: ``prune`` the run once evaluated."""
     train = _train_command(recipe, overrides, out, name)
     evaluate = _eval_command(out / name, eval_args, eval_overrides)
     record = out / name / "benchmark-run.json"
-    wanted = {"train": _portable(train[3:], out), "eval": _portable(evaluate[3:], out)}
+    wanted = {"train": _portable(train[3:], out), "eval": _portable(evaluate[3:], out), "recipe": _recipe_hash(recipe)}
     if (reuse or read_only) and record.exists() and json.loads(record.read_text()) == wanted:
         return _results(out / name)
     if read_only:
@@ -115,12 +123,14 @@ def iqm(values) -> float:
 
 def train_run(recipe: str, overrides: list[str], out: Path, name: str, reuse: bool = False) -> list[dict]:
     """The metrics.jsonl rows of ``rlprox train RECIPE OVERRIDES`` in ``out/name`` (one torch thread);
-    ``reuse``: a run that finished with these same arguments (``out/name/benchmark-train.json``) is read back."""
+    ``reuse``: a run that finished with these same arguments and recipe (``out/name/benchmark-train.json``)
+    is read back."""
     train = _train_command(recipe, overrides, out, name)
     record = out / name / "benchmark-train.json"
-    if not (reuse and record.exists() and json.loads(record.read_text()) == train[3:]):
+    wanted = {"train": _portable(train[3:], out), "recipe": _recipe_hash(recipe)}
+    if not (reuse and record.exists() and json.loads(record.read_text()) == wanted):
         _run_command(train, f"{name}: rlprox train")
-        record.write_text(json.dumps(train[3:]))
+        record.write_text(json.dumps(wanted))
     return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -186,7 +196,8 @@ def torchrun_run(
 ) -> list[dict]:
     """The metrics.jsonl rows of ``torchrun --nproc_per_node NPROC -m rlprox train RECIPE OVERRIDES`` (one
     torch thread per process) in ``out/name``. ``reuse``: a run that finished with the same arguments
-    (``benchmark-train.json`` beside it, paths made portable) is read back instead of trained again."""
+    and recipe text (``benchmark-train.json`` beside it, paths made portable) is read back instead of trained
+    again."""
     import shutil
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -197,7 +208,7 @@ def torchrun_run(
         done = subprocess.run([*cmd, "train", *train], cwd=ROOT, env=_env(), capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-        record.write_text(json.dumps(_portable(train, out)))
+        record.write_text(json.dumps(_torchrun_record(recipe, overrides, out, name)))
     return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -207,10 +218,13 @@ def _torchrun_args(recipe: str, overrides: list[str], out: Path, name: str) -> l
 
 
 def torchrun_finished(recipe: str, overrides: list[str], out: Path, name: str) -> bool:
-    """Whether ``out/name`` holds a run that ``torchrun_run`` finished with these arguments."""
+    """Whether ``out/name`` holds a run that ``torchrun_run`` finished with these arguments and recipe."""
     record = out / name / "benchmark-train.json"
-    wanted = _portable(_torchrun_args(recipe, overrides, out, name), out)
-    return record.exists() and json.loads(record.read_text()) == wanted
+    return record.exists() and json.loads(record.read_text()) == _torchrun_record(recipe, overrides, out, name)
+
+
+def _torchrun_record(recipe: str, overrides: list[str], out: Path, name: str) -> dict:
+    return {"train": _portable(_torchrun_args(recipe, overrides, out, name), out), "recipe": _recipe_hash(recipe)}
 
 
 def torchrun_target(

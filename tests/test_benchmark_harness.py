@@ -31,3 +31,14 @@ def test_a_pruned_run_moved_elsewhere_is_read_back_not_trained(tmp_path, monkeyp
     again, ev2 = harness.train_and_eval(RECIPE, TINY, moved, "r", ["--episodes", "2"], reuse=True)
     assert again == rows and ev2["eval/return"] == ev["eval/return"]
     assert harness.train_and_eval(RECIPE, [*TINY, "seed=9"], moved, "r", ["--episodes", "2"], read_only=True) is None
+
+
+def test_a_run_of_an_edited_recipe_is_not_read_back(tmp_path):
+    recipe = tmp_path / "cartpole.yaml"
+    shutil.copy(f"{ROOT}/{RECIPE}", recipe)
+    runs = tmp_path / "runs"
+    harness.train_and_eval(str(recipe), TINY, runs, "r", ["--episodes", "1"], keep_weights=False)
+    assert harness.train_and_eval(str(recipe), TINY, runs, "r", ["--episodes", "1"], read_only=True) is not None
+    recipe.write_text(recipe.read_text().replace("gamma: 0.98", "gamma: 0.97"))
+    assert harness.train_and_eval(str(recipe), TINY, runs, "r", ["--episodes", "1"], read_only=True) is None
+    assert not harness.torchrun_finished(str(recipe), TINY, runs, "r")
