@@ -48,11 +48,15 @@ def _portable(args: list[str], out: Path) -> list[str]:
 
 
 def _recipe_hash(recipe: str) -> str:
-    """The recipe file's sha256 (16 hex digits), kept in a run's record: a run trained from a recipe that
-    has since been edited is not read back as a run of the edited one."""
+    """The hash (sha256, 16 hex digits) of the recipe's parsed content, kept in a run's record: a run
+    trained from a recipe whose settings have since changed is not read back as a run of the new one
+    (comments and layout do not count)."""
     import hashlib
 
-    return hashlib.sha256((ROOT / recipe).read_bytes()).hexdigest()[:16]
+    import yaml
+
+    content = yaml.safe_load((ROOT / recipe).read_text())
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prune(run: Path) -> None:

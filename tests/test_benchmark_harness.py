@@ -42,3 +42,11 @@ def test_a_run_of_an_edited_recipe_is_not_read_back(tmp_path):
     recipe.write_text(recipe.read_text().replace("gamma: 0.98", "gamma: 0.97"))
     assert harness.train_and_eval(str(recipe), TINY, runs, "r", ["--episodes", "1"], read_only=True) is None
     assert not harness.torchrun_finished(str(recipe), TINY, runs, "r")
+
+
+def test_a_comment_in_the_recipe_does_not_make_a_run_stale(tmp_path):
+    recipe = tmp_path / "cartpole.yaml"
+    shutil.copy(f"{ROOT}/{RECIPE}", recipe)
+    before = harness._recipe_hash(str(recipe))
+    recipe.write_text("# a new comment\n" + recipe.read_text())
+    assert harness._recipe_hash(str(recipe)) == before
