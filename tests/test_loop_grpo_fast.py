@@ -153,6 +153,7 @@ def test_the_recipe_trains_one_round_on_the_tiny_sd3(tmp_path, sd3_pipeline):  #
         assert key in stats and torch.isfinite(torch.tensor(stats[key])), key
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: .ci/run runs it after make test
 def test_resume_after_sigkill_equals_uninterrupted_with_a_random_window(tmp_path, sd3_pipeline):  # noqa: F811
     from tests.crash import kill_resume_equals_uninterrupted
 

@@ -143,6 +143,7 @@ def test_nft_full_finetuning_with_ema_trains(tmp_path, sd3_pipeline):  # noqa: F
     engine.close()
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: .ci/run runs it after make test
 def test_nft_resume_after_sigkill_equals_uninterrupted(tmp_path, sd3_pipeline):  # noqa: F811
     from tests.crash import kill_resume_equals_uninterrupted
 
