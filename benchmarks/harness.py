@@ -89,7 +89,7 @@ def train_and_eval(
 ) -> tuple[list[dict], dict] | None:
     """(metrics.jsonl rows, eval.json) of ``rlprox train RECIPE OVERRIDES`` in
     ``out/name`` followed by ``rlprox eval`` with ``eval_args`` (one torch thread).
-    ``reuse``: a run that finished both commands with these same arguments and recipe
+    ``reuse``: a run that finished both commands with these same arguments and recipe settings
     text (recorded in ``out/name/benchmark-run.json``, paths made portable) is read back
     instead of trained again. ``eval_overrides``: recipe overrides for the evaluation only
     (``eval-with`` above). ``read_only``: such a finished run read back, or None; nothing
@@ -200,7 +200,7 @@ def torchrun_run(
 ) -> list[dict]:
     """The metrics.jsonl rows of ``torchrun --nproc_per_node NPROC -m rlprox train RECIPE OVERRIDES`` (one
     torch thread per process) in ``out/name``. ``reuse``: a run that finished with the same arguments
-    and recipe text (``benchmark-train.json`` beside it, paths made portable) is read back instead of trained
+    and recipe settings (``benchmark-train.json`` beside it, paths made portable) is read back instead of trained
     again."""
     import shutil
 
